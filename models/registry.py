@@ -1,0 +1,81 @@
+"""Backends per role, and loading them from a config spec.
+
+A spec is a backend name (``"synthetic"``) or a mapping ``{"backend": name, **options}``.
+Loaded models are cached per process: a shard task reuses what the previous one loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any, Callable
+
+ROLES = ("outpainter", "inpainter", "judge", "clip", "detector", "segmenter", "defender")
+
+
+def _synthetic(cls_name: str) -> Callable[..., Any]:
+    def make(**kw):
+        from models import synthetic
+
+        return getattr(synthetic, cls_name)(**kw)
+
+    return make
+
+
+def _baseline(**kw):
+    from models.perception_baseline import PerceptionBaselineDefender
+
+    return PerceptionBaselineDefender(**kw)
+
+
+def _open_clip(**kw):
+    from models.clip import OpenClipScorer
+
+    return OpenClipScorer(**kw)
+
+
+def _tiny_clip(**kw):
+    return _open_clip(model="tiny-clip", pretrained=None, **kw)
+
+
+BACKENDS: dict[str, dict[str, Callable[..., Any]]] = {
+    "outpainter": {"synthetic": _synthetic("SceneOutpainter")},
+    "inpainter": {"synthetic": _synthetic("SceneInpainter")},
+    "judge": {"synthetic": _synthetic("SceneJudge")},
+    "clip": {"tiny": _tiny_clip, "open_clip": _open_clip},
+    "detector": {"synthetic": _synthetic("SceneDetector")},
+    "segmenter": {"synthetic": _synthetic("SceneSegmenter")},
+    "defender": {"perception-baseline": _baseline},
+}
+
+
+class ModelConfigError(ValueError):
+    pass
+
+
+def normalize_spec(role: str, spec: str | dict) -> dict:
+    if role not in BACKENDS:
+        raise ModelConfigError(f"unknown model role {role!r}; roles are {', '.join(ROLES)}")
+    spec = {"backend": spec} if isinstance(spec, str) else dict(spec)
+    name = spec.get("backend")
+    if name not in BACKENDS[role]:
+        raise ModelConfigError(
+            f"no backend {name!r} for role {role!r}; available: {', '.join(sorted(BACKENDS[role]))} "
+            f"(set it with --set models.{role}=NAME)"
+        )
+    return spec
+
+
+def load(role: str, spec: str | dict) -> Any:
+    spec = normalize_spec(role, spec)
+    return _load_cached(role, json.dumps(spec, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=32)
+def _load_cached(role: str, spec_json: str) -> Any:
+    spec = json.loads(spec_json)
+    name = spec.pop("backend")
+    try:
+        return BACKENDS[role][name](**spec)
+    except TypeError as exc:
+        raise ModelConfigError(f"bad options for {role} backend {name!r}: {exc}") from exc

@@ -1,0 +1,99 @@
+"""One interface per model role (DESIGN.md, "Models: roles, presets, backends").
+
+Every backend of a role — synthetic oracle, tiny random-weight model, pretrained checkpoint —
+implements the same methods, so stage code never knows which one it drives. ``context`` is the
+optional side information a row carries (the synthetic world's scene); real models ignore it,
+oracle backends require it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+Box = list[float]  # [x0, y0, x1, y1] in image pixels, x1/y1 exclusive
+Context = dict | None
+
+
+@dataclass
+class CheckResult:
+    passed: bool
+    score: float
+    reason: str = ""  # why it failed (empty when passed)
+
+
+@dataclass
+class Proposal:
+    box: Box
+    description: str
+
+
+@dataclass
+class Detection:
+    box: Box
+    score: float
+    label: str
+
+
+@dataclass
+class Painted:
+    """An edited image and the context updated to match it."""
+
+    image: Image.Image
+    context: Context = None
+    info: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Outpainter(Protocol):
+    def outpaint(self, image: Image.Image, canvas_size: tuple[int, int], offset: tuple[int, int], context: Context) -> Painted:
+        """Place ``image`` at ``offset`` on a canvas of ``canvas_size`` and fill only the border.
+
+        Pixels of the pasted region must come back bit-identical.
+        """
+
+
+@runtime_checkable
+class Inpainter(Protocol):
+    def fill(self, image: Image.Image, box: Box, description: str, context: Context) -> Painted:
+        """Paint ``description`` into ``box``; pixels outside the box must not change."""
+
+
+@runtime_checkable
+class Judge(Protocol):
+    def check_composition(self, original: Image.Image, extended: Image.Image, offset: tuple[int, int], context: Context) -> CheckResult: ...
+
+    def check_duplication(self, image: Image.Image, target_names: list[str], original_box: Box, context: Context) -> CheckResult:
+        """Fail if the new region (outside ``original_box``) holds anything a target's name refers to."""
+
+    def check_realism(self, image: Image.Image, context: Context) -> CheckResult: ...
+
+    def propose_distractors(self, image: Image.Image, question: str, target_names: list[str], target_boxes: list[Box],
+                            k: int, seed: int, context: Context) -> list[Proposal]: ...
+
+
+@runtime_checkable
+class ClipScorer(Protocol):
+    def score(self, images: list[Image.Image], texts: list[str]) -> list[float]:
+        """Cosine similarity of each image with its text."""
+
+
+@runtime_checkable
+class Detector(Protocol):
+    def detect(self, image: Image.Image, phrase: str, context: Context) -> list[Detection]: ...
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    def segment(self, image: Image.Image, box: Box, context: Context) -> np.ndarray:
+        """Boolean mask (H, W) of the object inside ``box``."""
+
+
+@runtime_checkable
+class MLLM(Protocol):
+    """Multimodal LLM: the defender, and (issue 3) the judge's generation engine."""
+
+    def generate(self, images: list[Image.Image], prompts: list[str], *, temperature: float = 0.0, seed: int = 0) -> list[str]: ...

@@ -1,0 +1,260 @@
+"""Typed pipeline configuration: dataclass defaults <- YAML preset <- ``--set a.b=value`` overrides.
+
+Every field carries a ``help`` that says what it does and where its default comes from
+(METHOD.md section, or "(default)" where the paper gives no value and the choice is ours).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and the fix."""
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: typing.cast(Any, type(default)(default)), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class SourceConfig:
+    num_scenes: int = _f(64, "Synthetic source scenes to generate (issue 2: at least 64 by default).")
+    shard_size: int = _f(16, "Rows per shard: one Prefect task each (DESIGN.md: a few hundred or fewer).")
+    seed: int = _f(0, "Seed of the synthetic world; scene i is a pure function of (seed, i).")
+    resolution: int = _f(128, "Source image side in pixels (default; small so the default run fits a laptop).")
+    question_types: list = _f(["relative_position", "colour", "count", "existence"],
+                              "Question types to draw (METHOD.md: V*-style spatial relations first).")
+    question_weights: list = _f([0.7, 0.1, 0.1, 0.1], "Probability of each question type (default).")
+    objects_min: int = _f(3, "Fewest objects fully inside a source window (default).")
+    objects_max: int = _f(5, "Most objects fully inside a source window (default).")
+    outside_density: float = _f(0.35, "Object density outside the source window, relative to inside; "
+                                      "what outpainting reveals (default).")
+    max_image_pixels: int = _f(40_000_000, "Decompression-bomb guard for imported images (pixels).")
+
+
+@dataclass
+class ExtendConfig:
+    canvas_scale: Any = _f([1.5, 2.0], "Canvas side / source side: a number, or [min, max] drawn per "
+                                       "scene (METHOD.md: 1.5-2x per side).")
+    max_pixels: int = _f(4_000_000, "Extended images above this are downscaled (METHOD.md: up to about 4 MP).")
+    seed: int = _f(0, "Seed for per-scene canvas scales.")
+
+
+@dataclass
+class QualityConfig:
+    clip_threshold: Any = _f(None, "Reject below this CLIP image-text cosine; null = record only "
+                                   "(the synthetic preset's CLIP is a tiny random model).")
+    composition_ssim_min: float = _f(0.98, "Original region SSIM needed by the composition check (default).")
+
+
+@dataclass
+class ImplantConfig:
+    num_proposals: int = _f(8, "Distractor proposals K per image (DESIGN.md Stage 2; K is ours).")
+    box_margin: float = _f(4.0, "Pixels of free margin required around every target box (box check).")
+    box_min_frac: float = _f(0.04, "Smallest allowed box side, as a fraction of the image side (box check).")
+    box_max_frac: float = _f(0.35, "Largest allowed box side, as a fraction of the image side (box check).")
+    detector_iou_min: float = _f(0.5, "IoU between a detection of the description and the box needed to "
+                                      "confirm the distractor is there (default).")
+    target_ssim_min: float = _f(0.95, "Localized SSIM every target box must keep (METHOD.md uses tau 0.9 "
+                                      "for the attacker; implantation is stricter).")
+    effectiveness_tries: int = _f(1, "k: an edit is effective when the base defender is wrong on k of k "
+                                     "tries (METHOD.md: k = 1 greedy by default).")
+    require_clean_correct: bool = _f(True, "Keep an edit only if the defender was right on the clean image, "
+                                           "so the edit caused the failure (default).")
+    seed: int = _f(0, "Seed for proposals.")
+
+
+@dataclass
+class ExportConfig:
+    name: str = _f("aot-sft", "Dataset name in the dataset card.")
+
+
+DEFAULT_MODELS = {
+    "outpainter": "synthetic",
+    "inpainter": "synthetic",
+    "judge": "synthetic",
+    "clip": "tiny",
+    "detector": "synthetic",
+    "segmenter": "synthetic",
+    "defender": "perception-baseline",
+}
+
+
+@dataclass
+class PipelineConfig:
+    dataset: str = _f("synthetic", "Dataset name: the first folder under the root.")
+    source: SourceConfig = field(default_factory=SourceConfig)
+    stage1: ExtendConfig = field(default_factory=ExtendConfig)
+    filter: QualityConfig = field(default_factory=QualityConfig)
+    stage2: ImplantConfig = field(default_factory=ImplantConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    models: dict = field(default_factory=lambda: dict(DEFAULT_MODELS), metadata={"help": "Backend of each model role."})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "PipelineConfig":
+        from models import ModelConfigError, normalize_spec
+
+        s = self.source
+        _check(s.num_scenes >= 1, "source.num_scenes", "must be >= 1")
+        _check(s.shard_size >= 1, "source.shard_size", "must be >= 1")
+        _check(s.resolution >= 32, "source.resolution", "must be >= 32 pixels")
+        _check(1 <= s.objects_min <= s.objects_max, "source.objects_min/objects_max", "need 1 <= min <= max")
+        _check(len(s.question_types) == len(s.question_weights) and s.question_types,
+               "source.question_weights", "needs one weight per question type")
+        from world import QUESTION_TYPES
+
+        for q in s.question_types:
+            _check(q in QUESTION_TYPES, "source.question_types", f"unknown type {q!r}; choose from {QUESTION_TYPES}")
+        _check(all(w >= 0 for w in s.question_weights) and sum(s.question_weights) > 0,
+               "source.question_weights", "must be >= 0 with a positive sum")
+        lo, hi = canvas_scale_range(self.stage1.canvas_scale)
+        _check(1.0 <= lo <= hi <= 4.0, "stage1.canvas_scale", "must be a number or [min, max] within 1..4")
+        _check(self.stage1.max_pixels >= 64 * 64, "stage1.max_pixels", "must be >= 4096")
+        q = self.filter
+        _check(q.clip_threshold is None or isinstance(q.clip_threshold, (int, float)), "filter.clip_threshold",
+               "must be a number or null")
+        _check(0 <= q.composition_ssim_min <= 1, "filter.composition_ssim_min", "must be within 0..1")
+        i = self.stage2
+        _check(i.num_proposals >= 1, "stage2.num_proposals", "must be >= 1")
+        _check(0 < i.box_min_frac < i.box_max_frac <= 1, "stage2.box_min_frac/box_max_frac", "need 0 < min < max <= 1")
+        _check(i.effectiveness_tries >= 1, "stage2.effectiveness_tries", "must be >= 1")
+        _check(0 <= i.target_ssim_min <= 1, "stage2.target_ssim_min", "must be within 0..1")
+        for role, spec in self.models.items():
+            try:
+                normalize_spec(role, spec)
+            except ModelConfigError as exc:
+                raise ConfigError(str(exc)) from None
+        return self
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config {key}: {msg} (fix it in the preset or with --set {key.split('/')[0]}=...)")
+
+
+def canvas_scale_range(value: Any) -> tuple[float, float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value), float(value)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+        return float(value[0]), float(value[1])
+    raise ConfigError(f"config stage1.canvas_scale: {value!r} is neither a number nor [min, max]")
+
+
+# ----------------------------------------------------------------- building
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config {key}: {value!r} does not fit {tp}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config {key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config {key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config {key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config {key}: expected text, got {value!r}")
+    if tp in (list, dict) or origin in (list, dict):
+        base = origin or tp
+        if isinstance(value, base):
+            return value
+        raise ConfigError(f"config {key}: expected a {base.__name__}, got {value!r}")
+    return value
+
+
+def _merge(obj: Any, data: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}; valid keys here: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config {full}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(current))}")
+            _merge(current, value, f"{full}.")
+        elif key == "models" and isinstance(value, dict):
+            merged = dict(current)
+            merged.update(value)
+            setattr(obj, key, merged)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["stage1.canvas_scale=1.75", "models.clip=tiny"]`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} is not KEY=VALUE (e.g. --set stage1.canvas_scale=1.75)")
+        key, raw = pair.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {pair!r}: value is not valid YAML ({exc})") from None
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(preset: str = "synthetic", overrides: list[str] | dict | None = None) -> PipelineConfig:
+    cfg = PipelineConfig()
+    path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
+    if not path.exists():
+        raise ConfigError(f"no preset {preset!r}; available: {', '.join(available_presets())} (or a path to a .yaml file)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {path} must be a YAML mapping")
+    _merge(cfg, data, "")
+    if overrides:
+        _merge(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides, "")
+    return cfg.validate()
+
+
+def config_from_dict(data: dict) -> PipelineConfig:
+    cfg = PipelineConfig()
+    _merge(cfg, data, "")
+    return cfg.validate()

@@ -1,0 +1,189 @@
+"""Plan, run and commit a stage over shards — the pure core that Prefect tasks wrap.
+
+``plan`` fixes the output version id (content hash of stage, stage config, code version and
+input version) and the shards; ``run_shard`` computes one shard unless the store already holds
+it; ``commit`` writes the manifest. ``run_stage`` chains them serially for tests and scripts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from stages.base import ShardContext, Stage, StageError
+from stages.config import PipelineConfig
+from stages.version import code_version
+from storage import Manifest, ShardRecord, ShardStore, content_hash
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    input_key: str  # sha256 of the input part, or a hash of the row range for source stages
+    input_part: str | None = None  # input part path relative to the input version
+    start: int = 0
+    stop: int = 0
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    dataset: str
+    version: str
+    parents: list[str]
+    config: dict  # the stage's share of the config (what the version id hashes)
+    code_version: str
+    shards: list[Shard]
+    input_version: str | None = None
+    input_stage: str | None = None
+    committed: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StagePlan":
+        d = dict(d)
+        d["shards"] = [Shard(**s) for s in d["shards"]]
+        return cls(**d)
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    version: str
+    rows_in: int
+    rows: int
+    rejected: int
+    shards: int
+    recomputed: int
+    seconds: float
+    reasons: dict[str, int] = field(default_factory=dict)
+    reused_version: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def get_stage(name: str) -> Stage:
+    from stages import STAGES
+
+    if name not in STAGES:
+        raise StageError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}")
+    return STAGES[name]
+
+
+def plan(store: ShardStore, stage_name: str, cfg: PipelineConfig, input_version: str | None = None) -> StagePlan:
+    stage = get_stage(stage_name)
+    vcfg = stage.version_config(cfg)
+    code = code_version()
+    if stage.parent is None:
+        n = cfg.source.num_scenes
+        size = cfg.source.shard_size
+        shards = [
+            Shard(i, content_hash({"rows": [i * size, min(n, (i + 1) * size)]}), None, i * size, min(n, (i + 1) * size))
+            for i in range(math.ceil(n / size))
+        ]
+        parents: list[str] = []
+        dataset = cfg.dataset
+        in_stage = None
+    else:
+        if not input_version:
+            raise StageError(f"stage {stage_name} needs --input VERSION (a {stage.parent} version; list them with `aot ls`)")
+        src = store.manifest(input_version)
+        if src.stage != stage.parent:
+            raise StageError(
+                f"stage {stage_name} takes a {stage.parent} version, but {input_version} is a {src.stage} version"
+            )
+        shards = [Shard(i, ref.sha256, ref.path) for i, ref in enumerate(src.parts)]
+        parents = [src.version]
+        dataset = src.dataset
+        in_stage = src.stage
+    version = content_hash({"stage": stage_name, "config": vcfg, "code": code, "parents": parents})
+    committed = store.manifest_at(dataset, stage_name, version) is not None
+    return StagePlan(stage_name, dataset, version, parents, vcfg, code, shards, input_version, in_stage, committed)
+
+
+def run_shard(store: ShardStore, p: StagePlan, shard: Shard, cfg: PipelineConfig) -> tuple[ShardRecord, bool]:
+    """Compute one shard, or return the stored one. Returns (record, recomputed)."""
+    done = store.finished_shard(p.dataset, p.stage, p.version, shard.index, shard.input_key)
+    if done is not None:
+        return done, False
+    stage = get_stage(p.stage)
+    if p.input_version:
+        src = store.manifest_at(p.dataset, p.input_stage, p.input_version)
+        ref = next(r for r in src.parts if r.path == shard.input_part)
+        rows = store.read_part(src, ref)
+    else:
+        import polars as pl
+
+        rows = pl.DataFrame()
+    ctx = ShardContext(p.stage, cfg, shard.index, shard.start, shard.stop)
+    out, rejects = stage.run(rows, ctx)
+    rows_in = rows.height if p.input_version else shard.stop - shard.start
+    if out.height + rejects.height != rows_in:
+        # Every input row must come out kept or rejected: anything else is silent loss (or a bug).
+        raise StageError(
+            f"stage {p.stage} shard {shard.index}: {rows_in} rows in, {out.height} kept + {rejects.height} rejected"
+        )
+    record = store.write_shard(p.dataset, p.stage, p.version, shard.index, shard.input_key, rows_in, out, rejects)
+    return record, True
+
+
+def commit(store: ShardStore, p: StagePlan, records: list[ShardRecord]) -> Manifest:
+    stage = get_stage(p.stage)
+    existing = store.manifest_at(p.dataset, p.stage, p.version)
+    if existing is not None:
+        return existing
+    summary = {"dataset": p.dataset, "stage": p.stage, "version": p.version, "parents": p.parents,
+               "rows": sum(r.data.rows for r in records), "config": p.config, "code_version": p.code_version}
+    readme = stage.readme(summary) if stage.readme else None
+    return store.commit(p.dataset, p.stage, p.version, records, config=p.config, parents=p.parents,
+                        code_version=p.code_version, readme=readme)
+
+
+def summarize(m: Manifest, shards: int, recomputed: int, seconds: float, reused: bool) -> StageSummary:
+    return StageSummary(m.stage, m.version, m.rows_in, m.rows, m.reject_rows, shards, recomputed, seconds,
+                        dict(m.reasons), reused)
+
+
+def run_stage(
+    store: ShardStore,
+    stage_name: str,
+    cfg: PipelineConfig,
+    input_version: str | None = None,
+    on_shard: Callable[[ShardRecord, bool], None] | None = None,
+) -> StageSummary:
+    """Run a stage serially in this process (no Prefect): for tests, scripts and benchmarks."""
+    t0 = time.perf_counter()
+    p = plan(store, stage_name, cfg, input_version)
+    if p.committed:
+        m = store.manifest_at(p.dataset, p.stage, p.version)
+        return summarize(m, len(p.shards), 0, time.perf_counter() - t0, True)
+    records, recomputed = [], 0
+    for shard in p.shards:
+        rec, fresh = run_shard(store, p, shard, cfg)
+        records.append(rec)
+        recomputed += int(fresh)
+        if on_shard:
+            on_shard(rec, fresh)
+    m = commit(store, p, records)
+    return summarize(m, len(p.shards), recomputed, time.perf_counter() - t0, False)
+
+
+BOOTSTRAP = ("source", "extend", "filter", "implant", "export")
+
+
+def run_bootstrap(store: ShardStore, cfg: PipelineConfig, source_version: str | None = None) -> list[StageSummary]:
+    """The whole bootstrap chain, serially, without Prefect."""
+    out = []
+    version = source_version
+    for name in BOOTSTRAP:
+        if name == "source" and source_version:
+            continue
+        s = run_stage(store, name, cfg, version)
+        out.append(s)
+        version = s.version
+    return out

@@ -1,0 +1,61 @@
+"""Source stage: synthetic scenes with V*-style questions (scene i is a pure function of (seed, i))."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+
+from stages import rows as R
+from stages.base import ShardContext
+from storage import image_cell
+from world import NoQuestion, WorldConfig, generate_world, make_question, render
+
+MAX_ATTEMPTS = 25  # worlds tried per scene index before the index becomes a reject row
+
+
+def scene_row(seed: int, index: int, cfg) -> dict:
+    """One source row, or raise NoQuestion after MAX_ATTEMPTS worlds without a valid question."""
+    s = cfg.source
+    wcfg = WorldConfig(resolution=s.resolution, objects_min=s.objects_min, objects_max=s.objects_max,
+                       outside_density=s.outside_density)
+    weights = np.asarray(s.question_weights, dtype=float)
+    weights = weights / weights.sum()
+    last = None
+    for attempt in range(MAX_ATTEMPTS):
+        world_seed = int(np.random.SeedSequence([seed, index, attempt]).generate_state(1)[0])
+        rng = np.random.default_rng(world_seed)
+        qtype = s.question_types[int(rng.choice(len(weights), p=weights))]
+        scene = generate_world(world_seed, wcfg)
+        try:
+            q = make_question(scene, qtype, rng)
+        except NoQuestion as exc:
+            last = exc
+            continue
+        image = render(scene)
+        return {
+            "id": f"syn-{seed}-{index:06d}",
+            "source": "synthetic",
+            "image": image_cell(image),
+            "width": image.width,
+            "height": image.height,
+            "question_type": q.type,
+            "question": q.text,
+            "options": q.options,
+            "answer": q.answer,
+            "target_names": q.target_names,
+            "target_boxes": [scene.image_box(scene.find(t)) for t in q.target_ids],
+            "scene": json.dumps(scene.to_dict()),
+        }
+    raise NoQuestion(f"no valid question in {MAX_ATTEMPTS} worlds (last: {last})")
+
+
+def generate_scenes(_: pl.DataFrame, ctx: ShardContext) -> tuple[pl.DataFrame, pl.DataFrame]:
+    kept, rejects = [], []
+    for i in range(ctx.start, ctx.stop):
+        try:
+            kept.append(scene_row(ctx.config.source.seed, i, ctx.config))
+        except NoQuestion as exc:
+            rejects.append(R.reject({"id": f"syn-{ctx.config.source.seed}-{i:06d}"}, ctx.stage, "no_question", str(exc)))
+    return R.frame(kept, R.SOURCE), R.frame(rejects, R.REJECTS)

@@ -1,0 +1,72 @@
+"""Image codec in the Hugging Face ``Image`` layout: ``struct<bytes: binary, path: string>``.
+
+Images travel inside Parquet as encoded PNG bytes, so ``datasets.load_dataset("parquet", ...)``
+decodes them directly (the store writes the matching ``datasets`` feature metadata).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import polars as pl
+from PIL import Image
+
+IMAGE_DTYPE = pl.Struct({"bytes": pl.Binary, "path": pl.String})
+
+# Decompression-bomb guard: PIL warns above MAX_IMAGE_PIXELS and raises above twice that.
+# We refuse anything above the limit outright (the limit is a config value of the callers).
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be used: undecodable, too large, or of an unsupported mode."""
+
+
+def encode_image(image: Image.Image) -> bytes:
+    """PNG bytes: lossless, so pixel checks (SSIM, bit-identity) survive a round trip."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=False, compress_level=1)
+    return buf.getvalue()
+
+
+def image_cell(image: Image.Image, path: str | None = None) -> dict:
+    """One value of an image column."""
+    return {"bytes": encode_image(image), "path": path}
+
+
+def decode_image(cell: dict | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image cell (or raw bytes) to RGB, refusing decompression bombs before decoding."""
+    data = cell["bytes"] if isinstance(cell, dict) else cell
+    if not data:
+        raise ImageDecodeError("empty image bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                raise ImageDecodeError(f"image has no pixels ({w}x{h})")
+            if w * h > max_pixels:
+                raise ImageDecodeError(
+                    f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels} "
+                    "(decompression-bomb guard; raise max_pixels if the image is genuine)"
+                )
+            img.load()
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"image refused by the decompression-bomb guard: {exc}") from exc
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise ImageDecodeError(f"image does not decode: {type(exc).__name__}: {exc}") from exc
+    if img.mode not in ("RGB", "RGBA", "L", "P", "LA", "I;16", "I", "F", "CMYK", "YCbCr"):
+        raise ImageDecodeError(f"unsupported colour mode {img.mode!r}")
+    if img.mode != "RGB":
+        if img.mode in ("RGBA", "LA", "P"):
+            # Composite transparency onto white so transparent pixels don't become black noise.
+            rgba = img.convert("RGBA")
+            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(bg, rgba).convert("RGB")
+        else:
+            img = img.convert("RGB")
+    return img
