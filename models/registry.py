@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from typing import Any, Callable
 
 ROLES = ("outpainter", "inpainter", "judge", "clip", "detector", "segmenter", "defender")
@@ -66,9 +67,13 @@ def normalize_spec(role: str, spec: str | dict) -> dict:
     return spec
 
 
+_LOCK = threading.Lock()  # shard tasks run in threads: load each model once, not once per thread
+
+
 def load(role: str, spec: str | dict) -> Any:
     spec = normalize_spec(role, spec)
-    return _load_cached(role, json.dumps(spec, sort_keys=True))
+    with _LOCK:
+        return _load_cached(role, json.dumps(spec, sort_keys=True))
 
 
 @functools.lru_cache(maxsize=32)

@@ -1,0 +1,268 @@
+"""``aot``: run the pipeline, run one stage, list/show/gc versions, import real data.
+
+Errors in the user's hands (config, missing versions, bad files) print one line naming the fix
+and exit 2; no stack trace is the first explanation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_ROOT = os.environ.get("AOT_ROOT", "./aot-data")
+
+
+def _dotted(pairs: list[str], what: str) -> dict:
+    import yaml
+
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"error: {what} {pair!r} is not KEY=VALUE")
+        k, v = pair.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+    return out
+
+
+def _nested(dotted: dict) -> dict:
+    out: dict = {}
+    for key, value in dotted.items():
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def storage_options(args) -> dict:
+    opts = json.loads(os.environ.get("AOT_STORAGE_OPTIONS", "{}") or "{}")
+    opts.update(_nested(_dotted(args.storage_option, "--storage-option")))
+    return opts
+
+
+def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
+    p.add_argument("--root", default=DEFAULT_ROOT, help="storage root: a folder or any fsspec URL (s3://bucket/prefix); "
+                   "default ./aot-data or $AOT_ROOT")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec option for the root, e.g. client_kwargs.endpoint_url=http://127.0.0.1:9000 "
+                        "(also $AOT_STORAGE_OPTIONS as JSON; put credentials in the usual env vars, not here)")
+    if config:
+        p.add_argument("--preset", default="synthetic", help="config preset name or a .yaml path (default: synthetic)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set stage1.canvas_scale=1.75 (repeatable)")
+        p.add_argument("--refresh-cache", action="store_true", help="ignore Prefect's cached shard results")
+        p.add_argument("--no-prefect", action="store_true", help="run stages serially in this process, without Prefect")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--verbose", action="store_true", help="show Prefect's INFO logs")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="aot", description="Adversarial Opponent Training pipeline")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the bootstrap DAG (source -> extend -> filter -> implant -> export)")
+    _common(p)
+    p.add_argument("--source", help="start from this source version (e.g. one made by `aot import`)")
+    p.add_argument("--scenes", type=int, help="number of synthetic source scenes (shortcut for --set source.num_scenes=N)")
+    p = sub.add_parser("stage", help="run one stage on an input version")
+    p.add_argument("name", help="source, extend, filter, implant or export")
+    p.add_argument("--input", help="input version id (not for source)")
+    _common(p)
+    p = sub.add_parser("ls", help="list committed versions")
+    _common(p, config=False)
+    p.add_argument("--dataset")
+    p.add_argument("--stage")
+    p = sub.add_parser("show", help="show one version: counts, reasons, parts, config")
+    _common(p, config=False)
+    p.add_argument("version")
+    p.add_argument("--rejects", type=int, default=5, help="how many reject rows to print")
+    p = sub.add_parser("gc", help="remove unreferenced parts and uncommitted versions")
+    _common(p, config=False)
+    p.add_argument("--min-age", type=float, default=3600.0, help="leave folders younger than this many seconds")
+    p.add_argument("--dry-run", action="store_true")
+    p = sub.add_parser("import", help="import images + V*-style records as a source version")
+    _common(p, config=False)
+    p.add_argument("--records", required=True, help="JSONL or Parquet file of records")
+    p.add_argument("--images", required=True, help="folder the records' image paths are relative to")
+    p.add_argument("--dataset", default="imported")
+    p.add_argument("--box-format", choices=["xyxy", "xywh"], default="xyxy")
+    p.add_argument("--preset", default="synthetic", help="config preset (import reads source.shard_size, source.max_image_pixels)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p = sub.add_parser("config", help="print the resolved configuration")
+    p.add_argument("--preset", default="synthetic")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return ap
+
+
+def _print_table(rows: list[dict], cols: list[str]) -> None:
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols} if rows else {c: len(c) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
+
+
+def _reasons(d: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: -kv[1])) or "-"
+
+
+def _prefect_env(args) -> None:
+    if not getattr(args, "verbose", False):
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def cmd_run(args, stage: str | None = None) -> int:
+    from stages.config import load_config
+
+    overrides = _dotted(args.overrides, "--set")
+    if getattr(args, "scenes", None):
+        overrides["source.num_scenes"] = args.scenes
+    cfg = load_config(args.preset, _nested(overrides))  # fail fast on a bad config, before Prefect starts
+    opts = storage_options(args)
+    t0 = time.perf_counter()
+    if args.no_prefect:
+        from stages.runner import BOOTSTRAP, run_stage
+        from storage import ShardStore
+
+        store = ShardStore(args.root, opts)
+        names = [stage] if stage else [n for n in BOOTSTRAP if not (n == "source" and args.source)]
+        version = args.input if stage else args.source
+        summaries = []
+        for name in names:
+            s = run_stage(store, name, cfg, version).to_dict()
+            summaries.append(s)
+            version = s["version"]
+    else:
+        _prefect_env(args)
+        from flows.bootstrap import STAGE_FLOWS, bootstrap
+
+        common = dict(root=args.root, preset=args.preset, overrides=overrides, storage_options=opts,
+                      refresh_cache=args.refresh_cache, progress=not args.no_progress)
+        if stage:
+            summaries = [STAGE_FLOWS[stage](input_version=args.input, **common)]
+        else:
+            summaries = bootstrap(source_version=args.source, **common)["stages"]
+    wall = time.perf_counter() - t0
+    rows = [{"stage": s["stage"], "version": s["version"], "in": s["rows_in"], "kept": s["rows"], "rejected": s["rejected"],
+             "shards": s["shards"], "recomputed": s["recomputed"], "seconds": f"{s['seconds']:.1f}",
+             "reject reasons": _reasons(s["reasons"])} for s in summaries]
+    print()
+    _print_table(rows, ["stage", "version", "in", "kept", "rejected", "shards", "recomputed", "seconds", "reject reasons"])
+    total = sum(s["shards"] for s in summaries)
+    recomputed = sum(s["recomputed"] for s in summaries)
+    print()
+    if recomputed == 0:
+        print(f"recomputed 0 of {total} shards: every stage's output was already in the store")
+    else:
+        print(f"recomputed {recomputed} of {total} shards")
+    last = summaries[-1]
+    label = "AOT-SFT version" if last["stage"] == "export" else f"{last['stage']} version"
+    print(f"{label}: {last['version']}")
+    print(f"wall time: {wall:.1f} s (config: {cfg.dataset}, preset {args.preset}, root {args.root})")
+    if last["stage"] == "export":
+        from storage import ShardStore
+
+        store = ShardStore(args.root, opts)
+        m = store.manifest(last["version"])
+        folder = m.uri.removeprefix("file://")
+        print(f'load it: datasets.load_dataset("parquet", data_files="{folder}/part-*.parquet", split="train")')
+    return 0
+
+
+def cmd_ls(args) -> int:
+    from storage import ShardStore
+
+    store = ShardStore(args.root, storage_options(args))
+    ms = store.versions(args.dataset, args.stage)
+    if not ms:
+        print(f"no versions under {args.root} (make one with `aot run`)")
+        return 0
+    _print_table([{"created": m.created, "dataset": m.dataset, "stage": m.stage, "version": m.version, "rows": m.rows,
+                   "rejected": m.reject_rows, "parents": ",".join(m.parents) or "-"} for m in ms],
+                 ["created", "dataset", "stage", "version", "rows", "rejected", "parents"])
+    return 0
+
+
+def cmd_show(args) -> int:
+    from storage import ShardStore
+
+    store = ShardStore(args.root, storage_options(args))
+    m = store.manifest(args.version)
+    print(f"version   {m.version}\ndataset   {m.dataset}\nstage     {m.stage}\ncreated   {m.created}\n"
+          f"location  {m.uri}\ncode      {m.code_version}\nparents   {', '.join(m.parents) or '-'}\n"
+          f"rows      {m.rows_in} in, {m.rows} kept, {m.reject_rows} rejected\nreasons   {_reasons(m.reasons)}\n"
+          f"parts     {len(m.parts)} ({', '.join(p.path for p in m.parts[:4])}{', ...' if len(m.parts) > 4 else ''})")
+    print("columns   " + ", ".join(m.schema))
+    print("config    " + json.dumps(m.config, sort_keys=True))
+    if m.reject_rows and args.rejects:
+        rej = store.read(m, "rejects").head(args.rejects)
+        print(f"\nfirst {rej.height} rejects:")
+        for r in rej.iter_rows(named=True):
+            detail = r["detail"] if len(r["detail"]) < 160 else r["detail"][:157] + "..."
+            print(f"  {r['id']}: {r['reason']}: {detail}")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from storage import ShardStore
+
+    store = ShardStore(args.root, storage_options(args))
+    removed = store.gc(min_age_seconds=args.min_age, dry_run=args.dry_run)
+    for r in removed:
+        print(("would remove " if args.dry_run else "removed ") + r)
+    print(f"{len(removed)} {'paths would be' if args.dry_run else 'paths'} removed")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from stages.config import load_config
+    from stages.importer import import_records
+    from storage import ShardStore
+
+    cfg = load_config(args.preset, _nested(_dotted(args.overrides, "--set")))
+    store = ShardStore(args.root, storage_options(args))
+    m = import_records(store, args.records, args.images, cfg, dataset=args.dataset, box_format=args.box_format)
+    print(f"imported {m.rows_in} records: {m.rows} kept, {m.reject_rows} rejected ({_reasons(m.reasons)})")
+    print(f"source version: {m.version}  ({m.uri})")
+    if m.reject_rows:
+        print(f"see the rejects with: aot show {m.version} --root {args.root}")
+    print(f"next: aot run --source {m.version} --preset tiny --root {args.root}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    import yaml
+
+    from stages.config import load_config
+
+    print(yaml.safe_dump(load_config(args.preset, _nested(_dotted(args.overrides, "--set"))).to_dict(), sort_keys=False))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from models import ModelConfigError
+    from stages.base import StageError
+    from stages.config import ConfigError
+    from storage import StorageError
+
+    known = (ConfigError, StageError, StorageError, ModelConfigError)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "stage":
+            return cmd_run(args, stage=args.name)
+        return {"ls": cmd_ls, "show": cmd_show, "gc": cmd_gc, "import": cmd_import, "config": cmd_config}[args.command](args)
+    except known as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished shards are kept; rerun the same command to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The bootstrap DAG: source -> extend -> filter -> implant -> export, one flow per stage.
+
+Each stage flow takes its input version and returns its output version's summary; it is
+runnable alone (``aot stage NAME --input VERSION`` or as a deployment). ``bootstrap`` chains
+them as subflows. A finished version is never recomputed; a rerun after a failure recomputes
+only the shards that are missing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+from tqdm.auto import tqdm
+
+from stages import STAGES
+from stages.config import PipelineConfig, load_config
+from stages.runner import BOOTSTRAP, commit, plan, summarize
+from storage import ShardRecord, ShardStore
+from tasks.artifacts import publish_stage_artifacts
+from tasks.shards import process_shard, results_storage
+
+DEFAULT_ROOT = "./aot-data"
+WORKERS = int(os.environ.get("AOT_WORKERS", "2"))
+
+
+def resolve_config(preset: str, overrides: dict | list | None) -> PipelineConfig:
+    """Preset + overrides given as ``{"stage1.canvas_scale": 1.75}`` (UI form) or ["k=v", ...] (CLI)."""
+    if isinstance(overrides, dict):
+        nested: dict = {}
+        for key, value in overrides.items():
+            node = nested
+            parts = key.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+        overrides = nested
+    return load_config(preset, overrides or None)
+
+
+def run_stage(stage_name: str, input_version: str | None, root: str, preset: str, overrides: Any,
+              storage_options: dict | None, refresh_cache: bool, progress: bool = True) -> dict:
+    t0 = time.perf_counter()
+    cfg = resolve_config(preset, overrides)
+    store = ShardStore(root, storage_options)
+    p = plan(store, stage_name, cfg, input_version)
+    title = STAGES[stage_name].title
+    logger = get_run_logger()
+    if p.committed:
+        m = store.manifest_at(p.dataset, p.stage, p.version)
+        summary = summarize(m, len(p.shards), 0, time.perf_counter() - t0, True)
+        logger.info("%s: version %s already exists; nothing to compute", stage_name, p.version)
+        publish_stage_artifacts(summary, m.uri, title)
+        return summary.to_dict()
+    task = process_shard.with_options(result_storage=results_storage(store), refresh_cache=refresh_cache)
+    plan_dict = {k: v for k, v in p.to_dict().items() if k != "shards"}
+    cfg_dict = cfg.to_dict()
+    futures = [task.submit(plan_dict, s.__dict__, cfg_dict, root, storage_options) for s in p.shards]
+    records, recomputed = [], 0
+    with tqdm(total=len(futures), desc=f"{stage_name:>8}", unit="shard", disable=not progress, leave=True) as bar:
+        for fut in as_completed(futures):
+            result = fut.result()  # raises if the shard failed after its retries
+            records.append(ShardRecord.from_dict(result))
+            recomputed += int(result["recomputed"] and fut.state.name != "Cached")
+            bar.update(1)
+    m = commit(store, p, records)
+    summary = summarize(m, len(p.shards), recomputed, time.perf_counter() - t0, False)
+    logger.info("%s: version %s, %d in, %d kept, %d rejected, %d/%d shards recomputed", stage_name, m.version,
+                m.rows_in, m.rows, m.reject_rows, recomputed, len(p.shards))
+    publish_stage_artifacts(summary, m.uri, title)
+    return summary.to_dict()
+
+
+def _stage_flow(stage_name: str, flow_name: str, description: str):
+    @flow(name=flow_name, description=description, task_runner=ThreadPoolTaskRunner(max_workers=WORKERS),
+          log_prints=True, validate_parameters=True)
+    def stage_flow(input_version: str | None = None, root: str = DEFAULT_ROOT, preset: str = "synthetic",
+                   overrides: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None,
+                   refresh_cache: bool = False, progress: bool = True) -> dict:
+        return run_stage(stage_name, input_version, root, preset, overrides, storage_options, refresh_cache, progress)
+
+    stage_flow.__name__ = flow_name.replace("-", "_")
+    return stage_flow
+
+
+generate_scenes = _stage_flow("source", "generate-scenes", "Synthetic source scenes with V*-style questions.")
+extend_scenes = _stage_flow("extend", "extend-scenes", "Stage 1: outpaint scenes onto larger canvases.")
+filter_scenes = _stage_flow("filter", "filter-scenes", "Stage 1: CLIP prefilter and judge checks.")
+implant_distractors = _stage_flow("implant", "implant-distractors", "Stage 2: implant effective distractors.")
+export_sft = _stage_flow("export", "export-sft", "Export the AOT-SFT dataset.")
+STAGE_FLOWS = {"source": generate_scenes, "extend": extend_scenes, "filter": filter_scenes,
+               "implant": implant_distractors, "export": export_sft}
+
+
+@flow(name="bootstrap", description="The AOT-SFT bootstrap: source -> extend -> filter -> implant -> export.",
+      log_prints=True, validate_parameters=True)
+def bootstrap(root: str = DEFAULT_ROOT, preset: str = "synthetic", overrides: dict[str, Any] | None = None,
+              source_version: str | None = None, storage_options: dict[str, Any] | None = None,
+              refresh_cache: bool = False, progress: bool = True) -> dict:
+    t0 = time.perf_counter()
+    summaries = []
+    version = source_version
+    for name in BOOTSTRAP:
+        if name == "source" and source_version:
+            continue
+        s = STAGE_FLOWS[name](input_version=version, root=root, preset=preset, overrides=overrides,
+                              storage_options=storage_options, refresh_cache=refresh_cache, progress=progress)
+        summaries.append(s)
+        version = s["version"]
+    return {"version": version, "stages": summaries, "seconds": time.perf_counter() - t0}
