@@ -60,15 +60,17 @@ def run_stage(stage_name: str, input_version: str | None, root: str, preset: str
     plan_dict = {k: v for k, v in p.to_dict().items() if k != "shards"}
     cfg_dict = cfg.to_dict()
     futures = [task.submit(plan_dict, s.__dict__, cfg_dict, root, storage_options) for s in p.shards]
-    records, recomputed = [], 0
+    records, recomputed, cached = [], 0, 0
     with tqdm(total=len(futures), desc=f"{stage_name:>8}", unit="shard", disable=not progress, leave=True) as bar:
         for fut in as_completed(futures):
             result = fut.result()  # raises if the shard failed after its retries
             records.append(ShardRecord.from_dict(result))
-            recomputed += int(result["recomputed"] and fut.state.name != "Cached")
+            hit = fut.state.name == "Cached"
+            cached += int(hit)
+            recomputed += int(result["recomputed"] and not hit)
             bar.update(1)
     m = commit(store, p, records)
-    summary = summarize(m, len(p.shards), recomputed, time.perf_counter() - t0, False)
+    summary = summarize(m, len(p.shards), recomputed, time.perf_counter() - t0, False, cached)
     logger.info("%s: version %s, %d in, %d kept, %d rejected, %d/%d shards recomputed", stage_name, m.version,
                 m.rows_in, m.rows, m.reject_rows, recomputed, len(p.shards))
     publish_stage_artifacts(summary, m.uri, title)

@@ -61,7 +61,8 @@ class StageSummary:
     recomputed: int
     seconds: float
     reasons: dict[str, int] = field(default_factory=dict)
-    reused_version: bool = False
+    reused_version: bool = False  # the whole version already existed: no shard was looked at
+    cached: int = 0  # shards served by Prefect's result cache (the task body never ran)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,9 +145,9 @@ def commit(store: ShardStore, p: StagePlan, records: list[ShardRecord]) -> Manif
                         code_version=p.code_version, readme=readme)
 
 
-def summarize(m: Manifest, shards: int, recomputed: int, seconds: float, reused: bool) -> StageSummary:
+def summarize(m: Manifest, shards: int, recomputed: int, seconds: float, reused: bool, cached: int = 0) -> StageSummary:
     return StageSummary(m.stage, m.version, m.rows_in, m.rows, m.reject_rows, shards, recomputed, seconds,
-                        dict(m.reasons), reused)
+                        dict(m.reasons), reused, cached)
 
 
 def run_stage(

@@ -28,6 +28,7 @@ def maybe_inject(stage: str, index: int, store: ShardStore) -> None:
         if mode == "transient":
             marker = store.path("_faults", f"{stage}-{index}")
             if not store.fs.exists(marker):
+                store.fs.makedirs(store.path("_faults"), exist_ok=True)
                 store.fs.pipe_file(marker, b"1")
                 raise ConnectionError(f"injected transient fault at {stage} shard {index}")
             continue

@@ -1,0 +1,92 @@
+"""Shared fixtures: an isolated Prefect home, a real S3-protocol server (moto_server) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+_PREFECT_HOME = tempfile.mkdtemp(prefix="aot-prefect-home-")
+# Before anything imports Prefect: an isolated home, a patient ephemeral server, no telemetry.
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("AOT_FAULT", None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on a free loopback port, as s3fs's own tests do. Yields storage options."""
+    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    port = free_port()
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    try:
+        wait_port(port)
+        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+        yield {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}, "use_listings_cache": False}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_root(s3_server, request):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    import re
+
+    bucket = ("aot-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()))[:50].strip("-")
+    fs.mkdir(bucket)
+    return f"s3://{bucket}/data", s3_server
+
+
+@pytest.fixture
+def small_config():
+    from stages.config import load_config
+
+    return load_config("synthetic", {"source": {"num_scenes": 24, "shard_size": 8}})
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests are skipped, with the reason shown, where no CUDA device exists (CI, laptops)."""
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run on the lent GPU machine (benchmarks/README)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

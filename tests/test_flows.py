@@ -1,0 +1,203 @@
+"""The DAG under Prefect: caching, injected failures, a killed run, S3, and a running server.
+
+These start Prefect's ephemeral server once per test process (~30 s on a fresh home).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stages.config import load_config
+from stages.runner import run_bootstrap
+from storage import ShardStore
+
+pytestmark = pytest.mark.slow
+
+SMALL = {"source.num_scenes": 16, "source.shard_size": 4}
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same config run by the pure runner: Prefect must produce the same versions and bytes."""
+    store = ShardStore(str(tmp_path_factory.mktemp("ref")))
+    cfg = load_config("synthetic", {"source": {"num_scenes": 16, "shard_size": 4}})
+    summaries = run_bootstrap(store, cfg)
+    export = store.manifest(summaries[-1].version)
+    return {s.stage: s.version for s in summaries}, [p.sha256 for p in export.parts], export.rows
+
+
+def _bootstrap(root, **kw):
+    from flows.bootstrap import bootstrap
+
+    return bootstrap(root=str(root), overrides=dict(SMALL), progress=False, **kw)
+
+
+def _by_stage(result):
+    return {s["stage"]: s for s in result["stages"]}
+
+
+def test_bootstrap_matches_pure_runner_then_everything_is_cached(tmp_path, reference):
+    versions, shas, rows = reference
+    first = _by_stage(_bootstrap(tmp_path))
+    assert {k: v["version"] for k, v in first.items()} == versions
+    assert all(s["recomputed"] == s["shards"] == 4 for s in first.values())
+    store = ShardStore(str(tmp_path))
+    assert [p.sha256 for p in store.manifest(versions["export"]).parts] == shas
+    # Task results are small JSON references persisted under the root.
+    results = store.fs.glob(store.path("_prefect", "results", "*"))
+    assert len(results) == 20
+    import json
+
+    stored = json.loads(store.fs.cat_file(results[0]))
+    value = json.loads(stored["result"]) if isinstance(stored["result"], str) else stored["result"]
+    assert stored["metadata"]["serializer"]["type"] == "json"
+    assert set(value) == {"index", "input_key", "rows_in", "data", "rejects", "reasons", "recomputed"}
+    assert len(store.fs.cat_file(results[0])) < 2000  # a reference, not data
+    # Rerun: the same version ids, nothing recomputed.
+    again = _by_stage(_bootstrap(tmp_path))
+    assert {k: v["version"] for k, v in again.items()} == versions
+    assert sum(s["recomputed"] for s in again.values()) == 0
+    # Lose the implant manifest (as if the run died just before it): the shards come from Prefect's cache.
+    m = store.manifest(versions["implant"])
+    store.fs.rm(store.path(m.dataset, "implant", m.version, "manifest.json"))
+    third = _by_stage(_bootstrap(tmp_path))
+    assert third["implant"]["version"] == versions["implant"]
+    assert third["implant"]["cached"] == 4 and third["implant"]["recomputed"] == 0
+
+
+def test_failed_shard_then_rerun_recomputes_only_that_shard(tmp_path, reference, monkeypatch):
+    versions, shas, _ = reference
+    monkeypatch.setenv("AOT_FAULT", "filter:2:error")
+    with pytest.raises(RuntimeError, match="injected fault at filter shard 2"):
+        _bootstrap(tmp_path)
+    store = ShardStore(str(tmp_path))
+    assert store.manifest_at("synthetic", "filter", versions["filter"]) is None  # no half-visible version
+    monkeypatch.delenv("AOT_FAULT")
+    out = _by_stage(_bootstrap(tmp_path))
+    assert out["source"]["reused_version"] and out["extend"]["reused_version"]
+    assert out["filter"]["recomputed"] == 1 and out["filter"]["cached"] == 3
+    assert [p.sha256 for p in store.manifest(versions["export"]).parts] == shas
+
+
+def test_transient_fault_is_retried(tmp_path, reference, monkeypatch):
+    versions, shas, _ = reference
+    monkeypatch.setenv("AOT_FAULT", "extend:1:transient")
+    out = _by_stage(_bootstrap(tmp_path))
+    store = ShardStore(str(tmp_path))
+    assert store.fs.exists(store.path("_faults", "extend-1"))  # the fault fired once...
+    assert out["export"]["version"] == versions["export"]  # ...and the retry completed the run
+    assert [p.sha256 for p in store.manifest(versions["export"]).parts] == shas
+
+
+def test_cached_result_pointing_at_deleted_files_names_the_fix(tmp_path, reference):
+    versions, _, _ = reference
+    from flows.bootstrap import STAGE_FLOWS
+    from storage import StorageError
+
+    _bootstrap(tmp_path)
+    store = ShardStore(str(tmp_path))
+    store.fs.rm(store.path("synthetic", "export", versions["export"]), recursive=True)
+    common = dict(input_version=versions["implant"], root=str(tmp_path), overrides=dict(SMALL), progress=False)
+    with pytest.raises(StorageError, match="--refresh-cache"):
+        STAGE_FLOWS["export"](**common)
+    out = STAGE_FLOWS["export"](refresh_cache=True, **common)
+    assert out["version"] == versions["export"] and out["recomputed"] == 4
+
+
+def test_bootstrap_on_s3(s3_root, reference):
+    versions, shas, _ = reference
+    root, opts = s3_root
+    from flows.bootstrap import bootstrap
+
+    out = bootstrap(root=root, overrides=dict(SMALL), storage_options=opts, progress=False)
+    assert out["version"] == versions["export"]
+    store = ShardStore(root, opts)
+    assert [p.sha256 for p in store.manifest(out["version"]).parts] == shas
+    assert len(store.fs.glob(store.path("_prefect", "results", "*"))) == 20
+
+
+def _cli(args, env, cwd):
+    """Run the CLI in its own session; afterwards kill the session, so a Prefect server child
+    orphaned by a killed run (it outlives SIGKILL of its parent) does not linger or hold pipes."""
+    import signal
+    import types
+
+    out, err = Path(cwd) / "cli.out", Path(cwd) / "cli.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen([sys.executable, "-m", "aot.cli", *args], cwd=cwd, env=env, stdout=o, stderr=e,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=400)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return types.SimpleNamespace(returncode=rc, stdout=out.read_text(), stderr=err.read_text())
+
+
+def test_killed_cli_run_resumes_without_losing_or_duplicating_rows(tmp_path, reference):
+    versions, shas, rows = reference
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"), AOT_FAULT="implant:2:kill")
+    args = ["run", "--root", str(tmp_path / "data"), "--no-progress",
+            "--set", "source.num_scenes=16", "--set", "source.shard_size=4"]
+    killed = _cli(args, env, tmp_path)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    store = ShardStore(str(tmp_path / "data"))
+    assert store.manifest_at("synthetic", "implant", versions["implant"]) is None
+    env.pop("AOT_FAULT")
+    done = _cli(args, env, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"AOT-SFT version: {versions['export']}" in done.stdout
+    implant_line = next(line for line in done.stdout.splitlines() if line.startswith("implant"))
+    recomputed = int(implant_line.split()[6])
+    assert 1 <= recomputed <= 3  # shard 2 at least; shards finished before the kill were kept
+    m = store.manifest(versions["export"])
+    assert m.rows == rows and [p.sha256 for p in m.parts] == shas
+    ids = store.read(m)["id"].to_list()
+    assert len(ids) == len(set(ids)) == rows
+
+
+def test_cli_against_a_running_prefect_server(tmp_path):
+    from conftest import free_port, wait_port
+
+    port = free_port()
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "server-home"))
+    server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, timeout=120)
+        import httpx
+
+        api = f"http://127.0.0.1:{port}/api"
+        for _ in range(240):
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            import time
+
+            time.sleep(0.5)
+        client_env = dict(os.environ, PREFECT_API_URL=api, PREFECT_HOME=str(tmp_path / "client-home"))
+        out = _cli(["run", "--root", str(tmp_path / "data"), "--no-progress", "--set", "source.num_scenes=8",
+                    "--set", "source.shard_size=4"], client_env, tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert re.search(r"AOT-SFT version: [0-9a-f]{16}", out.stdout)
+        runs = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=10).json()
+        names = sorted({r["name"] for r in runs})
+        assert len(runs) == 6  # bootstrap + five stage subflows
+        flows = httpx.post(f"{api}/flows/filter", json={}, timeout=10).json()
+        assert {f["name"] for f in flows} >= {"bootstrap", "generate-scenes", "implant-distractors"}, names
+        arts = httpx.post(f"{api}/artifacts/filter", json={}, timeout=10).json()
+        assert {"implant-counts", "export-summary"} <= {a["key"] for a in arts}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
