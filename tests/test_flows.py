@@ -72,6 +72,24 @@ def test_bootstrap_matches_pure_runner_then_everything_is_cached(tmp_path, refer
     assert third["implant"]["cached"] == 4 and third["implant"]["recomputed"] == 0
 
 
+def test_exported_version_loads_with_datasets(tmp_path, reference):
+    import datasets
+
+    versions, _, rows = reference
+    _bootstrap(tmp_path)
+    store = ShardStore(str(tmp_path))
+    m = store.manifest(versions["export"])
+    # The README's one-liner: a glob over the version folder's parts.
+    folder = m.uri.removeprefix("file://")
+    ds = datasets.load_dataset("parquet", data_files=f"{folder}/part-*.parquet", split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == rows
+    row = ds[0]
+    assert row["clean_image"].size == row["adversarial_image"].size == (row["width"], row["height"])
+    assert row["answer"] in "ABCD" and row["prompt"].endswith("letter of your choice.")
+    assert store.fs.exists(f"{folder}/README.md")  # the dataset card
+
+
 def test_failed_shard_then_rerun_recomputes_only_that_shard(tmp_path, reference, monkeypatch):
     versions, shas, _ = reference
     monkeypatch.setenv("AOT_FAULT", "filter:2:error")

@@ -237,3 +237,11 @@ def test_synthetic_preset_on_rows_without_scenes_fails_with_the_fix(tmp_path, sm
     store.commit("photos", "source", "v-noscene", [rec], config={}, parents=[], code_version="x")
     with pytest.raises(MissingSceneError, match="--preset tiny"):
         run_stage(store, "extend", small_config, "v-noscene")
+
+
+def test_default_preset_yields_one_effective_row_per_four_sources(tmp_path):
+    """The embedded default (64 scenes) must give >= 16 effective adversarial rows (issue 2)."""
+    cfg = load_config("synthetic")
+    summaries = run_bootstrap(ShardStore(str(tmp_path)), cfg)
+    assert summaries[0].rows_in == 64
+    assert summaries[-1].rows >= 16, [s.to_dict() for s in summaries]
