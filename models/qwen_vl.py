@@ -1,0 +1,271 @@
+"""The defender (and the judge's engine): a Qwen2.5-VL policy through transformers.
+
+- ``full``: ``Qwen/Qwen2.5-VL-7B-Instruct`` (or any id / local folder of that family), loaded
+  with ``from_pretrained``; ``trust_remote_code`` only when the config says so.
+- ``tiny``: the same classes (``Qwen2_5_VLForConditionalGeneration``, ``Qwen2_5_VLProcessor``)
+  from a small config with random weights, and a word-level tokenizer built locally from the
+  synthetic world's vocabulary (shared/notes/dependencies.md §4.0-4.1). Answers ``\\boxed{A}`` ..
+  ``\\boxed{F}`` are single added tokens, so a tiny model can learn to emit them.
+
+The policy implements the MLLM interface (``generate``) and what RL needs: sampled rollouts
+and per-token log-probabilities of responses under the tempered distribution, computed by one
+function for both the old and the new policy (so the first on-policy ratio is exactly 1).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from models.mcq import letters
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+           "<|video_pad|>", "<unk>"]
+ANSWER_TOKENS = [f"\\boxed{{{x}}}" for x in letters(6)]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] == 'text' %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_vocabulary() -> list[str]:
+    """Every word of the MCQ template, the question templates and the world's vocabulary."""
+    from models.mcq import PROMPT_TEMPLATE
+    from world import CATEGORIES, COLOURS
+    from world.questions import RELATIONS
+
+    text = PROMPT_TEMPLATE + " Where is the relative to the ? What is the colour of the ? How many are there in the " \
+        "image ? Is there a in the image ? yes no system user assistant"
+    words = set(text.replace("{", " ").replace("}", " ").replace("\\", " ").split())
+    words |= set(COLOURS) | set(CATEGORIES) | {c + "s" for c in CATEGORIES} | set(RELATIONS)
+    words |= {str(i) for i in range(21)} | set(letters(26))
+    words |= set("()[]{}.,:;?!-\\\"'")
+    out = []
+    for w in sorted(words):
+        out.extend(_split_punct(w))
+    return sorted(set(out))
+
+
+def _split_punct(word: str) -> list[str]:
+    parts, cur = [], ""
+    for ch in word:
+        if ch.isalnum():
+            cur += ch
+        else:
+            if cur:
+                parts.append(cur)
+            parts.append(ch)
+            cur = ""
+    if cur:
+        parts.append(cur)
+    return parts
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + tiny_vocabulary())}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  unk_token="<unk>", padding_side="left")
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL[1:7]})
+    tok.add_tokens(ANSWER_TOKENS)  # matched before pre-tokenization, decoded verbatim
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@dataclass
+class TinyDefenderSpec:
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+    vision_depth: int = 2
+    vision_hidden: int = 64
+    patch_size: int = 8
+    min_pixels: int = 64 * 64
+    max_pixels: int = 128 * 128
+
+
+def build_tiny_processor(tok, spec: TinyDefenderSpec):
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    kw = dict(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=spec.patch_size, merge_size=2,
+              temporal_patch_size=2)
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**kw), tokenizer=tok,
+                               video_processor=Qwen2VLVideoProcessor(**kw), chat_template=CHAT_TEMPLATE)
+
+
+def build_tiny_model(tok, spec: TinyDefenderSpec, seed: int = 0):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    head_dim = spec.hidden // spec.heads
+    half = head_dim // 2  # mrope sections (temporal, height, width) must sum to head_dim / 2
+    section = [half - 2 * (half // 3), half // 3, half // 3]
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+    text = dict(vocab_size=len(tok), hidden_size=spec.hidden, intermediate_size=spec.hidden * 2,
+                num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=1,
+                max_position_embeddings=1024, rope_theta=1e4, tie_word_embeddings=True,
+                rope_scaling={"mrope_section": section, "rope_type": "default", "type": "default"},
+                bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
+                  num_heads=2, out_hidden_size=spec.hidden, patch_size=spec.patch_size, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=spec.patch_size * 4, fullatt_block_indexes=[spec.vision_depth - 1])
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    return model
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses and what the loss needs of them (all on CPU until used)."""
+
+    prompts: list[str]
+    images: list[Image.Image]
+    response_ids: torch.Tensor  # (B, T) right-padded
+    response_mask: torch.Tensor  # (B, T) 1 for response tokens up to and including EOS
+    truncated: torch.Tensor  # (B,) bool: no EOS within max_new_tokens
+    texts: list[str]
+
+
+class QwenVLPolicy:
+    def __init__(self, model, processor, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.model = model.to(device=device, dtype=dtype)
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.device = device
+        self.dtype = dtype
+        # Vision placeholders can never be *outputs*: a sampled <|image_pad|> would desynchronize
+        # image features and tokens on the next forward. Suppressed in sampling and masked in
+        # log-probs alike, so the sampler and the scorer are one distribution.
+        names = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in names]
+        self.suppressed = sorted({i for i in ids if i is not None and i != self.tokenizer.unk_token_id})
+
+    # ------------------------------------------------------------ building
+    @classmethod
+    def tiny(cls, seed: int = 0, spec: TinyDefenderSpec | None = None, device: str = "cpu") -> "QwenVLPolicy":
+        spec = spec or TinyDefenderSpec()
+        tok = build_tiny_tokenizer()
+        return cls(build_tiny_model(tok, spec, seed), build_tiny_processor(tok, spec), device=device)
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False,
+                        min_pixels: int | None = None, max_pixels: int | None = None) -> "QwenVLPolicy":
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                            trust_remote_code=trust_remote_code, use_safetensors=True)
+        return cls(model, processor, device=device, dtype=getattr(torch, dtype))
+
+    def save(self, folder: str | Path) -> None:
+        """Weights as safetensors, plus config, tokenizer and processor: loadable by from_pretrained."""
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.processor.save_pretrained(folder)
+
+    # ------------------------------------------------------------ encoding
+    def chat(self, prompt: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, images: list[Image.Image], prompts: list[str]) -> dict:
+        batch = self.processor(text=[self.chat(p) for p in prompts], images=images, return_tensors="pt", padding=True)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # ------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def rollout(self, images: list[Image.Image], prompts: list[str], *, temperature: float = 1.0,
+                max_new_tokens: int = 16, seed: int = 0) -> Rollout:
+        enc = self.encode(images, prompts)
+        torch.manual_seed(seed)
+        sample = temperature > 0
+        gen_kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
+        self.model.eval()
+        out = self.model.generate(**enc, max_new_tokens=max_new_tokens, suppress_tokens=self.suppressed, **gen_kw)
+        resp = out[:, enc["input_ids"].shape[1]:].cpu()
+        eos = self.tokenizer.eos_token_id
+        is_eos = resp == eos
+        has_eos = is_eos.any(dim=1)
+        first = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, resp.shape[1], dtype=torch.long))
+        pos = torch.arange(resp.shape[1]).unsqueeze(0)
+        mask = (pos <= first.unsqueeze(1)) & (pos < resp.shape[1])
+        resp = torch.where(mask, resp, torch.full_like(resp, self.tokenizer.pad_token_id))
+        texts = [self.tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, mask)]
+        return Rollout(list(prompts), list(images), resp, mask.long(), ~has_eos, texts)
+
+    def generate(self, images: list[Image.Image], prompts: list[str], *, temperature: float = 0.0, seed: int = 0,
+                 max_new_tokens: int = 16) -> list[str]:
+        return self.rollout(images, prompts, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed).texts
+
+    # --------------------------------------------------------- log-probs
+    def response_logprobs(self, images: list[Image.Image], prompts: list[str], response_ids: torch.Tensor,
+                          response_mask: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False):
+        """Per-token log pi(response | prompt, image) under softmax(logits / temperature): (B, T).
+
+        The one function for old (sampling) and new policy log-probs, so that with the same
+        micro-batches and dtype the first on-policy ratio is exactly 1.
+        """
+        enc = self.encode(images, prompts)
+        resp = response_ids.to(self.device)
+        input_ids = torch.cat([enc["input_ids"], resp], dim=1)
+        attn = torch.cat([enc["attention_mask"], response_mask.to(self.device).long()], dim=1)
+        out = self.model(input_ids=input_ids, attention_mask=attn, pixel_values=enc["pixel_values"],
+                         image_grid_thw=enc["image_grid_thw"], logits_to_keep=resp.shape[1] + 1)
+        logits = out.logits[:, :-1].float() / max(temperature, 1e-6)
+        if self.suppressed:
+            logits[..., self.suppressed] = float("-inf")
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logp = logp_all.gather(-1, resp.unsqueeze(-1)).squeeze(-1)
+        if not with_entropy:
+            return logp
+        entropy = -(logp_all.exp() * logp_all.masked_fill(torch.isinf(logp_all), 0.0)).sum(-1)
+        return logp, entropy
+
+    def trainable_parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def target_ids(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (right-padded) and mask of answer texts followed by EOS, for supervised targets."""
+        seqs = [self.tokenizer.encode(t, add_special_tokens=False) + [self.tokenizer.eos_token_id] for t in texts]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+        return ids, mask
+
+
+def load_policy(spec: dict | str) -> QwenVLPolicy:
+    """Build a defender from a config spec: ``{"backend": "tiny"|"qwen-vl", ...}``."""
+    spec = {"backend": spec} if isinstance(spec, str) else dict(spec)
+    backend = spec.pop("backend")
+    if backend == "tiny":
+        checkpoint = spec.pop("checkpoint", None)
+        if checkpoint:
+            return QwenVLPolicy.from_pretrained(checkpoint, **spec)
+        seed = spec.pop("seed", 0)
+        return QwenVLPolicy.tiny(seed=seed, spec=TinyDefenderSpec(**spec))
+    if backend == "qwen-vl":
+        return QwenVLPolicy.from_pretrained(spec.pop("model"), **spec)
+    raise ValueError(f"unknown defender backend {backend!r}")
+
+
+def spec_json(spec: dict) -> str:
+    return json.dumps(spec, sort_keys=True)

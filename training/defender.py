@@ -1,0 +1,271 @@
+"""Defender training: supervised warm-up and DAPO, with exact resume.
+
+The DAPO step reads as the algorithm does: sample G responses per prompt -> reward -> group
+advantages (dynamic sampling drops uninformative groups and draws more) -> clipped token-level
+update. Old log-probs come from the same function and micro-batches as the update, so the first
+ratio of a batch is exactly 1. Checkpoints hold model, optimizer, step, RNG and data position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from models.mcq import extract_choice, mcq_reward
+from rl.dapo import DapoConfig, dapo_loss, fill_batch, group_advantages, overlong_penalty
+from training.checkpoint import load_trainer_state, save_checkpoint
+
+
+def _f(default, help: str):
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: type(default)() if dataclasses.is_dataclass(default) else type(default)(default),
+                     metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DefenderTrainConfig:
+    mode: str = _f("dapo", "'sft' (supervised warm-up on the answer) or 'dapo' (RL).")
+    steps: int = _f(100, "Optimizer steps. AOT's warm-up RL stage: 100 steps on 900 clean samples (METHOD.md).")
+    batch_prompts: int = _f(16, "Prompts per step (AOT: 128 on 8 GPUs; smaller by default to fit one card).")
+    micro_batch: int = _f(32, "Sequences per forward/backward; the loss is normalized over the whole batch.")
+    lr: float = _f(1e-6, "AdamW learning rate. AOT: 1e-6 for the 7B defender (METHOD.md).")
+    weight_decay: float = _f(1e-2, "AdamW weight decay. AOT: 1e-2.")
+    grad_clip: float = _f(1.0, "Max global gradient norm. AOT: 1.0.")
+    temperature: float = _f(1.0, "Sampling temperature of rollouts. AOT: 1.0.")
+    max_new_tokens: int = _f(8, "Response length cap. AOT: 4096; the tiny defender answers in 2 tokens.")
+    seed: int = _f(0, "Seed of data order and sampling.")
+    lora_rank: int = _f(0, "LoRA rank (peft) on the language model's attention; 0 = full fine-tuning (AOT "
+                           "trains everything, vision tower included).")
+    lora_alpha: int = _f(16, "LoRA alpha.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    checkpoint_every: int = _f(0, "Save a checkpoint every N steps (0: only at the end).")
+    dapo: DapoConfig = _f(DapoConfig(), "DAPO settings (rl/dapo.py).")
+
+
+@dataclass
+class Example:
+    id: str
+    image: Image.Image
+    prompt: str
+    answer: str
+    num_options: int
+
+
+class DataStream:
+    """Deterministic epochs over examples; the position (epoch, index) goes into checkpoints."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, index: int = 0):
+        self.n, self.seed, self.epoch, self.index = n, seed, epoch, index
+        self._order = self._perm()
+
+    def _perm(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.index >= self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._perm()
+            out.append(self._order[self.index])
+            self.index += 1
+        return out
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+@dataclass
+class Group:
+    example: Example
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    truncated: torch.Tensor
+    rewards: torch.Tensor
+    scores: list[float]  # accuracy per response (what dynamic sampling filters on)
+    texts: list[str]
+
+
+def _chunks(n: int, size: int):
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+class DefenderTrainer:
+    def __init__(self, policy, examples: list[Example], cfg: DefenderTrainConfig, resume_from: str | Path | None = None):
+        if not examples:
+            raise ValueError("no training examples: the dataset version is empty")
+        self.policy, self.examples, self.cfg = policy, examples, cfg
+        cfg.dapo.validate()
+        if cfg.lora_rank > 0:
+            from peft import LoraConfig, get_peft_model
+
+            policy.model = get_peft_model(policy.model, LoraConfig(
+                r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"))
+        if cfg.gradient_checkpointing:
+            policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.metrics: list[dict] = []
+        self.stream = DataStream(len(examples), cfg.seed)
+        if resume_from is not None:
+            state = load_trainer_state(resume_from, self.opt)
+            self.step = state["step"]
+            self.metrics = state["metrics"]
+            self.stream = DataStream(len(examples), cfg.seed, **state["data_position"])
+
+    # ------------------------------------------------------------------ SFT
+    def sft_step(self) -> dict:
+        p, cfg = self.policy, self.cfg
+        batch = [self.examples[i] for i in self.stream.take(cfg.batch_prompts)]
+        ids, mask = p.target_ids([f"\\boxed{{{e.answer}}}" for e in batch])
+        total = int(mask.sum())
+        p.model.train()
+        loss_sum = 0.0
+        for sl in _chunks(len(batch), cfg.micro_batch):
+            logp = p.response_logprobs([e.image for e in batch[sl]], [e.prompt for e in batch[sl]], ids[sl], mask[sl])
+            loss = -(logp * mask[sl].to(logp.device)).sum() / total
+            loss.backward()
+            loss_sum += float(loss.detach())
+        gnorm = torch.nn.utils.clip_grad_norm_(p.trainable_parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return {"loss": loss_sum, "grad_norm": float(gnorm), "tokens": total}
+
+    # ----------------------------------------------------------------- DAPO
+    def _draw(self, draw_index: int) -> list[Group]:
+        """Sample G responses for each of the next batch_prompts examples and reward them."""
+        p, cfg, G = self.policy, self.cfg, self.cfg.dapo.group_size
+        batch = [self.examples[i] for i in self.stream.take(cfg.batch_prompts)]
+        rep = [e for e in batch for _ in range(G)]
+        ids, masks, truncs, texts = [], [], [], []
+        for k, sl in enumerate(_chunks(len(rep), cfg.micro_batch)):
+            r = p.rollout([e.image for e in rep[sl]], [e.prompt for e in rep[sl]], temperature=cfg.temperature,
+                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + self.step * 1009 + draw_index * 101 + k)
+            ids.append(r.response_ids)
+            masks.append(r.response_mask)
+            truncs.append(r.truncated)
+            texts += r.texts
+        width = max(t.shape[1] for t in ids)
+        pad = p.tokenizer.pad_token_id
+        ids = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad) for t in ids])
+        masks = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in masks])
+        truncs = torch.cat(truncs)
+        groups = []
+        for gi, e in enumerate(batch):
+            sl = slice(gi * G, (gi + 1) * G)
+            rewards = torch.tensor([mcq_reward(t, e.answer, e.num_options) for t in texts[sl]])
+            if cfg.dapo.overlong_penalty:
+                rewards = rewards + overlong_penalty(masks[sl].sum(1), cfg.max_new_tokens, cfg.dapo.overlong_cache,
+                                                     cfg.dapo.overlong_factor)
+            scores = [float(extract_choice(t, e.num_options).letter == e.answer) for t in texts[sl]]
+            groups.append(Group(e, ids[sl], masks[sl], truncs[sl], rewards, scores, texts[sl]))
+        return groups
+
+    def dapo_step(self) -> dict:
+        p, cfg, G = self.policy, self.cfg, self.cfg.dapo.group_size
+        t0 = time.perf_counter()
+        draws = iter(range(10**9))
+        groups, drawn = fill_batch(lambda: self._draw(next(draws)), cfg.batch_prompts, G, cfg.dapo)
+        t_sample = time.perf_counter() - t0
+        images = [g.example.image for g in groups for _ in range(G)]
+        prompts = [g.example.prompt for g in groups for _ in range(G)]
+        width = max(g.response_ids.shape[1] for g in groups)  # groups may come from different draws
+        pad = p.tokenizer.pad_token_id
+        ids = torch.cat([torch.nn.functional.pad(g.response_ids, (0, width - g.response_ids.shape[1]), value=pad)
+                         for g in groups])
+        mask = torch.cat([torch.nn.functional.pad(g.response_mask, (0, width - g.response_mask.shape[1])) for g in groups])
+        truncated = torch.cat([g.truncated for g in groups])
+        rewards = torch.cat([g.rewards for g in groups])
+        adv = group_advantages(rewards, G, cfg.dapo.adv_eps)
+        loss_mask = mask * (~truncated).long().unsqueeze(1) if cfg.dapo.mask_truncated else mask
+        total = max(1, int(loss_mask.sum()))
+        slices = list(_chunks(len(prompts), cfg.micro_batch))
+        p.model.train()
+        with torch.no_grad():  # the sampling policy's log-probs: same function, same micro-batches
+            old = [p.response_logprobs(images[s], prompts[s], ids[s], mask[s], cfg.temperature) for s in slices]
+        t1 = time.perf_counter()
+        stats, ents = [], []
+        for _ in range(cfg.dapo.epochs_per_batch):
+            for s, old_lp in zip(slices, old):
+                logp, ent = p.response_logprobs(images[s], prompts[s], ids[s], mask[s], cfg.temperature, with_entropy=True)
+                m = loss_mask[s].to(logp.device)
+                loss, st = dapo_loss(logp, old_lp, adv[s].to(logp.device), m, cfg.dapo, num_tokens=total)
+                loss.backward()
+                stats.append(st)
+                ents.append(float((ent.detach() * mask[s].to(ent.device)).sum()))
+            gnorm = torch.nn.utils.clip_grad_norm_(p.trainable_parameters(), cfg.grad_clip)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        n_tok = max(1, sum(s.tokens for s in stats))
+        return {
+            "loss": sum(s.loss for s in stats),
+            "reward": float(rewards.mean()),
+            "accuracy": float(sum(sum(g.scores) for g in groups) / (len(groups) * G)),
+            "kept_group_fraction": len(groups) / drawn,
+            "response_length": float(mask.sum(1).float().mean()),
+            "entropy": sum(ents) / max(1, int(mask.sum())),
+            "clip_fraction": sum(s.clip_fraction * s.tokens for s in stats) / n_tok,
+            "ratio_max": max(s.ratio_max for s in stats),
+            "grad_norm": float(gnorm),
+            "tokens": total,
+            "sample_seconds": t_sample,
+            "update_seconds": time.perf_counter() - t1,
+        }
+
+    # ------------------------------------------------------------------ loop
+    def train(self, out_dir: str | Path | None = None, steps: int | None = None,
+              on_step: Callable[[dict], None] | None = None) -> list[dict]:
+        until = self.cfg.steps if steps is None else min(self.cfg.steps, self.step + steps)
+        while self.step < until:
+            t0 = time.perf_counter()
+            row = self.sft_step() if self.cfg.mode == "sft" else self.dapo_step()
+            self.step += 1
+            row = {"step": self.step, "lr": self.cfg.lr, "seconds": time.perf_counter() - t0, **row}
+            self.metrics.append(row)
+            if on_step:
+                on_step(row)
+            if out_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                self.save(Path(out_dir) / f"step-{self.step:06d}")
+        if out_dir:
+            self.save(out_dir)
+        return self.metrics
+
+    def save(self, folder: str | Path) -> Path:
+        return save_checkpoint(folder, self.policy, self.opt, {
+            "step": self.step, "data_position": self.stream.position(), "metrics": self.metrics,
+            "config": dataclasses.asdict(self.cfg)})
+
+
+@torch.no_grad()
+def evaluate(policy, examples: list[Example], batch: int = 64) -> dict:
+    """Greedy accuracy and strict-format rate of the policy on examples."""
+    right = strict = unparsed = 0
+    for sl in _chunks(len(examples), batch):
+        chunk = examples[sl]
+        texts = policy.generate([e.image for e in chunk], [e.prompt for e in chunk], temperature=0.0)
+        for e, t in zip(chunk, texts):
+            ext = extract_choice(t, e.num_options)
+            right += ext.letter == e.answer
+            strict += ext.strict
+            unparsed += ext.letter is None
+    n = max(1, len(examples))
+    return {"accuracy": right / n, "strict_format": strict / n, "unparsed": unparsed / n, "n": len(examples)}
+
+
+def chance(examples: list[Example]) -> float:
+    return sum(1.0 / e.num_options for e in examples) / max(1, len(examples))
+
+
+def lr_is_finite(cfg: DefenderTrainConfig) -> bool:
+    return math.isfinite(cfg.lr) and cfg.lr > 0
