@@ -83,6 +83,25 @@ def build_tiny_tokenizer():
     return tok
 
 
+def build_byte_tokenizer():
+    """A byte-level BPE tokenizer (no merges: one token per byte) with Qwen's special tokens.
+
+    For full-size random-weight architectures (benchmarks): real token ids, real lengths (one
+    token per character), no hub. Its ids are all < 300, inside any Qwen vocabulary.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+
+    vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
+    for t in SPECIAL:
+        vocab[t] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                         bos_token=None, padding_side="left")
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL[1:7]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
 @dataclass
 class TinyDefenderSpec:
     hidden: int = 64

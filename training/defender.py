@@ -2,8 +2,10 @@
 
 The DAPO step reads as the algorithm does: sample G responses per prompt -> reward -> group
 advantages (dynamic sampling drops uninformative groups and draws more) -> clipped token-level
-update. Old log-probs come from the same function and micro-batches as the update, so the first
-ratio of a batch is exactly 1. Checkpoints hold model, optimizer, step, RNG and data position.
+update. With one update per batch (AOT's on-policy setting) the old log-probs are the new ones
+detached; with several, they come from the same function and micro-batches as the update. Either
+way the first ratio of a batch is exactly 1. Checkpoints hold model, optimizer, step, RNG and
+data position.
 """
 
 from __future__ import annotations
@@ -192,13 +194,21 @@ class DefenderTrainer:
         total = max(1, int(loss_mask.sum()))
         slices = list(_chunks(len(prompts), cfg.micro_batch))
         p.model.train()
-        with torch.no_grad():  # the sampling policy's log-probs: same function, same micro-batches
-            old = [p.response_logprobs(images[s], prompts[s], ids[s], mask[s], cfg.temperature) for s in slices]
         t1 = time.perf_counter()
+        # With one update per batch the policy *is* the sampling policy at the update, so its own
+        # detached log-probs are the old ones (ratio exactly 1, as TRL does); several epochs need
+        # the sampling policy's log-probs first: same function, same micro-batches.
+        on_policy = cfg.dapo.epochs_per_batch == 1
+        old = [None] * len(slices)
+        if not on_policy:
+            with torch.no_grad():
+                old = [p.response_logprobs(images[s], prompts[s], ids[s], mask[s], cfg.temperature) for s in slices]
+        t_logp = time.perf_counter() - t1
         stats, ents = [], []
         for _ in range(cfg.dapo.epochs_per_batch):
             for s, old_lp in zip(slices, old):
                 logp, ent = p.response_logprobs(images[s], prompts[s], ids[s], mask[s], cfg.temperature, with_entropy=True)
+                old_lp = logp.detach() if old_lp is None else old_lp
                 m = loss_mask[s].to(logp.device)
                 loss, st = dapo_loss(logp, old_lp, adv[s].to(logp.device), m, cfg.dapo, num_tokens=total)
                 loss.backward()
@@ -220,7 +230,8 @@ class DefenderTrainer:
             "grad_norm": float(gnorm),
             "tokens": total,
             "sample_seconds": t_sample,
-            "update_seconds": time.perf_counter() - t1,
+            "logprob_seconds": t_logp,
+            "update_seconds": time.perf_counter() - t1 - t_logp,
         }
 
     # ------------------------------------------------------------------ loop

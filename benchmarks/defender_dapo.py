@@ -1,0 +1,281 @@
+"""Defender DAPO throughput: our trainer against TRL's GRPOTrainer, side by side in one process.
+
+Qwen2.5-VL architecture (3B by default) with random weights (no weights can be downloaded), one
+448x448 image and ~300 prompt tokens per row, 256 completion tokens, 8 generations per prompt,
+bf16 weights, gradient checkpointing, HF generate in both. Per step: generation, log-prob and
+update time, completion and total tokens/s, update-phase MFU (6 N tokens against the card's
+bf16 matmul rate measured in the same run), peak GPU memory. With ``--lora-7b`` it also takes
+one DAPO step of the 7B architecture with LoRA (rank 64) and reports the peak memory.
+
+GPU: ``python benchmarks/defender_dapo.py --out DIR``. CPU smoke run: ``--tiny`` (small
+architecture, 1 step; checks that both code paths run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models.qwen_vl import SPECIAL, QwenVLPolicy, build_byte_tokenizer  # noqa: E402
+
+ARCH = {
+    # Published Qwen2.5-VL config values (text + vision).
+    "3b": dict(text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                         num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True, section=[16, 24, 24]),
+               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048)),
+    "7b": dict(text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False, section=[16, 24, 24]),
+               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584)),
+    "tiny": dict(text=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, section=[4, 6, 6]),
+                 vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64)),
+}
+
+
+def build(arch: str, device: str, dtype):
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    tok = build_byte_tokenizer()
+    a = ARCH[arch]
+    t = dict(a["text"])
+    section = t.pop("section")
+    ids = {s: tok.convert_tokens_to_ids(s) for s in SPECIAL}
+    text = dict(t, max_position_embeddings=32768, rope_theta=1e6,
+                rope_scaling={"mrope_section": section, "rope_type": "default", "type": "default"},
+                bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(a["vision"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  fullatt_block_indexes=[7, 15, 23, 31] if a["vision"]["depth"] == 32 else [1])
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=t["tie_word_embeddings"])
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    torch.set_default_dtype(old)
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    px = 448 * 448
+    kw = dict(min_pixels=px, max_pixels=px, patch_size=14, merge_size=2, temporal_patch_size=2)
+    proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**kw), tokenizer=tok,
+                               video_processor=Qwen2VLVideoProcessor(**kw), chat_template=tok.chat_template)
+    return model, proc
+
+
+def rows(n: int, prompt_chars: int):
+    import numpy as np
+    from PIL import Image
+
+    from training.defender import Example
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        img = Image.fromarray(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8))
+        text = ("Where is the red circle relative to the blue square? " * 20)[:prompt_chars]
+        out.append(Example(f"b{i}", img, text, "A", 4))
+    return out
+
+
+def param_counts(model) -> tuple[int, int]:
+    vis = sum(p.numel() for n, p in model.named_parameters() if ".visual." in f".{n}" or n.startswith("visual"))
+    return sum(p.numel() for p in model.parameters()) - vis, vis
+
+
+def matmul_tflops(device: str) -> float:
+    if device != "cuda":
+        return float("nan")
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 10 / (time.perf_counter() - t0) / 1e12
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, lora=0):
+    from rl.dapo import DapoConfig
+    from training.defender import DefenderTrainConfig, DefenderTrainer
+
+    policy = QwenVLPolicy(model, proc, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    cfg = DefenderTrainConfig(mode="dapo", steps=steps + 1, batch_prompts=batch // G, micro_batch=batch, lr=1e-6,
+                              max_new_tokens=completion, gradient_checkpointing=True, lora_rank=lora, lora_alpha=2 * lora,
+                              dapo=DapoConfig(group_size=G, dynamic_sampling=False, mask_truncated=False))
+    tr = DefenderTrainer(policy, rows(batch // G * (steps + 1), prompt_chars), cfg)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    out = []
+    for _ in range(steps + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        r = tr.dapo_step()
+        tr.step += 1
+        sync(device)
+        out.append({"step_s": time.perf_counter() - t0, "generation_s": r["sample_seconds"], "logprob_s": r["logprob_seconds"],
+                    "update_s": r["update_seconds"], "completion_tokens": float(r["response_length"]) * batch})
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    del tr, policy
+    return out[1:], peak
+
+
+def run_trl(model, proc, device, batch, G, completion, steps, prompt_chars, outdir):
+    import trl
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    timings = {"gen": []}
+    inner_generate = model.generate
+
+    def timed_generate(*a, **k):
+        sync(device)
+        t0 = time.perf_counter()
+        res = inner_generate(*a, **k)
+        sync(device)
+        timings["gen"].append(time.perf_counter() - t0)
+        return res
+
+    model.generate = timed_generate
+    steps_t = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            sync(device)
+            steps_t.append([time.perf_counter(), None])
+
+        def on_step_end(self, args, state, control, **kw):
+            sync(device)
+            steps_t[-1][1] = time.perf_counter()
+
+    data = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e.prompt}]}],
+             "image": e.image} for e in rows(batch // G * (steps + 1), prompt_chars)]
+    args = trl.GRPOConfig(output_dir=str(outdir), per_device_train_batch_size=batch, num_generations=G,
+                          max_completion_length=completion, loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0,
+                          learning_rate=1e-6, bf16=device == "cuda", use_cpu=device != "cuda", gradient_checkpointing=True,
+                          max_steps=steps + 1, logging_steps=1, report_to=[], save_strategy="no",
+                          remove_unused_columns=False, temperature=1.0, shuffle_dataset=False)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
+                              train_dataset=Dataset.from_list(data), processing_class=proc, callbacks=[Clock()])
+    trainer.train()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    model.generate = inner_generate
+    print(f"trl: {len(steps_t)} steps timed, {len(timings['gen'])} generate calls", flush=True)
+    out = []
+    for (a, b), g in zip(steps_t, timings["gen"]):
+        out.append({"step_s": b - a, "generation_s": g, "logprob_s": 0.0, "update_s": (b - a) - g,
+                    "completion_tokens": float(batch * completion)})
+    del trainer
+    return out[1:], peak
+
+
+def summarize(name, rows_, batch, prompt_tokens, completion, n_text, n_vis, patches, peak_tflops, peak_gib):
+    mean = lambda k: sum(r[k] for r in rows_) / len(rows_)  # noqa: E731
+    step, gen, lp, upd = mean("step_s"), mean("generation_s"), mean("logprob_s"), mean("update_s")
+    comp = mean("completion_tokens")
+    seq_tokens = batch * prompt_tokens + comp
+    flops = 6 * (n_text * seq_tokens + n_vis * batch * patches)
+    return {"impl": name, "batch": batch, "step_s": step, "generation_s": gen, "logprob_s": lp, "update_s": upd,
+            "completion_tok_s": comp / step, "total_tok_s": seq_tokens / step,
+            "update_mfu": flops / max(upd, 1e-9) / (peak_tflops * 1e12) if peak_tflops == peak_tflops else float("nan"),
+            "peak_gib": peak_gib}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="3b")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run with a tiny architecture")
+    ap.add_argument("--batches", default="16,64")
+    ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--completion", type=int, default=256)
+    ap.add_argument("--prompt-chars", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--impls", default="ours,trl")
+    ap.add_argument("--lora-7b", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results")
+    a = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    arch = "tiny" if a.tiny else a.arch
+    if a.tiny:
+        a.batches, a.completion, a.steps, a.prompt_chars, a.generations = "4", 8, 1, 60, 2
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import transformers
+
+    info = {"card": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(), "arch": arch}
+    try:
+        import trl
+
+        info["trl"] = trl.__version__
+    except ImportError:
+        info["trl"] = None
+    info["bf16_matmul_tflops"] = matmul_tflops(device)
+    print(json.dumps(info), flush=True)
+    results = []
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    for batch in [int(b) for b in a.batches.split(",") if b.strip()]:
+        for impl in a.impls.split(","):
+            model, proc = build(arch, device, dtype)
+            n_text, n_vis = param_counts(model)
+            enc = proc(text=[build_byte_tokenizer().apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": rows(1, a.prompt_chars)[0].prompt}]}],
+                add_generation_prompt=True, tokenize=False)], images=rows(1, a.prompt_chars)[0:1] and [rows(1, a.prompt_chars)[0].image],
+                return_tensors="pt")
+            prompt_tokens = int(enc["input_ids"].shape[1])
+            patches = int(enc["image_grid_thw"].prod())
+            t0 = time.perf_counter()
+            if impl == "ours":
+                r, peak = run_ours(model, proc, device, batch, a.generations, a.completion, a.steps, a.prompt_chars)
+            else:
+                r, peak = run_trl(model, proc, device, batch, a.generations, a.completion, a.steps, a.prompt_chars,
+                                  out / "trl-tmp")
+            s = summarize(impl, r, batch, prompt_tokens, a.completion, n_text, n_vis, patches,
+                          info["bf16_matmul_tflops"], peak)
+            s.update(prompt_tokens=prompt_tokens, params_text=n_text, params_vision=n_vis, wall_s=time.perf_counter() - t0)
+            results.append(s)
+            print(json.dumps(s), flush=True)
+            del model, proc
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            (out / f"defender_dapo_{arch}.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
+    if a.lora_7b:
+        model, proc = build("7b", device, dtype)
+        n_text, n_vis = param_counts(model)
+        r, peak = run_ours(model, proc, device, 16, a.generations, a.completion, 1, a.prompt_chars, lora=64)
+        lo = {"impl": "ours-7b-lora64", "batch": 16, "step_s": r[0]["step_s"], "generation_s": r[0]["generation_s"],
+              "update_s": r[0]["update_s"], "peak_gib": peak, "params_text": n_text, "params_vision": n_vis}
+        results.append(lo)
+        print(json.dumps(lo), flush=True)
+        (out / f"defender_dapo_{arch}.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
+    print(f"\n{'impl':<16}{'batch':>6}{'step s':>8}{'gen s':>8}{'logp s':>8}{'upd s':>8}{'compl tok/s':>12}"
+          f"{'total tok/s':>12}{'upd MFU':>9}{'peak GiB':>10}")
+    for s in results:
+        print(f"{s['impl']:<16}{s['batch']:>6}{s['step_s']:>8.1f}{s['generation_s']:>8.1f}{s.get('logprob_s', 0):>8.1f}"
+              f"{s['update_s']:>8.1f}{s.get('completion_tok_s', float('nan')):>12.0f}{s.get('total_tok_s', float('nan')):>12.0f}"
+              f"{s.get('update_mfu', float('nan')):>9.1%}{s['peak_gib']:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
