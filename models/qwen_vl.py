@@ -246,15 +246,24 @@ class QwenVLPolicy:
         attn = torch.cat([enc["attention_mask"], response_mask.to(self.device).long()], dim=1)
         out = self.model(input_ids=input_ids, attention_mask=attn, pixel_values=enc["pixel_values"],
                          image_grid_thw=enc["image_grid_thw"], logits_to_keep=resp.shape[1] + 1)
-        logits = out.logits[:, :-1].float() / max(temperature, 1e-6)
-        if self.suppressed:
-            logits[..., self.suppressed] = float("-inf")
-        logp_all = torch.log_softmax(logits, dim=-1)
-        logp = logp_all.gather(-1, resp.unsqueeze(-1)).squeeze(-1)
+        # Row by row, in the model's dtype (as TRL does): a float32 (B, T, vocab) tensor would be
+        # ~10 GB at batch 64 for a 150k vocabulary. Entropy is a metric: computed without a graph.
+        logits = out.logits[:, :-1]
+        logps, ents = [], []
+        for i in range(logits.shape[0]):
+            row = logits[i] / max(temperature, 1e-6)
+            if self.suppressed:
+                row[:, self.suppressed] = float("-inf")
+            row_logp = torch.log_softmax(row, dim=-1)
+            logps.append(row_logp.gather(-1, resp[i].unsqueeze(-1)).squeeze(-1).float())
+            if with_entropy:
+                with torch.no_grad():
+                    lp = torch.log_softmax(row.detach().float(), dim=-1)
+                    ents.append(-(lp.exp() * lp.masked_fill(torch.isinf(lp), 0.0)).sum(-1))
+        logp = torch.stack(logps)
         if not with_entropy:
             return logp
-        entropy = -(logp_all.exp() * logp_all.masked_fill(torch.isinf(logp_all), 0.0)).sum(-1)
-        return logp, entropy
+        return logp, torch.stack(ents)
 
     def trainable_parameters(self):
         return [p for p in self.model.parameters() if p.requires_grad]
