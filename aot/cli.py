@@ -92,6 +92,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--box-format", choices=["xyxy", "xywh"], default="xyxy")
     p.add_argument("--preset", default="synthetic", help="config preset (import reads source.shard_size, source.max_image_pixels)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p = sub.add_parser("train-defender", help="train the defender (SFT warm-up or DAPO) on a dataset version")
+    _common(p)
+    p.add_argument("--data", required=True, help="dataset version (source, filter or AOT-SFT export)")
+    p.add_argument("--init", help="defender version to start from (default: defender.model, e.g. tiny random init)")
+    p.add_argument("--mode", choices=["sft", "dapo"], default="sft")
+    p = sub.add_parser("eval-defender", help="accuracy of a defender version on a dataset version")
+    _common(p)
+    p.add_argument("--checkpoint", required=True, help="defender version")
+    p.add_argument("--data", required=True, help="dataset version")
     p = sub.add_parser("config", help="print the resolved configuration")
     p.add_argument("--preset", default="synthetic")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -233,6 +242,58 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_defender(args) -> int:
+    from stages.config import load_config
+    from storage import ShardStore
+
+    overrides = _dotted(args.overrides, "--set")
+    cfg = load_config(args.preset, _nested(overrides))
+    opts = storage_options(args)
+    store = ShardStore(args.root, opts)
+    t0 = time.perf_counter()
+    if args.command == "train-defender":
+        if args.no_prefect:
+            from training.stage import train_defender_version
+
+            bar = _StepPrinter(args.no_progress)
+            m, _ = train_defender_version(store, cfg, args.data, args.init, args.mode, on_step=bar)
+            out = {"version": m.version, "final": m.extra.get("final", {})}
+        else:
+            _prefect_env(args)
+            from flows.defender import train_defender
+
+            out = train_defender(data_version=args.data, init_version=args.init, mode=args.mode, root=args.root,
+                                 preset=args.preset, overrides=overrides, storage_options=opts)
+        final = {k: round(v, 4) for k, v in out.get("final", {}).items() if k in ("loss", "reward", "accuracy")}
+        print(f"defender version: {out['version']}  (last step: {final})")
+        print(f"evaluate it: aot eval-defender --checkpoint {out['version']} --data VERSION --root {args.root}")
+    else:
+        if args.no_prefect:
+            from training.stage import evaluate_defender_version
+
+            out = evaluate_defender_version(store, cfg, args.checkpoint, args.data).extra["summary"]
+        else:
+            _prefect_env(args)
+            from flows.defender import evaluate_defender
+
+            out = evaluate_defender(checkpoint_version=args.checkpoint, data_version=args.data, root=args.root,
+                                    preset=args.preset, overrides=overrides, storage_options=opts)
+        for k, v in out.items():
+            print(f"{k:<22}{v}")
+    print(f"wall time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+class _StepPrinter:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, row: dict) -> None:
+        if not self.quiet and (row["step"] % 10 == 0 or row["step"] == 1):
+            shown = {k: round(v, 3) for k, v in row.items() if k in ("loss", "reward", "accuracy", "kept_group_fraction")}
+            print(f"step {row['step']}: {shown}", file=sys.stderr)
+
+
 def cmd_config(args) -> int:
     import yaml
 
@@ -255,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "stage":
             return cmd_run(args, stage=args.name)
-        return {"ls": cmd_ls, "show": cmd_show, "gc": cmd_gc, "import": cmd_import, "config": cmd_config}[args.command](args)
+        return {"ls": cmd_ls, "show": cmd_show, "gc": cmd_gc, "import": cmd_import, "config": cmd_config,
+                "train-defender": cmd_defender, "eval-defender": cmd_defender}[args.command](args)
     except known as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -29,6 +29,26 @@ def _baseline(**kw):
     return PerceptionBaselineDefender(**kw)
 
 
+def _defender_version(version: str, root: str, storage_options: dict | None = None):
+    """A defender trained by the pipeline (a ``defender`` version under ``root``)."""
+    from storage import ShardStore
+    from training.stage import load_defender
+
+    return load_defender(ShardStore(root, storage_options), version)
+
+
+def _qwen_vl(**kw):
+    from models.qwen_vl import load_policy
+
+    return load_policy({"backend": "qwen-vl", **kw})
+
+
+def _tiny_defender(**kw):
+    from models.qwen_vl import load_policy
+
+    return load_policy({"backend": "tiny", **kw})
+
+
 def _open_clip(**kw):
     from models.clip import OpenClipScorer
 
@@ -46,7 +66,8 @@ BACKENDS: dict[str, dict[str, Callable[..., Any]]] = {
     "clip": {"tiny": _tiny_clip, "open_clip": _open_clip},
     "detector": {"synthetic": _synthetic("SceneDetector")},
     "segmenter": {"synthetic": _synthetic("SceneSegmenter")},
-    "defender": {"perception-baseline": _baseline},
+    "defender": {"perception-baseline": _baseline, "version": _defender_version, "qwen-vl": _qwen_vl,
+                 "tiny": _tiny_defender},
 }
 
 

@@ -1,6 +1,4 @@
-"""RL algorithm cores as plain PyTorch functions (they import only torch and model interfaces)."""
+"""RL algorithm cores as plain PyTorch functions (they import only torch and model interfaces).
 
-from rl.dapo import DapoConfig, DynamicSamplingError, dapo_loss, fill_batch, group_advantages, keep_groups, overlong_penalty
-
-__all__ = ["DapoConfig", "DynamicSamplingError", "dapo_loss", "fill_batch", "group_advantages", "keep_groups",
-           "overlong_penalty"]
+``rl.config`` holds the typed configs (no torch); ``rl.dapo`` the DAPO functions.
+"""

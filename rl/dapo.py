@@ -12,50 +12,11 @@ loss). No KL term and no reference model by default. METHOD.md, "DAPO", is the s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class DapoConfig:
-    group_size: int = _f(5, "G: responses sampled per prompt. AOT uses 5 (METHOD.md, 'AOT values').")
-    eps_low: float = _f(0.2, "Lower clip of the ratio, 1 - eps_low. DAPO paper, clip-higher (0.2).")
-    eps_high: float = _f(0.28, "Upper clip of the ratio, 1 + eps_high. DAPO paper, clip-higher (0.28).")
-    dual_clip: float | None = _f(3.0, "C: for A < 0 the objective is floored at C * A (Ye et al. 2020, "
-                                      "dual-clip PPO); 3 is AOT's framework default. None disables it.")
-    kl_beta: float = _f(0.0, "Weight of a k3 KL penalty to a reference policy. 0 in DAPO and AOT: no "
-                             "reference model is kept.")
-    adv_eps: float = _f(1e-6, "Added to the group's reward std before dividing (METHOD.md).")
-    dynamic_sampling: bool = _f(True, "Drop groups that are all right or all wrong and draw more prompts "
-                                      "until the batch is full (DAPO paper, section 3.2).")
-    keep_low: float = _f(0.01, "A group is kept only if its mean accuracy is above this (METHOD.md).")
-    keep_high: float = _f(0.99, "...and below this (METHOD.md).")
-    max_draw_factor: int = _f(4, "Dynamic sampling gives up after drawing this many batches of prompts "
-                                 "for one training batch (ours; the failure 'no sample kept after "
-                                 "filtering' is a known DAPO pitfall).")
-    overlong_penalty: bool = _f(False, "Soft overlong punishment (DAPO paper, eq. 13). Off in AOT.")
-    overlong_cache: int = _f(512, "L_cache: the penalty ramps from 0 to -1 over the last L_cache tokens "
-                                  "before max_new_tokens (DAPO paper uses 4096 of 20480).")
-    overlong_factor: float = _f(1.0, "Scale of the overlong penalty.")
-    mask_truncated: bool = _f(True, "Leave responses cut at max_new_tokens out of the loss (DAPO paper, "
-                                    "overlong filtering; TRL's mask_truncated_completions).")
-    epochs_per_batch: int = _f(1, "Policy updates per sampled batch (one epoch: on-policy, as in AOT).")
-
-    def validate(self) -> "DapoConfig":
-        if self.group_size < 2:
-            raise ValueError("dapo.group_size must be >= 2: advantages are relative within a group")
-        if not (0 < self.eps_low < 1 and self.eps_high > 0):
-            raise ValueError("dapo.eps_low must be in (0, 1) and eps_high > 0")
-        if self.dual_clip is not None and self.dual_clip <= 1:
-            raise ValueError("dapo.dual_clip must be > 1 (or null)")
-        if not (0 <= self.keep_low < self.keep_high <= 1):
-            raise ValueError("dapo.keep_low/keep_high must satisfy 0 <= low < high <= 1")
-        return self
+from rl.config import DapoConfig
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:

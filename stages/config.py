@@ -81,6 +81,31 @@ class ExportConfig:
     name: str = _f("aot-sft", "Dataset name in the dataset card.")
 
 
+def _tiny_warmup():
+    from training.config import DefenderTrainConfig
+
+    return DefenderTrainConfig(mode="sft", steps=100, batch_prompts=32, lr=1e-3)
+
+
+def _tiny_rl():
+    from rl.config import DapoConfig
+    from training.config import DefenderTrainConfig
+
+    return DefenderTrainConfig(mode="dapo", steps=100, batch_prompts=16, micro_batch=80, lr=1e-3, max_new_tokens=3,
+                               dapo=DapoConfig(max_draw_factor=24))
+
+
+@dataclass
+class DefenderConfig:
+    model: dict = _f({"backend": "tiny", "seed": 0, "min_pixels": 4096, "max_pixels": 16384},
+                     "The defender to start from: {backend: tiny, seed, min_pixels, max_pixels} (random init, "
+                     "tiny Qwen2.5-VL) or {backend: qwen-vl, model: ID_OR_PATH, dtype, device}.")
+    images: str = _f("both", "Which images of an AOT-SFT version to train and evaluate on: clean, adversarial or both.")
+    max_examples: int = _f(0, "Use at most this many rows of the dataset version (0: all).")
+    warmup: Any = field(default_factory=_tiny_warmup, metadata={"help": "Supervised warm-up (training/config.py)."})
+    rl: Any = field(default_factory=_tiny_rl, metadata={"help": "DAPO stage (training/config.py); AOT: lr 1e-6, G 5."})
+
+
 DEFAULT_MODELS = {
     "outpainter": "synthetic",
     "inpainter": "synthetic",
@@ -100,6 +125,7 @@ class PipelineConfig:
     filter: QualityConfig = field(default_factory=QualityConfig)
     stage2: ImplantConfig = field(default_factory=ImplantConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    defender: DefenderConfig = field(default_factory=DefenderConfig)
     models: dict = field(default_factory=lambda: dict(DEFAULT_MODELS), metadata={"help": "Backend of each model role."})
 
     def to_dict(self) -> dict:
@@ -133,6 +159,16 @@ class PipelineConfig:
         _check(0 < i.box_min_frac < i.box_max_frac <= 1, "stage2.box_min_frac/box_max_frac", "need 0 < min < max <= 1")
         _check(i.effectiveness_tries >= 1, "stage2.effectiveness_tries", "must be >= 1")
         _check(0 <= i.target_ssim_min <= 1, "stage2.target_ssim_min", "must be within 0..1")
+        _check(self.defender.images in ("clean", "adversarial", "both"), "defender.images",
+               "must be clean, adversarial or both")
+        for name in ("warmup", "rl"):
+            t = getattr(self.defender, name)
+            _check(t.mode in ("sft", "dapo") and t.steps >= 0 and t.batch_prompts >= 1 and t.lr > 0,
+                   f"defender.{name}", "needs mode sft|dapo, steps >= 0, batch_prompts >= 1, lr > 0")
+            try:
+                t.dapo.validate()
+            except ValueError as exc:
+                raise ConfigError(f"config defender.{name}.{exc}") from None
         for role, spec in self.models.items():
             try:
                 normalize_spec(role, spec)

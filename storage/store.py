@@ -106,12 +106,14 @@ class Manifest:
     reasons: dict[str, int]
     schema: dict[str, str]
     extra: dict = field(default_factory=dict)
+    files: list[PartRef] = field(default_factory=list)  # other files of the version (checkpoints)
     uri: str = ""  # full URL of the version folder (filled in when read)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["parts"] = [p.to_dict() for p in self.parts]
         d["rejects"] = [p.to_dict() for p in self.rejects]
+        d["files"] = [p.to_dict() for p in self.files]
         d.pop("uri")
         return d
 
@@ -133,6 +135,7 @@ class Manifest:
             reasons={k: int(v) for k, v in d["reasons"].items()},
             schema=dict(d["schema"]),
             extra=dict(d.get("extra", {})),
+            files=[PartRef.from_dict(p) for p in d.get("files", [])],
             uri=uri,
         )
 
@@ -290,6 +293,7 @@ class ShardStore:
         code_version: str,
         extra: dict | None = None,
         readme: str | None = None,
+        files: list[PartRef] | None = None,
     ) -> Manifest:
         """Make a version visible by writing its manifest (last)."""
         records = sorted(records, key=lambda r: r.index)
@@ -328,12 +332,59 @@ class ShardStore:
             reasons=dict(sorted(reasons.items())),
             schema=schema,
             extra=dict(extra or {}),
+            files=list(files or []),
             uri=self.url(vpath),
         )
         if readme is not None:
             self._write_bytes(posixpath.join(vpath, README), readme.encode())
         self._write_bytes(posixpath.join(vpath, MANIFEST), json.dumps(manifest.to_dict(), indent=1).encode())
         return manifest
+
+    def put_folder(self, dataset: str, stage: str, version: str, local: str, prefix: str = "") -> list[PartRef]:
+        """Upload every file of a local folder into the version folder (under ``prefix``)."""
+        import os
+
+        refs = []
+        vpath = self.version_path(dataset, stage, version)
+        for dirpath, _, names in sorted(os.walk(local)):
+            for name in sorted(names):
+                full = os.path.join(dirpath, name)
+                rel = posixpath.join(prefix, os.path.relpath(full, local).replace(os.sep, "/")) if prefix else \
+                    os.path.relpath(full, local).replace(os.sep, "/")
+                with open(full, "rb") as f:
+                    data = f.read()
+                self._write_bytes(posixpath.join(vpath, rel), data)
+                refs.append(PartRef(rel, 0, sha256_bytes(data)))
+        return refs
+
+    def get_folder(self, dataset: str, stage: str, version: str, prefix: str, local: str) -> bool:
+        """Download ``prefix`` of a version folder (committed or not) into a local folder."""
+        import os
+
+        src = posixpath.join(self.version_path(dataset, stage, version), prefix)
+        if not self.fs.exists(src):
+            return False
+        for path in self.fs.find(src):
+            rel = posixpath.relpath(path, src)
+            dest = os.path.join(local, *rel.split("/"))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with open(dest, "wb") as f:
+                f.write(self.fs.cat_file(path))
+        return True
+
+    def fetch_files(self, manifest: Manifest, local: str) -> str:
+        """Download a committed version's files (verified against their sha256) into a local folder."""
+        import os
+
+        for ref in manifest.files:
+            raw = self.fs.cat_file(self.part_path(manifest, ref))
+            if sha256_bytes(raw) != ref.sha256:
+                raise StorageError(f"file {ref.path} of {manifest.version} does not match its sha256")
+            dest = os.path.join(local, *ref.path.split("/"))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with open(dest, "wb") as f:
+                f.write(raw)
+        return local
 
     # --------------------------------------------------------------- reading
     def manifest_at(self, dataset: str, stage: str, version: str) -> Manifest | None:
@@ -414,7 +465,8 @@ class ShardStore:
                     self.fs.rm(vpath, recursive=True)
                 continue
             manifest = Manifest.from_dict(json.loads(self.fs.cat_file(mpath)))
-            keep = {MANIFEST, README} | {p.path for p in manifest.parts} | {p.path for p in manifest.rejects}
+            keep = ({MANIFEST, README} | {p.path for p in manifest.parts} | {p.path for p in manifest.rejects}
+                    | {p.path for p in manifest.files})
             for fpath in files:
                 relf = posixpath.relpath(fpath, vpath)
                 if relf in keep or relf.startswith(SHARDS_DIR + "/") and ".tmp-" not in relf:

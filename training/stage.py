@@ -1,0 +1,196 @@
+"""The defender as a stage of the DAG: train on a dataset version, evaluate on one, load one.
+
+A defender version lives at ``ROOT/<dataset>/defender/<version>/``: the checkpoint (model
+safetensors, processor, trainer state), ``part-00000.parquet`` (the metrics, one row per step),
+``metrics.png`` and a manifest whose parents are the dataset version and the starting
+checkpoint (if any). Its id hashes the training config, the model spec, the code version and
+the parents. While training, checkpoints go to ``_work/latest`` in the same folder; a rerun after
+a crash resumes from there, and the manifest (written last) makes the version visible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+
+from models.mcq import format_prompt
+from stages.config import PipelineConfig
+from stages.version import code_version
+from storage import Manifest, ShardStore, content_hash, decode_image
+
+CACHE = Path(os.environ.get("AOT_CACHE", Path.home() / ".cache" / "aot")) / "checkpoints"
+WORK = "_work/latest"
+
+
+def examples_from_version(store: ShardStore, manifest: Manifest, images: str = "both", max_examples: int = 0):
+    """Training/evaluation examples of a dataset version: (image, MCQ prompt, answer letter).
+
+    AOT-SFT versions give their clean and/or adversarial image per row (``images``); every
+    other stage's rows give their ``image``.
+    """
+    from training.defender import Example
+
+    df = store.read(manifest)
+    if max_examples:
+        df = df.head(max_examples)
+    if "clean_image" in df.columns:
+        cols = {"clean": ["clean_image"], "adversarial": ["adversarial_image"], "both": ["clean_image", "adversarial_image"]}[images]
+    else:
+        cols = ["image"]
+    out = []
+    for row in df.iter_rows(named=True):
+        prompt = format_prompt(row["question"], row["options"])
+        for col in cols:
+            kind = col.removesuffix("_image") if col != "image" else "clean"
+            out.append(Example(f"{row['id']}:{kind}", decode_image(row[col]), prompt, row["answer"], len(row["options"])))
+    return out
+
+
+def defender_version_id(cfg: PipelineConfig, mode: str, parents: list[str]) -> dict:
+    d = cfg.defender
+    train = d.warmup if mode == "sft" else d.rl
+    vcfg = {"defender": {"model": d.model, "images": d.images, "max_examples": d.max_examples, "mode": mode,
+                         "train": dataclasses.asdict(train)}}
+    return {"config": vcfg, "version": content_hash({"stage": "defender", "config": vcfg, "code": code_version(),
+                                                     "parents": parents})}
+
+
+def load_defender(store: ShardStore, version: str):
+    """A trained defender version as a policy (its files cached locally by version id)."""
+    from models.qwen_vl import QwenVLPolicy
+
+    m = store.manifest(version)
+    if m.stage != "defender":
+        raise ValueError(f"{version} is a {m.stage} version, not a defender checkpoint")
+    local = CACHE / version
+    if not (local / "config.json").exists():
+        tmp = Path(tempfile.mkdtemp(dir=CACHE.parent if CACHE.parent.exists() else None))
+        store.fetch_files(m, str(tmp))
+        local.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, local) if not local.exists() else None
+    return QwenVLPolicy.from_pretrained(str(local))
+
+
+def _initial_policy(store: ShardStore, cfg: PipelineConfig, init_version: str | None):
+    from models.qwen_vl import load_policy
+
+    return load_defender(store, init_version) if init_version else load_policy(cfg.defender.model)
+
+
+def train_defender_version(store: ShardStore, cfg: PipelineConfig, data_version: str, init_version: str | None = None,
+                           mode: str = "sft", on_step: Callable[[dict], None] | None = None) -> tuple[Manifest, bool]:
+    """Train (or find) the defender version for these inputs. Returns (manifest, trained_now)."""
+    from training.defender import DefenderTrainer
+
+    data = store.manifest(data_version)
+    parents = [data.version] + ([init_version] if init_version else [])
+    ident = defender_version_id(cfg, mode, parents)
+    version = ident["version"]
+    done = store.manifest_at(data.dataset, "defender", version)
+    if done is not None:
+        return done, False
+    train_cfg = dataclasses.replace(cfg.defender.warmup if mode == "sft" else cfg.defender.rl, mode=mode)
+    examples = examples_from_version(store, data, cfg.defender.images, cfg.defender.max_examples)
+    policy = _initial_policy(store, cfg, init_version)
+    with tempfile.TemporaryDirectory() as tmp:
+        resume = None
+        if store.get_folder(data.dataset, "defender", version, WORK, os.path.join(tmp, "resume")):
+            from models.qwen_vl import QwenVLPolicy
+
+            resume = os.path.join(tmp, "resume")
+            policy = QwenVLPolicy.from_pretrained(resume)
+        trainer = DefenderTrainer(policy, examples, train_cfg, resume_from=resume)
+        every = train_cfg.checkpoint_every
+
+        def step_hook(row: dict) -> None:
+            if on_step:
+                on_step(row)
+            if every and trainer.step % every == 0 and trainer.step < train_cfg.steps:
+                ck = trainer.save(os.path.join(tmp, f"ck-{trainer.step}"))
+                store.put_folder(data.dataset, "defender", version, str(ck), prefix=WORK)
+
+        trainer.train(on_step=step_hook)
+        final = trainer.save(os.path.join(tmp, "final"))
+        metrics = pl.DataFrame(trainer.metrics) if trainer.metrics else pl.DataFrame({"step": []})
+        _plot(trainer.metrics, os.path.join(final, "metrics.png"), mode)
+        files = store.put_folder(data.dataset, "defender", version, str(final))
+        rec = store.write_shard(data.dataset, "defender", version, 0, content_hash(parents), len(examples), metrics,
+                                pl.DataFrame(schema={"id": pl.String, "reason": pl.String}))
+        last = trainer.metrics[-1] if trainer.metrics else {}
+        m = store.commit(data.dataset, "defender", version, [rec], config=ident["config"], parents=parents,
+                         code_version=code_version(), files=files,
+                         extra={"mode": mode, "steps": trainer.step, "examples": len(examples),
+                                "final": {k: v for k, v in last.items() if isinstance(v, (int, float))}})
+    return m, True
+
+
+def _plot(rows: list[dict], path: str, mode: str) -> None:
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["loss"] if mode == "sft" else ["reward", "accuracy", "kept_group_fraction", "entropy"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False)
+    steps = [r["step"] for r in rows]
+    for ax, k in zip(axes[0], keys):
+        ax.plot(steps, [r.get(k, float("nan")) for r in rows])
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def evaluate_defender_version(store: ShardStore, cfg: PipelineConfig, checkpoint_version: str, data_version: str) -> Manifest:
+    """Greedy answers of a defender on a dataset version, per item, as a versioned table.
+
+    The summary (accuracy on clean and on adversarial images separately, strict format,
+    unparsed) is in the manifest's ``extra``.
+    """
+    from models.mcq import extract_choice
+
+    data = store.manifest(data_version)
+    ident = {"stage": "evaluation", "config": {"images": cfg.defender.images, "max_examples": cfg.defender.max_examples},
+             "code": code_version(), "parents": [checkpoint_version, data_version]}
+    version = content_hash(ident)
+    done = store.manifest_at(data.dataset, "evaluation", version)
+    if done is not None:
+        return done
+    policy = load_defender(store, checkpoint_version)
+    examples = examples_from_version(store, data, cfg.defender.images, cfg.defender.max_examples)
+    rows = []
+    for i in range(0, len(examples), 64):
+        chunk = examples[i:i + 64]
+        texts = policy.generate([e.image for e in chunk], [e.prompt for e in chunk], temperature=0.0)
+        for e, t in zip(chunk, texts):
+            ext = extract_choice(t, e.num_options)
+            rows.append({"id": e.id.rsplit(":", 1)[0], "image_kind": e.id.rsplit(":", 1)[1], "answer": e.answer,
+                         "response": t, "prediction": ext.letter, "correct": ext.letter == e.answer,
+                         "strict_format": ext.strict})
+    df = pl.DataFrame(rows, schema={"id": pl.String, "image_kind": pl.String, "answer": pl.String, "response": pl.String,
+                                    "prediction": pl.String, "correct": pl.Boolean, "strict_format": pl.Boolean})
+    summary = {"n": df.height}
+    for kind in ("clean", "adversarial"):
+        sub = df.filter(pl.col("image_kind") == kind)
+        if sub.height:
+            summary[f"{kind}_accuracy"] = float(sub["correct"].mean())
+            summary[f"{kind}_n"] = sub.height
+    summary["strict_format"] = float(df["strict_format"].mean()) if df.height else 0.0
+    summary["unparsed"] = float(df["prediction"].is_null().mean()) if df.height else 0.0
+    rec = store.write_shard(data.dataset, "evaluation", version, 0, content_hash(ident["parents"]), df.height, df,
+                            pl.DataFrame(schema={"id": pl.String, "reason": pl.String}))
+    return store.commit(data.dataset, "evaluation", version, [rec], config=ident["config"], parents=ident["parents"],
+                        code_version=code_version(), extra={"summary": summary})
+
+
+def summary_json(m: Manifest) -> str:
+    return json.dumps(m.extra.get("summary", m.extra), sort_keys=True)
