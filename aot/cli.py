@@ -17,26 +17,15 @@ DEFAULT_ROOT = os.environ.get("AOT_ROOT", "./aot-data")
 
 
 def _dotted(pairs: list[str], what: str) -> dict:
-    import yaml
+    from stages.config import dotted_pairs
 
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise SystemExit(f"error: {what} {pair!r} is not KEY=VALUE")
-        k, v = pair.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v) if v.strip() else ""
-    return out
+    return dotted_pairs(pairs, what)
 
 
 def _nested(dotted: dict) -> dict:
-    out: dict = {}
-    for key, value in dotted.items():
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return out
+    from stages.config import nest_dotted
+
+    return nest_dotted(dotted)
 
 
 def storage_options(args) -> dict:

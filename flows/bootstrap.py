@@ -18,7 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
 from stages import STAGES
-from stages.config import PipelineConfig, load_config
+from stages.config import PipelineConfig, load_config, nest_dotted
 from stages.runner import BOOTSTRAP, commit, plan, summarize
 from storage import ShardRecord, ShardStore
 from tasks.artifacts import publish_stage_artifacts
@@ -31,14 +31,7 @@ WORKERS = int(os.environ.get("AOT_WORKERS", "2"))
 def resolve_config(preset: str, overrides: dict | list | None) -> PipelineConfig:
     """Preset + overrides given as ``{"stage1.canvas_scale": 1.75}`` (UI form) or ["k=v", ...] (CLI)."""
     if isinstance(overrides, dict):
-        nested: dict = {}
-        for key, value in overrides.items():
-            node = nested
-            parts = key.split(".")
-            for part in parts[:-1]:
-                node = node.setdefault(part, {})
-            node[parts[-1]] = value
-        overrides = nested
+        overrides = nest_dotted(overrides)
     return load_config(preset, overrides or None)
 
 

@@ -2,37 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
+from config_fields import documented
 
 
 @dataclass
 class DapoConfig:
-    group_size: int = _f(5, "G: responses sampled per prompt. AOT uses 5 (METHOD.md, 'AOT values').")
-    eps_low: float = _f(0.2, "Lower clip of the ratio, 1 - eps_low. DAPO paper, clip-higher (0.2).")
-    eps_high: float = _f(0.28, "Upper clip of the ratio, 1 + eps_high. DAPO paper, clip-higher (0.28).")
-    dual_clip: float | None = _f(3.0, "C: for A < 0 the objective is floored at C * A (Ye et al. 2020, "
+    group_size: int = documented(5, "G: responses sampled per prompt. AOT uses 5 (METHOD.md, 'AOT values').")
+    eps_low: float = documented(0.2, "Lower clip of the ratio, 1 - eps_low. DAPO paper, clip-higher (0.2).")
+    eps_high: float = documented(0.28, "Upper clip of the ratio, 1 + eps_high. DAPO paper, clip-higher (0.28).")
+    dual_clip: float | None = documented(3.0, "C: for A < 0 the objective is floored at C * A (Ye et al. 2020, "
                                       "dual-clip PPO); 3 is AOT's framework default. None disables it.")
-    kl_beta: float = _f(0.0, "Weight of a k3 KL penalty to a reference policy. 0 in DAPO and AOT: no "
+    kl_beta: float = documented(0.0, "Weight of a k3 KL penalty to a reference policy. 0 in DAPO and AOT: no "
                              "reference model is kept.")
-    adv_eps: float = _f(1e-6, "Added to the group's reward std before dividing (METHOD.md).")
-    dynamic_sampling: bool = _f(True, "Drop groups that are all right or all wrong and draw more prompts "
+    adv_eps: float = documented(1e-6, "Added to the group's reward std before dividing (METHOD.md).")
+    dynamic_sampling: bool = documented(True, "Drop groups that are all right or all wrong and draw more prompts "
                                       "until the batch is full (DAPO paper, section 3.2).")
-    keep_low: float = _f(0.01, "A group is kept only if its mean accuracy is above this (METHOD.md).")
-    keep_high: float = _f(0.99, "...and below this (METHOD.md).")
-    max_draw_factor: int = _f(4, "Dynamic sampling gives up after drawing this many batches of prompts "
+    keep_low: float = documented(0.01, "A group is kept only if its mean accuracy is above this (METHOD.md).")
+    keep_high: float = documented(0.99, "...and below this (METHOD.md).")
+    max_draw_factor: int = documented(4, "Dynamic sampling gives up after drawing this many batches of prompts "
                                  "for one training batch (ours; the failure 'no sample kept after "
                                  "filtering' is a known DAPO pitfall).")
-    overlong_penalty: bool = _f(False, "Soft overlong punishment (DAPO paper, eq. 13). Off in AOT.")
-    overlong_cache: int = _f(512, "L_cache: the penalty ramps from 0 to -1 over the last L_cache tokens "
+    overlong_penalty: bool = documented(False, "Soft overlong punishment (DAPO paper, eq. 13). Off in AOT.")
+    overlong_cache: int = documented(512, "L_cache: the penalty ramps from 0 to -1 over the last L_cache tokens "
                                   "before max_new_tokens (DAPO paper uses 4096 of 20480).")
-    overlong_factor: float = _f(1.0, "Scale of the overlong penalty.")
-    mask_truncated: bool = _f(True, "Leave responses cut at max_new_tokens out of the loss (DAPO paper, "
+    overlong_factor: float = documented(1.0, "Scale of the overlong penalty.")
+    mask_truncated: bool = documented(True, "Leave responses cut at max_new_tokens out of the loss (DAPO paper, "
                                     "overlong filtering; TRL's mask_truncated_completions).")
-    epochs_per_batch: int = _f(1, "Policy updates per sampled batch (one epoch: on-policy, as in AOT).")
+    epochs_per_batch: int = documented(1, "Policy updates per sampled batch (one epoch: on-policy, as in AOT).")
 
     def validate(self) -> "DapoConfig":
         if self.group_size < 2:

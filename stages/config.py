@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from config_fields import documented
+
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
@@ -22,63 +24,57 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key and the fix."""
 
 
-def _f(default: Any, help: str) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: typing.cast(Any, type(default)(default)), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class SourceConfig:
-    num_scenes: int = _f(64, "Synthetic source scenes to generate (issue 2: at least 64 by default).")
-    shard_size: int = _f(16, "Rows per shard: one Prefect task each (DESIGN.md: a few hundred or fewer).")
-    seed: int = _f(0, "Seed of the synthetic world; scene i is a pure function of (seed, i).")
-    resolution: int = _f(128, "Source image side in pixels (default; small so the default run fits a laptop).")
-    question_types: list = _f(["relative_position", "colour", "count", "existence"],
+    num_scenes: int = documented(64, "Synthetic source scenes to generate (issue 2: at least 64 by default).")
+    shard_size: int = documented(16, "Rows per shard: one Prefect task each (DESIGN.md: a few hundred or fewer).")
+    seed: int = documented(0, "Seed of the synthetic world; scene i is a pure function of (seed, i).")
+    resolution: int = documented(128, "Source image side in pixels (default; small so the default run fits a laptop).")
+    question_types: list = documented(["relative_position", "colour", "count", "existence"],
                               "Question types to draw (METHOD.md: V*-style spatial relations first).")
-    question_weights: list = _f([0.7, 0.1, 0.1, 0.1], "Probability of each question type (default).")
-    objects_min: int = _f(3, "Fewest objects fully inside a source window (default).")
-    objects_max: int = _f(5, "Most objects fully inside a source window (default).")
-    outside_density: float = _f(0.35, "Object density outside the source window, relative to inside; "
+    question_weights: list = documented([0.7, 0.1, 0.1, 0.1], "Probability of each question type (default).")
+    objects_min: int = documented(3, "Fewest objects fully inside a source window (default).")
+    objects_max: int = documented(5, "Most objects fully inside a source window (default).")
+    outside_density: float = documented(0.35, "Object density outside the source window, relative to inside; "
                                       "what outpainting reveals (default).")
-    max_image_pixels: int = _f(40_000_000, "Decompression-bomb guard for imported images (pixels).")
+    max_image_pixels: int = documented(40_000_000, "Decompression-bomb guard for imported images (pixels).")
 
 
 @dataclass
 class ExtendConfig:
-    canvas_scale: Any = _f([1.5, 2.0], "Canvas side / source side: a number, or [min, max] drawn per "
+    canvas_scale: Any = documented([1.5, 2.0], "Canvas side / source side: a number, or [min, max] drawn per "
                                        "scene (METHOD.md: 1.5-2x per side).")
-    max_pixels: int = _f(4_000_000, "Extended images above this are downscaled (METHOD.md: up to about 4 MP).")
-    seed: int = _f(0, "Seed for per-scene canvas scales.")
+    max_pixels: int = documented(4_000_000, "Extended images above this are downscaled (METHOD.md: up to about 4 MP).")
+    seed: int = documented(0, "Seed for per-scene canvas scales.")
 
 
 @dataclass
 class QualityConfig:
-    clip_threshold: Any = _f(None, "Reject below this CLIP image-text cosine; null = record only "
+    clip_threshold: Any = documented(None, "Reject below this CLIP image-text cosine; null = record only "
                                    "(the synthetic preset's CLIP is a tiny random model).")
-    composition_ssim_min: float = _f(0.98, "Original region SSIM needed by the composition check (default).")
+    composition_ssim_min: float = documented(0.98, "Original region SSIM needed by the composition check (default).")
 
 
 @dataclass
 class ImplantConfig:
-    num_proposals: int = _f(8, "Distractor proposals K per image (DESIGN.md Stage 2; K is ours).")
-    box_margin: float = _f(4.0, "Pixels of free margin required around every target box (box check).")
-    box_min_frac: float = _f(0.04, "Smallest allowed box side, as a fraction of the image side (box check).")
-    box_max_frac: float = _f(0.35, "Largest allowed box side, as a fraction of the image side (box check).")
-    detector_iou_min: float = _f(0.5, "IoU between a detection of the description and the box needed to "
+    num_proposals: int = documented(8, "Distractor proposals K per image (DESIGN.md Stage 2; K is ours).")
+    box_margin: float = documented(4.0, "Pixels of free margin required around every target box (box check).")
+    box_min_frac: float = documented(0.04, "Smallest allowed box side, as a fraction of the image side (box check).")
+    box_max_frac: float = documented(0.35, "Largest allowed box side, as a fraction of the image side (box check).")
+    detector_iou_min: float = documented(0.5, "IoU between a detection of the description and the box needed to "
                                       "confirm the distractor is there (default).")
-    target_ssim_min: float = _f(0.95, "Localized SSIM every target box must keep (METHOD.md uses tau 0.9 "
+    target_ssim_min: float = documented(0.95, "Localized SSIM every target box must keep (METHOD.md uses tau 0.9 "
                                       "for the attacker; implantation is stricter).")
-    effectiveness_tries: int = _f(1, "k: an edit is effective when the base defender is wrong on k of k "
+    effectiveness_tries: int = documented(1, "k: an edit is effective when the base defender is wrong on k of k "
                                      "tries (METHOD.md: k = 1 greedy by default).")
-    require_clean_correct: bool = _f(True, "Keep an edit only if the defender was right on the clean image, "
+    require_clean_correct: bool = documented(True, "Keep an edit only if the defender was right on the clean image, "
                                            "so the edit caused the failure (default).")
-    seed: int = _f(0, "Seed for proposals.")
+    seed: int = documented(0, "Seed for proposals.")
 
 
 @dataclass
 class ExportConfig:
-    name: str = _f("aot-sft", "Dataset name in the dataset card.")
+    name: str = documented("aot-sft", "Dataset name in the dataset card.")
 
 
 def _tiny_warmup():
@@ -97,11 +93,11 @@ def _tiny_rl():
 
 @dataclass
 class DefenderConfig:
-    model: dict = _f({"backend": "tiny", "seed": 0, "min_pixels": 4096, "max_pixels": 16384},
+    model: dict = documented({"backend": "tiny", "seed": 0, "min_pixels": 4096, "max_pixels": 16384},
                      "The defender to start from: {backend: tiny, seed, min_pixels, max_pixels} (random init, "
                      "tiny Qwen2.5-VL) or {backend: qwen-vl, model: ID_OR_PATH, dtype, device}.")
-    images: str = _f("both", "Which images of an AOT-SFT version to train and evaluate on: clean, adversarial or both.")
-    max_examples: int = _f(0, "Use at most this many rows of the dataset version (0: all).")
+    images: str = documented("both", "Which images of an AOT-SFT version to train and evaluate on: clean, adversarial or both.")
+    max_examples: int = documented(0, "Use at most this many rows of the dataset version (0: all).")
     warmup: Any = field(default_factory=_tiny_warmup, metadata={"help": "Supervised warm-up (training/config.py)."})
     rl: Any = field(default_factory=_tiny_rl, metadata={"help": "DAPO stage (training/config.py); AOT: lr 1e-6, G 5."})
 
@@ -119,7 +115,7 @@ DEFAULT_MODELS = {
 
 @dataclass
 class PipelineConfig:
-    dataset: str = _f("synthetic", "Dataset name: the first folder under the root.")
+    dataset: str = documented("synthetic", "Dataset name: the first folder under the root.")
     source: SourceConfig = field(default_factory=SourceConfig)
     stage1: ExtendConfig = field(default_factory=ExtendConfig)
     filter: QualityConfig = field(default_factory=QualityConfig)
@@ -253,23 +249,35 @@ def _merge(obj: Any, data: dict, prefix: str) -> None:
             setattr(obj, key, _coerce(value, hints[key], full))
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    """``["stage1.canvas_scale=1.75", "models.clip=tiny"]`` -> nested dict (values parsed as YAML)."""
+def nest_dotted(dotted: dict) -> dict:
+    """``{"stage1.canvas_scale": 1.75}`` -> ``{"stage1": {"canvas_scale": 1.75}}`` (nested keys pass through)."""
     out: dict = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"override {pair!r} is not KEY=VALUE (e.g. --set stage1.canvas_scale=1.75)")
-        key, raw = pair.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {pair!r}: value is not valid YAML ({exc})") from None
+    for key, value in dotted.items():
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return out
+
+
+def dotted_pairs(pairs: list[str], what: str = "override") -> dict:
+    """``["stage1.canvas_scale=1.75"]`` -> ``{"stage1.canvas_scale": 1.75}`` (values parsed as YAML)."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"{what} {pair!r} is not KEY=VALUE (e.g. --set stage1.canvas_scale=1.75)")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{what} {pair!r}: value is not valid YAML ({exc})") from None
+    return out
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["stage1.canvas_scale=1.75", "models.clip=tiny"]`` -> nested dict (values parsed as YAML)."""
+    return nest_dotted(dotted_pairs(pairs))
 
 
 def available_presets() -> list[str]:
