@@ -113,13 +113,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, lora=0):
+def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, lora=0, cache="dynamic"):
     from rl.dapo import DapoConfig
     from training.defender import DefenderTrainConfig, DefenderTrainer
 
     policy = QwenVLPolicy(model, proc, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     cfg = DefenderTrainConfig(mode="dapo", steps=steps + 1, batch_prompts=batch // G, micro_batch=batch, lr=1e-6,
                               max_new_tokens=completion, gradient_checkpointing=True, lora_rank=lora, lora_alpha=2 * lora,
+                              decode_cache=cache,
                               dapo=DapoConfig(group_size=G, dynamic_sampling=False, mask_truncated=False))
     tr = DefenderTrainer(policy, rows(batch // G * (steps + 1), prompt_chars), cfg)
     if device == "cuda":
@@ -210,7 +211,7 @@ def main():
     ap.add_argument("--completion", type=int, default=256)
     ap.add_argument("--prompt-chars", type=int, default=300)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--impls", default="ours,trl")
+    ap.add_argument("--impls", default="ours,trl", help="ours, ours-static (static KV cache, compiled decoding), trl")
     ap.add_argument("--lora-7b", action="store_true")
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args()
@@ -245,8 +246,10 @@ def main():
             prompt_tokens = int(enc["input_ids"].shape[1])
             patches = int(enc["image_grid_thw"].prod())
             t0 = time.perf_counter()
-            if impl == "ours":
-                r, peak = run_ours(model, proc, device, batch, a.generations, a.completion, a.steps, a.prompt_chars)
+            if impl.startswith("ours"):
+                cache = "static" if impl == "ours-static" else "dynamic"
+                r, peak = run_ours(model, proc, device, batch, a.generations, a.completion, a.steps, a.prompt_chars,
+                                   cache=cache)
             else:
                 r, peak = run_trl(model, proc, device, batch, a.generations, a.completion, a.steps, a.prompt_chars,
                                   out / "trl-tmp")

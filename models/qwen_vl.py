@@ -210,12 +210,16 @@ class QwenVLPolicy:
     # ------------------------------------------------------------ sampling
     @torch.no_grad()
     def rollout(self, images: list[Image.Image], prompts: list[str], *, temperature: float = 1.0,
-                max_new_tokens: int = 16, seed: int = 0) -> Rollout:
+                max_new_tokens: int = 16, seed: int = 0, cache: str = "dynamic") -> Rollout:
+        """Sample responses. ``cache="static"``: a preallocated KV cache, with which transformers
+        compiles the decoding step on CUDA (CUDA graphs: far less per-token launch overhead)."""
         enc = self.encode(images, prompts)
         torch.manual_seed(seed)
         sample = temperature > 0
         gen_kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
         self.model.eval()
+        if cache != "dynamic":
+            gen_kw["cache_implementation"] = cache
         out = self.model.generate(**enc, max_new_tokens=max_new_tokens, suppress_tokens=self.suppressed, **gen_kw)
         resp = out[:, enc["input_ids"].shape[1]:].cpu()
         eos = self.tokenizer.eos_token_id

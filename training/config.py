@@ -23,6 +23,8 @@ class DefenderTrainConfig:
     lora_rank: int = documented(0, "LoRA rank (peft) on the language model's attention; 0 = full fine-tuning (AOT "
                            "trains everything, vision tower included).")
     lora_alpha: int = documented(16, "LoRA alpha.")
+    decode_cache: str = documented("dynamic", "KV cache of rollouts: 'dynamic', or 'static' (preallocated; on CUDA "
+                                            "transformers then compiles the decoding step, see RESULTS.md).")
     gradient_checkpointing: bool = documented(False, "Recompute activations in the backward pass to save memory.")
     checkpoint_every: int = documented(0, "Save a checkpoint every N steps (0: only at the end).")
     dapo: DapoConfig = documented(DapoConfig(), "DAPO settings (rl/dapo.py).")

@@ -127,7 +127,8 @@ class DefenderTrainer:
         ids, masks, truncs, texts = [], [], [], []
         for k, sl in enumerate(_chunks(len(rep), cfg.micro_batch)):
             r = p.rollout([e.image for e in rep[sl]], [e.prompt for e in rep[sl]], temperature=cfg.temperature,
-                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + self.step * 1009 + draw_index * 101 + k)
+                          max_new_tokens=cfg.max_new_tokens, cache=cfg.decode_cache,
+                          seed=cfg.seed * 1_000_003 + self.step * 1009 + draw_index * 101 + k)
             ids.append(r.response_ids)
             masks.append(r.response_mask)
             truncs.append(r.truncated)
