@@ -90,6 +90,10 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--checkpoint", required=True, help="defender version")
     p.add_argument("--data", required=True, help="dataset version")
+    p = sub.add_parser("models", help="model checkpoints: `aot models check --preset full`")
+    p.add_argument("action", choices=["check"])
+    p.add_argument("--preset", default="synthetic")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p = sub.add_parser("config", help="print the resolved configuration")
     p.add_argument("--preset", default="synthetic")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -283,6 +287,22 @@ class _StepPrinter:
             print(f"step {row['step']}: {shown}", file=sys.stderr)
 
 
+def cmd_models(args) -> int:
+    from models.check import check_models
+    from stages.config import load_config
+
+    cfg = load_config(args.preset, _nested(_dotted(args.overrides, "--set")))
+    rows = check_models({**cfg.models, "defender.model": cfg.defender.model})
+    _print_table([{"role": r.role, "backend": r.backend, "checkpoint": r.checkpoint,
+                   "present": "yes" if r.present else "NO",
+                   "size GiB": f"{r.size_gib:.1f}" if r.size_gib is not None else "-"} for r in rows],
+                 ["role", "backend", "checkpoint", "present", "size GiB"])
+    missing = [r for r in rows if not r.present]
+    for r in missing:
+        print(f"\n{r.role}: {r.checkpoint} is missing. Fix: {r.fix}")
+    return 1 if missing else 0
+
+
 def cmd_config(args) -> int:
     import yaml
 
@@ -306,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stage":
             return cmd_run(args, stage=args.name)
         return {"ls": cmd_ls, "show": cmd_show, "gc": cmd_gc, "import": cmd_import, "config": cmd_config,
-                "train-defender": cmd_defender, "eval-defender": cmd_defender}[args.command](args)
+                "train-defender": cmd_defender, "eval-defender": cmd_defender, "models": cmd_models}[args.command](args)
     except known as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -49,6 +49,54 @@ def _tiny_defender(**kw):
     return load_policy({"backend": "tiny", **kw})
 
 
+def _tiny_filler(**kw):
+    from models.diffusion_fill import DiffusersFiller
+
+    return DiffusersFiller.tiny(**kw)
+
+
+def _diffusers_filler(**kw):
+    from models.diffusion_fill import DiffusersFiller
+
+    return DiffusersFiller.from_pretrained(**kw)
+
+
+def _judge(mllm_spec: dict, **kw):
+    from models.mllm_judge import MLLMJudge
+    from models.qwen_vl import load_policy
+
+    return MLLMJudge(load_policy(mllm_spec), **kw)
+
+
+def _tiny_judge(seed: int = 0, max_new_tokens: int = 16, **kw):
+    return _judge({"backend": "tiny", "seed": seed, "min_pixels": 1024, "max_pixels": 4096},
+                  max_new_tokens=max_new_tokens, **kw)
+
+
+def _mllm_judge(model: str = "Qwen/Qwen2.5-VL-7B-Instruct", dtype: str = "bfloat16", device: str = "cuda",
+                trust_remote_code: bool = False, **kw):
+    return _judge({"backend": "qwen-vl", "model": model, "dtype": dtype, "device": device,
+                   "trust_remote_code": trust_remote_code}, **kw)
+
+
+def _grounding(tiny: bool):
+    def make(**kw):
+        from models.grounding import GroundingDinoDetector
+
+        return GroundingDinoDetector.tiny(**kw) if tiny else GroundingDinoDetector.from_pretrained(**kw)
+
+    return make
+
+
+def _sam(tiny: bool):
+    def make(**kw):
+        from models.grounding import SamSegmenter
+
+        return SamSegmenter.tiny(**kw) if tiny else SamSegmenter.from_pretrained(**kw)
+
+    return make
+
+
 def _open_clip(**kw):
     from models.clip import OpenClipScorer
 
@@ -60,12 +108,12 @@ def _tiny_clip(**kw):
 
 
 BACKENDS: dict[str, dict[str, Callable[..., Any]]] = {
-    "outpainter": {"synthetic": _synthetic("SceneOutpainter")},
-    "inpainter": {"synthetic": _synthetic("SceneInpainter")},
-    "judge": {"synthetic": _synthetic("SceneJudge")},
+    "outpainter": {"synthetic": _synthetic("SceneOutpainter"), "tiny": _tiny_filler, "diffusers": _diffusers_filler},
+    "inpainter": {"synthetic": _synthetic("SceneInpainter"), "tiny": _tiny_filler, "diffusers": _diffusers_filler},
+    "judge": {"synthetic": _synthetic("SceneJudge"), "tiny": _tiny_judge, "mllm": _mllm_judge},
     "clip": {"tiny": _tiny_clip, "open_clip": _open_clip},
-    "detector": {"synthetic": _synthetic("SceneDetector")},
-    "segmenter": {"synthetic": _synthetic("SceneSegmenter")},
+    "detector": {"synthetic": _synthetic("SceneDetector"), "tiny": _grounding(True), "grounding-dino": _grounding(False)},
+    "segmenter": {"synthetic": _synthetic("SceneSegmenter"), "tiny": _sam(True), "sam": _sam(False)},
     "defender": {"perception-baseline": _baseline, "version": _defender_version, "qwen-vl": _qwen_vl,
                  "tiny": _tiny_defender},
 }

@@ -1,0 +1,135 @@
+"""The judge role through a multimodal LLM (default full: Qwen2.5-VL-7B-Instruct).
+
+Yes/no checks are asked with a ``\\boxed{Yes}`` / ``\\boxed{No}`` answer format; distractor
+proposals as a JSON list of ``{"box": [x0, y0, x1, y1], "description": "..."}``. Model output is
+never trusted: an answer that cannot be parsed is a check result with a reason (rejecting by
+default, passing when ``unparsed="pass"``, for noise models), and proposals keep only the valid
+entries of whatever JSON can be found. Nothing the model writes can raise.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+from PIL import Image
+
+from metrics import region_ssim
+from models.roles import Box, CheckResult, Context, Proposal
+
+YES_NO = "Answer with \\boxed{Yes} or \\boxed{No}."
+_BOXED = re.compile(r"\\boxed\s*[\{\(\[]\s*(yes|no)\s*[\}\)\]]", re.IGNORECASE)
+_WORD = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+FALLBACK_OBJECTS = ("red ball", "blue cup", "green book", "yellow lamp", "purple box", "orange sign")
+
+
+def parse_yes_no(text: str) -> bool | None:
+    """True/False for a clear answer; None if absent or contradictory."""
+    found = {m.lower() for m in _BOXED.findall(text)} or {m.lower() for m in _WORD.findall(text)}
+    return (found == {"yes"}) if len(found) == 1 else None
+
+
+def parse_proposals(text: str, width: int, height: int) -> tuple[list[Proposal], int]:
+    """Valid proposals found in the text, and how many entries were dropped as malformed."""
+    start, end = text.find("["), text.rfind("]")
+    if start < 0 or end <= start:
+        return [], 0
+    try:
+        data = json.loads(text[start:end + 1])
+    except json.JSONDecodeError:
+        # Partial output: take the complete {...} objects one by one.
+        data = []
+        for chunk in re.findall(r"\{[^{}]*\}", text[start:]):
+            try:
+                data.append(json.loads(chunk))
+            except json.JSONDecodeError:
+                continue
+    if not isinstance(data, list):
+        return [], 1
+    out, bad = [], 0
+    for item in data:
+        box = item.get("box") if isinstance(item, dict) else None
+        desc = item.get("description") if isinstance(item, dict) else None
+        if (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+                and isinstance(desc, str) and desc.strip()):
+            out.append(Proposal([float(v) for v in box], desc.strip()))
+        else:
+            bad += 1
+    return out, bad
+
+
+class MLLMJudge:
+    def __init__(self, mllm, composition_ssim_min: float = 0.98, unparsed: str = "reject", fallback_random: bool = False,
+                 max_new_tokens: int = 256, seed: int = 0):
+        if unparsed not in ("reject", "pass"):
+            raise ValueError("judge option unparsed must be 'reject' or 'pass'")
+        self.mllm = mllm
+        self.composition_ssim_min = composition_ssim_min
+        self.unparsed = unparsed
+        self.fallback_random = fallback_random
+        self.max_new_tokens = max_new_tokens
+        self.seed = seed
+
+    def _ask(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
+        try:
+            return self.mllm.generate(images, prompts, temperature=0.0, max_new_tokens=self.max_new_tokens)
+        except TypeError:  # an MLLM without the max_new_tokens option
+            return self.mllm.generate(images, prompts, temperature=0.0)
+
+    def _verdict(self, text: str, fail_if: bool, what: str) -> CheckResult:
+        ans = parse_yes_no(text)
+        if ans is None:
+            ok = self.unparsed == "pass"
+            return CheckResult(ok, float("nan"), "" if ok else f"judge answer to the {what} check unparseable: {text[:80]!r}")
+        if ans == fail_if:
+            return CheckResult(False, float(ans), f"judge: {what} check failed ({text[:80]!r})")
+        return CheckResult(True, float(ans))
+
+    def check_composition(self, original: Image.Image, extended: Image.Image, offset: tuple[int, int], context: Context) -> CheckResult:
+        # The original region must be intact (pixels), and the extension coherent (the model's eye).
+        x, y = int(offset[0]), int(offset[1])
+        w, h = original.size
+        region = np.asarray(extended)[y:y + h, x:x + w]
+        if region.shape != np.asarray(original).shape:
+            return CheckResult(False, 0.0, f"original does not fit the canvas at offset {offset}")
+        score = region_ssim(np.asarray(original), region)
+        if score < self.composition_ssim_min:
+            return CheckResult(False, score, f"original content changed (SSIM {score:.3f} < {self.composition_ssim_min})")
+        prompt = (f"The region [{x}, {y}, {x + w}, {y + h}] of this image is an original photo; everything around it "
+                  f"was added. Does the added part continue the original coherently? {YES_NO}")
+        res = self._verdict(self._ask([extended], [prompt])[0], fail_if=False, what="composition")
+        return CheckResult(res.passed, score, res.reason)
+
+    def check_duplication(self, image: Image.Image, target_names: list[str], original_box: Box, context: Context) -> CheckResult:
+        if not target_names:
+            return CheckResult(True, 0.0)
+        b = [round(v) for v in original_box]
+        prompts = [f"Outside the region {b} of this image, is there a {name}? {YES_NO}" for name in target_names]
+        for name, text in zip(target_names, self._ask([image] * len(prompts), prompts)):
+            res = self._verdict(text, fail_if=True, what=f"duplication ({name})")
+            if not res.passed:
+                return res
+        return CheckResult(True, 0.0)
+
+    def check_realism(self, image: Image.Image, context: Context) -> CheckResult:
+        prompt = f"Does this image show visible seams, artefacts or distorted objects? {YES_NO}"
+        return self._verdict(self._ask([image], [prompt])[0], fail_if=True, what="realism")
+
+    def propose_distractors(self, image: Image.Image, question: str, target_names: list[str], target_boxes: list[Box],
+                            k: int, seed: int, context: Context) -> list[Proposal]:
+        w, h = image.size
+        prompt = (f"This image is {w}x{h} pixels. A viewer must answer: \"{question}\". Propose {k} small objects to "
+                  f"add that would distract the viewer without changing the answer: none of them may be or look like "
+                  f"{', '.join(target_names) or 'the objects asked about'}, and none may touch these boxes: "
+                  f"{[[round(v) for v in b] for b in target_boxes]}. Reply with only a JSON list like "
+                  '[{"box": [x0, y0, x1, y1], "description": "a blue cup"}].')
+        found, _ = parse_proposals(self._ask([image], [prompt])[0], w, h)
+        if not found and self.fallback_random:
+            # Noise models (the tiny preset) write no JSON: random proposals keep the later code paths running.
+            rng = np.random.default_rng(seed)
+            for _ in range(k):
+                side = float(rng.uniform(0.08, 0.2) * min(w, h))
+                x0, y0 = float(rng.uniform(0, w - side)), float(rng.uniform(0, h - side))
+                found.append(Proposal([x0, y0, x0 + side, y0 + side], str(rng.choice(FALLBACK_OBJECTS))))
+        return found[:k]
