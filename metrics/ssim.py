@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 from PIL import Image
-from skimage.metrics import structural_similarity
 
 
 def _crop(img: Image.Image | np.ndarray, box: list[float]) -> np.ndarray:
@@ -29,6 +28,8 @@ def region_ssim(a: np.ndarray, b: np.ndarray) -> float:
     side = min(a.shape[0], a.shape[1]) if a.size else 0
     if side < 3:
         return 1.0 if np.array_equal(a, b) else 0.0
+    from skimage.metrics import structural_similarity  # imported on use: metrics/ loads without scikit-image
+
     win = min(7, side if side % 2 == 1 else side - 1)
     channel_axis = 2 if a.ndim == 3 else None
     return float(structural_similarity(a, b, win_size=win, data_range=255, channel_axis=channel_axis))
