@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.roles import Box, Context, Painted
+from models.roles import Box, Context, Painted, Painter
 
 OUTPAINT_PROMPT = "the same scene, extended naturally beyond its borders"
 
@@ -68,16 +68,18 @@ def build_tiny_flux_fill(seed: int = 0):
                             transformer=transformer)
 
 
-class DiffusersFiller:
-    """Implements both the Outpainter and the Inpainter role."""
+class DiffusersFiller(Painter):
+    """Implements both the Outpainter and the Inpainter role; batches same-size images."""
 
     def __init__(self, pipe, steps: int = 28, guidance: float = 30.0, seed: int = 0, device: str = "cpu",
-                 max_sequence_length: int = 512):
+                 max_sequence_length: int = 512, batch_size: int = 4):
         self.pipe = pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.steps, self.guidance, self.seed, self.device = steps, guidance, seed, device
         self.max_sequence_length = max_sequence_length
         self.multiple = 2 * getattr(pipe, "vae_scale_factor", 8)
+        self.batch_size = batch_size
+        self.pipeline_calls = 0
 
     @classmethod
     def tiny(cls, seed: int = 0, steps: int = 2, **kw) -> "DiffusersFiller":
@@ -95,21 +97,42 @@ class DiffusersFiller:
 
     def repaint(self, image: Image.Image, mask: np.ndarray, prompt: str) -> Image.Image:
         """Repaint ``mask`` (bool, H x W) of ``image``; pixels outside it come back unchanged."""
-        arr = np.asarray(image.convert("RGB"))
-        h, w = mask.shape
+        return self.repaint_many([image], [mask], [prompt])[0]
+
+    def repaint_many(self, images: list[Image.Image], masks: list[np.ndarray], prompts: list[str]) -> list[Image.Image]:
+        """Batched repaint: one pipeline call per group of same-size images (up to ``batch_size``)."""
+        out: list[Image.Image | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, m in enumerate(masks):
+            groups.setdefault(m.shape, []).append(i)
+        for (h, w), idx in groups.items():
+            for k in range(0, len(idx), self.batch_size):
+                chunk = idx[k:k + self.batch_size]
+                for i, img in zip(chunk, self._pipeline([images[i] for i in chunk], [masks[i] for i in chunk],
+                                                        [prompts[i] for i in chunk], h, w)):
+                    out[i] = img
+        return out
+
+    def _pipeline(self, images, masks, prompts, h, w) -> list[Image.Image]:
         m = self.multiple
         ph, pw = (-h) % m, (-w) % m
-        padded = np.pad(arr, ((0, ph), (0, pw), (0, 0)), mode="edge")
-        pmask = np.pad(mask, ((0, ph), (0, pw)), mode="constant", constant_values=True)
+        arrs = [np.asarray(im.convert("RGB")) for im in images]
+        padded = [Image.fromarray(np.pad(a, ((0, ph), (0, pw), (0, 0)), mode="edge")) for a in arrs]
+        pmasks = [Image.fromarray(np.pad(mk, ((0, ph), (0, pw)), constant_values=True).astype(np.uint8) * 255)
+                  for mk in masks]
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         kw = {} if "Fill" not in type(self.pipe).__name__ else {"max_sequence_length": self.max_sequence_length}
-        out = self.pipe(prompt=prompt, image=Image.fromarray(padded), mask_image=Image.fromarray(pmask.astype(np.uint8) * 255),
-                        height=h + ph, width=w + pw, num_inference_steps=self.steps, guidance_scale=self.guidance,
-                        generator=gen, **kw).images[0]
-        res = np.asarray(out.convert("RGB").resize((w + pw, h + ph)))[:h, :w]
-        return Image.fromarray(np.where(mask[..., None], res, arr))
+        self.pipeline_calls += 1
+        res = self.pipe(prompt=prompts, image=padded, mask_image=pmasks, height=h + ph, width=w + pw,
+                        num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gen, **kw).images
+        out = []
+        for a, mk, r in zip(arrs, masks, res):
+            r = np.asarray(r.convert("RGB").resize((w + pw, h + ph)))[:h, :w]
+            out.append(Image.fromarray(np.where(mk[..., None], r, a)))
+        return out
 
-    def outpaint(self, image: Image.Image, canvas_size: tuple[int, int], offset: tuple[int, int], context: Context) -> Painted:
+    @staticmethod
+    def _outpaint_inputs(image: Image.Image, canvas_size: tuple[int, int], offset: tuple[int, int]):
         cw, ch = canvas_size
         x, y = offset
         arr = np.asarray(image.convert("RGB"))
@@ -117,12 +140,28 @@ class DiffusersFiller:
         canvas = np.pad(arr, ((y, ch - y - arr.shape[0]), (x, cw - x - arr.shape[1]), (0, 0)), mode="edge")
         mask = np.ones((ch, cw), dtype=bool)
         mask[y:y + arr.shape[0], x:x + arr.shape[1]] = False
-        return Painted(self.repaint(Image.fromarray(canvas), mask, OUTPAINT_PROMPT), None)
+        return Image.fromarray(canvas), mask
 
-    def fill(self, image: Image.Image, box: Box, description: str, context: Context) -> Painted:
+    def outpaint(self, image: Image.Image, canvas_size: tuple[int, int], offset: tuple[int, int], context: Context) -> Painted:
+        return self.outpaint_many([image], [canvas_size], [offset], [context])[0]
+
+    def outpaint_many(self, images, canvas_sizes, offsets, contexts) -> list[Painted]:
+        inputs = [self._outpaint_inputs(i, c, o) for i, c, o in zip(images, canvas_sizes, offsets)]
+        done = self.repaint_many([c for c, _ in inputs], [m for _, m in inputs], [OUTPAINT_PROMPT] * len(inputs))
+        return [Painted(img, None) for img in done]
+
+    @staticmethod
+    def _box_mask(image: Image.Image, box: Box) -> np.ndarray:
         w, h = image.size
         mask = np.zeros((h, w), dtype=bool)
         x0, y0 = max(0, int(np.floor(box[0]))), max(0, int(np.floor(box[1])))
         x1, y1 = min(w, int(np.ceil(box[2]))), min(h, int(np.ceil(box[3])))
         mask[y0:y1, x0:x1] = True
-        return Painted(self.repaint(image, mask, description), None)
+        return mask
+
+    def fill(self, image: Image.Image, box: Box, description: str, context: Context) -> Painted:
+        return self.fill_many(image, [box], [description], context)[0]
+
+    def fill_many(self, image: Image.Image, boxes: list[Box], descriptions: list[str], context: Context) -> list[Painted]:
+        done = self.repaint_many([image] * len(boxes), [self._box_mask(image, b) for b in boxes], list(descriptions))
+        return [Painted(img, None) for img in done]

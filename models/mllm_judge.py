@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from metrics import region_ssim
-from models.roles import Box, CheckResult, Context, Proposal
+from models.roles import Box, CheckResult, Context, JudgeBase, Proposal, SceneChecks
 
 YES_NO = "Answer with \\boxed{Yes} or \\boxed{No}."
 _BOXED = re.compile(r"\\boxed\s*[\{\(\[]\s*(yes|no)\s*[\}\)\]]", re.IGNORECASE)
@@ -59,9 +59,9 @@ def parse_proposals(text: str, width: int, height: int) -> tuple[list[Proposal],
     return out, bad
 
 
-class MLLMJudge:
+class MLLMJudge(JudgeBase):
     def __init__(self, mllm, composition_ssim_min: float = 0.98, unparsed: str = "reject", fallback_random: bool = False,
-                 max_new_tokens: int = 256, seed: int = 0):
+                 max_new_tokens: int = 256, seed: int = 0, batch_size: int = 8):
         if unparsed not in ("reject", "pass"):
             raise ValueError("judge option unparsed must be 'reject' or 'pass'")
         self.mllm = mllm
@@ -70,6 +70,7 @@ class MLLMJudge:
         self.fallback_random = fallback_random
         self.max_new_tokens = max_new_tokens
         self.seed = seed
+        self.batch_size = batch_size
 
     def _ask(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
         try:
@@ -86,8 +87,22 @@ class MLLMJudge:
             return CheckResult(False, float(ans), f"judge: {what} check failed ({text[:80]!r})")
         return CheckResult(True, float(ans))
 
-    def check_composition(self, original: Image.Image, extended: Image.Image, offset: tuple[int, int], context: Context) -> CheckResult:
-        # The original region must be intact (pixels), and the extension coherent (the model's eye).
+    # Prompts, one place for the single checks and the batched ones.
+    @staticmethod
+    def _composition_prompt(offset: tuple[int, int], size: tuple[int, int]) -> str:
+        x, y = int(offset[0]), int(offset[1])
+        return (f"The region [{x}, {y}, {x + size[0]}, {y + size[1]}] of this image is an original photo; everything "
+                f"around it was added. Does the added part continue the original coherently? {YES_NO}")
+
+    @staticmethod
+    def _duplication_prompt(name: str, original_box: Box) -> str:
+        return f"Outside the region {[round(v) for v in original_box]} of this image, is there a {name}? {YES_NO}"
+
+    @staticmethod
+    def _realism_prompt() -> str:
+        return f"Does this image show visible seams, artefacts or distorted objects? {YES_NO}"
+
+    def _pixels_intact(self, original: Image.Image, extended: Image.Image, offset: tuple[int, int]) -> CheckResult:
         x, y = int(offset[0]), int(offset[1])
         w, h = original.size
         region = np.asarray(extended)[y:y + h, x:x + w]
@@ -96,25 +111,59 @@ class MLLMJudge:
         score = region_ssim(np.asarray(original), region)
         if score < self.composition_ssim_min:
             return CheckResult(False, score, f"original content changed (SSIM {score:.3f} < {self.composition_ssim_min})")
-        prompt = (f"The region [{x}, {y}, {x + w}, {y + h}] of this image is an original photo; everything around it "
-                  f"was added. Does the added part continue the original coherently? {YES_NO}")
-        res = self._verdict(self._ask([extended], [prompt])[0], fail_if=False, what="composition")
-        return CheckResult(res.passed, score, res.reason)
+        return CheckResult(True, score)
+
+    def check_composition(self, original: Image.Image, extended: Image.Image, offset: tuple[int, int], context: Context) -> CheckResult:
+        # The original region must be intact (pixels), and the extension coherent (the model's eye).
+        pixels = self._pixels_intact(original, extended, offset)
+        if not pixels.passed:
+            return pixels
+        res = self._verdict(self._ask([extended], [self._composition_prompt(offset, original.size)])[0], fail_if=False,
+                            what="composition")
+        return CheckResult(res.passed, pixels.score, res.reason)
 
     def check_duplication(self, image: Image.Image, target_names: list[str], original_box: Box, context: Context) -> CheckResult:
         if not target_names:
             return CheckResult(True, 0.0)
-        b = [round(v) for v in original_box]
-        prompts = [f"Outside the region {b} of this image, is there a {name}? {YES_NO}" for name in target_names]
-        for name, text in zip(target_names, self._ask([image] * len(prompts), prompts)):
+        prompts = [self._duplication_prompt(n, original_box) for n in target_names]
+        return self._duplication_verdict(target_names, self._ask([image] * len(prompts), prompts))
+
+    def _duplication_verdict(self, names: list[str], texts: list[str]) -> CheckResult:
+        for name, text in zip(names, texts):
             res = self._verdict(text, fail_if=True, what=f"duplication ({name})")
             if not res.passed:
                 return res
         return CheckResult(True, 0.0)
 
     def check_realism(self, image: Image.Image, context: Context) -> CheckResult:
-        prompt = f"Does this image show visible seams, artefacts or distorted objects? {YES_NO}"
-        return self._verdict(self._ask([image], [prompt])[0], fail_if=True, what="realism")
+        return self._verdict(self._ask([image], [self._realism_prompt()])[0], fail_if=True, what="realism")
+
+    def check_scenes(self, items: list[SceneChecks]) -> list[tuple[CheckResult, CheckResult, CheckResult]]:
+        """All three checks for many images, every prompt through batched generation."""
+        pixels = [self._pixels_intact(it.original, it.extended, it.offset) for it in items]
+        jobs: list[tuple[int, str, str]] = []  # (item, check, prompt)
+        for i, it in enumerate(items):
+            if pixels[i].passed:  # no need to ask about coherence once the original is damaged
+                jobs.append((i, "composition", self._composition_prompt(it.offset, it.original.size)))
+            jobs += [(i, "duplication", self._duplication_prompt(n, it.original_box)) for n in it.target_names]
+            jobs.append((i, "realism", self._realism_prompt()))
+        texts: list[str] = []
+        for k in range(0, len(jobs), self.batch_size):
+            chunk = jobs[k:k + self.batch_size]
+            texts += self._ask([items[i].extended for i, _, _ in chunk], [p for _, _, p in chunk])
+        answers: dict[tuple[int, str], list[str]] = {}
+        for (i, check, _), text in zip(jobs, texts):
+            answers.setdefault((i, check), []).append(text)
+        out = []
+        for i, it in enumerate(items):
+            comp = pixels[i]
+            if comp.passed:  # same verdict as check_composition
+                res = self._verdict(answers[(i, "composition")][0], fail_if=False, what="composition")
+                comp = CheckResult(res.passed, comp.score, res.reason)
+            dup = self._duplication_verdict(it.target_names, answers.get((i, "duplication"), []))
+            real = self._verdict(answers[(i, "realism")][0], fail_if=True, what="realism")
+            out.append((comp, dup, real))
+        return out
 
     def propose_distractors(self, image: Image.Image, question: str, target_names: list[str], target_boxes: list[Box],
                             k: int, seed: int, context: Context) -> list[Proposal]:

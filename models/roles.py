@@ -47,6 +47,41 @@ class Painted:
     info: dict = field(default_factory=dict)
 
 
+@dataclass
+class SceneChecks:
+    """Inputs of the three Stage 1 checks for one extended image."""
+
+    original: Image.Image
+    extended: Image.Image
+    offset: tuple[int, int]
+    target_names: list[str]
+    original_box: Box
+    context: Context = None
+
+
+class Painter:
+    """Batch defaults for outpainters and inpainters: one call per item. Backends that can batch
+    (a diffusion pipeline: one call per same-size group) override the ``*_many`` methods."""
+
+    def outpaint_many(self, images: list[Image.Image], canvas_sizes: list[tuple[int, int]],
+                      offsets: list[tuple[int, int]], contexts: list[Context]) -> list[Painted]:
+        return [self.outpaint(i, c, o, x) for i, c, o, x in zip(images, canvas_sizes, offsets, contexts)]
+
+    def fill_many(self, image: Image.Image, boxes: list[Box], descriptions: list[str], context: Context) -> list[Painted]:
+        """Several independent fills of one image (one per box)."""
+        return [self.fill(image, b, d, context) for b, d in zip(boxes, descriptions)]
+
+
+class JudgeBase:
+    """Batch default for judges: the three checks per item. An MLLM judge overrides it to send
+    every prompt of a shard through batched generation."""
+
+    def check_scenes(self, items: list[SceneChecks]) -> list[tuple[CheckResult, CheckResult, CheckResult]]:
+        return [(self.check_composition(it.original, it.extended, it.offset, it.context),
+                 self.check_duplication(it.extended, it.target_names, it.original_box, it.context),
+                 self.check_realism(it.extended, it.context)) for it in items]
+
+
 @runtime_checkable
 class Outpainter(Protocol):
     def outpaint(self, image: Image.Image, canvas_size: tuple[int, int], offset: tuple[int, int], context: Context) -> Painted:

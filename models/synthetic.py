@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from metrics import iou, region_ssim
-from models.roles import Box, CheckResult, Context, Detection, Painted, Proposal
+from models.roles import Box, CheckResult, Context, Detection, JudgeBase, Painted, Painter, Proposal
 from world import CATEGORIES, COLOURS, Scene, add_object, draw_object_into, matches, parse_expression, render
 
 
@@ -28,7 +28,7 @@ def require_scene(context: Context, role: str) -> Scene:
     return Scene.from_dict(context)
 
 
-class SceneOutpainter:
+class SceneOutpainter(Painter):
     """Renders the world around the scene. ``seam_rate`` of extensions get a visibly brighter
     border (a seam), recorded in the scene's artefacts so the realism check has work to do."""
 
@@ -49,7 +49,7 @@ class SceneOutpainter:
         return Painted(canvas, new.to_dict(), {"seam": bool(seam)})
 
 
-class SceneInpainter:
+class SceneInpainter(Painter):
     def fill(self, image: Image.Image, box: Box, description: str, context: Context) -> Painted:
         scene = require_scene(context, "inpainter")
         colour, category = parse_expression(description)
@@ -62,7 +62,7 @@ class SceneInpainter:
         return Painted(out, scene.to_dict(), {"drawn": drawn_box[2] > drawn_box[0], "object_box": drawn_box})
 
 
-class SceneJudge:
+class SceneJudge(JudgeBase):
     """Answers the judge's questions from the scene; proposes confusable distractors."""
 
     def __init__(self, composition_ssim_min: float = 0.98, square_fraction: float = 0.8):

@@ -61,6 +61,8 @@ class ImplantConfig:
     box_margin: float = documented(4.0, "Pixels of free margin required around every target box (box check).")
     box_min_frac: float = documented(0.04, "Smallest allowed box side, as a fraction of the image side (box check).")
     box_max_frac: float = documented(0.35, "Largest allowed box side, as a fraction of the image side (box check).")
+    fill_batch: int = documented(1, "Proposals painted per inpainter call. 1 paints only what is verified; larger "
+                                    "batches use a GPU better but may paint proposals after the first effective one.")
     detector_iou_min: float = documented(0.5, "IoU between a detection of the description and the box needed to "
                                       "confirm the distractor is there (default).")
     target_ssim_min: float = documented(0.95, "Localized SSIM every target box must keep (METHOD.md uses tau 0.9 "
@@ -153,6 +155,7 @@ class PipelineConfig:
         i = self.stage2
         _check(i.num_proposals >= 1, "stage2.num_proposals", "must be >= 1")
         _check(0 < i.box_min_frac < i.box_max_frac <= 1, "stage2.box_min_frac/box_max_frac", "need 0 < min < max <= 1")
+        _check(i.fill_batch >= 1, "stage2.fill_batch", "must be >= 1")
         _check(i.effectiveness_tries >= 1, "stage2.effectiveness_tries", "must be >= 1")
         _check(0 <= i.target_ssim_min <= 1, "stage2.target_ssim_min", "must be within 0..1")
         _check(self.defender.images in ("clean", "adversarial", "both"), "defender.images",

@@ -41,7 +41,7 @@ def row_scale(row_id: str, cfg) -> float:
 def extend_scenes(rows: pl.DataFrame, ctx: ShardContext) -> tuple[pl.DataFrame, pl.DataFrame]:
     cfg = ctx.config
     outpainter = ctx.model("outpainter")
-    kept, rejects = [], []
+    kept, rejects, todo = [], [], []
     for row in rows.iter_rows(named=True):
         try:
             image = decode_image(row["image"])
@@ -50,8 +50,11 @@ def extend_scenes(rows: pl.DataFrame, ctx: ShardContext) -> tuple[pl.DataFrame, 
             continue
         scale = row_scale(row["id"], cfg)
         canvas, offset, resize = canvas_geometry(image.width, image.height, scale, cfg.stage1.max_pixels)
-        context = json.loads(row["scene"]) if row["scene"] else None
-        painted = outpainter.outpaint(image, canvas, offset, context)
+        todo.append((row, image, scale, canvas, offset, resize))
+    # One batched call for the shard: a diffusion backend groups same-size canvases.
+    painted_all = outpainter.outpaint_many([t[1] for t in todo], [t[3] for t in todo], [t[4] for t in todo],
+                                           [json.loads(t[0]["scene"]) if t[0]["scene"] else None for t in todo])
+    for (row, image, scale, canvas, offset, resize), painted in zip(todo, painted_all):
         if painted.image.size != canvas:
             rejects.append(R.reject(row, ctx.stage, "outpaint_failed", f"outpainter returned {painted.image.size}, expected {canvas}"))
             continue

@@ -23,7 +23,7 @@ from stages.checks import box_check, prompt_check
 from storage import content_hash, decode_image, image_cell
 
 # How far a proposal got, in pipeline order: a reject names the furthest stage any proposal reached.
-OUTCOMES = ("box_check", "prompt_check", "detector", "target_ssim", "not_effective", "effective")
+OUTCOMES = ("box_check", "prompt_check", "not_tried", "detector", "target_ssim", "not_effective", "effective")
 
 
 def ask(defender, image, prompt: str, tries: int, num_options: int) -> list[str | None]:
@@ -49,41 +49,51 @@ def implant_row(row: dict, ctx: ShardContext, models: dict) -> tuple[dict | None
     seed = int(content_hash({"id": row["id"], "seed": cfg.seed}, 15), 16)
     proposals = judge.propose_distractors(clean, row["question"], row["target_names"], row["target_boxes"],
                                           cfg.num_proposals, seed, context)
-    attempts, kept = [], []
+    # Cheap checks first, for every proposal; then the survivors are painted in batches of
+    # fill_batch (one diffusion call each) and verified in order until the first effective edit.
+    attempts, candidates, kept = [], [], []
     for prop in proposals:
         attempt = {"box": [float(v) for v in prop.box], "description": prop.description}
         attempts.append(attempt)
         ok, why = box_check(prop.box, clean.width, clean.height, row["target_boxes"], cfg.box_margin,
                             cfg.box_min_frac, cfg.box_max_frac)
+        if ok:
+            ok, why = prompt_check(prop.description, row["target_names"])
+            outcome = "prompt_check"
+        else:
+            outcome = "box_check"
         if not ok:
-            attempt.update(outcome="box_check", detail=why)
+            attempt.update(outcome=outcome, detail=why)
             continue
-        ok, why = prompt_check(prop.description, row["target_names"])
-        if not ok:
-            attempt.update(outcome="prompt_check", detail=why)
-            continue
-        painted = inpainter.fill(clean, prop.box, prop.description, context)
-        edited = painted.image.convert("RGB")
-        dets = detector.detect(edited, prop.description, painted.context)
-        best = max(dets, key=lambda d: iou(d.box, prop.box), default=None)
-        det_iou = iou(best.box, prop.box) if best else 0.0
-        if best is None or det_iou < cfg.detector_iou_min:
-            attempt.update(outcome="detector", detail=f"best detection IoU {det_iou:.2f} < {cfg.detector_iou_min}")
-            continue
-        mask = segmenter.segment(edited, best.box, painted.context)
-        ssims = [localized_ssim(clean, edited, t) for t in row["target_boxes"]]
-        ssim_min = min(ssims) if ssims else 1.0
-        if ssim_min < cfg.target_ssim_min:
-            attempt.update(outcome="target_ssim", detail=f"target SSIM {ssim_min:.3f} < {cfg.target_ssim_min}")
-            continue
-        answers = ask(defender, edited, prompt, cfg.effectiveness_tries, n_opt)
-        attempt.update(answers=answers, detector_iou=det_iou, target_ssim_min=ssim_min, mask_area=int(mask.sum()))
-        if any(a == row["answer"] for a in answers):
-            attempt.update(outcome="not_effective", detail=f"defender still right ({answers})")
-            continue
-        attempt.update(outcome="effective", detail="")
-        kept.append((edited, painted.context, prop, best, mask, ssim_min, answers))
-        break  # the first effective edit is kept; later proposals are not painted
+        attempt.update(outcome="not_tried", detail="an earlier proposal was effective")
+        candidates.append((prop, attempt))
+    for start in range(0, len(candidates), cfg.fill_batch):
+        chunk = candidates[start:start + cfg.fill_batch]
+        painted_all = inpainter.fill_many(clean, [p.box for p, _ in chunk], [p.description for p, _ in chunk], context)
+        for (prop, attempt), painted in zip(chunk, painted_all):
+            edited = painted.image.convert("RGB")
+            dets = detector.detect(edited, prop.description, painted.context)
+            best = max(dets, key=lambda d: iou(d.box, prop.box), default=None)
+            det_iou = iou(best.box, prop.box) if best else 0.0
+            if best is None or det_iou < cfg.detector_iou_min:
+                attempt.update(outcome="detector", detail=f"best detection IoU {det_iou:.2f} < {cfg.detector_iou_min}")
+                continue
+            mask = segmenter.segment(edited, best.box, painted.context)
+            ssims = [localized_ssim(clean, edited, t) for t in row["target_boxes"]]
+            ssim_min = min(ssims) if ssims else 1.0
+            if ssim_min < cfg.target_ssim_min:
+                attempt.update(outcome="target_ssim", detail=f"target SSIM {ssim_min:.3f} < {cfg.target_ssim_min}")
+                continue
+            answers = ask(defender, edited, prompt, cfg.effectiveness_tries, n_opt)
+            attempt.update(answers=answers, detector_iou=det_iou, target_ssim_min=ssim_min, mask_area=int(mask.sum()))
+            if any(a == row["answer"] for a in answers):
+                attempt.update(outcome="not_effective", detail=f"defender still right ({answers})")
+                continue
+            attempt.update(outcome="effective", detail="")
+            kept.append((edited, painted.context, prop, best, mask, ssim_min, answers))
+            break  # the first effective edit is kept
+        if kept:
+            break
     if not kept:
         reached = max((OUTCOMES.index(a["outcome"]) for a in attempts), default=0)
         counts = {o: sum(a["outcome"] == o for a in attempts) for o in OUTCOMES if any(a["outcome"] == o for a in attempts)}

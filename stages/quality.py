@@ -13,6 +13,7 @@ import polars as pl
 
 from stages import rows as R
 from stages.base import ShardContext
+from models.roles import SceneChecks
 from storage import decode_image
 
 
@@ -26,13 +27,12 @@ def filter_scenes(rows: pl.DataFrame, ctx: ShardContext) -> tuple[pl.DataFrame, 
     records = list(rows.iter_rows(named=True))
     images = [decode_image(r["image"]) for r in records]
     scores = clip.score(images, [caption(r) for r in records])
+    items = [SceneChecks(decode_image(r["original_image"]), img, tuple(r["canvas_offset"]), r["target_names"],
+                         r["original_box"], json.loads(r["scene"]) if r["scene"] else None)
+             for r, img in zip(records, images)]
+    verdicts = judge.check_scenes(items)  # batched: an MLLM judge generates for the whole shard at once
     kept, rejects = [], []
-    for row, image, clip_score in zip(records, images, scores):
-        context = json.loads(row["scene"]) if row["scene"] else None
-        original = decode_image(row["original_image"])
-        comp = judge.check_composition(original, image, tuple(row["canvas_offset"]), context)
-        dup = judge.check_duplication(image, row["target_names"], row["original_box"], context)
-        real = judge.check_realism(image, context)
+    for row, image, clip_score, (comp, dup, real) in zip(records, images, scores, verdicts):
         detail = json.dumps({"clip": clip_score, "composition": comp.score, "duplication": dup.score, "realism": real.score})
         failures = []
         if cfg.clip_threshold is not None and clip_score < cfg.clip_threshold:

@@ -162,3 +162,58 @@ def test_bootstrap_runs_on_the_tiny_preset(tmp_path):
     attempts = [a for js in implant["attempts"].to_list() for a in __import__("json").loads(js)]
     # Every check of Stage 2 ran on real models: some proposals reached the defender.
     assert any("answers" in a for a in attempts)
+
+
+# ------------------------------------------------------------------ batching
+def test_filler_batches_same_size_images_into_one_pipeline_call(filler, scene_image):
+    small = scene_image.resize((64, 64))
+    boxes = [[2, 2, 20, 20], [30, 30, 60, 60], [10, 40, 30, 60]]
+    before = filler.pipeline_calls
+    outs = filler.fill_many(scene_image, boxes, ["a", "b", "c"], None)
+    assert filler.pipeline_calls - before == 1  # batch_size 4: one call for three fills of one image
+    for box, painted in zip(boxes, outs):
+        diff = np.any(np.asarray(painted.image) != np.asarray(scene_image), axis=-1)
+        ys, xs = np.nonzero(diff)
+        assert xs.min() >= box[0] and xs.max() < box[2] and ys.min() >= box[1] and ys.max() < box[3]
+    before = filler.pipeline_calls
+    outs = filler.outpaint_many([scene_image, small, scene_image], [(160, 160), (96, 96), (160, 160)],
+                                [(16, 16), (16, 16), (16, 16)], [None] * 3)
+    assert filler.pipeline_calls - before == 2  # two canvas sizes
+    assert [o.image.size for o in outs] == [(160, 160), (96, 96), (160, 160)]
+    assert np.array_equal(np.asarray(outs[1].image)[16:80, 16:80], np.asarray(small))
+
+
+def test_judge_batches_prompts_across_a_shard(scene_image):
+    from models.roles import SceneChecks
+
+    ext = Image.new("RGB", (160, 160), (9, 9, 9))
+    ext.paste(scene_image, (16, 16))
+    items = [SceneChecks(scene_image, ext, (16, 16), names, [16, 16, 144, 144]) for names in
+             (["red circle"], ["red circle", "blue square"], [])]
+    # Prompts per item: composition + duplication per name + realism = 3, 4, 2 -> 9 prompts.
+    answers = ["\\boxed{Yes}", "\\boxed{No}", "\\boxed{No}",
+               "\\boxed{Yes}", "\\boxed{No}", "\\boxed{Yes}", "\\boxed{No}",
+               "\\boxed{No}", "\\boxed{Yes}"]
+    mllm = ScriptedMLLM(answers)
+    calls = []
+    inner = mllm.generate
+    mllm.generate = lambda images, prompts, **kw: calls.append(len(prompts)) or inner(images, prompts, **kw)
+    verdicts = MLLMJudge(mllm, batch_size=4).check_scenes(items)
+    assert calls == [4, 4, 1]
+    assert [(c.passed, d.passed, r.passed) for c, d, r in verdicts] == [(True, True, True), (True, False, True),
+                                                                       (False, True, False)]
+    assert "blue square" in verdicts[1][1].reason
+
+
+def test_stage2_fill_batch_keeps_the_same_edit(tmp_path):
+    from stages.config import load_config
+    from stages.runner import run_bootstrap
+    from storage import ShardStore
+
+    base = {"source": {"num_scenes": 16, "shard_size": 8}}
+    one = run_bootstrap(ShardStore(str(tmp_path / "a")), load_config("synthetic", base))
+    store = ShardStore(str(tmp_path / "b"))
+    three = run_bootstrap(store, load_config("synthetic", {**base, "stage2": {"fill_batch": 3}}))
+    a = ShardStore(str(tmp_path / "a")).read(one[-1].version)
+    b = store.read(three[-1].version)
+    assert a["id"].to_list() == b["id"].to_list() and a["distractor_boxes"].to_list() == b["distractor_boxes"].to_list()

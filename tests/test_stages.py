@@ -128,12 +128,13 @@ def test_implant_row_records_each_proposal_outcome():
         Proposal([84, 10, 124, 26], "red triangle"),  # elongated: the drawn shape fills < half: detector
         Proposal([50, 20, 66, 36], "green square"),  # valid, but not red: the baseline is not fooled
         Proposal([84, 10, 100, 26], "red triangle"),  # effective
-        Proposal([100, 100, 116, 116], "red square"),  # never tried: the first effective edit wins
+        Proposal([100, 100, 116, 116], "red square"),  # passes the cheap checks, never painted: not_tried
     ]
     out, why = implant_row(_row(base_scene()), ctx, _models(proposals))
     assert why is None
     attempts = json.loads(out["attempts"])
-    assert [a["outcome"] for a in attempts] == ["box_check", "prompt_check", "detector", "not_effective", "effective"]
+    assert [a["outcome"] for a in attempts] == ["box_check", "prompt_check", "detector", "not_effective", "effective",
+                                                "not_tried"]
     assert out["distractor_boxes"] == [[84.0, 10.0, 100.0, 26.0]]
     assert out["distractor_descriptions"] == ["red triangle"]
     assert out["target_ssim_min"] == 1.0
