@@ -18,7 +18,7 @@ from metrics import transform_box
 from stages import rows as R
 from stages.base import ShardContext
 from stages.config import canvas_scale_range
-from storage import content_hash, decode_image, image_cell
+from storage import content_hash, decode_image, image_cell, image_cells
 from storage.images import ImageDecodeError
 
 
@@ -54,11 +54,12 @@ def extend_scenes(rows: pl.DataFrame, ctx: ShardContext) -> tuple[pl.DataFrame, 
     # One batched call for the shard: a diffusion backend groups same-size canvases.
     painted_all = outpainter.outpaint_many([t[1] for t in todo], [t[3] for t in todo], [t[4] for t in todo],
                                            [json.loads(t[0]["scene"]) if t[0]["scene"] else None for t in todo])
+    done = []
     for (row, image, scale, canvas, offset, resize), painted in zip(todo, painted_all):
         if painted.image.size != canvas:
             rejects.append(R.reject(row, ctx.stage, "outpaint_failed", f"outpainter returned {painted.image.size}, expected {canvas}"))
             continue
-        extended, original = painted.image.convert("RGB"), image
+        extended, original = painted.image.convert("RGB"), None
         scene = painted.context
         if resize < 1.0:
             size = (max(1, round(canvas[0] * resize)), max(1, round(canvas[1] * resize)))
@@ -67,14 +68,19 @@ def extend_scenes(rows: pl.DataFrame, ctx: ShardContext) -> tuple[pl.DataFrame, 
                                     Image.Resampling.LANCZOS)
             if scene is not None:
                 scene = dict(scene, scale=scene["scale"] * resize, size=list(size))
+        done.append((row, image, scale, offset, resize, extended, original, scene))
+    # Encode the shard's new images in parallel; an unresized original keeps its stored bytes.
+    cells = image_cells([d[5] for d in done] + [d[6] for d in done if d[6] is not None])
+    new_originals = iter(cells[len(done):])
+    for (row, image, scale, offset, resize, extended, original, scene), cell in zip(done, cells):
         out = dict(row)
         out.update(
-            image=image_cell(extended),
+            image=cell,
             width=extended.width,
             height=extended.height,
             target_boxes=[transform_box(b, offset, resize) for b in row["target_boxes"]],
             scene=json.dumps(scene) if scene is not None else None,
-            original_image=image_cell(original),
+            original_image=next(new_originals) if original is not None else row["image"],
             original_box=transform_box([0.0, 0.0, float(image.width), float(image.height)], offset, resize),
             canvas_scale=scale,
             canvas_offset=[int(round(offset[0] * resize)), int(round(offset[1] * resize))],

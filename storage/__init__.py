@@ -5,7 +5,7 @@ written last. This package imports nothing of ours (DESIGN.md, "Imports run one 
 """
 
 from storage.hashing import content_hash, sha256_bytes
-from storage.images import IMAGE_DTYPE, decode_image, encode_image, image_cell
+from storage.images import IMAGE_DTYPE, decode_image, encode_image, image_cell, image_cells
 from storage.store import (
     Manifest,
     PartRef,
@@ -27,5 +27,6 @@ __all__ = [
     "decode_image",
     "encode_image",
     "image_cell",
+    "image_cells",
     "sha256_bytes",
 ]

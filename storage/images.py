@@ -35,6 +35,18 @@ def image_cell(image: Image.Image, path: str | None = None) -> dict:
     return {"bytes": encode_image(image), "path": path}
 
 
+def image_cells(images: list[Image.Image], workers: int | None = None) -> list[dict]:
+    """Encode many images at once: PNG's zlib releases the GIL, so threads run in parallel
+    (a 1024x1024 PNG takes ~0.14 s to encode, a sizeable share of a diffusion step budget)."""
+    if len(images) <= 1:
+        return [image_cell(im) for im in images]
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1, len(images))) as pool:
+        return list(pool.map(image_cell, images))
+
+
 def decode_image(cell: dict | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode an image cell (or raw bytes) to RGB, refusing decompression bombs before decoding."""
     data = cell["bytes"] if isinstance(cell, dict) else cell

@@ -141,25 +141,31 @@ def test_clip_scores_are_deterministic_under_a_seed(scene_image):
 
 
 # --------------------------------------------------------- the tiny preset
-def test_bootstrap_runs_on_the_tiny_preset(tmp_path):
+def test_aot_run_on_the_tiny_preset(tmp_path, capsys):
+    import json
+
     import datasets
 
-    from stages.config import load_config
-    from stages.runner import run_bootstrap
+    from aot.cli import main
     from storage import ShardStore
 
+    rc = main(["run", "--preset", "tiny", "--root", str(tmp_path), "--no-prefect", "--no-progress",
+               "--set", "source.num_scenes=4", "--set", "source.shard_size=2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    version = out.split("AOT-SFT version: ")[1].split()[0]
     store = ShardStore(str(tmp_path))
-    cfg = load_config("tiny", {"source": {"num_scenes": 4, "shard_size": 2}})
-    summaries = run_bootstrap(store, cfg)
-    assert all(s.rows_in == s.rows + s.rejected for s in summaries)
-    assert [s.rows_in for s in summaries][:3] == [4, 4, 4]
-    export = store.manifest(summaries[-1].version)
+    export = store.manifest(version)
+    lines = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.split() and ln.split()[0] in
+             ("source", "extend", "filter", "implant", "export")}
+    assert [int(lines[s][2]) for s in ("source", "extend", "filter")] == [4, 4, 4]  # rows in
+    assert export.rows == int(lines["export"][3])
     if export.rows:
         ds = datasets.load_dataset("parquet", data_files=store.data_files(export), split="train",
                                    cache_dir=str(tmp_path / "hf"))
         assert ds[0]["adversarial_image"].size == ds[0]["clean_image"].size
-    implant = store.read(summaries[3].version)
-    attempts = [a for js in implant["attempts"].to_list() for a in __import__("json").loads(js)]
+    implant = store.read(store.manifest(export.parents[0]))
+    attempts = [a for js in implant["attempts"].to_list() for a in json.loads(js)]
     # Every check of Stage 2 ran on real models: some proposals reached the defender.
     assert any("answers" in a for a in attempts)
 
