@@ -1,0 +1,1 @@
+"""Benchmark evaluation: readers of the published formats, strict and paper protocols, metrics."""

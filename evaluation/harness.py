@@ -1,0 +1,190 @@
+"""Evaluate a defender on benchmark items under a protocol, with a resumable answer cache.
+
+Protocols:
+- ``strict`` (ours): options shuffled with a seed per item (the permutation is recorded), the
+  METHOD.md MCQ prompt, boxed-only parsing with "unparsed" counted separately (never guessed),
+  greedy or sampled with n trials (accuracy averaged over trials).
+- ``paper`` (the AOT authors' evaluation, for comparison): options as in the file (V*: the
+  answer always first, "A"), a parser that takes the first A-D character anywhere, temperature 0
+  and 3 trials that must all be right.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from evaluation.readers import Item
+from models.mcq import extract_choice, format_prompt, letters
+from storage import content_hash
+
+YES_NO_SUFFIX = "Answer with \\boxed{Yes} or \\boxed{No}."
+_BOXED_YN = re.compile(r"\\boxed\s*[\{\(\[]\s*(yes|no)\s*[\}\)\]]", re.IGNORECASE)
+_FIRST_ABCD = re.compile(r"[ABCD]")
+_FIRST_YN = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    shuffle: bool
+    trials: int
+    temperature: float
+    all_trials_right: bool
+    seed: int = 0
+
+
+STRICT = Protocol("strict", shuffle=True, trials=1, temperature=0.0, all_trials_right=False)
+PAPER = Protocol("paper", shuffle=False, trials=3, temperature=0.0, all_trials_right=True)
+PROTOCOLS = {"strict": STRICT, "paper": PAPER}
+
+
+def present(item: Item, protocol: Protocol) -> tuple[str, str, list[int] | None]:
+    """(prompt, the correct answer as shown, the option permutation or None)."""
+    if item.options is None:
+        return f"{item.question}\n{YES_NO_SUFFIX}", item.answer, None
+    n = len(item.options)
+    truth = letters(n).index(item.answer)
+    perm = list(range(n))
+    if protocol.shuffle:
+        seed = int(content_hash({"item": item.id, "seed": protocol.seed}, 15), 16)
+        perm = [int(i) for i in np.random.default_rng(seed).permutation(n)]
+    shown = [item.options[i] for i in perm]
+    return format_prompt(item.question, shown), letters(n)[perm.index(truth)], perm
+
+
+def parse(text: str, item: Item, protocol: Protocol) -> str | None:
+    if item.options is None:
+        if protocol.name == "paper":
+            m = _FIRST_YN.search(text)
+            return m.group(1).lower() if m else None
+        found = {m.lower() for m in _BOXED_YN.findall(text)}
+        return found.pop() if len(found) == 1 else None
+    if protocol.name == "paper":
+        m = _FIRST_ABCD.search(text)
+        return m.group(0) if m else None
+    return extract_choice(text, len(item.options)).letter
+
+
+class AnswerCache:
+    """Append-only JSONL of model answers, keyed by (model, prompt, image, trial, temperature):
+    an interrupted evaluation continues without asking again."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self.answers: dict[str, str] = {}
+        if self.path and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                    self.answers[rec["key"]] = rec["text"]
+                except (json.JSONDecodeError, KeyError):
+                    continue  # a line torn by a crash: that answer is simply asked again
+
+    def get(self, key: str) -> str | None:
+        return self.answers.get(key)
+
+    def put(self, key: str, text: str) -> None:
+        self.answers[key] = text
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"key": key, "text": text}) + "\n")
+
+
+def _image_key(item: Item) -> str:
+    return content_hash({"size": item.image.size, "px": np.asarray(item.image)[::17, ::13].tolist()})
+
+
+def evaluate(model, model_id: str, items: list[Item], protocol: Protocol, cache: AnswerCache | None = None,
+             batch_size: int = 8, on_batch: Callable[[int], None] | None = None) -> list[dict]:
+    """Per-item results. ``model`` implements ``generate(images, prompts, temperature=, seed=)``."""
+    cache = cache or AnswerCache(None)
+    jobs = []
+    for item in items:
+        prompt, truth, perm = present(item, protocol)
+        for t in range(protocol.trials):
+            key = content_hash({"model": model_id, "prompt": prompt, "image": _image_key(item), "trial": t,
+                                "temperature": protocol.temperature}, 32)
+            jobs.append((item, prompt, t, key))
+    todo = [j for j in jobs if cache.get(j[3]) is None]
+    for k in range(0, len(todo), batch_size):
+        chunk = todo[k:k + batch_size]
+        texts = model.generate([j[0].image for j in chunk], [j[1] for j in chunk], temperature=protocol.temperature,
+                               seed=chunk[0][2])
+        for j, text in zip(chunk, texts):
+            cache.put(j[3], text)
+        if on_batch:
+            on_batch(len(chunk))
+    rows = []
+    by_item: dict[str, list] = {}
+    for item, prompt, t, key in jobs:
+        by_item.setdefault(item.id, []).append(cache.get(key))
+    for item in items:
+        prompt, truth, perm = present(item, protocol)
+        texts = by_item[item.id]
+        parsed = [parse(x, item, protocol) for x in texts]
+        hits = [p == truth for p in parsed]
+        score = float(all(hits)) if protocol.all_trials_right else sum(hits) / len(hits)
+        rows.append({"id": item.id, "benchmark": item.benchmark, "categories": item.categories, "truth": truth,
+                     "permutation": perm, "responses": texts, "parsed": parsed, "score": score,
+                     "unparsed": sum(p is None for p in parsed) / len(parsed), "meta": item.meta})
+    return rows
+
+
+def _prf(rows: list[dict]) -> dict:
+    """POPE metrics with "yes" as positive (a trial-averaged prediction counts once per row)."""
+    tp = fp = fn = tn = 0
+    for r in rows:
+        pred = r["parsed"][0]
+        truth = r["truth"]
+        if pred == "yes" and truth == "yes":
+            tp += 1
+        elif pred == "yes":
+            fp += 1
+        elif truth == "yes":
+            fn += 1
+        else:
+            tn += 1
+    n = max(1, tp + fp + fn + tn)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / n, "precision": precision, "recall": recall, "f1": f1, "n": tp + fp + fn + tn}
+
+
+def metrics(rows: list[dict]) -> dict:
+    """Per benchmark: accuracy (and per category), unparsed rate; POPE's P/R/F1; HallusionBench's
+    aAcc, fAcc, qAcc."""
+    out: dict = {}
+    for bench in sorted({r["benchmark"] for r in rows}):
+        rs = [r for r in rows if r["benchmark"] == bench]
+        m = {"n": len(rs), "accuracy": sum(r["score"] for r in rs) / len(rs), "unparsed": sum(r["unparsed"] for r in rs) / len(rs)}
+        cats: dict[str, list] = {}
+        for r in rs:
+            for c in r["categories"]:
+                cats.setdefault(c, []).append(r)
+        m["categories"] = {c: sum(r["score"] for r in v) / len(v) for c, v in sorted(cats.items())}
+        if bench == "pope":
+            m.update(_prf(rs))
+            m["categories"] = {c: _prf(v) for c, v in sorted(cats.items())}
+        if bench == "hallusionbench":
+            m["aAcc"] = m["accuracy"]
+            figs: dict[str, list] = {}
+            qs: dict[str, list] = {}
+            for r in rs:
+                figs.setdefault(r["meta"]["figure"], []).append(r["score"] == 1.0)
+                qs.setdefault(r["meta"]["question"], []).append(r["score"] == 1.0)
+            m["fAcc"] = sum(all(v) for v in figs.values()) / len(figs)
+            m["qAcc"] = sum(all(v) for v in qs.values()) / len(qs)
+        out[bench] = m
+    return out
+
+
+def protocol_dict(p: Protocol) -> dict:
+    return asdict(p)

@@ -1,0 +1,159 @@
+"""Benchmark readers on fixture files in each published format, strict vs paper protocols,
+metrics by hand, and resuming an interrupted evaluation."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from evaluation.harness import PAPER, STRICT, AnswerCache, evaluate, metrics, present
+from evaluation.readers import (FormatError, image_b64, read_hallusionbench, read_hrbench, read_pope, read_tsv,
+                                read_vstar)
+from world import generate_world, render
+
+
+def _img(i: int):
+    return render(generate_world(100 + i)).resize((64, 64))
+
+
+def _write_tsv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(header)
+        w.writerows(rows)
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    vstar = d / "vstar"
+    for cat in ("relative_position", "direct_attributes"):
+        (vstar / cat).mkdir(parents=True)
+        for i in range(20):
+            _img(i).save(vstar / cat / f"{i}.jpg")
+            json.dump({"question": f"Q{i}?", "options": ["right", "left", "up", "down"], "bbox": [[1, 2, 3, 4]]},
+                      open(vstar / cat / f"{i}.json", "w"))
+    json.dump({"question": "orphan", "options": ["a", "b"]}, open(vstar / "relative_position" / "99.json", "w"))
+    _img(98).save(vstar / "direct_attributes" / "98.png")
+    (vstar / "direct_attributes" / "98.json").write_text("{not json")
+    hr = d / "hr4k.tsv"
+    _write_tsv(hr, ["index", "image", "question", "answer", "category", "A", "B", "C", "D", "cycle_category"],
+               [[str(i), image_b64(_img(i)), f"q{i}", "ABCD"[i % 4], "single", "w", "x", "y", "z", ""] for i in range(8)]
+               + [["bad1", image_b64(_img(1)), "q", "E", "single", "w", "x", "y", "z", ""],
+                  ["bad2", "bm90IGFuIGltYWdl", "q", "A", "cross", "w", "x", "y", "z", ""]])
+    pope = d / "pope.tsv"
+    _write_tsv(pope, ["index", "image", "question", "answer", "category"],
+               [[str(i), image_b64(_img(i)), f"Is there a cup {i}?", "Yes" if i % 2 == 0 else "no",
+                 "adversarial,popular" if i < 4 else "random"] for i in range(8)]
+               + [["9", image_b64(_img(9)), "q", "maybe", "random"]])
+    hb_dir = d / "hb_images"
+    hb_dir.mkdir()
+    hb = d / "hallusionbench.tsv"
+    rows = []
+    for fig in range(2):
+        for q in range(2):
+            name = f"f{fig}q{q}.png"
+            _img(fig * 2 + q).save(hb_dir / name)
+            rows.append([f"VS_chart_x_{0}_{fig}_{q}", f"question {q}?", "Yes" if q == 0 else "No", "VS", "chart", name, ""])
+    _write_tsv(hb, ["index", "question", "answer", "category", "l2-category", "image_path", "image"], rows)
+    return d, vstar, hr, pope, hb, hb_dir
+
+
+def test_readers_round_trip_and_reject(fixtures):
+    d, vstar, hr, pope, hb, hb_dir = fixtures
+    items, rej = read_vstar(vstar)
+    assert len(items) == 40 and {r.reason for r in rej} == {"missing_image", "bad_record"}
+    assert items[0].answer == "A" and items[0].options[0] == "right" and items[0].image.size == (64, 64)
+    items, rej = read_hrbench(hr, "hrbench4k")
+    assert len(items) == 8 and [r.reason for r in rej] == ["bad_answer", "bad_image"]
+    assert [i.answer for i in items[:4]] == ["A", "B", "C", "D"]
+    items, rej = read_pope(pope)
+    assert len(items) == 8 and [r.reason for r in rej] == ["bad_answer"]
+    assert items[0].categories == ["adversarial", "popular"] and items[1].answer == "no"
+    items, rej = read_hallusionbench(hb, hb_dir)
+    assert len(items) == 4 and not rej and items[1].meta == {"set": "0", "figure": "0_0", "question": "0_1"}
+
+
+def test_wrong_format_names_the_expected_columns(tmp_path):
+    p = tmp_path / "x.tsv"
+    _write_tsv(p, ["id", "img", "q"], [["1", "", ""]])
+    with pytest.raises(FormatError, match=r"lacks column\(s\) \['index', 'image', 'question', 'answer', 'category'\]"):
+        read_pope(p)
+    with pytest.raises(FormatError, match="expected a TSV"):
+        read_tsv(p, ["index", "question"], "HRBench")
+
+
+class Always:
+    def __init__(self, text):
+        self.text = text
+        self.calls = 0
+
+    def generate(self, images, prompts, temperature=0.0, seed=0):
+        self.calls += len(prompts)
+        return [self.text] * len(prompts)
+
+
+def test_always_a_scores_100_under_paper_and_chance_under_strict(fixtures):
+    items, _ = read_vstar(fixtures[1])
+    paper = metrics(evaluate(Always("\\boxed{A}"), "always-a", items, PAPER))["vstar"]
+    strict_rows = evaluate(Always("\\boxed{A}"), "always-a", items, STRICT)
+    strict = metrics(strict_rows)["vstar"]
+    assert paper["accuracy"] == 1.0
+    expected = sum(present(i, STRICT)[1] == "A" for i in items) / len(items)  # how often shuffling put the truth at A
+    assert strict["accuracy"] == expected and 0.1 < expected < 0.45
+    assert all(r["permutation"] is not None for r in strict_rows)  # recorded per item
+
+
+def test_unparsed_answers_are_counted_not_guessed(fixtures):
+    items, _ = read_hrbench(fixtures[2], "hrbench4k")
+    rows = evaluate(Always("I would say B, probably."), "words", items, STRICT)
+    m = metrics(rows)["hrbench4k"]
+    assert m["unparsed"] == 1.0 and m["accuracy"] == 0.0
+    paper = metrics(evaluate(Always("I would say B, probably."), "words", items, PAPER))["hrbench4k"]
+    assert paper["unparsed"] == 0.0 and paper["accuracy"] == pytest.approx(2 / 8)  # first A-D letter: "B"
+
+
+def test_pope_and_hallusionbench_metrics_by_hand(fixtures):
+    d, vstar, hr, pope, hb, hb_dir = fixtures
+    items, _ = read_pope(pope)
+    m = metrics(evaluate(Always("\\boxed{Yes}"), "yes", items, STRICT))["pope"]
+    assert (m["accuracy"], m["precision"], m["recall"], m["f1"]) == (0.5, 0.5, 1.0, pytest.approx(2 / 3))
+    assert m["categories"]["random"]["n"] == 4 and m["categories"]["adversarial"]["n"] == 4
+    items, _ = read_hallusionbench(hb, hb_dir)
+    m = metrics(evaluate(Always("\\boxed{Yes}"), "yes", items, STRICT))["hallusionbench"]
+    # Truth: q0 yes, q1 no on both figures -> aAcc 0.5; no figure all right; question 0 right on all figures.
+    assert (m["aAcc"], m["fAcc"], m["qAcc"]) == (0.5, 0.0, 0.5)
+
+
+def test_interrupted_evaluation_resumes_without_asking_again(fixtures, tmp_path):
+    items, _ = read_hrbench(fixtures[2], "hrbench4k")
+
+    class Dies(Always):
+        def generate(self, images, prompts, temperature=0.0, seed=0):
+            if self.calls >= 4:
+                raise KeyboardInterrupt
+            return super().generate(images, prompts, temperature, seed)
+
+    cache_path = tmp_path / "answers.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(Dies("\\boxed{C}"), "m", items, STRICT, AnswerCache(cache_path), batch_size=2)
+    resumed = Always("\\boxed{C}")
+    rows = evaluate(resumed, "m", items, STRICT, AnswerCache(cache_path), batch_size=2)
+    assert resumed.calls == 4 and len(rows) == 8  # only the 4 unanswered items were asked
+    again = Always("\\boxed{C}")
+    evaluate(again, "m", items, STRICT, AnswerCache(cache_path))
+    assert again.calls == 0
+
+
+def test_tiny_defender_runs_on_every_format(fixtures):
+    from models.qwen_vl import QwenVLPolicy, TinyDefenderSpec
+
+    d, vstar, hr, pope, hb, hb_dir = fixtures
+    policy = QwenVLPolicy.tiny(spec=TinyDefenderSpec(min_pixels=1024, max_pixels=4096))
+    items = (read_vstar(vstar)[0][:4] + read_hrbench(hr, "hrbench4k")[0][:4] + read_pope(pope)[0][:4]
+             + read_hallusionbench(hb, hb_dir)[0])
+    m = metrics(evaluate(policy, "tiny", items, STRICT))
+    assert set(m) == {"vstar", "hrbench4k", "pope", "hallusionbench"}
+    assert all(0.0 <= v["accuracy"] <= 1.0 and 0.0 <= v["unparsed"] <= 1.0 for v in m.values())
