@@ -90,6 +90,13 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--checkpoint", required=True, help="defender version")
     p.add_argument("--data", required=True, help="dataset version")
+    p = sub.add_parser("eval", help="evaluate a defender on benchmark files (V*, HRBench, POPE, HallusionBench)")
+    _common(p, config=False)
+    p.add_argument("--benchmark", action="append", required=True, metavar="NAME=PATH",
+                   help="vstar=FOLDER, hrbench4k=TSV, hrbench8k=TSV, pope=TSV, hallusionbench=TSV (repeatable)")
+    p.add_argument("--checkpoint", help="defender version to evaluate (default: the perception baseline)")
+    p.add_argument("--protocol", choices=["strict", "paper"], default="strict")
+    p.add_argument("--cache", help="answer cache file (JSONL): an interrupted evaluation resumes from it")
     p = sub.add_parser("models", help="model checkpoints: `aot models check --preset full`")
     p.add_argument("action", choices=["check"])
     p.add_argument("--preset", default="synthetic")
@@ -303,6 +310,31 @@ def cmd_models(args) -> int:
     return 1 if missing else 0
 
 
+def cmd_eval(args) -> int:
+    from evaluation.run import PAPER_COLUMNS, evaluate_benchmarks
+    from storage import ShardStore
+
+    store = ShardStore(args.root, storage_options(args))
+    specs = dict(b.split("=", 1) for b in args.benchmark)
+    if args.checkpoint:
+        from training.stage import load_defender
+
+        model, model_id = load_defender(store, args.checkpoint), f"defender:{args.checkpoint}"
+    else:
+        from models.perception_baseline import PerceptionBaselineDefender
+
+        model, model_id = PerceptionBaselineDefender(), "perception-baseline"
+    m = evaluate_benchmarks(store, specs, model, model_id, args.protocol, args.cache)
+    summary = m.extra["summary"]
+    cols = [c for c in PAPER_COLUMNS if c in summary]
+    _print_table([{"protocol": args.protocol, **{c: f"{100 * summary[c]['accuracy']:.1f}" for c in cols}}], ["protocol", *cols])
+    for c in cols:
+        extra = {k: round(v, 3) for k, v in summary[c].items() if k in ("unparsed", "f1", "fAcc", "qAcc")}
+        print(f"{c}: n={summary[c]['n']} {extra}")
+    print(f"results version: {m.version} ({m.rows} items, {m.reject_rows} rejected rows)")
+    return 0
+
+
 def cmd_config(args) -> int:
     import yaml
 
@@ -319,14 +351,17 @@ def main(argv: list[str] | None = None) -> int:
     from stages.config import ConfigError
     from storage import StorageError
 
-    known = (ConfigError, StageError, StorageError, ModelConfigError)
+    from evaluation.readers import FormatError
+
+    known = (ConfigError, StageError, StorageError, ModelConfigError, FormatError)
     try:
         if args.command == "run":
             return cmd_run(args)
         if args.command == "stage":
             return cmd_run(args, stage=args.name)
         return {"ls": cmd_ls, "show": cmd_show, "gc": cmd_gc, "import": cmd_import, "config": cmd_config,
-                "train-defender": cmd_defender, "eval-defender": cmd_defender, "models": cmd_models}[args.command](args)
+                "train-defender": cmd_defender, "eval-defender": cmd_defender, "models": cmd_models,
+                "eval": cmd_eval}[args.command](args)
     except known as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

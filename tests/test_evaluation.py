@@ -157,3 +157,22 @@ def test_tiny_defender_runs_on_every_format(fixtures):
     m = metrics(evaluate(policy, "tiny", items, STRICT))
     assert set(m) == {"vstar", "hrbench4k", "pope", "hallusionbench"}
     assert all(0.0 <= v["accuracy"] <= 1.0 and 0.0 <= v["unparsed"] <= 1.0 for v in m.values())
+
+
+def test_aot_eval_cli_writes_a_results_version(fixtures, tmp_path, capsys):
+    from aot.cli import main
+    from storage import ShardStore
+
+    d, vstar, hr, pope, hb, hb_dir = fixtures
+    rc = main(["eval", "--root", str(tmp_path), "--benchmark", f"vstar={vstar}", "--benchmark", f"pope={pope}",
+               "--protocol", "paper", "--cache", str(tmp_path / "c.jsonl")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    version = out.split("results version: ")[1].split()[0]
+    m = ShardStore(str(tmp_path)).manifest(version)
+    assert m.rows == 48 and m.reject_rows == 3 and m.extra["columns"] == ["vstar", "pope"]
+    bad = tmp_path / "bad.tsv"
+    _write_tsv(bad, ["id", "picture"], [["1", "x"]])
+    assert main(["eval", "--root", str(tmp_path), "--benchmark", f"pope={bad}"]) == 2  # wrong format: one line
+    err = capsys.readouterr().err
+    assert err.startswith("error: POPE") and "lacks column" in err and "Traceback" not in err
