@@ -92,8 +92,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset version")
     p = sub.add_parser("eval", help="evaluate a defender on benchmark files (V*, HRBench, POPE, HallusionBench)")
     _common(p, config=False)
-    p.add_argument("--benchmark", action="append", required=True, metavar="NAME=PATH",
+    p.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH",
                    help="vstar=FOLDER, hrbench4k=TSV, hrbench8k=TSV, pope=TSV, hallusionbench=TSV (repeatable)")
+    p.add_argument("--synthetic", type=int, default=0, metavar="N",
+                   help="also run the synthetic robustness suite on N held-out scenes (clean vs attacked)")
+    p.add_argument("--endpoint", help="evaluate a model behind an OpenAI-compatible chat endpoint (e.g. a vLLM "
+                                      "server at http://HOST:8000/v1); key from $OPENAI_API_KEY")
+    p.add_argument("--endpoint-model", help="the endpoint's model name")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight to the endpoint")
     p.add_argument("--checkpoint", help="defender version to evaluate (default: the perception baseline)")
     p.add_argument("--protocol", choices=["strict", "paper"], default="strict")
     p.add_argument("--cache", help="answer cache file (JSONL): an interrupted evaluation resumes from it")
@@ -316,7 +322,18 @@ def cmd_eval(args) -> int:
 
     store = ShardStore(args.root, storage_options(args))
     specs = dict(b.split("=", 1) for b in args.benchmark)
-    if args.checkpoint:
+    if not specs and not args.synthetic:
+        print("error: name at least one --benchmark NAME=PATH or --synthetic N", file=sys.stderr)
+        return 2
+    if args.endpoint:
+        from evaluation.endpoint import ChatEndpoint
+
+        if not args.endpoint_model:
+            print("error: --endpoint needs --endpoint-model NAME", file=sys.stderr)
+            return 2
+        model = ChatEndpoint(args.endpoint, args.endpoint_model, concurrency=args.concurrency)
+        model_id = f"endpoint:{args.endpoint_model}"
+    elif args.checkpoint:
         from training.stage import load_defender
 
         model, model_id = load_defender(store, args.checkpoint), f"defender:{args.checkpoint}"
@@ -324,14 +341,24 @@ def cmd_eval(args) -> int:
         from models.perception_baseline import PerceptionBaselineDefender
 
         model, model_id = PerceptionBaselineDefender(), "perception-baseline"
-    m = evaluate_benchmarks(store, specs, model, model_id, args.protocol, args.cache)
-    summary = m.extra["summary"]
-    cols = [c for c in PAPER_COLUMNS if c in summary]
-    _print_table([{"protocol": args.protocol, **{c: f"{100 * summary[c]['accuracy']:.1f}" for c in cols}}], ["protocol", *cols])
-    for c in cols:
-        extra = {k: round(v, 3) for k, v in summary[c].items() if k in ("unparsed", "f1", "fAcc", "qAcc")}
-        print(f"{c}: n={summary[c]['n']} {extra}")
-    print(f"results version: {m.version} ({m.rows} items, {m.reject_rows} rejected rows)")
+    if specs:
+        m = evaluate_benchmarks(store, specs, model, model_id, args.protocol, args.cache)
+        summary = m.extra["summary"]
+        cols = [c for c in PAPER_COLUMNS if c in summary]
+        _print_table([{"protocol": args.protocol, **{c: f"{100 * summary[c]['accuracy']:.1f}" for c in cols}}],
+                     ["protocol", *cols])
+        for c in cols:
+            extra = {k: round(v, 3) for k, v in summary[c].items() if k in ("unparsed", "f1", "fAcc", "qAcc")}
+            print(f"{c}: n={summary[c]['n']} {extra}")
+        print(f"results version: {m.version} ({m.rows} items, {m.reject_rows} rejected rows)")
+    if args.synthetic:
+        from evaluation.robustness import robustness_suite
+        from stages.config import load_config
+
+        r = robustness_suite(store, load_config("synthetic"), model, model_id, scenes=args.synthetic)
+        print(f"synthetic robustness ({r['rows']} held-out rows, AOT-SFT version {r['export_version']}): "
+              f"clean {100 * r['clean_accuracy']:.1f}%, attacked {100 * r['attacked_accuracy']:.1f}%, "
+              f"drop {100 * r['drop']:.1f} points")
     return 0
 
 

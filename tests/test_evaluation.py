@@ -176,3 +176,77 @@ def test_aot_eval_cli_writes_a_results_version(fixtures, tmp_path, capsys):
     assert main(["eval", "--root", str(tmp_path), "--benchmark", f"pope={bad}"]) == 2  # wrong format: one line
     err = capsys.readouterr().err
     assert err.startswith("error: POPE") and "lacks column" in err and "Traceback" not in err
+
+
+def test_chat_endpoint_concurrency_retries_and_errors(fixtures, monkeypatch):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from evaluation.endpoint import ChatEndpoint, EndpointError
+
+    state = {"active": 0, "peak": 0, "calls": 0, "auth": set()}
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with lock:
+                state["calls"] += 1
+                n = state["calls"]
+                state["active"] += 1
+                state["peak"] = max(state["peak"], state["active"])
+                state["auth"].add(self.headers.get("Authorization"))
+            import time as _t
+
+            _t.sleep(0.05)
+            with lock:
+                state["active"] -= 1
+            if body["model"] == "refuse":
+                self.send_response(400)
+                self.end_headers()
+                self.wfile.write(b"bad model")
+                return
+            if n == 1:  # the first request meets a transient failure
+                self.send_response(503)
+                self.end_headers()
+                return
+            text = body["messages"][0]["content"][1]["text"]
+            ok = body["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+            out = json.dumps({"choices": [{"message": {"content": f"\\\\boxed{{A}} {len(text) if ok else -1}"}}]})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(out.encode())
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AOT_TEST_KEY", "sk-test")
+        base = f"http://127.0.0.1:{server.server_port}/v1"
+        ep = ChatEndpoint(base, "m", api_key_env="AOT_TEST_KEY", concurrency=3, backoff=0.01)
+        items, _ = read_vstar(fixtures[1])
+        rows = evaluate(ep, "endpoint", items[:12], PAPER)
+        assert all(r["score"] == 1.0 for r in rows)  # every answer came back (paper: 3 trials each)
+        assert state["calls"] == 12 * 3 + 1  # one retry
+        assert state["peak"] <= 3 and state["auth"] == {"Bearer sk-test"}
+        with pytest.raises(EndpointError, match=r"refused the request \(400\): bad model"):
+            ChatEndpoint(base, "refuse", backoff=0.01).generate([items[0].image], ["q"])
+        with pytest.raises(EndpointError, match="still failing after 2 tries"):
+            ChatEndpoint("http://127.0.0.1:9/v1", "m", max_retries=1, backoff=0.01, timeout=1).generate([items[0].image], ["q"])
+    finally:
+        server.shutdown()
+
+
+def test_synthetic_robustness_suite_measures_the_drop(tmp_path):
+    from evaluation.robustness import robustness_suite
+    from models.perception_baseline import PerceptionBaselineDefender
+    from stages.config import load_config
+    from storage import ShardStore
+
+    r = robustness_suite(ShardStore(str(tmp_path)), load_config("synthetic", {"source": {"shard_size": 8}}),
+                         PerceptionBaselineDefender(), "baseline", scenes=24)
+    # The implanter kept only edits that fool this very defender while it was right on the clean image:
+    assert r["rows"] > 0 and r["clean_accuracy"] == 1.0 and r["attacked_accuracy"] == 0.0 and r["drop"] == 1.0
