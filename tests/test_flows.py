@@ -219,3 +219,27 @@ def test_cli_against_a_running_prefect_server(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_evaluate_flow_on_fixture_benchmarks(tmp_path):
+    import base64
+    import csv
+
+    from flows.evaluate import evaluate_flow
+    from world import generate_world, render
+
+    pope = tmp_path / "pope.tsv"
+    with open(pope, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["index", "image", "question", "answer", "category"])
+        for i in range(4):
+            import io
+
+            buf = io.BytesIO()
+            render(generate_world(i)).save(buf, format="PNG")
+            w.writerow([str(i), base64.b64encode(buf.getvalue()).decode(), "Is there a red circle in the image?",
+                        "yes" if i % 2 else "no", "random"])
+    out = evaluate_flow(benchmarks={"pope": str(pope)}, synthetic_scenes=16, root=str(tmp_path / "data"),
+                        overrides={"source.shard_size": 8})
+    assert out["summary"]["pope"]["n"] == 4 and 0 <= out["summary"]["pope"]["accuracy"] <= 1
+    assert out["synthetic"]["drop"] == 1.0  # the baseline against its own implanter
