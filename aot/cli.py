@@ -100,8 +100,12 @@ def parser() -> argparse.ArgumentParser:
                                       "server at http://HOST:8000/v1); key from $OPENAI_API_KEY")
     p.add_argument("--endpoint-model", help="the endpoint's model name")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight to the endpoint")
-    p.add_argument("--checkpoint", help="defender version to evaluate (default: the perception baseline)")
+    p.add_argument("--checkpoint", help="defender version to evaluate (default: the preset's models.defender)")
+    p.add_argument("--preset", default="synthetic", help="config preset: its models.defender is evaluated by default")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--protocol", choices=["strict", "paper"], default="strict")
+    p.add_argument("--trials", type=int, help="strict protocol: answers per item (accuracy averaged; default 1)")
+    p.add_argument("--temperature", type=float, help="strict protocol: sampling temperature (default 0, greedy)")
     p.add_argument("--cache", help="answer cache file (JSONL): an interrupted evaluation resumes from it")
     p = sub.add_parser("models", help="model checkpoints: `aot models check --preset full`")
     p.add_argument("action", choices=["check"])
@@ -338,11 +342,27 @@ def cmd_eval(args) -> int:
 
         model, model_id = load_defender(store, args.checkpoint), f"defender:{args.checkpoint}"
     else:
-        from models.perception_baseline import PerceptionBaselineDefender
+        import json as _json
 
-        model, model_id = PerceptionBaselineDefender(), "perception-baseline"
+        from models import load
+        from stages.config import load_config
+
+        spec = load_config(args.preset, _nested(_dotted(args.overrides, "--set"))).models["defender"]
+        model, model_id = load("defender", spec), "defender:" + _json.dumps(spec, sort_keys=True)
+    protocol = args.protocol
+    if args.trials or args.temperature is not None:
+        import dataclasses
+
+        from evaluation.harness import PROTOCOLS
+
+        if protocol != "strict":
+            print("error: --trials/--temperature configure the strict protocol; the paper's is fixed", file=sys.stderr)
+            return 2
+        custom = dataclasses.replace(PROTOCOLS["strict"], trials=args.trials or 1,
+                                     temperature=args.temperature if args.temperature is not None else 0.0)
+        protocol = custom
     if specs:
-        m = evaluate_benchmarks(store, specs, model, model_id, args.protocol, args.cache)
+        m = evaluate_benchmarks(store, specs, model, model_id, protocol, args.cache)
         summary = m.extra["summary"]
         cols = [c for c in PAPER_COLUMNS if c in summary]
         _print_table([{"protocol": args.protocol, **{c: f"{100 * summary[c]['accuracy']:.1f}" for c in cols}}],

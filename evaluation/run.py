@@ -34,9 +34,10 @@ def load_benchmarks(specs: dict[str, str]):
     return items, rejects
 
 
-def evaluate_benchmarks(store: ShardStore, specs: dict[str, str], model, model_id: str, protocol: str = "strict",
+def evaluate_benchmarks(store: ShardStore, specs: dict[str, str], model, model_id: str, protocol="strict",
                         cache_path: str | None = None, dataset: str = "benchmarks") -> Manifest:
-    p = PROTOCOLS[protocol]
+    """``protocol``: "strict", "paper" or a ``Protocol`` (e.g. strict with n sampled trials)."""
+    p = PROTOCOLS[protocol] if isinstance(protocol, str) else protocol
     items, rejects = load_benchmarks(specs)
     inputs = {name: content_hash({"path": str(Path(path).resolve()), "n": sum(i.benchmark == name for i in items)})
               for name, path in specs.items()}

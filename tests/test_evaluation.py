@@ -250,3 +250,17 @@ def test_synthetic_robustness_suite_measures_the_drop(tmp_path):
                          PerceptionBaselineDefender(), "baseline", scenes=24)
     # The implanter kept only edits that fool this very defender while it was right on the clean image:
     assert r["rows"] > 0 and r["clean_accuracy"] == 1.0 and r["attacked_accuracy"] == 0.0 and r["drop"] == 1.0
+
+
+def test_aot_eval_uses_the_presets_defender_and_sampled_trials(fixtures, tmp_path, capsys):
+    from aot.cli import main
+    from storage import ShardStore
+
+    rc = main(["eval", "--root", str(tmp_path), "--benchmark", f"hrbench4k={fixtures[2]}", "--preset", "tiny",
+               "--trials", "2", "--temperature", "1.0"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    m = ShardStore(str(tmp_path)).manifest(out.split("results version: ")[1].split()[0])
+    assert m.config["protocol"]["trials"] == 2 and m.config["model"].startswith('defender:{"backend": "tiny"')
+    rows = ShardStore(str(tmp_path)).read(m)
+    assert all(len(json.loads(p)) == 2 for p in rows["parsed"].to_list())  # two sampled answers per item
