@@ -13,9 +13,7 @@ smoke run with tiny configs.
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import device as current_device  # noqa: E402
+from benchmarks.common import environment, parser  # noqa: E402
 
 
 def sync():
@@ -210,20 +211,13 @@ def bench_ground(tiny, device, dtype, reps):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true")
+    ap = parser(__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", default="outpaint,judge,ground")
-    ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = current_device()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    import diffusers
-    import transformers
-
-    info = {"card": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "transformers": transformers.__version__, "diffusers": diffusers.__version__,
-            "python": platform.python_version(), "reps": a.reps}
+    info = environment(reps=a.reps)
     print(json.dumps(info), flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -221,17 +220,9 @@ def main():
         a.batches, a.completion, a.steps, a.prompt_chars, a.generations = "4", 8, 1, 60, 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    import transformers
+    from benchmarks.common import environment
 
-    info = {"card": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(), "arch": arch}
-    try:
-        import trl
-
-        info["trl"] = trl.__version__
-    except ImportError:
-        info["trl"] = None
-    info["bf16_matmul_tflops"] = matmul_tflops(device)
+    info = environment(arch=arch, bf16_matmul_tflops=matmul_tflops(device))
     print(json.dumps(info), flush=True)
     results = []
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -8,9 +8,7 @@ pixels (METHOD.md: defender images between 512^2 and 2048^2); 16 new tokens per 
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -21,18 +19,18 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import device as current_device  # noqa: E402
+from benchmarks.common import environment, parser  # noqa: E402
 from evaluation.harness import STRICT, evaluate  # noqa: E402
 from evaluation.readers import Item  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true")
+    ap = parser(__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=16)
     ap.add_argument("--batches", default="1,4,8")
-    ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = current_device()
     from benchmarks.defender_dapo import build
     from models.qwen_vl import QwenVLPolicy
 
@@ -47,11 +45,7 @@ def main():
     items = [Item(f"i{i}", "hrbench4k", Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)),
                   "What is written on the sign in the top left corner?", "A", ["cat", "dog", "bird", "fish"], ["single"])
              for i in range(a.items)]
-    info = {"card": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "python": platform.python_version(), "arch": arch, "image": [w, h], "max_pixels": px, "items": a.items}
-    import transformers
-
-    info["transformers"] = transformers.__version__
+    info = environment(arch=arch, image=[w, h], max_pixels=px, items=a.items)
     print(json.dumps(info), flush=True)
     evaluate(policy, "warm", items[:2], STRICT, batch_size=2)  # warm-up: kernels, allocator
     rows = []

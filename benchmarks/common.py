@@ -1,0 +1,34 @@
+"""What every benchmark records about where it ran, and the CLI options they share."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def environment(**extra) -> dict:
+    """Card, library versions and Python: the context every result table states."""
+    import transformers
+
+    env = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+           "transformers": transformers.__version__, "python": platform.python_version()}
+    for name in ("diffusers", "trl"):
+        try:
+            env[name] = __import__(name).__version__
+        except ImportError:
+            env[name] = None
+    env.update(extra)
+    return env
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny configs (checks the code paths)")
+    ap.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
+    return ap
