@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -70,10 +71,15 @@ def load_defender(store: ShardStore, version: str):
         raise ValueError(f"{version} is a {m.stage} version, not a defender checkpoint")
     local = CACHE / version
     if not (local / "config.json").exists():
-        tmp = Path(tempfile.mkdtemp(dir=CACHE.parent if CACHE.parent.exists() else None))
+        # Download beside the final folder (same filesystem), then rename: a reader never sees a
+        # half-written checkpoint, and a concurrent loader that finished first simply wins.
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=f".{version}-"))
         store.fetch_files(m, str(tmp))
-        local.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, local) if not local.exists() else None
+        try:
+            os.replace(tmp, local)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
     return QwenVLPolicy.from_pretrained(str(local))
 
 
