@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 DEFAULT_ROOT = os.environ.get("AOT_ROOT", "./aot-data")
 

@@ -32,3 +32,13 @@ def parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny configs (checks the code paths)")
     ap.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
     return ap
+
+
+def write_results(out_dir: str, name: str, info: dict, rows: list[dict]) -> None:
+    """``OUT/<name>.json``: the environment and the result rows (rewritten after each row)."""
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"info": info, "results": rows}, indent=1))

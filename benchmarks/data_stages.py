@@ -13,6 +13,7 @@ smoke run with tiny configs.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -25,7 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import device as current_device  # noqa: E402
-from benchmarks.common import environment, parser  # noqa: E402
+from benchmarks.common import environment, parser, write_results  # noqa: E402
 
 
 def sync():
@@ -92,8 +93,6 @@ def bench_outpaint(tiny, device, dtype, reps):
                     generator=torch.Generator("cpu").manual_seed(0), max_sequence_length=filler.max_sequence_length)
 
     # Through the stage function itself: decoding, geometry, box transforms, PNG encoding, rows.
-    import polars as pl
-
     from stages import rows as R
     from stages.base import ShardContext
     from stages.config import load_config
@@ -119,8 +118,6 @@ def bench_outpaint(tiny, device, dtype, reps):
 
     b, o = timeit(bare, reps), timeit(ours, reps)
     bs, st = timeit(bare_n, 2), timeit(stage, 2)
-    del filler
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     steps = 8 if not tiny else 2
     return [{"what": f"outpaint {side}->{canvas} px, {steps} steps (role)", "unit": "images/s",
              "bare": 1 / b, "ours": 1 / o, "overhead": o / b - 1},
@@ -161,8 +158,6 @@ def bench_judge(tiny, device, dtype, reps):
             ours()
 
     b, o = timeit(bare, reps), timeit(ours_fixed, reps)
-    del judge, policy
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {"what": f"judge realism check, {side}x{side} image, 16 tokens", "unit": "checks/s", "bare": 1 / b,
             "ours": 1 / o, "overhead": o / b - 1}
 
@@ -219,16 +214,17 @@ def main():
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     info = environment(reps=a.reps)
     print(json.dumps(info), flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, fn in (("outpaint", bench_outpaint), ("judge", bench_judge), ("ground", bench_ground)):
         if name in a.only:
             r = fn(a.tiny, device, dtype, a.reps)
+            gc.collect()  # the stage's models go out of scope with its function: free them before the next
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             for item in r if isinstance(r, list) else [r]:
                 rows.append(item)
                 print(json.dumps(item), flush=True)
-            (out / "data_stages.json").write_text(json.dumps({"info": info, "results": rows}, indent=1))
+            write_results(a.out, "data_stages", info, rows)
     print(f"\n{'stage model':<62}{'unit':>10}{'bare':>9}{'ours':>9}{'overhead':>10}")
     for r in rows:
         print(f"{r['what']:<62}{r['unit']:>10}{r['bare']:>9.3f}{r['ours']:>9.3f}{r['overhead']:>10.1%}")

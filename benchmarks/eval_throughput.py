@@ -20,7 +20,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import device as current_device  # noqa: E402
-from benchmarks.common import environment, parser  # noqa: E402
+from benchmarks.common import environment, parser, write_results  # noqa: E402
 from evaluation.harness import STRICT, evaluate  # noqa: E402
 from evaluation.readers import Item  # noqa: E402
 
@@ -64,9 +64,7 @@ def main():
     base = rows[0]["items_per_s"]
     for r in rows:
         r["speedup_vs_unbatched"] = r["items_per_s"] / base
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_throughput.json").write_text(json.dumps({"info": info, "results": rows}, indent=1))
+    write_results(a.out, "eval_throughput", info, rows)
     print(f"\n{'batch':>6}{'seconds':>9}{'items/s':>9}{'speedup':>9}{'peak GiB':>10}")
     for r in rows:
         print(f"{r['batch']:>6}{r['seconds']:>9.1f}{r['items_per_s']:>9.2f}{r['speedup_vs_unbatched']:>9.2f}{r['peak_gib']:>10.1f}")

@@ -18,7 +18,7 @@ from metrics import transform_box
 from stages import rows as R
 from stages.base import ShardContext
 from stages.config import canvas_scale_range
-from storage import content_hash, decode_image, image_cell, image_cells
+from storage import content_hash, decode_image, image_cells
 from storage.images import ImageDecodeError
 
 
