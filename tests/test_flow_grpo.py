@@ -1,0 +1,129 @@
+"""Flow-GRPO core and the attacker reward against independent computations (METHOD.md)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rl.config import FlowGrpoConfig
+from rl.flow_grpo import flow_grpo_loss, gaussian_kl, group_advantages, noise_scale, ode_step, sde_step
+from training.attacker_rewards import AttackSample, attacker_reward, combine, consecutive_failures, efficacy, integrity
+
+
+def _xv(seed=0, shape=(3, 4, 8, 8)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+def test_sde_log_prob_equals_an_independent_gaussian_density():
+    x, v = _xv()
+    s, sn, a = 0.6, 0.5, 0.8
+    out = sde_step(x, v, s, sn, a, generator=torch.Generator().manual_seed(1))
+    # Independent float64 computation of the mean and std from METHOD.md's formulas.
+    xd, vd = x.double(), v.double()
+    g = a * math.sqrt(s / (1 - s))
+    dt = sn - s
+    mean = xd + (vd + g**2 / (2 * s) * (xd + (1 - s) * vd)) * dt
+    std = g * math.sqrt(-dt)
+    dens = torch.distributions.Normal(mean, std).log_prob(out.sample.double()).mean(dim=(1, 2, 3))
+    assert torch.allclose(out.mean.double(), mean, atol=1e-5)
+    assert torch.allclose(out.log_prob.double(), dens, atol=1e-5)
+    assert out.log_prob.dtype == torch.float32 and out.log_prob.shape == (3,)
+
+
+def test_noise_scale_caps_sigma_at_one():
+    # float32: 1 - 0.999 carries ~1e-4 relative error, hence the tolerance.
+    assert float(noise_scale(torch.tensor(1.0), 0.7, 0.999)) == pytest.approx(0.7 * math.sqrt(0.999 / 0.001), rel=1e-4)
+    assert float(noise_scale(torch.tensor(0.5), 0.7, 0.999)) == pytest.approx(0.7)
+
+
+def test_a_zero_reproduces_the_ode_sampler_bit_for_bit():
+    x, _ = _xv(2)
+    sigmas = torch.linspace(1.0, 0.0, 11)
+    model = lambda z, s: torch.tanh(z) * (1 + s)  # noqa: E731 - any deterministic velocity field
+    a_ode, a_sde = x.clone(), x.clone()
+    for s, sn in zip(sigmas[:-1], sigmas[1:]):
+        a_ode = ode_step(a_ode, model(a_ode, s), s, sn)
+        a_sde = sde_step(a_sde, model(a_sde, s), s, sn, a=0.0).sample
+    assert torch.equal(a_ode, a_sde)
+
+
+def test_first_update_is_on_policy_ratio_one_kl_zero():
+    x, v = _xv(3)
+    roll = sde_step(x, v, 0.7, 0.6, 0.7, generator=torch.Generator().manual_seed(0))
+    again = sde_step(x, v, 0.7, 0.6, 0.7, sample=roll.sample)  # same model, same inputs: training-time recompute
+    assert torch.equal(again.log_prob, roll.log_prob)
+    kl = gaussian_kl(again.mean, roll.mean, again.std.expand_as(again.mean))
+    assert torch.equal(kl, torch.zeros(3))
+    loss, st = flow_grpo_loss(again.log_prob, roll.log_prob, torch.tensor([1.0, -0.5, 2.0]), FlowGrpoConfig(kl_beta=0.04), kl)
+    assert st["ratio_max"] == 1.0 and st["clip_fraction"] == 0.0 and st["kl"] == 0.0
+    assert loss.item() == pytest.approx(-(1.0 - 0.5 + 2.0) / 3)
+
+
+def test_per_step_clip_and_kl_hand_values():
+    cfg = FlowGrpoConfig(clip_range=1e-4, kl_beta=0.5)
+    old = torch.zeros(2)
+    new = torch.log(torch.tensor([1.001, 0.999])).requires_grad_(True)  # both outside the 1e-4 band
+    adv = torch.tensor([1.0, 1.0])
+    loss, st = flow_grpo_loss(new, old, adv, cfg, kl=torch.tensor([0.2, 0.4]))
+    # min(1.001, 1.0001) = 1.0001 for the first; min(0.999, 0.9999) = 0.999 for the second.
+    assert loss.item() == pytest.approx(-(1.0001 + 0.999) / 2 + 0.5 * 0.3, rel=1e-6)
+    assert st["clip_fraction"] == 1.0
+    (g,) = torch.autograd.grad(loss, new)
+    assert g[0].item() == 0.0 and g[1].item() == pytest.approx(-0.999 / 2, rel=1e-5)  # only the unclipped term moves
+
+
+def test_group_advantages_normalize_and_clip():
+    r = torch.tensor([1.0, 0, 0, 0, 2.0, 2.0, 2.0, 2.0])
+    adv = group_advantages(r, 4)
+    std = math.sqrt((0.75**2 + 3 * 0.25**2) / 3)
+    assert adv[:4].tolist() == pytest.approx([0.75 / (std + 1e-4)] + [-0.25 / (std + 1e-4)] * 3, rel=1e-6)
+    assert adv[4:].tolist() == [0.0] * 4
+    one_hit = torch.zeros(40)
+    one_hit[0] = 1.0  # unclipped it would be 0.975 / 0.156 = 6.2
+    assert group_advantages(one_hit, 40)[0].item() == 5.0
+
+
+# ------------------------------------------------------------------ rewards
+def _images():
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    edited = clean.copy()
+    edited[40:60, 40:60] = 255  # a distractor painted away from the target
+    broken = clean.copy()
+    broken[5:25, 5:25] = 0  # the target itself repainted
+    return Image.fromarray(clean), Image.fromarray(edited), Image.fromarray(broken)
+
+
+def test_integrity_gate_on_hand_built_images():
+    clean, edited, broken = _images()
+    s = AttackSample([[5, 5, 25, 25]], [False, False, True])
+    ok = integrity(clean, edited, s)
+    assert ok["integrity"] == 1.0 and ok["target_ssim_min"] == 1.0
+    bad = integrity(clean, broken, s)
+    assert bad["integrity"] == 0.0 and bad["target_ssim_min"] < 0.1
+    floor = integrity(clean, edited, s, global_floor=0.99)
+    assert floor["integrity"] == 0.0 and floor["global_ssim"] < 0.99  # repainted too much of the image
+
+
+@pytest.mark.parametrize("answers,c,e", [([False, False, True], 2, 2 / 3), ([True, False, False], 0, 0.0),
+                                         ([False, False, False], 3, 1.0), ([False, True, False], 1, 1 / 3)])
+def test_efficacy_counts_consecutive_failures(answers, c, e):
+    assert consecutive_failures(answers) == c
+    assert efficacy(AttackSample([], answers))["efficacy"] == pytest.approx(e)
+
+
+def test_reward_is_integrity_times_efficacy_and_components_are_kept():
+    clean, edited, broken = _images()
+    s = AttackSample([[5, 5, 25, 25]], [False, False, True])
+    r = attacker_reward(clean, edited, s)
+    assert r["reward"] == pytest.approx(2 / 3) and r["integrity"] == 1.0 and r["consecutive_failures"] == 2
+    r = attacker_reward(clean, broken, s, invalid_penalty=-0.5)
+    assert r["reward"] == -0.5 and r["efficacy"] == pytest.approx(2 / 3)  # efficacy still recorded
+    both = combine({"aot": attacker_reward, "const": lambda c, e, smp: {"reward": 1.0}}, {"aot": 2.0, "const": 0.5},
+                   clean, edited, s)
+    assert both["reward"] == pytest.approx(2 * 2 / 3 + 0.5) and both["aot/integrity"] == 1.0
