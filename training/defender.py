@@ -11,7 +11,6 @@ data position.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,24 +233,26 @@ class DefenderTrainer:
 
 
 @torch.no_grad()
-def evaluate(policy, examples: list[Example], batch: int = 64) -> dict:
-    """Greedy accuracy and strict-format rate of the policy on examples."""
-    right = strict = unparsed = 0
+def answer_items(policy, examples: list[Example], batch: int = 64) -> list[dict]:
+    """The policy's greedy answer to every example: response, parsed letter, right or not."""
+    rows = []
     for sl in _chunks(len(examples), batch):
         chunk = examples[sl]
         texts = policy.generate([e.image for e in chunk], [e.prompt for e in chunk], temperature=0.0)
         for e, t in zip(chunk, texts):
             ext = extract_choice(t, e.num_options)
-            right += ext.letter == e.answer
-            strict += ext.strict
-            unparsed += ext.letter is None
-    n = max(1, len(examples))
-    return {"accuracy": right / n, "strict_format": strict / n, "unparsed": unparsed / n, "n": len(examples)}
+            rows.append({"id": e.id, "answer": e.answer, "response": t, "prediction": ext.letter,
+                         "correct": ext.letter == e.answer, "strict_format": ext.strict})
+    return rows
+
+
+def evaluate(policy, examples: list[Example], batch: int = 64) -> dict:
+    """Greedy accuracy, strict-format rate and unparsed rate of the policy on examples."""
+    rows = answer_items(policy, examples, batch)
+    n = max(1, len(rows))
+    return {"accuracy": sum(r["correct"] for r in rows) / n, "strict_format": sum(r["strict_format"] for r in rows) / n,
+            "unparsed": sum(r["prediction"] is None for r in rows) / n, "n": len(rows)}
 
 
 def chance(examples: list[Example]) -> float:
     return sum(1.0 / e.num_options for e in examples) / max(1, len(examples))
-
-
-def lr_is_finite(cfg: DefenderTrainConfig) -> bool:
-    return math.isfinite(cfg.lr) and cfg.lr > 0

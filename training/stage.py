@@ -11,7 +11,6 @@ a crash resumes from there, and the manifest (written last) makes the version vi
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -162,7 +161,7 @@ def evaluate_defender_version(store: ShardStore, cfg: PipelineConfig, checkpoint
     The summary (accuracy on clean and on adversarial images separately, strict format,
     unparsed) is in the manifest's ``extra``.
     """
-    from models.mcq import extract_choice
+    from training.defender import answer_items
 
     data = store.manifest(data_version)
     ident = {"stage": "evaluation", "config": {"images": cfg.defender.images, "max_examples": cfg.defender.max_examples},
@@ -171,17 +170,10 @@ def evaluate_defender_version(store: ShardStore, cfg: PipelineConfig, checkpoint
     done = store.manifest_at(data.dataset, "evaluation", version)
     if done is not None:
         return done
-    policy = load_defender(store, checkpoint_version)
     examples = examples_from_version(store, data, cfg.defender.images, cfg.defender.max_examples)
-    rows = []
-    for i in range(0, len(examples), 64):
-        chunk = examples[i:i + 64]
-        texts = policy.generate([e.image for e in chunk], [e.prompt for e in chunk], temperature=0.0)
-        for e, t in zip(chunk, texts):
-            ext = extract_choice(t, e.num_options)
-            rows.append({"id": e.id.rsplit(":", 1)[0], "image_kind": e.id.rsplit(":", 1)[1], "answer": e.answer,
-                         "response": t, "prediction": ext.letter, "correct": ext.letter == e.answer,
-                         "strict_format": ext.strict})
+    rows = answer_items(load_defender(store, checkpoint_version), examples)
+    for r in rows:  # example ids are "<row id>:<clean|adversarial>"
+        r["id"], r["image_kind"] = r["id"].rsplit(":", 1)
     df = pl.DataFrame(rows, schema={"id": pl.String, "image_kind": pl.String, "answer": pl.String, "response": pl.String,
                                     "prediction": pl.String, "correct": pl.Boolean, "strict_format": pl.Boolean})
     summary = {"n": df.height}
@@ -196,7 +188,3 @@ def evaluate_defender_version(store: ShardStore, cfg: PipelineConfig, checkpoint
                             pl.DataFrame(schema={"id": pl.String, "reason": pl.String}))
     return store.commit(data.dataset, "evaluation", version, [rec], config=ident["config"], parents=ident["parents"],
                         code_version=code_version(), extra={"summary": summary})
-
-
-def summary_json(m: Manifest) -> str:
-    return json.dumps(m.extra.get("summary", m.extra), sort_keys=True)
