@@ -126,7 +126,8 @@ def bench_outpaint(tiny, device, dtype, reps):
 
 
 def bench_judge(tiny, device, dtype, reps):
-    from models.mllm_judge import YES_NO, MLLMJudge
+    from models.mcq import YES_NO_PROMPT
+    from models.mllm_judge import MLLMJudge
     from models.qwen_vl import QwenVLPolicy
 
     if tiny:
@@ -142,7 +143,7 @@ def bench_judge(tiny, device, dtype, reps):
     judge = MLLMJudge(policy, unparsed="pass", max_new_tokens=16)
     side = 64 if tiny else 1024
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (side, side, 3), dtype=np.uint8))
-    prompt = f"Does this image show visible seams, artefacts or distorted objects? {YES_NO}"
+    prompt = f"Does this image show visible seams, artefacts or distorted objects? {YES_NO_PROMPT}"
 
     def ours():
         judge.check_realism(img, None)

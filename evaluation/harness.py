@@ -20,13 +20,10 @@ from typing import Callable
 import numpy as np
 
 from evaluation.readers import Item
-from models.mcq import extract_choice, format_prompt, letters
+from models.mcq import YES_NO_PROMPT, YES_NO_WORD, extract_choice, extract_yes_no, format_prompt, letters
 from storage import content_hash
 
-YES_NO_SUFFIX = "Answer with \\boxed{Yes} or \\boxed{No}."
-_BOXED_YN = re.compile(r"\\boxed\s*[\{\(\[]\s*(yes|no)\s*[\}\)\]]", re.IGNORECASE)
 _FIRST_ABCD = re.compile(r"[ABCD]")
-_FIRST_YN = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -47,7 +44,7 @@ PROTOCOLS = {"strict": STRICT, "paper": PAPER}
 def present(item: Item, protocol: Protocol) -> tuple[str, str, list[int] | None]:
     """(prompt, the correct answer as shown, the option permutation or None)."""
     if item.options is None:
-        return f"{item.question}\n{YES_NO_SUFFIX}", item.answer, None
+        return f"{item.question}\n{YES_NO_PROMPT}", item.answer, None
     n = len(item.options)
     truth = letters(n).index(item.answer)
     perm = list(range(n))
@@ -60,11 +57,10 @@ def present(item: Item, protocol: Protocol) -> tuple[str, str, list[int] | None]
 
 def parse(text: str, item: Item, protocol: Protocol) -> str | None:
     if item.options is None:
-        if protocol.name == "paper":
-            m = _FIRST_YN.search(text)
+        if protocol.name == "paper":  # the authors' parser: the first yes/no word anywhere
+            m = YES_NO_WORD.search(text)
             return m.group(1).lower() if m else None
-        found = {m.lower() for m in _BOXED_YN.findall(text)}
-        return found.pop() if len(found) == 1 else None
+        return extract_yes_no(text)
     if protocol.name == "paper":
         m = _FIRST_ABCD.search(text)
         return m.group(0) if m else None

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from world.questions import letters  # option letters A, B, ... by position: one definition
+
 PROMPT_TEMPLATE = (
     "Please answer the following multiple-choice question. Choose the best answer from the options "
     "provided.\n\n{question}\n\nProvide your final answer in the format \\boxed{{X}}, where X is the "
@@ -22,10 +24,18 @@ FORMAT_REWARD = 0.2
 _STRICT = re.compile(r"\\boxed\{([A-Z])\}")
 _LENIENT = re.compile(r"\\boxed\s*[\{\(\[]\s*\(?\s*([A-Za-z])\s*\)?\s*[\}\)\]]")
 _OPTION_LINE = re.compile(r"^\(([A-Z])\) (.*)$")
+YES_NO_PROMPT = "Answer with \\boxed{Yes} or \\boxed{No}."
+_BOXED_YES_NO = re.compile(r"\\boxed\s*[\{\(\[]\s*(yes|no)\s*[\}\)\]]", re.IGNORECASE)
+YES_NO_WORD = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 
 
-def letters(n: int) -> list[str]:
-    return [chr(ord("A") + i) for i in range(n)]
+def extract_yes_no(text: str, words: bool = False) -> str | None:
+    """The answer "yes" or "no" from ``\\boxed{Yes}``-style answers (any bracket, any case); with ``words``,
+    from plain yes/no words when nothing is boxed. None if absent or contradictory."""
+    found = {m.lower() for m in _BOXED_YES_NO.findall(text)}
+    if not found and words:
+        found = {m.lower() for m in YES_NO_WORD.findall(text)}
+    return found.pop() if len(found) == 1 else None
 
 
 def question_block(question: str, options: list[str]) -> str:

@@ -16,18 +16,17 @@ import numpy as np
 from PIL import Image
 
 from metrics import region_ssim
+from models.mcq import YES_NO_PROMPT
+from models.mcq import extract_yes_no
 from models.roles import Box, CheckResult, Context, JudgeBase, Proposal, SceneChecks
 
-YES_NO = "Answer with \\boxed{Yes} or \\boxed{No}."
-_BOXED = re.compile(r"\\boxed\s*[\{\(\[]\s*(yes|no)\s*[\}\)\]]", re.IGNORECASE)
-_WORD = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 FALLBACK_OBJECTS = ("red ball", "blue cup", "green book", "yellow lamp", "purple box", "orange sign")
 
 
 def parse_yes_no(text: str) -> bool | None:
-    """True/False for a clear answer; None if absent or contradictory."""
-    found = {m.lower() for m in _BOXED.findall(text)} or {m.lower() for m in _WORD.findall(text)}
-    return (found == {"yes"}) if len(found) == 1 else None
+    """True/False for a clear answer (boxed first, then plain words); None if absent or contradictory."""
+    ans = extract_yes_no(text, words=True)
+    return None if ans is None else ans == "yes"
 
 
 def parse_proposals(text: str, width: int, height: int) -> tuple[list[Proposal], int]:
@@ -92,15 +91,15 @@ class MLLMJudge(JudgeBase):
     def _composition_prompt(offset: tuple[int, int], size: tuple[int, int]) -> str:
         x, y = int(offset[0]), int(offset[1])
         return (f"The region [{x}, {y}, {x + size[0]}, {y + size[1]}] of this image is an original photo; everything "
-                f"around it was added. Does the added part continue the original coherently? {YES_NO}")
+                f"around it was added. Does the added part continue the original coherently? {YES_NO_PROMPT}")
 
     @staticmethod
     def _duplication_prompt(name: str, original_box: Box) -> str:
-        return f"Outside the region {[round(v) for v in original_box]} of this image, is there a {name}? {YES_NO}"
+        return f"Outside the region {[round(v) for v in original_box]} of this image, is there a {name}? {YES_NO_PROMPT}"
 
     @staticmethod
     def _realism_prompt() -> str:
-        return f"Does this image show visible seams, artefacts or distorted objects? {YES_NO}"
+        return f"Does this image show visible seams, artefacts or distorted objects? {YES_NO_PROMPT}"
 
     def _pixels_intact(self, original: Image.Image, extended: Image.Image, offset: tuple[int, int]) -> CheckResult:
         x, y = int(offset[0]), int(offset[1])

@@ -34,6 +34,7 @@ class Question:
 
 
 def letters(n: int) -> list[str]:
+    """Option letters by position: A, B, C, ..."""
     return [chr(ord("A") + i) for i in range(n)]
 
 
