@@ -23,6 +23,14 @@ READERS = {
 PAPER_COLUMNS = ["vstar", "hrbench4k", "hrbench8k", "hallusionbench", "pope"]
 
 
+def files_fingerprint(path: str | Path) -> str:
+    """Identity of a benchmark's files: every file's relative path, size and modification time
+    (an edited file, even with as many rows, is a new input; no need to hash gigabytes)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return content_hash([[str(f.relative_to(path.parent)), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+
+
 def load_benchmarks(specs: dict[str, str]):
     items, rejects = [], []
     for name, path in specs.items():
@@ -39,8 +47,7 @@ def evaluate_benchmarks(store: ShardStore, specs: dict[str, str], model, model_i
     """``protocol``: "strict", "paper" or a ``Protocol`` (e.g. strict with n sampled trials)."""
     p = PROTOCOLS[protocol] if isinstance(protocol, str) else protocol
     items, rejects = load_benchmarks(specs)
-    inputs = {name: content_hash({"path": str(Path(path).resolve()), "n": sum(i.benchmark == name for i in items)})
-              for name, path in specs.items()}
+    inputs = {name: files_fingerprint(path) for name, path in specs.items()}
     version = content_hash({"stage": "benchmark-eval", "model": model_id, "protocol": protocol_dict(p),
                             "inputs": inputs, "code": code_version()})
     done = store.manifest_at(dataset, "benchmark-eval", version)

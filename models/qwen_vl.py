@@ -14,7 +14,6 @@ function for both the old and the new policy (so the first on-policy ratio is ex
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,6 +297,3 @@ def load_policy(spec: dict | str) -> QwenVLPolicy:
         return QwenVLPolicy.from_pretrained(spec.pop("model"), **spec)
     raise ValueError(f"unknown defender backend {backend!r}")
 
-
-def spec_json(spec: dict) -> str:
-    return json.dumps(spec, sort_keys=True)

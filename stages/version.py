@@ -10,7 +10,7 @@ import functools
 import hashlib
 from pathlib import Path
 
-PACKAGES = ("storage", "world", "models", "metrics", "stages", "rl", "training")
+PACKAGES = ("storage", "world", "models", "metrics", "stages", "rl", "training", "evaluation")
 SUFFIXES = (".py", ".json", ".yaml")
 RELEASE = "0.1.0"
 

@@ -19,7 +19,7 @@ import json
 import posixpath
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Iterable
 
 import fsspec
 import polars as pl
@@ -475,6 +475,3 @@ class ShardStore:
                 if not dry_run:
                     self.fs.rm(fpath)
         return removed
-
-    def describe(self) -> dict[str, Any]:
-        return {"root": self.root_url, "protocol": self.fs.protocol}

@@ -264,3 +264,24 @@ def test_aot_eval_uses_the_presets_defender_and_sampled_trials(fixtures, tmp_pat
     assert m.config["protocol"]["trials"] == 2 and m.config["model"].startswith('defender:{"backend": "tiny"')
     rows = ShardStore(str(tmp_path)).read(m)
     assert all(len(json.loads(p)) == 2 for p in rows["parsed"].to_list())  # two sampled answers per item
+
+
+def test_an_edited_benchmark_file_is_a_new_input(fixtures, tmp_path):
+    import shutil
+    import time
+
+    from evaluation.run import evaluate_benchmarks
+    from storage import ShardStore
+
+    hr = tmp_path / "hr.tsv"
+    shutil.copy(fixtures[2], hr)
+    store = ShardStore(str(tmp_path / "data"))
+    run = lambda: evaluate_benchmarks(store, {"hrbench4k": str(hr)}, Always("\\boxed{A}"), "a", "paper")  # noqa: E731
+    first = run()
+    assert run().version == first.version
+    time.sleep(0.01)
+    hr.write_text(hr.read_text().replace("\tA\tsingle", "\tB\tsingle", 1))  # same rows, one answer changed
+    second = run()
+    assert second.version != first.version
+    # Unshuffled, always-"A" is right where the answer is A: rows 0 and 4 before, only row 4 after.
+    assert (first.extra["summary"]["hrbench4k"]["accuracy"], second.extra["summary"]["hrbench4k"]["accuracy"]) == (2 / 8, 1 / 8)

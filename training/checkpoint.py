@@ -60,6 +60,3 @@ def load_trainer_state(folder: str | Path, opt: torch.optim.Optimizer) -> dict:
     torch.set_rng_state(tensors["rng.torch"])
     return state
 
-
-def is_checkpoint(folder: str | Path) -> bool:
-    return (Path(folder) / STATE_JSON).exists()
