@@ -142,17 +142,12 @@ def cmd_run(args, stage: str | None = None) -> int:
     opts = storage_options(args)
     t0 = time.perf_counter()
     if args.no_prefect:
-        from stages.runner import BOOTSTRAP, run_stage
+        from stages.runner import run_bootstrap, run_stage
         from storage import ShardStore
 
         store = ShardStore(args.root, opts)
-        names = [stage] if stage else [n for n in BOOTSTRAP if not (n == "source" and args.source)]
-        version = args.input if stage else args.source
-        summaries = []
-        for name in names:
-            s = run_stage(store, name, cfg, version).to_dict()
-            summaries.append(s)
-            version = s["version"]
+        found = [run_stage(store, stage, cfg, args.input)] if stage else run_bootstrap(store, cfg, args.source)
+        summaries = [s.to_dict() for s in found]
     else:
         _prefect_env(args)
         from flows.bootstrap import STAGE_FLOWS, bootstrap

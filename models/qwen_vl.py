@@ -226,7 +226,7 @@ class QwenVLPolicy:
         has_eos = is_eos.any(dim=1)
         first = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, resp.shape[1], dtype=torch.long))
         pos = torch.arange(resp.shape[1]).unsqueeze(0)
-        mask = (pos <= first.unsqueeze(1)) & (pos < resp.shape[1])
+        mask = pos <= first.unsqueeze(1)  # up to and including the first EOS
         resp = torch.where(mask, resp, torch.full_like(resp, self.tokenizer.pad_token_id))
         texts = [self.tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, mask)]
         return Rollout(list(prompts), list(images), resp, mask.long(), ~has_eos, texts)

@@ -102,14 +102,15 @@ def train_defender_version(store: ShardStore, cfg: PipelineConfig, data_version:
         return done, False
     train_cfg = dataclasses.replace(cfg.defender.warmup if mode == "sft" else cfg.defender.rl, mode=mode)
     examples = examples_from_version(store, data, cfg.defender.images, cfg.defender.max_examples)
-    policy = _initial_policy(store, cfg, init_version)
     with tempfile.TemporaryDirectory() as tmp:
         resume = None
         if store.get_folder(data.dataset, "defender", version, WORK, os.path.join(tmp, "resume")):
             from models.qwen_vl import QwenVLPolicy
 
-            resume = os.path.join(tmp, "resume")
+            resume = os.path.join(tmp, "resume")  # a crashed run's last checkpoint: continue from it
             policy = QwenVLPolicy.from_pretrained(resume)
+        else:
+            policy = _initial_policy(store, cfg, init_version)
         trainer = DefenderTrainer(policy, examples, train_cfg, resume_from=resume)
         every = train_cfg.checkpoint_every
 
