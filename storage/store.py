@@ -387,6 +387,9 @@ class ShardStore:
         return local
 
     # --------------------------------------------------------------- reading
+    def _read_manifest(self, mpath: str) -> Manifest:
+        return Manifest.from_dict(json.loads(self.fs.cat_file(mpath)), uri=self.url(posixpath.dirname(mpath)))
+
     def manifest_at(self, dataset: str, stage: str, version: str) -> Manifest | None:
         vpath = self.version_path(dataset, stage, version)
         try:
@@ -403,12 +406,16 @@ class ShardStore:
             rel = posixpath.relpath(mpath, self.root).split("/")
             if rel[0].startswith(RESERVED_PREFIX):
                 continue
-            out.append(Manifest.from_dict(json.loads(self.fs.cat_file(mpath)), uri=self.url(posixpath.dirname(mpath))))
+            out.append(self._read_manifest(mpath))
         return sorted(out, key=lambda m: (m.created, m.version))
 
     def manifest(self, version: str) -> Manifest:
         """Find a committed version by id (ids are content hashes, unique across the root)."""
-        found = [m for m in self.versions() if m.version == version]
+        found = []
+        if version and not any(c in version for c in "*?[]/"):  # a glob on this id only, not every manifest
+            for mpath in self.fs.glob(self.path("*", "*", version, MANIFEST)):
+                if not posixpath.relpath(mpath, self.root).startswith(RESERVED_PREFIX):
+                    found.append(self._read_manifest(mpath))
         if not found:
             raise VersionNotFound(
                 f"no committed version {version!r} under {self.root_url} (list them with `aot ls --root {self.root_url}`)"
