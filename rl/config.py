@@ -48,8 +48,8 @@ class DapoConfig:
 class FlowGrpoConfig:
     group_size: int = documented(16, "Images per group (same prompt and source). Flow-GRPO / METHOD.md reference: 16.")
     noise_level: float = documented(0.7, "a: SDE noise scale, g_s = a sqrt(s / (1 - s)). METHOD.md: about 0.7-1.0.")
-    sigma_cap: float = documented(0.999, "s is capped here when computing g_s (it diverges at s = 1): METHOD.md, "
-                                         "'at s = 1 use the first sigma below 1'.")
+    sigma_cap: float = documented(0.0, "Cap of s in the denominator of g_s (it diverges at s = 1); 0 = the schedule's "
+                                       "first sigma below 1 (METHOD.md; Flow-GRPO's sigma_max).")
     sampling_steps: int = documented(10, "Denoising steps of a training rollout (inference uses 40-50). METHOD.md.")
     train_window: int = documented(0, "Train on a random window of this many consecutive early (high-noise) steps, "
                                       "ODE elsewhere; 0 = SDE and training on every step but the last. METHOD.md.")
@@ -59,9 +59,3 @@ class FlowGrpoConfig:
     adv_eps: float = documented(1e-4, "Added to the group's reward std (Flow-GRPO).")
     kl_beta: float = documented(0.0, "KL weight to the reference (the model with LoRA disabled). METHOD.md: 0 for "
                                      "Qwen-Image-Edit; 0.01-0.04 if images degrade (reward hacking).")
-    cfg_scale: float = documented(4.0, "True classifier-free guidance of the editor (Qwen-Image-Edit reference: 4).")
-    lr: float = documented(3e-4, "Learning rate of the LoRA (Qwen-Image-Edit reference: 3e-4).")
-    lora_rank: int = documented(64, "LoRA rank (reference: 64, alpha 128).")
-    lora_alpha: int = documented(128, "LoRA alpha.")
-    resolution: int = documented(512, "Edit resolution in pixels (reference: 512); the pipelines' own 1024^2 "
-                                      "resizing is overridden by this.")

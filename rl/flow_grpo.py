@@ -4,7 +4,9 @@ Flow matching: x_s = (1 - s) x0 + s eps, s in (0, 1], s = 1 is noise; the model 
 v ~ eps - x0; a denoising step goes s -> s' < s with dt = s' - s < 0. The ODE step is
 x' = x + v dt. Its SDE counterpart with the same marginals (METHOD.md, "Flow-GRPO"):
 
-    g_s = a * sqrt(s / (1 - s))                      (at s = 1: the first sigma below 1)
+    g_s = a * sqrt(s / (1 - s))        (at s = 1 the denominator uses the schedule's first sigma
+                                        below 1, as Flow-GRPO does; a fixed cap like 0.999 makes the
+                                        first step's drift ~40x too large and the rollout explodes)
     mu  = x + [v + g_s^2 / (2 s) * (x + (1 - s) v)] dt
     x'  = mu + g_s * sqrt(-dt) * xi,   xi ~ N(0, I)
 
@@ -31,9 +33,14 @@ class StepOut:
 
 
 def noise_scale(s: torch.Tensor, a: float, s_cap: float) -> torch.Tensor:
-    """g_s = a sqrt(s / (1 - s)), with s capped below 1 (at s = 1 the formula diverges)."""
-    s = torch.clamp(s, max=s_cap)
-    return a * torch.sqrt(s / (1 - s))
+    """g_s = a sqrt(s / (1 - min(s, s_cap))): at s = 1 the formula diverges, so the denominator
+    takes ``s_cap``, the schedule's first sigma below 1 (``first_sigma_below_one``)."""
+    return a * torch.sqrt(s / (1 - torch.clamp(s, max=s_cap)))
+
+
+def first_sigma_below_one(sigmas: torch.Tensor) -> float:
+    below = sigmas[sigmas < 1]
+    return float(below.max()) if below.numel() else 0.999
 
 
 def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,8 @@ def test_sde_log_prob_equals_an_independent_gaussian_density():
 
 
 def test_noise_scale_caps_sigma_at_one():
-    # float32: 1 - 0.999 carries ~1e-4 relative error, hence the tolerance.
-    assert float(noise_scale(torch.tensor(1.0), 0.7, 0.999)) == pytest.approx(0.7 * math.sqrt(0.999 / 0.001), rel=1e-4)
+    # at s = 1 only the denominator takes the cap (the first sigma below 1), as Flow-GRPO does
+    assert float(noise_scale(torch.tensor(1.0), 0.7, 0.9)) == pytest.approx(0.7 * math.sqrt(1 / 0.1), rel=1e-5)
     assert float(noise_scale(torch.tensor(0.5), 0.7, 0.999)) == pytest.approx(0.7)
 
 
@@ -124,6 +124,12 @@ def test_reward_is_integrity_times_efficacy_and_components_are_kept():
     assert r["reward"] == pytest.approx(2 / 3) and r["integrity"] == 1.0 and r["consecutive_failures"] == 2
     r = attacker_reward(clean, broken, s, invalid_penalty=-0.5)
     assert r["reward"] == -0.5 and r["efficacy"] == pytest.approx(2 / 3)  # efficacy still recorded
-    both = combine({"aot": attacker_reward, "const": lambda c, e, smp: {"reward": 1.0}}, {"aot": 2.0, "const": 0.5},
-                   clean, edited, s)
-    assert both["reward"] == pytest.approx(2 * 2 / 3 + 0.5) and both["aot/integrity"] == 1.0
+    def aot(cleans, editeds, items):
+        return [attacker_reward(c, e, s) for c, e in zip(cleans, editeds)]
+
+    def const(cleans, editeds, items):
+        return [{"reward": 1.0} for _ in items]
+
+    both = combine({"aot": aot, "const": const}, {"aot": 2.0, "const": 0.5}, [clean, clean], [edited, broken], [None, None])
+    assert both[0]["reward"] == pytest.approx(2 * 2 / 3 + 0.5) and both[0]["aot/integrity"] == 1.0
+    assert both[1]["reward"] == pytest.approx(0.5) and both[1]["aot/integrity"] == 0.0

@@ -7,13 +7,15 @@
   one; E = c / K ("consecutive reasoning failures").
 - R = I * E; an invalid edit scores ``invalid_penalty`` (0 by default) instead.
 
-Rewards are callables with one signature, ``(clean, edited, sample) -> dict`` holding at least
-``reward``, and are combined by a weight dict (flow_grpo's convention).
+Rewards used in training are batch callables with one signature,
+``(cleans, editeds, items) -> list[dict]`` (each dict holds at least ``reward``; every other key
+is kept per sample), combined by a weight dict (flow_grpo's convention). Batches let the frozen
+defender answer a whole group at once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -60,15 +62,73 @@ def attacker_reward(clean: Image.Image, edited: Image.Image, sample: AttackSampl
     return parts
 
 
-RewardFn = Callable[[Image.Image, Image.Image, AttackSample], dict]
+@dataclass
+class AttackItem:
+    """One thing to attack: an image, the edit instruction, and the question whose targets must survive."""
+
+    id: str
+    image: Image.Image
+    instruction: str
+    target_boxes: list[list[float]]
+    prompt: str = ""  # the defender's MCQ prompt
+    answer: str = ""
+    num_options: int = 0
+    target_names: list[str] = field(default_factory=list)
+    question: str = ""
+    options: list[str] = field(default_factory=list)
 
 
-def combine(fns: dict[str, RewardFn], weights: dict[str, float], clean, edited, sample) -> dict:
-    """Weighted sum of reward callables; every component kept under ``name/part``."""
-    out, total = {}, 0.0
-    for name, fn in fns.items():
-        parts = fn(clean, edited, sample)
-        total += weights.get(name, 1.0) * parts["reward"]
-        out.update({f"{name}/{k}": v for k, v in parts.items()})
-    out["reward"] = total
+BatchReward = Callable[[list[Image.Image], list[Image.Image], list[AttackItem]], list[dict]]
+
+
+class IntegrityEfficacy:
+    """R = I x E with a frozen defender: it answers every edited image of the batch K times."""
+
+    def __init__(self, defender, tau: float = 0.9, queries: int = 3, temperature: float = 1.0,
+                 global_floor: float | None = None, invalid_penalty: float = 0.0):
+        self.defender, self.tau, self.queries, self.temperature = defender, tau, queries, temperature
+        self.global_floor = global_floor or None
+        self.invalid_penalty = invalid_penalty
+
+    def answers(self, editeds: list[Image.Image], items: list[AttackItem]) -> list[list[bool]]:
+        from models.mcq import extract_choice
+
+        right = [[] for _ in items]
+        for k in range(self.queries):
+            texts = self.defender.generate(editeds, [it.prompt for it in items], temperature=self.temperature, seed=k)
+            for j, (t, it) in enumerate(zip(texts, items)):
+                right[j].append(extract_choice(t, it.num_options).letter == it.answer)
+        return right
+
+    def __call__(self, cleans, editeds, items) -> list[dict]:
+        right = self.answers(editeds, items)
+        return [attacker_reward(c, e, AttackSample(it.target_boxes, r), self.tau, self.global_floor, self.invalid_penalty)
+                for c, e, it, r in zip(cleans, editeds, items, right)]
+
+
+def box_contrast(cleans, editeds, items) -> list[dict]:
+    """Mean brightness inside the first target box minus outside it, in [-1, 1]: a verifiable
+    reward for learnability checks (the edit must brighten the box and only the box)."""
+    out = []
+    for e, it in zip(editeds, items):
+        g = np.asarray(e.convert("L"), dtype=np.float64) / 255.0
+        x0, y0, x1, y1 = (int(round(v)) for v in it.target_boxes[0])
+        inside = np.zeros(g.shape, dtype=bool)
+        inside[y0:y1, x0:x1] = True
+        b_in, b_out = float(g[inside].mean()), float(g[~inside].mean())
+        out.append({"reward": b_in - b_out, "brightness_in": b_in, "brightness_out": b_out})
     return out
+
+
+def combine(fns: dict[str, BatchReward], weights: dict[str, float], cleans, editeds, items) -> list[dict]:
+    """Weighted sum of batch reward callables; every component kept per sample under ``name/part``."""
+    rows = [{} for _ in items]
+    totals = [0.0] * len(items)
+    for name, fn in fns.items():
+        w = weights.get(name, 1.0)
+        for j, parts in enumerate(fn(cleans, editeds, items)):
+            totals[j] += w * parts["reward"]
+            rows[j].update({f"{name}/{k}": v for k, v in parts.items()})
+    for r, t in zip(rows, totals):
+        r["reward"] = t
+    return rows

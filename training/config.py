@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from config_fields import documented
-from rl.config import DapoConfig
+from rl.config import DapoConfig, FlowGrpoConfig
 
 
 @dataclass
@@ -28,3 +28,34 @@ class DefenderTrainConfig:
     gradient_checkpointing: bool = documented(False, "Recompute activations in the backward pass to save memory.")
     checkpoint_every: int = documented(0, "Save a checkpoint every N steps (0: only at the end).")
     dapo: DapoConfig = documented(DapoConfig(), "DAPO settings (rl/dapo.py).")
+
+
+@dataclass
+class AttackerRewardConfig:
+    tau: float = documented(0.9, "Integrity gate: every target box's localized SSIM must be >= tau (METHOD.md, "
+                                 "'Attacker reward'; the paper states only integrity x efficacy).")
+    global_floor: float = documented(0.0, "Optional global SSIM floor against repainting the whole image (0 = off).")
+    queries: int = documented(3, "K: the frozen defender is asked K times; efficacy = wrong answers before the first "
+                                 "right one / K (METHOD.md default 3).")
+    temperature: float = documented(1.0, "Sampling temperature of the defender's K answers (1: the K differ).")
+    invalid_penalty: float = documented(0.0, "Reward of an edit that fails integrity (METHOD.md: 0, configurable).")
+
+
+@dataclass
+class AttackerTrainConfig:
+    mode: str = documented("grpo", "'sft' (cold start: flow matching on AOT-SFT pairs) or 'grpo' (Flow-GRPO).")
+    steps: int = documented(100, "Optimizer steps.")
+    groups_per_step: int = documented(2, "Prompts (groups of group_size edits each) per optimizer step; each group "
+                                         "is one sampling and one training micro-batch (kept identical, METHOD.md).")
+    sft_batch: int = documented(8, "Pairs per cold-start step.")
+    lr: float = documented(3e-4, "AdamW learning rate of the LoRA (Qwen-Image-Edit Flow-GRPO reference: 3e-4).")
+    weight_decay: float = documented(1e-4, "AdamW weight decay (Flow-GRPO reference 1e-4).")
+    grad_clip: float = documented(1.0, "Max global gradient norm (Flow-GRPO reference 1.0).")
+    lora_rank: int = documented(64, "LoRA rank on the transformer's attention and image MLP (reference: 64).")
+    lora_alpha: int = documented(128, "LoRA alpha (reference: 128).")
+    seed: int = documented(0, "Seed of data order, initial noise and SDE noise.")
+    async_rewards: bool = documented(True, "Score a group in a worker thread while the next group is sampled.")
+    gradient_checkpointing: bool = documented(False, "Recompute transformer activations in backward (memory).")
+    checkpoint_every: int = documented(0, "Save a checkpoint every N steps (0: only at the end).")
+    flow_grpo: FlowGrpoConfig = documented(FlowGrpoConfig(), "Flow-GRPO settings (rl/flow_grpo.py).")
+    reward: AttackerRewardConfig = documented(AttackerRewardConfig(), "Integrity x efficacy reward settings.")

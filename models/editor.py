@@ -1,0 +1,264 @@
+"""The attacker: a flow-matching, instruction-guided image editor with LoRA adapters.
+
+Full: ``Qwen/Qwen-Image-Edit`` through diffusers' ``QwenImageEditPipeline``. ``tiny``: the same
+pipeline class from small random components (shared/notes/dependencies.md §4.7) with a locally
+built byte-level tokenizer and processor, no download.
+
+Flow-GRPO needs the denoiser as a function, not the pipeline's closed loop, so this adapter
+exposes the four pieces our sampler (rl/flow_sampler.py) composes — ``condition`` (prompt
+embeddings and condition-image latents, computed once per group), ``velocity`` (one transformer
+call with the model's own classifier-free guidance), ``schedule`` and ``decode`` — and reuses
+the pipeline's own helpers for everything else (prompt encoding, VAE encode, packing, decoding).
+
+The pipeline resizes its condition image to about 1024^2 whatever the input (26 s per call
+even with the tiny model, notes §4.7); here the edit size always comes from ``resolution``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "img_mlp.net.0.proj", "img_mlp.net.2"]
+NEGATIVE_PROMPT = " "  # Qwen-Image-Edit's reference negative prompt: true CFG needs one, even empty
+
+
+@dataclass
+class EditCondition:
+    """What the velocity of one batch needs and what stays fixed through its rollout."""
+
+    prompt_embeds: torch.Tensor
+    prompt_mask: torch.Tensor | None
+    negative_embeds: torch.Tensor | None
+    negative_mask: torch.Tensor | None
+    image_latents: torch.Tensor  # packed condition-image latents (B, L, C*4)
+    size: tuple[int, int]  # (width, height) of the edit in pixels
+
+    def repeat(self, n: int) -> "EditCondition":
+        """Each item n times in a row (a group of n samples of one prompt)."""
+        rep = (lambda t: None if t is None else t.repeat_interleave(n, dim=0))
+        return EditCondition(rep(self.prompt_embeds), rep(self.prompt_mask), rep(self.negative_embeds),
+                             rep(self.negative_mask), rep(self.image_latents), self.size)
+
+    @property
+    def batch(self) -> int:
+        return self.image_latents.shape[0]
+
+
+def edit_size(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
+    """(w, h) with about ``resolution^2`` pixels, the input's aspect ratio, multiples of ``multiple``."""
+    ratio = width / height
+    w = max(multiple, round(math.sqrt(resolution * resolution * ratio) / multiple) * multiple)
+    h = max(multiple, round(resolution * resolution / max(w, 1) / multiple) * multiple)
+    return int(w), int(h)
+
+
+def build_tiny_qwen_image_edit(seed: int = 0, layers: int = 2, heads: int = 4, head_dim: int = 16):
+    """QwenImageEditPipeline from small random components; tokenizer and processor built locally."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, \
+        QwenImageTransformer2DModel
+
+    from models.qwen_vl import TinyDefenderSpec, build_byte_tokenizer, build_tiny_model, build_tiny_processor
+
+    tok = build_byte_tokenizer()
+    spec = TinyDefenderSpec(hidden=32, layers=1, heads=2, vision_depth=1, vision_hidden=32, patch_size=8,
+                            min_pixels=32 * 32, max_pixels=64 * 64)
+    text_encoder = build_tiny_model(tok, spec, seed)
+    torch.manual_seed(seed)
+    q = head_dim // 4  # rope axes (frame, height, width) must sum to head_dim
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=layers,
+                                              attention_head_dim=head_dim, num_attention_heads=heads,
+                                              joint_attention_dim=spec.hidden, axes_dims_rope=(head_dim - 2 * q, q, q))
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    return QwenImageEditPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                                 tokenizer=tok, processor=build_tiny_processor(tok, spec), transformer=transformer)
+
+
+class QwenImageEditor:
+    """Qwen-Image-Edit as a policy: condition, velocity, schedule, decode; LoRA on the transformer."""
+
+    def __init__(self, pipe, resolution: int = 512, cfg_scale: float = 4.0, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, negative_prompt: str = NEGATIVE_PROMPT):
+        self.pipe = pipe.to(device)
+        if dtype != torch.float32:  # random-init models are float32 already; .to(float32) only warns
+            self.pipe.to(dtype=dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.transformer = pipe.transformer
+        self.resolution, self.cfg_scale, self.device, self.dtype = resolution, cfg_scale, device, dtype
+        self.negative_prompt = negative_prompt
+        self.multiple = pipe.vae_scale_factor * 2  # VAE stride x 2x2 packing
+        for m in (pipe.text_encoder, pipe.vae, pipe.transformer):
+            m.requires_grad_(False)
+
+    @classmethod
+    def tiny(cls, seed: int = 0, resolution: int = 64, cfg_scale: float = 1.0, **kw) -> "QwenImageEditor":
+        return cls(build_tiny_qwen_image_edit(seed, **kw), resolution=resolution, cfg_scale=cfg_scale)
+
+    @classmethod
+    def from_pretrained(cls, path: str = "Qwen/Qwen-Image-Edit", resolution: int = 512, cfg_scale: float = 4.0,
+                        device: str = "cuda", dtype: str = "bfloat16") -> "QwenImageEditor":
+        from diffusers import QwenImageEditPipeline
+
+        pipe = QwenImageEditPipeline.from_pretrained(path, torch_dtype=getattr(torch, dtype), use_safetensors=True)
+        return cls(pipe, resolution=resolution, cfg_scale=cfg_scale, device=device, dtype=getattr(torch, dtype))
+
+    # ------------------------------------------------------------------ sizes and conditions
+    def size_for(self, image: Image.Image) -> tuple[int, int]:
+        return edit_size(image.width, image.height, self.resolution, self.multiple)
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        size = self.size_for(image)
+        return image.convert("RGB") if image.size == size else image.convert("RGB").resize(size, Image.BICUBIC)
+
+    def _pixels(self, images: list[Image.Image], size: tuple[int, int]) -> torch.Tensor:
+        w, h = size
+        return self.pipe.image_processor.preprocess(images, h, w).unsqueeze(2).to(self.device, self.dtype)
+
+    def latents_of(self, images: list[Image.Image]) -> torch.Tensor:
+        """Packed, normalized VAE latents of same-size images (already at the edit size)."""
+        size = images[0].size
+        lat = self.pipe._encode_vae_image(self._pixels(images, size), generator=None)
+        return self.pipe._pack_latents(lat, lat.shape[0], lat.shape[1], lat.shape[3], lat.shape[4])
+
+    @torch.no_grad()
+    def condition(self, images: list[Image.Image], prompts: list[str]) -> EditCondition:
+        """Prompt embeddings (with the negative ones when CFG is on) and condition latents.
+        ``images`` must share one size after ``resize`` (a group is one image)."""
+        images = [self.resize(im) for im in images]
+        if len({im.size for im in images}) != 1:
+            raise ValueError("one condition batch needs images of one edit size; batch groups by image size")
+        emb, mask = self.pipe.encode_prompt(prompts, image=images, device=self.device)
+        neg = neg_mask = None
+        if self.cfg_scale > 1:
+            neg, neg_mask = self.pipe.encode_prompt([self.negative_prompt] * len(prompts), image=images, device=self.device)
+        return EditCondition(emb, mask, neg, neg_mask, self.latents_of(images), images[0].size)
+
+    def noise(self, cond: EditCondition, generator: torch.Generator | None = None) -> torch.Tensor:
+        b, n, c = cond.image_latents.shape
+        return torch.randn((b, n, c), generator=generator, device="cpu", dtype=torch.float32).to(self.device, self.dtype)
+
+    def schedule(self, steps: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas (steps + 1, last 0), timesteps (steps)) exactly as the pipeline sets them."""
+        import numpy as np
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_shift
+
+        cfg = self.pipe.scheduler.config
+        mu = calculate_shift(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        self.pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=self.device)
+        return self.pipe.scheduler.sigmas.clone(), self.pipe.scheduler.timesteps.clone()
+
+    # ------------------------------------------------------------------ the denoiser
+    def _img_shapes(self, cond: EditCondition) -> list:
+        w, h = cond.size
+        grid = (1, h // self.multiple, w // self.multiple)
+        return [[grid, grid]] * cond.batch
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: EditCondition, guidance: bool = True) -> torch.Tensor:
+        """v(x, t) for a batch; ``t`` is the scheduler's timestep (0-1000). True CFG with the
+        pipeline's norm rescaling when ``cfg_scale > 1`` and ``guidance`` (supervised
+        flow matching trains the conditional branch alone)."""
+        inp = torch.cat([x, cond.image_latents], dim=1)
+        timestep = t.expand(x.shape[0]).to(x.dtype) / 1000
+        shapes = self._img_shapes(cond)
+
+        def call(emb, mask):
+            out = self.transformer(hidden_states=inp, timestep=timestep, encoder_hidden_states=emb,
+                                   encoder_hidden_states_mask=mask, img_shapes=shapes, return_dict=False)[0]
+            return out[:, : x.shape[1]]
+
+        v = call(cond.prompt_embeds, cond.prompt_mask)
+        if guidance and self.cfg_scale > 1 and cond.negative_embeds is not None:
+            neg = call(cond.negative_embeds, cond.negative_mask)
+            comb = neg + self.cfg_scale * (v - neg)
+            v = comb * (torch.norm(v, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+        return v
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor, cond: EditCondition) -> list[Image.Image]:
+        w, h = cond.size
+        lat = self.pipe._unpack_latents(x, h, w, self.pipe.vae_scale_factor).to(self.pipe.vae.dtype)
+        vcfg = self.pipe.vae.config
+        mean = torch.tensor(vcfg.latents_mean).view(1, vcfg.z_dim, 1, 1, 1).to(lat.device, lat.dtype)
+        std = torch.tensor(vcfg.latents_std).view(1, vcfg.z_dim, 1, 1, 1).to(lat.device, lat.dtype)
+        image = self.pipe.vae.decode(lat * std + mean, return_dict=False)[0][:, :, 0]
+        return self.pipe.image_processor.postprocess(image, output_type="pil")
+
+    # ------------------------------------------------------------------ LoRA
+    def add_lora(self, rank: int, alpha: int, targets: list[str] | None = None, seed: int = 0) -> None:
+        from peft import LoraConfig
+
+        # The last block's text-stream outputs are discarded (only image tokens leave the model),
+        # so LoRA there would never get a gradient: target the live modules by full name.
+        last = len(self.transformer.transformer_blocks) - 1
+        dead = (f"transformer_blocks.{last}.attn.add_q_proj", f"transformer_blocks.{last}.attn.to_add_out")
+        wanted = [n for n, _ in self.transformer.named_modules()
+                  if any(n.endswith("." + t) for t in (targets or LORA_TARGETS)) and n not in dead]
+        if not wanted:
+            raise ValueError(f"none of the LoRA targets {targets or LORA_TARGETS} is a module of the transformer")
+        torch.manual_seed(seed)
+        self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=wanted, init_lora_weights=True))
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.transformer.named_parameters() if "lora_" in n]
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().contiguous().cpu() for n, p in self.transformer.named_parameters() if "lora_" in n}
+
+    def load_lora_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        params = dict(self.transformer.named_parameters())
+        missing = [n for n in tensors if n not in params]
+        if missing:
+            raise ValueError(f"LoRA tensors do not match this editor (first unknown: {missing[0]}); "
+                             "was the checkpoint made with another model or LoRA rank/targets?")
+        with torch.no_grad():
+            for n, t in tensors.items():
+                params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The reference policy: the same model with its LoRA disabled (KL, comparisons)."""
+        self.transformer.disable_adapters()
+        try:
+            yield self
+        finally:
+            self.transformer.enable_adapters()
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.transformer.enable_gradient_checkpointing()
+
+    def save(self, folder: str | Path) -> Path:
+        """What a checkpoint holds of the editor: its LoRA (the base model is named by the spec)."""
+        return self.save_lora(folder)
+
+    def save_lora(self, folder: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(self.lora_state(), str(folder / "lora.safetensors"))
+        return folder
+
+    def load_lora(self, folder: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        self.load_lora_state(load_file(str(Path(folder) / "lora.safetensors")))
+
+
+def load_editor(spec: dict | str) -> QwenImageEditor:
+    """An editor from a model spec: ``{backend: tiny, seed, resolution, cfg_scale}`` or
+    ``{backend: qwen-image-edit, model: <id or path>, resolution, cfg_scale, device, dtype}``."""
+    spec = {"backend": spec} if isinstance(spec, str) else dict(spec)
+    backend = spec.pop("backend", "tiny")
+    if backend == "tiny":
+        return QwenImageEditor.tiny(**spec)
+    if backend == "qwen-image-edit":
+        return QwenImageEditor.from_pretrained(spec.pop("model", "Qwen/Qwen-Image-Edit"), **spec)
+    raise ValueError(f"unknown attacker backend {backend!r}: use 'tiny' or 'qwen-image-edit'")

@@ -1,0 +1,166 @@
+"""The attacker: tiny Qwen-Image-Edit editor, SDE sampler, Flow-GRPO trainer, rewards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rl.config import FlowGrpoConfig
+from rl.flow_grpo import gaussian_kl
+from rl.flow_sampler import sample, sde_window, step_log_prob
+from training.attacker import AttackerTrainer, EditPair
+from training.attacker_rewards import AttackItem, IntegrityEfficacy, box_contrast
+from metrics import region_ssim
+from training.config import AttackerTrainConfig
+
+
+def _editor(resolution: int = 32):
+    from models.editor import QwenImageEditor
+
+    return QwenImageEditor.tiny(seed=0, resolution=resolution)
+
+
+def _items(n: int = 4, size: int = 32) -> list[AttackItem]:
+    rng = np.random.RandomState(0)
+    return [AttackItem(f"i{i}", Image.fromarray((rng.rand(size, size, 3) * 120 + 60).astype("uint8")),
+                       "brighten the box", [[8, 8, 24, 24]]) for i in range(n)]
+
+
+def _cfg(**kw) -> AttackerTrainConfig:
+    fg = kw.pop("flow_grpo", {})
+    base = dict(mode="grpo", steps=2, groups_per_step=2, lr=3e-2, weight_decay=0.0, lora_rank=4, lora_alpha=8)
+    base.update(kw)
+    return AttackerTrainConfig(**base, flow_grpo=FlowGrpoConfig(**{"group_size": 4, "sampling_steps": 4,
+                                                                    "noise_level": 1.0, **fg}))
+
+
+def test_a_zero_sampler_is_the_pipeline_sampler_bit_for_bit(monkeypatch):
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as qie
+
+    ed = _editor()
+    img = _items(1)[0].image
+    cond = ed.condition([img], ["make it red"])
+    x = ed.noise(cond, torch.Generator().manual_seed(3))
+    ours = sample(ed, cond, 5, 0.0, x=x).final
+    # The pipeline resizes to ~1024^2 by itself; pin its target to our edit size for the comparison.
+    monkeypatch.setattr(qie, "calculate_dimensions", lambda area, ratio: (cond.size[0], cond.size[1], None))
+    ref = ed.pipe(image=img, prompt="make it red", num_inference_steps=5, true_cfg_scale=1.0, latents=x.clone(),
+                  height=cond.size[1], width=cond.size[0], output_type="latent").images
+    assert torch.equal(ours, ref)
+
+
+def test_sde_window_is_early_and_consecutive():
+    assert sde_window(10, 0) == list(range(9))  # every step but the last
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        w = sde_window(10, 3, g)
+        assert len(w) == 3 and w == list(range(w[0], w[0] + 3)) and w[0] <= 2  # inside the high-noise half
+
+
+def test_first_update_is_on_policy_ratio_one_kl_zero():
+    ed = _editor()
+    ed.add_lora(4, 8)
+    cond = ed.condition([_items(1)[0].image], ["x"]).repeat(4)
+    traj = sample(ed, cond, 4, 1.0, generator=torch.Generator().manual_seed(0))
+    assert traj.sde_steps == [0, 1, 2] and (traj.log_probs[:, 3] == 0).all()
+    for i in traj.sde_steps:
+        out = step_log_prob(ed, traj, i, cond, 1.0)
+        assert torch.equal(torch.exp(out.log_prob.detach() - traj.log_probs[:, i]), torch.ones(4))
+        with torch.no_grad(), ed.reference():
+            ref = step_log_prob(ed, traj, i, cond, 1.0)
+        assert torch.equal(gaussian_kl(out.mean, ref.mean, out.std.expand_as(out.mean)), torch.zeros(4))
+
+
+def test_lora_parameters_all_change_and_the_reference_stays():
+    ed = _editor()
+    tr = AttackerTrainer(ed, _cfg(steps=2), items=_items(), rewards={"contrast": box_contrast})
+    before = {k: v.clone() for k, v in ed.lora_state().items()}
+    base = {n: p.detach().clone() for n, p in ed.transformer.named_parameters() if "lora_" not in n}
+    tr.train()
+    after = ed.lora_state()
+    # LoRA's B starts at 0, so A gets its first gradient on step 2 (weight decay 0: only gradients move them).
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, unchanged
+    assert all(torch.equal(p, base[n]) for n, p in ed.transformer.named_parameters() if "lora_" not in n)
+    assert tr.metrics[0]["ratio_max"] == 1.0 and tr.metrics[0]["clip_fraction"] == 0.0
+    assert len(tr.samples) == 2 * 2 * 4 and {"reward", "contrast/brightness_in"} <= set(tr.samples[0])
+
+
+def test_resume_reproduces_the_next_step(tmp_path):
+    cfg = _cfg(steps=3)
+    a = AttackerTrainer(_editor(), cfg, items=_items(), rewards={"contrast": box_contrast})
+    a.train(steps=2)
+    a.save(tmp_path / "ck")
+    a.train()
+    b = AttackerTrainer(_editor(), cfg, items=_items(), rewards={"contrast": box_contrast}, resume_from=tmp_path / "ck")
+    assert b.step == 2
+    b.train()
+    drop = ("seconds", "sample_seconds", "reward_seconds", "update_seconds")
+    assert {k: v for k, v in b.metrics[-1].items() if k not in drop} == {k: v for k, v in a.metrics[-1].items() if k not in drop}
+    sa, sb = a.editor.lora_state(), b.editor.lora_state()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_cold_start_fits_the_pairs():
+    ed = _editor()
+    items = _items(2)
+    pairs = [EditPair(it.image, Image.fromarray(255 - np.asarray(it.image)), "invert the colours") for it in items]
+    tr = AttackerTrainer(ed, _cfg(mode="sft", steps=30, sft_batch=2, lr=1e-2), pairs=pairs)
+    tr.train()
+    first, last = np.mean([r["loss"] for r in tr.metrics[:5]]), np.mean([r["loss"] for r in tr.metrics[-5:]])
+    assert last < 0.8 * first, (first, last)
+
+
+class ScriptedDefender:
+    """Answers from a script, per query index (the K queries of efficacy)."""
+
+    def __init__(self, script: list[list[str]]):
+        self.script = script
+
+    def generate(self, images, prompts, *, temperature=0.0, seed=0):
+        return [f"\\boxed{{{self.script[seed][j]}}}" for j in range(len(images))]
+
+
+def test_integrity_efficacy_with_a_scripted_defender():
+    clean = np.full((40, 40, 3), 100, np.uint8)
+    clean[5:20, 5:20] = 200
+    edited = clean.copy()
+    edited[25:38, 25:38] = 30  # distractor away from the target
+    broken = clean.copy()
+    broken[5:20, 5:20] = 0  # target destroyed
+    item = AttackItem("a", Image.fromarray(clean), "x", [[5, 5, 20, 20]], prompt="q", answer="A", num_options=4)
+    # K = 3 queries; image 0 answered B, C, A (2 failures), image 1 B, B, B (3 failures, but broken)
+    reward = IntegrityEfficacy(ScriptedDefender([["B", "B"], ["C", "B"], ["A", "B"]]), tau=0.9, queries=3)
+    rows = reward([item.image] * 2, [Image.fromarray(edited), Image.fromarray(broken)], [item, item])
+    assert rows[0]["integrity"] == 1.0 and rows[0]["efficacy"] == pytest.approx(2 / 3) and rows[0]["reward"] == pytest.approx(2 / 3)
+    assert rows[1]["integrity"] == 0.0 and rows[1]["efficacy"] == 1.0 and rows[1]["reward"] == 0.0
+
+
+def test_flow_grpo_learns_to_brighten_a_box():
+    """Learnability on CPU: Flow-GRPO raises the box-contrast reward of the tiny editor, and the
+    change it learned is inside the box. Measured (seed 0, 40 steps, ~40 s on 2 cores): reward
+    (mean of the first / last 5 steps) 0.0019 -> 0.0110; deterministic samples against the
+    reference (LoRA off, same noise): box +6.14 grey levels, outside +2.32, outside SSIM 0.625."""
+    torch.manual_seed(0)
+    ed = _editor()
+    items = _items(4)
+    cfg = _cfg(steps=40, lr=3e-2, lora_rank=8, lora_alpha=16, flow_grpo={"group_size": 8, "sampling_steps": 6})
+    tr = AttackerTrainer(ed, cfg, items=items, rewards={"contrast": box_contrast})
+    tr.train()
+    r = [m["reward"] for m in tr.metrics]
+    first, last = np.mean(r[:5]), np.mean(r[-5:])
+    assert last - first >= 0.005, (first, last)
+    cond = ed.condition([tr.items[0].image], [tr.items[0].instruction]).repeat(4)
+    x = ed.noise(cond, torch.Generator().manual_seed(123))
+    trained = np.stack([np.asarray(i.convert("L"), float) for i in ed.decode(sample(ed, cond, 6, 0.0, x=x).final, cond)])
+    with ed.reference():
+        ref = np.stack([np.asarray(i.convert("L"), float) for i in ed.decode(sample(ed, cond, 6, 0.0, x=x).final, cond)])
+    inside = np.zeros(trained.shape[1:], bool)
+    inside[8:24, 8:24] = True
+    d_in, d_out = (trained - ref)[:, inside].mean(), (trained - ref)[:, ~inside].mean()
+    outside_only = np.where(inside, ref, trained)  # the box pasted back: what remains is the outside change
+    ssim_out = np.mean([region_ssim(o.astype(np.uint8), r.astype(np.uint8)) for o, r in zip(outside_only, ref)])
+    print(f"reward {first:.4f} -> {last:.4f}; box brightness change {d_in:.2f}, outside {d_out:.2f}, outside SSIM {ssim_out:.3f}")
+    assert d_in - d_out >= 2.0 and ssim_out >= 0.5, (d_in, d_out, ssim_out)

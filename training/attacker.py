@@ -1,0 +1,182 @@
+"""Attacker training: cold-start flow matching on AOT-SFT pairs, then Flow-GRPO.
+
+A Flow-GRPO step reads as the algorithm does: for each prompt, sample a group of G edits with
+the SDE sampler (log-probs kept) -> reward them (in a worker thread while the next group is
+sampled) -> group-normalized, clipped advantages -> per-step clipped-ratio update of the LoRA
+on the trained steps. Each group is one sampling batch and one training micro-batch with the
+same dtypes, so the first ratio of a batch is exactly 1 (METHOD.md's pitfall; tested).
+
+Checkpoints hold the LoRA (safetensors), optimizer, step, RNG and data position; resume
+reproduces the next steps exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from rl.flow_grpo import flow_grpo_loss, gaussian_kl, group_advantages
+from rl.flow_sampler import sample, step_log_prob
+from training.attacker_rewards import AttackItem, BatchReward, combine
+from training.checkpoint import load_trainer_state, save_checkpoint
+from training.config import AttackerTrainConfig
+from training.defender import DataStream
+
+
+@dataclass
+class EditPair:
+    """A cold-start example: clean image + instruction -> the adversarial image."""
+
+    clean: Image.Image
+    edited: Image.Image
+    instruction: str
+
+
+def scale_boxes(boxes: list[list[float]], src: tuple[int, int], dst: tuple[int, int]) -> list[list[float]]:
+    sx, sy = dst[0] / src[0], dst[1] / src[1]
+    return [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in boxes]
+
+
+def at_edit_size(editor, item: AttackItem) -> AttackItem:
+    """The item as the attacker sees it: image at the edit size, boxes scaled with it."""
+    image = editor.resize(item.image)
+    return dataclasses.replace(item, image=image, target_boxes=scale_boxes(item.target_boxes, item.image.size, image.size))
+
+
+class AttackerTrainer:
+    def __init__(self, editor, cfg: AttackerTrainConfig, items: list[AttackItem] | None = None,
+                 pairs: list[EditPair] | None = None, rewards: dict[str, BatchReward] | None = None,
+                 weights: dict[str, float] | None = None, resume_from: str | Path | None = None):
+        self.editor, self.cfg = editor, cfg
+        if cfg.mode == "grpo" and not (items and rewards):
+            raise ValueError("Flow-GRPO needs items to attack and at least one reward callable")
+        if cfg.mode == "sft" and not pairs:
+            raise ValueError("the cold start needs AOT-SFT pairs (clean, adversarial, instruction); the dataset has none")
+        self.items = [at_edit_size(editor, it) for it in items or []]
+        self.pairs = pairs or []
+        self.rewards, self.weights = rewards or {}, weights or {}
+        if not editor.lora_parameters():
+            editor.add_lora(cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+        if cfg.gradient_checkpointing:
+            editor.enable_gradient_checkpointing()
+        self.opt = torch.optim.AdamW(editor.lora_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step, self.metrics, self.samples = 0, [], []
+        self.stream = DataStream(len(self.items) if cfg.mode == "grpo" else len(self.pairs), cfg.seed)
+        if resume_from is not None:
+            self.load(resume_from)
+
+    def _generator(self, *keys: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 1009 + sum(k * 101 ** (i + 1) for i, k in enumerate(keys)))
+
+    # ------------------------------------------------------------------ Flow-GRPO
+    def _score(self, clean: Image.Image, edited: list[Image.Image], item: AttackItem) -> list[dict]:
+        return combine(self.rewards, self.weights, [clean] * len(edited), edited, [item] * len(edited))
+
+    def grpo_step(self) -> dict:
+        ed, cfg, fg = self.editor, self.cfg, self.cfg.flow_grpo
+        G = fg.group_size
+        items = [self.items[i] for i in self.stream.take(cfg.groups_per_step)]
+        t0 = time.perf_counter()
+        groups, pending = [], []
+        pool = ThreadPoolExecutor(1) if cfg.async_rewards else None
+        try:
+            for k, item in enumerate(items):  # sampling (rewards of group k run while group k + 1 samples)
+                cond = ed.condition([item.image], [item.instruction]).repeat(G)
+                traj = sample(ed, cond, fg.sampling_steps, fg.noise_level, sigma_cap=fg.sigma_cap,
+                              window=fg.train_window, generator=self._generator(k))
+                edited = ed.decode(traj.final, cond)
+                groups.append((item, cond, traj, edited))
+                pending.append(pool.submit(self._score, item.image, edited, item) if pool
+                               else self._score(item.image, edited, item))
+            t_sample = time.perf_counter() - t0
+            scored = [p.result() if pool else p for p in pending]  # reward
+        finally:
+            if pool:
+                pool.shutdown()
+        t_reward = time.perf_counter() - t0 - t_sample
+        rewards = torch.tensor([[r["reward"] for r in rows] for rows in scored], dtype=torch.float32)
+        adv = group_advantages(rewards.view(-1), G, fg.adv_eps, fg.adv_clip).view(len(items), G)  # advantages
+        t1 = time.perf_counter()
+        stats = []
+        n_terms = sum(len(traj.sde_steps) for _, _, traj, _ in groups)
+        for (item, cond, traj, _), a in zip(groups, adv):  # update: one micro-batch per group, as sampled
+            a = a.to(ed.device)
+            for i in traj.sde_steps:
+                out = step_log_prob(ed, traj, i, cond, fg.noise_level, fg.sigma_cap)
+                kl = None
+                if fg.kl_beta:
+                    with torch.no_grad(), ed.reference():
+                        ref = step_log_prob(ed, traj, i, cond, fg.noise_level, fg.sigma_cap)
+                    kl = gaussian_kl(out.mean, ref.mean, out.std.expand_as(out.mean))
+                loss, st = flow_grpo_loss(out.log_prob, traj.log_probs[:, i].to(out.log_prob.device), a, fg, kl)
+                (loss / n_terms).backward()
+                stats.append(st)
+        gnorm = torch.nn.utils.clip_grad_norm_(ed.lora_parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        for item, rows in zip(items, scored):  # every component, per sample
+            self.samples += [{"step": self.step + 1, "item": item.id, **r} for r in rows]
+        row = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+               "sample_seconds": t_sample, "reward_seconds": t_reward, "update_seconds": time.perf_counter() - t1,
+               "grad_norm": float(gnorm), "trained_steps": n_terms}
+        for key in ("policy_loss", "kl", "ratio_mean", "ratio_max", "clip_fraction"):
+            row[key] = sum(s[key] for s in stats) / max(1, len(stats))
+        parts = {k for rows in scored for r in rows for k, v in r.items() if k != "reward" and isinstance(v, (int, float))}
+        for k in sorted(parts):
+            vals = [r[k] for rows in scored for r in rows if isinstance(r.get(k), (int, float))]
+            row[k] = sum(vals) / len(vals)
+        return row
+
+    # ------------------------------------------------------------------ cold start
+    def sft_step(self) -> dict:
+        """Flow matching on (clean -> adversarial | instruction): x_s = (1 - s) x0 + s eps, target
+        v = eps - x0, s ~ U(0, 1); the conditional branch only (no CFG)."""
+        ed, cfg = self.editor, self.cfg
+        batch = [self.pairs[i] for i in self.stream.take(cfg.sft_batch)]
+        g = self._generator()
+        total = 0.0
+        for j, pair in enumerate(batch):  # one pair per micro-batch: pairs may differ in size
+            cond = ed.condition([pair.clean], [pair.instruction])
+            x0 = ed.latents_of([pair.edited.convert("RGB").resize(cond.size, Image.BICUBIC)])
+            eps = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+            s = torch.rand(1, generator=g).to(x0.device, x0.dtype)
+            xs = (1 - s) * x0 + s * eps
+            v = ed.velocity(xs, s * 1000, cond, guidance=False)
+            loss = torch.nn.functional.mse_loss(v.float(), (eps - x0).float()) / len(batch)
+            loss.backward()
+            total += float(loss.detach())
+        gnorm = torch.nn.utils.clip_grad_norm_(ed.lora_parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return {"loss": total, "grad_norm": float(gnorm), "pairs": len(batch)}
+
+    # ------------------------------------------------------------------ loop and checkpoints
+    def train(self, steps: int | None = None, on_step: Callable[[dict], None] | None = None) -> list[dict]:
+        until = self.cfg.steps if steps is None else min(self.cfg.steps, self.step + steps)
+        while self.step < until:
+            t0 = time.perf_counter()
+            row = self.grpo_step() if self.cfg.mode == "grpo" else self.sft_step()
+            self.step += 1
+            row = {"step": self.step, "lr": self.cfg.lr, "seconds": time.perf_counter() - t0, **row}
+            self.metrics.append(row)
+            if on_step:
+                on_step(row)
+        return self.metrics
+
+    def save(self, folder: str | Path) -> Path:
+        return save_checkpoint(folder, self.editor, self.opt, {
+            "step": self.step, "data_position": self.stream.position(), "metrics": self.metrics,
+            "config": dataclasses.asdict(self.cfg)})
+
+    def load(self, folder: str | Path) -> None:
+        self.editor.load_lora(folder)
+        state = load_trainer_state(folder, self.opt)
+        self.step, self.metrics = state["step"], state["metrics"]
+        self.stream = DataStream(self.stream.n, self.cfg.seed, **state["data_position"])
