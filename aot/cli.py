@@ -89,6 +89,18 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--checkpoint", required=True, help="defender version")
     p.add_argument("--data", required=True, help="dataset version")
+    p = sub.add_parser("train-attacker", help="train the attacker: cold start (sft) or Flow-GRPO (grpo) against a defender")
+    _common(p)
+    p.add_argument("--data", required=True, help="dataset version: AOT-SFT export for sft; any version with questions "
+                                                 "and target boxes (source, filter, export) for grpo")
+    p.add_argument("--defender", help="frozen defender version whose failures are the reward (grpo)")
+    p.add_argument("--init", help="attacker version to start from (e.g. the cold start); default: attacker.model")
+    p.add_argument("--mode", choices=["sft", "grpo"], default="sft")
+    p = sub.add_parser("curriculum", help="the frozen attacker edits a dataset version into a defender curriculum")
+    _common(p)
+    p.add_argument("--attacker", required=True, help="attacker version")
+    p.add_argument("--data", required=True, help="dataset version to attack (source, filter or export)")
+    p.add_argument("--defender", required=True, help="frozen defender version that scores each edit's efficacy")
     p = sub.add_parser("eval", help="evaluate a defender on benchmark files (V*, HRBench, POPE, HallusionBench)")
     _common(p, config=False)
     p.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH",
@@ -288,13 +300,66 @@ def cmd_defender(args) -> int:
     return 0
 
 
+def cmd_attacker(args) -> int:
+    from stages.config import load_config
+    from storage import ShardStore
+
+    overrides = _dotted(args.overrides, "--set")
+    cfg = load_config(args.preset, _nested(overrides))
+    opts = storage_options(args)
+    store = ShardStore(args.root, opts)
+    t0 = time.perf_counter()
+    if args.command == "train-attacker":
+        if args.mode == "grpo" and not args.defender:
+            print("error: --mode grpo trains against a frozen defender: give --defender VERSION "
+                  "(train one with aot train-defender)", file=sys.stderr)
+            return 2
+        if args.no_prefect:
+            from training.attacker_stage import train_attacker_version
+
+            m, _ = train_attacker_version(store, cfg, args.data, args.defender, args.init, args.mode,
+                                          on_step=_StepPrinter(args.no_progress))
+            out = {"version": m.version, "final": m.extra.get("final", {})}
+        else:
+            _prefect_env(args)
+            from flows.attacker import train_attacker
+
+            out = train_attacker(data_version=args.data, defender_version=args.defender, init_version=args.init,
+                                 mode=args.mode, root=args.root, preset=args.preset, overrides=overrides,
+                                 storage_options=opts)
+        final = {k: round(v, 4) for k, v in out.get("final", {}).items() if k in ("loss", "reward", "aot/efficacy")}
+        print(f"attacker version: {out['version']}  (last step: {final})")
+        print(f"generate a curriculum: aot curriculum --attacker {out['version']} --data VERSION --defender VERSION "
+              f"--root {args.root}")
+    else:
+        if args.no_prefect:
+            from training.attacker_stage import generate_curriculum_version
+
+            m = generate_curriculum_version(store, cfg, args.attacker, args.data, args.defender)
+            out = {"version": m.version, **m.extra["summary"]}
+        else:
+            _prefect_env(args)
+            from flows.attacker import generate_curriculum
+
+            out = generate_curriculum(attacker_version=args.attacker, data_version=args.data,
+                                      defender_version=args.defender, root=args.root, preset=args.preset,
+                                      overrides=overrides, storage_options=opts)
+        for k, v in out.items():
+            print(f"{k:<22}{v}")
+        print(f"train the defender on it: aot train-defender --data {out['version']} --mode dapo --init "
+              f"{args.defender} --root {args.root}")
+    print(f"wall time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 class _StepPrinter:
     def __init__(self, quiet: bool):
         self.quiet = quiet
 
     def __call__(self, row: dict) -> None:
         if not self.quiet and (row["step"] % 10 == 0 or row["step"] == 1):
-            shown = {k: round(v, 3) for k, v in row.items() if k in ("loss", "reward", "accuracy", "kept_group_fraction")}
+            shown = {k: round(v, 3) for k, v in row.items() if k in ("loss", "reward", "accuracy", "kept_group_fraction",
+                                                                      "aot/integrity", "aot/efficacy")}
             print(f"step {row['step']}: {shown}", file=sys.stderr)
 
 
@@ -401,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stage":
             return cmd_run(args, stage=args.name)
         return {"ls": cmd_ls, "show": cmd_show, "gc": cmd_gc, "import": cmd_import, "config": cmd_config,
-                "train-defender": cmd_defender, "eval-defender": cmd_defender, "models": cmd_models,
+                "train-defender": cmd_defender, "eval-defender": cmd_defender,
+                "train-attacker": cmd_attacker, "curriculum": cmd_attacker, "models": cmd_models,
                 "eval": cmd_eval}[args.command](args)
     except known as exc:
         print(f"error: {exc}", file=sys.stderr)

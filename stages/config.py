@@ -104,6 +104,44 @@ class DefenderConfig:
     rl: Any = field(default_factory=_tiny_rl, metadata={"help": "DAPO stage (training/config.py); AOT: lr 1e-6, G 5."})
 
 
+def _tiny_cold_start():
+    from training.config import AttackerTrainConfig
+
+    return AttackerTrainConfig(mode="sft", steps=20, sft_batch=4, lr=1e-3, lora_rank=8, lora_alpha=16)
+
+
+def _tiny_attacker_rl():
+    from rl.config import FlowGrpoConfig
+    from training.config import AttackerRewardConfig, AttackerTrainConfig
+
+    return AttackerTrainConfig(mode="grpo", steps=10, groups_per_step=2, lr=3e-2, lora_rank=8, lora_alpha=16,
+                               flow_grpo=FlowGrpoConfig(group_size=8, sampling_steps=6, noise_level=1.0),
+                               reward=AttackerRewardConfig(queries=3))
+
+
+@dataclass
+class CurriculumConfig:
+    clean_fraction: float = documented(0.5, "Share of clean items in the curriculum (the rest: kept attacks). AOT "
+                                            "mixes adversarial and clean samples; the paper does not state the ratio.")
+    sampling_steps: int = documented(10, "Denoising steps of a curriculum edit (deterministic ODE sampler).")
+    max_items: int = documented(0, "Attack at most this many items of the input version (0: all).")
+    seed: int = documented(0, "Seed of the edits' initial noise and of the clean items' choice.")
+
+
+@dataclass
+class AttackerConfig:
+    model: dict = documented({"backend": "tiny", "seed": 0, "resolution": 64, "cfg_scale": 1.0},
+                             "The editor: {backend: tiny, seed, resolution, cfg_scale} (random init, tiny "
+                             "Qwen-Image-Edit) or {backend: qwen-image-edit, model: ID_OR_PATH, resolution: 512, "
+                             "cfg_scale: 4, device, dtype}.")
+    max_items: int = documented(0, "Use at most this many rows of the dataset version for training (0: all).")
+    cold_start: Any = field(default_factory=_tiny_cold_start,
+                            metadata={"help": "Cold start: flow matching on AOT-SFT pairs (training/config.py)."})
+    rl: Any = field(default_factory=_tiny_attacker_rl,
+                    metadata={"help": "Flow-GRPO against a frozen defender (training/config.py)."})
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+
+
 DEFAULT_MODELS = {
     "outpainter": "synthetic",
     "inpainter": "synthetic",
@@ -124,6 +162,7 @@ class PipelineConfig:
     stage2: ImplantConfig = field(default_factory=ImplantConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     defender: DefenderConfig = field(default_factory=DefenderConfig)
+    attacker: AttackerConfig = field(default_factory=AttackerConfig)
     models: dict = field(default_factory=lambda: dict(DEFAULT_MODELS), metadata={"help": "Backend of each model role."})
 
     def to_dict(self) -> dict:
@@ -168,6 +207,19 @@ class PipelineConfig:
                 t.dapo.validate()
             except ValueError as exc:
                 raise ConfigError(f"config defender.{name}.{exc}") from None
+        a = self.attacker
+        for name, mode in (("cold_start", "sft"), ("rl", "grpo")):
+            t = getattr(a, name)
+            _check(t.mode == mode and t.steps >= 0 and t.lr > 0 and t.groups_per_step >= 1 and t.sft_batch >= 1,
+                   f"attacker.{name}", f"needs mode {mode}, steps >= 0, lr > 0, groups_per_step >= 1, sft_batch >= 1")
+            _check(t.flow_grpo.group_size >= 2, f"attacker.{name}.flow_grpo.group_size", "must be >= 2 (advantages "
+                   "are normalized within a group)")
+            _check(t.flow_grpo.sampling_steps >= 2, f"attacker.{name}.flow_grpo.sampling_steps", "must be >= 2")
+            _check(t.reward.queries >= 1 and -1 <= t.reward.tau <= 1, f"attacker.{name}.reward", "needs queries >= 1 "
+                   "and -1 <= tau <= 1 (SSIM's range)")
+        _check(0 <= a.curriculum.clean_fraction < 1, "attacker.curriculum.clean_fraction", "must be within [0, 1)")
+        _check(a.model.get("backend", "tiny") in ("tiny", "qwen-image-edit"), "attacker.model.backend",
+               "must be tiny or qwen-image-edit")
         for role, spec in self.models.items():
             try:
                 normalize_spec(role, spec)

@@ -34,22 +34,61 @@ def evaluate_defender_task(checkpoint_version: str, data_version: str, config: d
     return {"version": m.version, **m.extra["summary"]}
 
 
+def _inline_png(store: ShardStore, m, name: str) -> str:
+    ref = next((f for f in m.files if f.path == name), None)
+    if ref is None:
+        return ""
+    raw = store.fs.cat_file(store.part_path(m, ref))
+    return f"![{name}](data:image/png;base64,{base64.b64encode(raw).decode()})"
+
+
 def publish_training_artifacts(store: ShardStore, version: str) -> None:
-    """The metrics table and the metrics plot (inlined PNG) of a defender version."""
+    """The metrics table and the metrics plot (inlined PNG) of a defender or attacker version."""
     m = store.manifest(version)
     df = store.read(m)
-    keep = [c for c in ("step", "loss", "reward", "accuracy", "kept_group_fraction", "response_length", "entropy",
-                        "clip_fraction", "seconds") if c in df.columns]
+    keep = [c for c in ("step", "loss", "reward", "accuracy", "aot/integrity", "aot/efficacy", "kept_group_fraction",
+                        "response_length", "entropy", "clip_fraction", "seconds") if c in df.columns]
     table = df.select(keep).to_dicts()
-    create_table_artifact(key="defender-metrics", table=table[-200:], description=f"per-step metrics of {version}")
-    plot = next((f for f in m.files if f.path == "metrics.png"), None)
-    img = ""
-    if plot is not None:
-        raw = store.fs.cat_file(store.part_path(m, plot))
-        img = f"![metrics](data:image/png;base64,{base64.b64encode(raw).decode()})"
-    create_markdown_artifact(key="defender-summary", markdown=(
-        f"# Defender {m.extra.get('mode')} — version `{version}`\n\nParents: {', '.join(m.parents)}; "
-        f"{m.extra.get('steps')} steps on {m.extra.get('examples')} examples; at `{m.uri}`.\n\n{img}\n"))
+    role = m.stage  # defender | attacker
+    create_table_artifact(key=f"{role}-metrics", table=table[-200:], description=f"per-step metrics of {version}")
+    create_markdown_artifact(key=f"{role}-summary", markdown=(
+        f"# {role.capitalize()} {m.extra.get('mode')} — version `{version}`\n\nParents: {', '.join(m.parents)}; "
+        f"{m.extra.get('steps')} steps; at `{m.uri}`.\n\n{_inline_png(store, m, 'metrics.png')}\n"))
+
+
+@task(name="train-attacker", task_run_name="train-attacker-{mode}", retries=2, retry_delay_seconds=10,
+      retry_condition_fn=retry_transient, cache_key_fn=lambda c, p: "attacker-" + content_hash(
+          {k: p[k] for k in ("data_version", "defender_version", "init_version", "mode", "config")}, 32),
+      persist_result=True, result_serializer="json")
+def train_attacker_task(data_version: str, defender_version: str | None, init_version: str | None, mode: str,
+                        config: dict, root: str, storage_options: dict | None = None) -> dict:
+    from training.attacker_stage import train_attacker_version
+
+    store = ShardStore(root, storage_options)
+    m, trained = train_attacker_version(store, config_from_dict(config), data_version, defender_version, init_version, mode)
+    return {"version": m.version, "trained": trained, "steps": m.extra.get("steps"), "final": m.extra.get("final", {})}
+
+
+@task(name="generate-curriculum", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
+def generate_curriculum_task(attacker_version: str, data_version: str, defender_version: str, config: dict, root: str,
+                             storage_options: dict | None = None) -> dict:
+    from training.attacker_stage import generate_curriculum_version
+
+    store = ShardStore(root, storage_options)
+    m = generate_curriculum_version(store, config_from_dict(config), attacker_version, data_version, defender_version)
+    return {"version": m.version, **m.extra["summary"]}
+
+
+def publish_curriculum_artifacts(store: ShardStore, version: str) -> None:
+    """Strategy mix table, success summary, and the clean-vs-edited grid of a curriculum version."""
+    m = store.manifest(version)
+    s = m.extra["summary"]
+    create_table_artifact(key="curriculum-strategies", table=[{"strategy": k, "share": v} for k, v in s["strategy_mix"].items()],
+                          description=f"strategy mix of the kept edits of {version}")
+    create_markdown_artifact(key="curriculum-summary", markdown=(
+        f"# Curriculum `{version}`\n\n{s['kept']} of {s['items']} edits kept (integrity), {s['clean']} clean items; "
+        f"attack success rate {s['attack_success_rate']:.3f}, mean efficacy {s['mean_efficacy']:.3f}.\n\n"
+        f"Clean (top) vs edited (bottom):\n\n{_inline_png(store, m, 'grid.png')}\n\n{_inline_png(store, m, 'strategies.png')}\n"))
 
 
 def publish_eval_artifact(summary: dict) -> None:
@@ -57,4 +96,5 @@ def publish_eval_artifact(summary: dict) -> None:
                           description="defender accuracy on clean and adversarial images")
 
 
-__all__ = ["evaluate_defender_task", "publish_eval_artifact", "publish_training_artifacts", "train_defender_task"]
+__all__ = ["evaluate_defender_task", "generate_curriculum_task", "publish_curriculum_artifacts", "publish_eval_artifact",
+           "publish_training_artifacts", "train_attacker_task", "train_defender_task"]

@@ -61,6 +61,22 @@ def defender_version_id(cfg: PipelineConfig, mode: str, parents: list[str]) -> d
                                                      "parents": parents})}
 
 
+def fetch_version(store: ShardStore, m: Manifest) -> Path:
+    """A version's files in the local cache (by version id), downloaded once and verified."""
+    local = CACHE / m.version
+    if not local.exists():
+        # Download beside the final folder (same filesystem), then rename: a reader never sees a
+        # half-written checkpoint, and a concurrent loader that finished first simply wins.
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=f".{m.version}-"))
+        store.fetch_files(m, str(tmp))
+        try:
+            os.replace(tmp, local)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return local
+
+
 def load_defender(store: ShardStore, version: str):
     """A trained defender version as a policy (its files cached locally by version id)."""
     from models.qwen_vl import QwenVLPolicy
@@ -68,18 +84,7 @@ def load_defender(store: ShardStore, version: str):
     m = store.manifest(version)
     if m.stage != "defender":
         raise ValueError(f"{version} is a {m.stage} version, not a defender checkpoint")
-    local = CACHE / version
-    if not (local / "config.json").exists():
-        # Download beside the final folder (same filesystem), then rename: a reader never sees a
-        # half-written checkpoint, and a concurrent loader that finished first simply wins.
-        CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=f".{version}-"))
-        store.fetch_files(m, str(tmp))
-        try:
-            os.replace(tmp, local)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return QwenVLPolicy.from_pretrained(str(local))
+    return QwenVLPolicy.from_pretrained(str(fetch_version(store, m)))
 
 
 def _initial_policy(store: ShardStore, cfg: PipelineConfig, init_version: str | None):
@@ -124,7 +129,8 @@ def train_defender_version(store: ShardStore, cfg: PipelineConfig, data_version:
         trainer.train(on_step=step_hook)
         final = trainer.save(os.path.join(tmp, "final"))
         metrics = pl.DataFrame(trainer.metrics) if trainer.metrics else pl.DataFrame({"step": []})
-        _plot(trainer.metrics, os.path.join(final, "metrics.png"), mode)
+        plot_metrics(trainer.metrics, os.path.join(final, "metrics.png"),
+                     ["loss"] if mode == "sft" else ["reward", "accuracy", "kept_group_fraction", "entropy"])
         files = store.put_folder(data.dataset, "defender", version, str(final))
         rec = store.write_shard(data.dataset, "defender", version, 0, content_hash(parents), len(examples), metrics,
                                 pl.DataFrame(schema={"id": pl.String, "reason": pl.String}))
@@ -136,7 +142,8 @@ def train_defender_version(store: ShardStore, cfg: PipelineConfig, data_version:
     return m, True
 
 
-def _plot(rows: list[dict], path: str, mode: str) -> None:
+def plot_metrics(rows: list[dict], path: str, keys: list[str]) -> None:
+    """One small panel per metric against the step (the run's plot artifact)."""
     if not rows:
         return
     import matplotlib
@@ -144,7 +151,6 @@ def _plot(rows: list[dict], path: str, mode: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ["loss"] if mode == "sft" else ["reward", "accuracy", "kept_group_fraction", "entropy"]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False)
     steps = [r["step"] for r in rows]
     for ax, k in zip(axes[0], keys):

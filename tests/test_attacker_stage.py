@@ -1,0 +1,97 @@
+"""The attacker as DAG stages: cold start -> Flow-GRPO against a frozen defender -> curriculum,
+every output a version with lineage, and the curriculum trains the defender."""
+
+from __future__ import annotations
+
+import pytest
+
+from stages.config import load_config
+from stages.runner import run_bootstrap
+from storage import ShardStore
+from training.attacker_stage import generate_curriculum_version, load_attacker, train_attacker_version
+from training.stage import examples_from_version, train_defender_version
+
+SMALL = {
+    "source": {"num_scenes": 16, "shard_size": 8},
+    "defender": {"warmup": {"steps": 2, "batch_prompts": 8},
+                 "model": {"backend": "tiny", "seed": 0, "min_pixels": 1024, "max_pixels": 4096}},
+    "attacker": {"model": {"backend": "tiny", "seed": 0, "resolution": 32, "cfg_scale": 1.0},
+                 "cold_start": {"steps": 2, "sft_batch": 2},
+                 "rl": {"steps": 2, "groups_per_step": 1, "flow_grpo": {"group_size": 4, "sampling_steps": 3},
+                        "reward": {"queries": 2, "tau": -1.0}},
+                 "curriculum": {"sampling_steps": 3, "max_items": 6, "clean_fraction": 0.5}},
+}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    store = ShardStore(str(tmp_path_factory.mktemp("attstage")))
+    cfg = load_config("synthetic", SMALL)
+    v = {s.stage: s.version for s in run_bootstrap(store, cfg)}
+    v["defender"] = train_defender_version(store, cfg, v["export"], mode="sft")[0].version
+    return store, cfg, v
+
+
+def test_cold_start_then_flow_grpo_then_curriculum(chain):
+    store, cfg, v = chain
+    cold, trained = train_attacker_version(store, cfg, v["export"], mode="sft")
+    assert trained and cold.stage == "attacker" and cold.parents == [v["export"]]
+    assert {"lora.safetensors", "trainer_state.json", "samples.parquet", "metrics.png"} <= {f.path for f in cold.files}
+    assert store.read(cold)["step"].to_list() == [1, 2]
+    assert train_attacker_version(store, cfg, v["export"], mode="sft") == (cold, False)  # never recomputed
+
+    with pytest.raises(ValueError, match="frozen defender"):
+        train_attacker_version(store, cfg, v["filter"], mode="grpo")
+    rl, _ = train_attacker_version(store, cfg, v["filter"], v["defender"], init_version=cold.version, mode="grpo")
+    assert rl.parents == [v["filter"], v["defender"], cold.version]
+    metrics = store.read(rl)
+    assert metrics["step"].to_list() == [1, 2] and "aot/efficacy" in metrics.columns
+    # The trained LoRA round-trips through the version.
+    ed = load_attacker(store, rl.version, cfg.attacker.model)
+    assert len(ed.lora_parameters()) > 0 and any(float(p.detach().abs().sum()) > 0 for p in ed.lora_parameters())
+
+    cur = generate_curriculum_version(store, cfg, rl.version, v["filter"], v["defender"])
+    assert cur.stage == "curriculum" and cur.parents == [rl.version, v["filter"], v["defender"]]
+    assert {f.path for f in cur.files} == {"grid.png", "strategies.png"}
+    s = cur.extra["summary"]
+    df = store.read(cur)
+    adv = df.filter(df["kind"] == "adversarial")
+    assert s["items"] == 6 and s["kept"] == adv.height == 6  # tau -1: every edit passes integrity
+    assert df.filter(df["kind"] == "clean").height == s["clean"] == 6  # clean_fraction 0.5
+    assert set(adv["strategy"].to_list()) <= set(s["strategy_mix"]) and abs(sum(s["strategy_mix"].values()) - 1) < 1e-9
+    assert all(0 <= e <= 1 for e in adv["efficacy"].to_list())
+    # The defender stage consumes a curriculum version like any dataset version.
+    ex = examples_from_version(store, cur)
+    assert len(ex) == 12 and ex[0].image.size == (32, 32)
+
+
+def test_integrity_gate_rejects_with_a_reason(chain):
+    store, cfg, v = chain
+    strict = load_config("synthetic", {**SMALL, "attacker": {**SMALL["attacker"], "rl": {
+        **SMALL["attacker"]["rl"], "reward": {"queries": 1, "tau": 0.999}}}})
+    cold, _ = train_attacker_version(store, strict, v["export"], mode="sft")
+    cur = generate_curriculum_version(store, strict, cold.version, v["filter"], v["defender"])
+    # A barely trained tiny editor repaints everything: no target survives tau 0.999. Items whose
+    # question has no target box (e.g. "is there a ...?" with none in the scene) have nothing to protect.
+    df = store.read(cur)
+    adv = df.filter(df["kind"] == "adversarial")
+    assert cur.reasons == {"integrity": cur.reject_rows} and cur.reject_rows >= 4
+    assert all(len(b) == 0 for b in adv["target_boxes"].to_list())
+    assert cur.reject_rows + adv.height == 6
+
+
+@pytest.mark.slow
+def test_flows_give_the_same_versions_and_the_cli_names_the_missing_defender(chain, tmp_path, monkeypatch, capsys):
+    store, cfg, v = chain
+    from aot.cli import main
+    from flows.attacker import generate_curriculum, train_attacker
+
+    root = store.root
+    cold = train_attacker(data_version=v["export"], mode="sft", root=root, overrides=SMALL)
+    assert cold["version"] == train_attacker_version(store, cfg, v["export"], mode="sft")[0].version
+    cur = generate_curriculum(attacker_version=cold["version"], data_version=v["filter"], defender_version=v["defender"],
+                              root=root, overrides=SMALL)
+    assert cur["items"] == 6 and cur["version"] == generate_curriculum_version(
+        store, cfg, cold["version"], v["filter"], v["defender"]).version
+    assert main(["train-attacker", "--data", v["filter"], "--mode", "grpo", "--root", root, "--no-prefect"]) == 2
+    assert "--defender VERSION" in capsys.readouterr().err

@@ -1,0 +1,268 @@
+"""The attacker as stages of the DAG: train it (cold start / Flow-GRPO), generate a curriculum.
+
+An attacker version lives at ``ROOT/<dataset>/attacker/<version>/``: the LoRA
+(``lora.safetensors``) and trainer state, ``part-00000.parquet`` (metrics, one row per step),
+``samples.parquet`` (every reward component of every sampled edit), ``metrics.png``, and a
+manifest whose parents are the dataset version, the frozen defender (Flow-GRPO) and the
+starting attacker (if any). The base editor is named by the config's model spec, so a version
+is its LoRA. While training, checkpoints go to ``_work/latest``; a rerun resumes there.
+
+A curriculum version (stage ``curriculum``) holds one row per image: the frozen attacker's
+edits of fresh items that passed integrity (with efficacy, SSIM and strategy recorded) mixed
+with clean items at ``clean_fraction``; the defender stage trains on it like any dataset version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+import torch
+
+from models.mcq import format_prompt
+from stages.config import PipelineConfig
+from stages.version import code_version
+from storage import IMAGE_DTYPE, Manifest, ShardStore, content_hash, decode_image, image_cells
+from training.attacker import AttackerTrainer, EditPair, at_edit_size
+from training.attacker_rewards import AttackItem, IntegrityEfficacy
+from training.stage import WORK, fetch_version, load_defender, plot_metrics
+
+
+def attack_instruction(question: str, target_names: list[str], description: str | None = None) -> str:
+    """The attacker's edit instruction: one template, for fresh items and cold-start pairs alike."""
+    keep = ", ".join(target_names) or "the objects the question is about"
+    what = f"Add {description}" if description else "Change the scene"
+    return f"{what} so that answering '{question}' becomes harder; keep {keep} unchanged."
+
+
+def items_from_version(store: ShardStore, manifest: Manifest, max_items: int = 0) -> list[AttackItem]:
+    """Attackable items of any dataset version: (clean image, question, answer, target boxes)."""
+    df = store.read(manifest)
+    if max_items:
+        df = df.head(max_items)
+    col = "clean_image" if "clean_image" in df.columns else "image"
+    missing = [c for c in ("question", "options", "answer", "target_boxes") if c not in df.columns]
+    if missing:
+        raise ValueError(f"version {manifest.version} ({manifest.stage}) has no {missing} columns: give a source, "
+                         "extend, filter, implant or export version")
+    return [AttackItem(row["id"], decode_image(row[col]), attack_instruction(row["question"], row.get("target_names") or []),
+                       row["target_boxes"], format_prompt(row["question"], row["options"]), row["answer"],
+                       len(row["options"]), row.get("target_names") or [], row["question"], row["options"])
+            for row in df.iter_rows(named=True)]
+
+
+def pairs_from_version(store: ShardStore, manifest: Manifest, max_items: int = 0) -> list[EditPair]:
+    """Cold-start pairs of an AOT-SFT version: clean -> adversarial, instruction from the distractor."""
+    df = store.read(manifest)
+    if "adversarial_image" not in df.columns:
+        raise ValueError(f"version {manifest.version} is a {manifest.stage} version; the cold start needs an AOT-SFT "
+                         "(export) version with clean/adversarial pairs")
+    if max_items:
+        df = df.head(max_items)
+    return [EditPair(decode_image(r["clean_image"]), decode_image(r["adversarial_image"]),
+                     attack_instruction(r["question"], r["target_names"] or [], (r["distractor_descriptions"] or [None])[0]))
+            for r in df.iter_rows(named=True)]
+
+
+def load_attacker(store: ShardStore, version: str | None, model_spec: dict):
+    """The editor of ``model_spec`` with an attacker version's LoRA (or none, for a fresh start)."""
+    from models.editor import load_editor
+
+    editor = load_editor(model_spec)
+    if version:
+        m = store.manifest(version)
+        if m.stage != "attacker":
+            raise ValueError(f"{version} is a {m.stage} version, not an attacker checkpoint")
+        if m.config["attacker"]["model"] != model_spec:
+            raise ValueError(f"attacker {version} was trained on {m.config['attacker']['model']}, not {model_spec}: "
+                             "set attacker.model to match")
+        state = m.extra["lora"]
+        editor.add_lora(state["rank"], state["alpha"], seed=0)
+        editor.load_lora(fetch_version(store, m))
+    return editor
+
+
+def _samples_frame(samples: list[dict]) -> pl.DataFrame:
+    """Per-sample reward components; only scalar columns (None where a component is absent)."""
+    keys = sorted({k for s in samples for k, v in s.items() if isinstance(v, (int, float, str, bool)) or v is None})
+    return pl.DataFrame([{k: s.get(k) for k in keys} for s in samples], infer_schema_length=None) if samples \
+        else pl.DataFrame({"step": []})
+
+
+def train_attacker_version(store: ShardStore, cfg: PipelineConfig, data_version: str, defender_version: str | None = None,
+                           init_version: str | None = None, mode: str = "sft",
+                           on_step: Callable[[dict], None] | None = None) -> tuple[Manifest, bool]:
+    """Train (or find) the attacker version for these inputs. Returns (manifest, trained_now)."""
+    a = cfg.attacker
+    train_cfg = a.cold_start if mode == "sft" else a.rl
+    if mode == "grpo" and not defender_version:
+        raise ValueError("Flow-GRPO trains against a frozen defender: give --defender VERSION")
+    data = store.manifest(data_version)
+    parents = [data.version] + ([defender_version] if mode == "grpo" else []) + ([init_version] if init_version else [])
+    vcfg = {"attacker": {"model": a.model, "max_items": a.max_items, "mode": mode, "train": dataclasses.asdict(train_cfg)}}
+    version = content_hash({"stage": "attacker", "config": vcfg, "code": code_version(), "parents": parents})
+    done = store.manifest_at(data.dataset, "attacker", version)
+    if done is not None:
+        return done, False
+    editor = load_attacker(store, init_version, a.model)
+    lora = store.manifest(init_version).extra["lora"] if init_version else {"rank": train_cfg.lora_rank,
+                                                                             "alpha": train_cfg.lora_alpha}
+    if mode == "sft":
+        kw = {"pairs": pairs_from_version(store, data, a.max_items)}
+    else:
+        r = train_cfg.reward
+        kw = {"items": items_from_version(store, data, a.max_items),
+              "rewards": {"aot": IntegrityEfficacy(load_defender(store, defender_version), r.tau, r.queries,
+                                                   r.temperature, r.global_floor, r.invalid_penalty)}}
+    with tempfile.TemporaryDirectory() as tmp:
+        resume = os.path.join(tmp, "resume")
+        resume = resume if store.get_folder(data.dataset, "attacker", version, WORK, resume) else None
+        trainer = AttackerTrainer(editor, train_cfg, resume_from=resume, **kw)
+        every = train_cfg.checkpoint_every
+
+        def step_hook(row: dict) -> None:
+            if on_step:
+                on_step(row)
+            if every and trainer.step % every == 0 and trainer.step < train_cfg.steps:
+                ck = trainer.save(os.path.join(tmp, f"ck-{trainer.step}"))
+                store.put_folder(data.dataset, "attacker", version, str(ck), prefix=WORK)
+
+        trainer.train(on_step=step_hook)
+        final = trainer.save(os.path.join(tmp, "final"))
+        _samples_frame(trainer.samples).write_parquet(os.path.join(final, "samples.parquet"))
+        keys = ["loss"] if mode == "sft" else ["reward", "aot/integrity", "aot/efficacy", "clip_fraction"]
+        plot_metrics(trainer.metrics, os.path.join(final, "metrics.png"), keys)
+        files = store.put_folder(data.dataset, "attacker", version, str(final))
+        metrics = pl.DataFrame(trainer.metrics) if trainer.metrics else pl.DataFrame({"step": []})
+        rec = store.write_shard(data.dataset, "attacker", version, 0, content_hash(parents), len(kw.get("pairs") or kw["items"]),
+                                metrics, pl.DataFrame(schema={"id": pl.String, "reason": pl.String}))
+        last = trainer.metrics[-1] if trainer.metrics else {}
+        m = store.commit(data.dataset, "attacker", version, [rec], config=vcfg, parents=parents, code_version=code_version(),
+                         files=files, extra={"mode": mode, "steps": trainer.step, "lora": lora,
+                                             "final": {k: v for k, v in last.items() if isinstance(v, (int, float))}})
+    return m, True
+
+
+CURRICULUM = {
+    "id": pl.String,
+    "kind": pl.String,  # clean | adversarial
+    "image": IMAGE_DTYPE,
+    "question": pl.String,
+    "options": pl.List(pl.String),
+    "answer": pl.String,
+    "target_names": pl.List(pl.String),
+    "target_boxes": pl.List(pl.List(pl.Float64)),
+    "integrity": pl.Float64,
+    "target_ssim_min": pl.Float64,
+    "efficacy": pl.Float64,
+    "consecutive_failures": pl.Int64,
+    "strategy": pl.String,
+    "changed_fraction": pl.Float64,
+}
+
+
+@torch.no_grad()
+def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker_version: str, data_version: str,
+                                defender_version: str, on_item: Callable[[int, int], None] | None = None) -> Manifest:
+    """The frozen attacker edits every item of ``data_version`` once (ODE sampler, one seed per
+    item); edits that pass integrity are kept with their efficacy against the frozen defender and
+    their strategy, then mixed with clean items. Rows that fail integrity go to the rejects."""
+    from metrics.strategies import classify_edit, strategy_mix
+    from rl.flow_sampler import sample
+
+    a, c = cfg.attacker, cfg.attacker.curriculum
+    r = a.rl.reward
+    data = store.manifest(data_version)
+    parents = [attacker_version, data.version, defender_version]
+    vcfg = {"curriculum": dataclasses.asdict(c), "reward": dataclasses.asdict(r), "model": a.model}
+    version = content_hash({"stage": "curriculum", "config": vcfg, "code": code_version(), "parents": parents})
+    done = store.manifest_at(data.dataset, "curriculum", version)
+    if done is not None:
+        return done
+    editor = load_attacker(store, attacker_version, a.model)
+    reward = IntegrityEfficacy(load_defender(store, defender_version), r.tau, r.queries, r.temperature, r.global_floor,
+                               r.invalid_penalty)
+    items = [at_edit_size(editor, it) for it in items_from_version(store, data, c.max_items)]
+    kept, rejects, edits = [], [], []
+    for n, item in enumerate(items):
+        cond = editor.condition([item.image], [item.instruction])
+        x = editor.noise(cond, torch.Generator().manual_seed(c.seed * 1_000_003 + n))
+        edited = editor.decode(sample(editor, cond, c.sampling_steps, 0.0, x=x).final, cond)[0]
+        score = reward([item.image], [edited], [item])[0]
+        strat = classify_edit(item.image, edited)
+        row = {"id": f"{item.id}:attack", "kind": "adversarial", "question": item.question, "options": item.options,
+               "answer": item.answer, "target_names": item.target_names, "target_boxes": item.target_boxes,
+               "integrity": score["integrity"], "target_ssim_min": score["target_ssim_min"],
+               "efficacy": score["efficacy"], "consecutive_failures": score["consecutive_failures"],
+               "strategy": strat["strategy"], "changed_fraction": strat["changed_fraction"]}
+        if score["integrity"]:
+            kept.append(row)
+            edits.append((item.image, edited))
+        else:
+            rejects.append({"id": item.id, "reason": "integrity",
+                            "detail": f"target SSIM {score['target_ssim_min']:.3f} < tau {r.tau}"})
+        if on_item:
+            on_item(n + 1, len(items))
+    # Clean items: the attacked items' own clean images first, then the rest, up to the fraction.
+    n_clean = round(len(kept) * c.clean_fraction / (1 - c.clean_fraction)) if kept else 0
+    order = sorted(range(len(items)), key=lambda i: (f"{items[i].id}:attack" not in {k["id"] for k in kept}, i))
+    clean = [items[i] for i in order[:n_clean]]
+    rows = kept + [{"id": f"{it.id}:clean", "kind": "clean", "question": it.question, "options": it.options,
+                    "answer": it.answer, "target_names": it.target_names, "target_boxes": it.target_boxes}
+                   for it in clean]
+    cells = image_cells([e for _, e in edits] + [it.image for it in clean])
+    for row, cell in zip(rows, cells):
+        row["image"] = cell
+    df = pl.DataFrame([{k: row.get(k) for k in CURRICULUM} for row in rows], schema=CURRICULUM, orient="row") \
+        if rows else pl.DataFrame(schema=CURRICULUM)
+    rej = pl.DataFrame(rejects, schema={"id": pl.String, "reason": pl.String, "detail": pl.String}) if rejects \
+        else pl.DataFrame(schema={"id": pl.String, "reason": pl.String, "detail": pl.String})
+    rec = store.write_shard(data.dataset, "curriculum", version, 0, content_hash(parents), len(items), df, rej)
+    mix = strategy_mix([k["strategy"] for k in kept])
+    with tempfile.TemporaryDirectory() as tmp:
+        edit_grid(edits[:8], os.path.join(tmp, "grid.png"))
+        plot_strategy_mix(mix, os.path.join(tmp, "strategies.png"))
+        files = store.put_folder(data.dataset, "curriculum", version, tmp)
+    eff = [k["efficacy"] for k in kept]
+    summary = {"items": len(items), "kept": len(kept), "clean": len(clean),
+               "integrity_rate": len(kept) / max(1, len(items)),
+               "attack_success_rate": sum(e > 0 for e in eff) / max(1, len(items)),
+               "mean_efficacy": sum(eff) / max(1, len(eff)),
+               "strategy_mix": mix}
+    return store.commit(data.dataset, "curriculum", version, [rec], config=vcfg, parents=parents,
+                        code_version=code_version(), files=files, extra={"summary": summary})
+
+
+def edit_grid(pairs: list[tuple], path: str) -> None:
+    """Clean (top row) over edited (bottom row): the run's image-grid artifact."""
+    from PIL import Image
+
+    if not pairs:
+        return
+    w = max(c.width for c, _ in pairs)
+    h = max(c.height for c, _ in pairs)
+    grid = Image.new("RGB", (w * len(pairs), h * 2), "white")
+    for i, (clean, edited) in enumerate(pairs):
+        grid.paste(clean.convert("RGB"), (i * w, 0))
+        grid.paste(edited.convert("RGB").resize(clean.size), (i * w, h))
+    grid.save(path)
+
+
+def plot_strategy_mix(mix: dict[str, float], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 2.4))
+    ax.bar(list(mix), list(mix.values()))
+    ax.set_ylabel("share of kept edits")
+    ax.set_ylim(0, 1)
+    ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
