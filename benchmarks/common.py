@@ -27,6 +27,24 @@ def environment(**extra) -> dict:
     return env
 
 
+def matmul_tflops(device: str) -> float:
+    """The card's measured bf16 matmul rate (8192^3 GEMMs): the MFU denominator."""
+    import time
+
+    if device != "cuda":
+        return float("nan")
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 10 / (time.perf_counter() - t0) / 1e12
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny configs (checks the code paths)")

@@ -92,21 +92,6 @@ def param_counts(model) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters()) - vis, vis
 
 
-def matmul_tflops(device: str) -> float:
-    if device != "cuda":
-        return float("nan")
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * 8192**3 * 10 / (time.perf_counter() - t0) / 1e12
-
-
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -220,7 +205,7 @@ def main():
         a.batches, a.completion, a.steps, a.prompt_chars, a.generations = "4", 8, 1, 60, 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    from benchmarks.common import environment
+    from benchmarks.common import environment, matmul_tflops
 
     info = environment(arch=arch, bf16_matmul_tflops=matmul_tflops(device))
     print(json.dumps(info), flush=True)

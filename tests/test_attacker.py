@@ -164,3 +164,11 @@ def test_flow_grpo_learns_to_brighten_a_box():
     ssim_out = np.mean([region_ssim(o.astype(np.uint8), r.astype(np.uint8)) for o, r in zip(outside_only, ref)])
     print(f"reward {first:.4f} -> {last:.4f}; box brightness change {d_in:.2f}, outside {d_out:.2f}, outside SSIM {ssim_out:.3f}")
     assert d_in - d_out >= 2.0 and ssim_out >= 0.5, (d_in, d_out, ssim_out)
+
+
+def test_micro_batches_sample_and_train_in_the_same_split():
+    tr = AttackerTrainer(_editor(), _cfg(steps=1, micro_batch=2), items=_items(), rewards={"contrast": box_contrast})
+    tr.train()
+    m = tr.metrics[0]
+    assert m["ratio_max"] == 1.0 and m["ratio_mean"] == 1.0 and len(tr.samples) == 2 * 4
+    assert m["trained_steps"] == 2 * 2 * 3  # 2 groups x 2 micro-batches x 3 SDE steps

@@ -64,6 +64,8 @@ class AttackerTrainer:
         self.rewards, self.weights = rewards or {}, weights or {}
         if not editor.lora_parameters():
             editor.add_lora(cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+        for p in editor.lora_parameters():  # trainable weights and Adam moments in float32 (mixed precision)
+            p.data = p.data.float()
         if cfg.gradient_checkpointing:
             editor.enable_gradient_checkpointing()
         self.opt = torch.optim.AdamW(editor.lora_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -86,13 +88,19 @@ class AttackerTrainer:
         t0 = time.perf_counter()
         groups, pending = [], []
         pool = ThreadPoolExecutor(1) if cfg.async_rewards else None
+        mb = cfg.micro_batch or G
+        chunks = [slice(i, min(G, i + mb)) for i in range(0, G, mb)]
         try:
             for k, item in enumerate(items):  # sampling (rewards of group k run while group k + 1 samples)
-                cond = ed.condition([item.image], [item.instruction]).repeat(G)
-                traj = sample(ed, cond, fg.sampling_steps, fg.noise_level, sigma_cap=fg.sigma_cap,
-                              window=fg.train_window, generator=self._generator(k))
-                edited = ed.decode(traj.final, cond)
-                groups.append((item, cond, traj, edited))
+                cond = ed.condition([item.image], [item.instruction])
+                parts, edited = [], []
+                for j, sl in enumerate(chunks):
+                    c = cond.repeat(sl.stop - sl.start)
+                    traj = sample(ed, c, fg.sampling_steps, fg.noise_level, sigma_cap=fg.sigma_cap,
+                                  window=fg.train_window, generator=self._generator(k, j))
+                    edited += ed.decode(traj.final, c)
+                    parts.append((sl, c, traj))
+                groups.append(parts)
                 pending.append(pool.submit(self._score, item.image, edited, item) if pool
                                else self._score(item.image, edited, item))
             t_sample = time.perf_counter() - t0
@@ -105,19 +113,21 @@ class AttackerTrainer:
         adv = group_advantages(rewards.view(-1), G, fg.adv_eps, fg.adv_clip).view(len(items), G)  # advantages
         t1 = time.perf_counter()
         stats = []
-        n_terms = sum(len(traj.sde_steps) for _, _, traj, _ in groups)
-        for (item, cond, traj, _), a in zip(groups, adv):  # update: one micro-batch per group, as sampled
-            a = a.to(ed.device)
-            for i in traj.sde_steps:
-                out = step_log_prob(ed, traj, i, cond, fg.noise_level, fg.sigma_cap)
-                kl = None
-                if fg.kl_beta:
-                    with torch.no_grad(), ed.reference():
-                        ref = step_log_prob(ed, traj, i, cond, fg.noise_level, fg.sigma_cap)
-                    kl = gaussian_kl(out.mean, ref.mean, out.std.expand_as(out.mean))
-                loss, st = flow_grpo_loss(out.log_prob, traj.log_probs[:, i].to(out.log_prob.device), a, fg, kl)
-                (loss / n_terms).backward()
-                stats.append(st)
+        n_terms = sum(len(traj.sde_steps) for parts in groups for _, _, traj in parts)
+        for parts, a in zip(groups, adv):  # update: the micro-batches exactly as sampled
+            for sl, cond, traj in parts:
+                a_mb = a[sl].to(ed.device)
+                for i in traj.sde_steps:
+                    out = step_log_prob(ed, traj, i, cond, fg.noise_level, fg.sigma_cap)
+                    kl = None
+                    if fg.kl_beta:
+                        with torch.no_grad(), ed.reference():
+                            ref = step_log_prob(ed, traj, i, cond, fg.noise_level, fg.sigma_cap)
+                        kl = gaussian_kl(out.mean, ref.mean, out.std.expand_as(out.mean))
+                    loss, st = flow_grpo_loss(out.log_prob, traj.log_probs[:, i].to(out.log_prob.device), a_mb, fg, kl)
+                    # mean over groups, over a group's edits (chunk share m / G), over trained steps
+                    (loss * (sl.stop - sl.start) / G / len(groups) / len(traj.sde_steps)).backward()
+                    stats.append(st)
         gnorm = torch.nn.utils.clip_grad_norm_(ed.lora_parameters(), cfg.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

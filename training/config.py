@@ -47,6 +47,8 @@ class AttackerTrainConfig:
     steps: int = documented(100, "Optimizer steps.")
     groups_per_step: int = documented(2, "Prompts (groups of group_size edits each) per optimizer step; each group "
                                          "is one sampling and one training micro-batch (kept identical, METHOD.md).")
+    micro_batch: int = documented(0, "Edits per sampling and training micro-batch within a group (0: the whole group). "
+                                     "Both phases use the same split, so the first ratio stays exactly 1.")
     sft_batch: int = documented(8, "Pairs per cold-start step.")
     lr: float = documented(3e-4, "AdamW learning rate of the LoRA (Qwen-Image-Edit Flow-GRPO reference: 3e-4).")
     weight_decay: float = documented(1e-4, "AdamW weight decay (Flow-GRPO reference 1e-4).")
