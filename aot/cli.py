@@ -368,7 +368,7 @@ def cmd_models(args) -> int:
     from stages.config import load_config
 
     cfg = load_config(args.preset, _nested(_dotted(args.overrides, "--set")))
-    rows = check_models({**cfg.models, "defender.model": cfg.defender.model})
+    rows = check_models({**cfg.models, "defender.model": cfg.defender.model, "attacker.model": cfg.attacker.model})
     _print_table([{"role": r.role, "backend": r.backend, "checkpoint": r.checkpoint,
                    "present": "yes" if r.present else "NO",
                    "size GiB": f"{r.size_gib:.1f}" if r.size_gib is not None else "-"} for r in rows],

@@ -95,3 +95,38 @@ def test_flows_give_the_same_versions_and_the_cli_names_the_missing_defender(cha
         store, cfg, cold["version"], v["filter"], v["defender"]).version
     assert main(["train-attacker", "--data", v["filter"], "--mode", "grpo", "--root", root, "--no-prefect"]) == 2
     assert "--defender VERSION" in capsys.readouterr().err
+
+
+def test_a_crashed_attacker_training_resumes_from_the_store(chain):
+    import torch
+    from safetensors.torch import load_file
+
+    from training.attacker import AttackerTrainer
+    from training.attacker_stage import pairs_from_version
+
+    store, _, v = chain
+    cfg = load_config("synthetic", {**SMALL, "attacker": {**SMALL["attacker"], "cold_start": {
+        "steps": 3, "sft_batch": 2, "checkpoint_every": 1, "lr": 5e-3}}})
+
+    def crash(row):
+        if row["step"] == 2:  # before step 2's checkpoint is saved: only step 1's is in the store
+            raise RuntimeError("injected crash")
+
+    with pytest.raises(RuntimeError, match="injected"):
+        train_attacker_version(store, cfg, v["export"], mode="sft", on_step=crash)
+    seen = []
+    m, trained = train_attacker_version(store, cfg, v["export"], mode="sft", on_step=lambda r: seen.append(r["step"]))
+    assert trained and seen == [2, 3]  # resumed after step 1
+    # The same training without a crash, in one process: identical LoRA weights.
+    ref = AttackerTrainer(load_attacker(store, None, cfg.attacker.model), cfg.attacker.cold_start,
+                          pairs=pairs_from_version(store, store.manifest(v["export"])))
+    ref.train()
+    got = load_file(str(_local(store, m, "lora.safetensors")))
+    want = ref.editor.lora_state()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def _local(store, m, name):
+    from training.stage import fetch_version
+
+    return fetch_version(store, m) / name
