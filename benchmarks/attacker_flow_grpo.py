@@ -63,7 +63,8 @@ def build_editor(arch: dict, resolution: int, cfg_scale: float, text_tokens: int
             ims = [self.resize(im) for im in images]
             with torch.no_grad():
                 lat = self.latents_of(ims)
-            return EditCondition(emb(), None, emb() if self.cfg_scale > 1 else None, None, lat, ims[0].size)
+            prompt = lambda: {"encoder_hidden_states": emb(), "encoder_hidden_states_mask": None}  # noqa: E731
+            return EditCondition(prompt(), prompt() if self.cfg_scale > 1 else None, lat, ims[0].size)
 
     return BenchEditor(pipe, resolution=resolution, cfg_scale=cfg_scale, device=device, dtype=dtype)
 

@@ -74,6 +74,9 @@ class DiffusersFiller(Painter):
     def __init__(self, pipe, steps: int = 28, guidance: float = 30.0, seed: int = 0, device: str = "cpu",
                  max_sequence_length: int = 512, batch_size: int = 4):
         self.pipe = pipe.to(device)
+        for m in pipe.components.values():  # built tiny modules start in train mode: T5 dropout is random
+            if isinstance(m, torch.nn.Module):
+                m.eval()
         self.pipe.set_progress_bar_config(disable=True)
         self.steps, self.guidance, self.seed, self.device = steps, guidance, seed, device
         self.max_sequence_length = max_sequence_length

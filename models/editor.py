@@ -1,8 +1,9 @@
 """The attacker: a flow-matching, instruction-guided image editor with LoRA adapters.
 
-Full: ``Qwen/Qwen-Image-Edit`` through diffusers' ``QwenImageEditPipeline``. ``tiny``: the same
-pipeline class from small random components (shared/notes/dependencies.md §4.7) with a locally
-built byte-level tokenizer and processor, no download.
+Full: ``Qwen/Qwen-Image-Edit`` through diffusers' ``QwenImageEditPipeline``, or
+``black-forest-labs/FLUX.1-Kontext-dev`` through ``FluxKontextPipeline``. ``tiny``: the same
+pipeline classes from small random components (shared/notes/dependencies.md §4.6, §4.7) with
+locally built tokenizers and processors, no download.
 
 Flow-GRPO needs the denoiser as a function, not the pipeline's closed loop, so this adapter
 exposes the four pieces our sampler (rl/flow_sampler.py) composes — ``condition`` (prompt
@@ -10,15 +11,17 @@ embeddings and condition-image latents, computed once per group), ``velocity`` (
 call with the model's own classifier-free guidance), ``schedule`` and ``decode`` — and reuses
 the pipeline's own helpers for everything else (prompt encoding, VAE encode, packing, decoding).
 
-The pipeline resizes its condition image to about 1024^2 whatever the input (26 s per call
-even with the tiny model, notes §4.7); here the edit size always comes from ``resolution``.
+Both pipelines resize to about 1024^2 whatever the input (26 s and 274 s per call even with
+tiny models, notes §4.6-4.7); here the edit size always comes from ``resolution``.
+Everything the two models share (sizes, schedule, CFG, LoRA, reference) is ``FlowEditor``; a
+model class adds its prompt encoding, its transformer call and its VAE conventions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,18 +36,18 @@ NEGATIVE_PROMPT = " "  # Qwen-Image-Edit's reference negative prompt: true CFG n
 class EditCondition:
     """What the velocity of one batch needs and what stays fixed through its rollout."""
 
-    prompt_embeds: torch.Tensor
-    prompt_mask: torch.Tensor | None
-    negative_embeds: torch.Tensor | None
-    negative_mask: torch.Tensor | None
+    prompt: dict  # per-item prompt tensors (batch first), as the transformer takes them
+    negative: dict | None  # the same for the CFG negative prompt (None: no CFG)
     image_latents: torch.Tensor  # packed condition-image latents (B, L, C*4)
     size: tuple[int, int]  # (width, height) of the edit in pixels
+    shared: dict = field(default_factory=dict)  # tensors without a batch dimension (position ids)
 
     def repeat(self, n: int) -> "EditCondition":
         """Each item n times in a row (a group of n samples of one prompt)."""
-        rep = (lambda t: None if t is None else t.repeat_interleave(n, dim=0))
-        return EditCondition(rep(self.prompt_embeds), rep(self.prompt_mask), rep(self.negative_embeds),
-                             rep(self.negative_mask), rep(self.image_latents), self.size)
+        rep = (lambda d: None if d is None else {k: None if t is None else t.repeat_interleave(n, dim=0)
+                                                 for k, t in d.items()})
+        return EditCondition(rep(self.prompt), rep(self.negative), self.image_latents.repeat_interleave(n, dim=0),
+                             self.size, self.shared)
 
     @property
     def batch(self) -> int:
@@ -81,10 +84,31 @@ def build_tiny_qwen_image_edit(seed: int = 0, layers: int = 2, heads: int = 4, h
                                  tokenizer=tok, processor=build_tiny_processor(tok, spec), transformer=transformer)
 
 
-class QwenImageEditor:
-    """Qwen-Image-Edit as a policy: condition, velocity, schedule, decode; LoRA on the transformer."""
+def build_tiny_flux_kontext(seed: int = 0):
+    """FluxKontextPipeline from the tiny FLUX components (notes §4.6: the fill recipe with an
+    in_channels=8 transformer, i.e. 2 latent channels x 2x2 packing x (noise + condition))."""
+    from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 
-    def __init__(self, pipe, resolution: int = 512, cfg_scale: float = 4.0, device: str = "cpu",
+    from models.diffusion_fill import build_tiny_flux_fill
+
+    fill = build_tiny_flux_fill(seed)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=8, out_channels=8, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+    return FluxKontextPipeline(scheduler=fill.scheduler, vae=fill.vae, text_encoder=fill.text_encoder,
+                               tokenizer=fill.tokenizer, text_encoder_2=fill.text_encoder_2, tokenizer_2=fill.tokenizer_2,
+                               transformer=transformer)
+
+
+class FlowEditor:
+    """A flow-matching editor as a policy: condition, velocity, schedule, decode; LoRA on the
+    transformer. Subclasses give ``_encode_prompts``, ``_vae_encode``, ``_transformer``,
+    ``_decode`` and their ``LORA_TARGETS``."""
+
+    LORA_TARGETS: list[str] = []
+
+    def __init__(self, pipe, resolution: int = 512, cfg_scale: float = 1.0, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, negative_prompt: str = NEGATIVE_PROMPT):
         self.pipe = pipe.to(device)
         if dtype != torch.float32:  # random-init models are float32 already; .to(float32) only warns
@@ -94,21 +118,11 @@ class QwenImageEditor:
         self.resolution, self.cfg_scale, self.device, self.dtype = resolution, cfg_scale, device, dtype
         self.negative_prompt = negative_prompt
         self.multiple = pipe.vae_scale_factor * 2  # VAE stride x 2x2 packing
-        for m in (pipe.text_encoder, pipe.vae, pipe.transformer):
-            if m is not None:  # benchmarks run without the prompt encoder
-                m.requires_grad_(False)
-
-    @classmethod
-    def tiny(cls, seed: int = 0, resolution: int = 64, cfg_scale: float = 1.0, **kw) -> "QwenImageEditor":
-        return cls(build_tiny_qwen_image_edit(seed, **kw), resolution=resolution, cfg_scale=cfg_scale)
-
-    @classmethod
-    def from_pretrained(cls, path: str = "Qwen/Qwen-Image-Edit", resolution: int = 512, cfg_scale: float = 4.0,
-                        device: str = "cuda", dtype: str = "bfloat16") -> "QwenImageEditor":
-        from diffusers import QwenImageEditPipeline
-
-        pipe = QwenImageEditPipeline.from_pretrained(path, torch_dtype=getattr(torch, dtype), use_safetensors=True)
-        return cls(pipe, resolution=resolution, cfg_scale=cfg_scale, device=device, dtype=getattr(torch, dtype))
+        for m in pipe.components.values():
+            if isinstance(m, torch.nn.Module):  # benchmarks may run without the prompt encoders
+                # eval: freshly built modules are in train mode, and T5's dropout would make
+                # every prompt encoding (and so every rollout) random; LoRA has no dropout
+                m.requires_grad_(False).eval()
 
     # ------------------------------------------------------------------ sizes and conditions
     def size_for(self, image: Image.Image) -> tuple[int, int]:
@@ -120,35 +134,38 @@ class QwenImageEditor:
 
     def _pixels(self, images: list[Image.Image], size: tuple[int, int]) -> torch.Tensor:
         w, h = size
-        return self.pipe.image_processor.preprocess(images, h, w).unsqueeze(2).to(self.device, self.dtype)
+        return self.pipe.image_processor.preprocess(images, h, w).to(self.device, self.dtype)
 
     def latents_of(self, images: list[Image.Image]) -> torch.Tensor:
         """Packed, normalized VAE latents of same-size images (already at the edit size)."""
-        size = images[0].size
-        lat = self.pipe._encode_vae_image(self._pixels(images, size), generator=None)
-        return self.pipe._pack_latents(lat, lat.shape[0], lat.shape[1], lat.shape[3], lat.shape[4])
+        lat = self._vae_encode(self._pixels(images, images[0].size))
+        return self.pipe._pack_latents(lat, lat.shape[0], lat.shape[1], lat.shape[-2], lat.shape[-1])
 
     @torch.no_grad()
     def condition(self, images: list[Image.Image], prompts: list[str]) -> EditCondition:
-        """Prompt embeddings (with the negative ones when CFG is on) and condition latents.
+        """Prompt encodings (with the negative ones when CFG is on) and condition latents.
         ``images`` must share one size after ``resize`` (a group is one image)."""
         images = [self.resize(im) for im in images]
         if len({im.size for im in images}) != 1:
             raise ValueError("one condition batch needs images of one edit size; batch groups by image size")
-        emb, mask = self.pipe.encode_prompt(prompts, image=images, device=self.device)
-        neg = neg_mask = None
+        prompt, shared = self._encode_prompts(prompts, images)
+        negative = None
         if self.cfg_scale > 1:
-            neg, neg_mask = self.pipe.encode_prompt([self.negative_prompt] * len(prompts), image=images, device=self.device)
-        return EditCondition(emb, mask, neg, neg_mask, self.latents_of(images), images[0].size)
+            negative, _ = self._encode_prompts([self.negative_prompt] * len(prompts), images)
+        lat = self.latents_of(images)
+        return EditCondition(prompt, negative, lat, images[0].size, {**shared, **self._positions(images[0].size)})
+
+    def _positions(self, size: tuple[int, int]) -> dict:
+        return {}
 
     def noise(self, cond: EditCondition, generator: torch.Generator | None = None) -> torch.Tensor:
         b, n, c = cond.image_latents.shape
         return torch.randn((b, n, c), generator=generator, device="cpu", dtype=torch.float32).to(self.device, self.dtype)
 
     def schedule(self, steps: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sigmas (steps + 1, last 0), timesteps (steps)) exactly as the pipeline sets them."""
+        """(sigmas (steps + 1, last 0), timesteps (steps)) exactly as the pipelines set them."""
         import numpy as np
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_shift
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         cfg = self.pipe.scheduler.config
         mu = calculate_shift(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
@@ -157,59 +174,45 @@ class QwenImageEditor:
         return self.pipe.scheduler.sigmas.clone(), self.pipe.scheduler.timesteps.clone()
 
     # ------------------------------------------------------------------ the denoiser
-    def _img_shapes(self, cond: EditCondition) -> list:
-        w, h = cond.size
-        grid = (1, h // self.multiple, w // self.multiple)
-        return [[grid, grid]] * cond.batch
-
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: EditCondition, guidance: bool = True) -> torch.Tensor:
-        """v(x, t) for a batch; ``t`` is the scheduler's timestep (0-1000). True CFG with the
-        pipeline's norm rescaling when ``cfg_scale > 1`` and ``guidance`` (supervised
-        flow matching trains the conditional branch alone)."""
+        """v(x, t) for a batch; ``t`` is the scheduler's timestep (0-1000). The model's true CFG
+        when ``cfg_scale > 1`` and ``guidance`` (supervised flow matching trains the conditional
+        branch alone)."""
         inp = torch.cat([x, cond.image_latents], dim=1)
         timestep = t.expand(x.shape[0]).to(x.dtype) / 1000
-        shapes = self._img_shapes(cond)
-
         # Half-precision weights with float32 LoRA (mixed precision): autocast runs the LoRA
         # matmuls in the weights' dtype instead of upcasting every activation they touch.
         amp = torch.autocast(self.transformer.device.type, dtype=self.dtype) if self.dtype != torch.float32 \
             else contextlib.nullcontext()
-
-        def call(emb, mask):
-            with amp:
-                out = self.transformer(hidden_states=inp, timestep=timestep, encoder_hidden_states=emb,
-                                       encoder_hidden_states_mask=mask, img_shapes=shapes, return_dict=False)[0]
-            return out[:, : x.shape[1]]
-
-        v = call(cond.prompt_embeds, cond.prompt_mask)
-        if guidance and self.cfg_scale > 1 and cond.negative_embeds is not None:
-            neg = call(cond.negative_embeds, cond.negative_mask)
-            comb = neg + self.cfg_scale * (v - neg)
-            v = comb * (torch.norm(v, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+        with amp:
+            v = self._transformer(inp, timestep, cond.prompt, cond)[:, : x.shape[1]]
+            if guidance and self.cfg_scale > 1 and cond.negative is not None:
+                neg = self._transformer(inp, timestep, cond.negative, cond)[:, : x.shape[1]]
+                v = self._guide(v, neg)
         return v
+
+    def _guide(self, v: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        return neg + self.cfg_scale * (v - neg)
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor, cond: EditCondition) -> list[Image.Image]:
         w, h = cond.size
         lat = self.pipe._unpack_latents(x, h, w, self.pipe.vae_scale_factor).to(self.pipe.vae.dtype)
-        vcfg = self.pipe.vae.config
-        mean = torch.tensor(vcfg.latents_mean).view(1, vcfg.z_dim, 1, 1, 1).to(lat.device, lat.dtype)
-        std = torch.tensor(vcfg.latents_std).view(1, vcfg.z_dim, 1, 1, 1).to(lat.device, lat.dtype)
-        image = self.pipe.vae.decode(lat * std + mean, return_dict=False)[0][:, :, 0]
-        return self.pipe.image_processor.postprocess(image, output_type="pil")
+        return self.pipe.image_processor.postprocess(self._decode(lat), output_type="pil")
 
     # ------------------------------------------------------------------ LoRA
+    def _dead_modules(self) -> set[str]:
+        """Modules whose output never reaches the image (LoRA there would get no gradient)."""
+        return set()
+
     def add_lora(self, rank: int, alpha: int, targets: list[str] | None = None, seed: int = 0) -> None:
         from peft import LoraConfig
 
-        # The last block's text-stream outputs are discarded (only image tokens leave the model),
-        # so LoRA there would never get a gradient: target the live modules by full name.
-        last = len(self.transformer.transformer_blocks) - 1
-        dead = (f"transformer_blocks.{last}.attn.add_q_proj", f"transformer_blocks.{last}.attn.to_add_out")
+        dead = self._dead_modules()
         wanted = [n for n, _ in self.transformer.named_modules()
-                  if any(n.endswith("." + t) for t in (targets or LORA_TARGETS)) and n not in dead]
+                  if any(n.endswith("." + t) for t in (targets or self.LORA_TARGETS)) and n not in dead]
         if not wanted:
-            raise ValueError(f"none of the LoRA targets {targets or LORA_TARGETS} is a module of the transformer")
+            raise ValueError(f"none of the LoRA targets {targets or self.LORA_TARGETS} is a module of the transformer")
         torch.manual_seed(seed)
         self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=wanted, init_lora_weights=True))
 
@@ -259,13 +262,124 @@ class QwenImageEditor:
         self.load_lora_state(load_file(str(Path(folder) / "lora.safetensors")))
 
 
-def load_editor(spec: dict | str) -> QwenImageEditor:
-    """An editor from a model spec: ``{backend: tiny, seed, resolution, cfg_scale}`` or
-    ``{backend: qwen-image-edit, model: <id or path>, resolution, cfg_scale, device, dtype}``."""
+class QwenImageEditor(FlowEditor):
+    """Qwen-Image-Edit: Qwen2.5-VL prompt encoding of (instruction, image), condition tokens
+    after the noisy ones, true CFG with the pipeline's norm rescaling."""
+
+    LORA_TARGETS = LORA_TARGETS
+
+    @classmethod
+    def tiny(cls, seed: int = 0, resolution: int = 64, cfg_scale: float = 1.0, **kw) -> "QwenImageEditor":
+        return cls(build_tiny_qwen_image_edit(seed, **kw), resolution=resolution, cfg_scale=cfg_scale)
+
+    @classmethod
+    def from_pretrained(cls, path: str = "Qwen/Qwen-Image-Edit", resolution: int = 512, cfg_scale: float = 4.0,
+                        device: str = "cuda", dtype: str = "bfloat16") -> "QwenImageEditor":
+        from diffusers import QwenImageEditPipeline
+
+        pipe = QwenImageEditPipeline.from_pretrained(path, torch_dtype=getattr(torch, dtype), use_safetensors=True)
+        return cls(pipe, resolution=resolution, cfg_scale=cfg_scale, device=device, dtype=getattr(torch, dtype))
+
+    def _pixels(self, images, size):
+        return super()._pixels(images, size).unsqueeze(2)  # a one-frame video for the 3D VAE
+
+    def _vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.pipe._encode_vae_image(pixels, generator=None)
+
+    def _encode_prompts(self, prompts, images) -> tuple[dict, dict]:
+        emb, mask = self.pipe.encode_prompt(prompts, image=images, device=self.device)
+        return {"encoder_hidden_states": emb, "encoder_hidden_states_mask": mask}, {}
+
+    def _transformer(self, inp, timestep, prompt: dict, cond: EditCondition) -> torch.Tensor:
+        w, h = cond.size
+        grid = (1, h // self.multiple, w // self.multiple)
+        return self.transformer(hidden_states=inp, timestep=timestep, img_shapes=[[grid, grid]] * inp.shape[0],
+                                return_dict=False, **prompt)[0]
+
+    def _guide(self, v, neg):
+        comb = neg + self.cfg_scale * (v - neg)
+        return comb * (torch.norm(v, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+
+    def _decode(self, lat: torch.Tensor) -> torch.Tensor:
+        vcfg = self.pipe.vae.config
+        mean = torch.tensor(vcfg.latents_mean).view(1, vcfg.z_dim, 1, 1, 1).to(lat.device, lat.dtype)
+        std = torch.tensor(vcfg.latents_std).view(1, vcfg.z_dim, 1, 1, 1).to(lat.device, lat.dtype)
+        return self.pipe.vae.decode(lat * std + mean, return_dict=False)[0][:, :, 0]
+
+    def _dead_modules(self) -> set[str]:
+        # Only image tokens leave the model: the last block's text-stream outputs are discarded.
+        last = len(self.transformer.transformer_blocks) - 1
+        return {f"transformer_blocks.{last}.attn.add_q_proj", f"transformer_blocks.{last}.attn.to_add_out"}
+
+
+class FluxKontextEditor(FlowEditor):
+    """FLUX.1-Kontext: CLIP pooled + T5 prompt encoding, condition tokens with position ids of
+    frame 1, guidance-distilled (``guidance`` embedding); true CFG only if ``cfg_scale > 1``."""
+
+    LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                    "ff.net.0.proj", "ff.net.2", "proj_mlp", "proj_out"]
+
+    def __init__(self, pipe, guidance: float = 2.5, max_sequence_length: int = 512, **kw):
+        super().__init__(pipe, **kw)
+        self.guidance, self.max_sequence_length = guidance, max_sequence_length
+
+    @classmethod
+    def tiny(cls, seed: int = 0, resolution: int = 32, cfg_scale: float = 1.0, **kw) -> "FluxKontextEditor":
+        return cls(build_tiny_flux_kontext(seed), resolution=resolution, cfg_scale=cfg_scale, max_sequence_length=32, **kw)
+
+    @classmethod
+    def from_pretrained(cls, path: str = "black-forest-labs/FLUX.1-Kontext-dev", resolution: int = 512,
+                        cfg_scale: float = 1.0, guidance: float = 2.5, device: str = "cuda",
+                        dtype: str = "bfloat16") -> "FluxKontextEditor":
+        from diffusers import FluxKontextPipeline
+
+        pipe = FluxKontextPipeline.from_pretrained(path, torch_dtype=getattr(torch, dtype), use_safetensors=True)
+        return cls(pipe, resolution=resolution, cfg_scale=cfg_scale, guidance=guidance, device=device,
+                   dtype=getattr(torch, dtype))
+
+    def _vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.pipe._encode_vae_image(pixels, generator=None)
+
+    def _encode_prompts(self, prompts, images) -> tuple[dict, dict]:
+        emb, pooled, text_ids = self.pipe.encode_prompt(prompts, device=self.device,
+                                                        max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": emb, "pooled_projections": pooled}, {"txt_ids": text_ids}
+
+    def _positions(self, size: tuple[int, int]) -> dict:
+        w, h = size
+        gh, gw = h // self.multiple, w // self.multiple
+        latent = self.pipe._prepare_latent_image_ids(1, gh, gw, self.device, self.dtype)
+        image = latent.clone()
+        image[..., 0] = 1  # condition tokens: the same grid, frame 1
+        return {"img_ids": torch.cat([latent, image], dim=0)}
+
+    def _transformer(self, inp, timestep, prompt: dict, cond: EditCondition) -> torch.Tensor:
+        g = None
+        if self.transformer.config.guidance_embeds:
+            g = torch.full([1], self.guidance, device=inp.device, dtype=torch.float32).expand(inp.shape[0])
+        return self.transformer(hidden_states=inp, timestep=timestep, guidance=g, txt_ids=cond.shared["txt_ids"],
+                                img_ids=cond.shared["img_ids"], return_dict=False, **prompt)[0]
+
+    def _decode(self, lat: torch.Tensor) -> torch.Tensor:
+        vcfg = self.pipe.vae.config
+        return self.pipe.vae.decode(lat / vcfg.scaling_factor + vcfg.shift_factor, return_dict=False)[0]
+
+
+EDITOR_BACKENDS = ("tiny", "tiny-kontext", "qwen-image-edit", "flux-kontext")
+
+
+def load_editor(spec: dict | str) -> FlowEditor:
+    """An editor from a model spec: ``{backend: tiny | tiny-kontext, seed, resolution, cfg_scale}``
+    or ``{backend: qwen-image-edit | flux-kontext, model: <id or path>, resolution, cfg_scale,
+    device, dtype}``."""
     spec = {"backend": spec} if isinstance(spec, str) else dict(spec)
     backend = spec.pop("backend", "tiny")
     if backend == "tiny":
         return QwenImageEditor.tiny(**spec)
+    if backend == "tiny-kontext":
+        return FluxKontextEditor.tiny(**spec)
     if backend == "qwen-image-edit":
         return QwenImageEditor.from_pretrained(spec.pop("model", "Qwen/Qwen-Image-Edit"), **spec)
-    raise ValueError(f"unknown attacker backend {backend!r}: use 'tiny' or 'qwen-image-edit'")
+    if backend == "flux-kontext":
+        return FluxKontextEditor.from_pretrained(spec.pop("model", "black-forest-labs/FLUX.1-Kontext-dev"), **spec)
+    raise ValueError(f"unknown attacker backend {backend!r}: use one of {', '.join(EDITOR_BACKENDS)}")

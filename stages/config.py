@@ -132,8 +132,9 @@ class CurriculumConfig:
 class AttackerConfig:
     model: dict = documented({"backend": "tiny", "seed": 0, "resolution": 64, "cfg_scale": 1.0},
                              "The editor: {backend: tiny, seed, resolution, cfg_scale} (random init, tiny "
-                             "Qwen-Image-Edit) or {backend: qwen-image-edit, model: ID_OR_PATH, resolution: 512, "
-                             "cfg_scale: 4, device, dtype}.")
+                             "Qwen-Image-Edit; tiny-kontext: tiny FLUX.1-Kontext) or {backend: qwen-image-edit | "
+                             "flux-kontext, model: ID_OR_PATH, resolution: 512, cfg_scale: 4 (Kontext: 1, it is "
+                             "guidance-distilled), device, dtype}.")
     max_items: int = documented(0, "Use at most this many rows of the dataset version for training (0: all).")
     cold_start: Any = field(default_factory=_tiny_cold_start,
                             metadata={"help": "Cold start: flow matching on AOT-SFT pairs (training/config.py)."})
@@ -218,8 +219,10 @@ class PipelineConfig:
             _check(t.reward.queries >= 1 and -1 <= t.reward.tau <= 1, f"attacker.{name}.reward", "needs queries >= 1 "
                    "and -1 <= tau <= 1 (SSIM's range)")
         _check(0 <= a.curriculum.clean_fraction < 1, "attacker.curriculum.clean_fraction", "must be within [0, 1)")
-        _check(a.model.get("backend", "tiny") in ("tiny", "qwen-image-edit"), "attacker.model.backend",
-               "must be tiny or qwen-image-edit")
+        from models.editor import EDITOR_BACKENDS
+
+        _check(a.model.get("backend", "tiny") in EDITOR_BACKENDS, "attacker.model.backend",
+               f"must be one of {', '.join(EDITOR_BACKENDS)}")
         for role, spec in self.models.items():
             try:
                 normalize_spec(role, spec)

@@ -51,6 +51,26 @@ def test_a_zero_sampler_is_the_pipeline_sampler_bit_for_bit(monkeypatch):
     assert torch.equal(ours, ref)
 
 
+def test_kontext_a_zero_sampler_is_the_pipeline_sampler_and_its_lora_trains():
+    from models.editor import FluxKontextEditor
+
+    ed = FluxKontextEditor.tiny(seed=0, resolution=32)
+    img = _items(1)[0].image
+    cond = ed.condition([img], ["make it red"])
+    x = ed.noise(cond, torch.Generator().manual_seed(3))
+    ours = sample(ed, cond, 4, 0.0, x=x).final
+    w, h = cond.size  # max_area and _auto_resize pin the pipeline to our size (its default is 1024^2)
+    ref = ed.pipe(image=img, prompt="make it red", num_inference_steps=4, guidance_scale=2.5, latents=x.clone(),
+                  height=h, width=w, max_area=w * h, _auto_resize=False, max_sequence_length=32,
+                  output_type="latent").images
+    assert torch.equal(ours, ref)
+    tr = AttackerTrainer(ed, _cfg(steps=2), items=_items(), rewards={"contrast": box_contrast})
+    before = {k: v.clone() for k, v in ed.lora_state().items()}
+    tr.train()
+    after = ed.lora_state()
+    assert tr.metrics[0]["ratio_max"] == 1.0 and not [k for k in before if torch.equal(before[k], after[k])]
+
+
 def test_sde_window_is_early_and_consecutive():
     assert sde_window(10, 0) == list(range(9))  # every step but the last
     g = torch.Generator().manual_seed(0)
