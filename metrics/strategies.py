@@ -76,3 +76,25 @@ def strategy_mix(labels: list[str]) -> dict[str, float]:
     counts = Counter(labels)
     n = max(1, len(labels))
     return {s: counts.get(s, 0) / n for s in STRATEGIES}
+
+
+# Words of a judge's description that name one strategy (matched at the start of a word).
+DESCRIPTION_WORDS = {
+    "addition": ("add", "insert", "new", "appear", "place"),
+    "removal": ("remov", "erase", "delet", "gone", "disappear"),
+    "replacement": ("replac", "swap", "substitut", "turned into", "changed into"),
+    "perturbation": ("noise", "subtle", "slight", "no visible", "imperceptible"),
+}
+
+
+def refine_with_description(label: str, description: str | None) -> str:
+    """The pixel-level label, refined by a judge's description of the change: when the pixels
+    are ambiguous (``hybrid`` or ``none``) and the description names exactly one strategy, that
+    strategy; a clear pixel-level label is kept (the description can be wrong)."""
+    if not description or label not in ("hybrid", "none"):
+        return label
+    import re
+
+    text = description.lower()
+    named = [k for k, words in DESCRIPTION_WORDS.items() if any(re.search(rf"\b{re.escape(w)}", text) for w in words)]
+    return named[0] if len(named) == 1 else label

@@ -77,6 +77,19 @@ class MLLMJudge(JudgeBase):
         except TypeError:  # an MLLM without the max_new_tokens option
             return self.mllm.generate(images, prompts, temperature=0.0)
 
+    def describe_edits(self, pairs: list[tuple[Image.Image, Image.Image]]) -> list[str]:
+        """One short sentence per (clean, edited) pair: what changed. The two are shown side by
+        side in one image (left before, right after), so any single-image MLLM can answer."""
+        images = []
+        for clean, edited in pairs:
+            both = Image.new("RGB", (clean.width * 2, clean.height), "white")
+            both.paste(clean.convert("RGB"), (0, 0))
+            both.paste(edited.convert("RGB").resize(clean.size), (clean.width, 0))
+            images.append(both)
+        prompt = ("The left half is an image before an edit, the right half after it. In one short sentence, say "
+                  "what was added, removed or replaced, or whether only subtle noise changed.")
+        return [t.strip() for t in self._ask(images, [prompt] * len(images))]
+
     def _verdict(self, text: str, fail_if: bool, what: str) -> CheckResult:
         ans = parse_yes_no(text)
         if ans is None:

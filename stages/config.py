@@ -126,6 +126,9 @@ class CurriculumConfig:
     sampling_steps: int = documented(10, "Denoising steps of a curriculum edit (deterministic ODE sampler).")
     max_items: int = documented(0, "Attack at most this many items of the input version (0: all).")
     seed: int = documented(0, "Seed of the edits' initial noise and of the clean items' choice.")
+    describe: bool = documented(False, "Ask the judge (models.judge, an MLLM backend) to describe each kept edit; "
+                                       "the description is stored and refines ambiguous strategy labels "
+                                       "(METHOD.md, 'Emergent strategies').")
 
 
 @dataclass

@@ -65,6 +65,22 @@ def test_cold_start_then_flow_grpo_then_curriculum(chain):
     assert len(ex) == 12 and ex[0].image.size == (32, 32)
 
 
+def test_curriculum_with_a_judge_description(chain):
+    store, cfg, v = chain
+    described = load_config("synthetic", {**SMALL, "models": {"judge": {"backend": "tiny", "max_new_tokens": 4}},
+                                          "attacker": {**SMALL["attacker"], "curriculum": {
+                                              **SMALL["attacker"]["curriculum"], "describe": True, "max_items": 3}}})
+    cold, _ = train_attacker_version(store, described, v["export"], mode="sft")
+    cur = generate_curriculum_version(store, described, cold.version, v["filter"], v["defender"])
+    df = store.read(cur)
+    adv = df.filter(df["kind"] == "adversarial")
+    assert adv.height == 3 and all(isinstance(d, str) for d in adv["description"].to_list())
+    assert cur.config["judge"] == {"backend": "tiny", "max_new_tokens": 4}
+    with pytest.raises(ValueError, match="MLLM judge"):
+        generate_curriculum_version(store, load_config("synthetic", {**SMALL, "attacker": {**SMALL["attacker"], "curriculum": {
+            **SMALL["attacker"]["curriculum"], "describe": True}}}), cold.version, v["filter"], v["defender"])
+
+
 def test_integrity_gate_rejects_with_a_reason(chain):
     store, cfg, v = chain
     strict = load_config("synthetic", {**SMALL, "attacker": {**SMALL["attacker"], "rl": {

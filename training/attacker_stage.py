@@ -162,6 +162,7 @@ CURRICULUM = {
     "consecutive_failures": pl.Int64,
     "strategy": pl.String,
     "changed_fraction": pl.Float64,
+    "description": pl.String,  # the judge's words, when attacker.curriculum.describe is on
 }
 
 
@@ -178,7 +179,8 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
     r = a.rl.reward
     data = store.manifest(data_version)
     parents = [attacker_version, data.version, defender_version]
-    vcfg = {"curriculum": dataclasses.asdict(c), "reward": dataclasses.asdict(r), "model": a.model}
+    vcfg = {"curriculum": dataclasses.asdict(c), "reward": dataclasses.asdict(r), "model": a.model,
+            **({"judge": cfg.models["judge"]} if c.describe else {})}
     version = content_hash({"stage": "curriculum", "config": vcfg, "code": code_version(), "parents": parents})
     done = store.manifest_at(data.dataset, "curriculum", version)
     if done is not None:
@@ -207,6 +209,17 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
                             "detail": f"target SSIM {score['target_ssim_min']:.3f} < tau {r.tau}"})
         if on_item:
             on_item(n + 1, len(items))
+    if c.describe and kept:  # a real judge's description of each kept edit refines its label
+        from metrics.strategies import refine_with_description
+        from models import load
+
+        judge = load("judge", cfg.models["judge"])
+        if not hasattr(judge, "describe_edits"):
+            raise ValueError(f"attacker.curriculum.describe needs an MLLM judge (models.judge: mllm or tiny), "
+                             f"not {cfg.models['judge']!r}")
+        for row, text in zip(kept, judge.describe_edits(edits)):
+            row["description"] = text
+            row["strategy"] = refine_with_description(row["strategy"], text)
     # Clean items: the attacked items' own clean images first, then the rest, up to the fraction.
     n_clean = round(len(kept) * c.clean_fraction / (1 - c.clean_fraction)) if kept else 0
     order = sorted(range(len(items)), key=lambda i: (f"{items[i].id}:attack" not in {k["id"] for k in kept}, i))
