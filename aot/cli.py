@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 DEFAULT_ROOT = os.environ.get("AOT_ROOT", "./aot-data")
 
@@ -56,6 +57,14 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--source", help="start from this source version (e.g. one made by `aot import`)")
     p.add_argument("--scenes", type=int, help="number of synthetic source scenes (shortcut for --set source.num_scenes=N)")
+    p.add_argument("--until", choices=["export", "coevolution"], default="export",
+                   help="export: the AOT-SFT bootstrap (default); coevolution: then the whole AOT loop "
+                        "(coevolution.iterations rounds of attacker, curriculum, defender, evaluation) and its report")
+    p.add_argument("--report", help="with --until coevolution: write the report here (.md or .html)")
+    p = sub.add_parser("report", help="write the report of a coevolution run (markdown or HTML, self-contained)")
+    _common(p, config=False)
+    p.add_argument("run", help="coevolution version id (aot ls --stage coevolution)")
+    p.add_argument("--out", help="file to write (.md or .html); default: print markdown")
     p = sub.add_parser("stage", help="run one stage on an input version")
     p.add_argument("name", help="source, extend, filter, implant or export")
     p.add_argument("--input", help="input version id (not for source)")
@@ -152,6 +161,8 @@ def cmd_run(args, stage: str | None = None) -> int:
         overrides["source.num_scenes"] = args.scenes
     cfg = load_config(args.preset, _nested(overrides))  # fail fast on a bad config, before Prefect starts
     opts = storage_options(args)
+    if getattr(args, "until", "export") == "coevolution":
+        return _run_coevolution(args, cfg, overrides, opts)
     t0 = time.perf_counter()
     if args.no_prefect:
         from stages.runner import run_bootstrap, run_stage
@@ -194,6 +205,58 @@ def cmd_run(args, stage: str | None = None) -> int:
         m = store.manifest(last["version"])
         folder = m.uri.removeprefix("file://")
         print(f'load it: datasets.load_dataset("parquet", data_files="{folder}/part-*.parquet", split="train")')
+    return 0
+
+
+def _run_coevolution(args, cfg, overrides: dict, opts: dict | None) -> int:
+    from storage import ShardStore
+
+    t0 = time.perf_counter()
+    store = ShardStore(args.root, opts)
+    if args.no_prefect:
+        from training.coevolution import LocalSteps, run_coevolution
+
+        say = (lambda msg: None) if args.no_progress else (lambda msg: print(msg, file=sys.stderr))
+        version = run_coevolution(store, cfg, LocalSteps(store, cfg, say), args.source).version
+    else:
+        _prefect_env(args)
+        from flows.coevolution import coevolution
+
+        version = coevolution(root=args.root, preset=args.preset, source_version=args.source, overrides=overrides,
+                              storage_options=opts, progress=not args.no_progress)["version"]
+    rows = store.read(store.manifest(version)).to_dicts()
+    cols = ["iteration", "attack_success_before", "attack_success_after", "defender_clean_accuracy",
+            "defender_attacked_accuracy", "curriculum_kept"]
+    print()
+    _print_table([{c: (f"{r[c]:.3f}" if isinstance(r[c], float) else r[c]) for c in cols} for r in rows], cols)
+    print(f"\ncoevolution run: {version}")
+    if args.report:
+        _write_report(store, version, args.report)
+    else:
+        print(f"report: aot report {version} --out report.html --root {args.root}")
+    print(f"wall time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _write_report(store, version: str, out: str | None) -> None:
+    from training.coevolution import render_report
+
+    text = render_report(store, version, "html" if out and out.endswith(".html") else "md")
+    if out:
+        Path(out).write_text(text)
+        print(f"report written: {out}")
+    else:
+        print(text)
+
+
+def cmd_report(args) -> int:
+    from storage import ShardStore
+
+    try:
+        _write_report(ShardStore(args.root, storage_options(args)), args.run, args.out)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -467,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, stage=args.name)
         return {"ls": cmd_ls, "show": cmd_show, "gc": cmd_gc, "import": cmd_import, "config": cmd_config,
                 "train-defender": cmd_defender, "eval-defender": cmd_defender,
-                "train-attacker": cmd_attacker, "curriculum": cmd_attacker, "models": cmd_models,
+                "train-attacker": cmd_attacker, "curriculum": cmd_attacker, "report": cmd_report, "models": cmd_models,
                 "eval": cmd_eval}[args.command](args)
     except known as exc:
         print(f"error: {exc}", file=sys.stderr)

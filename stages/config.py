@@ -146,6 +146,13 @@ class AttackerConfig:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
 
+@dataclass
+class CoevolutionConfig:
+    iterations: int = documented(3, "N: attacker / curriculum / defender rounds (AOT reports iterations 1-3).")
+    heldout_scenes: int = documented(32, "Held-out scenes (the source under another seed) for every evaluation.")
+    heldout_seed_offset: int = documented(10_000, "source.seed + this = the held-out world's seed: never trained on.")
+
+
 DEFAULT_MODELS = {
     "outpainter": "synthetic",
     "inpainter": "synthetic",
@@ -167,6 +174,7 @@ class PipelineConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     defender: DefenderConfig = field(default_factory=DefenderConfig)
     attacker: AttackerConfig = field(default_factory=AttackerConfig)
+    coevolution: CoevolutionConfig = field(default_factory=CoevolutionConfig)
     models: dict = field(default_factory=lambda: dict(DEFAULT_MODELS), metadata={"help": "Backend of each model role."})
 
     def to_dict(self) -> dict:
@@ -221,6 +229,8 @@ class PipelineConfig:
             _check(t.flow_grpo.sampling_steps >= 2, f"attacker.{name}.flow_grpo.sampling_steps", "must be >= 2")
             _check(t.reward.queries >= 1 and -1 <= t.reward.tau <= 1, f"attacker.{name}.reward", "needs queries >= 1 "
                    "and -1 <= tau <= 1 (SSIM's range)")
+        _check(self.coevolution.iterations >= 1 and self.coevolution.heldout_scenes >= 1, "coevolution",
+               "needs iterations >= 1 and heldout_scenes >= 1")
         _check(0 <= a.curriculum.clean_fraction < 1, "attacker.curriculum.clean_fraction", "must be within [0, 1)")
         from models.editor import EDITOR_BACKENDS
 

@@ -177,11 +177,12 @@ def run_stage(
 BOOTSTRAP = ("source", "extend", "filter", "implant", "export")
 
 
-def run_bootstrap(store: ShardStore, cfg: PipelineConfig, source_version: str | None = None) -> list[StageSummary]:
-    """The whole bootstrap chain, serially, without Prefect."""
+def run_bootstrap(store: ShardStore, cfg: PipelineConfig, source_version: str | None = None,
+                  until: str = "export") -> list[StageSummary]:
+    """The bootstrap chain up to and including ``until``, serially, without Prefect."""
     out = []
     version = source_version
-    for name in BOOTSTRAP:
+    for name in BOOTSTRAP[: BOOTSTRAP.index(until) + 1]:
         if name == "source" and source_version:
             continue
         s = run_stage(store, name, cfg, version)

@@ -47,7 +47,8 @@ def examples_from_version(store: ShardStore, manifest: Manifest, images: str = "
     for row in df.iter_rows(named=True):
         prompt = format_prompt(row["question"], row["options"])
         for col in cols:
-            kind = col.removesuffix("_image") if col != "image" else "clean"
+            # a curriculum row says what it is; other single-image rows are clean scenes
+            kind = col.removesuffix("_image") if col != "image" else row.get("kind") or "clean"
             out.append(Example(f"{row['id']}:{kind}", decode_image(row[col]), prompt, row["answer"], len(row["options"])))
     return out
 

@@ -1,0 +1,107 @@
+"""The AOT loop on the embedded default at toy size: two iterations, every output a version,
+a rerun recomputes nothing, and the report lands."""
+
+from __future__ import annotations
+
+import pytest
+
+from stages.config import load_config
+from storage import ShardStore
+from training.coevolution import LocalSteps, run_coevolution
+
+TOY = {
+    "source": {"num_scenes": 16, "shard_size": 8},
+    "defender": {"warmup": {"steps": 2, "batch_prompts": 8}, "rl": {"steps": 1, "batch_prompts": 2,
+                                                                     "dapo": {"dynamic_sampling": False}},
+                 "model": {"backend": "tiny", "seed": 0, "min_pixels": 1024, "max_pixels": 4096}},
+    "attacker": {"model": {"backend": "tiny", "seed": 0, "resolution": 32, "cfg_scale": 1.0},
+                 "cold_start": {"steps": 1, "sft_batch": 2},
+                 "rl": {"steps": 1, "groups_per_step": 1, "flow_grpo": {"group_size": 4, "sampling_steps": 3},
+                        "reward": {"queries": 2, "tau": 0.0}},
+                 "curriculum": {"sampling_steps": 3, "max_items": 4}},
+    "coevolution": {"iterations": 2, "heldout_scenes": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    store = ShardStore(str(tmp_path_factory.mktemp("coevo")))
+    cfg = load_config("synthetic", TOY)
+    events = []
+    m = run_coevolution(store, cfg, LocalSteps(store, cfg, events.append))
+    return store, cfg, m, events
+
+
+def test_two_iterations_chain_their_checkpoints(run):
+    store, cfg, m, events = run
+    assert m.stage == "coevolution" and m.rows == 2
+    df = store.read(m)
+    assert df["iteration"].to_list() == [1, 2]
+    lin = m.extra["lineage"]
+    it1, it2 = lin["iteration_1"], lin["iteration_2"]
+    # attacker 2 starts from attacker 1 and plays defender 1; defender 2 starts from defender 1
+    a2 = store.manifest(it2["attacker"])
+    assert a2.parents == [lin["items"], it1["defender"], it1["attacker"]]
+    assert store.manifest(it1["attacker"]).parents == [lin["items"], lin["defender_0"], lin["attacker_cold_start"]]
+    d2 = store.manifest(it2["defender"])
+    assert d2.parents == [it2["curriculum"], it1["defender"]]
+    assert store.manifest(it2["curriculum"]).parents == [it2["attacker"], lin["items"], it1["defender"]]
+    for col in ("attack_success_before", "attack_success_after", "defender_clean_accuracy", "strategy_none"):
+        assert all(v is not None and 0 <= v <= 1 for v in df[col].to_list()), col
+    assert {"iterations.png"} <= {f.path for f in m.files}
+    # held-out scenes are another world: no scene id in common with the training items
+    held = set(store.read(store.manifest(lin["heldout"]))["scene"].to_list())
+    train = set(store.read(store.manifest(lin["items"]))["scene"].to_list())
+    assert held and not (held & train)
+
+
+def test_a_rerun_finds_every_step_done(run):
+    store, cfg, m, _ = run
+    events = []
+    again = run_coevolution(store, cfg, LocalSteps(store, cfg, events.append))
+    assert again.version == m.version
+    assert events and all(" found" in e or e.startswith("curriculum") for e in events), events
+
+
+@pytest.mark.parametrize("fmt", ["md", "html"])
+def test_the_report_is_self_contained(run, fmt):
+    from training.coevolution import render_report
+
+    store, _, m, _ = run
+    text = render_report(store, m.version, fmt)
+    assert text.count("data:image/png;base64,") >= 3  # curve, rewards, mix (+ grids when edits were kept)
+    assert "attack_success_before" in text and m.version in text
+    assert "file://" not in text and "http" not in text.replace("https://", "")
+    with pytest.raises(ValueError, match="coevolution run"):
+        render_report(store, m.extra["lineage"]["export"], fmt)
+
+
+@pytest.mark.slow
+def test_aot_run_until_coevolution_through_prefect_writes_the_report(run, tmp_path):
+    """The documented command, through Prefect (the `coevolution` flow and every stage task),
+    on the same store: the same run version, nothing retrained, and the report file."""
+    import subprocess
+    import sys
+
+    store, _, m, _ = run
+    args = ["run", "--until", "coevolution", "--root", store.root, "--no-progress", "--report", str(tmp_path / "r.html")]
+    for k, v in _dotted(TOY).items():
+        args += ["--set", f"{k}={v}"]
+    import os
+
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"))
+    proc = subprocess.run([sys.executable, "-m", "aot.cli", *args], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"coevolution run: {m.version}" in proc.stdout
+    html = (tmp_path / "r.html").read_text()
+    assert html.startswith("<!doctype html>") and html.count("data:image/png;base64,") >= 3
+
+
+def _dotted(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "model":
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
