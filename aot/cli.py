@@ -61,6 +61,11 @@ def parser() -> argparse.ArgumentParser:
                    help="export: the AOT-SFT bootstrap (default); coevolution: then the whole AOT loop "
                         "(coevolution.iterations rounds of attacker, curriculum, defender, evaluation) and its report")
     p.add_argument("--report", help="with --until coevolution: write the report here (.md or .html)")
+    p = sub.add_parser("serve", help="start the Prefect UI with every deployment registered and a worker (one command)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=4200)
+    p.add_argument("--no-worker", action="store_true", help="register the deployments but start no worker")
+    p.add_argument("--ready-file", help=argparse.SUPPRESS)  # tests: written with the API URL once ready
     p = sub.add_parser("report", help="write the report of a coevolution run (markdown or HTML, self-contained)")
     _common(p, config=False)
     p.add_argument("run", help="coevolution version id (aot ls --stage coevolution)")
@@ -247,6 +252,12 @@ def _write_report(store, version: str, out: str | None) -> None:
         print(f"report written: {out}")
     else:
         print(text)
+
+
+def cmd_serve(args) -> int:
+    from aot.serve import serve
+
+    return serve(args.host, args.port, worker=not args.no_worker, ready_file=args.ready_file)
 
 
 def cmd_report(args) -> int:
@@ -530,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, stage=args.name)
         return {"ls": cmd_ls, "show": cmd_show, "gc": cmd_gc, "import": cmd_import, "config": cmd_config,
                 "train-defender": cmd_defender, "eval-defender": cmd_defender,
-                "train-attacker": cmd_attacker, "curriculum": cmd_attacker, "report": cmd_report, "models": cmd_models,
+                "train-attacker": cmd_attacker, "curriculum": cmd_attacker, "report": cmd_report, "serve": cmd_serve, "models": cmd_models,
                 "eval": cmd_eval}[args.command](args)
     except known as exc:
         print(f"error: {exc}", file=sys.stderr)

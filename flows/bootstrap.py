@@ -106,4 +106,9 @@ def bootstrap(root: str = DEFAULT_ROOT, preset: str = "synthetic", overrides: di
                               storage_options=storage_options, refresh_cache=refresh_cache, progress=progress)
         summaries.append(s)
         version = s["version"]
+    from prefect.artifacts import create_table_artifact
+
+    # The parent run's own artifact: every stage's version and counts in one table.
+    create_table_artifact(key="bootstrap-stages", description=f"AOT-SFT version {version}", table=[
+        {k: s[k] for k in ("stage", "version", "rows_in", "rows", "rejected", "shards", "recomputed")} for s in summaries])
     return {"version": version, "stages": summaries, "seconds": time.perf_counter() - t0}
