@@ -181,11 +181,18 @@ def cmd_run(args, stage: str | None = None) -> int:
         from flows.bootstrap import STAGE_FLOWS, bootstrap
 
         common = dict(root=args.root, preset=args.preset, overrides=overrides, storage_options=opts,
-                      refresh_cache=args.refresh_cache, progress=not args.no_progress)
-        if stage:
-            summaries = [STAGE_FLOWS[stage](input_version=args.input, **common)]
-        else:
-            summaries = bootstrap(source_version=args.source, **common)["stages"]
+                      refresh_cache=args.refresh_cache, progress=not args.no_progress, return_state=True)
+        state = (STAGE_FLOWS[stage](input_version=args.input, **common) if stage
+                 else bootstrap(source_version=args.source, **common))
+        if not state.is_completed():
+            entry = f"flows/bootstrap.py:{(STAGE_FLOWS[stage] if stage else bootstrap).fn.__name__}"
+            print(f"\nerror: the run ended {state.name}: {state.message}", file=sys.stderr)
+            print("finished shards are kept; rerun the same command to compute only the missing ones,", file=sys.stderr)
+            print(f"or retry this flow run: prefect flow-run retry {state.state_details.flow_run_id} --entrypoint {entry}",
+                  file=sys.stderr)
+            return 1
+        out = state.result()
+        summaries = [out] if stage else out["stages"]
     wall = time.perf_counter() - t0
     rows = [{"stage": s["stage"], "version": s["version"], "in": s["rows_in"], "kept": s["rows"], "rejected": s["rejected"],
              "shards": s["shards"], "recomputed": s["recomputed"], "seconds": f"{s['seconds']:.1f}",

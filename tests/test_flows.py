@@ -243,3 +243,46 @@ def test_evaluate_flow_on_fixture_benchmarks(tmp_path):
                         overrides={"source.shard_size": 8})
     assert out["summary"]["pope"]["n"] == 4 and 0 <= out["summary"]["pope"]["accuracy"] <= 1
     assert out["synthetic"]["drop"] == 1.0  # the baseline against its own implanter
+
+
+def test_failed_stage_reruns_only_missing_shards_from_the_cli_and_by_flow_run_retry(tmp_path, reference):
+    """A shard error fails the run; the CLI names both ways to continue. (a) Rerunning the
+    command recomputes 1 of 4 implant shards; (b) `prefect flow-run retry` of the failed run
+    does the same, and the implant shards written before the failure are not rewritten."""
+    import re
+
+    versions, shas, _ = reference
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"), AOT_FAULT="implant:2:error")
+    for way in ("cli", "retry"):
+        root = tmp_path / way
+        args = ["run", "--root", str(root), "--no-progress", "--set", "source.num_scenes=16", "--set", "source.shard_size=4"]
+        failed = _cli(args, env, tmp_path)
+        assert failed.returncode == 1 and "injected fault at implant shard 2" in failed.stderr
+        run_id = re.search(r"prefect flow-run retry ([0-9a-f-]{36}) --entrypoint flows/bootstrap.py:bootstrap",
+                           failed.stderr).group(1)
+        store = ShardStore(str(root))
+        shards = store.path("synthetic", "implant", versions["implant"], "_shards")
+        before = {Path(f).name: store.fs.info(f)["mtime"] for f in store.fs.ls(shards)}
+        assert sorted(before) == ["shard-00000.json", "shard-00001.json", "shard-00003.json"]
+        done_stages = {st: store.fs.info(store.path("synthetic", st, versions[st], "manifest.json"))["mtime"]
+                       for st in ("source", "extend", "filter")}
+        clean = {k: v for k, v in env.items() if k != "AOT_FAULT"}
+        if way == "cli":
+            done = _cli(args, clean, tmp_path)
+            assert done.returncode == 0, done.stderr[-2000:]
+            table = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.split()[:1] in (
+                ["source"], ["extend"], ["filter"], ["implant"], ["export"])}
+            recomputed = {k: int(v[6]) for k, v in table.items()}  # stage version in kept rejected shards recomputed
+            assert recomputed == {"source": 0, "extend": 0, "filter": 0, "implant": 1, "export": 4}, done.stdout
+        else:
+            prefect = str(Path(sys.executable).parent / "prefect")
+            out = subprocess.run([prefect, "flow-run", "retry", run_id, "--entrypoint", "flows/bootstrap.py:bootstrap"],
+                                 env=clean, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                                 timeout=400)
+            assert out.returncode == 0 and "completed successfully" in out.stdout + out.stderr, out.stderr[-2000:]
+        after = {Path(f).name: store.fs.info(f)["mtime"] for f in store.fs.ls(shards)}
+        assert set(after) == set(before) | {"shard-00002.json"}
+        assert all(after[k] == before[k] for k in before)  # finished shards were not rewritten
+        assert done_stages == {st: store.fs.info(store.path("synthetic", st, versions[st], "manifest.json"))["mtime"]
+                               for st in done_stages}  # finished stages were not redone
+        assert [p.sha256 for p in store.manifest(versions["export"]).parts] == shas
