@@ -61,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
                    help="export: the AOT-SFT bootstrap (default); coevolution: then the whole AOT loop "
                         "(coevolution.iterations rounds of attacker, curriculum, defender, evaluation) and its report")
     p.add_argument("--report", help="with --until coevolution: write the report here (.md or .html)")
+    p.add_argument("--task-runner", help="where the shards run: threads (default), dask (a local cluster), "
+                                         "dask://HOST:PORT, ray, ray://HOST:PORT")
     p = sub.add_parser("serve", help="start the Prefect UI with every deployment registered and a worker (one command)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=4200)
@@ -178,12 +180,16 @@ def cmd_run(args, stage: str | None = None) -> int:
         summaries = [s.to_dict() for s in found]
     else:
         _prefect_env(args)
-        from flows.bootstrap import STAGE_FLOWS, bootstrap
+        from flows.bootstrap import STAGE_FLOWS, bootstrap, make_task_runner
 
         common = dict(root=args.root, preset=args.preset, overrides=overrides, storage_options=opts,
                       refresh_cache=args.refresh_cache, progress=not args.no_progress, return_state=True)
-        state = (STAGE_FLOWS[stage](input_version=args.input, **common) if stage
-                 else bootstrap(source_version=args.source, **common))
+        runner = getattr(args, "task_runner", None)
+        if stage:
+            flow_ = STAGE_FLOWS[stage].with_options(task_runner=make_task_runner(runner)) if runner else STAGE_FLOWS[stage]
+            state = flow_(input_version=args.input, **common)
+        else:
+            state = bootstrap(source_version=args.source, task_runner=runner, **common)
         if not state.is_completed():
             entry = f"flows/bootstrap.py:{(STAGE_FLOWS[stage] if stage else bootstrap).fn.__name__}"
             print(f"\nerror: the run ended {state.name}: {state.message}", file=sys.stderr)

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm.auto import tqdm
@@ -33,6 +34,31 @@ def resolve_config(preset: str, overrides: dict | list | None) -> PipelineConfig
     if isinstance(overrides, dict):
         overrides = nest_dotted(overrides)
     return load_config(preset, overrides or None)
+
+
+def make_task_runner(spec: str | None = None):
+    """The task runner that runs a stage's shards: ``threads`` (default: AOT_WORKERS threads in
+    the flow's process), ``dask`` (a local Dask cluster), ``dask://HOST:PORT`` (an existing Dask
+    scheduler), ``ray`` / ``ray://HOST:PORT`` (prefect-ray). ``$AOT_TASK_RUNNER`` sets the default
+    for stage flows started on their own (deployments: set it in the work pool's env)."""
+    spec = spec or os.environ.get("AOT_TASK_RUNNER", "threads")
+    if spec == "threads":
+        return ThreadPoolTaskRunner(max_workers=WORKERS)
+    if spec == "dask" or spec.startswith(("dask://", "tcp://")):
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise RuntimeError("task runner 'dask' needs prefect-dask: pip install prefect-dask") from None
+        if spec == "dask":
+            return DaskTaskRunner(cluster_kwargs={"n_workers": WORKERS, "threads_per_worker": 1, "processes": True})
+        return DaskTaskRunner(address=spec.replace("dask://", "tcp://"))
+    if spec == "ray" or spec.startswith("ray://"):
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise RuntimeError("task runner 'ray' needs prefect-ray: pip install prefect-ray") from None
+        return RayTaskRunner() if spec == "ray" else RayTaskRunner(address=spec)
+    raise ValueError(f"unknown task runner {spec!r}: use threads, dask, dask://HOST:PORT, ray or ray://HOST:PORT")
 
 
 def run_stage(stage_name: str, input_version: str | None, root: str, preset: str, overrides: Any,
@@ -71,7 +97,7 @@ def run_stage(stage_name: str, input_version: str | None, root: str, preset: str
 
 
 def _stage_flow(stage_name: str, flow_name: str, description: str):
-    @flow(name=flow_name, description=description, task_runner=ThreadPoolTaskRunner(max_workers=WORKERS),
+    @flow(name=flow_name, description=description, task_runner=make_task_runner(),
           log_prints=True, validate_parameters=True)
     def stage_flow(input_version: str | None = None, root: str = DEFAULT_ROOT, preset: str = "synthetic",
                    overrides: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None,
@@ -91,23 +117,38 @@ STAGE_FLOWS = {"source": generate_scenes, "extend": extend_scenes, "filter": fil
                "implant": implant_distractors, "export": export_sft}
 
 
+def _bootstrap_stages(root, preset, overrides, source_version, storage_options, refresh_cache, progress, task_runner):
+    summaries, version = [], source_version
+    for name in BOOTSTRAP:
+        if name == "source" and source_version:
+            continue
+        stage_flow = STAGE_FLOWS[name] if not task_runner else STAGE_FLOWS[name].with_options(
+            task_runner=make_task_runner(task_runner))
+        s = stage_flow(input_version=version, root=root, preset=preset, overrides=overrides,
+                       storage_options=storage_options, refresh_cache=refresh_cache, progress=progress)
+        summaries.append(s)
+        version = s["version"]
+    return summaries, version
+
+
 @flow(name="bootstrap", description="The AOT-SFT bootstrap: source -> extend -> filter -> implant -> export.",
       log_prints=True, validate_parameters=True)
 def bootstrap(root: str = DEFAULT_ROOT, preset: str = "synthetic", overrides: dict[str, Any] | None = None,
               source_version: str | None = None, storage_options: dict[str, Any] | None = None,
-              refresh_cache: bool = False, progress: bool = True) -> dict:
+              refresh_cache: bool = False, progress: bool = True, task_runner: str | None = None) -> dict:
     t0 = time.perf_counter()
-    summaries = []
-    version = source_version
-    for name in BOOTSTRAP:
-        if name == "source" and source_version:
-            continue
-        s = STAGE_FLOWS[name](input_version=version, root=root, preset=preset, overrides=overrides,
-                              storage_options=storage_options, refresh_cache=refresh_cache, progress=progress)
-        summaries.append(s)
-        version = s["version"]
-    from prefect.artifacts import create_table_artifact
+    cluster = None
+    if task_runner == "dask":  # one local cluster for all five stages (its workers import the models once)
+        from distributed import LocalCluster
 
+        cluster = LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=None)
+        task_runner = cluster.scheduler_address
+    try:
+        summaries, version = _bootstrap_stages(root, preset, overrides, source_version, storage_options, refresh_cache,
+                                               progress, task_runner)
+    finally:
+        if cluster is not None:
+            cluster.close()
     # The parent run's own artifact: every stage's version and counts in one table.
     create_table_artifact(key="bootstrap-stages", description=f"AOT-SFT version {version}", table=[
         {k: s[k] for k in ("stage", "version", "rows_in", "rows", "rejected", "shards", "recomputed")} for s in summaries])

@@ -286,3 +286,13 @@ def test_failed_stage_reruns_only_missing_shards_from_the_cli_and_by_flow_run_re
         assert done_stages == {st: store.fs.info(store.path("synthetic", st, versions[st], "manifest.json"))["mtime"]
                                for st in done_stages}  # finished stages were not redone
         assert [p.sha256 for p in store.manifest(versions["export"]).parts] == shas
+
+
+def test_data_stages_on_a_local_dask_cluster_give_the_same_versions(tmp_path, reference):
+    """The same bootstrap with its shards on a local Dask cluster (worker processes): the same
+    version ids and bytes as the default runner."""
+    pytest.importorskip("prefect_dask", reason="needs prefect-dask (requirements.txt)")
+    versions, shas, _ = reference
+    out = _by_stage(_bootstrap(tmp_path, task_runner="dask"))
+    assert {k: v["version"] for k, v in out.items()} == versions
+    assert [p.sha256 for p in ShardStore(str(tmp_path)).manifest(versions["export"]).parts] == shas
