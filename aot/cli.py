@@ -356,9 +356,11 @@ def cmd_defender(args) -> int:
     t0 = time.perf_counter()
     if args.command == "train-defender":
         if args.no_prefect:
+            from training.distributed import init_from_env, is_main
             from training.stage import train_defender_version
 
-            bar = _StepPrinter(args.no_progress)
+            init_from_env()  # under torchrun: data parallel over the ranks
+            bar = _StepPrinter(args.no_progress or not is_main())
             m, _ = train_defender_version(store, cfg, args.data, args.init, args.mode, on_step=bar)
             out = {"version": m.version, "final": m.extra.get("final", {})}
         else:

@@ -36,21 +36,42 @@ def resolve_config(preset: str, overrides: dict | list | None) -> PipelineConfig
     return load_config(preset, overrides or None)
 
 
+def local_dask_cluster(spec: str):
+    """A Dask cluster on this machine: ``dask`` = AOT_WORKERS worker processes; ``dask-gpus`` = one
+    worker process per GPU, each seeing only its card (CUDA_VISIBLE_DEVICES), so the shards of a
+    GPU stage run on all cards at once. The GPU count comes from torch, or $AOT_GPUS."""
+    from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
+
+    if spec == "dask":
+        return LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=None)
+    n = int(os.environ.get("AOT_GPUS", "0"))
+    if not n:
+        import torch
+
+        n = torch.cuda.device_count()
+    if n < 1:
+        raise RuntimeError("task runner 'dask-gpus' found no GPU (set AOT_GPUS to force a count)")
+    workers = {f"gpu-{i}": {"cls": Nanny, "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": str(i)}}}
+               for i in range(n)}
+    return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}})
+
+
 def make_task_runner(spec: str | None = None):
     """The task runner that runs a stage's shards: ``threads`` (default: AOT_WORKERS threads in
-    the flow's process), ``dask`` (a local Dask cluster), ``dask://HOST:PORT`` (an existing Dask
-    scheduler), ``ray`` / ``ray://HOST:PORT`` (prefect-ray). ``$AOT_TASK_RUNNER`` sets the default
-    for stage flows started on their own (deployments: set it in the work pool's env)."""
+    the flow's process), ``dask`` (a local Dask cluster of worker processes), ``dask-gpus`` (one
+    Dask worker per GPU), ``dask://HOST:PORT`` (an existing Dask scheduler), ``ray`` /
+    ``ray://HOST:PORT`` (prefect-ray). ``$AOT_TASK_RUNNER`` sets the default for stage flows
+    started on their own (deployments: set it in the work pool's env)."""
     spec = spec or os.environ.get("AOT_TASK_RUNNER", "threads")
     if spec == "threads":
         return ThreadPoolTaskRunner(max_workers=WORKERS)
-    if spec == "dask" or spec.startswith(("dask://", "tcp://")):
+    if spec in ("dask", "dask-gpus") or spec.startswith(("dask://", "tcp://")):
         try:
             from prefect_dask import DaskTaskRunner
         except ImportError:
             raise RuntimeError("task runner 'dask' needs prefect-dask: pip install prefect-dask") from None
-        if spec == "dask":
-            return DaskTaskRunner(cluster_kwargs={"n_workers": WORKERS, "threads_per_worker": 1, "processes": True})
+        if spec in ("dask", "dask-gpus"):
+            return DaskTaskRunner(cluster_class=lambda: local_dask_cluster(spec))
         return DaskTaskRunner(address=spec.replace("dask://", "tcp://"))
     if spec == "ray" or spec.startswith("ray://"):
         try:
@@ -58,7 +79,8 @@ def make_task_runner(spec: str | None = None):
         except ImportError:
             raise RuntimeError("task runner 'ray' needs prefect-ray: pip install prefect-ray") from None
         return RayTaskRunner() if spec == "ray" else RayTaskRunner(address=spec)
-    raise ValueError(f"unknown task runner {spec!r}: use threads, dask, dask://HOST:PORT, ray or ray://HOST:PORT")
+    raise ValueError(f"unknown task runner {spec!r}: use threads, dask, dask-gpus, dask://HOST:PORT, ray or "
+                     "ray://HOST:PORT")
 
 
 def run_stage(stage_name: str, input_version: str | None, root: str, preset: str, overrides: Any,
@@ -138,10 +160,8 @@ def bootstrap(root: str = DEFAULT_ROOT, preset: str = "synthetic", overrides: di
               refresh_cache: bool = False, progress: bool = True, task_runner: str | None = None) -> dict:
     t0 = time.perf_counter()
     cluster = None
-    if task_runner == "dask":  # one local cluster for all five stages (its workers import the models once)
-        from distributed import LocalCluster
-
-        cluster = LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=None)
+    if task_runner in ("dask", "dask-gpus"):  # one cluster for all five stages: workers load the models once
+        cluster = local_dask_cluster(task_runner)
         task_runner = cluster.scheduler_address
     try:
         summaries, version = _bootstrap_stages(root, preset, overrides, source_version, storage_options, refresh_cache,

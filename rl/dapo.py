@@ -108,15 +108,17 @@ class DynamicSamplingError(RuntimeError):
     pass
 
 
-def fill_batch(draw, batch_groups: int, group_size: int, cfg: DapoConfig):
+def fill_batch(draw, batch_groups: int, group_size: int, cfg: DapoConfig, any_rank=lambda need: need):
     """Dynamic sampling: call ``draw()`` (-> a list of groups, each with ``.scores`` of length G)
     until ``batch_groups`` informative groups are kept, or fail after ``max_draw_factor`` draws.
 
     Returns (kept groups, number of groups drawn). Groups whose mean score is outside
-    (keep_low, keep_high) carry no gradient (every advantage is 0) and are dropped.
+    (keep_low, keep_high) carry no gradient (every advantage is 0) and are dropped. Under data
+    parallelism ``any_rank`` makes the loop collective: every rank draws until every rank is full,
+    so all ranks walk the data in step.
     """
     kept, drawn, draws = [], 0, 0
-    while len(kept) < batch_groups:
+    while any_rank(len(kept) < batch_groups):
         if draws >= cfg.max_draw_factor:
             raise DynamicSamplingError(
                 f"no full batch after filtering: {len(kept)} of {batch_groups} groups kept from {drawn} drawn "

@@ -21,6 +21,7 @@ from PIL import Image
 
 from models.mcq import extract_choice, mcq_reward
 from rl.dapo import dapo_loss, fill_batch, group_advantages, overlong_penalty
+from training import distributed as dist
 from training.config import DefenderTrainConfig
 from training.checkpoint import load_trainer_state, save_checkpoint
 
@@ -89,6 +90,10 @@ class DefenderTrainer:
                 target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"))
         if cfg.gradient_checkpointing:
             policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.rank, self.world = dist.rank_world()
+        if cfg.batch_prompts % self.world:
+            raise ValueError(f"batch_prompts {cfg.batch_prompts} must divide over {self.world} ranks: set "
+                             f"defender.*.batch_prompts to a multiple of {self.world}")
         self.opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         self.metrics: list[dict] = []
@@ -104,7 +109,9 @@ class DefenderTrainer:
         p, cfg = self.policy, self.cfg
         batch = [self.examples[i] for i in self.stream.take(cfg.batch_prompts)]
         ids, mask = p.target_ids([f"\\boxed{{{e.answer}}}" for e in batch])
-        total = int(mask.sum())
+        total = int(mask.sum())  # the global batch's tokens: every rank knows them
+        mine = slice(self.rank * len(batch) // self.world, (self.rank + 1) * len(batch) // self.world)
+        batch, ids, mask = batch[mine], ids[mine], mask[mine]
         p.model.train()
         loss_sum = 0.0
         for sl in _chunks(len(batch), cfg.micro_batch):
@@ -112,22 +119,24 @@ class DefenderTrainer:
             loss = -(logp * mask[sl].to(logp.device)).sum() / total
             loss.backward()
             loss_sum += float(loss.detach())
+        dist.sum_gradients(p.trainable_parameters())
         gnorm = torch.nn.utils.clip_grad_norm_(p.trainable_parameters(), cfg.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return {"loss": loss_sum, "grad_norm": float(gnorm), "tokens": total}
+        return {"loss": dist.all_sum(loss_sum), "grad_norm": float(gnorm), "tokens": total}
 
     # ----------------------------------------------------------------- DAPO
     def _draw(self, draw_index: int) -> list[Group]:
         """Sample G responses for each of the next batch_prompts examples and reward them."""
         p, cfg, G = self.policy, self.cfg, self.cfg.dapo.group_size
         batch = [self.examples[i] for i in self.stream.take(cfg.batch_prompts)]
+        batch = batch[self.rank::self.world]  # this rank's prompts of the draw
         rep = [e for e in batch for _ in range(G)]
         ids, masks, truncs, texts = [], [], [], []
         for k, sl in enumerate(_chunks(len(rep), cfg.micro_batch)):
             r = p.rollout([e.image for e in rep[sl]], [e.prompt for e in rep[sl]], temperature=cfg.temperature,
                           max_new_tokens=cfg.max_new_tokens, cache=cfg.decode_cache,
-                          seed=cfg.seed * 1_000_003 + self.step * 1009 + draw_index * 101 + k)
+                          seed=cfg.seed * 1_000_003 + self.step * 1009 + draw_index * 101 + k + 7919 * self.rank)
             ids.append(r.response_ids)
             masks.append(r.response_mask)
             truncs.append(r.truncated)
@@ -152,7 +161,8 @@ class DefenderTrainer:
         p, cfg, G = self.policy, self.cfg, self.cfg.dapo.group_size
         t0 = time.perf_counter()
         draws = iter(range(10**9))
-        groups, drawn = fill_batch(lambda: self._draw(next(draws)), cfg.batch_prompts, G, cfg.dapo)
+        groups, drawn = fill_batch(lambda: self._draw(next(draws)), cfg.batch_prompts // self.world, G, cfg.dapo,
+                                   dist.any_rank)
         t_sample = time.perf_counter() - t0
         images = [g.example.image for g in groups for _ in range(G)]
         prompts = [g.example.prompt for g in groups for _ in range(G)]
@@ -165,7 +175,7 @@ class DefenderTrainer:
         rewards = torch.cat([g.rewards for g in groups])
         adv = group_advantages(rewards, G, cfg.dapo.adv_eps)
         loss_mask = mask * (~truncated).long().unsqueeze(1) if cfg.dapo.mask_truncated else mask
-        total = max(1, int(loss_mask.sum()))
+        total = max(1, int(dist.all_sum(int(loss_mask.sum()))))  # token-level loss over the *global* batch
         slices = list(_chunks(len(prompts), cfg.micro_batch))
         p.model.train()
         t1 = time.perf_counter()
@@ -188,15 +198,17 @@ class DefenderTrainer:
                 loss.backward()
                 stats.append(st)
                 ents.append(float((ent.detach() * mask[s].to(ent.device)).sum()))
+            dist.sum_gradients(p.trainable_parameters())
             gnorm = torch.nn.utils.clip_grad_norm_(p.trainable_parameters(), cfg.grad_clip)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         n_tok = max(1, sum(s.tokens for s in stats))
+        n_all = dist.all_sum(len(groups) * G)
         return {
-            "loss": sum(s.loss for s in stats),
-            "reward": float(rewards.mean()),
-            "accuracy": float(sum(sum(g.scores) for g in groups) / (len(groups) * G)),
-            "kept_group_fraction": len(groups) / drawn,
+            "loss": dist.all_sum(sum(s.loss for s in stats)),
+            "reward": dist.all_sum(float(rewards.sum())) / n_all,
+            "accuracy": dist.all_sum(sum(sum(g.scores) for g in groups)) / n_all,
+            "kept_group_fraction": dist.all_sum(len(groups)) / dist.all_sum(drawn),
             "response_length": float(mask.sum(1).float().mean()),
             "entropy": sum(ents) / max(1, int(mask.sum())),
             "clip_fraction": sum(s.clip_fraction * s.tokens for s in stats) / n_tok,

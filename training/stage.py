@@ -23,6 +23,7 @@ from models.mcq import format_prompt
 from stages.config import PipelineConfig
 from stages.version import code_version
 from storage import Manifest, ShardStore, content_hash, decode_image
+from training.distributed import barrier, is_main
 
 CACHE = Path(os.environ.get("AOT_CACHE", Path.home() / ".cache" / "aot")) / "checkpoints"
 WORK = "_work/latest"
@@ -123,11 +124,14 @@ def train_defender_version(store: ShardStore, cfg: PipelineConfig, data_version:
         def step_hook(row: dict) -> None:
             if on_step:
                 on_step(row)
-            if every and trainer.step % every == 0 and trainer.step < train_cfg.steps:
+            if every and trainer.step % every == 0 and trainer.step < train_cfg.steps and is_main():
                 ck = trainer.save(os.path.join(tmp, f"ck-{trainer.step}"))
                 store.put_folder(data.dataset, "defender", version, str(ck), prefix=WORK)
 
         trainer.train(on_step=step_hook)
+        if not is_main():  # data parallel: rank 0 writes the version (the weights are the same on every rank)
+            barrier()
+            return store.manifest_at(data.dataset, "defender", version), True
         final = trainer.save(os.path.join(tmp, "final"))
         metrics = pl.DataFrame(trainer.metrics) if trainer.metrics else pl.DataFrame({"step": []})
         plot_metrics(trainer.metrics, os.path.join(final, "metrics.png"),
@@ -138,8 +142,9 @@ def train_defender_version(store: ShardStore, cfg: PipelineConfig, data_version:
         last = trainer.metrics[-1] if trainer.metrics else {}
         m = store.commit(data.dataset, "defender", version, [rec], config=ident["config"], parents=parents,
                          code_version=code_version(), files=files,
-                         extra={"mode": mode, "steps": trainer.step, "examples": len(examples),
+                         extra={"mode": mode, "steps": trainer.step, "examples": len(examples), "ranks": trainer.world,
                                 "final": {k: v for k, v in last.items() if isinstance(v, (int, float))}})
+    barrier()
     return m, True
 
 
