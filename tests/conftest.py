@@ -90,3 +90,61 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Under pytest-xdist (`make test` runs two workers on two cores) each worker gets one CPU
+# thread, for torch in-process and for the subprocesses the tests start.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
+# ------------------------------------------------------------------ the bootstrap reference
+SMALL = {"source.num_scenes": 16, "source.shard_size": 4}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same config run by the pure runner: Prefect must produce the same versions and bytes."""
+    from stages.config import load_config
+    from stages.runner import run_bootstrap
+    from storage import ShardStore
+
+    store = ShardStore(str(tmp_path_factory.mktemp("ref")))
+    cfg = load_config("synthetic", {"source": {"num_scenes": 16, "shard_size": 4}})
+    summaries = run_bootstrap(store, cfg)
+    export = store.manifest(summaries[-1].version)
+    return {s.stage: s.version for s in summaries}, [p.sha256 for p in export.parts], export.rows
+
+
+def _bootstrap(root, **kw):
+    from flows.bootstrap import bootstrap
+
+    return bootstrap(root=str(root), overrides=dict(SMALL), progress=False, **kw)
+
+
+def _by_stage(result):
+    return {s["stage"]: s for s in result["stages"]}
+
+
+def _cli(args, env, cwd):
+    """Run the CLI in its own session; afterwards kill the session, so a Prefect server child
+    orphaned by a killed run (it outlives SIGKILL of its parent) does not linger or hold pipes."""
+    import signal
+    import types
+
+    out, err = Path(cwd) / "cli.out", Path(cwd) / "cli.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen([sys.executable, "-m", "aot.cli", *args], cwd=cwd, env=env, stdout=o, stderr=e,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=400)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return types.SimpleNamespace(returncode=rc, stdout=out.read_text(), stderr=err.read_text())
+
+

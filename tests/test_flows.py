@@ -13,34 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from stages.config import load_config
-from stages.runner import run_bootstrap
 from storage import ShardStore
 
 pytestmark = pytest.mark.slow
 
-SMALL = {"source.num_scenes": 16, "source.shard_size": 4}
+from conftest import SMALL, _bootstrap, _by_stage, _cli  # noqa: E402  (shared with test_flows_recovery.py)
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The same config run by the pure runner: Prefect must produce the same versions and bytes."""
-    store = ShardStore(str(tmp_path_factory.mktemp("ref")))
-    cfg = load_config("synthetic", {"source": {"num_scenes": 16, "shard_size": 4}})
-    summaries = run_bootstrap(store, cfg)
-    export = store.manifest(summaries[-1].version)
-    return {s.stage: s.version for s in summaries}, [p.sha256 for p in export.parts], export.rows
-
-
-def _bootstrap(root, **kw):
-    from flows.bootstrap import bootstrap
-
-    return bootstrap(root=str(root), overrides=dict(SMALL), progress=False, **kw)
-
-
-def _by_stage(result):
-    return {s["stage"]: s for s in result["stages"]}
 
 
 def test_bootstrap_matches_pure_runner_then_everything_is_cached(tmp_path, reference):
@@ -141,52 +120,6 @@ def test_bootstrap_on_s3(s3_root, reference):
     assert len(store.fs.glob(store.path("_prefect", "results", "*"))) == 20
 
 
-def _cli(args, env, cwd):
-    """Run the CLI in its own session; afterwards kill the session, so a Prefect server child
-    orphaned by a killed run (it outlives SIGKILL of its parent) does not linger or hold pipes."""
-    import signal
-    import types
-
-    out, err = Path(cwd) / "cli.out", Path(cwd) / "cli.err"
-    with open(out, "w") as o, open(err, "w") as e:
-        proc = subprocess.Popen([sys.executable, "-m", "aot.cli", *args], cwd=cwd, env=env, stdout=o, stderr=e,
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout=400)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    return types.SimpleNamespace(returncode=rc, stdout=out.read_text(), stderr=err.read_text())
-
-
-def test_killed_cli_run_resumes_without_losing_or_duplicating_rows(tmp_path, reference):
-    versions, shas, rows = reference
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"), AOT_FAULT="implant:2:kill")
-    args = ["run", "--root", str(tmp_path / "data"), "--no-progress",
-            "--set", "source.num_scenes=16", "--set", "source.shard_size=4"]
-    killed = _cli(args, env, tmp_path)
-    assert killed.returncode == 137, killed.stderr[-2000:]
-    store = ShardStore(str(tmp_path / "data"))
-    assert store.manifest_at("synthetic", "implant", versions["implant"]) is None
-    shards = store.path("synthetic", "implant", versions["implant"], "_shards")
-    finished = len(store.fs.ls(shards)) if store.fs.exists(shards) else 0
-    env.pop("AOT_FAULT")
-    done = _cli(args, env, tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    table = {ln.split()[0]: ln.split() for ln in done.stdout.splitlines()
-             if ln.split()[:1] in (["source"], ["extend"], ["filter"], ["implant"], ["export"])}
-    recomputed = {k: int(v[6]) for k, v in table.items()}  # stage version in kept rejected shards recomputed
-    assert recomputed == {"source": 0, "extend": 0, "filter": 0, "implant": 4 - finished, "export": 4}, done.stdout
-    assert f"AOT-SFT version: {versions['export']}" in done.stdout
-    assert 1 <= 4 - finished <= 3  # shard 2 at least; shards finished before the kill were kept
-    m = store.manifest(versions["export"])
-    assert m.rows == rows and [p.sha256 for p in m.parts] == shas
-    ids = store.read(m)["id"].to_list()
-    assert len(ids) == len(set(ids)) == rows
-
-
 def test_cli_against_a_running_prefect_server(tmp_path):
     from conftest import free_port, wait_port
 
@@ -249,63 +182,3 @@ def test_evaluate_flow_on_fixture_benchmarks(tmp_path):
     assert out["synthetic"]["drop"] == 1.0  # the baseline against its own implanter
 
 
-def test_a_failed_run_retried_by_prefect_recomputes_only_the_missing_shards(tmp_path, reference):
-    """A shard error fails the run and the CLI names both ways to continue; `prefect flow-run
-    retry` of the failed run recomputes the one missing implant shard, rewrites none of the
-    finished shards and redoes none of the finished stages. (Rerunning the CLI command:
-    ``test_killed_cli_run_resumes_without_losing_or_duplicating_rows``.)"""
-    import re
-
-    versions, shas, _ = reference
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"), AOT_FAULT="implant:2:error")
-    root = tmp_path / "data"
-    args = ["run", "--root", str(root), "--no-progress", "--set", "source.num_scenes=16", "--set", "source.shard_size=4"]
-    failed = _cli(args, env, tmp_path)
-    assert failed.returncode == 1 and "injected fault at implant shard 2" in failed.stderr
-    assert "rerun the same command" in failed.stderr
-    run_id = re.search(r"prefect flow-run retry ([0-9a-f-]{36}) --entrypoint flows/bootstrap.py:bootstrap",
-                       failed.stderr).group(1)
-    store = ShardStore(str(root))
-    shards = store.path("synthetic", "implant", versions["implant"], "_shards")
-    before = {Path(f).name: store.fs.info(f)["mtime"] for f in store.fs.ls(shards)}
-    assert "shard-00002.json" not in before and len(before) >= 2
-    done_stages = {st: store.fs.info(store.path("synthetic", st, versions[st], "manifest.json"))["mtime"]
-                   for st in ("source", "extend", "filter")}
-    clean = {k: v for k, v in env.items() if k != "AOT_FAULT"}
-    prefect = str(Path(sys.executable).parent / "prefect")
-    out = subprocess.run([prefect, "flow-run", "retry", run_id, "--entrypoint", "flows/bootstrap.py:bootstrap"],
-                         env=clean, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0 and "completed successfully" in out.stdout + out.stderr, out.stderr[-2000:]
-    after = {Path(f).name: store.fs.info(f)["mtime"] for f in store.fs.ls(shards)}
-    assert set(after) == {f"shard-0000{i}.json" for i in range(4)}
-    assert all(after[k] == before[k] for k in before)  # finished shards were not rewritten
-    assert done_stages == {st: store.fs.info(store.path("synthetic", st, versions[st], "manifest.json"))["mtime"]
-                           for st in done_stages}  # finished stages were not redone
-    assert [p.sha256 for p in store.manifest(versions["export"]).parts] == shas
-
-
-def test_data_stages_on_a_local_dask_cluster_give_the_same_versions(tmp_path, reference):
-    """The same bootstrap with its shards on a local Dask cluster (worker processes): the same
-    version ids and bytes as the default runner."""
-    pytest.importorskip("prefect_dask", reason="needs prefect-dask (requirements.txt)")
-    versions, shas, _ = reference
-    out = _by_stage(_bootstrap(tmp_path, task_runner="dask"))
-    assert {k: v["version"] for k, v in out.items()} == versions
-    assert [p.sha256 for p in ShardStore(str(tmp_path)).manifest(versions["export"]).parts] == shas
-
-
-def test_dask_gpus_pins_one_card_per_worker(monkeypatch):
-    """`--task-runner dask-gpus`: one worker process per GPU, each seeing only its own card."""
-    pytest.importorskip("distributed")
-    from distributed import Client
-
-    from flows.bootstrap import local_dask_cluster
-
-    monkeypatch.setenv("AOT_GPUS", "2")
-    cluster = local_dask_cluster("dask-gpus")
-    try:
-        with Client(cluster) as client:
-            seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
-        assert sorted(seen.values()) == ["0", "1"]
-    finally:
-        cluster.close()

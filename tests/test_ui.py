@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,21 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from storage import ShardStore
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def served(tmp_path):
-    port = _free_port()
+    port = free_port()
     ready = tmp_path / "ready"
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"))
     log = open(tmp_path / "serve.log", "w")
