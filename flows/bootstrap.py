@@ -8,6 +8,8 @@ only the shards that are missing.
 
 from __future__ import annotations
 
+import copy
+import datetime
 import os
 import time
 from typing import Any
@@ -139,6 +141,13 @@ STAGE_FLOWS = {"source": generate_scenes, "extend": extend_scenes, "filter": fil
                "implant": implant_distractors, "export": export_sft}
 
 
+def dated_seed(overrides: dict | None, day: datetime.date) -> dict:
+    """``overrides`` with ``source.seed`` = the date as YYYYMMDD (a new world, so a new version, per day)."""
+    out = copy.deepcopy(overrides or {})  # nest_dotted later writes into nested dicts: never the caller's
+    out["source.seed"] = int(day.strftime("%Y%m%d"))
+    return out
+
+
 def _bootstrap_stages(root, preset, overrides, source_version, storage_options, refresh_cache, progress, task_runner):
     summaries, version = [], source_version
     for name in BOOTSTRAP:
@@ -157,8 +166,11 @@ def _bootstrap_stages(root, preset, overrides, source_version, storage_options, 
       log_prints=True, validate_parameters=True)
 def bootstrap(root: str = DEFAULT_ROOT, preset: str = "synthetic", overrides: dict[str, Any] | None = None,
               source_version: str | None = None, storage_options: dict[str, Any] | None = None,
-              refresh_cache: bool = False, progress: bool = True, task_runner: str | None = None) -> dict:
+              refresh_cache: bool = False, progress: bool = True, task_runner: str | None = None,
+              seed_from_date: bool = False) -> dict:
     t0 = time.perf_counter()
+    if seed_from_date:  # nightly regeneration: today's scenes are new, a same-day rerun finds them done
+        overrides = dated_seed(overrides, datetime.date.today())
     cluster = None
     if task_runner in ("dask", "dask-gpus"):  # one cluster for all five stages: workers load the models once
         cluster = local_dask_cluster(task_runner)

@@ -182,3 +182,16 @@ def test_evaluate_flow_on_fixture_benchmarks(tmp_path):
     assert out["synthetic"]["drop"] == 1.0  # the baseline against its own implanter
 
 
+
+
+def test_nightly_regeneration_seeds_by_date_and_leaves_the_caller_alone():
+    import datetime
+
+    from flows.bootstrap import dated_seed, resolve_config
+
+    given = {"source": {"num_scenes": 8}}
+    night = dated_seed(given, datetime.date(2026, 11, 27))
+    cfg = resolve_config("synthetic", night)
+    assert cfg.source.seed == 20261127 and cfg.source.num_scenes == 8
+    assert given == {"source": {"num_scenes": 8}}
+    assert resolve_config("synthetic", dated_seed(given, datetime.date(2026, 11, 28))).source.seed == 20261128
