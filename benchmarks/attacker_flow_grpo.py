@@ -109,6 +109,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--iters", type=int, default=2, help="Flow-GRPO steps (the first includes warm-up)")
     ap.add_argument("--no-grad-ckpt", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block (diffusers' "
+                                                           "compile_repeated_blocks)")
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.tiny:
@@ -117,7 +119,7 @@ def main() -> None:
     info = environment(arch="tiny" if a.tiny else "qwen-image-edit-20b", bf16_matmul_tflops=matmul_tflops(device),
                        group=a.group, micro_batch=a.micro_batch or a.group, resolution=a.resolution, steps=a.steps,
                        window=a.window, cfg=a.cfg, text_tokens=a.text_tokens, lora_rank=a.rank,
-                       grad_ckpt=not a.no_grad_ckpt)
+                       grad_ckpt=not a.no_grad_ckpt, compiled=a.compile)
     print(json.dumps(info), flush=True)
     from PIL import Image
 
@@ -137,6 +139,7 @@ def main() -> None:
     items = [AttackItem("bench", img, "add a distractor", [[r * 0.3, r * 0.3, r * 0.6, r * 0.6]])]
     cfg = AttackerTrainConfig(mode="grpo", steps=a.iters, groups_per_step=1, micro_batch=a.micro_batch,
                               lora_rank=a.rank, lora_alpha=2 * a.rank, gradient_checkpointing=not a.no_grad_ckpt,
+                              compile=a.compile,
                               async_rewards=True, flow_grpo=FlowGrpoConfig(group_size=a.group, sampling_steps=a.steps,
                                                                          train_window=a.window, noise_level=0.7))
     tr = AttackerTrainer(ed, cfg, items=items, rewards={"contrast": box_contrast})

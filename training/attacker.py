@@ -68,6 +68,8 @@ class AttackerTrainer:
             p.data = p.data.float()
         if cfg.gradient_checkpointing:
             editor.enable_gradient_checkpointing()
+        if cfg.compile:
+            editor.transformer.compile_repeated_blocks()
         self.opt = torch.optim.AdamW(editor.lora_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step, self.metrics, self.samples = 0, [], []
         self.stream = DataStream(len(self.items) if cfg.mode == "grpo" else len(self.pairs), cfg.seed)
