@@ -222,7 +222,8 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
             row["strategy"] = refine_with_description(row["strategy"], text)
     # Clean items: the attacked items' own clean images first, then the rest, up to the fraction.
     n_clean = round(len(kept) * c.clean_fraction / (1 - c.clean_fraction)) if kept else 0
-    order = sorted(range(len(items)), key=lambda i: (f"{items[i].id}:attack" not in {k["id"] for k in kept}, i))
+    attacked = {k["id"] for k in kept}
+    order = sorted(range(len(items)), key=lambda i: (f"{items[i].id}:attack" not in attacked, i))
     clean = [items[i] for i in order[:n_clean]]
     rows = kept + [{"id": f"{it.id}:clean", "kind": "clean", "question": it.question, "options": it.options,
                     "answer": it.answer, "target_names": it.target_names, "target_boxes": it.target_boxes}
