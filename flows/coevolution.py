@@ -18,7 +18,7 @@ from flows.bootstrap import DEFAULT_ROOT, STAGE_FLOWS, bootstrap, resolve_config
 from storage import ShardStore
 from tasks.training import evaluate_defender_task, generate_curriculum_task, publish_curriculum_artifacts, \
     publish_training_artifacts, train_attacker_task, train_defender_task
-from training.coevolution import run_coevolution
+from training.coevolution import render_report, run_coevolution
 
 
 class PrefectSteps:
@@ -78,6 +78,7 @@ def coevolution(root: str = DEFAULT_ROOT, preset: str = "synthetic", iterations:
     m = run_coevolution(steps.store, steps.cfg, steps, source_version)
     rows = steps.store.read(m).to_dicts()
     create_table_artifact(key="coevolution-iterations", table=rows, description=f"per-iteration results of {m.version}")
-    create_markdown_artifact(key="coevolution-summary", markdown=(
-        f"# Co-evolution run `{m.version}`\n\n{len(rows)} iterations. Report: `aot report {m.version} --root {root}`.\n"))
+    # The whole report (table, curves, reward curves, strategy mix, edit grids; images inlined).
+    create_markdown_artifact(key="coevolution-report", markdown=render_report(steps.store, m.version, "md"),
+                             description=f"co-evolution run {m.version}; also: aot report {m.version} --root {root}")
     return {"version": m.version, "iterations": rows}
