@@ -18,7 +18,7 @@ from flows.bootstrap import DEFAULT_ROOT, STAGE_FLOWS, bootstrap, resolve_config
 from storage import ShardStore
 from tasks.training import evaluate_defender_task, generate_curriculum_task, publish_curriculum_artifacts, \
     publish_training_artifacts, train_attacker_task, train_defender_task
-from training.coevolution import render_report, run_coevolution
+from training.coevolution import heldout_config, render_report, run_coevolution
 
 
 class PrefectSteps:
@@ -36,9 +36,8 @@ class PrefectSteps:
         return {s["stage"]: s["version"] for s in out["stages"]}
 
     def heldout(self):
-        c = self.cfg.coevolution
-        held = {**copy.deepcopy(self.overrides), "source.seed": self.cfg.source.seed + c.heldout_seed_offset,
-                "source.num_scenes": c.heldout_scenes}
+        src = heldout_config(self.cfg).source  # one definition of the held-out world, as in LocalSteps
+        held = {**copy.deepcopy(self.overrides), "source.seed": src.seed, "source.num_scenes": src.num_scenes}
         version = None
         for name in ("source", "extend", "filter"):
             version = STAGE_FLOWS[name](input_version=version, root=self.root, preset=self.preset, overrides=held,

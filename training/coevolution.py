@@ -46,9 +46,8 @@ class Steps(Protocol):
 def heldout_config(cfg: PipelineConfig) -> PipelineConfig:
     """The held-out scenes: the same world settings under another seed, never trained on."""
     c = cfg.coevolution
-    out = dataclasses.replace(cfg, source=dataclasses.replace(cfg.source, seed=cfg.source.seed + c.heldout_seed_offset,
-                                                                num_scenes=c.heldout_scenes))
-    return out
+    return dataclasses.replace(cfg, source=dataclasses.replace(cfg.source, seed=cfg.source.seed + c.heldout_seed_offset,
+                                                                 num_scenes=c.heldout_scenes))
 
 
 class LocalSteps:
