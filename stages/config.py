@@ -89,8 +89,12 @@ def _tiny_rl():
     from rl.config import DapoConfig
     from training.config import DefenderTrainConfig
 
+    # Dynamic sampling off for the tiny defender: under DAPO it collapses to near-deterministic
+    # answers (1-4% of groups informative on the embedded default's curricula), and the draw cap
+    # would stop the co-evolution loop; uninformative groups then simply carry no gradient. The
+    # full preset keeps DAPO's dynamic sampling (rl/config.py).
     return DefenderTrainConfig(mode="dapo", steps=100, batch_prompts=16, micro_batch=80, lr=1e-3, max_new_tokens=3,
-                               dapo=DapoConfig(max_draw_factor=24))
+                               dapo=DapoConfig(dynamic_sampling=False))
 
 
 @dataclass
@@ -123,6 +127,9 @@ def _tiny_attacker_rl():
 class CurriculumConfig:
     clean_fraction: float = documented(0.5, "Share of clean items in the curriculum (the rest: kept attacks). AOT "
                                             "mixes adversarial and clean samples; the paper does not state the ratio.")
+    min_rows: int = documented(64, "Fill the curriculum with clean items up to this many rows (or every item): a "
+                                   "weak attacker keeps few edits, and DAPO needs enough distinct prompts to find "
+                                   "informative groups (dynamic sampling).")
     sampling_steps: int = documented(10, "Denoising steps of a curriculum edit (deterministic ODE sampler).")
     max_items: int = documented(0, "Attack at most this many items of the input version (0: all).")
     seed: int = documented(0, "Seed of the edits' initial noise and of the clean items' choice.")

@@ -94,6 +94,8 @@ def test_integrity_gate_rejects_with_a_reason(chain):
     assert cur.reasons == {"integrity": cur.reject_rows} and cur.reject_rows >= 4
     assert all(len(b) == 0 for b in adv["target_boxes"].to_list())
     assert cur.reject_rows + adv.height == 6
+    # few kept edits: clean items fill the curriculum up to attacker.curriculum.min_rows (here: all 6)
+    assert df.filter(df["kind"] == "clean").height == cur.extra["summary"]["clean"] == 6
 
 
 @pytest.mark.slow

@@ -171,7 +171,8 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
                                 defender_version: str, on_item: Callable[[int, int], None] | None = None) -> Manifest:
     """The frozen attacker edits every item of ``data_version`` once (ODE sampler, one seed per
     item); edits that pass integrity are kept with their efficacy against the frozen defender and
-    their strategy, then mixed with clean items. Rows that fail integrity go to the rejects."""
+    their strategy, then mixed with clean items (``clean_fraction`` of the rows, and at least up to
+    ``min_rows`` rows). Rows that fail integrity go to the rejects."""
     from metrics.strategies import classify_edit, strategy_mix
     from rl.flow_sampler import sample
 
@@ -221,7 +222,7 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
             row["description"] = text
             row["strategy"] = refine_with_description(row["strategy"], text)
     # Clean items: the attacked items' own clean images first, then the rest, up to the fraction.
-    n_clean = round(len(kept) * c.clean_fraction / (1 - c.clean_fraction)) if kept else 0
+    n_clean = max(round(len(kept) * c.clean_fraction / (1 - c.clean_fraction)), c.min_rows - len(kept))
     attacked = {k["id"] for k in kept}
     order = sorted(range(len(items)), key=lambda i: (f"{items[i].id}:attack" not in attacked, i))
     clean = [items[i] for i in order[:n_clean]]
