@@ -191,7 +191,8 @@ def cmd_run(args, stage: str | None = None) -> int:
         else:
             state = bootstrap(source_version=args.source, task_runner=runner, **common)
         if not state.is_completed():
-            entry = f"flows/bootstrap.py:{(STAGE_FLOWS[stage] if stage else bootstrap).fn.__name__}"
+            # the module attribute of each flow is its name with underscores (generate_scenes, bootstrap, ...)
+            entry = f"flows/bootstrap.py:{(STAGE_FLOWS[stage] if stage else bootstrap).name.replace('-', '_')}"
             print(f"\nerror: the run ended {state.name}: {state.message}", file=sys.stderr)
             print("finished shards are kept; rerun the same command to compute only the missing ones,", file=sys.stderr)
             print(f"or retry this flow run: prefect flow-run retry {state.state_details.flow_run_id} --entrypoint {entry}",
