@@ -346,14 +346,19 @@ def cmd_import(args) -> int:
     return 0
 
 
-def cmd_defender(args) -> int:
+def _training_setup(args):
+    """(overrides, config, storage options, store) of a training command; fails fast on a bad config."""
     from stages.config import load_config
     from storage import ShardStore
 
     overrides = _dotted(args.overrides, "--set")
     cfg = load_config(args.preset, _nested(overrides))
     opts = storage_options(args)
-    store = ShardStore(args.root, opts)
+    return overrides, cfg, opts, ShardStore(args.root, opts)
+
+
+def cmd_defender(args) -> int:
+    overrides, cfg, opts, store = _training_setup(args)
     t0 = time.perf_counter()
     if args.command == "train-defender":
         if args.no_prefect:
@@ -391,13 +396,7 @@ def cmd_defender(args) -> int:
 
 
 def cmd_attacker(args) -> int:
-    from stages.config import load_config
-    from storage import ShardStore
-
-    overrides = _dotted(args.overrides, "--set")
-    cfg = load_config(args.preset, _nested(overrides))
-    opts = storage_options(args)
-    store = ShardStore(args.root, opts)
+    overrides, cfg, opts, store = _training_setup(args)
     t0 = time.perf_counter()
     if args.command == "train-attacker":
         if args.mode == "grpo" and not args.defender:
