@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from pathlib import Path
 from typing import Callable
 
 import polars as pl
