@@ -269,8 +269,9 @@ class QwenImageEditor(FlowEditor):
     LORA_TARGETS = LORA_TARGETS
 
     @classmethod
-    def tiny(cls, seed: int = 0, resolution: int = 64, cfg_scale: float = 1.0, **kw) -> "QwenImageEditor":
-        return cls(build_tiny_qwen_image_edit(seed, **kw), resolution=resolution, cfg_scale=cfg_scale)
+    def tiny(cls, seed: int = 0, resolution: int = 64, cfg_scale: float = 1.0, device: str = "cpu",
+             **kw) -> "QwenImageEditor":
+        return cls(build_tiny_qwen_image_edit(seed, **kw), resolution=resolution, cfg_scale=cfg_scale, device=device)
 
     @classmethod
     def from_pretrained(cls, path: str = "Qwen/Qwen-Image-Edit", resolution: int = 512, cfg_scale: float = 4.0,

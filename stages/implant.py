@@ -35,23 +35,20 @@ def ask(defender, image, prompt: str, tries: int, num_options: int) -> list[str 
     return answers
 
 
-def implant_row(row: dict, ctx: ShardContext, models: dict) -> tuple[dict | None, tuple[str, str] | None]:
-    cfg = ctx.config.stage2
-    judge, inpainter, detector, segmenter, defender = (models[k] for k in ("judge", "inpainter", "detector", "segmenter", "defender"))
+def verified_edits(row: dict, cfg, models: dict, attempts: list[dict]):
+    """Stage 2 without the defender: yield every proposal that passes the box, prompt, detector
+    and target-SSIM checks, painted, in proposal order, as ``(edited, context, proposal,
+    detection, mask, target_ssim_min, attempt)``. Every proposal's outcome is recorded in
+    ``attempts`` (the caller's list). Also the ``implanter`` attack of evaluation/attacks.py."""
+    judge, inpainter, detector, segmenter = (models[k] for k in ("judge", "inpainter", "detector", "segmenter"))
     clean = decode_image(row["image"])
     context = json.loads(row["scene"]) if row["scene"] else None
-    prompt = format_prompt(row["question"], row["options"])
-    n_opt = len(row["options"])
-    clean_answers = ask(defender, clean, prompt, cfg.effectiveness_tries, n_opt)
-    clean_correct = all(a == row["answer"] for a in clean_answers)
-    if cfg.require_clean_correct and not clean_correct:
-        return None, ("defender_wrong_on_clean", f"base defender answered {clean_answers}, truth {row['answer']}")
     seed = int(content_hash({"id": row["id"], "seed": cfg.seed}, 15), 16)
     proposals = judge.propose_distractors(clean, row["question"], row["target_names"], row["target_boxes"],
                                           cfg.num_proposals, seed, context)
     # Cheap checks first, for every proposal; then the survivors are painted in batches of
-    # fill_batch (one diffusion call each) and verified in order until the first effective edit.
-    attempts, candidates, kept = [], [], []
+    # fill_batch (one diffusion call each) and verified in order, as long as the caller asks.
+    candidates = []
     for prop in proposals:
         attempt = {"box": [float(v) for v in prop.box], "description": prop.description}
         attempts.append(attempt)
@@ -65,7 +62,7 @@ def implant_row(row: dict, ctx: ShardContext, models: dict) -> tuple[dict | None
         if not ok:
             attempt.update(outcome=outcome, detail=why)
             continue
-        attempt.update(outcome="not_tried", detail="an earlier proposal was effective")
+        attempt.update(outcome="not_tried", detail="an earlier proposal was kept")
         candidates.append((prop, attempt))
     for start in range(0, len(candidates), cfg.fill_batch):
         chunk = candidates[start:start + cfg.fill_batch]
@@ -84,22 +81,36 @@ def implant_row(row: dict, ctx: ShardContext, models: dict) -> tuple[dict | None
             if ssim_min < cfg.target_ssim_min:
                 attempt.update(outcome="target_ssim", detail=f"target SSIM {ssim_min:.3f} < {cfg.target_ssim_min}")
                 continue
-            answers = ask(defender, edited, prompt, cfg.effectiveness_tries, n_opt)
-            attempt.update(answers=answers, detector_iou=det_iou, target_ssim_min=ssim_min, mask_area=int(mask.sum()))
-            if any(a == row["answer"] for a in answers):
-                attempt.update(outcome="not_effective", detail=f"defender still right ({answers})")
-                continue
-            attempt.update(outcome="effective", detail="")
-            kept.append((edited, painted.context, prop, best, mask, ssim_min, answers))
-            break  # the first effective edit is kept
-        if kept:
-            break
-    if not kept:
+            attempt.update(detector_iou=det_iou, target_ssim_min=ssim_min, mask_area=int(mask.sum()))
+            yield edited, painted.context, prop, best, mask, ssim_min, attempt
+
+
+def implant_row(row: dict, ctx: ShardContext, models: dict) -> tuple[dict | None, tuple[str, str] | None]:
+    cfg = ctx.config.stage2
+    defender = models["defender"]
+    clean = decode_image(row["image"])
+    prompt = format_prompt(row["question"], row["options"])
+    n_opt = len(row["options"])
+    clean_answers = ask(defender, clean, prompt, cfg.effectiveness_tries, n_opt)
+    clean_correct = all(a == row["answer"] for a in clean_answers)
+    if cfg.require_clean_correct and not clean_correct:
+        return None, ("defender_wrong_on_clean", f"base defender answered {clean_answers}, truth {row['answer']}")
+    attempts, kept = [], None
+    for edited, context, prop, best, mask, ssim_min, attempt in verified_edits(row, cfg, models, attempts):
+        answers = ask(defender, edited, prompt, cfg.effectiveness_tries, n_opt)
+        attempt.update(answers=answers)
+        if any(a == row["answer"] for a in answers):
+            attempt.update(outcome="not_effective", detail=f"defender still right ({answers})")
+            continue
+        attempt.update(outcome="effective", detail="")
+        kept = (edited, context, prop, best, mask, ssim_min, answers)
+        break  # the first effective edit is kept
+    if kept is None:
         reached = max((OUTCOMES.index(a["outcome"]) for a in attempts), default=0)
         counts = {o: sum(a["outcome"] == o for a in attempts) for o in OUTCOMES if any(a["outcome"] == o for a in attempts)}
         reason = "not_effective" if OUTCOMES[reached] == "not_effective" else "no_valid_edit"
         return None, (reason, f"{len(attempts)} proposals: {counts}; attempts {json.dumps(attempts)}")
-    edited, adv_context, prop, best, mask, ssim_min, answers = kept[0]
+    edited, adv_context, prop, best, mask, ssim_min, answers = kept
     out = dict(row)
     out.update(
         adversarial_image=image_cell(edited),

@@ -18,6 +18,7 @@ import io
 import json
 import posixpath
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
@@ -164,7 +165,11 @@ def parquet_bytes(df: pl.DataFrame) -> bytes:
         idx = table.schema.get_field_index(name)
         table = table.set_column(idx, name, table.column(name).cast(_HF_IMAGE_TYPE))
     metadata = dict(table.schema.metadata or {})
-    metadata[b"huggingface"] = json.dumps(_hf_features(table.schema, image_cols)).encode()
+    try:
+        metadata[b"huggingface"] = json.dumps(_hf_features(table.schema, image_cols)).encode()
+    except ImportError:  # datasets absent (a bare GPU box): still valid Parquet, only without the features hint
+        warnings.warn("datasets is not installed: Parquet parts are written without Hugging Face features metadata",
+                      stacklevel=2)
     table = table.replace_schema_metadata(metadata)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")

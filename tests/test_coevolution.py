@@ -60,7 +60,7 @@ def test_a_rerun_finds_every_step_done(run):
     events = []
     again = run_coevolution(store, cfg, LocalSteps(store, cfg, events.append))
     assert again.version == m.version
-    assert events and all(" found" in e or e.startswith("curriculum") for e in events), events
+    assert events and all(" found" in e or e.startswith(("curriculum", "evaluation")) for e in events), events
 
 
 @pytest.mark.parametrize("fmt", ["md", "html"])

@@ -92,7 +92,10 @@ class LocalSteps:
     def evaluate(self, defender, data):
         from training.stage import evaluate_defender_version
 
-        return evaluate_defender_version(self.store, self.cfg, defender, data).extra["summary"]
+        summary = evaluate_defender_version(self.store, self.cfg, defender, data).extra["summary"]
+        self.say(f"evaluation of defender {defender} on {data}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()
+                                                               if k.endswith("accuracy")))
+        return summary
 
 
 def run_coevolution(store: ShardStore, cfg: PipelineConfig, steps: Steps, source: str | None = None) -> Manifest:
@@ -166,16 +169,22 @@ def plot_iterations(rows: list[dict], base_clean: float | None, path: str) -> No
     a.set_title("attack success (held out)")
     a.set_xlabel("iteration")
     a.legend(fontsize=7)
-    b.plot(it, [r["defender_clean_accuracy"] for r in rows], "o-", label="clean")
-    b.plot(it, [r["defender_attacked_accuracy"] for r in rows], "s--", label="attacked")
-    if base_clean is not None:
-        b.axhline(base_clean, color="grey", lw=0.8, label="defender 0, clean")
-    b.set_title("defender accuracy (held out)")
-    b.set_xlabel("iteration")
-    b.legend(fontsize=7)
+    accuracy_panel(b, it, [r["defender_clean_accuracy"] for r in rows], [r["defender_attacked_accuracy"] for r in rows],
+                   base_clean)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def accuracy_panel(ax, iterations: list, clean: list, attacked: list, base_clean: float | None = None) -> None:
+    """The defender's held-out accuracy per iteration, clean and under attacker n."""
+    ax.plot(iterations, clean, "o-", label="clean")
+    ax.plot(iterations, attacked, "s--", label="attacked (attacker n)")
+    if base_clean is not None:
+        ax.axhline(base_clean, color="grey", lw=0.8, label="defender 0, clean")
+    ax.set_title("defender accuracy (held out)")
+    ax.set_xlabel("iteration")
+    ax.legend(fontsize=7)
 
 
 def _png(store: ShardStore, m: Manifest, name: str) -> bytes | None:

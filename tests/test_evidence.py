@@ -1,0 +1,110 @@
+"""Issue 8: pluggable attacks, and the evidence experiment at toy size (every arm and every
+evaluation produces its numbers; the effect size is the GPU run's business)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evaluation.attacks import ATTACKS, Attacked, attack_version, build_attack, register_attack
+from stages.config import load_config
+from stages.runner import run_bootstrap
+from storage import ShardStore, decode_image
+from world import Scene, relation
+
+
+@pytest.fixture(scope="module")
+def items(tmp_path_factory):
+    """Relation questions on synthetic scenes (the filter version's rows)."""
+    store = ShardStore(str(tmp_path_factory.mktemp("attacks")))
+    cfg = load_config("synthetic", {"source": {"num_scenes": 24, "shard_size": 24, "question_types": ["relative_position"],
+                                               "question_weights": [1.0]}})
+    filt = run_bootstrap(store, cfg, until="filter")[-1].version
+    return store, cfg, filt
+
+
+def test_swap_pair_places_mirrored_decoys_and_keeps_the_answer(items):
+    store, cfg, filt = items
+    attack = build_attack("swap-pair", cfg)
+    rows = store.read(store.manifest(filt)).to_dicts()
+    done = 0
+    for row in rows:
+        out = attack(row)
+        if isinstance(out, str):
+            continue
+        done += 1
+        assert out.meta["target_ssim_min"] == pytest.approx(1.0)  # no target pixel touched
+        scene = Scene.from_dict(out.scene)
+        a_name, b_name = row["target_names"]
+        (ca, ka), (cb, kb) = (n.split() for n in (a_name, b_name))
+        new = scene.objects[-len(out.meta["distractors"]):]
+        assert all(o.name not in (a_name, b_name) for o in new)  # decoys are never a target
+        for o in new:
+            # A's colour is placed beyond B (and B's beyond A): read by colour alone, the relation flips
+            own, about = (row["target_boxes"][0], row["target_boxes"][1]) if o.colour == ca else \
+                (row["target_boxes"][1], row["target_boxes"][0])
+            rel_true, rel_decoy = relation(own, about), relation(scene.image_box(o), about)
+            if rel_true and rel_decoy:
+                assert rel_decoy != rel_true
+        # the edited image differs from the clean one exactly where decoys were drawn
+        clean = decode_image(row["image"])
+        assert clean.size == out.image.size and clean.tobytes() != out.image.tobytes()
+    assert done >= len(rows) // 3, f"swap-pair attacked only {done} of {len(rows)} relation questions"
+
+
+def test_attacks_are_pluggable_and_versioned(items):
+    store, cfg, filt = items
+    with pytest.raises(ValueError, match="registered attacks are"):
+        build_attack("no-such-attack", cfg)
+
+    @register_attack("test-invert")
+    def invert(cfg, store=None, **_):
+        from PIL import ImageOps
+
+        def attack(row):
+            if row["id"].endswith("0"):
+                return "skipped on purpose"
+            return Attacked(ImageOps.invert(decode_image(row["image"])), None, {"kind": "invert"})
+        return attack
+
+    try:
+        m = attack_version(store, cfg, filt, "test-invert")
+        n_rows = store.manifest(filt).rows
+        skipped = sum(r["id"].endswith("0") for r in store.read(store.manifest(filt)).to_dicts())
+        assert m.rows == n_rows - skipped and m.extra["summary"] == {"attacked": n_rows - skipped, "rejected": skipped}
+        df = store.read(m)
+        assert set(df["attack"].to_list()) == {"test-invert"} and json.loads(df["meta"][0]) == {"kind": "invert"}
+        assert attack_version(store, cfg, filt, "test-invert").version == m.version  # found, not redone
+        imp = attack_version(store, cfg, filt, "implanter")
+        assert imp.rows > 0 and imp.version != m.version
+        metas = [json.loads(x) for x in store.read(imp)["meta"].to_list()]
+        assert all(x["target_ssim_min"] >= cfg.stage2.target_ssim_min for x in metas)
+    finally:
+        ATTACKS.pop("test-invert")
+
+
+def test_toy_evidence_run_gives_every_number(tmp_path):
+    from benchmarks.aot_evidence import main
+
+    result = main(["--tiny", "--seeds", "0", "1", "--root", str(tmp_path / "root"), "--out", str(tmp_path)])
+    cols = ["clean", "implanter", "swap-pair", "aot-attacker"]
+    assert result["columns"] == cols
+    assert [s["arm"] for s in result["summary"]] == ["base", "clean-only", "aot"]
+    for s in result["summary"]:
+        assert s["seeds"] == 2
+        for c in cols:
+            assert s[c] is not None and 0 <= s[c] <= 1 and s[f"{c}_sd"] >= 0, (s["arm"], c)
+    for r in result["arms"]:
+        for c in cols[1:]:
+            assert r[f"{c}_n"] > 0, (r["arm"], c)  # every attack edited some held-out scenes
+    # arms share the starting defender; clean-only and AOT each moved away from it
+    by = {(r["seed"], r["arm"]): r["defender"] for r in result["arms"]}
+    assert len({by[(0, a)] for a in ("base", "clean-only", "aot")}) == 3
+    assert by[(0, "base")] != by[(1, "base")]  # seeds differ
+    assert len(result["curve"]) == 2 and all(r["attacker_reward_first"] is not None for r in result["curve"])
+    g = result["goals"]
+    assert g["phases"] == 2 and set(g) >= {"implanter_goal", "swap-pair_goal", "clean_goal"}
+    saved = json.loads((tmp_path / "aot_evidence_tiny.json").read_text())
+    assert saved["results"][0]["table"] == result["summary"]
+    assert (tmp_path / "aot_evidence_curve_tiny.png").stat().st_size > 1000
