@@ -126,28 +126,22 @@ def swap_pair(cfg, store=None, margin: float = 2.0, **_) -> AttackFn:
 
 @register_attack("aot-attacker")
 def aot_attacker(cfg, store=None, version: str | None = None, seed: int = 0, **_) -> AttackFn:
-    import torch
-
     from metrics import localized_ssim
-    from rl.flow_sampler import sample
     from training.attacker import at_edit_size
-    from training.attacker_stage import attack_instruction, load_attacker
+    from training.attacker_stage import attack_instruction, edit_items, load_attacker
 
     if store is None or not version:
         raise ValueError("the aot-attacker attack needs a store and version=<attacker version>")
     editor = load_attacker(store, version, cfg.attacker.model)
     tau, steps = cfg.attacker.rl.reward.tau, cfg.attacker.curriculum.sampling_steps
 
-    @torch.no_grad()
     def attack(row: dict):
         from training.attacker_rewards import AttackItem
 
         item = at_edit_size(editor, AttackItem(row["id"], decode_image(row["image"]),
                                                attack_instruction(row["question"], row["target_names"] or []),
                                                row["target_boxes"], "", row["answer"], len(row["options"])))
-        cond = editor.condition([item.image], [item.instruction])
-        x = editor.noise(cond, torch.Generator().manual_seed(seed * 1_000_003 + int(content_hash(row["id"], 8), 16)))
-        edited = editor.decode(sample(editor, cond, steps, 0.0, x=x).final, cond)[0]
+        edited = edit_items(editor, [item], [seed * 1_000_003 + int(content_hash(row["id"], 8), 16)], steps)[0]
         ssim = min((localized_ssim(item.image, edited, b) for b in item.target_boxes), default=1.0)
         if ssim < tau:
             return f"integrity: target SSIM {ssim:.3f} < tau {tau}"

@@ -49,6 +49,11 @@ class EditCondition:
         return EditCondition(rep(self.prompt), rep(self.negative), self.image_latents.repeat_interleave(n, dim=0),
                              self.size, self.shared)
 
+    def select(self, i: int) -> "EditCondition":
+        """Item i alone (a batch of one)."""
+        one = (lambda d: None if d is None else {k: None if t is None else t[i:i + 1] for k, t in d.items()})
+        return EditCondition(one(self.prompt), one(self.negative), self.image_latents[i:i + 1], self.size, self.shared)
+
     @property
     def batch(self) -> int:
         return self.image_latents.shape[0]

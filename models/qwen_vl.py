@@ -111,6 +111,8 @@ class TinyDefenderSpec:
     patch_size: int = 8
     min_pixels: int = 64 * 64
     max_pixels: int = 128 * 128
+    rope_theta: float = 1e4  # language model's rotary base. The image tokens' height and width get the *lowest*
+    # frequencies (mrope sections come last), so with few positions a small base is what lets them see where things are.
     window_size: int = 0  # vision window attention side in pixels; 0: 4 patches. One window per image (>= the
     # image side) is one attention call per image instead of one per window: far fewer kernel launches on a GPU.
 
@@ -133,7 +135,7 @@ def build_tiny_model(tok, spec: TinyDefenderSpec, seed: int = 0):
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
     text = dict(vocab_size=len(tok), hidden_size=spec.hidden, intermediate_size=spec.hidden * 2,
                 num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=1,
-                max_position_embeddings=1024, rope_theta=1e4, tie_word_embeddings=True,
+                max_position_embeddings=1024, rope_theta=spec.rope_theta, tie_word_embeddings=True,
                 rope_scaling={"mrope_section": section, "rope_type": "default", "type": "default"},
                 bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     vision = dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,

@@ -131,6 +131,8 @@ class CurriculumConfig:
                                    "weak attacker keeps few edits, and DAPO needs enough distinct prompts to find "
                                    "informative groups (dynamic sampling).")
     sampling_steps: int = documented(10, "Denoising steps of a curriculum edit (deterministic ODE sampler).")
+    batch: int = documented(16, "Items edited per sampler call (throughput; each edit's noise is seeded by its item "
+                                "alone, so results match one-by-one edits up to float rounding).")
     max_items: int = documented(0, "Attack at most this many items of the input version (0: all).")
     seed: int = documented(0, "Seed of the edits' initial noise and of the clean items' choice.")
     describe: bool = documented(False, "Ask the judge (models.judge, an MLLM backend) to describe each kept edit; "

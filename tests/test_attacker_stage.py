@@ -148,3 +148,29 @@ def _local(store, m, name):
     from training.stage import fetch_version
 
     return fetch_version(store, m) / name
+
+
+def test_batched_edits_equal_one_by_one_edits():
+    """Each edit's noise is seeded by its item alone: batching items (and splitting where the edit
+    size changes) gives the one-by-one edits up to float rounding."""
+    import numpy as np
+    from PIL import Image
+
+    from models.editor import QwenImageEditor
+    from training.attacker_rewards import AttackItem
+    from training.attacker_stage import edit_items
+
+    editor = QwenImageEditor.tiny(seed=0, resolution=32)
+    rng = np.random.default_rng(0)
+    sizes = [(32, 32)] * 3 + [(48, 32)] * 2  # the last two have another edit size
+    items = [AttackItem(f"i{k}", editor.resize(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))),
+                        f"add a red square number {k}", []) for k, (w, h) in enumerate(sizes)]
+    seeds = [11, 12, 13, 14, 15]
+    calls = []
+    one = edit_items(editor, items, seeds, steps=3, batch=1)
+    batched = edit_items(editor, items, seeds, steps=3, batch=4, on_item=lambda i, n: calls.append(i))
+    assert calls == [3, 5]  # one call for the three 32x32 items, one for the two others
+    for a, b in zip(one, batched):
+        assert a.size == b.size
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
+    assert np.asarray(one[0]).tobytes() != np.asarray(one[1]).tobytes()  # seeds differ, edits differ

@@ -115,3 +115,16 @@ def test_sft_then_dapo_learns_the_colour_task(data):
     late = sum(r["reward"] for r in rows[-30:]) / 30
     assert late > early + 0.1, (early, late)
     assert final["strict_format"] == 1.0
+
+
+def test_tiny_spec_sets_the_rotary_base_and_vision_window():
+    """The image tokens' width section is the last (lowest-frequency) rotary section: at base 1e4
+    it turns < 0.002 rad per grid step (position-blind); the spec's base reaches the model."""
+    from models.qwen_vl import QwenVLPolicy, TinyDefenderSpec
+
+    blind = QwenVLPolicy.tiny(spec=TinyDefenderSpec()).model
+    seeing = QwenVLPolicy.tiny(spec=TinyDefenderSpec(rope_theta=10.0, window_size=64)).model
+    width_freqs = lambda m: m.model.language_model.rotary_emb.inv_freq[-5:]  # noqa: E731 (mrope section [6, 5, 5])
+    assert float(width_freqs(blind).max()) < 0.002
+    assert float(width_freqs(seeing).min()) > 0.1
+    assert seeing.config.vision_config.window_size == 64 and blind.config.vision_config.window_size == 32

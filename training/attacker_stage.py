@@ -146,6 +146,30 @@ def train_attacker_version(store: ShardStore, cfg: PipelineConfig, data_version:
     return m, True
 
 
+@torch.no_grad()
+def edit_items(editor, items: list[AttackItem], seeds: list[int], steps: int, batch: int = 1,
+               on_item: Callable[[int, int], None] | None = None) -> list:
+    """The frozen attacker's deterministic edit (ODE sampler) of every item, ``batch`` items of
+    one edit size per sampler call. Item i starts from noise seeded by ``seeds[i]`` alone, so an
+    edit does not depend on the batch it was in (up to float rounding)."""
+    from rl.flow_sampler import sample
+
+    out, i = [], 0
+    while i < len(items):
+        j = i + 1
+        while j < len(items) and j - i < batch and items[j].image.size == items[i].image.size:
+            j += 1
+        chunk = items[i:j]
+        cond = editor.condition([it.image for it in chunk], [it.instruction for it in chunk])
+        x = torch.cat([editor.noise(cond.select(k), torch.Generator().manual_seed(seeds[i + k]))
+                       for k in range(len(chunk))])
+        out += editor.decode(sample(editor, cond, steps, 0.0, x=x).final, cond)
+        i = j
+        if on_item:
+            on_item(i, len(items))
+    return out
+
+
 CURRICULUM = {
     "id": pl.String,
     "kind": pl.String,  # clean | adversarial
@@ -173,7 +197,6 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
     their strategy, then mixed with clean items (``clean_fraction`` of the rows, and at least up to
     ``min_rows`` rows). Rows that fail integrity go to the rejects."""
     from metrics.strategies import classify_edit, strategy_mix
-    from rl.flow_sampler import sample
 
     a, c = cfg.attacker, cfg.attacker.curriculum
     r = a.rl.reward
@@ -190,10 +213,9 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
                                r.invalid_penalty)
     items = [at_edit_size(editor, it) for it in items_from_version(store, data, c.max_items)]
     kept, rejects, edits = [], [], []
-    for n, item in enumerate(items):
-        cond = editor.condition([item.image], [item.instruction])
-        x = editor.noise(cond, torch.Generator().manual_seed(c.seed * 1_000_003 + n))
-        edited = editor.decode(sample(editor, cond, c.sampling_steps, 0.0, x=x).final, cond)[0]
+    outputs = edit_items(editor, items, [c.seed * 1_000_003 + n for n in range(len(items))], c.sampling_steps, c.batch,
+                         on_item)
+    for n, (item, edited) in enumerate(zip(items, outputs)):
         score = reward([item.image], [edited], [item])[0]
         strat = classify_edit(item.image, edited)
         row = {"id": f"{item.id}:attack", "kind": "adversarial", "question": item.question, "options": item.options,
@@ -207,8 +229,6 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
         else:
             rejects.append({"id": item.id, "reason": "integrity",
                             "detail": f"target SSIM {score['target_ssim_min']:.3f} < tau {r.tau}"})
-        if on_item:
-            on_item(n + 1, len(items))
     if c.describe and kept:  # a real judge's description of each kept edit refines its label
         from metrics.strategies import refine_with_description
         from models import load
