@@ -102,7 +102,8 @@ class SceneJudge(JudgeBase):
     def propose_distractors(self, image: Image.Image, question: str, target_names: list[str], target_boxes: list[Box],
                             k: int, seed: int, context: Context) -> list[Proposal]:
         """Confusable objects: a target's colour on another category, or its category in another
-        colour, at random places and sizes. Some boxes will overlap a target, leave the image or
+        colour (a target named by category alone: another category, often in the target's colour),
+        at random places and sizes. Some boxes will overlap a target, leave the image or
         be elongated: the box and detector checks are there to catch exactly that."""
         scene = require_scene(context, "judge")
         rng = np.random.default_rng(seed)
@@ -112,7 +113,14 @@ class SceneJudge(JudgeBase):
         proposals = []
         for _ in range(k):
             colour, category = parse_expression(target_names[int(rng.integers(len(target_names)))]) if target_names else (None, None)
-            if colour is not None and rng.random() < 0.5:
+            if colour is None and category is not None:
+                # A target named by its category alone (colour and count questions): any instance
+                # of that category would change the answer, so the confusable distractor is another
+                # category, in a target instance's colour half of the time.
+                own = sorted({o.colour for o in scene.visible(1e-9) if o.category == category})
+                category = str(rng.choice([c for c in CATEGORIES if c != category]))
+                colour = str(rng.choice(own)) if own and rng.random() < 0.5 else str(rng.choice(list(COLOURS)))
+            elif colour is not None and rng.random() < 0.5:
                 category = str(rng.choice([c for c in CATEGORIES if c != category]))
             else:
                 colour = str(rng.choice([c for c in COLOURS if c != colour]))

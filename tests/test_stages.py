@@ -246,3 +246,31 @@ def test_default_preset_yields_one_effective_row_per_four_sources(tmp_path):
     summaries = run_bootstrap(ShardStore(str(tmp_path)), cfg)
     assert summaries[0].rows_in == 64
     assert summaries[-1].rows >= 16, [s.to_dict() for s in summaries]
+
+
+def test_category_only_targets_get_valid_distractor_proposals():
+    """Colour and count questions name their target by category alone: every proposal must be
+    another category (any instance of the target's would change the answer), so the prompt check
+    passes, and about half borrow a target instance's colour (confusable)."""
+    import numpy as np
+
+    from models.synthetic import SceneJudge
+    from stages.checks import prompt_check
+    from world import WorldConfig, generate_world, make_question, render
+
+    judge, descriptions, borrowed = SceneJudge(), [], 0
+    for seed in range(40):
+        scene = generate_world(seed, WorldConfig(resolution=64))
+        try:
+            q = make_question(scene, "colour", np.random.default_rng(seed))
+        except Exception:
+            continue
+        target = scene.find(q.target_ids[0])
+        props = judge.propose_distractors(render(scene), q.text, q.target_names, [], 8, seed, scene.to_dict())
+        for p in props:
+            assert prompt_check(p.description, q.target_names)[0], p.description
+            assert target.category not in p.description
+            borrowed += p.description.split()[0] == target.colour
+            descriptions.append(p.description)
+    assert len(descriptions) >= 200
+    assert 0.35 <= borrowed / len(descriptions) <= 0.7, borrowed / len(descriptions)
