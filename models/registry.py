@@ -43,7 +43,13 @@ def _qwen_vl(**kw):
     return load_policy({"backend": "qwen-vl", **kw})
 
 
-def _tiny_defender(**kw):
+def _tiny_defender(warmup: dict | None = None, **kw):
+    """The tiny Qwen2.5-VL defender; with ``warmup`` ({steps, scenes, seed, lr, batch}) after a
+    short supervised warm-up on fresh synthetic scenes, trained once and cached."""
+    if warmup is not None:
+        from training.toy import warmed_tiny_defender
+
+        return warmed_tiny_defender({"backend": "tiny", **kw}, warmup)
     from models.qwen_vl import load_policy
 
     return load_policy({"backend": "tiny", **kw})

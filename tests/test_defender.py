@@ -128,3 +128,28 @@ def test_tiny_spec_sets_the_rotary_base_and_vision_window():
     assert float(width_freqs(blind).max()) < 0.002
     assert float(width_freqs(seeing).min()) > 0.1
     assert seeing.config.vision_config.window_size == 64 and blind.config.vision_config.window_size == 32
+
+
+def test_warmed_tiny_defender_is_trained_once_and_answers_in_format(tmp_path, monkeypatch):
+    """models.defender {backend: tiny, warmup: {...}}: a short SFT on fresh world scenes turns an
+    untrained defender (no parsable answer) into one that answers in the strict format; the
+    weights are cached and a second load reads them instead of training again."""
+    import training.stage
+    from models import load
+    from models.qwen_vl import load_policy
+    from training.toy import world_examples
+
+    monkeypatch.setattr(training.stage, "CACHE", tmp_path / "checkpoints")
+    spec = {"backend": "tiny", "seed": 0, "min_pixels": 1024, "max_pixels": 4096}
+    test = world_examples(48, seed=99)
+    assert evaluate(load_policy(spec), test)["unparsed"] == 1.0
+    warm = load("defender", {**spec, "warmup": {"steps": 20, "scenes": 64}})
+    assert evaluate(warm, test)["strict_format"] == 1.0
+    (folder,) = (tmp_path / "warm-defenders").iterdir()
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    from training.toy import warmed_tiny_defender
+
+    again = warmed_tiny_defender(spec, {"steps": 20, "scenes": 64})  # the cache, not a second training
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    for (n, a), (_, b) in zip(warm.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), n

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from models.mcq import format_prompt, letters
@@ -26,3 +28,62 @@ def colour_examples(n: int, seed: int, resolution: int = 64) -> list[Example]:
         prompt = format_prompt(f"What is the colour of the {obj.category}?", FIXED_COLOURS)
         out.append(Example(f"toy-{seed}-{i}", render(s), prompt, letters(4)[FIXED_COLOURS.index(obj.colour)], 4))
     return out
+
+
+def world_examples(n: int, seed: int) -> list[Example]:
+    """``n`` questions of the default synthetic world (its question mix, resolution and objects)
+    under ``seed``: the source stage's own rows, as training examples."""
+    from stages.config import PipelineConfig
+    from stages.source import scene_row
+    from storage import decode_image
+    from world import NoQuestion
+
+    cfg, out, i = PipelineConfig(), [], 0
+    while len(out) < n:
+        try:
+            row = scene_row(seed, i, cfg)
+        except NoQuestion:
+            row = None
+        i += 1
+        if row:
+            out.append(Example(row["id"], decode_image(row["image"]), format_prompt(row["question"], row["options"]),
+                               row["answer"], len(row["options"])))
+    return out
+
+
+_WARM_LOCK = threading.Lock()
+
+
+def warmed_tiny_defender(spec: dict, warmup: dict):
+    """The tiny defender of ``spec`` after a short supervised warm-up on fresh synthetic scenes
+    (``warmup``: steps, scenes, seed, lr, batch), so that Stage 2's base defender answers in the
+    format and is not pure noise. Trained once per (spec, warm-up, code) and cached as safetensors
+    under ``$AOT_CACHE/warm-defenders``; later loads read the cache."""
+    import os
+    import shutil
+    import tempfile
+
+    from models.qwen_vl import QwenVLPolicy, load_policy
+    from stages.version import code_version
+    from storage import content_hash
+    from training.config import DefenderTrainConfig
+    from training.defender import DefenderTrainer
+    from training.stage import CACHE
+
+    w = {"steps": 100, "scenes": 256, "seed": 1, "lr": 1e-3, "batch": 32, **warmup}
+    folder = CACHE.parent / "warm-defenders" / content_hash({"spec": spec, "warmup": w, "code": code_version()})
+    device = spec.get("device", "cpu")
+    with _WARM_LOCK:  # shard threads share one warm-up; other processes race to one atomic rename
+        if not (folder / "config.json").exists():
+            policy = load_policy(spec)
+            DefenderTrainer(policy, world_examples(w["scenes"], w["seed"]), DefenderTrainConfig(
+                mode="sft", steps=w["steps"], batch_prompts=w["batch"], micro_batch=w["batch"], lr=w["lr"],
+                seed=w["seed"])).train()
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = tempfile.mkdtemp(dir=folder.parent, prefix=".warm-")
+            policy.save(tmp)
+            try:
+                os.replace(tmp, folder)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return QwenVLPolicy.from_pretrained(str(folder), device=device)
