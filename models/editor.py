@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -65,6 +67,9 @@ def edit_size(width: int, height: int, resolution: int, multiple: int) -> tuple[
     w = max(multiple, round(math.sqrt(resolution * resolution * ratio) / multiple) * multiple)
     h = max(multiple, round(resolution * resolution / max(w, 1) / multiple) * multiple)
     return int(w), int(h)
+
+
+VAE_FIT_REVISION = 1  # part of the tiny VAE cache key: bump when the fitting procedure or its images change
 
 
 def build_tiny_qwen_image_edit(seed: int = 0, layers: int = 2, heads: int = 4, head_dim: int = 16):
@@ -128,6 +133,46 @@ class FlowEditor:
                 # eval: freshly built modules are in train mode, and T5's dropout would make
                 # every prompt encoding (and so every rollout) random; LoRA has no dropout
                 m.requires_grad_(False).eval()
+
+    # ------------------------------------------------------------------ the autoencoder
+    def fit_autoencoder(self, images: list[Image.Image], steps: int, batch: int = 8, lr: float = 1e-3,
+                        seed: int = 0) -> list[float]:
+        """Fit the VAE to reconstruct ``images`` (MSE on pixels; encoder and decoder). For the
+        tiny editors: a random VAE decodes a world image at SSIM ~0.4, so no edit can keep a
+        target box intact; real checkpoints come with a trained VAE and never need this."""
+        vae = self.pipe.vae
+        images = [self.resize(im) for im in images]
+        vae.requires_grad_(True).train()
+        opt = torch.optim.AdamW(vae.parameters(), lr=lr)
+        gen, losses = torch.Generator().manual_seed(seed), []
+        for _ in range(steps):
+            idx = torch.randint(len(images), (batch,), generator=gen).tolist()
+            x = self._pixels([images[i] for i in idx], images[0].size)
+            loss = torch.nn.functional.mse_loss(vae.decode(vae.encode(x).latent_dist.mode()).sample, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        vae.requires_grad_(False).eval()
+        return losses
+
+    def fit_autoencoder_cached(self, key: dict, images: Callable[[], list[Image.Image]], **fit) -> Path:
+        """``fit_autoencoder`` once per ``key`` (spec + fit settings); the VAE's weights are cached
+        as safetensors under ``$AOT_CACHE/tiny-vae`` and later builds load them."""
+        from safetensors.torch import load_file, save_file
+
+        from models.cache import cache_root
+        from storage import content_hash
+
+        path = cache_root() / "tiny-vae" / f"{content_hash({**key, **fit})}.safetensors"
+        if not path.exists():
+            self.fit_autoencoder(images(), **fit)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.pipe.vae.state_dict().items()}, str(tmp))
+            os.replace(tmp, path)  # atomic: a concurrent builder that finished first simply wins
+        self.pipe.vae.load_state_dict(load_file(str(path), device=str(self.device)))
+        return path
 
     # ------------------------------------------------------------------ sizes and conditions
     def size_for(self, image: Image.Image) -> tuple[int, int]:
@@ -275,8 +320,20 @@ class QwenImageEditor(FlowEditor):
 
     @classmethod
     def tiny(cls, seed: int = 0, resolution: int = 64, cfg_scale: float = 1.0, device: str = "cpu",
-             **kw) -> "QwenImageEditor":
-        return cls(build_tiny_qwen_image_edit(seed, **kw), resolution=resolution, cfg_scale=cfg_scale, device=device)
+             vae_fit: dict | None = None, **kw) -> "QwenImageEditor":
+        """``vae_fit`` ({steps, scenes, batch, lr, seed}): fit the random VAE to synthetic-world
+        images first (cached), so that an edit can leave the rest of the image intact."""
+        editor = cls(build_tiny_qwen_image_edit(seed, **kw), resolution=resolution, cfg_scale=cfg_scale, device=device)
+        if vae_fit:
+            from world import WorldConfig, generate_world, render
+
+            fit = {"steps": 500, "scenes": 256, "batch": 8, "lr": 1e-3, "seed": 0, **vae_fit}
+            n = fit.pop("scenes")
+            editor.fit_autoencoder_cached(
+                {"seed": seed, "resolution": resolution, "tiny": kw, "scenes": n, "revision": VAE_FIT_REVISION},
+                lambda: [render(generate_world(10_000_000 + i, WorldConfig(resolution=resolution))) for i in range(n)],
+                **fit)
+        return editor
 
     @classmethod
     def from_pretrained(cls, path: str = "Qwen/Qwen-Image-Edit", resolution: int = 512, cfg_scale: float = 4.0,

@@ -192,3 +192,34 @@ def test_micro_batches_sample_and_train_in_the_same_split():
     m = tr.metrics[0]
     assert m["ratio_max"] == 1.0 and m["ratio_mean"] == 1.0 and len(tr.samples) == 2 * 4
     assert m["trained_steps"] == 2 * 2 * 3  # 2 groups x 2 micro-batches x 3 SDE steps
+
+
+def test_tiny_vae_fit_makes_reconstruction_faithful_and_is_cached(tmp_path, monkeypatch):
+    """A random tiny VAE decodes world images far from themselves; ``vae_fit`` fits it (measured
+    here: SSIM 0.22 -> 0.52 after 60 steps at 32 px) and caches the weights: a second build
+    loads them (equal tensors) instead of fitting again."""
+    from models.editor import QwenImageEditor
+    from world import WorldConfig, generate_world, render
+
+    monkeypatch.setenv("AOT_CACHE", str(tmp_path))
+    test = [render(generate_world(777 + i, WorldConfig(resolution=32))) for i in range(6)]
+
+    def fidelity(ed):
+        out = []
+        for im in test:
+            im = ed.resize(im)
+            out.append(region_ssim(np.asarray(im), np.asarray(ed.decode(ed.latents_of([im]), ed.condition([im], ["x"]))[0])))
+        return float(np.mean(out))
+
+    fit = {"steps": 40, "scenes": 48}
+    before = fidelity(QwenImageEditor.tiny(resolution=32))
+    fitted = QwenImageEditor.tiny(resolution=32, vae_fit=fit)
+    after = fidelity(fitted)
+    assert after >= before + 0.15, (before, after)
+    (cached,) = (tmp_path / "tiny-vae").iterdir()
+    stamp = cached.stat().st_mtime_ns
+    again = QwenImageEditor.tiny(resolution=32, vae_fit=fit)
+    assert cached.stat().st_mtime_ns == stamp
+    for (n, a), (_, b) in zip(fitted.pipe.vae.state_dict().items(), again.pipe.vae.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert not any(p.requires_grad for p in again.pipe.vae.parameters())  # frozen again for the attacker

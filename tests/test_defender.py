@@ -134,12 +134,11 @@ def test_warmed_tiny_defender_is_trained_once_and_answers_in_format(tmp_path, mo
     """models.defender {backend: tiny, warmup: {...}}: a short SFT on fresh world scenes turns an
     untrained defender (no parsable answer) into one that answers in the strict format; the
     weights are cached and a second load reads them instead of training again."""
-    import training.stage
     from models import load
     from models.qwen_vl import load_policy
     from training.toy import world_examples
 
-    monkeypatch.setattr(training.stage, "CACHE", tmp_path / "checkpoints")
+    monkeypatch.setenv("AOT_CACHE", str(tmp_path))
     spec = {"backend": "tiny", "seed": 0, "min_pixels": 1024, "max_pixels": 4096}
     test = world_examples(48, seed=99)
     assert evaluate(load_policy(spec), test)["unparsed"] == 1.0

@@ -19,13 +19,14 @@ from typing import Callable
 
 import polars as pl
 
+from models.cache import cache_root
 from models.mcq import format_prompt
 from stages.config import PipelineConfig
 from stages.version import code_version
 from storage import Manifest, ShardStore, content_hash, decode_image
 from training.distributed import barrier, is_main
 
-CACHE = Path(os.environ.get("AOT_CACHE", Path.home() / ".cache" / "aot")) / "checkpoints"
+CACHE = cache_root() / "checkpoints"
 WORK = "_work/latest"
 
 

@@ -68,10 +68,10 @@ def warmed_tiny_defender(spec: dict, warmup: dict):
     from storage import content_hash
     from training.config import DefenderTrainConfig
     from training.defender import DefenderTrainer
-    from training.stage import CACHE
+    from models.cache import cache_root
 
     w = {"steps": 100, "scenes": 256, "seed": 1, "lr": 1e-3, "batch": 32, **warmup}
-    folder = CACHE.parent / "warm-defenders" / content_hash({"spec": spec, "warmup": w, "code": code_version()})
+    folder = cache_root() / "warm-defenders" / content_hash({"spec": spec, "warmup": w, "code": code_version()})
     device = spec.get("device", "cpu")
     with _WARM_LOCK:  # shard threads share one warm-up; other processes race to one atomic rename
         if not (folder / "config.json").exists():
