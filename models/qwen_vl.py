@@ -140,7 +140,8 @@ def build_tiny_model(tok, spec: TinyDefenderSpec, seed: int = 0):
                 bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     vision = dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
                   num_heads=2, out_hidden_size=spec.hidden, patch_size=spec.patch_size, spatial_merge_size=2,
-                  temporal_patch_size=2, window_size=spec.window_size or spec.patch_size * 4, fullatt_block_indexes=[spec.vision_depth - 1])
+                  temporal_patch_size=2, window_size=spec.window_size or spec.patch_size * 4,
+                  fullatt_block_indexes=[spec.vision_depth - 1])
     cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)

@@ -114,9 +114,10 @@ def train_attacker_version(store: ShardStore, cfg: PipelineConfig, data_version:
         kw = {"pairs": pairs_from_version(store, data, a.max_items)}
     else:
         r = train_cfg.reward
+        defender = load_defender(store, defender_version, defender_device(cfg))
         kw = {"items": items_from_version(store, data, a.max_items),
-              "rewards": {"aot": IntegrityEfficacy(load_defender(store, defender_version, defender_device(cfg)), r.tau, r.queries,
-                                                   r.temperature, r.global_floor, r.invalid_penalty)}}
+              "rewards": {"aot": IntegrityEfficacy(defender, r.tau, r.queries, r.temperature, r.global_floor,
+                                                   r.invalid_penalty)}}
     with tempfile.TemporaryDirectory() as tmp:
         resume = os.path.join(tmp, "resume")
         resume = resume if store.get_folder(data.dataset, "attacker", version, WORK, resume) else None
@@ -209,8 +210,8 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
     if done is not None:
         return done
     editor = load_attacker(store, attacker_version, a.model)
-    reward = IntegrityEfficacy(load_defender(store, defender_version, defender_device(cfg)), r.tau, r.queries, r.temperature, r.global_floor,
-                               r.invalid_penalty)
+    defender = load_defender(store, defender_version, defender_device(cfg))
+    reward = IntegrityEfficacy(defender, r.tau, r.queries, r.temperature, r.global_floor, r.invalid_penalty)
     items = [at_edit_size(editor, it) for it in items_from_version(store, data, c.max_items)]
     kept, rejects, edits = [], [], []
     outputs = edit_items(editor, items, [c.seed * 1_000_003 + n for n in range(len(items))], c.sampling_steps, c.batch,
