@@ -18,7 +18,7 @@ from flows.bootstrap import DEFAULT_ROOT, STAGE_FLOWS, bootstrap, resolve_config
 from storage import ShardStore
 from tasks.training import evaluate_defender_task, generate_curriculum_task, publish_curriculum_artifacts, \
     publish_training_artifacts, train_attacker_task, train_defender_task
-from training.coevolution import heldout_config, render_report, run_coevolution
+from training.coevolution import heldout_config, render_report, run_coevolution, warmup_config
 
 
 class PrefectSteps:
@@ -36,11 +36,18 @@ class PrefectSteps:
         return {s["stage"]: s["version"] for s in out["stages"]}
 
     def heldout(self):
-        src = heldout_config(self.cfg).source  # one definition of the held-out world, as in LocalSteps
-        held = {**copy.deepcopy(self.overrides), "source.seed": src.seed, "source.num_scenes": src.num_scenes}
+        return self._world(heldout_config(self.cfg), ("source", "extend", "filter"))
+
+    def warmup_pool(self):
+        return self._world(warmup_config(self.cfg), ("source",))
+
+    def _world(self, cfg, stages) -> str:
+        """The stage flows on another world of the same settings (one definition, as in LocalSteps)."""
+        src = cfg.source
+        over = {**copy.deepcopy(self.overrides), "source.seed": src.seed, "source.num_scenes": src.num_scenes}
         version = None
-        for name in ("source", "extend", "filter"):
-            version = STAGE_FLOWS[name](input_version=version, root=self.root, preset=self.preset, overrides=held,
+        for name in stages:
+            version = STAGE_FLOWS[name](input_version=version, root=self.root, preset=self.preset, overrides=over,
                                         storage_options=self.opts, progress=self.progress)["version"]
         return version
 

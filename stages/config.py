@@ -160,6 +160,11 @@ class CoevolutionConfig:
     iterations: int = documented(3, "N: attacker / curriculum / defender rounds (AOT reports iterations 1-3).")
     heldout_scenes: int = documented(32, "Held-out scenes (the source under another seed) for every evaluation.")
     heldout_seed_offset: int = documented(10_000, "source.seed + this = the held-out world's seed: never trained on.")
+    warmup_scenes: int = documented(0, "Defender 0's supervised warm-up data: 0 = the AOT-SFT version's clean images; "
+                                       "N = N fresh scenes of the same world (a small defender memorizes a few hundred "
+                                       "images instead of learning the task: benchmarks/RESULTS.md, issue 8).")
+    warmup_seed_offset: int = documented(20_000, "source.seed + this = the warm-up pool's seed (no scene in common "
+                                                 "with the training items or the held-out world).")
 
 
 DEFAULT_MODELS = {
@@ -238,8 +243,9 @@ class PipelineConfig:
             _check(t.flow_grpo.sampling_steps >= 2, f"attacker.{name}.flow_grpo.sampling_steps", "must be >= 2")
             _check(t.reward.queries >= 1 and -1 <= t.reward.tau <= 1, f"attacker.{name}.reward", "needs queries >= 1 "
                    "and -1 <= tau <= 1 (SSIM's range)")
-        _check(self.coevolution.iterations >= 1 and self.coevolution.heldout_scenes >= 1, "coevolution",
-               "needs iterations >= 1 and heldout_scenes >= 1")
+        _check(self.coevolution.iterations >= 1 and self.coevolution.heldout_scenes >= 1
+               and self.coevolution.warmup_scenes >= 0, "coevolution",
+               "needs iterations >= 1, heldout_scenes >= 1 and warmup_scenes >= 0")
         _check(0 <= a.curriculum.clean_fraction < 1, "attacker.curriculum.clean_fraction", "must be within [0, 1)")
         from models.editor import EDITOR_BACKENDS
 

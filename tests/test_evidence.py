@@ -105,6 +105,13 @@ def test_toy_evidence_run_gives_every_number(tmp_path):
     assert len(result["curve"]) == 2 and all(r["attacker_reward_first"] is not None for r in result["curve"])
     g = result["goals"]
     assert g["phases"] == 2 and set(g) >= {"implanter_goal", "swap-pair_goal", "clean_goal"}
+    # defender 0 warmed up on a pool of fresh scenes (coevolution.warmup_scenes), shared by no other set
+    store = ShardStore(str(tmp_path / "root"))
+    lin = store.manifest(result["runs"][0]).extra["lineage"]
+    pool = store.manifest(lin["warmup"])
+    assert pool.stage == "source" and pool.rows == 16 and store.manifest(lin["defender_0"]).parents == [pool.version]
+    scenes = {k: set(store.read(store.manifest(lin[k]))["scene"].to_list()) for k in ("warmup", "items", "heldout")}
+    assert not (scenes["warmup"] & scenes["items"]) and not (scenes["warmup"] & scenes["heldout"])
     saved = json.loads((tmp_path / "aot_evidence_tiny.json").read_text())
     assert saved["results"][0]["table"] == result["summary"]
     assert (tmp_path / "aot_evidence_curve_tiny.png").stat().st_size > 1000

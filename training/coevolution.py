@@ -1,7 +1,8 @@
 """The AOT loop: the attacker and the defender take turns, every step a version with lineage.
 
     bootstrap (or a given AOT-SFT version)
-    -> defender 0: supervised warm-up on clean images
+    -> defender 0: supervised warm-up on clean images (the AOT-SFT version's, or a pool of fresh
+       scenes: coevolution.warmup_scenes)
     -> for n = 1..N:
          attacker n: cold start (round 1) then Flow-GRPO against the frozen defender n-1
          curriculum n: the frozen attacker n edits the training items, scored by defender n-1
@@ -37,6 +38,7 @@ class Steps(Protocol):
 
     def bootstrap(self, source: str | None) -> dict: ...  # stage -> version
     def heldout(self) -> str: ...  # held-out filter version
+    def warmup_pool(self) -> str: ...  # source version of coevolution.warmup_scenes fresh scenes
     def train_defender(self, data: str, init: str | None, mode: str, images: str) -> str: ...
     def train_attacker(self, data: str, defender: str | None, init: str | None, mode: str) -> str: ...
     def curriculum(self, attacker: str, data: str, defender: str) -> dict: ...  # {"version", summary...}
@@ -46,8 +48,19 @@ class Steps(Protocol):
 def heldout_config(cfg: PipelineConfig) -> PipelineConfig:
     """The held-out scenes: the same world settings under another seed, never trained on."""
     c = cfg.coevolution
-    return dataclasses.replace(cfg, source=dataclasses.replace(cfg.source, seed=cfg.source.seed + c.heldout_seed_offset,
-                                                                 num_scenes=c.heldout_scenes))
+    return world_config(cfg, c.heldout_seed_offset, c.heldout_scenes)
+
+
+def warmup_config(cfg: PipelineConfig) -> PipelineConfig:
+    """Defender 0's warm-up pool (``coevolution.warmup_scenes`` > 0): fresh scenes of the same world."""
+    c = cfg.coevolution
+    return world_config(cfg, c.warmup_seed_offset, c.warmup_scenes)
+
+
+def world_config(cfg: PipelineConfig, seed_offset: int, scenes: int) -> PipelineConfig:
+    """The same world settings under ``source.seed + seed_offset``, ``scenes`` scenes."""
+    return dataclasses.replace(cfg, source=dataclasses.replace(cfg.source, seed=cfg.source.seed + seed_offset,
+                                                                 num_scenes=scenes))
 
 
 class LocalSteps:
@@ -66,6 +79,11 @@ class LocalSteps:
 
         found = run_bootstrap(self.store, heldout_config(self.cfg), None, until="filter")
         return found[-1].version
+
+    def warmup_pool(self):
+        from stages.runner import run_bootstrap
+
+        return run_bootstrap(self.store, warmup_config(self.cfg), None, until="source")[-1].version
 
     def train_defender(self, data, init, mode, images):
         from training.stage import train_defender_version
@@ -104,10 +122,11 @@ def run_coevolution(store: ShardStore, cfg: PipelineConfig, steps: Steps, source
     data = steps.bootstrap(source)
     export, items = data["export"], data["filter"]
     heldout = steps.heldout()
-    defender = steps.train_defender(export, None, "sft", "clean")  # defender 0
+    warmup = steps.warmup_pool() if cfg.coevolution.warmup_scenes else export
+    defender = steps.train_defender(warmup, None, "sft", "clean")  # defender 0
     base_clean = steps.evaluate(defender, heldout).get("clean_accuracy")
     rows, attacker = [], None
-    lineage = {"export": export, "items": items, "heldout": heldout, "defender_0": defender}
+    lineage = {"export": export, "items": items, "heldout": heldout, "warmup": warmup, "defender_0": defender}
     for n in range(1, n_iter + 1):
         if attacker is None:
             attacker = steps.train_attacker(export, None, None, "sft")  # cold start, round 1 only
