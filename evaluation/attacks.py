@@ -95,7 +95,8 @@ def swap_pair(cfg, store=None, margin: float = 2.0, **_) -> AttackFn:
         if not row.get("scene"):
             return "swap-pair needs the row's scene (synthetic rows)"
         scene = Scene.from_dict(json.loads(row["scene"]))
-        image = decode_image(row["image"])
+        clean = decode_image(row["image"])
+        image = clean
         (ca, ka), (cb, kb) = (parse_expression(n) for n in row["target_names"])
         if ka == kb:  # swapping would recreate a target: borrow a third category instead
             kb = next(c for c in CATEGORIES if c != ka)
@@ -115,7 +116,6 @@ def swap_pair(cfg, store=None, margin: float = 2.0, **_) -> AttackFn:
             placed.append(f"{colour} {category}")
         if not placed:
             return "no free mirrored place for either decoy"
-        clean = decode_image(row["image"])
         # Exact integrity: the targets' pixels and the question's answer are unchanged.
         ssim = min(localized_ssim(clean, image, b) for b in row["target_boxes"])
         if answer_from_scene("relative_position", row["question"], scene, row["options"]) != row["answer"]:
@@ -128,7 +128,7 @@ def swap_pair(cfg, store=None, margin: float = 2.0, **_) -> AttackFn:
 def aot_attacker(cfg, store=None, version: str | None = None, seed: int = 0, **_) -> AttackFn:
     from metrics import localized_ssim
     from training.attacker import at_edit_size
-    from training.attacker_stage import attack_instruction, edit_items, load_attacker
+    from training.attacker_stage import edit_items, item_from_row, load_attacker
 
     if store is None or not version:
         raise ValueError("the aot-attacker attack needs a store and version=<attacker version>")
@@ -136,11 +136,7 @@ def aot_attacker(cfg, store=None, version: str | None = None, seed: int = 0, **_
     tau, steps = cfg.attacker.rl.reward.tau, cfg.attacker.curriculum.sampling_steps
 
     def attack(row: dict):
-        from training.attacker_rewards import AttackItem
-
-        item = at_edit_size(editor, AttackItem(row["id"], decode_image(row["image"]),
-                                               attack_instruction(row["question"], row["target_names"] or []),
-                                               row["target_boxes"], "", row["answer"], len(row["options"])))
+        item = at_edit_size(editor, item_from_row(row))
         edited = edit_items(editor, [item], [seed * 1_000_003 + int(content_hash(row["id"], 8), 16)], steps)[0]
         ssim = min((localized_ssim(item.image, edited, b) for b in item.target_boxes), default=1.0)
         if ssim < tau:

@@ -48,10 +48,15 @@ def items_from_version(store: ShardStore, manifest: Manifest, max_items: int = 0
     if missing:
         raise ValueError(f"version {manifest.version} ({manifest.stage}) has no {missing} columns: give a source, "
                          "extend, filter, implant or export version")
-    return [AttackItem(row["id"], decode_image(row[col]), attack_instruction(row["question"], row.get("target_names") or []),
-                       row["target_boxes"], format_prompt(row["question"], row["options"]), row["answer"],
-                       len(row["options"]), row.get("target_names") or [], row["question"], row["options"])
-            for row in df.iter_rows(named=True)]
+    return [item_from_row(row, col) for row in df.iter_rows(named=True)]
+
+
+def item_from_row(row: dict, col: str = "image") -> AttackItem:
+    """One dataset row (its ``col`` image) as an item to attack, with the attacker's instruction."""
+    names = row.get("target_names") or []
+    return AttackItem(row["id"], decode_image(row[col]), attack_instruction(row["question"], names), row["target_boxes"],
+                      format_prompt(row["question"], row["options"]), row["answer"], len(row["options"]), names,
+                      row["question"], row["options"])
 
 
 def pairs_from_version(store: ShardStore, manifest: Manifest, max_items: int = 0) -> list[EditPair]:
