@@ -16,7 +16,9 @@ Registered here:
   the targets' attributes (A's colour on B's category and B's colour on A's category) placed on
   the mirrored side (A's decoy beyond B, B's decoy beyond A), so a reader that binds colour or
   shape alone reads the opposite relation. No training arm ever proposes pairs or mirrored
-  placement: it is the held-out family.
+  placement: it is the held-out family for relation questions.
+- ``option-decoys``: for a colour question, other shapes in the wrong options' colours right
+  beside the target: the held-out family for colour questions.
 - ``aot-attacker``: a trained attacker version (``version=``): its deterministic edit, kept when
   every target box keeps localized SSIM >= ``attacker.rl.reward.tau``.
 """
@@ -28,6 +30,7 @@ import json
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import polars as pl
 from PIL import Image
 
@@ -84,44 +87,94 @@ def _mirror_box(box: list[float], about: list[float], size: tuple[int, int]) -> 
     return [x0, y0, x0 + w, y0 + h]
 
 
+def _place_decoys(row: dict, decoys: list[tuple[str, str, list[float]]], margin: float, question_type: str):
+    """Draw each decoy (colour, category, box) whose box keeps ``margin`` pixels from every object,
+    then check exact integrity: the targets' pixels and the question's answer are unchanged.
+    Returns ``Attacked`` or the reason there is none."""
+    from metrics import expand_box, intersection, localized_ssim
+    from world import Scene, add_object, answer_from_scene, draw_object_into
+
+    scene = Scene.from_dict(json.loads(row["scene"]))
+    clean = decode_image(row["image"])
+    image = clean
+    occupied = [scene.image_box(o) for o in scene.visible(1e-9)]
+    placed = []
+    for colour, category, box in decoys:
+        if box[0] < 0 or box[1] < 0 or box[2] > image.width or box[3] > image.height:
+            continue
+        if any(intersection(box, expand_box(o, margin)) > 0 for o in occupied):
+            continue
+        image, drawn = draw_object_into(image, box, category, colour)
+        add_object(scene, drawn, category, colour)
+        occupied.append([float(v) for v in drawn])
+        placed.append(f"{colour} {category}")
+    if not placed:
+        return "no free place for any decoy"
+    ssim = min(localized_ssim(clean, image, b) for b in row["target_boxes"])
+    if answer_from_scene(question_type, row["question"], scene, row["options"]) != row["answer"]:
+        return "the decoys changed the answer"
+    return Attacked(image, scene.to_dict(), {"distractors": placed, "target_ssim_min": ssim})
+
+
 @register_attack("swap-pair")
 def swap_pair(cfg, store=None, margin: float = 2.0, **_) -> AttackFn:
-    from metrics import expand_box, intersection, localized_ssim
-    from world import CATEGORIES, Scene, add_object, answer_from_scene, draw_object_into, parse_expression
+    from world import CATEGORIES, parse_expression
 
     def attack(row: dict):
         if row.get("question_type", "relative_position") != "relative_position" or len(row["target_boxes"]) != 2:
             return "swap-pair attacks relation questions (two targets)"
         if not row.get("scene"):
             return "swap-pair needs the row's scene (synthetic rows)"
-        scene = Scene.from_dict(json.loads(row["scene"]))
-        clean = decode_image(row["image"])
-        image = clean
         (ca, ka), (cb, kb) = (parse_expression(n) for n in row["target_names"])
         if ka == kb:  # swapping would recreate a target: borrow a third category instead
             kb = next(c for c in CATEGORIES if c != ka)
-        decoys = [((ca, kb), row["target_boxes"][0], row["target_boxes"][1]),   # A's colour, beyond B
-                  ((cb, ka), row["target_boxes"][1], row["target_boxes"][0])]   # B's colour, beyond A
-        occupied = [scene.image_box(o) for o in scene.visible(1e-9)]
-        placed = []
-        for (colour, category), own, about in decoys:
-            if (colour, category) in ((ca, ka), (cb, kb)) or colour is None:
-                continue
-            box = _mirror_box(own, about, image.size)
-            if any(intersection(box, expand_box(o, margin)) > 0 for o in occupied):
-                continue
-            image, drawn = draw_object_into(image, box, category, colour)
-            add_object(scene, drawn, category, colour)
-            occupied.append([float(v) for v in drawn])
-            placed.append(f"{colour} {category}")
-        if not placed:
-            return "no free mirrored place for either decoy"
-        # Exact integrity: the targets' pixels and the question's answer are unchanged.
-        ssim = min(localized_ssim(clean, image, b) for b in row["target_boxes"])
-        if answer_from_scene("relative_position", row["question"], scene, row["options"]) != row["answer"]:
-            return "the decoys changed the answer"
-        return Attacked(image, scene.to_dict(), {"distractors": placed, "target_ssim_min": ssim})
+        size = (row["width"], row["height"])
+        a, b = row["target_boxes"]
+        decoys = [(ca, kb, _mirror_box(a, b, size)),   # A's colour, beyond B
+                  (cb, ka, _mirror_box(b, a, size))]   # B's colour, beyond A
+        decoys = [d for d in decoys if d[0] is not None and (d[0], d[1]) not in ((ca, ka), (cb, kb))]
+        return _place_decoys(row, decoys, margin, "relative_position")
     return attack
+
+
+@register_attack("option-decoys")
+def option_decoys(cfg, store=None, gap: float = 2.0, margin: float = 1.0, **_) -> AttackFn:
+    """For a colour question "What is the colour of the K?": objects of other categories painted in
+    the *wrong options'* colours, right beside the target (left, right, above, below; up to two).
+    A reader that reports a colour present near the named object, rather than the object's own,
+    picks a wrong option. No training arm reads the options to choose colours or places a decoy
+    against the target: a held-out family for colour questions."""
+    from world import CATEGORIES, parse_expression
+
+    def attack(row: dict):
+        if row.get("question_type") != "colour" or len(row["target_boxes"]) != 1:
+            return "option-decoys attacks colour questions (one target)"
+        if not row.get("scene"):
+            return "option-decoys needs the row's scene (synthetic rows)"
+        _, category = parse_expression(row["target_names"][0])
+        truth = row["options"][ord(row["answer"]) - ord("A")]
+        wrong = [o for o in row["options"] if o != truth]
+        others = [c for c in CATEGORIES if c != category]
+        x0, y0, x1, y1 = row["target_boxes"][0]
+        w, h = x1 - x0, y1 - y0
+        sides = [[x0 - gap - w, y0, x0 - gap, y1], [x1 + gap, y0, x1 + gap + w, y1],
+                 [x0, y0 - gap - h, x1, y0 - gap], [x0, y1 + gap, x1, y1 + gap + h]]
+        rng = np.random.default_rng(_row_seed(row["id"]))
+        wrong = [wrong[i] for i in rng.permutation(len(wrong))]
+        order = rng.permutation(len(sides))
+        decoys = [(wrong[i % len(wrong)], others[i % len(others)], sides[j]) for i, j in enumerate(order)]
+        out = _place_decoys(row, decoys[:2], margin, "colour")
+        if isinstance(out, str) and len(decoys) > 2:  # both first sides blocked: try the other two
+            out = _place_decoys(row, decoys[2:], margin, "colour")
+        return out
+    return attack
+
+
+def _row_seed(row_id: str) -> int:
+    """A stable per-row seed (Python's hash() of a str changes between processes)."""
+    import zlib
+
+    return zlib.crc32(row_id.encode())
 
 
 @register_attack("aot-attacker")

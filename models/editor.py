@@ -69,11 +69,15 @@ def edit_size(width: int, height: int, resolution: int, multiple: int) -> tuple[
     return int(w), int(h)
 
 
-VAE_FIT_REVISION = 1  # part of the tiny VAE cache key: bump when the fitting procedure or its images change
+VAE_FIT_REVISION = 2  # part of the tiny VAE cache key: bump when the fitting procedure or its images change
 
 
-def build_tiny_qwen_image_edit(seed: int = 0, layers: int = 2, heads: int = 4, head_dim: int = 16):
-    """QwenImageEditPipeline from small random components; tokenizer and processor built locally."""
+def build_tiny_qwen_image_edit(seed: int = 0, layers: int = 2, heads: int = 4, head_dim: int = 16, z_dim: int = 4):
+    """QwenImageEditPipeline from small random components; tokenizer and processor built locally.
+
+    ``z_dim``: latent channels of the VAE (stride 4). 4 keeps the default run small; 16 (the real
+    Qwen-Image VAE's) lets a fitted VAE reproduce a 64 px world image closely enough for the
+    integrity gate (RESULTS.md, evidence experiment)."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, \
         QwenImageTransformer2DModel
 
@@ -85,11 +89,12 @@ def build_tiny_qwen_image_edit(seed: int = 0, layers: int = 2, heads: int = 4, h
     text_encoder = build_tiny_model(tok, spec, seed)
     torch.manual_seed(seed)
     q = head_dim // 4  # rope axes (frame, height, width) must sum to head_dim
-    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=layers,
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=4 * z_dim, out_channels=z_dim, num_layers=layers,
                                               attention_head_dim=head_dim, num_attention_heads=heads,
                                               joint_attention_dim=spec.hidden, axes_dims_rope=(head_dim - 2 * q, q, q))
-    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
-                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=z_dim, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * z_dim,
+                                 latents_std=[1.0] * z_dim)
     return QwenImageEditPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
                                  tokenizer=tok, processor=build_tiny_processor(tok, spec), transformer=transformer)
 
@@ -151,6 +156,7 @@ class FlowEditor:
             loss = torch.nn.functional.mse_loss(vae.decode(vae.encode(x).latent_dist.mode()).sample, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)  # a GPU fit of 3000 steps diverged without it
             opt.step()
             losses.append(float(loss.detach()))
         vae.requires_grad_(False).eval()
@@ -329,8 +335,15 @@ class QwenImageEditor(FlowEditor):
 
             fit = {"steps": 500, "scenes": 256, "batch": 8, "lr": 1e-3, "seed": 0, **vae_fit}
             n = fit.pop("scenes")
+            # The fitted VAE starts from the fit's seed, not the editor's: editors of every seed (the
+            # evidence experiment's arms) share one fit, and it is the same whoever fits it first.
+            vae = editor.pipe.vae
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(fit["seed"])
+                editor.pipe.vae = type(vae).from_config(vae.config).to(editor.device).requires_grad_(False).eval()
             editor.fit_autoencoder_cached(
-                {"seed": seed, "resolution": resolution, "tiny": kw, "scenes": n, "revision": VAE_FIT_REVISION},
+                # The VAE depends only on its latent width (not the transformer's size).
+                {"resolution": resolution, "z_dim": kw.get("z_dim", 4), "scenes": n, "revision": VAE_FIT_REVISION},
                 lambda: [render(generate_world(10_000_000 + i, WorldConfig(resolution=resolution))) for i in range(n)],
                 **fit)
         return editor

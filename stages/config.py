@@ -33,8 +33,15 @@ class SourceConfig:
     question_types: list = documented(["relative_position", "colour", "count", "existence"],
                               "Question types to draw (METHOD.md: V*-style spatial relations first).")
     question_weights: list = documented([0.7, 0.1, 0.1, 0.1], "Probability of each question type (default).")
+    shuffle_options: bool = documented(True, "Shuffle each question's options (V*'s lists vary); false: a fixed "
+                                       "canonical order, so a small defender need not find the answer's letter in "
+                                       "the prompt (the evidence preset, RESULTS.md).")
+    colour_options: int = documented(4, "Options of a colour question (V*: 4). With all colours and a fixed "
+                                     "order, an option's letter names one colour in every question.")
     objects_min: int = documented(3, "Fewest objects fully inside a source window (default).")
     objects_max: int = documented(5, "Most objects fully inside a source window (default).")
+    object_size: list = documented([0.10, 0.18], "Object side range, as fractions of the source window's side "
+                                   "(default; larger objects are easier for a small defender to see).")
     outside_density: float = documented(0.35, "Object density outside the source window, relative to inside; "
                                       "what outpainting reveals (default).")
     max_image_pixels: int = documented(40_000_000, "Decompression-bomb guard for imported images (pixels).")
@@ -204,8 +211,11 @@ class PipelineConfig:
         _check(1 <= s.objects_min <= s.objects_max, "source.objects_min/objects_max", "need 1 <= min <= max")
         _check(len(s.question_types) == len(s.question_weights) and s.question_types,
                "source.question_weights", "needs one weight per question type")
-        from world import QUESTION_TYPES
+        from world import COLOURS, QUESTION_TYPES
 
+        _check(len(s.object_size) == 2 and 0 < s.object_size[0] <= s.object_size[1] < 1, "source.object_size",
+               "needs [min, max] with 0 < min <= max < 1")
+        _check(2 <= s.colour_options <= len(COLOURS), "source.colour_options", f"needs 2..{len(COLOURS)}")
         for q in s.question_types:
             _check(q in QUESTION_TYPES, "source.question_types", f"unknown type {q!r}; choose from {QUESTION_TYPES}")
         _check(all(w >= 0 for w in s.question_weights) and sum(s.question_weights) > 0,
@@ -229,6 +239,8 @@ class PipelineConfig:
             t = getattr(self.defender, name)
             _check(t.mode in ("sft", "dapo") and t.steps >= 0 and t.batch_prompts >= 1 and t.lr > 0,
                    f"defender.{name}", "needs mode sft|dapo, steps >= 0, batch_prompts >= 1, lr > 0")
+            _check(t.lr_schedule in ("constant", "cosine") and t.lr_warmup_steps >= 0, f"defender.{name}.lr_schedule",
+                   "needs lr_schedule constant|cosine and lr_warmup_steps >= 0")
             try:
                 t.dapo.validate()
             except ValueError as exc:
@@ -302,6 +314,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as text
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"config {key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -19,7 +19,7 @@ def scene_row(seed: int, index: int, cfg) -> dict:
     """One source row, or raise NoQuestion after MAX_ATTEMPTS worlds without a valid question."""
     s = cfg.source
     wcfg = WorldConfig(resolution=s.resolution, objects_min=s.objects_min, objects_max=s.objects_max,
-                       outside_density=s.outside_density)
+                       outside_density=s.outside_density, object_size=tuple(s.object_size))
     weights = np.asarray(s.question_weights, dtype=float)
     weights = weights / weights.sum()
     last = None
@@ -29,7 +29,7 @@ def scene_row(seed: int, index: int, cfg) -> dict:
         qtype = s.question_types[int(rng.choice(len(weights), p=weights))]
         scene = generate_world(world_seed, wcfg)
         try:
-            q = make_question(scene, qtype, rng)
+            q = make_question(scene, qtype, rng, s.shuffle_options, s.colour_options)
         except NoQuestion as exc:
             last = exc
             continue

@@ -53,6 +53,37 @@ def test_swap_pair_places_mirrored_decoys_and_keeps_the_answer(items):
     assert done >= len(rows) // 3, f"swap-pair attacked only {done} of {len(rows)} relation questions"
 
 
+def test_option_decoys_paint_wrong_options_beside_the_target(tmp_path):
+    """Colour questions: each decoy is another shape in a wrong option's colour, next to the
+    target (gap of 2 px), the target's pixels untouched and the answer unchanged."""
+    from metrics import intersection
+
+    store = ShardStore(str(tmp_path))
+    cfg = load_config("synthetic", {"source": {"num_scenes": 24, "shard_size": 24, "question_types": ["colour"],
+                                               "question_weights": [1.0], "shuffle_options": False}})
+    rows = store.read(store.manifest(run_bootstrap(store, cfg, until="filter")[-1].version)).to_dicts()
+    attack, done = build_attack("option-decoys", cfg), 0
+    assert build_attack("option-decoys", cfg)({**rows[0], "question_type": "relative_position"}).startswith(
+        "option-decoys attacks colour questions")
+    for row in rows:
+        out = attack(row)
+        if isinstance(out, str):
+            continue
+        done += 1
+        assert out.meta["target_ssim_min"] == pytest.approx(1.0)
+        truth = row["options"][ord(row["answer"]) - ord("A")]
+        target = row["target_boxes"][0]
+        scene = Scene.from_dict(out.scene)
+        for o in scene.objects[-len(out.meta["distractors"]):]:
+            assert o.colour in row["options"] and o.colour != truth and o.category != row["target_names"][0]
+            box = scene.image_box(o)
+            assert intersection(box, target) == 0
+            near = [box[0] - target[2], target[0] - box[2], box[1] - target[3], target[1] - box[3]]
+            assert max(near) <= 3  # beside the target: within the 2 px gap (drawn square may shrink by 1)
+        assert attack(row).image.tobytes() == out.image.tobytes()  # deterministic per row
+    assert done >= len(rows) // 2, f"option-decoys attacked only {done} of {len(rows)} colour questions"
+
+
 def test_attacks_are_pluggable_and_versioned(items):
     store, cfg, filt = items
     with pytest.raises(ValueError, match="registered attacks are"):

@@ -16,6 +16,10 @@ class DefenderTrainConfig:
     micro_batch: int = documented(32, "Sequences per forward/backward; the loss is normalized over the whole batch.")
     lr: float = documented(1e-6, "AdamW learning rate. AOT: 1e-6 for the 7B defender (METHOD.md).")
     weight_decay: float = documented(1e-2, "AdamW weight decay. AOT: 1e-2.")
+    lr_warmup_steps: int = documented(0, "Linear learning-rate warm-up from 0 over this many steps (0: none; AOT's "
+                                      "RL runs use a constant rate). A defender trained from scratch needs one.")
+    lr_schedule: str = documented("constant", "'constant', or 'cosine': decay to 10% of lr at the last step (the "
+                                  "usual schedule for training transformers from scratch, e.g. nanoGPT).")
     grad_clip: float = documented(1.0, "Max global gradient norm. AOT: 1.0.")
     temperature: float = documented(1.0, "Sampling temperature of rollouts. AOT: 1.0.")
     max_new_tokens: int = documented(8, "Response length cap. AOT: 4096; the tiny defender answers in 2 tokens.")

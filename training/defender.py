@@ -11,6 +11,7 @@ data position.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,14 +222,29 @@ class DefenderTrainer:
         }
 
     # ------------------------------------------------------------------ loop
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based): a function of the step alone, so a
+        resumed run continues the schedule exactly."""
+        cfg = self.cfg
+        if cfg.lr_warmup_steps and step < cfg.lr_warmup_steps:
+            return cfg.lr * (step + 1) / cfg.lr_warmup_steps
+        if cfg.lr_schedule == "cosine":
+            span = max(1, cfg.steps - cfg.lr_warmup_steps)
+            progress = min(1.0, (step - cfg.lr_warmup_steps) / span)
+            return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return cfg.lr
+
     def train(self, out_dir: str | Path | None = None, steps: int | None = None,
               on_step: Callable[[dict], None] | None = None) -> list[dict]:
         until = self.cfg.steps if steps is None else min(self.cfg.steps, self.step + steps)
         while self.step < until:
             t0 = time.perf_counter()
+            lr = self.lr_at(self.step)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
             row = self.sft_step() if self.cfg.mode == "sft" else self.dapo_step()
             self.step += 1
-            row = {"step": self.step, "lr": self.cfg.lr, "seconds": time.perf_counter() - t0, **row}
+            row = {"step": self.step, "lr": lr, "seconds": time.perf_counter() - t0, **row}
             self.metrics.append(row)
             if on_step:
                 on_step(row)

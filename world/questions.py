@@ -63,10 +63,17 @@ def relation(a: list[float], b: list[float], dominance: float = DOMINANCE) -> st
     return None
 
 
-def _shuffle(options: list[str], correct: str, rng: np.random.Generator) -> tuple[list[str], str]:
-    order = rng.permutation(len(options))
-    shuffled = [options[i] for i in order]
-    return shuffled, letters(len(options))[shuffled.index(correct)]
+# Canonical option order when options are not shuffled: the world's own orders, never "correct first".
+_CANONICAL = {**{r: i for i, r in enumerate(RELATIONS)}, **{c: i for i, c in enumerate(COLOURS)}, "yes": 0, "no": 1}
+
+
+def _shuffle(options: list[str], correct: str, rng: np.random.Generator, shuffle: bool = True) -> tuple[list[str], str]:
+    if shuffle:
+        order = rng.permutation(len(options))
+        options = [options[i] for i in order]
+    else:  # fixed: relations, colours, yes/no in the world's order, counts ascending
+        options = sorted(options, key=lambda o: int(o) if o.isdigit() else _CANONICAL[o])
+    return options, letters(len(options))[options.index(correct)]
 
 
 def _unique_by_name(objs: list[SceneObject]) -> list[SceneObject]:
@@ -74,7 +81,7 @@ def _unique_by_name(objs: list[SceneObject]) -> list[SceneObject]:
     return [o for o in objs if names.count(o.name) == 1]
 
 
-def relative_position(scene: Scene, rng: np.random.Generator) -> Question:
+def relative_position(scene: Scene, rng: np.random.Generator, shuffle: bool = True) -> Question:
     visible = scene.visible(0.0 + 1e-9)
     candidates = [o for o in _unique_by_name(visible) if scene.visible_fraction(o) >= 1.0]
     pairs = []
@@ -86,12 +93,12 @@ def relative_position(scene: Scene, rng: np.random.Generator) -> Question:
         raise NoQuestion("no pair of uniquely named objects with a clear relation")
     a, b = pairs[int(rng.integers(len(pairs)))]
     rel = relation(scene.image_box(a), scene.image_box(b))
-    options, answer = _shuffle(list(RELATIONS), rel, rng)
+    options, answer = _shuffle(list(RELATIONS), rel, rng, shuffle)
     return Question("relative_position", f"Where is the {a.name} relative to the {b.name}?", options, answer,
                     [a.id, b.id], [a.name, b.name])
 
 
-def colour(scene: Scene, rng: np.random.Generator) -> Question:
+def colour(scene: Scene, rng: np.random.Generator, shuffle: bool = True, n_options: int = 4) -> Question:
     visible = scene.visible(1e-9)
     cats = [o.category for o in visible]
     candidates = [o for o in visible if cats.count(o.category) == 1 and scene.visible_fraction(o) >= 1.0]
@@ -99,12 +106,12 @@ def colour(scene: Scene, rng: np.random.Generator) -> Question:
         raise NoQuestion("no category appears exactly once")
     obj = candidates[int(rng.integers(len(candidates)))]
     others = [c for c in COLOURS if c != obj.colour]
-    wrong = [others[i] for i in rng.choice(len(others), size=3, replace=False)]
-    options, answer = _shuffle([obj.colour, *wrong], obj.colour, rng)
+    wrong = [others[i] for i in rng.choice(len(others), size=n_options - 1, replace=False)]
+    options, answer = _shuffle([obj.colour, *wrong], obj.colour, rng, shuffle)
     return Question("colour", f"What is the colour of the {obj.category}?", options, answer, [obj.id], [obj.category])
 
 
-def count(scene: Scene, rng: np.random.Generator) -> Question:
+def count(scene: Scene, rng: np.random.Generator, shuffle: bool = True) -> Question:
     # Count only objects that are clearly in or clearly out: a half-visible one makes the truth unclear.
     ambiguous = {o.category for o in scene.objects if 0 < scene.visible_fraction(o) < 1.0}
     cats = [c for c in CATEGORIES if c not in ambiguous]
@@ -115,11 +122,11 @@ def count(scene: Scene, rng: np.random.Generator) -> Question:
     n = len(targets)
     pool = [k for k in range(max(0, n - 3), n + 4) if k != n]
     wrong = [pool[i] for i in rng.choice(len(pool), size=3, replace=False)]
-    options, answer = _shuffle([str(n), *map(str, wrong)], str(n), rng)
+    options, answer = _shuffle([str(n), *map(str, wrong)], str(n), rng, shuffle)
     return Question("count", f"How many {cat}s are there in the image?", options, answer, [o.id for o in targets], [cat])
 
 
-def existence(scene: Scene, rng: np.random.Generator) -> Question:
+def existence(scene: Scene, rng: np.random.Generator, shuffle: bool = True) -> Question:
     fully = scene.fully_visible()
     partial = {o.name for o in scene.objects if 0 < scene.visible_fraction(o) < 1.0}
     if rng.random() < 0.5 and fully:
@@ -131,17 +138,22 @@ def existence(scene: Scene, rng: np.random.Generator) -> Question:
         present = {o.name for o in scene.visible(1e-9)}
         absent = [f"{c} {k}" for c in COLOURS for k in CATEGORIES if f"{c} {k}" not in present]
         name, targets, truth = absent[int(rng.integers(len(absent)))], [], "no"
-    options, answer = _shuffle(["yes", "no"], truth, rng)
+    options, answer = _shuffle(["yes", "no"], truth, rng, shuffle)
     return Question("existence", f"Is there a {name} in the image?", options, answer, [o.id for o in targets], [name])
 
 
 GENERATORS = {"relative_position": relative_position, "colour": colour, "count": count, "existence": existence}
 
 
-def make_question(scene: Scene, qtype: str, rng: np.random.Generator) -> Question:
+def make_question(scene: Scene, qtype: str, rng: np.random.Generator, shuffle: bool = True,
+                  colour_options: int = 4) -> Question:
+    """A question of ``qtype``; ``shuffle=False`` lists the options in a fixed canonical order;
+    ``colour_options``: options of a colour question (2 to all colours)."""
     if qtype not in GENERATORS:
         raise ValueError(f"unknown question type {qtype!r}; choose from {', '.join(QUESTION_TYPES)}")
-    return GENERATORS[qtype](scene, rng)
+    if qtype == "colour":
+        return colour(scene, rng, shuffle, colour_options)
+    return GENERATORS[qtype](scene, rng, shuffle)
 
 
 def answer_from_scene(question_type: str, question_text: str, scene: Scene, options: list[str]) -> str | None:

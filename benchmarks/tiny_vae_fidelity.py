@@ -1,0 +1,90 @@
+"""Can the tiny editor leave a target intact? Its fitted VAE against the integrity gate.
+
+    python benchmarks/tiny_vae_fidelity.py --z-dim 4 16 --steps 1500 --batch 32   # on a GPU
+    python benchmarks/tiny_vae_fidelity.py --tiny                                  # CPU smoke run
+
+An edit can pass the attacker's integrity gate (every target box's localized SSIM >= tau) only if
+the editor reproduces the unedited image closely: the VAE round trip is the ceiling of what any
+edit keeps. Per latent width: fits the tiny Qwen-Image VAE to world images (``vae_fit``, cached
+under ``$AOT_CACHE/tiny-vae`` as the editor does, so a later run with the same settings loads
+it), then on held-out questions of the preset's world reports the whole-image SSIM of the round
+trip, the mean and minimum target-box SSIM, and the fraction of questions whose every target box
+passes tau. Writes ``OUT/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import device, environment, parser, write_results  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = parser(__doc__.splitlines()[0])
+    ap.add_argument("--preset", default=None, help="the world's preset (default: evidence; with --tiny: synthetic)")
+    ap.add_argument("--z-dim", type=int, nargs="+", default=[4, 16], help="VAE latent channels to compare")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--scenes", type=int, default=512)
+    ap.add_argument("--questions", type=int, default=128, help="held-out questions scored")
+    ap.add_argument("--tau", type=float, nargs="+", default=[0.9], help="gates to report pass rates at")
+    ap.add_argument("--name", default="tiny_vae_fidelity")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.steps, args.scenes, args.batch, args.questions = 3, 8, 2, 4
+
+    import numpy as np
+
+    from metrics import localized_ssim, region_ssim
+    from models.editor import QwenImageEditor
+    from stages.config import load_config
+    from training.coevolution import heldout_config
+
+    cfg = load_config(args.preset or ("synthetic" if args.tiny else "evidence"))
+    res = cfg.source.resolution
+    dev = device()
+    from stages.source import scene_row
+    from storage import decode_image
+    from world import NoQuestion
+
+    hcfg = heldout_config(cfg)
+    rows, i = [], 0  # held-out questions: their target boxes are what the gate measures
+    while len(rows) < args.questions:
+        try:
+            row = scene_row(hcfg.source.seed, i, hcfg)
+            if row["target_boxes"]:  # "is there a ...? no" has no target: nothing to keep intact
+                rows.append(row)
+        except NoQuestion:
+            pass
+        i += 1
+    info = environment(resolution=res, tau=args.tau, steps=args.steps, batch=args.batch, scenes=args.scenes)
+    out = []
+    for z in args.z_dim:
+        t0 = time.perf_counter()
+        ed = QwenImageEditor.tiny(resolution=res, device=dev, z_dim=z,
+                                  vae_fit={"steps": args.steps, "scenes": args.scenes, "batch": args.batch})
+        fit_s = time.perf_counter() - t0
+        whole, boxes, worst = [], [], []
+        for r in rows:
+            clean = ed.resize(decode_image(r["image"]))
+            back = ed.decode(ed.latents_of([clean]), ed.condition([clean], ["x"]))[0]
+            whole.append(region_ssim(np.asarray(clean), np.asarray(back)))
+            s = [localized_ssim(clean, back, b) for b in r["target_boxes"]]
+            boxes += s
+            worst.append(min(s))
+        out.append({"z_dim": z, "fit_seconds": round(fit_s, 1), "image_ssim": float(np.mean(whole)),
+                    "box_ssim_mean": float(np.mean(boxes)), "box_ssim_min": float(np.min(boxes)),
+                    "pass_rate": {str(t): float(np.mean([w >= t for w in worst])) for t in args.tau}})
+        r = out[-1]
+        print(f"z {z:3d}: fit {r['fit_seconds']} s, image SSIM {r['image_ssim']:.3f}, target boxes mean "
+              f"{r['box_ssim_mean']:.3f} min {r['box_ssim_min']:.3f}, pass rate by tau {r['pass_rate']}", flush=True)
+        write_results(args.out, args.name, info, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
