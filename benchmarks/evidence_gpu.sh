@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue 8's whole GPU experiment on one card: the tiny VAE fitted once, then one process per seed
+# sharing the card (each its own store under WORK), then the merged table, curve and JSON in OUT.
+# Usage: benchmarks/evidence_gpu.sh OUT [WORK] [SECONDS_PER_SEED]; extra arguments for
+# aot_evidence.py go in EVIDENCE_ARGS (default: the colour world's attacks).
+set -u
+out=${1:?output folder}; work=${2:-/tmp/aot-evidence}; limit=${3:-540}
+mkdir -p "$out" "$work"
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} AOT_CACHE=${AOT_CACHE:-$work/cache}
+args=(${EVIDENCE_ARGS:---attacks implanter option-decoys --unseen option-decoys})
+t0=$(date +%s)
+# One VAE fit for every seed (the editor's cache key ignores its seed); the seeds start meanwhile
+# and reach the attacker after their data stages and warm-up, by when the fit is cached.
+python - > "$work/vae_fit.log" 2>&1 <<'PY' &
+import sys, time; sys.path.insert(0, ".")
+from stages.config import load_config
+from models.editor import load_editor
+t = time.perf_counter(); load_editor(load_config("evidence").attacker.model)
+print(f"tiny VAE fitted and cached in {time.perf_counter() - t:.0f} s")
+PY
+for s in 0 1 2; do
+  timeout "$limit" python benchmarks/aot_evidence.py --seeds $s --name aot_evidence_s$s --root "$work/s$s" \
+      --out "$work/out" "${args[@]}" > "$out/seed$s.log" 2>&1 &
+done
+wait
+tail -n 1 "$work/vae_fit.log"
+echo "seeds done after $(( $(date +%s) - t0 )) s"
+ls "$work"/out/aot_evidence_s*.json && cp "$work"/out/aot_evidence_s*.json "$out"/
+python benchmarks/aot_evidence.py --merge "$work"/out/aot_evidence_s*.json --out "$out"
+echo "total $(( $(date +%s) - t0 )) s"
