@@ -223,3 +223,8 @@ def test_tiny_vae_fit_makes_reconstruction_faithful_and_is_cached(tmp_path, monk
     for (n, a), (_, b) in zip(fitted.pipe.vae.state_dict().items(), again.pipe.vae.state_dict().items()):
         assert torch.equal(a, b), n
     assert not any(p.requires_grad for p in again.pipe.vae.parameters())  # frozen again for the attacker
+    # Editors of other seeds (the evidence experiment's arms) share the one fit.
+    other = QwenImageEditor.tiny(seed=3, resolution=32, vae_fit=fit)
+    assert len(list((tmp_path / "tiny-vae").iterdir())) == 1
+    for (n, a), (_, b) in zip(fitted.pipe.vae.state_dict().items(), other.pipe.vae.state_dict().items()):
+        assert torch.equal(a, b), n

@@ -152,3 +152,23 @@ def test_warmed_tiny_defender_is_trained_once_and_answers_in_format(tmp_path, mo
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
     for (n, a), (_, b) in zip(warm.model.state_dict().items(), again.model.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+def test_learning_rate_warmup_and_cosine_schedule(data):
+    """Linear warm-up to lr over lr_warmup_steps, then cosine to 10% of lr at the last step; the
+    optimizer runs at the scheduled rate and the metrics log it."""
+    import math
+
+    train, _ = data
+    cfg = DefenderTrainConfig(mode="sft", steps=12, batch_prompts=4, micro_batch=4, lr=1e-3, lr_warmup_steps=2,
+                              lr_schedule="cosine")
+    tr = DefenderTrainer(QwenVLPolicy.tiny(seed=0, spec=SPEC), train, cfg)
+    assert tr.lr_at(0) == pytest.approx(5e-4) and tr.lr_at(1) == pytest.approx(1e-3)
+    assert tr.lr_at(2) == pytest.approx(1e-3)  # cosine starts at the peak
+    assert tr.lr_at(7) == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * 0.5))))
+    assert tr.lr_at(12) == pytest.approx(1e-4)
+    rows = tr.train(steps=3)
+    assert [r["lr"] for r in rows] == pytest.approx([tr.lr_at(i) for i in range(3)])
+    assert tr.opt.param_groups[0]["lr"] == pytest.approx(tr.lr_at(2))
+    flat = DefenderTrainer(QwenVLPolicy.tiny(seed=0, spec=SPEC), train, DefenderTrainConfig(mode="sft", lr=3e-4))
+    assert {flat.lr_at(i) for i in (0, 50, 99)} == {3e-4}

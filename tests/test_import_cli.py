@@ -91,6 +91,16 @@ def test_overrides_and_config_errors():
         load_config("synthetic", {"models": {"judge": "gpt"}})
     with pytest.raises(ConfigError, match="no preset 'nope'"):
         load_config("nope")
+    # YAML 1.1 reads "1e-3" (no dot) as text: a float field still takes it; text stays an error
+    assert load_config("synthetic", ["defender.warmup.lr=1e-3"]).defender.warmup.lr == 0.001
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config("synthetic", ["defender.warmup.lr=fast"])
+    with pytest.raises(ConfigError, match="source.object_size"):
+        load_config("synthetic", ["source.object_size=[0.3, 0.2]"])
+    with pytest.raises(ConfigError, match="source.colour_options"):
+        load_config("synthetic", ["source.colour_options=7"])
+    with pytest.raises(ConfigError, match="defender.warmup.lr_schedule"):
+        load_config("synthetic", ["defender.warmup.lr_schedule=linear"])
 
 
 def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys):

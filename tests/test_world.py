@@ -112,3 +112,30 @@ def test_generated_questions_are_answerable_and_balanced():
 def test_unknown_question_type_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown question type"):
         make_question(generate_world(1), "color", np.random.default_rng(0))
+
+
+def test_fixed_option_order_and_colour_options():
+    """``shuffle=False``: options in the world's canonical order (never "correct first"), so with
+    all six colours a colour question's letter names the same colour every time."""
+    from world import COLOURS
+    from world.questions import RELATIONS
+
+    answers, shuffled_orders = set(), set()
+    for seed in range(40):
+        scene = generate_world(seed)
+        try:
+            q = make_question(scene, "colour", np.random.default_rng(seed), shuffle=False, colour_options=6)
+            r = make_question(scene, "relative_position", np.random.default_rng(seed), shuffle=False)
+            s = make_question(scene, "relative_position", np.random.default_rng(seed))
+        except NoQuestion:
+            continue
+        assert q.options == list(COLOURS) and r.options == list(RELATIONS)
+        colour = scene.find(q.target_ids[0]).colour
+        assert q.answer == "ABCDEF"[list(COLOURS).index(colour)]
+        assert answer_from_scene("colour", q.text, scene, q.options) == q.answer
+        answers.add(q.answer)
+        shuffled_orders.add(tuple(s.options))
+    assert len(answers) >= 3  # the answer is not one fixed letter
+    assert len(shuffled_orders) >= 3  # the default still shuffles
+    four = make_question(generate_world(3), "count", np.random.default_rng(0), shuffle=False)
+    assert four.options == sorted(four.options, key=int)
