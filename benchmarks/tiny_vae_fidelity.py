@@ -32,10 +32,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--scenes", type=int, default=512)
     ap.add_argument("--questions", type=int, default=128, help="held-out questions scored")
     ap.add_argument("--tau", type=float, nargs="+", default=[0.9], help="gates to report pass rates at")
+    ap.add_argument("--editor-steps", type=int, default=0,
+                    help="also fit the transformer (editor_fit) for this many steps and score its edits")
+    ap.add_argument("--editor-spec", default="{}", help="tiny transformer size as YAML, e.g. '{layers: 4, head_dim: 32}'")
     ap.add_argument("--name", default="tiny_vae_fidelity")
     args = ap.parse_args(argv)
     if args.tiny:
         args.steps, args.scenes, args.batch, args.questions = 3, 8, 2, 4
+        args.editor_steps = min(args.editor_steps, 2)
+    import yaml
+
+    spec = yaml.safe_load(args.editor_spec) or {}
 
     import numpy as np
 
@@ -65,9 +72,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = []
     for z in args.z_dim:
         t0 = time.perf_counter()
-        ed = QwenImageEditor.tiny(resolution=res, device=dev, z_dim=z,
+        editor_fit = {"steps": args.editor_steps, "scenes": args.scenes, "batch": args.batch} if args.editor_steps else None
+        ed = QwenImageEditor.tiny(resolution=res, device=dev, z_dim=z, **spec, editor_fit=editor_fit,
                                   vae_fit={"steps": args.steps, "scenes": args.scenes, "batch": args.batch})
-        fit_s = time.perf_counter() - t0
+        fit_s = time.perf_counter() - t0  # VAE and editor fits (cached: 0 on a rerun)
         whole, boxes, worst = [], [], []
         for r in rows:
             clean = ed.resize(decode_image(r["image"]))
@@ -79,9 +87,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
         out.append({"z_dim": z, "fit_seconds": round(fit_s, 1), "image_ssim": float(np.mean(whole)),
                     "box_ssim_mean": float(np.mean(boxes)), "box_ssim_min": float(np.min(boxes)),
                     "pass_rate": {str(t): float(np.mean([w >= t for w in worst])) for t in args.tau}})
+        if editor_fit:  # the fitted editor's own edits (a = 0), with the attacker's instruction
+            import torch
+
+            from rl.flow_sampler import sample
+            from training.attacker_stage import attack_instruction
+
+            worst = []
+            for k in range(0, len(rows), 32):
+                chunk = rows[k:k + 32]
+                cleans = [ed.resize(decode_image(r["image"])) for r in chunk]
+                cond = ed.condition(cleans, [attack_instruction(r["question"], r["target_names"]) for r in chunk])
+                x = sample(ed, cond, cfg.attacker.curriculum.sampling_steps, 0.0,
+                           generator=torch.Generator().manual_seed(k)).latents[-1]
+                for r, c, e in zip(chunk, cleans, ed.decode(x, cond)):
+                    worst.append(min(localized_ssim(c, e, b) for b in r["target_boxes"]))
+            out[-1]["edit_pass_rate"] = {str(t): float(np.mean([w >= t for w in worst])) for t in args.tau}
+            out[-1]["edit_box_ssim_min_mean"] = float(np.mean(worst))
         r = out[-1]
         print(f"z {z:3d}: fit {r['fit_seconds']} s, image SSIM {r['image_ssim']:.3f}, target boxes mean "
-              f"{r['box_ssim_mean']:.3f} min {r['box_ssim_min']:.3f}, pass rate by tau {r['pass_rate']}", flush=True)
+              f"{r['box_ssim_mean']:.3f} min {r['box_ssim_min']:.3f}, pass rate by tau {r['pass_rate']}; edits: "
+              f"{r.get('edit_pass_rate')}", flush=True)
         write_results(args.out, args.name, info, out)
     return out
 

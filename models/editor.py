@@ -69,6 +69,41 @@ def edit_size(width: int, height: int, resolution: int, multiple: int) -> tuple[
     return int(w), int(h)
 
 
+def world_edit_pairs(n: int, resolution: int, seed: int = 0) -> list[tuple[Image.Image, Image.Image, str]]:
+    """(clean, edited, instruction) for ``n`` synthetic scenes: one object of a random colour and
+    category drawn into a free place (1 px from every object), with the attacker's instruction for
+    a question about the scene — naming the object half of the time, as cold-start pairs do, and
+    not naming it otherwise, as fresh items to attack do."""
+    import numpy as np
+
+    from training.attacker_stage import attack_instruction
+    from world import CATEGORIES, COLOURS, NoQuestion, WorldConfig, draw_object_into, generate_world, make_question, render
+
+    rng, out, i = np.random.default_rng(seed), [], 0
+    while len(out) < n:
+        i += 1
+        scene = generate_world(30_000_000 + seed * 100_003 + i, WorldConfig(resolution=resolution))
+        try:
+            q = make_question(scene, str(rng.choice(["relative_position", "colour"])), rng)
+        except NoQuestion:
+            continue
+        clean = render(scene)
+        boxes = [scene.image_box(o) for o in scene.visible(1e-9)]
+        side = float(np.median([b[2] - b[0] for b in boxes])) if boxes else 0.15 * resolution
+        for _ in range(20):
+            x0, y0 = rng.uniform(0, resolution - side, size=2)
+            box = [x0, y0, x0 + side, y0 + side]
+            if all(box[2] + 1 <= b[0] or b[2] + 1 <= box[0] or box[3] + 1 <= b[1] or b[3] + 1 <= box[1] for b in boxes):
+                break
+        else:
+            continue
+        colour, category = str(rng.choice(list(COLOURS))), str(rng.choice(CATEGORIES))
+        edited, _ = draw_object_into(clean, box, category, colour)
+        named = f"a {colour} {category}" if rng.random() < 0.5 else None
+        out.append((clean, edited, attack_instruction(q.text, q.target_names, named)))
+    return out
+
+
 VAE_FIT_REVISION = 2  # part of the tiny VAE cache key: bump when the fitting procedure or its images change
 
 
@@ -162,22 +197,58 @@ class FlowEditor:
         vae.requires_grad_(False).eval()
         return losses
 
+    def fit_editor(self, pairs: list[tuple[Image.Image, Image.Image, str]], steps: int, batch: int = 16,
+                   lr: float = 1e-3, seed: int = 0) -> list[float]:
+        """Train the whole transformer by flow matching on (clean, edited, instruction) pairs of one
+        size: x_s = (1 - s) x0 + s eps, target v = eps - x0. For the tiny editors only: what a real
+        checkpoint's pretraining gives (copy the condition image, add what is described); a random
+        transformer's edits share nothing with their input, so none could pass the integrity gate."""
+        tr = self.transformer
+        tr.requires_grad_(True).train()
+        opt = torch.optim.AdamW(tr.parameters(), lr=lr)
+        gen, losses = torch.Generator().manual_seed(seed), []
+        for _ in range(steps):
+            idx = torch.randint(len(pairs), (batch,), generator=gen).tolist()
+            cond = self.condition([pairs[i][0] for i in idx], [pairs[i][2] for i in idx])
+            with torch.no_grad():
+                x0 = self.latents_of([self.resize(pairs[i][1]) for i in idx])
+            eps = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+            s = torch.rand(batch, 1, 1, generator=gen).to(x0.device, x0.dtype)
+            v = self.velocity((1 - s) * x0 + s * eps, s.flatten() * 1000, cond, guidance=False)
+            loss = torch.nn.functional.mse_loss(v.float(), (eps - x0).float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+        tr.requires_grad_(False).eval()
+        return losses
+
     def fit_autoencoder_cached(self, key: dict, images: Callable[[], list[Image.Image]], **fit) -> Path:
         """``fit_autoencoder`` once per ``key`` (spec + fit settings); the VAE's weights are cached
         as safetensors under ``$AOT_CACHE/tiny-vae`` and later builds load them."""
+        return self._fit_cached("tiny-vae", self.pipe.vae, {**key, **fit}, lambda: self.fit_autoencoder(images(), **fit))
+
+    def fit_editor_cached(self, key: dict, pairs: Callable[[], list], **fit) -> Path:
+        """``fit_editor`` once per ``key``, cached under ``$AOT_CACHE/tiny-editor``."""
+        return self._fit_cached("tiny-editor", self.transformer, {**key, **fit}, lambda: self.fit_editor(pairs(), **fit))
+
+    def _fit_cached(self, kind: str, module: torch.nn.Module, key: dict, fit: Callable[[], object]) -> Path:
+        """Run ``fit`` (which trains ``module``) once per ``key``; its weights are cached as
+        safetensors under ``$AOT_CACHE/<kind>`` and later builds load them."""
         from safetensors.torch import load_file, save_file
 
         from models.cache import cache_root
         from storage import content_hash
 
-        path = cache_root() / "tiny-vae" / f"{content_hash({**key, **fit})}.safetensors"
+        path = cache_root() / kind / f"{content_hash(key)}.safetensors"
         if not path.exists():
-            self.fit_autoencoder(images(), **fit)
+            fit()
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.pipe.vae.state_dict().items()}, str(tmp))
+            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp))
             os.replace(tmp, path)  # atomic: a concurrent builder that finished first simply wins
-        self.pipe.vae.load_state_dict(load_file(str(path), device=str(self.device)))
+        module.load_state_dict(load_file(str(path), device=str(self.device)))
         return path
 
     # ------------------------------------------------------------------ sizes and conditions
@@ -326,10 +397,14 @@ class QwenImageEditor(FlowEditor):
 
     @classmethod
     def tiny(cls, seed: int = 0, resolution: int = 64, cfg_scale: float = 1.0, device: str = "cpu",
-             vae_fit: dict | None = None, **kw) -> "QwenImageEditor":
+             vae_fit: dict | None = None, editor_fit: dict | None = None, **kw) -> "QwenImageEditor":
         """``vae_fit`` ({steps, scenes, batch, lr, seed}): fit the random VAE to synthetic-world
-        images first (cached), so that an edit can leave the rest of the image intact."""
+        images first (cached), so that an edit can leave the rest of the image intact.
+        ``editor_fit`` (same keys; after ``vae_fit``): then train the transformer on world edits —
+        an object drawn into a free place of a scene, with the attacker's instruction — so that it
+        copies its input and adds objects (cached; the attacker's LoRA trains on top)."""
         editor = cls(build_tiny_qwen_image_edit(seed, **kw), resolution=resolution, cfg_scale=cfg_scale, device=device)
+        vae_key = None
         if vae_fit:
             from world import WorldConfig, generate_world, render
 
@@ -341,11 +416,20 @@ class QwenImageEditor(FlowEditor):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(fit["seed"])
                 editor.pipe.vae = type(vae).from_config(vae.config).to(editor.device).requires_grad_(False).eval()
+            vae_key = {"resolution": resolution, "z_dim": kw.get("z_dim", 4), "scenes": n, "revision": VAE_FIT_REVISION,
+                       **fit}  # the VAE depends only on its latent width (not the transformer's size)
             editor.fit_autoencoder_cached(
-                # The VAE depends only on its latent width (not the transformer's size).
-                {"resolution": resolution, "z_dim": kw.get("z_dim", 4), "scenes": n, "revision": VAE_FIT_REVISION},
-                lambda: [render(generate_world(10_000_000 + i, WorldConfig(resolution=resolution))) for i in range(n)],
-                **fit)
+                vae_key, lambda: [render(generate_world(10_000_000 + i, WorldConfig(resolution=resolution)))
+                                  for i in range(n)], **fit)
+        if editor_fit:
+            fit = {"steps": 500, "scenes": 512, "batch": 16, "lr": 1e-3, "seed": 0, **editor_fit}
+            n = fit.pop("scenes")
+            with torch.random.fork_rng(devices=[]):  # like the VAE: one fit for editors of every seed
+                torch.manual_seed(fit["seed"])
+                editor.pipe.transformer.load_state_dict(build_tiny_qwen_image_edit(fit["seed"], **kw).transformer.state_dict())
+            editor.fit_editor_cached({"resolution": resolution, "tiny": kw, "vae": vae_key, "scenes": n,
+                                      "revision": VAE_FIT_REVISION},
+                                     lambda: world_edit_pairs(n, resolution, fit["seed"]), **fit)
         return editor
 
     @classmethod
