@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from stages.config import load_config
     from storage import ShardStore
-    from training.evidence import EvidenceConfig, run_evidence
+    from training.evidence import EvidenceConfig, resolve_attacks, run_evidence
 
     preset = args.preset or ("synthetic" if args.tiny else "evidence")
     overrides = (TOY if args.tiny else []) + args.overrides
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key in ("seeds", "attacks", "unseen"):
         if getattr(args, key) is not None:
             setattr(ecfg, key, getattr(args, key))
+    ecfg = resolve_attacks(ecfg, cfg)  # the world's held-out families, stored with each seed for --merge
     root = args.root or ("./aot-evidence-tiny" if args.tiny else "./aot-evidence")
     name = args.name or ("aot_evidence_tiny" if args.tiny else "aot_evidence")
     info = environment(preset=preset, overrides=overrides, root=root)

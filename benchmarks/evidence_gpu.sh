@@ -2,12 +2,12 @@
 # Issue 8's whole GPU experiment on one card: the tiny VAE fitted once, then one process per seed
 # sharing the card (each its own store under WORK), then the merged table, curve and JSON in OUT.
 # Usage: benchmarks/evidence_gpu.sh OUT [WORK] [SECONDS_PER_SEED]; extra arguments for
-# aot_evidence.py go in EVIDENCE_ARGS (default: the colour world's attacks).
+# aot_evidence.py go in EVIDENCE_ARGS (e.g. "--set defender.warmup.steps=800").
 set -u
 out=${1:?output folder}; work=${2:-/tmp/aot-evidence}; limit=${3:-540}
 mkdir -p "$out" "$work"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} AOT_CACHE=${AOT_CACHE:-$work/cache}
-args=(${EVIDENCE_ARGS:---attacks implanter option-decoys --unseen option-decoys})
+args=(${EVIDENCE_ARGS:-})
 t0=$(date +%s)
 # One VAE fit for every seed (the editor's cache key ignores its seed); the seeds start meanwhile
 # and reach the attacker after their data stages and warm-up, by when the fit is cached.

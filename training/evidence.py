@@ -33,9 +33,24 @@ ARMS = ("base", "clean-only", "aot")
 class EvidenceConfig:
     seeds: list = documented([0, 1, 2], "Training seeds per arm (issue 8: at least 3); the data and held-out scenes are "
                                         "shared, the seed sets every model's init, data order and sampling.")
-    attacks: list = documented(["implanter", "swap-pair"], "Defender-agnostic attacks on the held-out scenes, by "
-                                                           "registered name (evaluation/attacks.py).")
-    unseen: list = documented(["swap-pair"], "Which of ``attacks`` no training arm ever uses (reported as 'unseen').")
+    attacks: list = documented([], "Defender-agnostic attacks on the held-out scenes, by registered name "
+                                   "(evaluation/attacks.py); empty: the implanter plus the held-out family of each "
+                                   "question type the world asks (UNSEEN_FAMILY).")
+    unseen: list = documented([], "Which of ``attacks`` no training arm ever uses (reported as 'unseen'); empty: "
+                                  "the held-out families chosen with ``attacks``.")
+
+
+# The attack family no training arm uses, per question type: swap-pair mirrors a relation's targets'
+# attributes; option-decoys paints a colour question's wrong options beside its target.
+UNSEEN_FAMILY = {"relative_position": "swap-pair", "colour": "option-decoys"}
+
+
+def resolve_attacks(ecfg: EvidenceConfig, cfg: PipelineConfig) -> EvidenceConfig:
+    """``ecfg`` with its attack lists filled in for the world of ``cfg`` where they are empty."""
+    if ecfg.attacks:
+        return ecfg
+    unseen = [UNSEEN_FAMILY[q] for q in cfg.source.question_types if q in UNSEEN_FAMILY]
+    return dataclasses.replace(ecfg, attacks=["implanter", *unseen], unseen=ecfg.unseen or unseen)
 
 
 def seeded(cfg: PipelineConfig, seed: int) -> PipelineConfig:
@@ -123,7 +138,7 @@ def goals(summary: list[dict], curve: list[dict], ecfg: EvidenceConfig) -> dict:
 def run_evidence(store: ShardStore, cfg: PipelineConfig, ecfg: EvidenceConfig | None = None,
                  say: Callable[[str], None] = print, on_seed: Callable[[dict], None] | None = None) -> dict:
     """Every seed (``on_seed`` gets each one's rows as it finishes), then ``combine``."""
-    ecfg = ecfg or EvidenceConfig()
+    ecfg = resolve_attacks(ecfg or EvidenceConfig(), cfg)
     unknown = [u for u in ecfg.unseen if u not in ecfg.attacks]
     if unknown:
         raise ValueError(f"evidence.unseen names {unknown}, which are not in evidence.attacks {ecfg.attacks}")
