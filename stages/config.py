@@ -241,6 +241,9 @@ class PipelineConfig:
                    f"defender.{name}", "needs mode sft|dapo, steps >= 0, batch_prompts >= 1, lr > 0")
             _check(t.lr_schedule in ("constant", "cosine") and t.lr_warmup_steps >= 0, f"defender.{name}.lr_schedule",
                    "needs lr_schedule constant|cosine and lr_warmup_steps >= 0")
+            _check(0 <= t.target_accuracy <= 1 and t.eval_every >= 1 and t.eval_examples >= 1,
+                   f"defender.{name}.target_accuracy", "needs 0 <= target_accuracy <= 1, eval_every >= 1, "
+                   "eval_examples >= 1")
             try:
                 t.dapo.validate()
             except ValueError as exc:

@@ -20,6 +20,11 @@ class DefenderTrainConfig:
                                       "RL runs use a constant rate). A defender trained from scratch needs one.")
     lr_schedule: str = documented("constant", "'constant', or 'cosine': decay to 10% of lr at the last step (the "
                                   "usual schedule for training transformers from scratch, e.g. nanoGPT).")
+    target_accuracy: float = documented(0.0, "SFT only: stop once greedy accuracy on ``eval_examples`` examples held "
+                                        "back from training reaches this; ``steps`` is then the cap (0: run every "
+                                        "step). Issue 8: warm up 'until clean accuracy is well above chance'.")
+    eval_every: int = documented(100, "Steps between those accuracy checks (with target_accuracy).")
+    eval_examples: int = documented(256, "Examples held back for those checks, never trained on (with target_accuracy).")
     grad_clip: float = documented(1.0, "Max global gradient norm. AOT: 1.0.")
     temperature: float = documented(1.0, "Sampling temperature of rollouts. AOT: 1.0.")
     max_new_tokens: int = documented(8, "Response length cap. AOT: 4096; the tiny defender answers in 2 tokens.")

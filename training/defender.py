@@ -82,6 +82,12 @@ class DefenderTrainer:
         if not examples:
             raise ValueError("no training examples: the dataset version is empty")
         self.policy, self.examples, self.cfg = policy, examples, cfg
+        self.held_back: list[Example] = []
+        if cfg.mode == "sft" and cfg.target_accuracy > 0:
+            if len(examples) < 2 * cfg.eval_examples:
+                raise ValueError(f"target_accuracy holds back eval_examples={cfg.eval_examples} of {len(examples)} "
+                                 "examples: give at least twice as many examples or lower eval_examples")
+            self.examples, self.held_back = examples[:-cfg.eval_examples], examples[-cfg.eval_examples:]
         cfg.dapo.validate()
         if cfg.lora_rank > 0:
             from peft import LoraConfig, get_peft_model
@@ -97,13 +103,16 @@ class DefenderTrainer:
                              f"defender.*.batch_prompts to a multiple of {self.world}")
         self.opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
+        self.reached = False  # target_accuracy met: training is done before ``steps``
         self.metrics: list[dict] = []
-        self.stream = DataStream(len(examples), cfg.seed)
+        self.stream = DataStream(len(self.examples), cfg.seed)
         if resume_from is not None:
             state = load_trainer_state(resume_from, self.opt)
             self.step = state["step"]
             self.metrics = state["metrics"]
-            self.stream = DataStream(len(examples), cfg.seed, **state["data_position"])
+            self.stream = DataStream(len(self.examples), cfg.seed, **state["data_position"])
+            last = self.metrics[-1] if self.metrics else {}
+            self.reached = bool(self.held_back) and last.get("heldback_accuracy", -1.0) >= cfg.target_accuracy
 
     # ------------------------------------------------------------------ SFT
     def sft_step(self) -> dict:
@@ -237,7 +246,7 @@ class DefenderTrainer:
     def train(self, out_dir: str | Path | None = None, steps: int | None = None,
               on_step: Callable[[dict], None] | None = None) -> list[dict]:
         until = self.cfg.steps if steps is None else min(self.cfg.steps, self.step + steps)
-        while self.step < until:
+        while self.step < until and not self.reached:
             t0 = time.perf_counter()
             lr = self.lr_at(self.step)
             for group in self.opt.param_groups:
@@ -245,11 +254,19 @@ class DefenderTrainer:
             row = self.sft_step() if self.cfg.mode == "sft" else self.dapo_step()
             self.step += 1
             row = {"step": self.step, "lr": lr, "seconds": time.perf_counter() - t0, **row}
+            reached = False
+            if self.held_back and (self.step % self.cfg.eval_every == 0 or self.step == until):
+                answers = answer_items(self.policy, self.held_back)
+                row["heldback_accuracy"] = sum(a["correct"] for a in answers) / len(answers)
+                reached = row["heldback_accuracy"] >= self.cfg.target_accuracy
             self.metrics.append(row)
             if on_step:
                 on_step(row)
             if out_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save(Path(out_dir) / f"step-{self.step:06d}")
+            if reached:
+                self.reached = True
+                break
         if out_dir:
             self.save(out_dir)
         return self.metrics

@@ -141,14 +141,17 @@ def train_defender_version(store: ShardStore, cfg: PipelineConfig, data_version:
         final = trainer.save(os.path.join(tmp, "final"))
         metrics = pl.DataFrame(trainer.metrics) if trainer.metrics else pl.DataFrame({"step": []})
         plot_metrics(trainer.metrics, os.path.join(final, "metrics.png"),
-                     ["loss"] if mode == "sft" else ["reward", "accuracy", "kept_group_fraction", "entropy"])
+                     (["loss"] + (["heldback_accuracy"] if trainer.held_back else [])) if mode == "sft"
+                     else ["reward", "accuracy", "kept_group_fraction", "entropy"])
         files = store.put_folder(data.dataset, "defender", version, str(final))
         rec = store.write_shard(data.dataset, "defender", version, 0, content_hash(parents), len(examples), metrics,
                                 pl.DataFrame(schema={"id": pl.String, "reason": pl.String}))
         last = trainer.metrics[-1] if trainer.metrics else {}
         m = store.commit(data.dataset, "defender", version, [rec], config=ident["config"], parents=parents,
                          code_version=code_version(), files=files,
-                         extra={"mode": mode, "steps": trainer.step, "examples": len(examples), "ranks": trainer.world,
+                         extra={"mode": mode, "steps": trainer.step, "examples": len(trainer.examples),
+                                "held_back": len(trainer.held_back), "target_reached": trainer.reached,
+                                "ranks": trainer.world,
                                 "final": {k: v for k, v in last.items() if isinstance(v, (int, float))}})
     barrier()
     return m, True
