@@ -26,6 +26,8 @@ from benchmarks.common import device, environment, parser, write_results  # noqa
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = parser(__doc__.splitlines()[0])
     ap.add_argument("--preset", default=None, help="the world's preset (default: evidence; with --tiny: synthetic)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override of the world, e.g. source.resolution=32")
     ap.add_argument("--z-dim", type=int, nargs="+", default=[4, 16], help="VAE latent channels to compare")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=32)
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from stages.config import load_config
     from training.coevolution import heldout_config
 
-    cfg = load_config(args.preset or ("synthetic" if args.tiny else "evidence"))
+    cfg = load_config(args.preset or ("synthetic" if args.tiny else "evidence"), args.overrides)
     res = cfg.source.resolution
     dev = device()
     from stages.source import scene_row
@@ -72,9 +74,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = []
     for z in args.z_dim:
         t0 = time.perf_counter()
+        vae_fit = {"steps": args.steps, "scenes": args.scenes, "batch": args.batch}
+        if args.editor_steps:  # the VAE alone first (then cached), so a long run shows where it is
+            QwenImageEditor.tiny(resolution=res, device=dev, z_dim=z, **spec, vae_fit=vae_fit)
+            print(f"z {z:3d}: VAE fitted in {time.perf_counter() - t0:.0f} s", flush=True)
         editor_fit = {"steps": args.editor_steps, "scenes": args.scenes, "batch": args.batch} if args.editor_steps else None
         ed = QwenImageEditor.tiny(resolution=res, device=dev, z_dim=z, **spec, editor_fit=editor_fit,
-                                  vae_fit={"steps": args.steps, "scenes": args.scenes, "batch": args.batch})
+                                  vae_fit=vae_fit)
         fit_s = time.perf_counter() - t0  # VAE and editor fits (cached: 0 on a rerun)
         whole, boxes, worst = [], [], []
         for r in rows:
