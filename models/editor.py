@@ -110,9 +110,8 @@ VAE_FIT_REVISION = 2  # part of the tiny VAE cache key: bump when the fitting pr
 def build_tiny_qwen_image_edit(seed: int = 0, layers: int = 2, heads: int = 4, head_dim: int = 16, z_dim: int = 4):
     """QwenImageEditPipeline from small random components; tokenizer and processor built locally.
 
-    ``z_dim``: latent channels of the VAE (stride 4). 4 keeps the default run small; 16 (the real
-    Qwen-Image VAE's) lets a fitted VAE reproduce a 64 px world image closely enough for the
-    integrity gate (RESULTS.md, evidence experiment)."""
+    ``z_dim``: latent channels of the VAE (stride 4; the real Qwen-Image VAE has 16). Fitted for
+    2000 steps at 64 px, 16 reproduced world images no better than 4 (RESULTS.md), so 4 stays."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, \
         QwenImageTransformer2DModel
 
@@ -424,9 +423,15 @@ class QwenImageEditor(FlowEditor):
         if editor_fit:
             fit = {"steps": 500, "scenes": 512, "batch": 16, "lr": 1e-3, "seed": 0, **editor_fit}
             n = fit.pop("scenes")
-            with torch.random.fork_rng(devices=[]):  # like the VAE: one fit for editors of every seed
-                torch.manual_seed(fit["seed"])
-                editor.pipe.transformer.load_state_dict(build_tiny_qwen_image_edit(fit["seed"], **kw).transformer.state_dict())
+            # Like the VAE: one fit for editors of every seed. The transformer learns to read the
+            # text encoder's embeddings and the VAE's latents, so they come from the fit's seed too
+            # (a fitted VAE already does); the editor's seed still sets LoRA init and sampling noise.
+            with torch.random.fork_rng(devices=[]):
+                fresh = build_tiny_qwen_image_edit(fit["seed"], **kw)
+            editor.transformer.load_state_dict(fresh.transformer.state_dict())
+            editor.pipe.text_encoder.load_state_dict(fresh.text_encoder.state_dict())
+            if not vae_fit:
+                editor.pipe.vae.load_state_dict(fresh.vae.state_dict())
             editor.fit_editor_cached({"resolution": resolution, "tiny": kw, "vae": vae_key, "scenes": n,
                                       "revision": VAE_FIT_REVISION},
                                      lambda: world_edit_pairs(n, resolution, fit["seed"]), **fit)

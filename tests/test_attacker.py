@@ -256,6 +256,9 @@ def test_tiny_editor_fit_learns_to_copy_its_input_and_is_cached(tmp_path, monkey
     (cached,) = (tmp_path / "tiny-editor").iterdir()
     other = QwenImageEditor.tiny(seed=5, resolution=32, editor_fit=fit)
     assert len(list((tmp_path / "tiny-editor").iterdir())) == 1
-    for (n, a), (_, b) in zip(fitted.transformer.state_dict().items(), other.transformer.state_dict().items()):
-        assert torch.equal(a, b), n
+    for part in ("transformer", "text_encoder"):  # the fitted transformer reads this text encoder's embeddings
+        for (n, a), (_, b) in zip(getattr(fitted.pipe, part).state_dict().items(),
+                                  getattr(other.pipe, part).state_dict().items()):
+            assert torch.equal(a, b), (part, n)
     assert not any(p.requires_grad for p in other.transformer.parameters())
+    assert distance(other) == pytest.approx(after)  # the same editor, whoever fitted it
