@@ -30,16 +30,15 @@ def colour_examples(n: int, seed: int, resolution: int = 64) -> list[Example]:
     return out
 
 
-def world_examples(n: int, seed: int, cfg=None, start: int = 0) -> list[Example]:
+def world_examples(n: int, seed: int, cfg=None) -> list[Example]:
     """``n`` questions of a synthetic world (``cfg.source``: question mix, resolution, objects;
-    default: the default world) under ``seed``, scene indices from ``start`` on: the source
-    stage's own rows, as training examples."""
+    default: the default world) under ``seed``: the source stage's own rows, as training examples."""
     from stages.config import PipelineConfig
     from stages.source import scene_row
     from storage import decode_image
     from world import NoQuestion
 
-    cfg, out, i = cfg or PipelineConfig(), [], start
+    cfg, out, i = cfg or PipelineConfig(), [], 0
     while len(out) < n:
         try:
             row = scene_row(seed, i, cfg)
