@@ -41,7 +41,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from models.qwen_vl import load_policy
     from stages.config import load_config
     from training.coevolution import heldout_config, warmup_config
-    from training.config import DefenderTrainConfig
     from training.defender import DefenderTrainer, answer_items
     from training.toy import world_examples
 
@@ -56,8 +55,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     say(f"{len(train)} training and {len(test)} held-out scenes, chance {chance:.3f}")
     policy = load_policy(cfg.defender.model)
     params = sum(p.numel() for p in policy.model.parameters())
-    wcfg = dataclasses.replace(cfg.defender.warmup, mode="sft")
-    trainer = DefenderTrainer(policy, train, DefenderTrainConfig(**dataclasses.asdict(wcfg) | {"dapo": wcfg.dapo}))
+    # The whole curve: no early stop at the preset's target_accuracy (the held-out set is scored here).
+    wcfg = dataclasses.replace(cfg.defender.warmup, mode="sft", target_accuracy=0.0)
+    trainer = DefenderTrainer(policy, train, wcfg)
     info = environment(preset=preset, overrides=overrides, parameters=params, chance=chance,
                        model=cfg.defender.model, warmup=dataclasses.asdict(wcfg), source=dataclasses.asdict(cfg.source))
     rows: list[dict] = []
