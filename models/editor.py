@@ -402,7 +402,12 @@ class QwenImageEditor(FlowEditor):
         ``editor_fit`` (same keys; after ``vae_fit``): then train the transformer on world edits —
         an object drawn into a free place of a scene, with the attacker's instruction — so that it
         copies its input and adds objects (cached; the attacker's LoRA trains on top)."""
-        editor = cls(build_tiny_qwen_image_edit(seed, **kw), resolution=resolution, cfg_scale=cfg_scale, device=device)
+        # With editor_fit every part comes from the fit's seed: one fitted editor for every seed (the
+        # transformer learns to read that text encoder's embeddings and that VAE's latents); the
+        # attacker's seed still sets its LoRA's init and the sampling noise.
+        base_seed = editor_fit.get("seed", 0) if editor_fit else seed
+        editor = cls(build_tiny_qwen_image_edit(base_seed, **kw), resolution=resolution, cfg_scale=cfg_scale,
+                     device=device)
         vae_key = None
         if vae_fit:
             from world import WorldConfig, generate_world, render
@@ -423,15 +428,6 @@ class QwenImageEditor(FlowEditor):
         if editor_fit:
             fit = {"steps": 500, "scenes": 512, "batch": 16, "lr": 1e-3, "seed": 0, **editor_fit}
             n = fit.pop("scenes")
-            # Like the VAE: one fit for editors of every seed. The transformer learns to read the
-            # text encoder's embeddings and the VAE's latents, so they come from the fit's seed too
-            # (a fitted VAE already does); the editor's seed still sets LoRA init and sampling noise.
-            with torch.random.fork_rng(devices=[]):
-                fresh = build_tiny_qwen_image_edit(fit["seed"], **kw)
-            editor.transformer.load_state_dict(fresh.transformer.state_dict())
-            editor.pipe.text_encoder.load_state_dict(fresh.text_encoder.state_dict())
-            if not vae_fit:
-                editor.pipe.vae.load_state_dict(fresh.vae.state_dict())
             editor.fit_editor_cached({"resolution": resolution, "tiny": kw, "vae": vae_key, "scenes": n,
                                       "revision": VAE_FIT_REVISION},
                                      lambda: world_edit_pairs(n, resolution, fit["seed"]), **fit)
