@@ -242,11 +242,19 @@ class FlowEditor:
 
         path = cache_root() / kind / f"{content_hash(key)}.safetensors"
         if not path.exists():
-            fit()
+            import fcntl
+
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp))
-            os.replace(tmp, path)  # atomic: a concurrent builder that finished first simply wins
+            # One fitter per key: other processes (the evidence run's seeds) wait here and then load
+            # its result instead of fitting the same thing on a shared card. The OS drops the lock
+            # if the fitter dies, so a crash never leaves the others waiting.
+            with open(path.with_suffix(".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not path.exists():
+                    fit()
+                    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp))
+                    os.replace(tmp, path)  # atomic: a reader never sees half a file
         module.load_state_dict(load_file(str(path), device=str(self.device)))
         return path
 

@@ -216,7 +216,7 @@ def test_tiny_vae_fit_makes_reconstruction_faithful_and_is_cached(tmp_path, monk
     fitted = QwenImageEditor.tiny(resolution=32, vae_fit=fit)
     after = fidelity(fitted)
     assert after >= before + 0.15, (before, after)
-    (cached,) = (tmp_path / "tiny-vae").iterdir()
+    (cached,) = (tmp_path / "tiny-vae").glob("*.safetensors")
     stamp = cached.stat().st_mtime_ns
     again = QwenImageEditor.tiny(resolution=32, vae_fit=fit)
     assert cached.stat().st_mtime_ns == stamp
@@ -225,7 +225,7 @@ def test_tiny_vae_fit_makes_reconstruction_faithful_and_is_cached(tmp_path, monk
     assert not any(p.requires_grad for p in again.pipe.vae.parameters())  # frozen again for the attacker
     # Editors of other seeds (the evidence experiment's arms) share the one fit.
     other = QwenImageEditor.tiny(seed=3, resolution=32, vae_fit=fit)
-    assert len(list((tmp_path / "tiny-vae").iterdir())) == 1
+    assert len(list((tmp_path / "tiny-vae").glob("*.safetensors"))) == 1
     for (n, a), (_, b) in zip(fitted.pipe.vae.state_dict().items(), other.pipe.vae.state_dict().items()):
         assert torch.equal(a, b), n
 
@@ -253,12 +253,43 @@ def test_tiny_editor_fit_learns_to_copy_its_input_and_is_cached(tmp_path, monkey
     fitted = QwenImageEditor.tiny(resolution=32, editor_fit=fit)
     after = distance(fitted)
     assert after < before / 10, (before, after)
-    (cached,) = (tmp_path / "tiny-editor").iterdir()
+    (cached,) = (tmp_path / "tiny-editor").glob("*.safetensors")
     other = QwenImageEditor.tiny(seed=5, resolution=32, editor_fit=fit)
-    assert len(list((tmp_path / "tiny-editor").iterdir())) == 1
+    assert len(list((tmp_path / "tiny-editor").glob("*.safetensors"))) == 1
     for part in ("transformer", "text_encoder"):  # the fitted transformer reads this text encoder's embeddings
         for (n, a), (_, b) in zip(getattr(fitted.pipe, part).state_dict().items(),
                                   getattr(other.pipe, part).state_dict().items()):
             assert torch.equal(a, b), (part, n)
     assert not any(p.requires_grad for p in other.transformer.parameters())
     assert distance(other) == pytest.approx(after)  # the same editor, whoever fitted it
+
+
+def test_concurrent_builders_fit_once_and_load_the_same_weights(tmp_path, monkeypatch):
+    """Two builders of one cached fit at the same time (the evidence run's seed processes): one
+    fits, the other waits on the lock and loads the result."""
+    import threading
+    import time
+
+    from models.editor import QwenImageEditor
+
+    monkeypatch.setenv("AOT_CACHE", str(tmp_path))
+    editors = [QwenImageEditor.tiny(resolution=32, seed=s) for s in (0, 1)]
+    calls = []
+
+    def fit_for(ed):
+        def fit():
+            calls.append(ed)
+            time.sleep(0.5)  # long enough for the other builder to arrive while this one fits
+            for p in ed.pipe.vae.parameters():
+                p.data.fill_(0.25)
+        return fit
+
+    threads = [threading.Thread(target=ed._fit_cached, args=("tiny-vae", ed.pipe.vae, {"k": 1}, fit_for(ed)))
+               for ed in editors]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    for ed in editors:
+        assert all(torch.all(p == 0.25) for p in ed.pipe.vae.parameters())
