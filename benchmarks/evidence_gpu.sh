@@ -9,8 +9,8 @@ mkdir -p "$out" "$work"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} AOT_CACHE=${AOT_CACHE:-$work/cache}
 args=(${EVIDENCE_ARGS:-})
 t0=$(date +%s)
-# One VAE fit for every seed (the editor's cache key ignores its seed); the seeds start meanwhile
-# and reach the attacker after their data stages and warm-up, by when the fit is cached.
+# One VAE and editor fit for every seed (their cache keys ignore the seed); the seeds start
+# meanwhile, and one that reaches its attacker first waits on the fit's lock, then loads it.
 python - > "$work/vae_fit.log" 2>&1 <<'PY' &
 import sys, time; sys.path.insert(0, ".")
 from stages.config import load_config
