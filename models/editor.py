@@ -237,19 +237,12 @@ class FlowEditor:
         safetensors under ``$AOT_CACHE/<kind>`` and later builds load them."""
         from safetensors.torch import load_file, save_file
 
-        from models.cache import cache_root
+        from models.cache import build_lock, cache_root
         from storage import content_hash
 
         path = cache_root() / kind / f"{content_hash(key)}.safetensors"
         if not path.exists():
-            import fcntl
-
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # One fitter per key: other processes (the evidence run's seeds) wait here and then load
-            # its result instead of fitting the same thing on a shared card. The OS drops the lock
-            # if the fitter dies, so a crash never leaves the others waiting.
-            with open(path.with_suffix(".lock"), "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            with build_lock(path):  # one fitter per key; others wait, then load its result
                 if not path.exists():
                     fit()
                     tmp = path.with_suffix(f".{os.getpid()}.tmp")

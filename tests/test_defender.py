@@ -144,7 +144,7 @@ def test_warmed_tiny_defender_is_trained_once_and_answers_in_format(tmp_path, mo
     assert evaluate(load_policy(spec), test)["unparsed"] == 1.0
     warm = load("defender", {**spec, "warmup": {"steps": 20, "scenes": 64}})
     assert evaluate(warm, test)["strict_format"] == 1.0
-    (folder,) = (tmp_path / "warm-defenders").iterdir()
+    (folder,) = [p for p in (tmp_path / "warm-defenders").iterdir() if p.is_dir()]  # beside it: its build lock
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     from training.toy import warmed_tiny_defender
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from models.mcq import format_prompt, letters
@@ -51,9 +49,6 @@ def world_examples(n: int, seed: int, cfg=None) -> list[Example]:
     return out
 
 
-_WARM_LOCK = threading.Lock()
-
-
 def warmed_tiny_defender(spec: dict, warmup: dict):
     """The tiny defender of ``spec`` after a short supervised warm-up on fresh synthetic scenes
     (``warmup``: steps, scenes, seed, lr, batch), so that Stage 2's base defender answers in the
@@ -68,12 +63,12 @@ def warmed_tiny_defender(spec: dict, warmup: dict):
     from storage import content_hash
     from training.config import DefenderTrainConfig
     from training.defender import DefenderTrainer
-    from models.cache import cache_root
+    from models.cache import build_lock, cache_root
 
     w = {"steps": 100, "scenes": 256, "seed": 1, "lr": 1e-3, "batch": 32, **warmup}
     folder = cache_root() / "warm-defenders" / content_hash({"spec": spec, "warmup": w, "code": code_version()})
     device = spec.get("device", "cpu")
-    with _WARM_LOCK:  # shard threads share one warm-up; other processes race to one atomic rename
+    with build_lock(folder):  # shard threads and other processes share one warm-up: the others wait
         if not (folder / "config.json").exists():
             policy = load_policy(spec)
             DefenderTrainer(policy, world_examples(w["scenes"], w["seed"]), DefenderTrainConfig(
