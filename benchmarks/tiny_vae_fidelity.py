@@ -42,34 +42,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.tiny:
         args.steps, args.scenes, args.batch, args.questions = 3, 8, 2, 4
         args.editor_steps = min(args.editor_steps, 2)
-    import yaml
-
-    spec = yaml.safe_load(args.editor_spec) or {}
-
     import numpy as np
+    import torch
+    import yaml
 
     from metrics import localized_ssim, region_ssim
     from models.editor import QwenImageEditor
+    from rl.flow_sampler import sample
     from stages.config import load_config
+    from storage import decode_image
+    from training.attacker_stage import attack_instruction
     from training.coevolution import heldout_config
+    from training.toy import world_rows
 
+    spec = yaml.safe_load(args.editor_spec) or {}
     cfg = load_config(args.preset or ("synthetic" if args.tiny else "evidence"), args.overrides)
     res = cfg.source.resolution
     dev = device()
-    from stages.source import scene_row
-    from storage import decode_image
-    from world import NoQuestion
-
+    # Held-out questions: their target boxes are what the gate measures ("is there a ...? no" has none).
     hcfg = heldout_config(cfg)
-    rows, i = [], 0  # held-out questions: their target boxes are what the gate measures
-    while len(rows) < args.questions:
-        try:
-            row = scene_row(hcfg.source.seed, i, hcfg)
-            if row["target_boxes"]:  # "is there a ...? no" has no target: nothing to keep intact
-                rows.append(row)
-        except NoQuestion:
-            pass
-        i += 1
+    rows = world_rows(args.questions, hcfg.source.seed, hcfg, keep=lambda r: bool(r["target_boxes"]))
+
+    def pass_rates(worst: list[float]) -> dict:
+        return {str(t): float(np.mean([w >= t for w in worst])) for t in args.tau}
+
     info = environment(resolution=res, tau=args.tau, steps=args.steps, batch=args.batch, scenes=args.scenes)
     out = []
     for z in args.z_dim:
@@ -92,13 +88,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             worst.append(min(s))
         out.append({"z_dim": z, "fit_seconds": round(fit_s, 1), "image_ssim": float(np.mean(whole)),
                     "box_ssim_mean": float(np.mean(boxes)), "box_ssim_min": float(np.min(boxes)),
-                    "pass_rate": {str(t): float(np.mean([w >= t for w in worst])) for t in args.tau}})
+                    "pass_rate": pass_rates(worst)})
         if editor_fit:  # the fitted editor's own edits (a = 0), with the attacker's instruction
-            import torch
-
-            from rl.flow_sampler import sample
-            from training.attacker_stage import attack_instruction
-
             worst = []
             for k in range(0, len(rows), 32):
                 chunk = rows[k:k + 32]
@@ -108,7 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                            generator=torch.Generator().manual_seed(k)).latents[-1]
                 for r, c, e in zip(chunk, cleans, ed.decode(x, cond)):
                     worst.append(min(localized_ssim(c, e, b) for b in r["target_boxes"]))
-            out[-1]["edit_pass_rate"] = {str(t): float(np.mean([w >= t for w in worst])) for t in args.tau}
+            out[-1]["edit_pass_rate"] = pass_rates(worst)
             out[-1]["edit_box_ssim_min_mean"] = float(np.mean(worst))
         r = out[-1]
         print(f"z {z:3d}: fit {r['fit_seconds']} s, image SSIM {r['image_ssim']:.3f}, target boxes mean "

@@ -28,12 +28,11 @@ def colour_examples(n: int, seed: int, resolution: int = 64) -> list[Example]:
     return out
 
 
-def world_examples(n: int, seed: int, cfg=None) -> list[Example]:
-    """``n`` questions of a synthetic world (``cfg.source``: question mix, resolution, objects;
-    default: the default world) under ``seed``: the source stage's own rows, as training examples."""
+def world_rows(n: int, seed: int, cfg=None, keep=lambda row: True) -> list[dict]:
+    """The first ``n`` source rows (that ``keep`` accepts) of a synthetic world (``cfg.source``:
+    question mix, resolution, objects; default: the default world) under ``seed``."""
     from stages.config import PipelineConfig
     from stages.source import scene_row
-    from storage import decode_image
     from world import NoQuestion
 
     cfg, out, i = cfg or PipelineConfig(), [], 0
@@ -43,10 +42,17 @@ def world_examples(n: int, seed: int, cfg=None) -> list[Example]:
         except NoQuestion:
             row = None
         i += 1
-        if row:
-            out.append(Example(row["id"], decode_image(row["image"]), format_prompt(row["question"], row["options"]),
-                               row["answer"], len(row["options"])))
+        if row and keep(row):
+            out.append(row)
     return out
+
+
+def world_examples(n: int, seed: int, cfg=None) -> list[Example]:
+    """``world_rows`` as training examples."""
+    from storage import decode_image
+
+    return [Example(r["id"], decode_image(r["image"]), format_prompt(r["question"], r["options"]), r["answer"],
+                    len(r["options"])) for r in world_rows(n, seed, cfg)]
 
 
 def warmed_tiny_defender(spec: dict, warmup: dict):
