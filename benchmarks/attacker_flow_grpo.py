@@ -109,6 +109,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--iters", type=int, default=2, help="Flow-GRPO steps (the first includes warm-up)")
     ap.add_argument("--no-grad-ckpt", action="store_true")
+    ap.add_argument("--keep-blocks", type=int, nargs="+", default=[0],
+                    help="with gradient checkpointing: runs keeping the last K blocks' activations (not recomputed), "
+                         "one after another in this process (the first K is the baseline); stops at the first OOM")
     ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block (diffusers' "
                                                            "compile_repeated_blocks)")
     a = ap.parse_args()
@@ -119,7 +122,7 @@ def main() -> None:
     info = environment(arch="tiny" if a.tiny else "qwen-image-edit-20b", bf16_matmul_tflops=matmul_tflops(device),
                        group=a.group, micro_batch=a.micro_batch or a.group, resolution=a.resolution, steps=a.steps,
                        window=a.window, cfg=a.cfg, text_tokens=a.text_tokens, lora_rank=a.rank,
-                       grad_ckpt=not a.no_grad_ckpt, compiled=a.compile)
+                       grad_ckpt=not a.no_grad_ckpt, compiled=a.compile, keep_blocks=a.keep_blocks)
     print(json.dumps(info), flush=True)
     from PIL import Image
 
@@ -155,16 +158,28 @@ def main() -> None:
     if a.tiny:
         print(f"model_flops {fwd1 / branches:.4e} vs FlopCounterMode {counted_flops(ed, cond):.4e}", flush=True)
     print(f"flops/sample: velocity {fwd1:.3e}, trained step {train1:.3e}; {mem()} GiB", flush=True)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    meta = {**info, "transformer_params": n_params, "lora_params": n_lora, "build_s": build_s,
+            "fwd_flops_per_sample_velocity": fwd1, "train_flops_per_sample_step": train1}
     rows = []
-    for it in range(a.iters):
-        m = tr.grpo_step()
+    for keep, it in [(k, i) for k in a.keep_blocks for i in range(a.iters)]:
+        if it == 0:
+            if not a.no_grad_ckpt:
+                ed.enable_gradient_checkpointing(keep)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+        try:
+            m = tr.grpo_step()
+        except torch.OutOfMemoryError:
+            print(f"keep_blocks {keep}: out of memory", flush=True)
+            rows.append({"keep_blocks": keep, "iter": it, "oom": True})
+            write_results(a.out, "attacker_flow_grpo", meta, rows)
+            break
         tr.step += 1
         trained = m["trained_steps"]  # per micro-batch chunk, summed over chunks
         mb = a.micro_batch or a.group
         train_flops = train1 * mb * trained
-        row = {"iter": it, "sample_s": m["sample_seconds"], "reward_s": m["reward_seconds"],
+        row = {"keep_blocks": keep, "iter": it, "sample_s": m["sample_seconds"], "reward_s": m["reward_seconds"],
                "update_s": m["update_seconds"], "group_s": m["sample_seconds"] + m["reward_seconds"] + m["update_seconds"],
                "trained_steps_per_traj": trained // max(1, a.group // mb),
                "update_tflops": train_flops / m["update_seconds"] / 1e12,
@@ -174,12 +189,13 @@ def main() -> None:
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
         rows.append(row)
         print(json.dumps(row), flush=True)
-        write_results(a.out, "attacker_flow_grpo", {**info, "transformer_params": n_params, "lora_params": n_lora,
-                                                    "build_s": build_s, "fwd_flops_per_sample_velocity": fwd1,
-                                                    "train_flops_per_sample_step": train1}, rows)
-    print(f"{'iter':>4} {'sample s':>9} {'reward s':>9} {'update s':>9} {'group s':>8} {'upd MFU':>8} {'smp MFU':>8} {'peak GiB':>9}")
+        write_results(a.out, "attacker_flow_grpo", meta, rows)
+    print(f"{'keep':>4} {'iter':>4} {'sample s':>9} {'reward s':>9} {'update s':>9} {'group s':>8} {'upd MFU':>8} {'smp MFU':>8} {'peak GiB':>9}")
     for r_ in rows:
-        print(f"{r_['iter']:>4} {r_['sample_s']:>9.2f} {r_['reward_s']:>9.2f} {r_['update_s']:>9.2f} {r_['group_s']:>8.2f} "
+        if r_.get("oom"):
+            print(f"{r_['keep_blocks']:>4} {r_['iter']:>4} out of memory")
+            continue
+        print(f"{r_['keep_blocks']:>4} {r_['iter']:>4} {r_['sample_s']:>9.2f} {r_['reward_s']:>9.2f} {r_['update_s']:>9.2f} {r_['group_s']:>8.2f} "
               f"{r_['update_mfu']:>8.3f} {r_['sample_mfu']:>8.3f} {r_['peak_gib']:>9.1f}")
 
 

@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--editor-steps", type=int, default=0,
                     help="also fit the transformer (editor_fit) for this many steps and score its edits")
     ap.add_argument("--editor-spec", default="{}", help="tiny transformer size as YAML, e.g. '{layers: 4, head_dim: 32}'")
+    ap.add_argument("--preset-fits", action="store_true",
+                    help="measure the preset's own attacker: its z_dim, transformer size, vae_fit and editor_fit "
+                         "(overrides --z-dim, --editor-spec, --steps/--scenes/--batch, --editor-steps); the fits "
+                         "land in the cache the experiment then loads")
     ap.add_argument("--name", default="tiny_vae_fidelity")
     args = ap.parse_args(argv)
     if args.tiny:
@@ -58,6 +62,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     spec = yaml.safe_load(args.editor_spec) or {}
     cfg = load_config(args.preset or ("synthetic" if args.tiny else "evidence"), args.overrides)
     res = cfg.source.resolution
+    model = cfg.attacker.model if isinstance(cfg.attacker.model, dict) else {}
+    preset_fits = args.preset_fits and not args.tiny
+    if preset_fits:
+        spec = {k: model[k] for k in ("layers", "head_dim") if k in model}
+        args.z_dim = [model.get("z_dim", 4)]  # build_tiny_qwen_image_edit's default
     dev = device()
     # Held-out questions: their target boxes are what the gate measures ("is there a ...? no" has none).
     hcfg = heldout_config(cfg)
@@ -71,10 +80,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for z in args.z_dim:
         t0 = time.perf_counter()
         vae_fit = {"steps": args.steps, "scenes": args.scenes, "batch": args.batch}
-        if args.editor_steps:  # the VAE alone first (then cached), so a long run shows where it is
+        editor_fit = {"steps": args.editor_steps, "scenes": args.scenes, "batch": args.batch} if args.editor_steps else None
+        if preset_fits:
+            vae_fit, editor_fit = model.get("vae_fit", vae_fit), model.get("editor_fit")
+        if editor_fit:  # the VAE alone first (then cached), so a long run shows where it is
             QwenImageEditor.tiny(resolution=res, device=dev, z_dim=z, **spec, vae_fit=vae_fit)
             print(f"z {z:3d}: VAE fitted in {time.perf_counter() - t0:.0f} s", flush=True)
-        editor_fit = {"steps": args.editor_steps, "scenes": args.scenes, "batch": args.batch} if args.editor_steps else None
         ed = QwenImageEditor.tiny(resolution=res, device=dev, z_dim=z, **spec, editor_fit=editor_fit,
                                   vae_fit=vae_fit)
         fit_s = time.perf_counter() - t0  # VAE and editor fits (cached: 0 on a rerun)

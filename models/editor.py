@@ -20,6 +20,7 @@ model class adds its prompt encoding, its transformer call and its VAE conventio
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 from dataclasses import dataclass, field
@@ -368,8 +369,25 @@ class FlowEditor:
         finally:
             self.transformer.enable_adapters()
 
-    def enable_gradient_checkpointing(self) -> None:
-        self.transformer.enable_gradient_checkpointing()
+    def enable_gradient_checkpointing(self, keep_blocks: int = 0) -> None:
+        """Recompute each transformer block's activations in backward, except the last ``keep_blocks``
+        blocks, whose activations are kept: each kept block saves 1/num_layers of the recompute (one
+        extra forward) at the cost of its activations' memory. Calling it again changes the count; the
+        blocks themselves are untouched, so a compiled transformer stays compiled."""
+        import torch.utils.checkpoint
+
+        tr = self.transformer  # Flux has single-stream blocks after its double-stream ones
+        blocks = [*tr.transformer_blocks, *getattr(tr, "single_transformer_blocks", [])]
+        if not 0 <= keep_blocks <= len(blocks):
+            raise ValueError(f"keep_blocks={keep_blocks}: the transformer has {len(blocks)} blocks (0..{len(blocks)})")
+        self.kept_blocks = {id(b) for b in blocks[len(blocks) - keep_blocks:]}
+
+        def checkpointed(block, *args):
+            if id(block) in self.kept_blocks or id(getattr(block, "_orig_mod", block)) in self.kept_blocks:
+                return block(*args)
+            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+
+        self.transformer.enable_gradient_checkpointing(checkpointed)
 
     def save(self, folder: str | Path) -> Path:
         """What a checkpoint holds of the editor: its LoRA (the base model is named by the spec)."""
@@ -407,6 +425,10 @@ class QwenImageEditor(FlowEditor):
         # transformer learns to read that text encoder's embeddings and that VAE's latents); the
         # attacker's seed still sets its LoRA's init and the sampling noise.
         base_seed = editor_fit.get("seed", 0) if editor_fit else seed
+        # The whole architecture (defaults filled in) keys the fits: {layers: 4} and {layers: 4, z_dim: 4}
+        # are one model and share one cached fit.
+        kw = {**{k: p.default for k, p in inspect.signature(build_tiny_qwen_image_edit).parameters.items()
+                 if k != "seed"}, **kw}
         editor = cls(build_tiny_qwen_image_edit(base_seed, **kw), resolution=resolution, cfg_scale=cfg_scale,
                      device=device)
         vae_key = None
@@ -421,7 +443,7 @@ class QwenImageEditor(FlowEditor):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(fit["seed"])
                 editor.pipe.vae = type(vae).from_config(vae.config).to(editor.device).requires_grad_(False).eval()
-            vae_key = {"resolution": resolution, "z_dim": kw.get("z_dim", 4), "scenes": n, "revision": VAE_FIT_REVISION,
+            vae_key = {"resolution": resolution, "z_dim": kw["z_dim"], "scenes": n, "revision": VAE_FIT_REVISION,
                        **fit}  # the VAE depends only on its latent width (not the transformer's size)
             editor.fit_autoencoder_cached(
                 vae_key, lambda: [render(generate_world(10_000_000 + i, WorldConfig(resolution=resolution)))

@@ -335,7 +335,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _merge(obj: Any, data: dict, prefix: str) -> None:
+def _deep_update(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_update(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+def _merge(obj: Any, data: dict, prefix: str, into_specs: bool = False) -> None:
+    """Set ``data`` on the config ``obj``. A preset names a model spec whole (its mapping replaces
+    the default); ``into_specs`` (command-line overrides) merges into a spec mapping instead, so
+    ``--set defender.model.device=cpu`` changes the device and keeps the preset's model."""
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in data.items():
@@ -346,11 +356,10 @@ def _merge(obj: Any, data: dict, prefix: str) -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"config {full}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(current))}")
-            _merge(current, value, f"{full}.")
-        elif key == "models" and isinstance(value, dict):
-            merged = dict(current)
-            merged.update(value)
-            setattr(obj, key, merged)
+            _merge(current, value, f"{full}.", into_specs)
+        elif isinstance(current, dict) and isinstance(value, dict) and (into_specs or key == "models"):
+            # a preset's ``models`` names roles' specs whole, beside the other roles' defaults
+            setattr(obj, key, _deep_update(current, value) if into_specs else {**current, **value})
         else:
             setattr(obj, key, _coerce(value, hints[key], full))
 
@@ -400,7 +409,7 @@ def load_config(preset: str = "synthetic", overrides: list[str] | dict | None = 
         raise ConfigError(f"preset {path} must be a YAML mapping")
     _merge(cfg, data, "")
     if overrides:
-        _merge(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides, "")
+        _merge(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides, "", into_specs=True)
     return cfg.validate()
 
 

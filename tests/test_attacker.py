@@ -254,7 +254,8 @@ def test_tiny_editor_fit_learns_to_copy_its_input_and_is_cached(tmp_path, monkey
     after = distance(fitted)
     assert after < before / 10, (before, after)
     (cached,) = (tmp_path / "tiny-editor").glob("*.safetensors")
-    other = QwenImageEditor.tiny(seed=5, resolution=32, editor_fit=fit)
+    # the default architecture spelled out ({layers: 2, z_dim: 4}) is the same model: one fit
+    other = QwenImageEditor.tiny(seed=5, resolution=32, editor_fit=fit, layers=2, z_dim=4)
     assert len(list((tmp_path / "tiny-editor").glob("*.safetensors"))) == 1
     for part in ("transformer", "text_encoder"):  # the fitted transformer reads this text encoder's embeddings
         for (n, a), (_, b) in zip(getattr(fitted.pipe, part).state_dict().items(),
@@ -293,3 +294,28 @@ def test_concurrent_builders_fit_once_and_load_the_same_weights(tmp_path, monkey
     assert len(calls) == 1
     for ed in editors:
         assert all(torch.all(p == 0.25) for p in ed.pipe.vae.parameters())
+
+
+def test_selective_checkpointing_recomputes_only_the_checkpointed_blocks_and_keeps_gradients():
+    ed = _editor()
+    ed.add_lora(4, 8, seed=0)
+    blocks = list(ed.transformer.transformer_blocks)
+    calls = [0]
+    for b in blocks:
+        b.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    img = Image.new("RGB", (32, 32), (120, 90, 60))
+    cond = ed.condition([img], ["add a red cube"])
+    x = ed.noise(cond, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for keep in (0, 1, len(blocks)):
+        ed.transformer.train()
+        ed.enable_gradient_checkpointing(keep)
+        ed.transformer.zero_grad()
+        calls[0] = 0
+        ed.velocity(x, torch.tensor(500.0), cond, guidance=False).square().mean().backward()
+        # one forward per block, plus a recomputation in backward of each checkpointed block
+        assert calls[0] == len(blocks) + (len(blocks) - keep)
+        grads[keep] = torch.cat([p.grad.flatten() for p in ed.lora_parameters()])
+    assert torch.allclose(grads[0], grads[len(blocks)], atol=1e-6) and torch.allclose(grads[0], grads[1], atol=1e-6)
+    with pytest.raises(ValueError, match="blocks"):
+        ed.enable_gradient_checkpointing(len(blocks) + 1)

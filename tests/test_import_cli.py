@@ -91,6 +91,10 @@ def test_overrides_and_config_errors():
         load_config("synthetic", {"models": {"judge": "gpt"}})
     with pytest.raises(ConfigError, match="no preset 'nope'"):
         load_config("nope")
+    # an override changes one key of a preset's model spec and keeps the rest (it replaced the spec once)
+    ev = load_config("evidence", ["defender.model.device=cpu", "attacker.model.vae_fit.steps=3"])
+    assert ev.defender.model["device"] == "cpu" and ev.defender.model["hidden"] == 256
+    assert ev.attacker.model["vae_fit"] == {"steps": 3, "scenes": 512, "batch": 32} and ev.attacker.model["layers"] == 4
     # YAML 1.1 reads "1e-3" (no dot) as text: a float field still takes it; text stays an error
     assert load_config("synthetic", ["defender.warmup.lr=1e-3"]).defender.warmup.lr == 0.001
     with pytest.raises(ConfigError, match="expected a number"):

@@ -67,7 +67,7 @@ class AttackerTrainer:
         for p in editor.lora_parameters():  # trainable weights and Adam moments in float32 (mixed precision)
             p.data = p.data.float()
         if cfg.gradient_checkpointing:
-            editor.enable_gradient_checkpointing()
+            editor.enable_gradient_checkpointing(cfg.checkpoint_keep_blocks)
         if cfg.compile:
             editor.transformer.compile_repeated_blocks()
         self.opt = torch.optim.AdamW(editor.lora_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -90,14 +90,20 @@ class LocalSteps:
 
         cfg = dataclasses.replace(self.cfg, defender=dataclasses.replace(self.cfg.defender, images=images))
         m, trained = train_defender_version(self.store, cfg, data, init, mode)
-        self.say(f"defender {mode} {'trained' if trained else 'found'}: {m.version}")
+        ex = m.extra or {}
+        target = ("" if not ex.get("held_back") else
+                  f", held-back target {'reached' if ex.get('target_reached') else 'not reached'}")
+        self.say(f"defender {mode} {'trained' if trained else 'found'}: {m.version} ({ex.get('steps')} steps{target})")
         return m.version
 
     def train_attacker(self, data, defender, init, mode):
         from training.attacker_stage import train_attacker_version
 
         m, trained = train_attacker_version(self.store, self.cfg, data, defender, init, mode)
-        self.say(f"attacker {mode} {'trained' if trained else 'found'}: {m.version}")
+        last = (m.extra or {}).get("final", {})
+        shown = {k: last[k] for k in ("loss", "reward", "aot/integrity") if k in last}
+        self.say(f"attacker {mode} {'trained' if trained else 'found'}: {m.version} (last step: "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()) + ")")
         return m.version
 
     def curriculum(self, attacker, data, defender):

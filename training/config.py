@@ -67,6 +67,9 @@ class AttackerTrainConfig:
     seed: int = documented(0, "Seed of data order, initial noise and SDE noise.")
     async_rewards: bool = documented(True, "Score a group in a worker thread while the next group is sampled.")
     gradient_checkpointing: bool = documented(False, "Recompute transformer activations in backward (memory).")
+    checkpoint_keep_blocks: int = documented(0, "With gradient_checkpointing: the last N transformer blocks keep their "
+                                                "activations instead (each saves 1/num_layers of the recompute for its "
+                                                "activations' memory; issue 5's MFU lever, benchmarks/RESULTS.md).")
     compile: bool = documented(False, "torch.compile each transformer block (diffusers' compile_repeated_blocks): "
                                       "1.66x per group on an H100, benchmarks/RESULTS.md; GPU only.")
     checkpoint_every: int = documented(0, "Save a checkpoint every N steps (0: only at the end).")
