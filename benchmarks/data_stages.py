@@ -72,6 +72,31 @@ def flux_fill(tiny: bool, device, dtype):
     return DiffusersFiller(pipe, steps=8, device=device, max_sequence_length=64)
 
 
+def extend_stage(filler, img: Image.Image, canvas: int, n: int, shard_index: int = 0):
+    """A call of the extend stage function (``extend_scenes``) on one shard of ``n`` imported rows
+    of ``img``, outpainted to ``canvas`` px by the already-built ``filler``; asserts every row came out."""
+    from stages import rows as R
+    from stages.base import ShardContext
+    from stages.config import load_config
+    from stages.extend import extend_scenes
+    from storage import image_cell
+
+    side = img.width
+    cfg = load_config("synthetic", {"stage1": {"canvas_scale": canvas / side}})
+    shard = R.frame([{"id": f"s{shard_index}-{i}", "source": "import", "image": image_cell(img), "width": side,
+                      "height": side, "question_type": "mcq", "question": "q?", "options": ["a", "b"], "answer": "A",
+                      "target_names": ["cup"], "target_boxes": [[10.0, 10.0, 50.0, 50.0]], "scene": None}
+                     for i in range(n)], R.SOURCE)
+    ctx = ShardContext("extend", cfg, shard_index)
+    ctx.model = lambda role: filler  # the already-built pipeline, as the registry would return it
+
+    def stage():
+        out, rej = extend_scenes(shard, ctx)
+        assert out.height == n and rej.height == 0
+
+    return stage
+
+
 def bench_outpaint(tiny, device, dtype, reps):
     filler = flux_fill(tiny, device, dtype)
     side, canvas = (48, 64) if tiny else (768, 1024)
@@ -93,24 +118,8 @@ def bench_outpaint(tiny, device, dtype, reps):
                     generator=torch.Generator("cpu").manual_seed(0), max_sequence_length=filler.max_sequence_length)
 
     # Through the stage function itself: decoding, geometry, box transforms, PNG encoding, rows.
-    from stages import rows as R
-    from stages.base import ShardContext
-    from stages.config import load_config
-    from stages.extend import extend_scenes
-    from storage import image_cell
-
     n = 3
-    cfg = load_config("synthetic", {"stage1": {"canvas_scale": canvas / side}})
-    shard = R.frame([{"id": f"b{i}", "source": "import", "image": image_cell(img), "width": side, "height": side,
-                      "question_type": "mcq", "question": "q?", "options": ["a", "b"], "answer": "A",
-                      "target_names": ["cup"], "target_boxes": [[10.0, 10.0, 50.0, 50.0]], "scene": None}
-                     for i in range(n)], R.SOURCE)
-    ctx = ShardContext("extend", cfg, 0)
-    ctx.model = lambda role: filler  # the already-built pipeline, as the registry would return it
-
-    def stage():
-        out, rej = extend_scenes(shard, ctx)
-        assert out.height == n and rej.height == 0
+    stage = extend_stage(filler, img, canvas, n)
 
     def bare_n():
         for _ in range(n):
