@@ -42,11 +42,11 @@ def report(result: dict, info: dict, out: str, name: str) -> None:
     from training.evidence import plot_curve, table_markdown
 
     print("\n" + table_markdown(result))
-    cols = ["seed", "iteration", "attacker_reward_first", "attacker_reward_last", "attack_success_before",
-            "attack_success_after", "defender_clean_accuracy", "defender_attacked_accuracy", "curriculum_kept"]
+    cols = ["seed", "iteration", "attacker_reward_first", "attacker_reward_last", "attack_success_start",
+            "attack_success_before", "attack_success_after", "defender_clean_accuracy", "defender_attacked_accuracy", "curriculum_kept"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in result["curve"]:
-        print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+        print("| " + " | ".join(f"{r.get(c):.3f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols) + " |")
     print("\ngoals:", result["goals"])
     print(f"wall {info['wall_seconds']} s on {info['card']}")
     os.makedirs(out, exist_ok=True)

@@ -46,8 +46,11 @@ def test_two_iterations_chain_their_checkpoints(run):
     d2 = store.manifest(it2["defender"])
     assert d2.parents == [it2["curriculum"], it1["defender"]]
     assert store.manifest(it2["curriculum"]).parents == [it2["attacker"], lin["items"], it1["defender"]]
-    for col in ("attack_success_before", "attack_success_after", "defender_clean_accuracy", "strategy_none"):
+    for col in ("attack_success_start", "attack_success_before", "attack_success_after", "defender_clean_accuracy",
+                "strategy_none"):
         assert all(v is not None and 0 <= v <= 1 for v in df[col].to_list()), col
+    # attacker 2's phase starts where defender phase 1 ended: attacker 1 against defender 1, the same items
+    assert df["attack_success_start"][1] == df["attack_success_after"][0]
     assert {"iterations.png"} <= {f.path for f in m.files}
     # held-out scenes are another world: no scene id in common with the training items
     held = set(store.read(store.manifest(lin["heldout"]))["scene"].to_list())

@@ -135,6 +135,8 @@ def test_toy_evidence_run_gives_every_number(tmp_path):
     assert by[(0, "base")] != by[(1, "base")]  # seeds differ
     assert len(result["curve"]) == 2 and all(r["attacker_reward_first"] is not None for r in result["curve"])
     g = result["goals"]
+    assert g["attacker_rises_within_phase"] == sum(r["attack_success_before"] > r["attack_success_start"]
+                                                   for r in result["curve"])
     assert g["phases"] == 2 and set(g) >= {"implanter_goal", "swap-pair_goal", "clean_goal"}
     # defender 0 warmed up on a pool of fresh scenes (coevolution.warmup_scenes), shared by no other set
     store = ShardStore(str(tmp_path / "root"))
@@ -146,3 +148,19 @@ def test_toy_evidence_run_gives_every_number(tmp_path):
     saved = json.loads((tmp_path / "aot_evidence_tiny.json").read_text())
     assert saved["results"][0]["table"] == result["summary"]
     assert (tmp_path / "aot_evidence_curve_tiny.png").stat().st_size > 1000
+
+
+def test_attacker_learnability_scores_every_try_on_the_same_items(tmp_path):
+    from benchmarks.attacker_learnability import main
+
+    with pytest.raises(SystemExit, match="attacker.rl"):
+        main(["--tiny", "--root", str(tmp_path / "r"), "--out", str(tmp_path), "--try", "defender.rl.lr=1"])
+    rows = main(["--tiny", "--root", str(tmp_path / "r"), "--out", str(tmp_path),
+                 "--try", "", "--try", "attacker.rl.lr=1e-12"])
+    assert [r["try"] for r in rows] == ["cold start", "preset", "attacker.rl.lr=1e-12"]
+    assert len({r["items"] for r in rows}) == 1 and all(0 <= r["attack_success"] <= 1 for r in rows)
+    assert rows[1]["attacker"] != rows[2]["attacker"] and rows[1]["steps"] == rows[2]["steps"] == 2
+    # lr 1e-12: the LoRA does not move, so its edits are scored as the cold start's
+    assert (rows[2]["attack_success"], rows[2]["integrity"]) == (rows[0]["attack_success"], rows[0]["integrity"])
+    saved = json.loads((tmp_path / "attacker_learnability.json").read_text())
+    assert [r["try"] for r in saved["results"]] == ["cold start", "preset", "attacker.rl.lr=1e-12"]

@@ -8,7 +8,9 @@
          curriculum n: the frozen attacker n edits the training items, scored by defender n-1
          defender n: DAPO from defender n-1 on curriculum n
          evaluation: defender n on held-out clean scenes and on held-out scenes attacked by
-                     attacker n (attack success is measured against defender n-1 and n)
+                     attacker n. Attack success on the same held-out items: attacker n-1 (the
+                     cold start for n = 1) and attacker n against defender n-1 (did the attacker
+                     phase raise it?), attacker n against defender n (did the defender phase lower it?)
 
 Checkpoints chain explicitly (each call names its inputs). Every step's version id hashes its
 config, code and parents, so a rerun after a crash or a cancel finds every finished step in
@@ -137,6 +139,8 @@ def run_coevolution(store: ShardStore, cfg: PipelineConfig, steps: Steps, source
         if attacker is None:
             attacker = steps.train_attacker(export, None, None, "sft")  # cold start, round 1 only
             lineage["attacker_cold_start"] = attacker
+        # the phase's starting attacker on the held-out items (for n > 1: iteration n-1's "after", cached)
+        attack_start = steps.curriculum(attacker, heldout, defender)
         attacker = steps.train_attacker(items, defender, attacker, "grpo")
         cur = steps.curriculum(attacker, items, defender)
         attack_before = steps.curriculum(attacker, heldout, defender)  # vs defender n-1, held out
@@ -147,6 +151,7 @@ def run_coevolution(store: ShardStore, cfg: PipelineConfig, steps: Steps, source
         rows.append({
             "iteration": n, "attacker": attacker, "curriculum": cur["version"], "defender": new_defender,
             "curriculum_kept": cur["kept"], "curriculum_items": cur["items"],
+            "attack_success_start": attack_start["attack_success_rate"],
             "attack_success_before": attack_before["attack_success_rate"],
             "attack_success_after": attack_after["attack_success_rate"],
             "integrity_rate": attack_before["integrity_rate"],
@@ -275,7 +280,7 @@ def render_report(store: ShardStore, version: str, fmt: str = "md") -> str:
         ax.set_ylabel("share of kept edits")
         ax.legend(fontsize=6)
 
-    cols = ["iteration", "attack_success_before", "attack_success_after", "defender_clean_accuracy",
+    cols = ["iteration", "attack_success_start", "attack_success_before", "attack_success_after", "defender_clean_accuracy",
             "defender_attacked_accuracy", "curriculum_kept", "integrity_rate"]
     fmt_v = (lambda v: f"{v:.3f}" if isinstance(v, float) else ("—" if v is None else str(v)))
     sections = [
@@ -283,7 +288,8 @@ def render_report(store: ShardStore, version: str, fmt: str = "md") -> str:
          f"Dataset version `{lin['export']}`, held-out scenes `{lin['heldout']}`, {len(rows)} iterations; "
          f"defender 0 (warm-up) clean accuracy on held-out scenes: {fmt_v(m.extra.get('base_clean_accuracy'))}. "
          "Attack success = share of held-out items whose edit keeps the targets intact and fools the defender "
-         "at least once (before: defender n-1; after: defender n)."),
+         "at least once (start: attacker n-1 and before: attacker n, both against defender n-1; after: "
+         "attacker n against defender n)."),
         ("Per iteration", None),
         ("Co-evolution curve", img(_png(store, m, "iterations.png"), "co-evolution curve")),
         ("Attacker reward", img(_figure_png(draw_rewards), "attacker reward curves")),

@@ -94,7 +94,7 @@ def run_seed(store: ShardStore, cfg: PipelineConfig, ecfg: EvidenceConfig, seed:
         say(f"[seed {seed}] {arm}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
                                                    if isinstance(v, float) and not k.endswith("_clean")))
     curve = []
-    for r in iters:
+    for r in iters:  # the training reward too (first and last quarter of steps; different items per step)
         rewards = store.read(store.manifest(r["attacker"]))["reward"].to_list()
         q = max(1, len(rewards) // 4)
         curve.append({"seed": seed, **{k: v for k, v in r.items() if not isinstance(v, str)},
@@ -129,7 +129,10 @@ def goals(summary: list[dict], curve: list[dict], ecfg: EvidenceConfig) -> dict:
     for name in ecfg.unseen:
         out[f"{name}_goal"] = None if gap(name) is None else gap(name) >= 0.10
     out["clean_goal"] = None if gap("clean") is None else abs(gap("clean")) <= 0.01
-    out["attacker_rises_within_phase"] = sum(r["attacker_reward_last"] > r["attacker_reward_first"] for r in curve)
+    # on the same held-out items against the same frozen defender (the training batches' rewards
+    # differ in items from step to step, so their first and last steps are not comparable)
+    out["attacker_rises_within_phase"] = sum(r["attack_success_before"] > r["attack_success_start"] for r in curve
+                                             if r.get("attack_success_start") is not None)
     out["attack_falls_after_defender"] = sum(r["attack_success_after"] < r["attack_success_before"] for r in curve)
     out["phases"] = len(curve)
     return out
@@ -163,8 +166,8 @@ def combine(seeds: list[dict], ecfg: EvidenceConfig, pipeline: dict) -> dict:
 
 
 def plot_curve(curve: list[dict], path: str) -> None:
-    """The co-evolution curve, mean over seeds: attacker reward at the start and end of each
-    attacker phase, attack success on held-out scenes before and after each defender phase."""
+    """The co-evolution curve, mean over seeds: attack success on the held-out items at the start
+    and end of each attacker phase (against defender n-1) and before and after each defender phase."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,9 +182,9 @@ def plot_curve(curve: list[dict], path: str) -> None:
         return statistics.fmean(vals) if vals else float("nan")
 
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(11, 3))
-    for n in its:  # one segment per attacker phase: does the reward rise within it?
-        a.plot([n - 0.3, n + 0.3], [mean("attacker_reward_first", n), mean("attacker_reward_last", n)], "o-", color="C3")
-    a.set_title("attacker reward (phase start -> end)")
+    for n in its:  # one segment per attacker phase: does attack success rise within it?
+        a.plot([n - 0.3, n + 0.3], [mean("attack_success_start", n), mean("attack_success_before", n)], "o-", color="C3")
+    a.set_title("attack success (attacker n-1 -> n)")
     a.set_xlabel("iteration")
     for n in its:  # one segment per defender phase: does attack success fall after it?
         b.plot([n - 0.3, n + 0.3], [mean("attack_success_before", n), mean("attack_success_after", n)], "s-", color="C0")
