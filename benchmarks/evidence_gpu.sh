@@ -4,7 +4,9 @@
 # Usage: benchmarks/evidence_gpu.sh OUT [WORK] [SECONDS_PER_SEED]; extra arguments for
 # aot_evidence.py go in EVIDENCE_ARGS (e.g. "--set defender.warmup.steps=800").
 set -u
-out=${1:?output folder}; work=${2:-/tmp/aot-evidence}; limit=${3:-540}
+# SECONDS_PER_SEED stops a seed's process after that long (default 0: never), for machines lent
+# with a per-command limit; a stopped seed's finished steps stay in WORK and a rerun continues there.
+out=${1:?output folder}; work=${2:-/tmp/aot-evidence}; limit=${3:-0}
 mkdir -p "$out" "$work"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} AOT_CACHE=${AOT_CACHE:-$work/cache}
 args=(${EVIDENCE_ARGS:-})
