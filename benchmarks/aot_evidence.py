@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, parser, write_results  # noqa: E402
+from benchmarks.common import add_config_args, environment, load_bench_config, parser, write_results  # noqa: E402
 
 # Toy size: every arm, attack and evaluation runs, in minutes on a CPU; the numbers mean nothing.
 # tau 0: the random tiny editor's edits pass integrity, so the AOT-attacker column gets rows.
@@ -78,9 +78,8 @@ def merge(paths: list[str], out: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = parser(__doc__.splitlines()[0])
-    ap.add_argument("--preset", default=None, help="pipeline preset (default: evidence; with --tiny: synthetic)")
     ap.add_argument("--root", default=None, help="store root (default: ./aot-evidence, or ./aot-evidence-tiny)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_args(ap)
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--attacks", nargs="+", default=None, help="registered attack names (evaluation/attacks.py)")
     ap.add_argument("--unseen", nargs="+", default=None, help="which of --attacks no training arm uses")
@@ -90,13 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.merge:
         return merge(args.merge, args.out)
 
-    from stages.config import load_config
     from storage import ShardStore
     from training.evidence import EvidenceConfig, resolve_attacks, run_evidence
 
-    preset = args.preset or ("synthetic" if args.tiny else "evidence")
-    overrides = (TOY if args.tiny else []) + args.overrides
-    cfg = load_config(preset, overrides)
+    preset, overrides, cfg = load_bench_config(args, TOY)
     ecfg = EvidenceConfig()
     for key in ("seeds", "attacks", "unseen"):
         if getattr(args, key) is not None:

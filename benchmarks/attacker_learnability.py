@@ -23,14 +23,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.aot_evidence import TOY  # noqa: E402
-from benchmarks.common import environment, parser, write_results  # noqa: E402
+from benchmarks.common import add_config_args, environment, load_bench_config, parser, write_results  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = parser(__doc__.splitlines()[0])
-    ap.add_argument("--preset", default=None, help="pipeline preset (default: evidence; with --tiny: synthetic)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override for every attacker (and the data, defender and cold start)")
+    add_config_args(ap, "override for every attacker (and the data, defender and cold start)")
     ap.add_argument("--try", dest="tries", action="append", default=None, metavar="K=V,K=V",
                     help="one attacker phase's attacker.rl overrides (repeatable; default: the preset's)")
     ap.add_argument("--root", default=None, help="store root (default: ./aot-attacker-learnability[-tiny])")
@@ -41,13 +39,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from storage import ShardStore
     from training.coevolution import LocalSteps
 
-    preset = args.preset or ("synthetic" if args.tiny else "evidence")
-    overrides = (TOY if args.tiny else []) + args.overrides
+    preset, overrides, cfg = load_bench_config(args, TOY)
     tries = args.tries if args.tries is not None else [""]
     bad = [kv for t in tries for kv in filter(None, t.split(",")) if not kv.strip().startswith("attacker.rl.")]
     if bad:  # anything else would change the cold start or the scoring the tries are compared under
         raise SystemExit(f"--try takes attacker.rl.* overrides only, not {bad}; use --set for the rest")
-    cfg = load_config(preset, overrides)
     store = ShardStore(args.root or ("./aot-attacker-learnability" + ("-tiny" if args.tiny else "")))
     t0 = time.perf_counter()
     say = lambda m: print(f"{time.perf_counter() - t0:7.1f}s {m}", flush=True)  # noqa: E731

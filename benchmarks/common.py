@@ -52,6 +52,22 @@ def parser(description: str) -> argparse.ArgumentParser:
     return ap
 
 
+def add_config_args(ap: argparse.ArgumentParser, set_help: str = "config override, e.g. source.resolution=32") -> None:
+    """``--preset`` and ``--set`` for a benchmark of the pipeline's config (see ``load_bench_config``)."""
+    ap.add_argument("--preset", default=None, help="pipeline preset (default: evidence; with --tiny: synthetic)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+
+
+def load_bench_config(args, tiny_overrides: list[str] | tuple = ()) -> tuple[str, list[str], object]:
+    """(preset, overrides, config) of ``add_config_args``' options: the ``evidence`` preset, or with
+    ``--tiny`` the ``synthetic`` one after ``tiny_overrides``; ``--set`` applies last."""
+    from stages.config import load_config
+
+    preset = args.preset or ("synthetic" if args.tiny else "evidence")
+    overrides = (list(tiny_overrides) if args.tiny else []) + args.overrides
+    return preset, overrides, load_config(preset, overrides)
+
+
 def write_results(out_dir: str, name: str, info: dict, rows: list[dict]) -> None:
     """``OUT/<name>.json``: the environment and the result rows (rewritten after each row)."""
     import json

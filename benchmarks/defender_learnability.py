@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, parser, write_results  # noqa: E402
+from benchmarks.common import add_config_args, environment, load_bench_config, parser, write_results  # noqa: E402
 
 TINY = ["coevolution.warmup_scenes=32", "coevolution.heldout_scenes=16", "defender.warmup.steps=4",
         "defender.warmup.batch_prompts=8", "defender.warmup.micro_batch=8",
@@ -29,8 +29,7 @@ TINY = ["coevolution.warmup_scenes=32", "coevolution.heldout_scenes=16", "defend
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = parser(__doc__.splitlines()[0])
-    ap.add_argument("--preset", default=None, help="pipeline preset (default: evidence; with --tiny: synthetic)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_args(ap)
     ap.add_argument("--eval-every", type=int, default=250, help="optimizer steps between evaluations")
     ap.add_argument("--seconds", type=float, default=0, help="stop after the first evaluation past this wall time")
     ap.add_argument("--name", default="defender_learnability")
@@ -39,14 +38,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import dataclasses
 
     from models.qwen_vl import load_policy
-    from stages.config import load_config
     from training.coevolution import heldout_config, warmup_config
     from training.defender import DefenderTrainer, answer_items
     from training.toy import world_examples
 
-    preset = args.preset or ("synthetic" if args.tiny else "evidence")
-    overrides = (TINY if args.tiny else []) + args.overrides
-    cfg = load_config(preset, overrides)
+    preset, overrides, cfg = load_bench_config(args, TINY)
     t0 = time.perf_counter()
     say = lambda m: print(f"{time.perf_counter() - t0:7.1f}s {args.name}: {m}", flush=True)  # noqa: E731
     train = world_examples(cfg.coevolution.warmup_scenes, warmup_config(cfg).source.seed, cfg)

@@ -20,14 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import device, environment, parser, write_results  # noqa: E402
+from benchmarks.common import add_config_args, device, environment, load_bench_config, parser, write_results  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = parser(__doc__.splitlines()[0])
-    ap.add_argument("--preset", default=None, help="the world's preset (default: evidence; with --tiny: synthetic)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override of the world, e.g. source.resolution=32")
+    add_config_args(ap, "config override of the world, e.g. source.resolution=32")
     ap.add_argument("--z-dim", type=int, nargs="+", default=[4, 16], help="VAE latent channels to compare")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=32)
@@ -53,14 +51,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from metrics import localized_ssim, region_ssim
     from models.editor import QwenImageEditor
     from rl.flow_sampler import sample
-    from stages.config import load_config
     from storage import decode_image
     from training.attacker_stage import attack_instruction
     from training.coevolution import heldout_config
     from training.toy import world_rows
 
     spec = yaml.safe_load(args.editor_spec) or {}
-    cfg = load_config(args.preset or ("synthetic" if args.tiny else "evidence"), args.overrides)
+    _, _, cfg = load_bench_config(args)
     res = cfg.source.resolution
     model = cfg.attacker.model if isinstance(cfg.attacker.model, dict) else {}
     preset_fits = args.preset_fits and not args.tiny
