@@ -9,7 +9,8 @@ overrides; "" is the preset itself) Flow-GRPO from the cold start against defend
 attacker — the cold start once, then every trained one — edits the same held-out items with the
 same seeds and is scored by the same defender under the preset's gate (the curriculum stage), so
 cold start -> trained is the phase's effect: attack success (kept edits that fool defender 0 at
-least once), integrity rate, mean efficacy of kept edits; and the training reward of the first
+least once), its lift over the same items unedited (success the defender gives away anyway does not
+count) and flips (right when clean, wrong when edited), integrity rate, mean efficacy of kept edits; and the training reward of the first
 and last quarter of steps (different items per step). Every step is a version under ``--root``: a
 rerun with new tries reuses the data, the defender and the cold start. Writes ``OUT/<name>.json``.
 """
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     def scored(attacker: str) -> dict:  # the held-out items, edited and scored by the base config's curriculum
         s = steps.curriculum(attacker, heldout, defender)
-        return {"attack_success": s["attack_success_rate"], "integrity": s["integrity_rate"],
+        return {"attack_success": s["attack_success_rate"], "clean_failure": s["clean_failure_rate"],
+                "lift": s["attack_lift"], "flips": s["flip_rate"], "integrity": s["integrity_rate"],
                 "mean_efficacy": s["mean_efficacy"], "items": s["items"]}
 
     rows = [{"try": "cold start", "attacker": cold, **scored(cold)}]
@@ -72,11 +74,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "seconds": round(time.perf_counter() - started, 1)})
         rows[-1]["success_gain"] = rows[-1]["attack_success"] - rows[0]["attack_success"]
         write_results(args.out, args.name, info | {"wall_seconds": round(time.perf_counter() - t0, 1)}, rows)
-    print(f"\n{'attacker':<48} {'success':>8} {'gain':>7} {'integrity':>9} {'efficacy':>8} {'reward 1st->last q':>19}")
+    print(f"\n{'attacker':<48} {'success':>8} {'gain':>7} {'lift':>7} {'flips':>6} {'integrity':>9} {'efficacy':>8} "
+          f"{'reward 1st->last q':>19}")
     for r in rows:
         rew = f"{r['train_reward_first']:.3f} -> {r['train_reward_last']:.3f}" if "steps" in r else ""
-        print(f"{r['try'][:48]:<48} {r['attack_success']:>8.3f} {r.get('success_gain', 0.0):>+7.3f} "
-              f"{r['integrity']:>9.3f} {r['mean_efficacy']:>8.3f} {rew:>19}")
+        print(f"{r['try'][:48]:<48} {r['attack_success']:>8.3f} {r.get('success_gain', 0.0):>+7.3f} {r['lift']:>+7.3f} "
+              f"{r['flips']:>6.3f} {r['integrity']:>9.3f} {r['mean_efficacy']:>8.3f} {rew:>19}")
     return rows
 
 

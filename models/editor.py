@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 import os
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -33,6 +36,29 @@ from PIL import Image
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                 "img_mlp.net.0.proj", "img_mlp.net.2"]
 NEGATIVE_PROMPT = " "  # Qwen-Image-Edit's reference negative prompt: true CFG needs one, even empty
+
+
+def _fit_module(name: str, module: torch.nn.Module, loss_of: Callable[[torch.Generator], torch.Tensor], steps: int,
+                lr: float, seed: int) -> list[float]:
+    """AdamW on ``module`` for ``steps`` batches of ``loss_of(generator)`` (gradients clipped to 1:
+    a 3000-step GPU fit of the tiny VAE diverged without it), then frozen again. One line on
+    stderr every tenth of the way: a fit runs once, inside a model load, for minutes on a CPU."""
+    module.requires_grad_(True).train()
+    opt = torch.optim.AdamW(module.parameters(), lr=lr)
+    gen, losses, t0 = torch.Generator().manual_seed(seed), [], time.perf_counter()
+    every = max(1, steps // 10)
+    for step in range(1, steps + 1):
+        loss = loss_of(gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % every == 0 or step == steps:
+            print(f"{name} fit: step {step}/{steps}, loss {sum(losses[-every:]) / len(losses[-every:]):.4f}, "
+                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    module.requires_grad_(False).eval()
+    return losses
 
 
 @dataclass
@@ -182,20 +208,13 @@ class FlowEditor:
         target box intact; real checkpoints come with a trained VAE and never need this."""
         vae = self.pipe.vae
         images = [self.resize(im) for im in images]
-        vae.requires_grad_(True).train()
-        opt = torch.optim.AdamW(vae.parameters(), lr=lr)
-        gen, losses = torch.Generator().manual_seed(seed), []
-        for _ in range(steps):
+
+        def loss(gen):
             idx = torch.randint(len(images), (batch,), generator=gen).tolist()
             x = self._pixels([images[i] for i in idx], images[0].size)
-            loss = torch.nn.functional.mse_loss(vae.decode(vae.encode(x).latent_dist.mode()).sample, x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)  # a GPU fit of 3000 steps diverged without it
-            opt.step()
-            losses.append(float(loss.detach()))
-        vae.requires_grad_(False).eval()
-        return losses
+            return torch.nn.functional.mse_loss(vae.decode(vae.encode(x).latent_dist.mode()).sample, x)
+
+        return _fit_module("tiny VAE", vae, loss, steps, lr, seed)
 
     def fit_editor(self, pairs: list[tuple[Image.Image, Image.Image, str]], steps: int, batch: int = 16,
                    lr: float = 1e-3, seed: int = 0) -> list[float]:
@@ -203,11 +222,7 @@ class FlowEditor:
         size: x_s = (1 - s) x0 + s eps, target v = eps - x0. For the tiny editors only: what a real
         checkpoint's pretraining gives (copy the condition image, add what is described); a random
         transformer's edits share nothing with their input, so none could pass the integrity gate."""
-        tr = self.transformer
-        tr.requires_grad_(True).train()
-        opt = torch.optim.AdamW(tr.parameters(), lr=lr)
-        gen, losses = torch.Generator().manual_seed(seed), []
-        for _ in range(steps):
+        def loss(gen):
             idx = torch.randint(len(pairs), (batch,), generator=gen).tolist()
             cond = self.condition([pairs[i][0] for i in idx], [pairs[i][2] for i in idx])
             with torch.no_grad():
@@ -215,14 +230,9 @@ class FlowEditor:
             eps = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
             s = torch.rand(batch, 1, 1, generator=gen).to(x0.device, x0.dtype)
             v = self.velocity((1 - s) * x0 + s * eps, s.flatten() * 1000, cond, guidance=False)
-            loss = torch.nn.functional.mse_loss(v.float(), (eps - x0).float())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
-            opt.step()
-            losses.append(float(loss.detach()))
-        tr.requires_grad_(False).eval()
-        return losses
+            return torch.nn.functional.mse_loss(v.float(), (eps - x0).float())
+
+        return _fit_module("tiny editor", self.transformer, loss, steps, lr, seed)
 
     def fit_autoencoder_cached(self, key: dict, images: Callable[[], list[Image.Image]], **fit) -> Path:
         """``fit_autoencoder`` once per ``key`` (spec + fit settings); the VAE's weights are cached
@@ -247,7 +257,9 @@ class FlowEditor:
                 if not path.exists():
                     fit()
                     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp))
+                    # The key rides along as metadata, so a cached file says which fit it is.
+                    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp),
+                              metadata={"aot_fit_key": json.dumps(key, sort_keys=True, default=str)})
                     os.replace(tmp, path)  # atomic: a reader never sees half a file
         module.load_state_dict(load_file(str(path), device=str(self.device)))
         return path

@@ -87,7 +87,8 @@ def publish_curriculum_artifacts(store: ShardStore, version: str) -> None:
                           description=f"strategy mix of the kept edits of {version}")
     create_markdown_artifact(key="curriculum-summary", markdown=(
         f"# Curriculum `{version}`\n\n{s['kept']} of {s['items']} edits kept (integrity), {s['clean']} clean items; "
-        f"attack success rate {s['attack_success_rate']:.3f}, mean efficacy {s['mean_efficacy']:.3f}.\n\n"
+        f"attack success rate {s['attack_success_rate']:.3f} (the same items unedited fool the defender at "
+        f"{s['clean_failure_rate']:.3f}: lift {s['attack_lift']:+.3f}), mean efficacy {s['mean_efficacy']:.3f}.\n\n"
         f"Clean (top) vs edited (bottom):\n\n{_inline_png(store, m, 'grid.png')}\n\n{_inline_png(store, m, 'strategies.png')}\n"))
 
 

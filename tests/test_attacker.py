@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -156,6 +158,22 @@ def test_integrity_efficacy_with_a_scripted_defender():
     rows = reward([item.image] * 2, [Image.fromarray(edited), Image.fromarray(broken)], [item, item])
     assert rows[0]["integrity"] == 1.0 and rows[0]["efficacy"] == pytest.approx(2 / 3) and rows[0]["reward"] == pytest.approx(2 / 3)
     assert rows[1]["integrity"] == 0.0 and rows[1]["efficacy"] == 1.0 and rows[1]["reward"] == 0.0
+    # The unedited baseline asks the same K queries with the same seeds: B, C, A -> 2/3; B, B, B -> 1.
+    assert reward.unedited_efficacy([item.image] * 2, [item, item]) == [pytest.approx(2 / 3), 1.0]
+    assert reward.unedited_efficacy([], []) == []
+
+
+def test_attack_summary_reads_success_against_the_unedited_baseline():
+    from training.attacker_stage import attack_summary
+
+    kept = [{"efficacy": 1.0, "clean_efficacy": 0.0},  # a flip: right when clean, fooled when edited
+            {"efficacy": 2 / 3, "clean_efficacy": 1 / 3},  # already failed unedited: success, no lift
+            {"efficacy": 0.0, "clean_efficacy": 1.0},  # the edit made it right: negative lift
+            {"efficacy": 0.0, "clean_efficacy": 0.0}]
+    s = attack_summary(kept, items=8)  # 4 more items failed integrity
+    assert s == {"integrity_rate": 0.5, "attack_success_rate": 0.25, "clean_failure_rate": 0.25,
+                 "attack_lift": 0.0, "flip_rate": 0.125, "mean_efficacy": pytest.approx((1 + 2 / 3) / 4)}
+    assert attack_summary([], items=0)["attack_lift"] == 0.0
 
 
 def test_flow_grpo_learns_to_brighten_a_box():
@@ -218,6 +236,11 @@ def test_tiny_vae_fit_makes_reconstruction_faithful_and_is_cached(tmp_path, monk
     assert after >= before + 0.15, (before, after)
     (cached,) = (tmp_path / "tiny-vae").glob("*.safetensors")
     stamp = cached.stat().st_mtime_ns
+    from safetensors import safe_open
+
+    with safe_open(str(cached), "pt") as f:  # the file names its fit
+        key = json.loads(f.metadata()["aot_fit_key"])
+    assert key["steps"] == 40 and key["scenes"] == 48 and key["resolution"] == 32
     again = QwenImageEditor.tiny(resolution=32, vae_fit=fit)
     assert cached.stat().st_mtime_ns == stamp
     for (n, a), (_, b) in zip(fitted.pipe.vae.state_dict().items(), again.pipe.vae.state_dict().items()):

@@ -60,6 +60,12 @@ def test_cold_start_then_flow_grpo_then_curriculum(chain):
     assert df.filter(df["kind"] == "clean").height == s["clean"] == 6  # clean_fraction 0.5
     assert set(adv["strategy"].to_list()) <= set(s["strategy_mix"]) and abs(sum(s["strategy_mix"].values()) - 1) < 1e-9
     assert all(0 <= e <= 1 for e in adv["efficacy"].to_list())
+    # Every kept edit carries the defender's efficacy on its unedited image; the summary's baseline
+    # and lift are those columns' rates (queries 2: efficacy in {0, 0.5, 1}).
+    ce = adv["clean_efficacy"].to_list()
+    assert all(e in (0.0, 0.5, 1.0) for e in ce) and df.filter(df["kind"] == "clean")["clean_efficacy"].null_count() == 6
+    assert s["clean_failure_rate"] == sum(e > 0 for e in ce) / 6
+    assert s["attack_lift"] == pytest.approx(s["attack_success_rate"] - s["clean_failure_rate"])
     # The defender stage consumes a curriculum version like any dataset version.
     ex = examples_from_version(store, cur)
     assert len(ex) == 12 and ex[0].image.size == (32, 32)

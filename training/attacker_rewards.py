@@ -100,6 +100,11 @@ class IntegrityEfficacy:
                 right[j].append(extract_choice(t, it.num_options).letter == it.answer)
         return right
 
+    def unedited_efficacy(self, images: list[Image.Image], items: list[AttackItem]) -> list[float]:
+        """E of the images as they are (the same K queries and seeds): what an attack gets for free
+        on the items this defender already fails — the baseline an attack's efficacy is read against."""
+        return [efficacy(AttackSample([], r))["efficacy"] for r in self.answers(images, items)] if images else []
+
     def __call__(self, cleans, editeds, items) -> list[dict]:
         right = self.answers(editeds, items)
         return [attacker_reward(c, e, AttackSample(it.target_boxes, r), self.tau, self.global_floor, self.invalid_penalty)

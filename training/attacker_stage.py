@@ -188,6 +188,7 @@ CURRICULUM = {
     "integrity": pl.Float64,
     "target_ssim_min": pl.Float64,
     "efficacy": pl.Float64,
+    "clean_efficacy": pl.Float64,  # the same defender and queries on the unedited image
     "consecutive_failures": pl.Int64,
     "strategy": pl.String,
     "changed_fraction": pl.Float64,
@@ -218,7 +219,7 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
     defender = load_defender(store, defender_version, defender_device(cfg))
     reward = IntegrityEfficacy(defender, r.tau, r.queries, r.temperature, r.global_floor, r.invalid_penalty)
     items = [at_edit_size(editor, it) for it in items_from_version(store, data, c.max_items)]
-    kept, rejects, edits = [], [], []
+    kept, kept_items, rejects, edits = [], [], [], []
     outputs = edit_items(editor, items, [c.seed * 1_000_003 + n for n in range(len(items))], c.sampling_steps, c.batch,
                          on_item)
     for n, (item, edited) in enumerate(zip(items, outputs)):
@@ -231,10 +232,15 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
                "strategy": strat["strategy"], "changed_fraction": strat["changed_fraction"]}
         if score["integrity"]:
             kept.append(row)
+            kept_items.append(item)
             edits.append((item.image, edited))
         else:
             rejects.append({"id": item.id, "reason": "integrity",
                             "detail": f"target SSIM {score['target_ssim_min']:.3f} < tau {r.tau}"})
+    # The defender on the kept items' clean images: an edit that "fools" it on an item it already
+    # fails is no attack, so the summary reads success against this baseline (attack_lift).
+    for row, e in zip(kept, reward.unedited_efficacy([it.image for it in kept_items], kept_items)):
+        row["clean_efficacy"] = e
     if c.describe and kept:  # a real judge's description of each kept edit refines its label
         from metrics.strategies import refine_with_description
         from models import load
@@ -267,14 +273,25 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
         edit_grid(edits[:8], os.path.join(tmp, "grid.png"))
         plot_strategy_mix(mix, os.path.join(tmp, "strategies.png"))
         files = store.put_folder(data.dataset, "curriculum", version, tmp)
-    eff = [k["efficacy"] for k in kept]
-    summary = {"items": len(items), "kept": len(kept), "clean": len(clean),
-               "integrity_rate": len(kept) / max(1, len(items)),
-               "attack_success_rate": sum(e > 0 for e in eff) / max(1, len(items)),
-               "mean_efficacy": sum(eff) / max(1, len(eff)),
+    summary = {"items": len(items), "kept": len(kept), "clean": len(clean), **attack_summary(kept, len(items)),
                "strategy_mix": mix}
     return store.commit(data.dataset, "curriculum", version, [rec], config=vcfg, parents=parents,
                         code_version=code_version(), files=files, extra={"summary": summary})
+
+
+def attack_summary(kept: list[dict], items: int) -> dict:
+    """Rates over all ``items`` attacked, from the kept rows' ``efficacy`` and ``clean_efficacy``:
+    success = kept edits that fool the defender at least once in K; clean failure = the same
+    items' unedited images that do; lift = success - clean failure (what the edits add); flips =
+    kept items answered right at the first query when clean and wrong when edited."""
+    n = max(1, items)
+    eff = [k["efficacy"] for k in kept]
+    return {"integrity_rate": len(kept) / n,
+            "attack_success_rate": sum(e > 0 for e in eff) / n,
+            "clean_failure_rate": sum(k["clean_efficacy"] > 0 for k in kept) / n,
+            "attack_lift": (sum(e > 0 for e in eff) - sum(k["clean_efficacy"] > 0 for k in kept)) / n,
+            "flip_rate": sum(k["clean_efficacy"] == 0 and k["efficacy"] > 0 for k in kept) / n,
+            "mean_efficacy": sum(eff) / max(1, len(eff))}
 
 
 def edit_grid(pairs: list[tuple], path: str) -> None:

@@ -154,6 +154,9 @@ def run_coevolution(store: ShardStore, cfg: PipelineConfig, steps: Steps, source
             "attack_success_start": attack_start["attack_success_rate"],
             "attack_success_before": attack_before["attack_success_rate"],
             "attack_success_after": attack_after["attack_success_rate"],
+            # success beyond the items the defender fails unedited (attack_summary): the attack's own effect
+            "attack_lift_start": attack_start["attack_lift"], "attack_lift_before": attack_before["attack_lift"],
+            "attack_lift_after": attack_after["attack_lift"],
             "integrity_rate": attack_before["integrity_rate"],
             "defender_clean_accuracy": clean.get("clean_accuracy"),
             "defender_attacked_accuracy": attacked.get("adversarial_accuracy"),
