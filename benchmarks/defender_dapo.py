@@ -5,7 +5,9 @@ Qwen2.5-VL architecture (3B by default) with random weights (no weights can be d
 bf16 weights, gradient checkpointing, HF generate in both. Per step: generation, log-prob and
 update time, completion and total tokens/s, update-phase MFU (6 N tokens against the card's
 bf16 matmul rate measured in the same run), peak GPU memory. With ``--lora-7b`` it also takes
-one DAPO step of the 7B architecture with LoRA (rank 64) and reports the peak memory.
+one DAPO step of the 7B architecture with LoRA (rank 64) and reports the peak memory. With
+``--profile`` one extra step of each of our variants runs under torch.profiler and its top operators
+(self device time, call counts) go into the JSON: where the update's time goes.
 
 GPU: ``python benchmarks/defender_dapo.py --out DIR``. CPU smoke run: ``--tiny`` (small
 architecture, 1 step; checks that both code paths run).
@@ -97,11 +99,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, lora=0, cache="dynamic"):
+def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, lora=0, cache="dynamic",
+             vision_attention="stock", profile=False):
     from rl.dapo import DapoConfig
     from training.defender import DefenderTrainConfig, DefenderTrainer
 
-    policy = QwenVLPolicy(model, proc, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    policy = QwenVLPolicy(model, proc, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+                          vision_attention=vision_attention)
     cfg = DefenderTrainConfig(mode="dapo", steps=steps + 1, batch_prompts=batch // G, micro_batch=batch, lr=1e-6,
                               max_new_tokens=completion, gradient_checkpointing=True, lora_rank=lora, lora_alpha=2 * lora,
                               decode_cache=cache,
@@ -109,18 +113,39 @@ def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, lor
     tr = DefenderTrainer(policy, rows(batch // G * (steps + 1), prompt_chars), cfg)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    out = []
-    for _ in range(steps + 1):
+    out, ops = [], None
+    for n in range(steps + 1):
         sync(device)
         t0 = time.perf_counter()
-        r = tr.dapo_step()
+        if profile and n == steps:  # the last step under the profiler (its timing is not counted)
+            r, ops = profiled(tr.dapo_step, device)
+        else:
+            r = tr.dapo_step()
         tr.step += 1
         sync(device)
         out.append({"step_s": time.perf_counter() - t0, "generation_s": r["sample_seconds"], "logprob_s": r["logprob_seconds"],
                     "update_s": r["update_seconds"], "completion_tokens": float(r["response_length"]) * batch})
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     del tr, policy
-    return out[1:], peak
+    timed = out[1:-1] if profile and steps > 1 else out[1:]
+    return timed, peak, ops
+
+
+def profiled(fn, device, top: int = 25):
+    """``fn()`` under torch.profiler: its result and the top operators by self device time (self CPU
+    time on a CPU) with call counts — where a step's time goes, e.g. thousands of small attention
+    calls or elementwise kernels between the GEMMs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        res = fn()
+        sync(device)
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)[:top]
+    total = sum(getattr(e, key, 0.0) for e in prof.key_averages())
+    return res, [{"op": e.key, "calls": e.count, "self_ms": getattr(e, key, 0.0) / 1e3,
+                  "share": getattr(e, key, 0.0) / max(total, 1e-9)} for e in rows]
 
 
 def run_trl(model, proc, device, batch, G, completion, steps, prompt_chars, outdir):
@@ -195,7 +220,11 @@ def main():
     ap.add_argument("--completion", type=int, default=256)
     ap.add_argument("--prompt-chars", type=int, default=300)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--impls", default="ours,trl", help="ours, ours-static (static KV cache, compiled decoding), trl")
+    ap.add_argument("--impls", default="ours,trl",
+                    help="comma-separated: ours, ours-static (static KV cache, compiled decoding), ours-grouped "
+                         "(vision windows batched: models/vision_attention.py), ours-static-grouped, trl")
+    ap.add_argument("--profile", action="store_true",
+                    help="run one extra step of each of ours under torch.profiler; top operators into the JSON")
     ap.add_argument("--lora-7b", action="store_true")
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args()
@@ -222,18 +251,27 @@ def main():
             prompt_tokens = int(enc["input_ids"].shape[1])
             patches = int(enc["image_grid_thw"].prod())
             t0 = time.perf_counter()
+            ops = None
             if impl.startswith("ours"):
-                cache = "static" if impl == "ours-static" else "dynamic"
-                r, peak = run_ours(model, proc, device, batch, a.generations, a.completion, a.steps, a.prompt_chars,
-                                   cache=cache)
+                unknown = set(impl.split("-")[1:]) - {"static", "grouped"}
+                if unknown:
+                    raise SystemExit(f"unknown variant {sorted(unknown)} in {impl!r}; see --help for --impls")
+                r, peak, ops = run_ours(model, proc, device, batch, a.generations, a.completion, a.steps,
+                                        a.prompt_chars, cache="static" if "static" in impl else "dynamic",
+                                        vision_attention="grouped" if "grouped" in impl else "stock", profile=a.profile)
             else:
                 r, peak = run_trl(model, proc, device, batch, a.generations, a.completion, a.steps, a.prompt_chars,
                                   out / "trl-tmp")
             s = summarize(impl, r, batch, prompt_tokens, a.completion, n_text, n_vis, patches,
                           info["bf16_matmul_tflops"], peak)
             s.update(prompt_tokens=prompt_tokens, params_text=n_text, params_vision=n_vis, wall_s=time.perf_counter() - t0)
+            if ops:
+                s["profile_top_ops"] = ops
+                print(f"{impl} batch {batch}: top operators of one profiled step (self time)")
+                for o in ops[:12]:
+                    print(f"  {o['share']:6.1%} {o['self_ms']:9.1f} ms {o['calls']:>7} calls  {o['op'][:70]}")
             results.append(s)
-            print(json.dumps(s), flush=True)
+            print(json.dumps({k: v for k, v in s.items() if k != "profile_top_ops"}), flush=True)
             del model, proc
             gc.collect()
             if device == "cuda":
@@ -242,7 +280,7 @@ def main():
     if a.lora_7b:
         model, proc = build("7b", device, dtype)
         n_text, n_vis = param_counts(model)
-        r, peak = run_ours(model, proc, device, 16, a.generations, a.completion, 1, a.prompt_chars, lora=64)
+        r, peak, _ = run_ours(model, proc, device, 16, a.generations, a.completion, 1, a.prompt_chars, lora=64)
         lo = {"impl": "ours-7b-lora64", "batch": 16, "step_s": r[0]["step_s"], "generation_s": r[0]["generation_s"],
               "update_s": r[0]["update_s"], "peak_gib": peak, "params_text": n_text, "params_vision": n_vis}
         results.append(lo)

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from models.mcq import letters
+from models.vision_attention import set_vision_attention
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
            "<|video_pad|>", "<unk>"]
@@ -165,8 +166,11 @@ class Rollout:
 
 
 class QwenVLPolicy:
-    def __init__(self, model, processor, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, model, processor, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 vision_attention: str = "stock"):
         self.model = model.to(device=device, dtype=dtype)
+        # "grouped": the vision tower's windows in a few batched calls (models/vision_attention.py)
+        set_vision_attention(self.model, vision_attention)
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"
@@ -181,21 +185,24 @@ class QwenVLPolicy:
 
     # ------------------------------------------------------------ building
     @classmethod
-    def tiny(cls, seed: int = 0, spec: TinyDefenderSpec | None = None, device: str = "cpu") -> "QwenVLPolicy":
+    def tiny(cls, seed: int = 0, spec: TinyDefenderSpec | None = None, device: str = "cpu",
+             vision_attention: str = "stock") -> "QwenVLPolicy":
         spec = spec or TinyDefenderSpec()
         tok = build_tiny_tokenizer()
-        return cls(build_tiny_model(tok, spec, seed), build_tiny_processor(tok, spec), device=device)
+        return cls(build_tiny_model(tok, spec, seed), build_tiny_processor(tok, spec), device=device,
+                   vision_attention=vision_attention)
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False,
-                        min_pixels: int | None = None, max_pixels: int | None = None) -> "QwenVLPolicy":
+                        min_pixels: int | None = None, max_pixels: int | None = None,
+                        vision_attention: str = "stock") -> "QwenVLPolicy":
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype),
                                                             trust_remote_code=trust_remote_code, use_safetensors=True)
-        return cls(model, processor, device=device, dtype=getattr(torch, dtype))
+        return cls(model, processor, device=device, dtype=getattr(torch, dtype), vision_attention=vision_attention)
 
     def save(self, folder: str | Path) -> None:
         """Weights as safetensors, plus config, tokenizer and processor: loadable by from_pretrained."""
@@ -296,8 +303,8 @@ def load_policy(spec: dict | str) -> QwenVLPolicy:
         checkpoint = spec.pop("checkpoint", None)
         if checkpoint:
             return QwenVLPolicy.from_pretrained(checkpoint, **spec)
-        seed, device = spec.pop("seed", 0), spec.pop("device", "cpu")
-        return QwenVLPolicy.tiny(seed=seed, spec=TinyDefenderSpec(**spec), device=device)
+        seed, device, vision = spec.pop("seed", 0), spec.pop("device", "cpu"), spec.pop("vision_attention", "stock")
+        return QwenVLPolicy.tiny(seed=seed, spec=TinyDefenderSpec(**spec), device=device, vision_attention=vision)
     if backend == "qwen-vl":
         return QwenVLPolicy.from_pretrained(spec.pop("model"), **spec)
     raise ValueError(f"unknown defender backend {backend!r}")

@@ -28,7 +28,7 @@ from stages.version import code_version
 from storage import IMAGE_DTYPE, Manifest, ShardStore, content_hash, decode_image, image_cells
 from training.attacker import AttackerTrainer, EditPair, at_edit_size
 from training.attacker_rewards import AttackItem, IntegrityEfficacy
-from training.stage import WORK, defender_device, fetch_version, load_defender, plot_metrics
+from training.stage import WORK, defender_runtime, fetch_version, load_defender, plot_metrics
 
 
 def attack_instruction(question: str, target_names: list[str], description: str | None = None) -> str:
@@ -119,7 +119,7 @@ def train_attacker_version(store: ShardStore, cfg: PipelineConfig, data_version:
         kw = {"pairs": pairs_from_version(store, data, a.max_items)}
     else:
         r = train_cfg.reward
-        defender = load_defender(store, defender_version, defender_device(cfg))
+        defender = load_defender(store, defender_version, **defender_runtime(cfg))
         kw = {"items": items_from_version(store, data, a.max_items),
               "rewards": {"aot": IntegrityEfficacy(defender, r.tau, r.queries, r.temperature, r.global_floor,
                                                    r.invalid_penalty)}}
@@ -216,7 +216,7 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
     if done is not None:
         return done
     editor = load_attacker(store, attacker_version, a.model)
-    defender = load_defender(store, defender_version, defender_device(cfg))
+    defender = load_defender(store, defender_version, **defender_runtime(cfg))
     reward = IntegrityEfficacy(defender, r.tau, r.queries, r.temperature, r.global_floor, r.invalid_penalty)
     items = [at_edit_size(editor, it) for it in items_from_version(store, data, c.max_items)]
     kept, kept_items, rejects, edits = [], [], [], []

@@ -80,25 +80,27 @@ def fetch_version(store: ShardStore, m: Manifest) -> Path:
     return local
 
 
-def defender_device(cfg: PipelineConfig) -> str:
-    """Where the config's defender runs (``defender.model.device``; default cpu)."""
-    return cfg.defender.model.get("device", "cpu")
+def defender_runtime(cfg: PipelineConfig) -> dict:
+    """How the config's defender runs, whatever checkpoint it loads: ``defender.model.device``
+    (default cpu) and ``vision_attention`` (default stock)."""
+    m = cfg.defender.model
+    return {"device": m.get("device", "cpu"), "vision_attention": m.get("vision_attention", "stock")}
 
 
-def load_defender(store: ShardStore, version: str, device: str = "cpu"):
+def load_defender(store: ShardStore, version: str, device: str = "cpu", vision_attention: str = "stock"):
     """A trained defender version as a policy (its files cached locally by version id)."""
     from models.qwen_vl import QwenVLPolicy
 
     m = store.manifest(version)
     if m.stage != "defender":
         raise ValueError(f"{version} is a {m.stage} version, not a defender checkpoint")
-    return QwenVLPolicy.from_pretrained(str(fetch_version(store, m)), device=device)
+    return QwenVLPolicy.from_pretrained(str(fetch_version(store, m)), device=device, vision_attention=vision_attention)
 
 
 def _initial_policy(store: ShardStore, cfg: PipelineConfig, init_version: str | None):
     from models.qwen_vl import load_policy
 
-    return load_defender(store, init_version, defender_device(cfg)) if init_version else load_policy(cfg.defender.model)
+    return load_defender(store, init_version, **defender_runtime(cfg)) if init_version else load_policy(cfg.defender.model)
 
 
 def train_defender_version(store: ShardStore, cfg: PipelineConfig, data_version: str, init_version: str | None = None,
@@ -121,7 +123,7 @@ def train_defender_version(store: ShardStore, cfg: PipelineConfig, data_version:
             from models.qwen_vl import QwenVLPolicy
 
             resume = os.path.join(tmp, "resume")  # a crashed run's last checkpoint: continue from it
-            policy = QwenVLPolicy.from_pretrained(resume, device=defender_device(cfg))
+            policy = QwenVLPolicy.from_pretrained(resume, **defender_runtime(cfg))
         else:
             policy = _initial_policy(store, cfg, init_version)
         trainer = DefenderTrainer(policy, examples, train_cfg, resume_from=resume)
@@ -193,7 +195,7 @@ def evaluate_defender_version(store: ShardStore, cfg: PipelineConfig, checkpoint
     if done is not None:
         return done
     examples = examples_from_version(store, data, cfg.defender.images, cfg.defender.max_examples)
-    rows = answer_items(load_defender(store, checkpoint_version, defender_device(cfg)), examples)
+    rows = answer_items(load_defender(store, checkpoint_version, **defender_runtime(cfg)), examples)
     for r in rows:  # example ids are "<row id>:<clean|adversarial>"
         r["id"], r["image_kind"] = r["id"].rsplit(":", 1)
     df = pl.DataFrame(rows, schema={"id": pl.String, "image_kind": pl.String, "answer": pl.String, "response": pl.String,
