@@ -100,14 +100,14 @@ def sync(device):
 
 
 def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, lora=0, cache="dynamic",
-             vision_attention="stock", profile=False):
+             vision_attention="stock", profile=False, grad_ckpt=True):
     from rl.dapo import DapoConfig
     from training.defender import DefenderTrainConfig, DefenderTrainer
 
     policy = QwenVLPolicy(model, proc, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
                           vision_attention=vision_attention)
     cfg = DefenderTrainConfig(mode="dapo", steps=steps + 1, batch_prompts=batch // G, micro_batch=batch, lr=1e-6,
-                              max_new_tokens=completion, gradient_checkpointing=True, lora_rank=lora, lora_alpha=2 * lora,
+                              max_new_tokens=completion, gradient_checkpointing=grad_ckpt, lora_rank=lora, lora_alpha=2 * lora,
                               decode_cache=cache,
                               dapo=DapoConfig(group_size=G, dynamic_sampling=False, mask_truncated=False))
     tr = DefenderTrainer(policy, rows(batch // G * (steps + 1), prompt_chars), cfg)
@@ -222,12 +222,19 @@ def main():
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--impls", default="ours,trl",
                     help="comma-separated: ours, ours-static (static KV cache, compiled decoding), ours-grouped "
-                         "(vision windows batched: models/vision_attention.py), ours-static-grouped, trl")
+                         "(vision windows batched: models/vision_attention.py), ours-nockpt (no gradient "
+                         "checkpointing: no recomputed forward, more memory); variants combine, e.g. "
+                         "ours-static-grouped-nockpt; trl")
     ap.add_argument("--profile", action="store_true",
                     help="run one extra step of each of ours under torch.profiler; top operators into the JSON")
     ap.add_argument("--lora-7b", action="store_true")
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args()
+    for impl in a.impls.split(","):  # before any model is built
+        unknown = set(impl.split("-")[1:]) - {"static", "grouped", "nockpt"} if impl.startswith("ours") else \
+            ({impl} - {"trl"})
+        if unknown:
+            raise SystemExit(f"unknown implementation or variant {sorted(unknown)} in {impl!r}; see --help for --impls")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     arch = "tiny" if a.tiny else a.arch
     if a.tiny:
@@ -253,12 +260,10 @@ def main():
             t0 = time.perf_counter()
             ops = None
             if impl.startswith("ours"):
-                unknown = set(impl.split("-")[1:]) - {"static", "grouped"}
-                if unknown:
-                    raise SystemExit(f"unknown variant {sorted(unknown)} in {impl!r}; see --help for --impls")
                 r, peak, ops = run_ours(model, proc, device, batch, a.generations, a.completion, a.steps,
                                         a.prompt_chars, cache="static" if "static" in impl else "dynamic",
-                                        vision_attention="grouped" if "grouped" in impl else "stock", profile=a.profile)
+                                        vision_attention="grouped" if "grouped" in impl else "stock", profile=a.profile,
+                                        grad_ckpt="nockpt" not in impl)
             else:
                 r, peak = run_trl(model, proc, device, batch, a.generations, a.completion, a.steps, a.prompt_chars,
                                   out / "trl-tmp")
