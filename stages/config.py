@@ -140,6 +140,11 @@ class CurriculumConfig:
                                    "weak attacker keeps few edits, and DAPO needs enough distinct prompts to find "
                                    "informative groups (dynamic sampling).")
     sampling_steps: int = documented(10, "Denoising steps of a curriculum edit (deterministic ODE sampler).")
+    noise_level: float = documented(0.0, "SDE noise a of a curriculum edit; 0: the deterministic ODE sampler "
+                                         "(Flow-GRPO's evaluation). Flow-GRPO trains the SDE policy "
+                                         "(attacker.rl.flow_grpo.noise_level): a > 0 samples the curriculum as the "
+                                         "attacker was trained (one item per sampler call, its noise seeded by the "
+                                         "item), for when what it learned does not carry to ODE edits (RESULTS.md).")
     batch: int = documented(16, "Items edited per sampler call (throughput; each edit's noise is seeded by its item "
                                 "alone, so results match one-by-one edits up to float rounding).")
     max_items: int = documented(0, "Attack at most this many items of the input version (0: all).")

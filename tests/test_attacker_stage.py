@@ -180,3 +180,9 @@ def test_batched_edits_equal_one_by_one_edits():
         assert a.size == b.size
         assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
     assert np.asarray(one[0]).tobytes() != np.asarray(one[1]).tobytes()  # seeds differ, edits differ
+    # SDE edits (attacker.curriculum.noise_level > 0): seeded per item, so the same whatever the
+    # batch setting, and not the ODE edits.
+    sde = edit_items(editor, items, seeds, steps=3, batch=1, noise_level=1.0)
+    assert [np.asarray(a).tobytes() for a in sde] == \
+        [np.asarray(a).tobytes() for a in edit_items(editor, items, seeds, steps=3, batch=4, noise_level=1.0)]
+    assert all(np.asarray(a).tobytes() != np.asarray(b).tobytes() for a, b in zip(sde, one))

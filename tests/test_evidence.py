@@ -155,12 +155,19 @@ def test_attacker_learnability_scores_every_try_on_the_same_items(tmp_path):
 
     with pytest.raises(SystemExit, match="attacker.rl"):
         main(["--tiny", "--root", str(tmp_path / "r"), "--out", str(tmp_path), "--try", "defender.rl.lr=1"])
-    rows = main(["--tiny", "--root", str(tmp_path / "r"), "--out", str(tmp_path),
-                 "--try", "", "--try", "attacker.rl.lr=1e-12"])
-    assert [r["try"] for r in rows] == ["cold start", "preset", "attacker.rl.lr=1e-12"]
+    rows = main(["--tiny", "--root", str(tmp_path / "r"), "--out", str(tmp_path), "--score-noise", "1.0",
+                 "--try", "", "--try", "attacker.rl.lr=1e-12", "--try", "attacker.cold_start.steps=2,attacker.rl.steps=0"])
+    assert [r["try"] for r in rows] == ["cold start", "preset", "attacker.rl.lr=1e-12",
+                                        "cold start attacker.cold_start.steps=2"]
+    # its own cold start (2 steps, not the toy's 1), scored alone; every row also scored with SDE edits
+    assert rows[3]["attacker"] != rows[0]["attacker"] and "steps" not in rows[3]
+    assert all(0 <= r["sde_attack_success"] <= 1 and r["sde_items"] == r["items"] for r in rows)
+    assert rows[1]["sde_success_gain"] == rows[1]["sde_attack_success"] - rows[0]["sde_attack_success"]
+    for r in rows:  # the lift is success over the same items' unedited failures
+        assert r["lift"] == pytest.approx(r["attack_success"] - r["clean_failure"])
     assert len({r["items"] for r in rows}) == 1 and all(0 <= r["attack_success"] <= 1 for r in rows)
     assert rows[1]["attacker"] != rows[2]["attacker"] and rows[1]["steps"] == rows[2]["steps"] == 2
     # lr 1e-12: the LoRA does not move, so its edits are scored as the cold start's
     assert (rows[2]["attack_success"], rows[2]["integrity"]) == (rows[0]["attack_success"], rows[0]["integrity"])
     saved = json.loads((tmp_path / "attacker_learnability.json").read_text())
-    assert [r["try"] for r in saved["results"]] == ["cold start", "preset", "attacker.rl.lr=1e-12"]
+    assert [r["try"] for r in saved["results"]] == [r["try"] for r in rows] and saved["info"]["score_noise"] == 1.0

@@ -154,12 +154,16 @@ def train_attacker_version(store: ShardStore, cfg: PipelineConfig, data_version:
 
 @torch.no_grad()
 def edit_items(editor, items: list[AttackItem], seeds: list[int], steps: int, batch: int = 1,
-               on_item: Callable[[int, int], None] | None = None) -> list:
-    """The frozen attacker's deterministic edit (ODE sampler) of every item, ``batch`` items of
-    one edit size per sampler call. Item i starts from noise seeded by ``seeds[i]`` alone, so an
-    edit does not depend on the batch it was in (up to float rounding)."""
+               on_item: Callable[[int, int], None] | None = None, noise_level: float = 0.0,
+               sigma_cap: float = 0.0) -> list:
+    """The frozen attacker's edit of every item: the deterministic ODE sampler, ``batch`` items of
+    one edit size per sampler call; with ``noise_level`` > 0 the SDE sampler, one item per call.
+    Item i's noise (initial, and each SDE step's) is seeded by ``seeds[i]`` alone, so an edit does
+    not depend on the batch it was in (up to float rounding)."""
     from rl.flow_sampler import sample
 
+    if noise_level > 0:
+        batch = 1  # the SDE steps draw from one generator per call: one item each keeps them per item
     out, i = [], 0
     while i < len(items):
         j = i + 1
@@ -167,9 +171,10 @@ def edit_items(editor, items: list[AttackItem], seeds: list[int], steps: int, ba
             j += 1
         chunk = items[i:j]
         cond = editor.condition([it.image for it in chunk], [it.instruction for it in chunk])
-        x = torch.cat([editor.noise(cond.select(k), torch.Generator().manual_seed(seeds[i + k]))
-                       for k in range(len(chunk))])
-        out += editor.decode(sample(editor, cond, steps, 0.0, x=x).final, cond)
+        gens = [torch.Generator().manual_seed(seeds[i + k]) for k in range(len(chunk))]
+        x = torch.cat([editor.noise(cond.select(k), g) for k, g in enumerate(gens)])
+        out += editor.decode(sample(editor, cond, steps, noise_level, sigma_cap=sigma_cap, generator=gens[0],
+                                    x=x).final, cond)
         i = j
         if on_item:
             on_item(i, len(items))
@@ -221,7 +226,7 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
     items = [at_edit_size(editor, it) for it in items_from_version(store, data, c.max_items)]
     kept, kept_items, rejects, edits = [], [], [], []
     outputs = edit_items(editor, items, [c.seed * 1_000_003 + n for n in range(len(items))], c.sampling_steps, c.batch,
-                         on_item)
+                         on_item, c.noise_level, a.rl.flow_grpo.sigma_cap)
     for n, (item, edited) in enumerate(zip(items, outputs)):
         score = reward([item.image], [edited], [item])[0]
         strat = classify_edit(item.image, edited)
