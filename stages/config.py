@@ -148,6 +148,8 @@ class CurriculumConfig:
     batch: int = documented(16, "Items edited per sampler call (throughput; each edit's noise is seeded by its item "
                                 "alone, so results match one-by-one edits up to float rounding).")
     max_items: int = documented(0, "Attack at most this many items of the input version (0: all).")
+    shard_size: int = documented(64, "Items per shard: each shard's edits are written when it finishes, so a crashed "
+                                     "or retried run redoes only the unfinished shards (0: one shard).")
     seed: int = documented(0, "Seed of the edits' initial noise and of the clean items' choice.")
     describe: bool = documented(False, "Ask the judge (models.judge, an MLLM backend) to describe each kept edit; "
                                        "the description is stored and refines ambiguous strategy labels "
@@ -269,6 +271,8 @@ class PipelineConfig:
                and self.coevolution.warmup_scenes >= 0, "coevolution",
                "needs iterations >= 1, heldout_scenes >= 1 and warmup_scenes >= 0")
         _check(0 <= a.curriculum.clean_fraction < 1, "attacker.curriculum.clean_fraction", "must be within [0, 1)")
+        _check(a.curriculum.shard_size >= 0, "attacker.curriculum.shard_size", "must be >= 0 (0: one shard)")
+        _check(a.curriculum.noise_level >= 0, "attacker.curriculum.noise_level", "must be >= 0 (0: the ODE sampler)")
         from models.editor import EDITOR_BACKENDS
 
         _check(a.model.get("backend", "tiny") in EDITOR_BACKENDS, "attacker.model.backend",

@@ -435,9 +435,14 @@ class ShardStore:
         return posixpath.join(self.version_path(manifest.dataset, manifest.stage, manifest.version), ref.path)
 
     def read_part(self, manifest: Manifest, ref: PartRef, verify: bool = True) -> pl.DataFrame:
-        raw = self.fs.cat_file(self.part_path(manifest, ref))
+        return self.read_version_part(manifest.dataset, manifest.stage, manifest.version, ref, verify)
+
+    def read_version_part(self, dataset: str, stage: str, version: str, ref: PartRef,
+                          verify: bool = True) -> pl.DataFrame:
+        """One part of a version, committed or not yet (a finished shard of a running stage)."""
+        raw = self.fs.cat_file(posixpath.join(self.version_path(dataset, stage, version), ref.path))
         if verify and sha256_bytes(raw) != ref.sha256:
-            raise StorageError(f"part {ref.path} of {manifest.version} does not match its sha256: the file changed")
+            raise StorageError(f"part {ref.path} of {version} does not match its sha256: the file changed")
         return pl.read_parquet(io.BytesIO(raw))
 
     def read(self, version: str | Manifest, kind: str = "data") -> pl.DataFrame:

@@ -105,6 +105,47 @@ def test_integrity_gate_rejects_with_a_reason(chain):
 
 
 @pytest.mark.slow
+def test_curriculum_shards_resume_after_a_crash_and_match_one_shard(chain, monkeypatch):
+    """Shards of 4 items: a crash in the second shard keeps the first; the rerun computes only the
+    rest, and the version holds what one unsharded run gives (up to the float rounding of batching)."""
+    import numpy as np
+
+    import training.attacker_stage as stage
+    from storage import decode_image
+
+    store, cfg, v = chain
+    cold, _ = train_attacker_version(store, cfg, v["export"], mode="sft")
+
+    def with_shards(n):
+        return load_config("synthetic", {**SMALL, "attacker": {**SMALL["attacker"], "curriculum": {
+            **SMALL["attacker"]["curriculum"], "shard_size": n}}})
+
+    whole = generate_curriculum_version(store, with_shards(0), cold.version, v["filter"], v["defender"])
+    real, calls = stage._curriculum_shard, []
+
+    def crash_on_second(*a, **k):
+        calls.append(a[5])  # the shard's item range
+        if len(calls) == 2:
+            raise RuntimeError("injected crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(stage, "_curriculum_shard", crash_on_second)
+    with pytest.raises(RuntimeError, match="injected"):
+        generate_curriculum_version(store, with_shards(4), cold.version, v["filter"], v["defender"])
+    assert calls == [range(0, 4), range(4, 6)]
+    calls.clear()
+    monkeypatch.setattr(stage, "_curriculum_shard", lambda *a, **k: (calls.append(a[5]), real(*a, **k))[1])
+    sharded = generate_curriculum_version(store, with_shards(4), cold.version, v["filter"], v["defender"])
+    assert calls == [range(4, 6)]  # the first shard was not redone
+    assert len(sharded.parts) == 3 and sharded.extra["summary"]["shards"] == 2  # 2 edit shards + the clean fill
+    a, b = store.read(whole), store.read(sharded)
+    assert a.drop("image").equals(b.drop("image"))
+    for x, y in zip(a["image"].to_list(), b["image"].to_list()):
+        assert np.abs(np.asarray(decode_image(x), dtype=int) - np.asarray(decode_image(y), dtype=int)).max() <= 2
+    assert {k: v for k, v in sharded.extra["summary"].items() if k != "shards"} == \
+        {k: v for k, v in whole.extra["summary"].items() if k != "shards"}
+
+
 def test_flows_give_the_same_versions_and_the_cli_names_the_missing_defender(chain, tmp_path, monkeypatch, capsys):
     store, cfg, v = chain
     from aot.cli import main

@@ -201,33 +201,90 @@ CURRICULUM = {
 }
 
 
+REJECTS = {"id": pl.String, "reason": pl.String, "detail": pl.String}
+
+
 @torch.no_grad()
 def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker_version: str, data_version: str,
                                 defender_version: str, on_item: Callable[[int, int], None] | None = None) -> Manifest:
     """The frozen attacker edits every item of ``data_version`` once (ODE sampler, one seed per
     item); edits that pass integrity are kept with their efficacy against the frozen defender and
     their strategy, then mixed with clean items (``clean_fraction`` of the rows, and at least up to
-    ``min_rows`` rows). Rows that fail integrity go to the rejects."""
-    from metrics.strategies import classify_edit, strategy_mix
+    ``min_rows`` rows). Rows that fail integrity go to the rejects.
+
+    The edits run in shards of ``attacker.curriculum.shard_size`` items, each written as it
+    finishes: a crashed or retried run redoes only the shards that did not finish. The clean
+    fill, which depends on every shard's kept edits, is the last shard."""
+    from metrics.strategies import strategy_mix
 
     a, c = cfg.attacker, cfg.attacker.curriculum
-    r = a.rl.reward
     data = store.manifest(data_version)
     parents = [attacker_version, data.version, defender_version]
-    vcfg = {"curriculum": dataclasses.asdict(c), "reward": dataclasses.asdict(r), "model": a.model,
+    vcfg = {"curriculum": dataclasses.asdict(c), "reward": dataclasses.asdict(a.rl.reward), "model": a.model,
             **({"judge": cfg.models["judge"]} if c.describe else {})}
     version = content_hash({"stage": "curriculum", "config": vcfg, "code": code_version(), "parents": parents})
     done = store.manifest_at(data.dataset, "curriculum", version)
     if done is not None:
         return done
-    editor = load_attacker(store, attacker_version, a.model)
-    defender = load_defender(store, defender_version, **defender_runtime(cfg))
-    reward = IntegrityEfficacy(defender, r.tau, r.queries, r.temperature, r.global_floor, r.invalid_penalty)
-    items = [at_edit_size(editor, it) for it in items_from_version(store, data, c.max_items)]
+    items = items_from_version(store, data, c.max_items)
+    size = c.shard_size or max(1, len(items))
+    chunks = [range(i, min(i + size, len(items))) for i in range(0, len(items), size)]
+    models: dict = {}  # editor, defender and reward: loaded on the first shard that needs computing
+    records, kept = [], []
+    for index, chunk in enumerate(chunks):
+        key = content_hash({"parents": parents, "items": [items[n].id for n in chunk]})
+        rec = store.finished_shard(data.dataset, "curriculum", version, index, key)
+        if rec is None:
+            df, rej = _curriculum_shard(store, cfg, attacker_version, defender_version, items, chunk, models, on_item)
+            rec = store.write_shard(data.dataset, "curriculum", version, index, key, len(chunk), df, rej)
+        elif on_item:
+            on_item(chunk.stop, len(items))
+        records.append(rec)
+        kept += store.read_version_part(data.dataset, "curriculum", version, rec.data).to_dicts()
+    # Clean items: the attacked items' own clean images first, then the rest, up to the fraction.
+    n_clean = max(round(len(kept) * c.clean_fraction / (1 - c.clean_fraction)), c.min_rows - len(kept))
+    attacked = {k["id"] for k in kept}
+    order = sorted(range(len(items)), key=lambda i: (f"{items[i].id}:attack" not in attacked, i))
+    clean = [items[i] for i in order[:n_clean]]
+    rows = [{"id": f"{it.id}:clean", "kind": "clean", "question": it.question, "options": it.options,
+             "answer": it.answer, "target_names": it.target_names, "target_boxes": it.target_boxes}
+            for it in clean]
+    for row, cell in zip(rows, image_cells([it.image for it in clean])):
+        row["image"] = cell
+    records.append(store.write_shard(data.dataset, "curriculum", version, len(chunks), content_hash(sorted(attacked)),
+                                     0, _frame(rows), pl.DataFrame(schema=REJECTS)))
+    mix = strategy_mix([k["strategy"] for k in kept])
+    by_id = {it.id: it for it in items}
+    edits = [(by_id[k["id"].removesuffix(":attack")].image, decode_image(k["image"])) for k in kept[:8]]
+    with tempfile.TemporaryDirectory() as tmp:
+        edit_grid(edits, os.path.join(tmp, "grid.png"))
+        plot_strategy_mix(mix, os.path.join(tmp, "strategies.png"))
+        files = store.put_folder(data.dataset, "curriculum", version, tmp)
+    summary = {"items": len(items), "kept": len(kept), "clean": len(clean), "shards": len(chunks),
+               **attack_summary(kept, len(items)), "strategy_mix": mix}
+    return store.commit(data.dataset, "curriculum", version, records, config=vcfg, parents=parents,
+                        code_version=code_version(), files=files, extra={"summary": summary})
+
+
+def _curriculum_shard(store: ShardStore, cfg: PipelineConfig, attacker_version: str, defender_version: str,
+                      items: list[AttackItem], chunk: range, models: dict,
+                      on_item: Callable[[int, int], None] | None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Edit, gate, score and label one shard's items: (kept adversarial rows, integrity rejects)."""
+    from metrics.strategies import classify_edit
+
+    a, c, r = cfg.attacker, cfg.attacker.curriculum, cfg.attacker.rl.reward
+    if not models:
+        models["editor"] = load_attacker(store, attacker_version, a.model)
+        defender = load_defender(store, defender_version, **defender_runtime(cfg))
+        models["reward"] = IntegrityEfficacy(defender, r.tau, r.queries, r.temperature, r.global_floor,
+                                             r.invalid_penalty)
+    editor, reward = models["editor"], models["reward"]
+    shard = [at_edit_size(editor, items[n]) for n in chunk]
+    progress = (lambda i, n: on_item(chunk.start + i, len(items))) if on_item else None
+    outputs = edit_items(editor, shard, [c.seed * 1_000_003 + n for n in chunk], c.sampling_steps, c.batch,
+                         progress, c.noise_level, a.rl.flow_grpo.sigma_cap)
     kept, kept_items, rejects, edits = [], [], [], []
-    outputs = edit_items(editor, items, [c.seed * 1_000_003 + n for n in range(len(items))], c.sampling_steps, c.batch,
-                         on_item, c.noise_level, a.rl.flow_grpo.sigma_cap)
-    for n, (item, edited) in enumerate(zip(items, outputs)):
+    for item, edited in zip(shard, outputs):
         score = reward([item.image], [edited], [item])[0]
         strat = classify_edit(item.image, edited)
         row = {"id": f"{item.id}:attack", "kind": "adversarial", "question": item.question, "options": item.options,
@@ -257,31 +314,14 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
         for row, text in zip(kept, judge.describe_edits(edits)):
             row["description"] = text
             row["strategy"] = refine_with_description(row["strategy"], text)
-    # Clean items: the attacked items' own clean images first, then the rest, up to the fraction.
-    n_clean = max(round(len(kept) * c.clean_fraction / (1 - c.clean_fraction)), c.min_rows - len(kept))
-    attacked = {k["id"] for k in kept}
-    order = sorted(range(len(items)), key=lambda i: (f"{items[i].id}:attack" not in attacked, i))
-    clean = [items[i] for i in order[:n_clean]]
-    rows = kept + [{"id": f"{it.id}:clean", "kind": "clean", "question": it.question, "options": it.options,
-                    "answer": it.answer, "target_names": it.target_names, "target_boxes": it.target_boxes}
-                   for it in clean]
-    cells = image_cells([e for _, e in edits] + [it.image for it in clean])
-    for row, cell in zip(rows, cells):
+    for row, cell in zip(kept, image_cells([e for _, e in edits])):
         row["image"] = cell
-    df = pl.DataFrame([{k: row.get(k) for k in CURRICULUM} for row in rows], schema=CURRICULUM, orient="row") \
+    return _frame(kept), pl.DataFrame(rejects, schema=REJECTS) if rejects else pl.DataFrame(schema=REJECTS)
+
+
+def _frame(rows: list[dict]) -> pl.DataFrame:
+    return pl.DataFrame([{k: row.get(k) for k in CURRICULUM} for row in rows], schema=CURRICULUM, orient="row") \
         if rows else pl.DataFrame(schema=CURRICULUM)
-    rej = pl.DataFrame(rejects, schema={"id": pl.String, "reason": pl.String, "detail": pl.String}) if rejects \
-        else pl.DataFrame(schema={"id": pl.String, "reason": pl.String, "detail": pl.String})
-    rec = store.write_shard(data.dataset, "curriculum", version, 0, content_hash(parents), len(items), df, rej)
-    mix = strategy_mix([k["strategy"] for k in kept])
-    with tempfile.TemporaryDirectory() as tmp:
-        edit_grid(edits[:8], os.path.join(tmp, "grid.png"))
-        plot_strategy_mix(mix, os.path.join(tmp, "strategies.png"))
-        files = store.put_folder(data.dataset, "curriculum", version, tmp)
-    summary = {"items": len(items), "kept": len(kept), "clean": len(clean), **attack_summary(kept, len(items)),
-               "strategy_mix": mix}
-    return store.commit(data.dataset, "curriculum", version, [rec], config=vcfg, parents=parents,
-                        code_version=code_version(), files=files, extra={"summary": summary})
 
 
 def attack_summary(kept: list[dict], items: int) -> dict:
