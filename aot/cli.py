@@ -422,9 +422,10 @@ def cmd_attacker(args) -> int:
               f"--root {args.root}")
     else:
         if args.no_prefect:
-            from training.attacker_stage import generate_curriculum_version
+            from training.attacker_stage import curriculum_progress, generate_curriculum_version
 
-            m = generate_curriculum_version(store, cfg, args.attacker, args.data, args.defender)
+            m = generate_curriculum_version(store, cfg, args.attacker, args.data, args.defender,
+                                            on_item=curriculum_progress(lambda msg: print(msg, flush=True)))
             out = {"version": m.version, **m.extra["summary"]}
         else:
             _prefect_env(args)

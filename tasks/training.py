@@ -72,10 +72,13 @@ def train_attacker_task(data_version: str, defender_version: str | None, init_ve
 @task(name="generate-curriculum", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def generate_curriculum_task(attacker_version: str, data_version: str, defender_version: str, config: dict, root: str,
                              storage_options: dict | None = None) -> dict:
-    from training.attacker_stage import generate_curriculum_version
+    from prefect import get_run_logger
+
+    from training.attacker_stage import curriculum_progress, generate_curriculum_version
 
     store = ShardStore(root, storage_options)
-    m = generate_curriculum_version(store, config_from_dict(config), attacker_version, data_version, defender_version)
+    m = generate_curriculum_version(store, config_from_dict(config), attacker_version, data_version, defender_version,
+                                    on_item=curriculum_progress(get_run_logger().info))
     return {"version": m.version, **m.extra["summary"]}
 
 

@@ -135,8 +135,11 @@ def test_curriculum_shards_resume_after_a_crash_and_match_one_shard(chain, monke
     assert calls == [range(0, 4), range(4, 6)]
     calls.clear()
     monkeypatch.setattr(stage, "_curriculum_shard", lambda *a, **k: (calls.append(a[5]), real(*a, **k))[1])
-    sharded = generate_curriculum_version(store, with_shards(4), cold.version, v["filter"], v["defender"])
+    said = []
+    sharded = generate_curriculum_version(store, with_shards(4), cold.version, v["filter"], v["defender"],
+                                          on_item=stage.curriculum_progress(said.append))
     assert calls == [range(4, 6)]  # the first shard was not redone
+    assert said == ["curriculum: 4/6 items edited", "curriculum: 6/6 items edited"]  # the finished shard at once
     assert len(sharded.parts) == 3 and sharded.extra["summary"]["shards"] == 2  # 2 edit shards + the clean fill
     a, b = store.read(whole), store.read(sharded)
     assert a.drop("image").equals(b.drop("image"))

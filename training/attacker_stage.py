@@ -266,6 +266,20 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
                         code_version=code_version(), files=files, extra={"summary": summary})
 
 
+def curriculum_progress(emit: Callable[[str], None]) -> Callable[[int, int], None]:
+    """An ``on_item`` for generate_curriculum_version that says how far the edits are, about every
+    tenth of the items (each sampler batch reports; finished shards of a resumed run count at once)."""
+    said = [-1]
+
+    def on_item(done: int, total: int) -> None:
+        tenth = 10 * done // max(1, total)
+        if tenth > said[0]:
+            said[0] = tenth
+            emit(f"curriculum: {done}/{total} items edited")
+
+    return on_item
+
+
 def _curriculum_shard(store: ShardStore, cfg: PipelineConfig, attacker_version: str, defender_version: str,
                       items: list[AttackItem], chunk: range, models: dict,
                       on_item: Callable[[int, int], None] | None) -> tuple[pl.DataFrame, pl.DataFrame]:
