@@ -245,7 +245,9 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
     n_clean = max(round(len(kept) * c.clean_fraction / (1 - c.clean_fraction)), c.min_rows - len(kept))
     attacked = {k["id"] for k in kept}
     order = sorted(range(len(items)), key=lambda i: (f"{items[i].id}:attack" not in attacked, i))
-    clean = [items[i] for i in order[:n_clean]]
+    # at the edits' size, like the adversarial rows (a size that told them apart would be a shortcut)
+    editor = models.get("editor") or load_attacker(store, attacker_version, a.model)
+    clean = [at_edit_size(editor, items[i]) for i in order[:n_clean]]
     rows = [{"id": f"{it.id}:clean", "kind": "clean", "question": it.question, "options": it.options,
              "answer": it.answer, "target_names": it.target_names, "target_boxes": it.target_boxes}
             for it in clean]
