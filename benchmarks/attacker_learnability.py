@@ -32,6 +32,11 @@ from benchmarks.aot_evidence import TOY  # noqa: E402
 from benchmarks.common import add_config_args, environment, load_bench_config, parser, write_results  # noqa: E402
 
 
+# Columns of a scored attacker <- the curriculum summary's keys (training/attacker_stage.attack_summary)
+SCORES = {"attack_success": "attack_success_rate", "clean_failure": "clean_failure_rate", "lift": "attack_lift",
+          "flips": "flip_rate", "integrity": "integrity_rate", "mean_efficacy": "mean_efficacy", "items": "items"}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = parser(__doc__.splitlines()[0])
     add_config_args(ap, "override for every attacker (and the data, defender and cold start)")
@@ -109,10 +114,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{r['flips']:>6.3f} {r['integrity']:>9.3f} {r['mean_efficacy']:>8.3f} {rew:>19}{sde}")
     return rows
 
-
-# Columns of a scored attacker <- the curriculum summary's keys (training/attacker_stage.attack_summary)
-SCORES = {"attack_success": "attack_success_rate", "clean_failure": "clean_failure_rate", "lift": "attack_lift",
-          "flips": "flip_rate", "integrity": "integrity_rate", "mean_efficacy": "mean_efficacy", "items": "items"}
 
 if __name__ == "__main__":
     main()
