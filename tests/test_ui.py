@@ -79,7 +79,9 @@ def test_the_ui_lists_the_deployments_and_runs_bootstrap(served, tmp_path):
         deadline = time.monotonic() + 300
         while "Completed" not in page.inner_text("body"):
             assert not any(s in page.inner_text("body") for s in ("Failed", "Crashed")), page.inner_text("body")[:2000]
-            assert time.monotonic() < deadline, "the bootstrap run did not complete in 300 s"
+            # on timeout, say what the page shows (the run's state: scheduled, pending, running ...)
+            assert time.monotonic() < deadline, "the bootstrap run did not complete in 300 s; the page reads:\n" + \
+                page.inner_text("body")[:2000]
             page.wait_for_timeout(3000)
             page.reload(wait_until="networkidle")
         page.screenshot(path=str(shots / "3-completed.png"))
