@@ -13,13 +13,7 @@ args=(${EVIDENCE_ARGS:-})
 t0=$(date +%s)
 # One VAE and editor fit for every seed (their cache keys ignore the seed); the seeds start
 # meanwhile, and one that reaches its attacker first waits on the fit's lock, then loads it.
-python - > "$work/vae_fit.log" 2>&1 <<'PY' &
-import sys, time; sys.path.insert(0, ".")
-from stages.config import load_config
-from models.editor import load_editor
-t = time.perf_counter(); load_editor(load_config("evidence").attacker.model)
-print(f"tiny VAE fitted and cached in {time.perf_counter() - t:.0f} s")
-PY
+python benchmarks/fit_preset_editor.py evidence > "$work/vae_fit.log" 2>&1 &
 for s in 0 1 2; do
   timeout "$limit" python benchmarks/aot_evidence.py --seeds $s --name aot_evidence_s$s --root "$work/s$s" \
       --out "$work/out" "${args[@]}" > "$out/seed$s.log" 2>&1 &
