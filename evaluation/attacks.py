@@ -34,6 +34,7 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
+from stages.rows import ITEM_REJECTS, frame
 from storage import IMAGE_DTYPE, Manifest, ShardStore, content_hash, decode_image, image_cells
 
 
@@ -233,9 +234,8 @@ def attack_version(store: ShardStore, cfg, data_version: str, name: str, **param
         edited.append(out.image)
     for r, cell in zip(kept, image_cells(edited)):
         r["adversarial_image"] = cell
-    df = pl.DataFrame(kept, schema=ATTACK_ROWS, orient="row") if kept else pl.DataFrame(schema=ATTACK_ROWS)
-    rej = pl.DataFrame(rejects, schema={"id": pl.String, "reason": pl.String, "detail": pl.String}) if rejects \
-        else pl.DataFrame(schema={"id": pl.String, "reason": pl.String, "detail": pl.String})
+    df = frame(kept, ATTACK_ROWS)
+    rej = frame(rejects, ITEM_REJECTS)
     rec = store.write_shard(data.dataset, "attack", version, 0, content_hash(parents), len(kept) + len(rejects), df, rej)
     return store.commit(data.dataset, "attack", version, [rec], config=config, parents=parents,
                         code_version=code_version(), extra={"summary": {"attacked": len(kept), "rejected": len(rejects)}})

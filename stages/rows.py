@@ -97,6 +97,9 @@ REJECTS = {
     "image": IMAGE_DTYPE,
 }
 
+# Rejects of the training-side tables (curriculum, attack versions): an item id and why it was dropped.
+ITEM_REJECTS = {"id": pl.String, "reason": pl.String, "detail": pl.String}
+
 
 def frame(rows: list[dict], schema: dict) -> pl.DataFrame:
     return pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)

@@ -24,6 +24,7 @@ import torch
 
 from models.mcq import format_prompt
 from stages.config import PipelineConfig
+from stages.rows import ITEM_REJECTS, frame
 from stages.version import code_version
 from storage import IMAGE_DTYPE, Manifest, ShardStore, content_hash, decode_image, image_cells
 from training.attacker import AttackerTrainer, EditPair, at_edit_size
@@ -201,9 +202,6 @@ CURRICULUM = {
 }
 
 
-REJECTS = {"id": pl.String, "reason": pl.String, "detail": pl.String}
-
-
 @torch.no_grad()
 def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker_version: str, data_version: str,
                                 defender_version: str, on_item: Callable[[int, int], None] | None = None) -> Manifest:
@@ -254,7 +252,7 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
     for row, cell in zip(rows, image_cells([it.image for it in clean])):
         row["image"] = cell
     records.append(store.write_shard(data.dataset, "curriculum", version, len(chunks), content_hash(sorted(attacked)),
-                                     0, _frame(rows), pl.DataFrame(schema=REJECTS)))
+                                     0, frame(rows, CURRICULUM), frame([], ITEM_REJECTS)))
     mix = strategy_mix([k["strategy"] for k in kept])
     by_id = {it.id: it for it in items}
     edits = [(by_id[k["id"].removesuffix(":attack")].image, decode_image(k["image"])) for k in kept[:8]]
@@ -332,12 +330,7 @@ def _curriculum_shard(store: ShardStore, cfg: PipelineConfig, attacker_version: 
             row["strategy"] = refine_with_description(row["strategy"], text)
     for row, cell in zip(kept, image_cells([e for _, e in edits])):
         row["image"] = cell
-    return _frame(kept), pl.DataFrame(rejects, schema=REJECTS) if rejects else pl.DataFrame(schema=REJECTS)
-
-
-def _frame(rows: list[dict]) -> pl.DataFrame:
-    return pl.DataFrame([{k: row.get(k) for k in CURRICULUM} for row in rows], schema=CURRICULUM, orient="row") \
-        if rows else pl.DataFrame(schema=CURRICULUM)
+    return frame(kept, CURRICULUM), frame(rejects, ITEM_REJECTS)
 
 
 def attack_summary(kept: list[dict], items: int) -> dict:
