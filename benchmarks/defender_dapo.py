@@ -6,8 +6,8 @@ bf16 weights, gradient checkpointing, HF generate in both. Per step: generation,
 update time, completion and total tokens/s, update-phase MFU (6 N tokens against the card's
 bf16 matmul rate measured in the same run), peak GPU memory. With ``--lora-7b`` it also takes
 one DAPO step of the 7B architecture with LoRA (rank 64) and reports the peak memory. With
-``--profile`` one extra step of each of our variants runs under torch.profiler and its top operators
-(self device time, call counts) go into the JSON: where the update's time goes.
+``--profile`` the update phase of one extra step of each of our variants runs under torch.profiler
+and its top operators (self device time, call counts) go into the JSON: where the update's time goes.
 
 GPU: ``python benchmarks/defender_dapo.py --out DIR``. CPU smoke run: ``--tiny`` (small
 architecture, 1 step; checks that both code paths run).
@@ -100,13 +100,15 @@ def sync(device):
 
 
 def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, lora=0, cache="dynamic",
-             vision_attention="stock", profile=False, grad_ckpt=True):
+             vision_attention="stock", profile=False, grad_ckpt=True, share_images=True, micro_batch=0):
     from rl.dapo import DapoConfig
     from training.defender import DefenderTrainConfig, DefenderTrainer
 
     policy = QwenVLPolicy(model, proc, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
                           vision_attention=vision_attention)
-    cfg = DefenderTrainConfig(mode="dapo", steps=steps + 1, batch_prompts=batch // G, micro_batch=batch, lr=1e-6,
+    policy.share_images = share_images
+    cfg = DefenderTrainConfig(mode="dapo", steps=steps + 1, batch_prompts=batch // G, micro_batch=micro_batch or batch,
+                              rollout_batch=batch, lr=1e-6,
                               max_new_tokens=completion, gradient_checkpointing=grad_ckpt, lora_rank=lora, lora_alpha=2 * lora,
                               decode_cache=cache,
                               dapo=DapoConfig(group_size=G, dynamic_sampling=False, mask_truncated=False))
@@ -118,7 +120,7 @@ def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, lor
         sync(device)
         t0 = time.perf_counter()
         if profile and n == steps:  # the last step under the profiler (its timing is not counted)
-            r, ops = profiled(tr.dapo_step, device)
+            r, ops = profiled(tr, device)
         else:
             r = tr.dapo_step()
         tr.step += 1
@@ -131,16 +133,34 @@ def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, lor
     return timed, peak, ops
 
 
-def profiled(fn, device, top: int = 25):
-    """``fn()`` under torch.profiler: its result and the top operators by self device time (self CPU
-    time on a CPU) with call counts — where a step's time goes, e.g. thousands of small attention
-    calls or elementwise kernels between the GEMMs."""
+def profiled(trainer, device, top: int = 25):
+    """One ``trainer.dapo_step()`` with its *update phase* under torch.profiler (tracing starts when
+    the step's last rollout returns: the decoding steps would otherwise fill the trace): its
+    result and the top operators by self device time (self CPU time on a CPU) with call counts."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=acts) as prof:
-        res = fn()
+    policy, rollout = trainer.policy, trainer.policy.rollout
+    trace: dict = {}  # the profiler started after the latest rollout (more draws restart it)
+
+    def rollout_then_trace(*a, **k):
+        if trace:
+            trace.pop("prof").stop()
+        out = rollout(*a, **k)
         sync(device)
+        trace["prof"] = profile(activities=acts)
+        trace["prof"].start()
+        return out
+
+    policy.rollout = rollout_then_trace
+    try:
+        res = trainer.dapo_step()
+        sync(device)
+    finally:
+        policy.__dict__.pop("rollout", None)
+        if trace:
+            trace["prof"].stop()
+    prof = trace["prof"]
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)[:top]
     total = sum(getattr(e, key, 0.0) for e in prof.key_averages())
@@ -199,12 +219,14 @@ def run_trl(model, proc, device, batch, G, completion, steps, prompt_chars, outd
     return out[1:], peak
 
 
-def summarize(name, rows_, batch, prompt_tokens, completion, n_text, n_vis, patches, peak_tflops, peak_gib):
+def summarize(name, rows_, batch, prompt_tokens, completion, n_text, n_vis, patches, peak_tflops, peak_gib, images=None):
+    """``images``: images the vision tower runs on per update (default one per row; ours with
+    shared images: one per prompt). MFU counts the FLOPs an implementation needs, 6 N per token."""
     mean = lambda k: sum(r[k] for r in rows_) / len(rows_)  # noqa: E731
     step, gen, lp, upd = mean("step_s"), mean("generation_s"), mean("logprob_s"), mean("update_s")
     comp = mean("completion_tokens")
     seq_tokens = batch * prompt_tokens + comp
-    flops = 6 * (n_text * seq_tokens + n_vis * batch * patches)
+    flops = 6 * (n_text * seq_tokens + n_vis * (batch if images is None else images) * patches)
     return {"impl": name, "batch": batch, "step_s": step, "generation_s": gen, "logprob_s": lp, "update_s": upd,
             "completion_tok_s": comp / step, "total_tok_s": seq_tokens / step,
             "update_mfu": flops / max(upd, 1e-9) / (peak_tflops * 1e12) if peak_tflops == peak_tflops else float("nan"),
@@ -223,16 +245,18 @@ def main():
     ap.add_argument("--impls", default="ours,trl",
                     help="comma-separated: ours, ours-static (static KV cache, compiled decoding), ours-grouped "
                          "(vision windows batched: models/vision_attention.py), ours-nockpt (no gradient "
-                         "checkpointing: no recomputed forward, more memory); variants combine, e.g. "
-                         "ours-static-grouped-nockpt; trl")
+                         "checkpointing: no recomputed forward, more memory), ours-unshared (every row through "
+                         "the processor and vision tower, as before models/shared_images.py), ours-mbN (update "
+                         "in micro-batches of N rows); variants combine, e.g. ours-static-grouped-nockpt-mb4; trl")
     ap.add_argument("--profile", action="store_true",
-                    help="run one extra step of each of ours under torch.profiler; top operators into the JSON")
+                    help="one extra step of each of ours with its update phase under torch.profiler; top operators "
+                         "into the JSON")
     ap.add_argument("--lora-7b", action="store_true")
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args()
     for impl in a.impls.split(","):  # before any model is built
-        unknown = set(impl.split("-")[1:]) - {"static", "grouped", "nockpt"} if impl.startswith("ours") else \
-            ({impl} - {"trl"})
+        unknown = {v for v in impl.split("-")[1:] if not (v[:2] == "mb" and v[2:].isdigit())} - \
+            {"static", "grouped", "nockpt", "unshared"} if impl.startswith("ours") else ({impl} - {"trl"})
         if unknown:
             raise SystemExit(f"unknown implementation or variant {sorted(unknown)} in {impl!r}; see --help for --impls")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -263,12 +287,14 @@ def main():
                 r, peak, ops = run_ours(model, proc, device, batch, a.generations, a.completion, a.steps,
                                         a.prompt_chars, cache="static" if "static" in impl else "dynamic",
                                         vision_attention="grouped" if "grouped" in impl else "stock", profile=a.profile,
-                                        grad_ckpt="nockpt" not in impl)
+                                        grad_ckpt="nockpt" not in impl, share_images="unshared" not in impl,
+                                        micro_batch=next((int(v[2:]) for v in impl.split("-") if v[:2] == "mb"), 0))
             else:
                 r, peak = run_trl(model, proc, device, batch, a.generations, a.completion, a.steps, a.prompt_chars,
                                   out / "trl-tmp")
+            shared = impl.startswith("ours") and "unshared" not in impl
             s = summarize(impl, r, batch, prompt_tokens, a.completion, n_text, n_vis, patches,
-                          info["bf16_matmul_tflops"], peak)
+                          info["bf16_matmul_tflops"], peak, images=batch // a.generations if shared else None)
             s.update(prompt_tokens=prompt_tokens, params_text=n_text, params_vision=n_vis, wall_s=time.perf_counter() - t0)
             if ops:
                 s["profile_top_ops"] = ops

@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 
 from models.mcq import letters
+from models.shared_images import distinct_rows, expand_rows, repeated_images
+from models.vision_attention import DEFAULT as DEFAULT_VISION_ATTENTION
 from models.vision_attention import set_vision_attention
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
@@ -167,7 +169,7 @@ class Rollout:
 
 class QwenVLPolicy:
     def __init__(self, model, processor, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 vision_attention: str = "stock"):
+                 vision_attention: str = DEFAULT_VISION_ATTENTION):
         self.model = model.to(device=device, dtype=dtype)
         # "grouped": the vision tower's windows in a few batched calls (models/vision_attention.py)
         set_vision_attention(self.model, vision_attention)
@@ -176,6 +178,9 @@ class QwenVLPolicy:
         self.tokenizer.padding_side = "left"
         self.device = device
         self.dtype = dtype
+        # Rows repeating an image go through the processor and vision tower once (encode); off only
+        # to measure what that saves (benchmarks/defender_dapo.py, variant "unshared").
+        self.share_images = True
         # Vision placeholders can never be *outputs*: a sampled <|image_pad|> would desynchronize
         # image features and tokens on the next forward. Suppressed in sampling and masked in
         # log-probs alike, so the sampler and the scorer are one distribution.
@@ -186,7 +191,7 @@ class QwenVLPolicy:
     # ------------------------------------------------------------ building
     @classmethod
     def tiny(cls, seed: int = 0, spec: TinyDefenderSpec | None = None, device: str = "cpu",
-             vision_attention: str = "stock") -> "QwenVLPolicy":
+             vision_attention: str = DEFAULT_VISION_ATTENTION) -> "QwenVLPolicy":
         spec = spec or TinyDefenderSpec()
         tok = build_tiny_tokenizer()
         return cls(build_tiny_model(tok, spec, seed), build_tiny_processor(tok, spec), device=device,
@@ -195,7 +200,7 @@ class QwenVLPolicy:
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False,
                         min_pixels: int | None = None, max_pixels: int | None = None,
-                        vision_attention: str = "stock") -> "QwenVLPolicy":
+                        vision_attention: str = DEFAULT_VISION_ATTENTION) -> "QwenVLPolicy":
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
@@ -214,9 +219,16 @@ class QwenVLPolicy:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def encode(self, images: list[Image.Image], prompts: list[str]) -> dict:
-        batch = self.processor(text=[self.chat(p) for p in prompts], images=images, return_tensors="pt", padding=True)
-        return {k: v.to(self.device) for k, v in batch.items()}
+    def encode(self, images: list[Image.Image], prompts: list[str]) -> tuple[dict, list[int]]:
+        """The processor batch of the *distinct* (image, prompt) rows, expanded to every row, and
+        each row's distinct image (``inverse``): a GRPO group repeats its row G times, and the
+        processor and vision tower then see it once (models/shared_images.py). Images count as
+        the same when they are the same object (the trainer repeats its examples' images)."""
+        keys = [(id(im), p) for im, p in zip(images, prompts)] if self.share_images else list(range(len(images)))
+        first, inverse = distinct_rows(keys)
+        batch = self.processor(text=[self.chat(prompts[i]) for i in first], images=[images[i] for i in first],
+                               return_tensors="pt", padding=True)
+        return {k: v.to(self.device) for k, v in expand_rows(batch, inverse).items()}, inverse
 
     # ------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -224,14 +236,15 @@ class QwenVLPolicy:
                 max_new_tokens: int = 16, seed: int = 0, cache: str = "dynamic") -> Rollout:
         """Sample responses. ``cache="static"``: a preallocated KV cache, with which transformers
         compiles the decoding step on CUDA (CUDA graphs: far less per-token launch overhead)."""
-        enc = self.encode(images, prompts)
+        enc, inverse = self.encode(images, prompts)
         torch.manual_seed(seed)
         sample = temperature > 0
         gen_kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
         self.model.eval()
         if cache != "dynamic":
             gen_kw["cache_implementation"] = cache
-        out = self.model.generate(**enc, max_new_tokens=max_new_tokens, suppress_tokens=self.suppressed, **gen_kw)
+        with repeated_images(self.model, inverse):
+            out = self.model.generate(**enc, max_new_tokens=max_new_tokens, suppress_tokens=self.suppressed, **gen_kw)
         resp = out[:, enc["input_ids"].shape[1]:].cpu()
         eos = self.tokenizer.eos_token_id
         is_eos = resp == eos
@@ -255,12 +268,13 @@ class QwenVLPolicy:
         The one function for old (sampling) and new policy log-probs, so that with the same
         micro-batches and dtype the first on-policy ratio is exactly 1.
         """
-        enc = self.encode(images, prompts)
+        enc, inverse = self.encode(images, prompts)
         resp = response_ids.to(self.device)
         input_ids = torch.cat([enc["input_ids"], resp], dim=1)
         attn = torch.cat([enc["attention_mask"], response_mask.to(self.device).long()], dim=1)
-        out = self.model(input_ids=input_ids, attention_mask=attn, pixel_values=enc["pixel_values"],
-                         image_grid_thw=enc["image_grid_thw"], logits_to_keep=resp.shape[1] + 1)
+        with repeated_images(self.model, inverse):
+            out = self.model(input_ids=input_ids, attention_mask=attn, pixel_values=enc["pixel_values"],
+                             image_grid_thw=enc["image_grid_thw"], logits_to_keep=resp.shape[1] + 1)
         # Row by row, in the model's dtype (as TRL does): a float32 (B, T, vocab) tensor would be
         # ~10 GB at batch 64 for a 150k vocabulary. Entropy is a metric: computed without a graph.
         logits = out.logits[:, :-1]
@@ -303,7 +317,7 @@ def load_policy(spec: dict | str) -> QwenVLPolicy:
         checkpoint = spec.pop("checkpoint", None)
         if checkpoint:
             return QwenVLPolicy.from_pretrained(checkpoint, **spec)
-        seed, device, vision = spec.pop("seed", 0), spec.pop("device", "cpu"), spec.pop("vision_attention", "stock")
+        seed, device, vision = spec.pop("seed", 0), spec.pop("device", "cpu"), spec.pop("vision_attention", DEFAULT_VISION_ATTENTION)
         return QwenVLPolicy.tiny(seed=seed, spec=TinyDefenderSpec(**spec), device=device, vision_attention=vision)
     if backend == "qwen-vl":
         return QwenVLPolicy.from_pretrained(spec.pop("model"), **spec)

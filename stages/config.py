@@ -109,8 +109,8 @@ class DefenderConfig:
     model: dict = documented({"backend": "tiny", "seed": 0, "min_pixels": 4096, "max_pixels": 16384},
                      "The defender to start from: {backend: tiny, seed, min_pixels, max_pixels} (random init, "
                      "tiny Qwen2.5-VL) or {backend: qwen-vl, model: ID_OR_PATH, dtype, device}; either takes "
-                     "vision_attention: stock | grouped (the vision tower's windows batched into a few attention "
-                     "calls instead of one per window; same results, models/vision_attention.py).")
+                     "vision_attention: grouped (default: the vision tower's windows batched into a few attention "
+                     "calls instead of one per window; same results, models/vision_attention.py) | stock.")
     images: str = documented("both", "Which images of an AOT-SFT version to train and evaluate on: clean, adversarial or both.")
     max_examples: int = documented(0, "Use at most this many rows of the dataset version (0: all).")
     warmup: Any = field(default_factory=_tiny_warmup, metadata={"help": "Supervised warm-up (training/config.py)."})

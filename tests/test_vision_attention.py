@@ -25,7 +25,7 @@ def _logp_and_grads(policy, images, prompts, ids, mask):
 def test_grouped_window_attention_equals_the_stock_loop(size):
     # window 32 px = 4 patches of 8 = 2x2 merged units: 64x64 -> four equal windows; 80x48 -> edge windows
     spec = TinyDefenderSpec(window_size=32, min_pixels=16 * 16, max_pixels=128 * 128, vision_depth=2)
-    policy = QwenVLPolicy.tiny(seed=0, spec=spec)
+    policy = QwenVLPolicy.tiny(seed=0, spec=spec, vision_attention="stock")
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(2)]
     prompts = ["What colour is the square?", "Where is the circle?"]
@@ -57,6 +57,8 @@ def test_the_config_spec_selects_it_and_the_stage_keeps_it_for_loaded_versions()
         return [("forward" in m.__dict__) for m in policy.model.modules() if isinstance(m, Qwen2_5_VLVisionAttention)]
 
     assert grouped(load_policy({"backend": "tiny", "vision_attention": "grouped"})) == [True, True]
-    assert grouped(load_policy({"backend": "tiny"})) == [False, False]
-    cfg = load_config("synthetic", {"defender": {"model": {"backend": "tiny", "vision_attention": "grouped"}}})
-    assert defender_runtime(cfg) == {"device": "cpu", "vision_attention": "grouped"}
+    assert grouped(load_policy({"backend": "tiny"})) == [True, True]  # the default
+    assert grouped(load_policy({"backend": "tiny", "vision_attention": "stock"})) == [False, False]
+    cfg = load_config("synthetic", {"defender": {"model": {"backend": "tiny", "vision_attention": "stock"}}})
+    assert defender_runtime(cfg) == {"device": "cpu", "vision_attention": "stock"}
+    assert defender_runtime(load_config("synthetic", {}))["vision_attention"] == "grouped"

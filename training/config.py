@@ -14,6 +14,9 @@ class DefenderTrainConfig:
     steps: int = documented(100, "Optimizer steps. AOT's warm-up RL stage: 100 steps on 900 clean samples (METHOD.md).")
     batch_prompts: int = documented(16, "Prompts per step (AOT: 128 on 8 GPUs; smaller by default to fit one card).")
     micro_batch: int = documented(32, "Sequences per forward/backward; the loss is normalized over the whole batch.")
+    rollout_batch: int = documented(0, "Sequences per rollout (generate) call; 0: micro_batch. Sampling keeps no "
+                                    "activations for a backward pass, so it can take larger batches than the update "
+                                    "(fewer, fuller decoding steps; benchmarks/RESULTS.md).")
     lr: float = documented(1e-6, "AdamW learning rate. AOT: 1e-6 for the 7B defender (METHOD.md).")
     weight_decay: float = documented(1e-2, "AdamW weight decay. AOT: 1e-2.")
     lr_warmup_steps: int = documented(0, "Linear learning-rate warm-up from 0 over this many steps (0: none; AOT's "

@@ -143,7 +143,7 @@ class DefenderTrainer:
         batch = batch[self.rank::self.world]  # this rank's prompts of the draw
         rep = [e for e in batch for _ in range(G)]
         ids, masks, truncs, texts = [], [], [], []
-        for k, sl in enumerate(_chunks(len(rep), cfg.micro_batch)):
+        for k, sl in enumerate(_chunks(len(rep), cfg.rollout_batch or cfg.micro_batch)):
             r = p.rollout([e.image for e in rep[sl]], [e.prompt for e in rep[sl]], temperature=cfg.temperature,
                           max_new_tokens=cfg.max_new_tokens, cache=cfg.decode_cache,
                           seed=cfg.seed * 1_000_003 + self.step * 1009 + draw_index * 101 + k + 7919 * self.rank)

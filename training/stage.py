@@ -82,19 +82,22 @@ def fetch_version(store: ShardStore, m: Manifest) -> Path:
 
 def defender_runtime(cfg: PipelineConfig) -> dict:
     """How the config's defender runs, whatever checkpoint it loads: ``defender.model.device``
-    (default cpu) and ``vision_attention`` (default stock)."""
+    (default cpu) and ``vision_attention`` (default grouped: models/vision_attention.py)."""
+    from models.vision_attention import DEFAULT
+
     m = cfg.defender.model
-    return {"device": m.get("device", "cpu"), "vision_attention": m.get("vision_attention", "stock")}
+    return {"device": m.get("device", "cpu"), "vision_attention": m.get("vision_attention", DEFAULT)}
 
 
-def load_defender(store: ShardStore, version: str, device: str = "cpu", vision_attention: str = "stock"):
+def load_defender(store: ShardStore, version: str, device: str = "cpu", vision_attention: str | None = None):
     """A trained defender version as a policy (its files cached locally by version id)."""
     from models.qwen_vl import QwenVLPolicy
 
     m = store.manifest(version)
     if m.stage != "defender":
         raise ValueError(f"{version} is a {m.stage} version, not a defender checkpoint")
-    return QwenVLPolicy.from_pretrained(str(fetch_version(store, m)), device=device, vision_attention=vision_attention)
+    kw = {"vision_attention": vision_attention} if vision_attention else {}
+    return QwenVLPolicy.from_pretrained(str(fetch_version(store, m)), device=device, **kw)
 
 
 def _initial_policy(store: ShardStore, cfg: PipelineConfig, init_version: str | None):
