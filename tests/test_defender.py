@@ -194,3 +194,17 @@ def test_warmup_until_target_accuracy_stops_early_and_resumes_done(data, tmp_pat
     assert again.reached and again.train() == rows and again.step == tr.step  # a finished warm-up stays finished
     with pytest.raises(ValueError, match="at least twice as many examples"):
         DefenderTrainer(QwenVLPolicy.tiny(seed=0, spec=SPEC), train[:100], cfg)
+
+
+def test_rollouts_run_in_chunks_of_rollout_batch_and_the_update_in_micro_batches(warm_policy, data):
+    policy = copy.deepcopy(warm_policy)
+    sizes = {"rollout": [], "update": []}
+    rollout, logprobs = policy.rollout, policy.response_logprobs
+    policy.rollout = lambda images, *a, **k: sizes["rollout"].append(len(images)) or rollout(images, *a, **k)
+    policy.response_logprobs = lambda images, *a, **k: sizes["update"].append(len(images)) or logprobs(images, *a, **k)
+    cfg = _dapo_cfg(steps=1, micro_batch=15, rollout_batch=40, dapo=DapoConfig(group_size=5, dynamic_sampling=False))
+    DefenderTrainer(policy, data[0], cfg).train()
+    assert sizes == {"rollout": [40], "update": [15, 15, 10]}  # 8 prompts x 5 completions
+    sizes["rollout"].clear(), sizes["update"].clear()
+    DefenderTrainer(policy, data[0], _dapo_cfg(steps=1, micro_batch=15, dapo=cfg.dapo)).train()  # 0: micro_batch
+    assert sizes == {"rollout": [15, 15, 10], "update": [15, 15, 10]}
