@@ -100,7 +100,8 @@ def sync(device):
 
 
 def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, lora=0, cache="dynamic",
-             vision_attention="stock", profile=False, grad_ckpt=True, share_images=True, micro_batch=0):
+             vision_attention="stock", profile=False, grad_ckpt=True, share_images=True, micro_batch=0,
+             compile_update=False):
     from rl.dapo import DapoConfig
     from training.defender import DefenderTrainConfig, DefenderTrainer
 
@@ -110,7 +111,7 @@ def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, lor
     cfg = DefenderTrainConfig(mode="dapo", steps=steps + 1, batch_prompts=batch // G, micro_batch=micro_batch or batch,
                               rollout_batch=batch, lr=1e-6,
                               max_new_tokens=completion, gradient_checkpointing=grad_ckpt, lora_rank=lora, lora_alpha=2 * lora,
-                              decode_cache=cache,
+                              decode_cache=cache, compile_update=compile_update,
                               dapo=DapoConfig(group_size=G, dynamic_sampling=False, mask_truncated=False))
     tr = DefenderTrainer(policy, rows(batch // G * (steps + 1), prompt_chars), cfg)
     if device == "cuda":
@@ -247,7 +248,8 @@ def main():
                          "(vision windows batched: models/vision_attention.py), ours-nockpt (no gradient "
                          "checkpointing: no recomputed forward, more memory), ours-unshared (every row through "
                          "the processor and vision tower, as before models/shared_images.py), ours-mbN (update "
-                         "in micro-batches of N rows); variants combine, e.g. ours-static-grouped-nockpt-mb4; trl")
+                         "in micro-batches of N rows), ours-compiled (decoder layers compiled for the update: "
+                         "models/compiled_layers.py); variants combine, e.g. ours-static-grouped-compiled; trl")
     ap.add_argument("--profile", action="store_true",
                     help="one extra step of each of ours with its update phase under torch.profiler; top operators "
                          "into the JSON")
@@ -256,7 +258,7 @@ def main():
     a = ap.parse_args()
     for impl in a.impls.split(","):  # before any model is built
         unknown = {v for v in impl.split("-")[1:] if not (v[:2] == "mb" and v[2:].isdigit())} - \
-            {"static", "grouped", "nockpt", "unshared"} if impl.startswith("ours") else ({impl} - {"trl"})
+            {"static", "grouped", "nockpt", "unshared", "compiled"} if impl.startswith("ours") else ({impl} - {"trl"})
         if unknown:
             raise SystemExit(f"unknown implementation or variant {sorted(unknown)} in {impl!r}; see --help for --impls")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -288,7 +290,8 @@ def main():
                                         a.prompt_chars, cache="static" if "static" in impl else "dynamic",
                                         vision_attention="grouped" if "grouped" in impl else "stock", profile=a.profile,
                                         grad_ckpt="nockpt" not in impl, share_images="unshared" not in impl,
-                                        micro_batch=next((int(v[2:]) for v in impl.split("-") if v[:2] == "mb"), 0))
+                                        micro_batch=next((int(v[2:]) for v in impl.split("-") if v[:2] == "mb"), 0),
+                                        compile_update="compiled" in impl)
             else:
                 r, peak = run_trl(model, proc, device, batch, a.generations, a.completion, a.steps, a.prompt_chars,
                                   out / "trl-tmp")

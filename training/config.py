@@ -38,6 +38,10 @@ class DefenderTrainConfig:
     decode_cache: str = documented("dynamic", "KV cache of rollouts: 'dynamic', or 'static' (preallocated; on CUDA "
                                             "transformers then compiles the decoding step, see RESULTS.md).")
     gradient_checkpointing: bool = documented(False, "Recompute activations in the backward pass to save memory.")
+    compile_update: bool = documented(False, "Run the language model's decoder layers compiled (torch.compile) in the "
+                                      "update's forward and backward (models/compiled_layers.py): fused norms, "
+                                      "activations and rotary embeddings; the first step pays the compilation. "
+                                      "Opt-in until measured on a GPU (issue 4: update MFU).")
     checkpoint_every: int = documented(0, "Save a checkpoint every N steps (0: only at the end).")
     dapo: DapoConfig = documented(DapoConfig(), "DAPO settings (rl/dapo.py).")
 

@@ -1,0 +1,48 @@
+"""The language model's decoder layers under torch.compile, for the policy update only.
+
+In eager mode every RMSNorm, SwiGLU, rotary embedding and residual add of a decoder layer is its
+own memory-bound kernel (and again in the backward, and again in a checkpointed recompute);
+inductor fuses them. Only the *update* forward runs compiled: sampling keeps the eager layers (a
+static-cache ``generate`` compiles the whole decoding step itself, and the two must not nest).
+The switch is ``Module._compiled_call_impl``, the attribute ``nn.Module.compile()`` sets, set
+for the block and cleared after it. Compiled graphs live in dynamo's cache of the layers' shared
+code, guarded on the layer class, not on one layer (``inline_inbuilt_nn_modules``): all layers
+and all later steps reuse them, and nothing compiled is kept on the model (a deep copy of the
+model must not call the original's layers).
+Gradient checkpointing stays as it is (dynamo traces transformers' non-reentrant checkpoint).
+Opt-in (``defender.rl.compile_update``) until a GPU run measures it
+(``benchmarks/defender_dapo.py``, variant ``compiled``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+BACKEND = "inductor"  # tests set "aot_eager": the same graphs and autograd, without inductor's minutes of CPU codegen
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The language model's decoder layers (``...language_model.layers``, under a peft wrapper too)."""
+    for m in model.modules():
+        layers = getattr(getattr(m, "language_model", None), "layers", None)
+        if layers is not None:
+            return list(layers)
+    raise TypeError(f"{type(model).__name__}: no language_model.layers to compile (a Qwen2.5-VL model is expected)")
+
+
+@contextlib.contextmanager
+def compiled_layers(model, enabled: bool = True, backend: str | None = None):
+    """Within the block, each decoder layer of ``model`` runs compiled; outside it, eagerly."""
+    if not enabled:
+        yield
+        return
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer._compiled_call_impl = torch.compile(layer._call_impl, backend=backend or BACKEND)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None

@@ -1,0 +1,69 @@
+"""Compiled decoder layers for the update (models/compiled_layers.py): the same log-probs and
+gradients as eager layers, under gradient checkpointing and LoRA too; the layers are eager again
+after the block (sampling never runs them compiled). Backend aot_eager (dynamo + AOTAutograd,
+no inductor codegen, which takes ~25 s per graph on a CPU; benchmarks/defender_dapo.py runs inductor)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import models.compiled_layers as cl
+from models.compiled_layers import compiled_layers, decoder_layers
+from models.qwen_vl import QwenVLPolicy
+from training.defender import DefenderTrainConfig, DefenderTrainer
+from training.toy import colour_examples
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    monkeypatch.setattr(cl, "BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_layers_give_eager_log_probs_and_gradients(aot_eager):
+    ex = colour_examples(6, seed=0)
+    policy = QwenVLPolicy.tiny(seed=0)
+    policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.model.train()
+    ids, mask = policy.target_ids(["\\boxed{A}", "\\boxed{B}", "yes", "\\boxed{C}", "\\boxed{D}", "no"])
+
+    def logp_and_grads(compiled):
+        policy.model.zero_grad(set_to_none=True)
+        with compiled_layers(policy.model, compiled):
+            logp = policy.response_logprobs([e.image for e in ex], [e.prompt for e in ex], ids, mask)
+        (logp * mask * torch.arange(1, 7).unsqueeze(1)).sum().backward()
+        return logp.detach(), {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+
+    eager_lp, eager_g = logp_and_grads(False)
+    assert torch._dynamo.utils.counters["stats"]["calls_captured"] == 0
+    lp, g = logp_and_grads(True)
+    assert torch._dynamo.utils.counters["stats"]["calls_captured"] > 0  # it did run compiled
+    torch.testing.assert_close(lp, eager_lp, rtol=0, atol=1e-6)
+    assert g.keys() == eager_g.keys()
+    for n in g:
+        torch.testing.assert_close(g[n], eager_g[n], rtol=1e-5, atol=1e-7, msg=n)
+    layers = decoder_layers(policy.model)
+    assert len(layers) == 2 and all(layer._compiled_call_impl is None for layer in layers)
+    copy.deepcopy(policy.model)  # nothing compiled stays on the model
+
+
+def test_compile_update_trains_like_eager_with_lora(aot_eager):
+    data = colour_examples(64, seed=0)
+    params = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        policy = QwenVLPolicy.tiny(seed=0)
+        cfg = DefenderTrainConfig(mode="sft", steps=3, batch_prompts=16, micro_batch=8, lr=1e-3, lora_rank=4,
+                                  gradient_checkpointing=True, compile_update=compiled)
+        DefenderTrainer(policy, data, cfg).train()
+        assert (torch._dynamo.utils.counters["stats"]["calls_captured"] > 0) == compiled
+        params[compiled] = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+    assert len(params[True]) > 0 and all("lora" in n for n in params[True])
+    for n, p in params[True].items():
+        torch.testing.assert_close(p, params[False][n], rtol=1e-4, atol=1e-6, msg=n)
