@@ -100,7 +100,9 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--data", required=True, help="dataset version (source, filter or AOT-SFT export)")
     p.add_argument("--init", help="defender version to start from (default: defender.model, e.g. tiny random init)")
-    p.add_argument("--mode", choices=["sft", "dapo"], default="sft")
+    p.add_argument("--mode", choices=["sft", "dapo", "warmup"], default="sft",
+                   help="sft: defender.warmup's settings, supervised; dapo: defender.rl's; warmup: defender.warmup "
+                        "in its own mode (defender 0 of the co-evolution)")
     p = sub.add_parser("eval-defender", help="accuracy of a defender version on a dataset version")
     _common(p)
     p.add_argument("--checkpoint", required=True, help="defender version")

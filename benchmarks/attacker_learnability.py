@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     data = steps.bootstrap(None)
     heldout = steps.heldout()
     defender = steps.train_defender(steps.warmup_pool() if cfg.coevolution.warmup_scenes else data["export"], None,
-                                    "sft", "clean")
+                                    "warmup", "clean")
     cold = steps.train_attacker(data["export"], None, None, "sft")
     info = environment(preset=preset, overrides=overrides, defender=defender, cold_start=cold,
                        score_noise=args.score_noise)

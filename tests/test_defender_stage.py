@@ -103,3 +103,31 @@ def test_stage2_can_use_a_trained_defender_version(base):
     rows = store.read(out.version)
     assert rows.height == out.rows > 0  # a near-random tiny defender is fooled by some edits
     assert all(len(a) == 1 and a[0] != r for a, r in zip(rows["defender_answers"].to_list(), rows["answer"].to_list()))
+
+
+def test_warmup_mode_trains_defender_0_in_the_warmup_configs_own_mode(base):
+    from training.stage import defender_train_config
+
+    root, store, cfg, v = base
+    assert defender_train_config(cfg, "warmup").mode == "sft"  # the tiny defender starts supervised
+    with pytest.raises(ValueError, match="sft.*dapo.*warmup"):
+        defender_train_config(cfg, "rl")
+    # a pretrained defender's warm-up is a DAPO stage on clean data (AOT): the warm-up settings, by DAPO
+    rl_warm = load_config("synthetic", {**SMALL, "defender": {**SMALL["defender"], "warmup": {
+        "mode": "dapo", "steps": 2, "batch_prompts": 2, "lr": 1e-3, "max_new_tokens": 3,
+        "dapo": {"dynamic_sampling": False}}}})
+    assert defender_train_config(rl_warm, "sft").mode == "sft"  # --mode sft keeps meaning supervised
+    m, trained = train_defender_version(store, rl_warm, v["export"], mode="warmup")
+    metrics = store.read(m)
+    assert trained and metrics["step"].to_list() == [1, 2] and "reward" in metrics.columns and "kept_group_fraction" in metrics.columns
+    assert m.config["defender"]["train"]["mode"] == "dapo" and m.config["defender"]["mode"] == "warmup"
+
+
+def test_the_full_preset_trains_the_defender_at_aots_values():
+    # Its own settings, not the tiny defender's (lr 1e-3, 3-token answers, no dynamic sampling).
+    cfg = load_config("full", {})
+    for t in (cfg.defender.warmup, cfg.defender.rl):
+        assert (t.mode, t.lr, t.max_new_tokens, t.temperature, t.weight_decay, t.grad_clip) == ("dapo", 1e-6, 4096, 1.0, 1e-2, 1.0)
+        assert t.dapo.group_size == 5 and t.dapo.dynamic_sampling and t.gradient_checkpointing
+    over = load_config("full", {"defender": {"rl": {"lora_rank": 64}}})
+    assert over.defender.rl.lora_rank == 64 and over.defender.warmup.lora_rank == 0  # one stage's override stays its own

@@ -131,7 +131,7 @@ def run_coevolution(store: ShardStore, cfg: PipelineConfig, steps: Steps, source
     export, items = data["export"], data["filter"]
     heldout = steps.heldout()
     warmup = steps.warmup_pool() if cfg.coevolution.warmup_scenes else export
-    defender = steps.train_defender(warmup, None, "sft", "clean")  # defender 0
+    defender = steps.train_defender(warmup, None, "warmup", "clean")  # defender 0 (defender.warmup, its own mode)
     base_clean = steps.evaluate(defender, heldout).get("clean_accuracy")
     rows, attacker = [], None
     lineage = {"export": export, "items": items, "heldout": heldout, "warmup": warmup, "defender_0": defender}

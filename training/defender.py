@@ -102,7 +102,11 @@ class DefenderTrainer:
         if cfg.batch_prompts % self.world:
             raise ValueError(f"batch_prompts {cfg.batch_prompts} must divide over {self.world} ranks: set "
                              f"defender.*.batch_prompts to a multiple of {self.world}")
-        self.opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        params = policy.trainable_parameters()
+        # fused on a GPU: one kernel per step for all parameters instead of several per tensor list
+        # (3.76 B parameters of the 3B defender: params, grads and two moments read and written)
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     fused=bool(params) and all(p.is_cuda for p in params))
         self.step = 0
         self.reached = False  # target_accuracy met: training is done before ``steps``
         self.metrics: list[dict] = []

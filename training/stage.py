@@ -55,9 +55,25 @@ def examples_from_version(store: ShardStore, manifest: Manifest, images: str = "
     return out
 
 
+MODES = ("sft", "dapo", "warmup")
+
+
+def defender_train_config(cfg: PipelineConfig, mode: str):
+    """The training settings of a defender stage run: ``sft`` — ``defender.warmup`` in SFT mode;
+    ``dapo`` — ``defender.rl``; ``warmup`` — ``defender.warmup`` in its own mode (defender 0 of
+    the co-evolution: supervised for the tiny defender, which starts from random weights; a DAPO
+    stage on clean data for a pretrained one, as AOT's warm-up, METHOD.md)."""
+    if mode not in MODES:
+        raise ValueError(f"defender training mode must be one of {MODES}, not {mode!r}")
+    d = cfg.defender
+    if mode == "warmup":
+        return d.warmup
+    return dataclasses.replace(d.warmup if mode == "sft" else d.rl, mode=mode)
+
+
 def defender_version_id(cfg: PipelineConfig, mode: str, parents: list[str]) -> dict:
     d = cfg.defender
-    train = d.warmup if mode == "sft" else d.rl
+    train = defender_train_config(cfg, mode)
     vcfg = {"defender": {"model": d.model, "images": d.images, "max_examples": d.max_examples, "mode": mode,
                          "train": dataclasses.asdict(train)}}
     return {"config": vcfg, "version": content_hash({"stage": "defender", "config": vcfg, "code": code_version(),
@@ -118,7 +134,7 @@ def train_defender_version(store: ShardStore, cfg: PipelineConfig, data_version:
     done = store.manifest_at(data.dataset, "defender", version)
     if done is not None:
         return done, False
-    train_cfg = dataclasses.replace(cfg.defender.warmup if mode == "sft" else cfg.defender.rl, mode=mode)
+    train_cfg = defender_train_config(cfg, mode)
     examples = examples_from_version(store, data, cfg.defender.images, cfg.defender.max_examples)
     with tempfile.TemporaryDirectory() as tmp:
         resume = None
@@ -146,7 +162,7 @@ def train_defender_version(store: ShardStore, cfg: PipelineConfig, data_version:
         final = trainer.save(os.path.join(tmp, "final"))
         metrics = pl.DataFrame(trainer.metrics) if trainer.metrics else pl.DataFrame({"step": []})
         plot_metrics(trainer.metrics, os.path.join(final, "metrics.png"),
-                     (["loss"] + (["heldback_accuracy"] if trainer.held_back else [])) if mode == "sft"
+                     (["loss"] + (["heldback_accuracy"] if trainer.held_back else [])) if train_cfg.mode == "sft"
                      else ["reward", "accuracy", "kept_group_fraction", "entropy"])
         files = store.put_folder(data.dataset, "defender", version, str(final))
         rec = store.write_shard(data.dataset, "defender", version, 0, content_hash(parents), len(examples), metrics,
