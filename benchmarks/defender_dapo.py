@@ -169,7 +169,7 @@ def profiled(trainer, device, top: int = 25):
                   "share": getattr(e, key, 0.0) / max(total, 1e-9)} for e in rows]
 
 
-def run_trl(model, proc, device, batch, G, completion, steps, prompt_chars, outdir):
+def run_trl(model, proc, device, batch, G, completion, steps, prompt_chars, outdir, cache=None):
     import trl
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -203,7 +203,8 @@ def run_trl(model, proc, device, batch, G, completion, steps, prompt_chars, outd
                           max_completion_length=completion, loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0,
                           learning_rate=1e-6, bf16=device == "cuda", use_cpu=device != "cuda", gradient_checkpointing=True,
                           max_steps=steps + 1, logging_steps=1, report_to=[], save_strategy="no",
-                          remove_unused_columns=False, temperature=1.0, shuffle_dataset=False)
+                          remove_unused_columns=False, temperature=1.0, shuffle_dataset=False,
+                          cache_implementation=cache)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer = trl.GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
@@ -249,7 +250,8 @@ def main():
                          "checkpointing: no recomputed forward, more memory), ours-unshared (every row through "
                          "the processor and vision tower, as before models/shared_images.py), ours-mbN (update "
                          "in micro-batches of N rows), ours-compiled (decoder layers compiled for the update: "
-                         "models/compiled_layers.py); variants combine, e.g. ours-static-grouped-compiled; trl")
+                         "models/compiled_layers.py); variants combine, e.g. ours-static-grouped-compiled; trl, "
+                         "trl-static (TRL's generation with cache_implementation='static', as ours-static)")
     ap.add_argument("--profile", action="store_true",
                     help="one extra step of each of ours with its update phase under torch.profiler; top operators "
                          "into the JSON")
@@ -258,7 +260,7 @@ def main():
     a = ap.parse_args()
     for impl in a.impls.split(","):  # before any model is built
         unknown = {v for v in impl.split("-")[1:] if not (v[:2] == "mb" and v[2:].isdigit())} - \
-            {"static", "grouped", "nockpt", "unshared", "compiled"} if impl.startswith("ours") else ({impl} - {"trl"})
+            {"static", "grouped", "nockpt", "unshared", "compiled"} if impl.startswith("ours") else ({impl} - {"trl", "trl-static"})
         if unknown:
             raise SystemExit(f"unknown implementation or variant {sorted(unknown)} in {impl!r}; see --help for --impls")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -294,7 +296,7 @@ def main():
                                         compile_update="compiled" in impl)
             else:
                 r, peak = run_trl(model, proc, device, batch, a.generations, a.completion, a.steps, a.prompt_chars,
-                                  out / "trl-tmp")
+                                  out / "trl-tmp", cache="static" if impl == "trl-static" else None)
             shared = impl.startswith("ours") and "unshared" not in impl
             s = summarize(impl, r, batch, prompt_tokens, a.completion, n_text, n_vis, patches,
                           info["bf16_matmul_tflops"], peak, images=batch // a.generations if shared else None)

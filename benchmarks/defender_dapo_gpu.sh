@@ -2,10 +2,11 @@
 # benchmarks/defender_dapo.py on the lent GPU in one command: installs trl and datasets from the
 # carried wheel folder when they are missing, then runs each argument set in turn, each with its own
 # JSON folder and log under OUT (a command cut off by the time limit keeps what finished). With no
-# argument sets, the next comparison for issue 4's update MFU: our default GPU setup with and
-# without compiled decoder layers, TRL beside them, the update phase profiled.
-#   benchmarks/defender_dapo_gpu.sh OUT                                  # the default sets below
-#   benchmarks/defender_dapo_gpu.sh OUT "--impls ours-static-grouped,trl --batches 16"
+# argument sets, the next comparison for issue 4 (about 6 minutes, within one 600 s call): our
+# default GPU setup with and without compiled decoder layers, the update phase profiled, and TRL
+# with the same static-cache generation. The calls after it:
+#   benchmarks/defender_dapo_gpu.sh OUT "--impls ours-static-grouped-compiled,trl-static --batches 64"
+#   benchmarks/defender_dapo_gpu.sh OUT "--impls ours-static-grouped-compiled-nockpt-mb16,ours-static-grouped-compiled-nockpt-mb8 --batches 64"
 # Carry the wheels with the run tool: carry [".whl"] (trl, datasets and their pure-Python deps).
 set -u
 out=${1:?output folder}; shift
@@ -16,8 +17,7 @@ if ! python -c "import trl, datasets" 2>/dev/null; then
     .whl/xxhash*.whl > "$out/pip.log" 2>&1 || { echo "wheel install failed: $out/pip.log"; exit 1; }
 fi
 if [ $# -eq 0 ]; then
-  set -- "--impls ours-static-grouped,ours-static-grouped-compiled,trl --batches 16 --profile" \
-         "--impls ours-static-grouped,ours-static-grouped-compiled --batches 64 --profile"
+  set -- "--impls ours-static-grouped,ours-static-grouped-compiled,trl-static --batches 16 --profile"
 fi
 i=0
 for args in "$@"; do
