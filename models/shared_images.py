@@ -36,11 +36,14 @@ def distinct_rows(keys: list) -> tuple[list[int], list[int]]:
 
 
 def _inner(model):
-    """The module whose forward calls ``self.get_image_features`` (Qwen2_5_VLModel)."""
-    inner = getattr(model, "model", model)
-    if not hasattr(inner, "get_image_features"):
-        raise TypeError(f"{type(model).__name__} has no get_image_features; shared images need a Qwen2.5-VL model")
-    return inner
+    """The module whose forward calls ``self.get_image_features``: the one holding the vision tower
+    as a submodule (Qwen2_5_VLModel), however deep — under a peft wrapper the generation model is
+    two levels down, and its own ``get_image_features`` only delegates."""
+    for m in model.modules():
+        if "visual" in m._modules and hasattr(m, "get_image_features"):
+            return m
+    raise TypeError(f"{type(model).__name__} has no vision tower with get_image_features; shared images need a "
+                    "Qwen2.5-VL model")
 
 
 def _features_once(self, pixel_values, image_grid_thw=None, *args, **kwargs):

@@ -59,6 +59,23 @@ def test_shared_images_give_the_log_probs_and_gradients_of_separate_copies():
     assert "get_image_features" not in inner.__dict__  # the wrapper is gone after the call
 
 
+def test_shared_images_under_a_lora_wrapper():
+    # peft puts the generation model two levels down: the wrapper must still reach the module
+    # whose forward asks for image features (a miss feeds the vision tower mismatched grids)
+    from peft import LoraConfig, get_peft_model
+
+    policy = QwenVLPolicy.tiny(seed=0)
+    policy.model = get_peft_model(policy.model, LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.q_proj"))
+    images, prompts, _ = _batch()
+    ids, mask = policy.target_ids(["\\boxed{A}"] * 7)
+    shared_lp, shared_g = _logp_and_grads(policy, images, prompts, ids, mask)
+    lp, g = _logp_and_grads(policy, [im.copy() for im in images], prompts, ids, mask)
+    torch.testing.assert_close(shared_lp, lp, rtol=1e-5, atol=1e-5)
+    assert g.keys() == shared_g.keys() and all("lora" in n for n in g)
+    for n in g:
+        torch.testing.assert_close(shared_g[n], g[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_shared_images_sample_the_same_responses():
     policy = QwenVLPolicy.tiny(seed=1)
     images, prompts, _ = _batch()
