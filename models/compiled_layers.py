@@ -40,7 +40,9 @@ def compiled_layers(model, enabled: bool = True, backend: str | None = None):
         return
     layers = decoder_layers(model)
     for layer in layers:
-        layer._compiled_call_impl = torch.compile(layer._call_impl, backend=backend or BACKEND)
+        # dynamic: batch and sequence lengths change with every micro-batch; one graph per grad mode
+        # and attention-mask kind (none without padding) instead of a static graph per shape first
+        layer._compiled_call_impl = torch.compile(layer._call_impl, backend=backend or BACKEND, dynamic=True)
     try:
         yield
     finally:

@@ -272,9 +272,12 @@ class QwenVLPolicy:
         resp = response_ids.to(self.device)
         input_ids = torch.cat([enc["input_ids"], resp], dim=1)
         attn = torch.cat([enc["attention_mask"], response_mask.to(self.device).long()], dim=1)
+        # use_cache=False: a scoring forward has no next token to decode, and a KV cache would copy
+        # every layer's keys and values of the whole batch into it (unless gradient checkpointing
+        # happens to drop it), costing memory and time and specializing compiled layers per index.
         with repeated_images(self.model, inverse):
             out = self.model(input_ids=input_ids, attention_mask=attn, pixel_values=enc["pixel_values"],
-                             image_grid_thw=enc["image_grid_thw"], logits_to_keep=resp.shape[1] + 1)
+                             image_grid_thw=enc["image_grid_thw"], logits_to_keep=resp.shape[1] + 1, use_cache=False)
         # Row by row, in the model's dtype (as TRL does): a float32 (B, T, vocab) tensor would be
         # ~10 GB at batch 64 for a 150k vocabulary. Entropy is a metric: computed without a graph.
         logits = out.logits[:, :-1]

@@ -208,3 +208,20 @@ def test_rollouts_run_in_chunks_of_rollout_batch_and_the_update_in_micro_batches
     sizes["rollout"].clear(), sizes["update"].clear()
     DefenderTrainer(policy, data[0], _dapo_cfg(steps=1, micro_batch=15, dapo=cfg.dapo)).train()  # 0: micro_batch
     assert sizes == {"rollout": [15, 15, 10], "update": [15, 15, 10]}
+
+
+def test_scoring_builds_no_kv_cache(data):
+    # A log-prob forward decodes nothing: a KV cache would copy every layer's keys and values
+    # (without gradient checkpointing nothing else drops it).
+    from transformers.cache_utils import Cache
+
+    policy = QwenVLPolicy.tiny(seed=0, spec=SPEC)
+    policy.model.train()
+    seen = []
+    layer = policy.model.model.language_model.layers[0]
+    hook = layer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(
+        [type(v).__name__ for v in list(args) + list(kwargs.values()) if isinstance(v, Cache)]), with_kwargs=True)
+    ids, mask = policy.target_ids(["\\boxed{A}", "\\boxed{B}"])
+    policy.response_logprobs([e.image for e in data[0][:2]], [e.prompt for e in data[0][:2]], ids, mask)
+    hook.remove()
+    assert seen == [[]]
