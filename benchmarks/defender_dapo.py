@@ -161,12 +161,33 @@ def profiled(trainer, device, top: int = 25):
         policy.__dict__.pop("rollout", None)
         if trace:
             trace["prof"].stop()
-    prof = trace["prof"]
+    return res, summarize_profile(trace["prof"].key_averages(), device, top)
+
+
+CATEGORIES = (  # kernel (GPU) or operator (CPU) names -> what the time is spent on; first match wins
+    ("attention", ("flash", "fmha", "attention", "sdpa")),  # before matmul: fmha_cutlass* kernels say "cutlass"
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear")),
+)
+
+
+def summarize_profile(events, device, top: int = 25) -> dict:
+    """Top operators by self device time (self CPU time on a CPU), and the traced time split into
+    matmul / attention / other. Shares are of the *kernel* time: operator rows and the kernels
+    under them both carry device time, so summing every row would count it twice."""
+    from torch.autograd import DeviceType
+
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)[:top]
-    total = sum(getattr(e, key, 0.0) for e in prof.key_averages())
-    return res, [{"op": e.key, "calls": e.count, "self_ms": getattr(e, key, 0.0) / 1e3,
-                  "share": getattr(e, key, 0.0) / max(total, 1e-9)} for e in rows]
+    units = [e for e in events if e.device_type == DeviceType.CUDA] if device == "cuda" else list(events)
+    total = sum(getattr(e, key, 0.0) for e in units)
+    cats = {name: 0.0 for name, _ in CATEGORIES} | {"other": 0.0}
+    for e in units:
+        name = e.key.lower()
+        cat = next((c for c, words in CATEGORIES if any(w in name for w in words)), "other")
+        cats[cat] += getattr(e, key, 0.0)
+    rows = sorted(events, key=lambda e: getattr(e, key, 0.0), reverse=True)[:top]
+    return {"total_ms": total / 1e3, "categories": {c: {"ms": v / 1e3, "share": v / max(total, 1e-9)} for c, v in cats.items()},
+            "top": [{"op": e.key, "calls": e.count, "self_ms": getattr(e, key, 0.0) / 1e3,
+                     "share": getattr(e, key, 0.0) / max(total, 1e-9)} for e in rows]}
 
 
 def run_trl(model, proc, device, batch, G, completion, steps, prompt_chars, outdir, cache=None):
@@ -302,12 +323,13 @@ def main():
                           info["bf16_matmul_tflops"], peak, images=batch // a.generations if shared else None)
             s.update(prompt_tokens=prompt_tokens, params_text=n_text, params_vision=n_vis, wall_s=time.perf_counter() - t0)
             if ops:
-                s["profile_top_ops"] = ops
-                print(f"{impl} batch {batch}: top operators of one profiled step (self time)")
-                for o in ops[:12]:
+                s["profile"] = ops
+                cats = ", ".join(f"{c} {v['share']:.0%}" for c, v in ops["categories"].items())
+                print(f"{impl} batch {batch}: one profiled update, {ops['total_ms']:.0f} ms traced ({cats}); top operators:")
+                for o in ops["top"][:12]:
                     print(f"  {o['share']:6.1%} {o['self_ms']:9.1f} ms {o['calls']:>7} calls  {o['op'][:70]}")
             results.append(s)
-            print(json.dumps({k: v for k, v in s.items() if k != "profile_top_ops"}), flush=True)
+            print(json.dumps({k: v for k, v in s.items() if k != "profile"}), flush=True)
             del model, proc
             gc.collect()
             if device == "cuda":
