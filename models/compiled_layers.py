@@ -1,8 +1,9 @@
-"""The language model's decoder layers under torch.compile, for the policy update only.
+"""The language model's decoder layers under torch.compile, in scoring forwards only.
 
 In eager mode every RMSNorm, SwiGLU, rotary embedding and residual add of a decoder layer is its
 own memory-bound kernel (and again in the backward, and again in a checkpointed recompute);
-inductor fuses them. Only the *update* forward runs compiled: sampling keeps the eager layers (a
+inductor fuses them. Only scoring forwards (``QwenVLPolicy.response_logprobs``: the update and
+old log-probs) run compiled: sampling keeps the eager layers (a
 static-cache ``generate`` compiles the whole decoding step itself, and the two must not nest).
 The switch is ``Module._compiled_call_impl``, the attribute ``nn.Module.compile()`` sets, set
 for the block and cleared after it. Compiled graphs live in dynamo's cache of the layers' shared

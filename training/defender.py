@@ -20,7 +20,6 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from models.compiled_layers import compiled_layers
 from models.mcq import extract_choice, mcq_reward
 from rl.dapo import dapo_loss, fill_batch, group_advantages, overlong_penalty
 from training import distributed as dist
@@ -98,6 +97,7 @@ class DefenderTrainer:
                 target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"))
         if cfg.gradient_checkpointing:
             policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.compile_layers = cfg.compile_update  # scoring forwards only (models/compiled_layers.py)
         self.rank, self.world = dist.rank_world()
         if cfg.batch_prompts % self.world:
             raise ValueError(f"batch_prompts {cfg.batch_prompts} must divide over {self.world} ranks: set "
@@ -130,8 +130,7 @@ class DefenderTrainer:
         p.model.train()
         loss_sum = 0.0
         for sl in _chunks(len(batch), cfg.micro_batch):
-            with compiled_layers(p.model, cfg.compile_update):
-                logp = p.response_logprobs([e.image for e in batch[sl]], [e.prompt for e in batch[sl]], ids[sl], mask[sl])
+            logp = p.response_logprobs([e.image for e in batch[sl]], [e.prompt for e in batch[sl]], ids[sl], mask[sl])
             loss = -(logp * mask[sl].to(logp.device)).sum() / total
             loss.backward()
             loss_sum += float(loss.detach())
@@ -201,15 +200,13 @@ class DefenderTrainer:
         on_policy = cfg.dapo.epochs_per_batch == 1
         old = [None] * len(slices)
         if not on_policy:
-            with torch.no_grad(), compiled_layers(p.model, cfg.compile_update):
+            with torch.no_grad():
                 old = [p.response_logprobs(images[s], prompts[s], ids[s], mask[s], cfg.temperature) for s in slices]
         t_logp = time.perf_counter() - t1
         stats, ents = [], []
         for _ in range(cfg.dapo.epochs_per_batch):
             for s, old_lp in zip(slices, old):
-                with compiled_layers(p.model, cfg.compile_update):
-                    logp, ent = p.response_logprobs(images[s], prompts[s], ids[s], mask[s], cfg.temperature,
-                                                    with_entropy=True)
+                logp, ent = p.response_logprobs(images[s], prompts[s], ids[s], mask[s], cfg.temperature, with_entropy=True)
                 old_lp = logp.detach() if old_lp is None else old_lp
                 m = loss_mask[s].to(logp.device)
                 loss, st = dapo_loss(logp, old_lp, adv[s].to(logp.device), m, cfg.dapo, num_tokens=total)

@@ -21,6 +21,7 @@ import polars as pl
 
 from models.cache import cache_root
 from models.mcq import format_prompt
+from models.vision_attention import DEFAULT as DEFAULT_VISION_ATTENTION
 from stages.config import PipelineConfig
 from stages.version import code_version
 from storage import Manifest, ShardStore, content_hash, decode_image
@@ -99,21 +100,18 @@ def fetch_version(store: ShardStore, m: Manifest) -> Path:
 def defender_runtime(cfg: PipelineConfig) -> dict:
     """How the config's defender runs, whatever checkpoint it loads: ``defender.model.device``
     (default cpu) and ``vision_attention`` (default grouped: models/vision_attention.py)."""
-    from models.vision_attention import DEFAULT
-
     m = cfg.defender.model
-    return {"device": m.get("device", "cpu"), "vision_attention": m.get("vision_attention", DEFAULT)}
+    return {"device": m.get("device", "cpu"), "vision_attention": m.get("vision_attention", DEFAULT_VISION_ATTENTION)}
 
 
-def load_defender(store: ShardStore, version: str, device: str = "cpu", vision_attention: str | None = None):
+def load_defender(store: ShardStore, version: str, device: str = "cpu", vision_attention: str = DEFAULT_VISION_ATTENTION):
     """A trained defender version as a policy (its files cached locally by version id)."""
     from models.qwen_vl import QwenVLPolicy
 
     m = store.manifest(version)
     if m.stage != "defender":
         raise ValueError(f"{version} is a {m.stage} version, not a defender checkpoint")
-    kw = {"vision_attention": vision_attention} if vision_attention else {}
-    return QwenVLPolicy.from_pretrained(str(fetch_version(store, m)), device=device, **kw)
+    return QwenVLPolicy.from_pretrained(str(fetch_version(store, m)), device=device, vision_attention=vision_attention)
 
 
 def _initial_policy(store: ShardStore, cfg: PipelineConfig, init_version: str | None):
