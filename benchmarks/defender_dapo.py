@@ -128,6 +128,8 @@ def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, lor
         sync(device)
         out.append({"step_s": time.perf_counter() - t0, "generation_s": r["sample_seconds"], "logprob_s": r["logprob_seconds"],
                     "update_s": r["update_seconds"], "completion_tokens": float(r["response_length"]) * batch})
+        print(f"  step {n}: {out[-1]['step_s']:.2f} s (generation {r['sample_seconds']:.2f}, update {r['update_seconds']:.2f})",
+              flush=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     del tr, policy
     timed = out[1:-1] if profile and steps > 1 else out[1:]
@@ -253,7 +255,7 @@ def summarize(name, rows_, batch, prompt_tokens, completion, n_text, n_vis, patc
     return {"impl": name, "batch": batch, "step_s": step, "generation_s": gen, "logprob_s": lp, "update_s": upd,
             "completion_tok_s": comp / step, "total_tok_s": seq_tokens / step,
             "update_mfu": flops / max(upd, 1e-9) / (peak_tflops * 1e12) if peak_tflops == peak_tflops else float("nan"),
-            "peak_gib": peak_gib}
+            "peak_gib": peak_gib, "update_s_steps": [r["update_s"] for r in rows_]}  # the spread the means hide
 
 
 def main():

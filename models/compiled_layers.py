@@ -1,16 +1,19 @@
-"""The language model's decoder layers under torch.compile, in scoring forwards only.
+"""The language model's decoder layers under torch.compile, in the trainer's update only.
 
 In eager mode every RMSNorm, SwiGLU, rotary embedding and residual add of a decoder layer is its
 own memory-bound kernel (and again in the backward, and again in a checkpointed recompute);
-inductor fuses them. Only scoring forwards (``QwenVLPolicy.response_logprobs``: the update and
-old log-probs) run compiled: sampling keeps the eager layers (a
-static-cache ``generate`` compiles the whole decoding step itself, and the two must not nest).
+inductor fuses them. The trainer opens the block around its update phase (scoring forwards,
+their backwards, old log-probs): sampling keeps the eager layers (a static-cache ``generate``
+compiles the whole decoding step itself, and the two must not nest). The block must hold the
+backward too: under gradient checkpointing the backward recomputes each layer's forward, and a
+recompute that runs eager code against the tensors a compiled forward saved fails (transformers
+<= 5.17 checkpoints the layer's whole call, outside the compiled code; later versions checkpoint
+``forward``, inside it, where dynamo traces the checkpoint itself).
 The switch is ``Module._compiled_call_impl``, the attribute ``nn.Module.compile()`` sets, set
 for the block and cleared after it. Compiled graphs live in dynamo's cache of the layers' shared
 code, guarded on the layer class, not on one layer (``inline_inbuilt_nn_modules``): all layers
 and all later steps reuse them, and nothing compiled is kept on the model (a deep copy of the
 model must not call the original's layers).
-Gradient checkpointing stays as it is (dynamo traces transformers' non-reentrant checkpoint).
 Opt-in (``defender.rl.compile_update``) until a GPU run measures it
 (``benchmarks/defender_dapo.py``, variant ``compiled``).
 """

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from models.compiled_layers import compiled_layers
 from models.mcq import letters
 from models.shared_images import distinct_rows, expand_rows, repeated_images
 from models.vision_attention import DEFAULT as DEFAULT_VISION_ATTENTION
@@ -182,9 +181,6 @@ class QwenVLPolicy:
         # Rows repeating an image go through the processor and vision tower once (encode); off only
         # to measure what that saves (benchmarks/defender_dapo.py, variant "unshared").
         self.share_images = True
-        # Decoder layers compiled in scoring forwards (response_logprobs), never in sampling; the
-        # trainer sets it from defender.*.compile_update (models/compiled_layers.py).
-        self.compile_layers = False
         # Vision placeholders can never be *outputs*: a sampled <|image_pad|> would desynchronize
         # image features and tokens on the next forward. Suppressed in sampling and masked in
         # log-probs alike, so the sampler and the scorer are one distribution.
@@ -279,7 +275,7 @@ class QwenVLPolicy:
         # use_cache=False: a scoring forward has no next token to decode, and a KV cache would copy
         # every layer's keys and values of the whole batch into it (unless gradient checkpointing
         # happens to drop it), costing memory and time and specializing compiled layers per index.
-        with repeated_images(self.model, inverse), compiled_layers(self.model, self.compile_layers):
+        with repeated_images(self.model, inverse):
             out = self.model(input_ids=input_ids, attention_mask=attn, pixel_values=enc["pixel_values"],
                              image_grid_thw=enc["image_grid_thw"], logits_to_keep=resp.shape[1] + 1, use_cache=False)
         # Row by row, in the model's dtype (as TRL does): a float32 (B, T, vocab) tensor would be

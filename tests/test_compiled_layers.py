@@ -1,6 +1,7 @@
 """Compiled decoder layers for the update (models/compiled_layers.py): the same log-probs and
 gradients as eager layers, under gradient checkpointing and LoRA too; the layers are eager again
-after the block (sampling never runs them compiled). Backend aot_eager (dynamo + AOTAutograd,
+after the block (sampling never runs them compiled); a checkpointed recompute needs the
+backward inside the block. Backend aot_eager (dynamo + AOTAutograd,
 no inductor codegen, which takes ~25 s per graph on a CPU; benchmarks/defender_dapo.py runs inductor)."""
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def test_compiled_layers_give_eager_log_probs_and_gradients(aot_eager):
         policy.model.zero_grad(set_to_none=True)
         with compiled_layers(policy.model, compiled):
             logp = policy.response_logprobs([e.image for e in ex], [e.prompt for e in ex], ids, mask)
-        (logp * mask * torch.arange(1, 7).unsqueeze(1)).sum().backward()
+            (logp * mask * torch.arange(1, 7).unsqueeze(1)).sum().backward()  # in the block: see the last test
         return logp.detach(), {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
 
     eager_lp, eager_g = logp_and_grads(False)
@@ -67,3 +68,52 @@ def test_compile_update_trains_like_eager_with_lora(aot_eager):
     assert len(params[True]) > 0 and all("lora" in n for n in params[True])
     for n, p in params[True].items():
         torch.testing.assert_close(p, params[False][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm, self.up, self.down = torch.nn.LayerNorm(d), torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, h):
+        return h + self.down(torch.nn.functional.silu(self.up(self.norm(h))))
+
+
+class _CheckpointedCalls(torch.nn.Module):
+    """Decoder layers whose whole call is checkpointed, outside any compiled code, as transformers
+    <= 5.17 does (later versions checkpoint ``forward``, inside the layer's call)."""
+
+    def __init__(self, d=8, n=3):
+        super().__init__()
+        self.language_model = torch.nn.Module()
+        self.language_model.layers = torch.nn.ModuleList(_Block(d) for _ in range(n))
+
+    def forward(self, h):
+        for layer in self.language_model.layers:
+            h = torch.utils.checkpoint.checkpoint(layer, h, use_reentrant=False)
+        return h
+
+
+def test_checkpoint_recompute_needs_the_backward_inside_the_block(aot_eager):
+    torch.manual_seed(0)
+    model, x = _CheckpointedCalls(), torch.randn(2, 5, 8)
+    weights = torch.randn(2, 5, 8)
+
+    def grads(compiled, backward_inside):
+        model.zero_grad(set_to_none=True)
+        with compiled_layers(model, compiled):
+            loss = (model(x) * weights).sum()
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    eager = grads(False, False)
+    # the recompute runs the eager layer against the compiled forward's saved tensors
+    with pytest.raises(torch.utils.checkpoint.CheckpointError):
+        grads(True, False)
+    compiled = grads(True, True)  # what DefenderTrainer does: forward and backward in one block
+    assert torch._dynamo.utils.counters["stats"]["calls_captured"] > 0
+    for n in eager:
+        torch.testing.assert_close(compiled[n], eager[n], rtol=1e-5, atol=1e-6, msg=n)

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from models.compiled_layers import compiled_layers
 from models.mcq import extract_choice, mcq_reward
 from rl.dapo import dapo_loss, fill_batch, group_advantages, overlong_penalty
 from training import distributed as dist
@@ -97,7 +98,6 @@ class DefenderTrainer:
                 target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"))
         if cfg.gradient_checkpointing:
             policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        policy.compile_layers = cfg.compile_update  # scoring forwards only (models/compiled_layers.py)
         self.rank, self.world = dist.rank_world()
         if cfg.batch_prompts % self.world:
             raise ValueError(f"batch_prompts {cfg.batch_prompts} must divide over {self.world} ranks: set "
@@ -129,11 +129,12 @@ class DefenderTrainer:
         batch, ids, mask = batch[mine], ids[mine], mask[mine]
         p.model.train()
         loss_sum = 0.0
-        for sl in _chunks(len(batch), cfg.micro_batch):
-            logp = p.response_logprobs([e.image for e in batch[sl]], [e.prompt for e in batch[sl]], ids[sl], mask[sl])
-            loss = -(logp * mask[sl].to(logp.device)).sum() / total
-            loss.backward()
-            loss_sum += float(loss.detach())
+        with compiled_layers(p.model, cfg.compile_update):  # forwards *and* backwards: see dapo_step
+            for sl in _chunks(len(batch), cfg.micro_batch):
+                logp = p.response_logprobs([e.image for e in batch[sl]], [e.prompt for e in batch[sl]], ids[sl], mask[sl])
+                loss = -(logp * mask[sl].to(logp.device)).sum() / total
+                loss.backward()
+                loss_sum += float(loss.detach())
         dist.sum_gradients(p.trainable_parameters())
         gnorm = torch.nn.utils.clip_grad_norm_(p.trainable_parameters(), cfg.grad_clip)
         self.opt.step()
@@ -198,25 +199,30 @@ class DefenderTrainer:
         # detached log-probs are the old ones (ratio exactly 1, as TRL does); several epochs need
         # the sampling policy's log-probs first: same function, same micro-batches.
         on_policy = cfg.dapo.epochs_per_batch == 1
-        old = [None] * len(slices)
-        if not on_policy:
-            with torch.no_grad():
-                old = [p.response_logprobs(images[s], prompts[s], ids[s], mask[s], cfg.temperature) for s in slices]
-        t_logp = time.perf_counter() - t1
-        stats, ents = [], []
-        for _ in range(cfg.dapo.epochs_per_batch):
-            for s, old_lp in zip(slices, old):
-                logp, ent = p.response_logprobs(images[s], prompts[s], ids[s], mask[s], cfg.temperature, with_entropy=True)
-                old_lp = logp.detach() if old_lp is None else old_lp
-                m = loss_mask[s].to(logp.device)
-                loss, st = dapo_loss(logp, old_lp, adv[s].to(logp.device), m, cfg.dapo, num_tokens=total)
-                loss.backward()
-                stats.append(st)
-                ents.append(float((ent.detach() * mask[s].to(ent.device)).sum()))
-            dist.sum_gradients(p.trainable_parameters())
-            gnorm = torch.nn.utils.clip_grad_norm_(p.trainable_parameters(), cfg.grad_clip)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+        # Scoring forwards run compiled when asked (models/compiled_layers.py), and so must their
+        # backwards: with gradient checkpointing a layer's forward is recomputed in the backward,
+        # and a recompute running eager code against a compiled forward's saved tensors fails
+        # (transformers <= 5.17 checkpoints a layer's whole call, outside the compiled code).
+        with compiled_layers(p.model, cfg.compile_update):
+            old = [None] * len(slices)
+            if not on_policy:
+                with torch.no_grad():
+                    old = [p.response_logprobs(images[s], prompts[s], ids[s], mask[s], cfg.temperature) for s in slices]
+            t_logp = time.perf_counter() - t1
+            stats, ents = [], []
+            for _ in range(cfg.dapo.epochs_per_batch):
+                for s, old_lp in zip(slices, old):
+                    logp, ent = p.response_logprobs(images[s], prompts[s], ids[s], mask[s], cfg.temperature, with_entropy=True)
+                    old_lp = logp.detach() if old_lp is None else old_lp
+                    m = loss_mask[s].to(logp.device)
+                    loss, st = dapo_loss(logp, old_lp, adv[s].to(logp.device), m, cfg.dapo, num_tokens=total)
+                    loss.backward()
+                    stats.append(st)
+                    ents.append(float((ent.detach() * mask[s].to(ent.device)).sum()))
+                dist.sum_gradients(p.trainable_parameters())
+                gnorm = torch.nn.utils.clip_grad_norm_(p.trainable_parameters(), cfg.grad_clip)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
         n_tok = max(1, sum(s.tokens for s in stats))
         n_all = dist.all_sum(len(groups) * G)
         return {
