@@ -99,7 +99,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, lora=0, cache="dynamic",
+def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, warmup=2, lora=0, cache="dynamic",
              vision_attention="stock", profile=False, grad_ckpt=True, share_images=True, micro_batch=0,
              compile_update=False):
     from rl.dapo import DapoConfig
@@ -108,19 +108,20 @@ def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, lor
     policy = QwenVLPolicy(model, proc, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
                           vision_attention=vision_attention)
     policy.share_images = share_images
-    cfg = DefenderTrainConfig(mode="dapo", steps=steps + 1, batch_prompts=batch // G, micro_batch=micro_batch or batch,
+    total = warmup + steps + int(profile)
+    cfg = DefenderTrainConfig(mode="dapo", steps=total, batch_prompts=batch // G, micro_batch=micro_batch or batch,
                               rollout_batch=batch, lr=1e-6,
                               max_new_tokens=completion, gradient_checkpointing=grad_ckpt, lora_rank=lora, lora_alpha=2 * lora,
                               decode_cache=cache, compile_update=compile_update,
                               dapo=DapoConfig(group_size=G, dynamic_sampling=False, mask_truncated=False))
-    tr = DefenderTrainer(policy, rows(batch // G * (steps + 1), prompt_chars), cfg)
+    tr = DefenderTrainer(policy, rows(batch // G * total, prompt_chars), cfg)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     out, ops = [], None
-    for n in range(steps + 1):
+    for n in range(total):
         sync(device)
         t0 = time.perf_counter()
-        if profile and n == steps:  # the last step under the profiler (its timing is not counted)
+        if profile and n == total - 1:  # the last step under the profiler (its timing is not counted)
             r, ops = profiled(tr, device)
         else:
             r = tr.dapo_step()
@@ -132,7 +133,7 @@ def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, lor
               flush=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     del tr, policy
-    timed = out[1:-1] if profile and steps > 1 else out[1:]
+    timed = out[warmup:warmup + steps]
     return timed, peak, ops
 
 
@@ -192,7 +193,7 @@ def summarize_profile(events, device, top: int = 25) -> dict:
                      "share": getattr(e, key, 0.0) / max(total, 1e-9)} for e in rows]}
 
 
-def run_trl(model, proc, device, batch, G, completion, steps, prompt_chars, outdir, cache=None):
+def run_trl(model, proc, device, batch, G, completion, steps, prompt_chars, outdir, warmup=2, cache=None):
     import trl
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -221,11 +222,11 @@ def run_trl(model, proc, device, batch, G, completion, steps, prompt_chars, outd
             steps_t[-1][1] = time.perf_counter()
 
     data = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e.prompt}]}],
-             "image": e.image} for e in rows(batch // G * (steps + 1), prompt_chars)]
+             "image": e.image} for e in rows(batch // G * (warmup + steps), prompt_chars)]
     args = trl.GRPOConfig(output_dir=str(outdir), per_device_train_batch_size=batch, num_generations=G,
                           max_completion_length=completion, loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0,
                           learning_rate=1e-6, bf16=device == "cuda", use_cpu=device != "cuda", gradient_checkpointing=True,
-                          max_steps=steps + 1, logging_steps=1, report_to=[], save_strategy="no",
+                          max_steps=warmup + steps, logging_steps=1, report_to=[], save_strategy="no",
                           remove_unused_columns=False, temperature=1.0, shuffle_dataset=False,
                           cache_implementation=cache)
     if device == "cuda":
@@ -241,7 +242,7 @@ def run_trl(model, proc, device, batch, G, completion, steps, prompt_chars, outd
         out.append({"step_s": b - a, "generation_s": g, "logprob_s": 0.0, "update_s": (b - a) - g,
                     "completion_tokens": float(batch * completion)})
     del trainer
-    return out[1:], peak
+    return out[warmup:], peak
 
 
 def summarize(name, rows_, batch, prompt_tokens, completion, n_text, n_vis, patches, peak_tflops, peak_gib, images=None):
@@ -266,7 +267,9 @@ def main():
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--completion", type=int, default=256)
     ap.add_argument("--prompt-chars", type=int, default=300)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps, after the warm-up steps")
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="untimed steps first: compilation, and a second step still ~2x slower in the update on an H100")
     ap.add_argument("--impls", default="ours,trl",
                     help="comma-separated: ours, ours-static (static KV cache, compiled decoding), ours-grouped "
                          "(vision windows batched: models/vision_attention.py), ours-nockpt (no gradient "
@@ -289,7 +292,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     arch = "tiny" if a.tiny else a.arch
     if a.tiny:
-        a.batches, a.completion, a.steps, a.prompt_chars, a.generations = "4", 8, 1, 60, 2
+        a.batches, a.completion, a.steps, a.warmup, a.prompt_chars, a.generations = "4", 8, 1, 1, 60, 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     from benchmarks.common import environment, matmul_tflops
@@ -312,14 +315,14 @@ def main():
             ops = None
             if impl.startswith("ours"):
                 r, peak, ops = run_ours(model, proc, device, batch, a.generations, a.completion, a.steps,
-                                        a.prompt_chars, cache="static" if "static" in impl else "dynamic",
+                                        a.prompt_chars, warmup=a.warmup, cache="static" if "static" in impl else "dynamic",
                                         vision_attention="grouped" if "grouped" in impl else "stock", profile=a.profile,
                                         grad_ckpt="nockpt" not in impl, share_images="unshared" not in impl,
                                         micro_batch=next((int(v[2:]) for v in impl.split("-") if v[:2] == "mb"), 0),
                                         compile_update="compiled" in impl)
             else:
                 r, peak = run_trl(model, proc, device, batch, a.generations, a.completion, a.steps, a.prompt_chars,
-                                  out / "trl-tmp", cache="static" if impl == "trl-static" else None)
+                                  out / "trl-tmp", warmup=a.warmup, cache="static" if impl == "trl-static" else None)
             shared = impl.startswith("ours") and "unshared" not in impl
             s = summarize(impl, r, batch, prompt_tokens, a.completion, n_text, n_vis, patches,
                           info["bf16_matmul_tflops"], peak, images=batch // a.generations if shared else None)
@@ -340,7 +343,7 @@ def main():
     if a.lora_7b:
         model, proc = build("7b", device, dtype)
         n_text, n_vis = param_counts(model)
-        r, peak, _ = run_ours(model, proc, device, 16, a.generations, a.completion, 1, a.prompt_chars, lora=64)
+        r, peak, _ = run_ours(model, proc, device, 16, a.generations, a.completion, 1, a.prompt_chars, warmup=0, lora=64)
         lo = {"impl": "ours-7b-lora64", "batch": 16, "step_s": r[0]["step_s"], "generation_s": r[0]["generation_s"],
               "update_s": r[0]["update_s"], "peak_gib": peak, "params_text": n_text, "params_vision": n_vis}
         results.append(lo)
