@@ -5,7 +5,8 @@ Qwen2.5-VL architecture (3B by default) with random weights (no weights can be d
 bf16 weights, gradient checkpointing, HF generate in both. Per step: generation, log-prob and
 update time, completion and total tokens/s, update-phase MFU (6 N tokens against the card's
 bf16 matmul rate measured in the same run), peak GPU memory. With ``--lora-7b`` it also takes
-one DAPO step of the 7B architecture with LoRA (rank 64) and reports the peak memory. With
+DAPO steps of the 7B architecture with LoRA (rank 64), grouped vision attention and compiled
+decoder layers (the full preset's update; one warm-up step, one timed), and reports the peak memory. With
 ``--profile`` the update phase of one extra step of each of our variants runs under torch.profiler
 and its top operators (self device time, call counts) go into the JSON: where the update's time goes.
 
@@ -120,6 +121,7 @@ def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, war
     out, ops = [], None
     for n in range(total):
         sync(device)
+        graphs = compiled_graphs()
         t0 = time.perf_counter()
         if profile and n == total - 1:  # the last step under the profiler (its timing is not counted)
             r, ops = profiled(tr, device)
@@ -128,9 +130,10 @@ def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, war
         tr.step += 1
         sync(device)
         out.append({"step_s": time.perf_counter() - t0, "generation_s": r["sample_seconds"], "logprob_s": r["logprob_seconds"],
-                    "update_s": r["update_seconds"], "completion_tokens": float(r["response_length"]) * batch})
-        print(f"  step {n}: {out[-1]['step_s']:.2f} s (generation {r['sample_seconds']:.2f}, update {r['update_seconds']:.2f})",
-              flush=True)
+                    "update_s": r["update_seconds"], "completion_tokens": float(r["response_length"]) * batch,
+                    "compiled": compiled_graphs() - graphs})
+        print(f"  step {n}: {out[-1]['step_s']:.2f} s (generation {r['sample_seconds']:.2f}, update {r['update_seconds']:.2f}"
+              f", {out[-1]['compiled']} graphs compiled)", flush=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     del tr, policy
     timed = out[warmup:warmup + steps]
@@ -215,11 +218,12 @@ def run_trl(model, proc, device, batch, G, completion, steps, prompt_chars, outd
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             sync(device)
-            steps_t.append([time.perf_counter(), None])
+            steps_t.append([time.perf_counter(), None, compiled_graphs()])
 
         def on_step_end(self, args, state, control, **kw):
             sync(device)
             steps_t[-1][1] = time.perf_counter()
+            steps_t[-1][2] = compiled_graphs() - steps_t[-1][2]
 
     data = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e.prompt}]}],
              "image": e.image} for e in rows(batch // G * (warmup + steps), prompt_chars)]
@@ -238,17 +242,26 @@ def run_trl(model, proc, device, batch, G, completion, steps, prompt_chars, outd
     model.generate = inner_generate
     print(f"trl: {len(steps_t)} steps timed, {len(timings['gen'])} generate calls", flush=True)
     out = []
-    for (a, b), g in zip(steps_t, timings["gen"]):
+    for (a, b, compiled), g in zip(steps_t, timings["gen"]):
         out.append({"step_s": b - a, "generation_s": g, "logprob_s": 0.0, "update_s": (b - a) - g,
-                    "completion_tokens": float(batch * completion)})
+                    "completion_tokens": float(batch * completion), "compiled": compiled})
     del trainer
     return out[warmup:], peak
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has captured in this process so far: a step that adds some paid for
+    compilation (a new shape or attention-mask kind), once in a run, not in its steady state."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
 def summarize(name, rows_, batch, prompt_tokens, completion, n_text, n_vis, patches, peak_tflops, peak_gib, images=None):
-    """``images``: images the vision tower runs on per update (default one per row; ours with
+    """Means over the timed steps that compiled nothing (all of them if every one did; the
+    others are counted in ``compile_steps``, and every step's update time is kept).
+    ``images``: images the vision tower runs on per update (default one per row; ours with
     shared images: one per prompt). MFU counts the FLOPs an implementation needs, 6 N per token."""
-    mean = lambda k: sum(r[k] for r in rows_) / len(rows_)  # noqa: E731
+    steady = [r for r in rows_ if not r.get("compiled")] or rows_
+    mean = lambda k: sum(r[k] for r in steady) / len(steady)  # noqa: E731
     step, gen, lp, upd = mean("step_s"), mean("generation_s"), mean("logprob_s"), mean("update_s")
     comp = mean("completion_tokens")
     seq_tokens = batch * prompt_tokens + comp
@@ -256,7 +269,8 @@ def summarize(name, rows_, batch, prompt_tokens, completion, n_text, n_vis, patc
     return {"impl": name, "batch": batch, "step_s": step, "generation_s": gen, "logprob_s": lp, "update_s": upd,
             "completion_tok_s": comp / step, "total_tok_s": seq_tokens / step,
             "update_mfu": flops / max(upd, 1e-9) / (peak_tflops * 1e12) if peak_tflops == peak_tflops else float("nan"),
-            "peak_gib": peak_gib, "update_s_steps": [r["update_s"] for r in rows_]}  # the spread the means hide
+            "peak_gib": peak_gib, "update_s_steps": [r["update_s"] for r in rows_],  # the spread the means hide
+            "compile_steps": len(rows_) - len(steady)}
 
 
 def main():
@@ -343,9 +357,11 @@ def main():
     if a.lora_7b:
         model, proc = build("7b", device, dtype)
         n_text, n_vis = param_counts(model)
-        r, peak, _ = run_ours(model, proc, device, 16, a.generations, a.completion, 1, a.prompt_chars, warmup=0, lora=64)
-        lo = {"impl": "ours-7b-lora64", "batch": 16, "step_s": r[0]["step_s"], "generation_s": r[0]["generation_s"],
-              "update_s": r[0]["update_s"], "peak_gib": peak, "params_text": n_text, "params_vision": n_vis}
+        r, peak, _ = run_ours(model, proc, device, 16, a.generations, a.completion, 1, a.prompt_chars, warmup=1, lora=64,
+                              vision_attention="grouped", compile_update=True)
+        lo = {"impl": "ours-7b-lora64-grouped-compiled", "batch": 16, "step_s": r[0]["step_s"],
+              "generation_s": r[0]["generation_s"], "update_s": r[0]["update_s"], "peak_gib": peak,
+              "params_text": n_text, "params_vision": n_vis}
         results.append(lo)
         print(json.dumps(lo), flush=True)
         (out / f"defender_dapo_{arch}.json").write_text(json.dumps({"info": info, "results": results}, indent=1))

@@ -129,5 +129,6 @@ def test_the_full_preset_trains_the_defender_at_aots_values():
     for t in (cfg.defender.warmup, cfg.defender.rl):
         assert (t.mode, t.lr, t.max_new_tokens, t.temperature, t.weight_decay, t.grad_clip) == ("dapo", 1e-6, 4096, 1.0, 1e-2, 1.0)
         assert t.dapo.group_size == 5 and t.dapo.dynamic_sampling and t.gradient_checkpointing
+        assert t.compile_update and t.decode_cache == "static"  # the measured GPU setup (RESULTS.md)
     over = load_config("full", {"defender": {"rl": {"lora_rank": 64}}})
     assert over.defender.rl.lora_rank == 64 and over.defender.warmup.lora_rank == 0  # one stage's override stays its own

@@ -40,8 +40,9 @@ class DefenderTrainConfig:
     gradient_checkpointing: bool = documented(False, "Recompute activations in the backward pass to save memory.")
     compile_update: bool = documented(False, "Run the language model's decoder layers compiled (torch.compile) in the "
                                       "update's forward and backward (models/compiled_layers.py): fused norms, "
-                                      "activations and rotary embeddings; the first step pays the compilation. "
-                                      "Opt-in until measured on a GPU (issue 4: update MFU).")
+                                      "activations and rotary embeddings; the first steps pay the compilation. "
+                                      "Off by default (inductor takes ~25 s a graph on a CPU); the full preset turns "
+                                      "it on: 3B update 0.95 -> 0.80 s on an H100 (benchmarks/RESULTS.md, issue 4).")
     checkpoint_every: int = documented(0, "Save a checkpoint every N steps (0: only at the end).")
     dapo: DapoConfig = documented(DapoConfig(), "DAPO settings (rl/dapo.py).")
 
