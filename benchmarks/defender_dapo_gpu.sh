@@ -2,11 +2,12 @@
 # benchmarks/defender_dapo.py on the lent GPU in one command: installs trl and datasets from the
 # carried wheel folder when they are missing, then runs each argument set in turn, each with its own
 # JSON folder and log under OUT (a command cut off by the time limit keeps what finished). With no
-# argument sets, the next comparison for issue 4 (about 6 minutes, within one 600 s call): our
-# default GPU setup with and without compiled decoder layers, the update phase profiled, and TRL
-# with the same static-cache generation. The calls after it:
-#   benchmarks/defender_dapo_gpu.sh OUT "--impls ours-static-grouped-compiled,trl-static --batches 64"
-#   benchmarks/defender_dapo_gpu.sh OUT "--impls ours-static-grouped-compiled-nockpt-mb16,ours-static-grouped-compiled-nockpt-mb8 --batches 64"
+# argument sets, issue 4's comparison as RESULTS.md reports it (about 8 minutes, within one 600 s
+# call): our full-preset GPU setup against TRL GRPOTrainer at batch 16, and the 7B with LoRA.
+# Batch 64 as its own call (about 5 minutes):
+#   benchmarks/defender_dapo_gpu.sh OUT "--impls ours-static-grouped-compiled,trl --batches 64"
+# Where the update's time goes, eager vs compiled layers:
+#   benchmarks/defender_dapo_gpu.sh OUT "--impls ours-static-grouped,ours-static-grouped-compiled --batches 16 --profile"
 # Carry the wheels with the run tool: carry [".whl"] (trl, datasets and their pure-Python deps).
 set -u
 out=${1:?output folder}; shift
@@ -17,7 +18,7 @@ if ! python -c "import trl, datasets" 2>/dev/null; then
     .whl/xxhash*.whl > "$out/pip.log" 2>&1 || { echo "wheel install failed: $out/pip.log"; exit 1; }
 fi
 if [ $# -eq 0 ]; then
-  set -- "--impls ours-static-grouped,ours-static-grouped-compiled,trl-static --batches 16 --profile"
+  set -- "--impls ours-static-grouped-compiled,trl --batches 16 --lora-7b"
 fi
 i=0
 for args in "$@"; do
