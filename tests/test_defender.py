@@ -225,3 +225,25 @@ def test_scoring_builds_no_kv_cache(data):
     policy.response_logprobs([e.image for e in data[0][:2]], [e.prompt for e in data[0][:2]], ids, mask)
     hook.remove()
     assert seen == [[]]
+
+
+def test_a_warmed_stage2_defender_learns_the_runs_world(monkeypatch):
+    """models.defender.warmup trains on the run's world (its source config), not the default one:
+    the stage puts the world into the spec, so a changed world is also a new cache entry."""
+    import dataclasses
+
+    import models
+    from stages.base import ShardContext
+    from stages.config import config_from_dict, load_config
+    from training.toy import world_examples
+
+    seen = {}
+    monkeypatch.setattr(models, "load", lambda role, spec: seen.setdefault(role, spec))
+    cfg = load_config("synthetic", {"models": {"defender": {"backend": "tiny", "warmup": {"steps": 7}}},
+                                    "source": {"question_types": ["colour"], "question_weights": [1.0]}})
+    ShardContext("implant", cfg, 0).model("defender")
+    warm = seen["defender"]["warmup"]
+    assert warm["steps"] == 7 and warm["source"] == dataclasses.asdict(cfg.source)
+    prompts = [e.prompt for e in world_examples(6, 0, config_from_dict({"source": warm["source"]}))]
+    assert all("colour" in p for p in prompts), prompts
+    assert not all("colour" in e.prompt for e in world_examples(12, 0))  # the default world asks more than colour

@@ -57,14 +57,16 @@ def world_examples(n: int, seed: int, cfg=None) -> list[Example]:
 
 def warmed_tiny_defender(spec: dict, warmup: dict):
     """The tiny defender of ``spec`` after a short supervised warm-up on fresh synthetic scenes
-    (``warmup``: steps, scenes, seed, lr, batch), so that Stage 2's base defender answers in the
-    format and is not pure noise. Trained once per (spec, warm-up, code) and cached as safetensors
-    under ``$AOT_CACHE/warm-defenders``; later loads read the cache."""
+    (``warmup``: steps, scenes, seed, lr, batch, and ``source``: the world's ``source`` config,
+    default the default world; a stage passes its run's), so that Stage 2's base defender answers
+    in the format and is not pure noise. Trained once per (spec, warm-up, code) and cached as
+    safetensors under ``$AOT_CACHE/warm-defenders``; later loads read the cache."""
     import os
     import shutil
     import tempfile
 
     from models.qwen_vl import QwenVLPolicy, load_policy
+    from stages.config import config_from_dict
     from stages.version import code_version
     from storage import content_hash
     from training.config import DefenderTrainConfig
@@ -77,7 +79,8 @@ def warmed_tiny_defender(spec: dict, warmup: dict):
     with build_lock(folder):  # shard threads and other processes share one warm-up: the others wait
         if not (folder / "config.json").exists():
             policy = load_policy(spec)
-            DefenderTrainer(policy, world_examples(w["scenes"], w["seed"]), DefenderTrainConfig(
+            world = config_from_dict({"source": w["source"]}) if w.get("source") else None
+            DefenderTrainer(policy, world_examples(w["scenes"], w["seed"], world), DefenderTrainConfig(
                 mode="sft", steps=w["steps"], batch_prompts=w["batch"], micro_batch=w["batch"], lr=w["lr"],
                 seed=w["seed"])).train()
             folder.parent.mkdir(parents=True, exist_ok=True)
