@@ -498,7 +498,7 @@ def cmd_eval(args) -> int:
         from models import load
         from stages.config import load_config
 
-        spec = load_config(args.preset, _nested(_dotted(args.overrides, "--set"))).models["defender"]
+        spec = load_config(args.preset, _nested(_dotted(args.overrides, "--set"))).model_spec("defender")
         model, model_id = load("defender", spec), "defender:" + _json.dumps(spec, sort_keys=True)
     protocol = args.protocol
     if args.trials or args.temperature is not None:

@@ -26,12 +26,7 @@ class ShardContext:
     def model(self, role: str) -> Any:
         from models import load
 
-        spec = self.config.models[role]
-        if role == "defender" and isinstance(spec, dict) and "warmup" in spec:
-            # A warmed tiny defender learns this run's world (question mix, object sizes), not
-            # the default one; the world is part of its spec, so of its cache key.
-            spec = {**spec, "warmup": {"source": dataclasses.asdict(self.config.source), **spec["warmup"]}}
-        return load(role, spec)
+        return load(role, self.config.model_spec(role))
 
 
 ShardFn = Callable[[pl.DataFrame, ShardContext], tuple[pl.DataFrame, pl.DataFrame]]

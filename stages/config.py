@@ -210,6 +210,15 @@ class PipelineConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def model_spec(self, role: str) -> dict | str:
+        """``models[role]`` as this run loads it: a warmed tiny defender (``warmup``) learns this
+        run's world (question mix, object sizes), not the default one, so the world goes into
+        its spec and with it into its cache key."""
+        spec = self.models[role]
+        if role == "defender" and isinstance(spec, dict) and "warmup" in spec:
+            spec = {**spec, "warmup": {"source": dataclasses.asdict(self.source), **spec["warmup"]}}
+        return spec
+
     def validate(self) -> "PipelineConfig":
         from models import ModelConfigError, normalize_spec
 

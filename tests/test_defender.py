@@ -229,7 +229,7 @@ def test_scoring_builds_no_kv_cache(data):
 
 def test_a_warmed_stage2_defender_learns_the_runs_world(monkeypatch):
     """models.defender.warmup trains on the run's world (its source config), not the default one:
-    the stage puts the world into the spec, so a changed world is also a new cache entry."""
+    PipelineConfig.model_spec puts the world into the spec, so a changed world is also a new cache entry."""
     import dataclasses
 
     import models
@@ -244,6 +244,7 @@ def test_a_warmed_stage2_defender_learns_the_runs_world(monkeypatch):
     ShardContext("implant", cfg, 0).model("defender")
     warm = seen["defender"]["warmup"]
     assert warm["steps"] == 7 and warm["source"] == dataclasses.asdict(cfg.source)
+    assert cfg.model_spec("defender") == seen["defender"]  # the one resolution `aot eval` uses too
     prompts = [e.prompt for e in world_examples(6, 0, config_from_dict({"source": warm["source"]}))]
     assert all("colour" in p for p in prompts), prompts
     assert not all("colour" in e.prompt for e in world_examples(12, 0))  # the default world asks more than colour
