@@ -472,7 +472,8 @@ def cmd_models(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from evaluation.run import PAPER_COLUMNS, evaluate_benchmarks
+    from evaluation.run import PAPER_COLUMNS, evaluate_benchmarks, evaluated_model
+    from stages.config import load_config
     from storage import ShardStore
 
     store = ShardStore(args.root, storage_options(args))
@@ -480,26 +481,11 @@ def cmd_eval(args) -> int:
     if not specs and not args.synthetic:
         print("error: name at least one --benchmark NAME=PATH or --synthetic N", file=sys.stderr)
         return 2
-    if args.endpoint:
-        from evaluation.endpoint import ChatEndpoint
-
-        if not args.endpoint_model:
-            print("error: --endpoint needs --endpoint-model NAME", file=sys.stderr)
-            return 2
-        model = ChatEndpoint(args.endpoint, args.endpoint_model, concurrency=args.concurrency)
-        model_id = f"endpoint:{args.endpoint_model}"
-    elif args.checkpoint:
-        from training.stage import load_defender
-
-        model, model_id = load_defender(store, args.checkpoint), f"defender:{args.checkpoint}"
-    else:
-        import json as _json
-
-        from models import load
-        from stages.config import load_config
-
-        spec = load_config(args.preset, _nested(_dotted(args.overrides, "--set"))).model_spec("defender")
-        model, model_id = load("defender", spec), "defender:" + _json.dumps(spec, sort_keys=True)
+    if args.endpoint and not args.endpoint_model:
+        print("error: --endpoint needs --endpoint-model NAME", file=sys.stderr)
+        return 2
+    cfg = load_config(args.preset, _nested(_dotted(args.overrides, "--set")))
+    model, model_id = evaluated_model(store, cfg, args.checkpoint, args.endpoint, args.endpoint_model, args.concurrency)
     protocol = args.protocol
     if args.trials or args.temperature is not None:
         import dataclasses

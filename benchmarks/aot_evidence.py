@@ -27,7 +27,7 @@ from benchmarks.common import add_config_args, environment, load_bench_config, p
 # tau 0: the random tiny editor's edits pass integrity, so the AOT-attacker column gets rows.
 TOY = ["source.num_scenes=16", "source.shard_size=16", "source.question_types=[relative_position]",
        "source.question_weights=[1.0]", "coevolution.heldout_scenes=12", "coevolution.iterations=1",
-       "coevolution.warmup_scenes=16",
+       "coevolution.warmup_scenes=16", "models.defender=perception-baseline",  # Stage 2's, as in the evidence preset
        "defender.model={backend: tiny, seed: 0, min_pixels: 1024, max_pixels: 4096}",
        "defender.warmup.steps=2", "defender.warmup.batch_prompts=8", "defender.rl.steps=1", "defender.rl.batch_prompts=2",
        "attacker.model={backend: tiny, seed: 0, resolution: 32, cfg_scale: 1.0}", "attacker.cold_start.steps=1",

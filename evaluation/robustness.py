@@ -31,6 +31,9 @@ def robustness_suite(store: ShardStore, cfg: PipelineConfig, model, model_id: st
                      seed: int = HELD_OUT_SEED, cache_path: str | None = None) -> dict:
     held_out = dataclasses.replace(cfg, source=dataclasses.replace(cfg.source, seed=seed, num_scenes=scenes))
     export = run_bootstrap(store, held_out)[-1].version
+    if not store.manifest(export).rows:
+        raise ValueError(f"the synthetic suite has no items: Stage 2 kept no edit on {scenes} held-out scenes against "
+                         f"the base defender {cfg.models['defender']!r} (export version {export}); ask for more scenes")
     m = metrics(evaluate(model, model_id, suite_items(store, export), STRICT, AnswerCache(cache_path)))
     clean, attacked = m["synthetic-clean"]["accuracy"], m["synthetic-attacked"]["accuracy"]
     return {"export_version": export, "rows": m["synthetic-clean"]["n"], "clean_accuracy": clean,

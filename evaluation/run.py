@@ -23,6 +23,25 @@ READERS = {
 PAPER_COLUMNS = ["vstar", "hrbench4k", "hrbench8k", "hallusionbench", "pope"]
 
 
+def evaluated_model(store: ShardStore, cfg, checkpoint: str | None = None, endpoint: str | None = None,
+                    endpoint_model: str | None = None, concurrency: int = 8):
+    """The model an evaluation scores and its id: an OpenAI-compatible endpoint, a defender
+    version, or else the run config's own defender (``models.defender``, as Stage 2 loads it:
+    on the embedded default, the warmed tiny neural defender)."""
+    if endpoint:
+        from evaluation.endpoint import ChatEndpoint
+
+        return ChatEndpoint(endpoint, endpoint_model or "default", concurrency=concurrency), f"endpoint:{endpoint_model}"
+    if checkpoint:
+        from training.stage import load_defender
+
+        return load_defender(store, checkpoint), f"defender:{checkpoint}"
+    from models import load
+
+    spec = cfg.model_spec("defender")
+    return load("defender", spec), "defender:" + json.dumps(spec, sort_keys=True)
+
+
 def files_fingerprint(path: str | Path) -> str:
     """Identity of a benchmark's files: every file's relative path, size and modification time
     (an edited file, even with as many rows, is a new input; no need to hash gigabytes)."""

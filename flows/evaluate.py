@@ -16,20 +16,6 @@ from flows.bootstrap import DEFAULT_ROOT, resolve_config
 from storage import ShardStore
 
 
-def _model(store: ShardStore, checkpoint: str | None, endpoint: str | None, endpoint_model: str | None):
-    if endpoint:
-        from evaluation.endpoint import ChatEndpoint
-
-        return ChatEndpoint(endpoint, endpoint_model or "default"), f"endpoint:{endpoint_model}"
-    if checkpoint:
-        from training.stage import load_defender
-
-        return load_defender(store, checkpoint), f"defender:{checkpoint}"
-    from models.perception_baseline import PerceptionBaselineDefender
-
-    return PerceptionBaselineDefender(), "perception-baseline"
-
-
 def _bar_chart(values: dict[str, float]) -> str:
     import matplotlib
 
@@ -52,18 +38,19 @@ def evaluate_task(root: str, storage_options: dict | None, benchmarks: dict[str,
                   endpoint: str | None, endpoint_model: str | None, protocol: str, cache: str | None,
                   synthetic_scenes: int, config: dict) -> dict:
     from evaluation.robustness import robustness_suite
-    from evaluation.run import PAPER_COLUMNS, evaluate_benchmarks
+    from evaluation.run import PAPER_COLUMNS, evaluate_benchmarks, evaluated_model
     from stages.config import config_from_dict
 
     store = ShardStore(root, storage_options)
-    model, model_id = _model(store, checkpoint, endpoint, endpoint_model)
+    cfg = config_from_dict(config)
+    model, model_id = evaluated_model(store, cfg, checkpoint, endpoint, endpoint_model)
     out: dict[str, Any] = {"model": model_id, "protocol": protocol}
     if benchmarks:
         m = evaluate_benchmarks(store, benchmarks, model, model_id, protocol, cache)
         out["version"] = m.version
         out["summary"] = {c: m.extra["summary"][c] for c in PAPER_COLUMNS if c in m.extra["summary"]}
     if synthetic_scenes:
-        out["synthetic"] = robustness_suite(store, config_from_dict(config), model, model_id, scenes=synthetic_scenes)
+        out["synthetic"] = robustness_suite(store, cfg, model, model_id, scenes=synthetic_scenes)
     return out
 
 

@@ -47,6 +47,10 @@ class SourceConfig:
     max_image_pixels: int = documented(40_000_000, "Decompression-bomb guard for imported images (pixels).")
 
 
+# Source fields that say how many scenes a run draws and how it stores them, not what a scene is.
+RUN_ONLY_SOURCE_FIELDS = ("num_scenes", "shard_size", "seed", "max_image_pixels")
+
+
 @dataclass
 class ExtendConfig:
     canvas_scale: Any = documented([1.5, 2.0], "Canvas side / source side: a number, or [min, max] drawn per "
@@ -213,10 +217,13 @@ class PipelineConfig:
     def model_spec(self, role: str) -> dict | str:
         """``models[role]`` as this run loads it: a warmed tiny defender (``warmup``) learns this
         run's world (question mix, object sizes), not the default one, so the world goes into
-        its spec and with it into its cache key."""
+        its spec and with it into its cache key. Only the fields that shape a scene go in: the
+        number of scenes, the shard size and the seed do not change what the warm-up trains on
+        (it draws its own scenes under ``warmup.seed``), so changing them reuses the cache."""
         spec = self.models[role]
         if role == "defender" and isinstance(spec, dict) and "warmup" in spec:
-            spec = {**spec, "warmup": {"source": dataclasses.asdict(self.source), **spec["warmup"]}}
+            world = {k: v for k, v in dataclasses.asdict(self.source).items() if k not in RUN_ONLY_SOURCE_FIELDS}
+            spec = {**spec, "warmup": {"source": world, **spec["warmup"]}}
         return spec
 
     def validate(self) -> "PipelineConfig":
@@ -356,6 +363,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _deep_update(base: dict, update: dict) -> dict:
+    if "backend" in update and update["backend"] != base.get("backend"):
+        return dict(update)  # a spec naming another backend replaces it whole: options differ per backend
     out = dict(base)
     for k, v in update.items():
         out[k] = _deep_update(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v

@@ -234,7 +234,7 @@ def test_a_warmed_stage2_defender_learns_the_runs_world(monkeypatch):
 
     import models
     from stages.base import ShardContext
-    from stages.config import config_from_dict, load_config
+    from stages.config import RUN_ONLY_SOURCE_FIELDS, config_from_dict, load_config
     from training.toy import world_examples
 
     seen = {}
@@ -243,8 +243,14 @@ def test_a_warmed_stage2_defender_learns_the_runs_world(monkeypatch):
                                     "source": {"question_types": ["colour"], "question_weights": [1.0]}})
     ShardContext("implant", cfg, 0).model("defender")
     warm = seen["defender"]["warmup"]
-    assert warm["steps"] == 7 and warm["source"] == dataclasses.asdict(cfg.source)
+    world = {k: v for k, v in dataclasses.asdict(cfg.source).items() if k not in RUN_ONLY_SOURCE_FIELDS}
+    assert warm["steps"] == 7 and warm["source"] == world and world["question_types"] == ["colour"]
     assert cfg.model_spec("defender") == seen["defender"]  # the one resolution `aot eval` uses too
+    # How many scenes a run draws, and under which seed, is not the world: the warm-up is reused.
+    other = load_config("synthetic", {"models": {"defender": {"backend": "tiny", "warmup": {"steps": 7}}},
+                                      "source": {"question_types": ["colour"], "question_weights": [1.0],
+                                                 "num_scenes": 8, "seed": 5, "shard_size": 4}})
+    assert other.model_spec("defender") == cfg.model_spec("defender")
     prompts = [e.prompt for e in world_examples(6, 0, config_from_dict({"source": warm["source"]}))]
     assert all("colour" in p for p in prompts), prompts
     assert not all("colour" in e.prompt for e in world_examples(12, 0))  # the default world asks more than colour

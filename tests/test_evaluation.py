@@ -246,8 +246,8 @@ def test_synthetic_robustness_suite_measures_the_drop(tmp_path):
     from stages.config import load_config
     from storage import ShardStore
 
-    r = robustness_suite(ShardStore(str(tmp_path)), load_config("synthetic", {"source": {"shard_size": 8}}),
-                         PerceptionBaselineDefender(), "baseline", scenes=24)
+    cfg = load_config("synthetic", {"source": {"shard_size": 8}, "models": {"defender": "perception-baseline"}})
+    r = robustness_suite(ShardStore(str(tmp_path)), cfg, PerceptionBaselineDefender(), "baseline", scenes=24)
     # The implanter kept only edits that fool this very defender while it was right on the clean image:
     assert r["rows"] > 0 and r["clean_accuracy"] == 1.0 and r["attacked_accuracy"] == 0.0 and r["drop"] == 1.0
 
@@ -285,3 +285,16 @@ def test_an_edited_benchmark_file_is_a_new_input(fixtures, tmp_path):
     assert second.version != first.version
     # Unshuffled, always-"A" is right where the answer is A: rows 0 and 4 before, only row 4 after.
     assert (first.extra["summary"]["hrbench4k"]["accuracy"], second.extra["summary"]["hrbench4k"]["accuracy"]) == (2 / 8, 1 / 8)
+
+
+def test_synthetic_suite_without_items_says_why(tmp_path):
+    """No kept edit on the held-out scenes: a clear error naming the fix, not a KeyError."""
+    from evaluation.robustness import robustness_suite
+    from models.perception_baseline import PerceptionBaselineDefender
+    from stages.config import load_config
+    from storage import ShardStore
+
+    cfg = load_config("synthetic", {"source": {"shard_size": 4}, "models": {"defender": "perception-baseline"},
+                                    "stage2": {"num_proposals": 1, "detector_iou_min": 1.0}})
+    with pytest.raises(ValueError, match="no items: Stage 2 kept no edit on 4 held-out scenes.*more scenes"):
+        robustness_suite(ShardStore(str(tmp_path)), cfg, PerceptionBaselineDefender(), "baseline", scenes=4)

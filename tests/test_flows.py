@@ -65,7 +65,7 @@ def test_exported_version_loads_with_datasets(tmp_path, reference):
     assert len(ds) == rows
     row = ds[0]
     assert row["clean_image"].size == row["adversarial_image"].size == (row["width"], row["height"])
-    assert row["answer"] in "ABCD" and row["prompt"].endswith("letter of your choice.")
+    assert row["answer"] in "ABCDEF"[:len(row["options"])] and row["prompt"].endswith("letter of your choice.")
     assert store.fs.exists(f"{folder}/README.md")  # the dataset card
 
 
@@ -177,7 +177,9 @@ def test_evaluate_flow_on_fixture_benchmarks(tmp_path):
             w.writerow([str(i), base64.b64encode(buf.getvalue()).decode(), "Is there a red circle in the image?",
                         "yes" if i % 2 else "no", "random"])
     out = evaluate_flow(benchmarks={"pope": str(pope)}, synthetic_scenes=16, root=str(tmp_path / "data"),
-                        overrides={"source.shard_size": 8})
+                        overrides={"source.shard_size": 8, "models.defender": "perception-baseline",
+                                   "source.question_types": ["relative_position"], "source.question_weights": [1.0]})
+    assert out["model"] == 'defender:"perception-baseline"'  # no checkpoint: the config's own defender
     assert out["summary"]["pope"]["n"] == 4 and 0 <= out["summary"]["pope"]["accuracy"] <= 1
     assert out["synthetic"]["drop"] == 1.0  # the baseline against its own implanter
 

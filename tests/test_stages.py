@@ -8,13 +8,14 @@ import numpy as np
 import polars as pl
 import pytest
 
+from models import load
 from models.mcq import format_prompt
 from models.perception_baseline import PerceptionBaselineDefender, find_blobs
 from models.roles import Proposal
 from models.synthetic import SceneDetector, SceneInpainter, SceneJudge, SceneOutpainter, SceneSegmenter
 from stages.base import ShardContext
 from stages.config import load_config
-from stages.implant import implant_row
+from stages.implant import ask, implant_row
 from stages.runner import BOOTSTRAP, plan, run_bootstrap, run_stage
 from storage import ShardStore, decode_image, image_cell
 from world import Background, Scene, SceneObject, answer_from_scene, render
@@ -174,7 +175,7 @@ def test_pure_pipeline_counts_lineage_and_ground_truth(tmp_path, small_config):
         assert store.manifest(cur.version).parents == [prev.version]
     export = store.read(summaries[-1].version)
     assert export.height == summaries[-1].rows > 0
-    defender = PerceptionBaselineDefender()
+    defender = load("defender", small_config.model_spec("defender"))  # Stage 2's own base defender
     for r in export.iter_rows(named=True):
         clean, adv = decode_image(r["clean_image"]), decode_image(r["adversarial_image"])
         assert clean.size == adv.size == (r["width"], r["height"])
@@ -182,8 +183,9 @@ def test_pure_pipeline_counts_lineage_and_ground_truth(tmp_path, small_config):
         adv_scene = Scene.from_dict(json.loads(r["adversarial_scene"]))
         # The edit kept the ground truth (exact), and fooled the defender while it was right on clean.
         assert answer_from_scene(r["question_type"], r["question"], adv_scene, r["options"]) == r["answer"]
-        assert defender.generate([clean], [r["prompt"]]) == [f"\\boxed{{{r['answer']}}}"]
-        assert defender.generate([adv], [r["prompt"]]) != [f"\\boxed{{{r['answer']}}}"]
+        n = len(r["options"])
+        assert ask(defender, clean, r["prompt"], 1, n) == [r["answer"]]
+        assert ask(defender, adv, r["prompt"], 1, n) != [r["answer"]]
         # Target boxes still hold the targets: every target box lies inside the image.
         for b in r["target_boxes"]:
             assert 0 <= b[0] < b[2] <= r["width"] and 0 <= b[1] < b[3] <= r["height"]
