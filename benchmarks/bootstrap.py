@@ -1,15 +1,17 @@
 """Benchmark of the default bootstrap run: wall time per stage, Prefect overhead per shard, peak memory.
 
 Measures, in one run on this machine:
-1. `aot run` cold, in a subprocess with a fresh root and a fresh Prefect home (the ephemeral
-   server's first start and SQLite creation included): wall time and the peak RSS of the whole
-   process tree (CLI + Prefect server), sampled every 50 ms.
-2. `aot run` again on the same root: wall time, and that no shard was recomputed.
+1. `aot run` as on a fresh machine, in a subprocess with a fresh root, a fresh Prefect home (the
+   ephemeral server's first start and SQLite creation included) and an empty model cache
+   (``$AOT_CACHE``: Stage 2's base defender is warmed up here): wall time and the peak RSS of the
+   whole process tree (CLI + Prefect server), sampled every 50 ms.
+2. `aot run` cold again on another fresh root and Prefect home, the warmed defender now cached.
+3. `aot run` again on that root: wall time, and that no shard was recomputed.
 3. In one warm process: the pure serial runner (the baseline, no Prefect) and the Prefect
    flow, each on a fresh root, per stage; Prefect's overhead per shard task is
    (Prefect stage time - pure stage time) / shards.
 
-Targets (issue 2): whole default run <= 180 s and <= 4 GiB peak RSS.
+Targets (issue 2): whole default run <= 180 s (on a fresh machine) and <= 4 GiB peak RSS.
 Prints a table and writes benchmarks/results/bootstrap.json.
 """
 
@@ -99,12 +101,16 @@ def in_process(tmp: Path) -> dict:
 
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="aot-bench-"))
-    env = dict(os.environ, PREFECT_HOME=str(tmp / "home-cli"), PREFECT_LOGGING_LEVEL="WARNING")
+    os.environ["AOT_CACHE"] = str(tmp / "model-cache")  # empty: as on a fresh machine; the in-process part reuses it
+    env = dict(os.environ, PREFECT_HOME=str(tmp / "home-fresh"), PREFECT_LOGGING_LEVEL="WARNING")
     env.pop("PREFECT_API_URL", None)
     aot = str(Path(sys.executable).parent / "aot")
+    fresh = run_tree([aot, "run", "--root", str(tmp / "data-fresh"), "--no-progress"], env, tmp)
+    env["PREFECT_HOME"] = str(tmp / "home-cli")
     cold = run_tree([aot, "run", "--root", str(tmp / "data"), "--no-progress"], env, tmp)
     warm = run_tree([aot, "run", "--root", str(tmp / "data"), "--no-progress"], env, tmp)
     cold_stages, warm_stages = stage_seconds(cold["output"]), stage_seconds(warm["output"])
+    assert stage_seconds(fresh["output"])["export"]["version"] == cold_stages["export"]["version"]
     assert sum(s["recomputed"] for s in warm_stages.values()) == 0
     inproc = in_process(tmp)
     import polars
@@ -115,17 +121,20 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
                     "platform": platform.platform(), "python": platform.python_version(), "card": "none (CPU)"},
         "versions": {"prefect": prefect.__version__, "torch": torch.__version__, "polars": polars.__version__},
+        "fresh_machine_cli": {"seconds": fresh["seconds"], "peak_rss_gib": fresh["peak_rss_gib"],
+                              "stages": stage_seconds(fresh["output"])},
         "cold_cli": {"seconds": cold["seconds"], "peak_rss_gib": cold["peak_rss_gib"], "stages": cold_stages},
         "warm_cli": {"seconds": warm["seconds"], "peak_rss_gib": warm["peak_rss_gib"], "stages": warm_stages},
         "in_process": inproc,
         "targets": {"cold_seconds_max": 180, "peak_rss_gib_max": 4.0},
     }
-    result["targets"]["met"] = cold["seconds"] <= 180 and cold["peak_rss_gib"] <= 4.0
+    result["targets"]["met"] = fresh["seconds"] <= 180 and max(fresh["peak_rss_gib"], cold["peak_rss_gib"]) <= 4.0
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=1))
 
     print(f"\n`aot run` on the embedded default ({os.cpu_count()} CPUs, prefect {prefect.__version__}, torch {torch.__version__})")
     print(f"{'run':<22}{'wall s':>9}{'peak RSS GiB':>14}")
+    print(f"{'fresh machine':<22}{fresh['seconds']:>9.1f}{fresh['peak_rss_gib']:>14.2f}")
     print(f"{'cold (fresh server)':<22}{cold['seconds']:>9.1f}{cold['peak_rss_gib']:>14.2f}")
     print(f"{'warm (all cached)':<22}{warm['seconds']:>9.1f}{warm['peak_rss_gib']:>14.2f}")
     print(f"\n{'stage':<10}{'shards':>7}{'pure s':>9}{'prefect s':>11}{'overhead/shard s':>18}")
@@ -133,7 +142,7 @@ def main() -> None:
         print(f"{r['stage']:<10}{r['shards']:>7}{r['pure_s']:>9.2f}{r['prefect_s']:>11.2f}{r['overhead_per_shard_s']:>18.3f}")
     print(f"{'total':<10}{'':>7}{inproc['pure_total_s']:>9.2f}{inproc['prefect_total_s']:>11.2f}"
           f"{inproc['overhead_per_shard_s']:>18.3f}")
-    print(f"\ntargets: cold run <= 180 s and <= 4 GiB: {'met' if result['targets']['met'] else 'NOT met'}")
+    print(f"\ntargets: fresh-machine run <= 180 s and <= 4 GiB: {'met' if result['targets']['met'] else 'NOT met'}")
     print(f"wrote {OUT.relative_to(REPO)}")
 
 
