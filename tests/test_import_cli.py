@@ -95,6 +95,12 @@ def test_overrides_and_config_errors():
     ev = load_config("evidence", ["defender.model.device=cpu", "attacker.model.vae_fit.steps=3"])
     assert ev.defender.model["device"] == "cpu" and ev.defender.model["hidden"] == 256
     assert ev.attacker.model["vae_fit"] == {"steps": 3, "scenes": 512, "batch": 32} and ev.attacker.model["layers"] == 4
+    # ... but a spec naming another backend replaces it whole: the tiny defender's options are not a version's
+    syn = load_config("synthetic", ["models.defender.warmup.steps=5"])
+    assert syn.models["defender"]["warmup"] == {"steps": 5, "scenes": 4096} and syn.models["defender"]["max_pixels"] == 65536
+    swap = load_config("synthetic", ["models.defender={backend: version, version: v1, root: ./aot-data}"])
+    assert swap.models["defender"] == {"backend": "version", "version": "v1", "root": "./aot-data"}
+    assert load_config("synthetic", ["models.defender=perception-baseline"]).models["defender"] == "perception-baseline"
     # YAML 1.1 reads "1e-3" (no dot) as text: a float field still takes it; text stays an error
     assert load_config("synthetic", ["defender.warmup.lr=1e-3"]).defender.warmup.lr == 0.001
     with pytest.raises(ConfigError, match="expected a number"):
