@@ -510,7 +510,6 @@ def cmd_eval(args) -> int:
         print(f"results version: {m.version} ({m.rows} items, {m.reject_rows} rejected rows)")
     if args.synthetic:
         from evaluation.robustness import robustness_suite
-        from stages.config import load_config
 
         r = robustness_suite(store, load_config("synthetic"), model, model_id, scenes=args.synthetic)
         print(f"synthetic robustness ({r['rows']} held-out rows, AOT-SFT version {r['export_version']}): "
