@@ -7,7 +7,7 @@ Measures, in one run on this machine:
    whole process tree (CLI + Prefect server), sampled every 50 ms.
 2. `aot run` cold again on another fresh root and Prefect home, the warmed defender now cached.
 3. `aot run` again on that root: wall time, and that no shard was recomputed.
-3. In one warm process: the pure serial runner (the baseline, no Prefect) and the Prefect
+4. In one warm process: the pure serial runner (the baseline, no Prefect) and the Prefect
    flow, each on a fresh root, per stage; Prefect's overhead per shard task is
    (Prefect stage time - pure stage time) / shards.
 
