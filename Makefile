@@ -27,7 +27,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 bench: $(STAMP)
-	$(PY) benchmarks/bootstrap.py
+	$(PY) experiments/bootstrap.py
 
 clean:
 	rm -rf aot-data .pytest_cache

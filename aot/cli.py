@@ -17,13 +17,13 @@ DEFAULT_ROOT = os.environ.get("AOT_ROOT", "./aot-data")
 
 
 def _dotted(pairs: list[str], what: str) -> dict:
-    from stages.config import dotted_pairs
+    from config import dotted_pairs
 
     return dotted_pairs(pairs, what)
 
 
 def _nested(dotted: dict) -> dict:
-    from stages.config import nest_dotted
+    from config import nest_dotted
 
     return nest_dotted(dotted)
 
@@ -43,7 +43,7 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     if config:
         p.add_argument("--preset", default="synthetic", help="config preset name or a .yaml path (default: synthetic)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set stage1.canvas_scale=1.75 (repeatable)")
+                       help="override a config value, e.g. --set extend.canvas_scale=1.75 (repeatable)")
         p.add_argument("--refresh-cache", action="store_true", help="ignore Prefect's cached shard results")
         p.add_argument("--no-prefect", action="store_true", help="run stages serially in this process, without Prefect")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -162,46 +162,55 @@ def _prefect_env(args) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
-def cmd_run(args, stage: str | None = None) -> int:
-    from stages.config import load_config
+def _setup(args, overrides: dict | None = None):
+    """(config, overrides, storage options, store, steps) of a command that runs stages. The
+    config is resolved and checked first (a bad key or backend fails before anything starts);
+    ``steps`` is the one execution seam: the stage functions in-process (``--no-prefect``) or
+    the same calls as Prefect flows."""
+    from stages.registry import resolve_config
+    from storage import ShardStore
 
+    overrides = overrides if overrides is not None else _dotted(args.overrides, "--set")
+    cfg = resolve_config(args.preset, _nested(overrides))
+    opts = storage_options(args)
+    store = ShardStore(args.root, opts)
+    if args.no_prefect:
+        from stages.steps import LocalSteps
+        from training.distributed import init_from_env, is_main
+
+        init_from_env()  # under torchrun: the trainers run data parallel over the ranks
+        quiet = args.no_progress or not is_main()
+        say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        steps = LocalSteps(store, cfg, say, on_step=_StepPrinter(quiet))
+    else:
+        _prefect_env(args)
+        from flows.steps import PrefectSteps
+
+        steps = PrefectSteps(args.root, args.preset, overrides, opts, progress=not args.no_progress,
+                             refresh_cache=args.refresh_cache, task_runner=getattr(args, "task_runner", None))
+    return cfg, store, steps
+
+
+def _flow_failed(exc) -> int:
+    print(f"\nerror: {exc}", file=sys.stderr)
+    print(exc.retry_hint(), file=sys.stderr)
+    return 1
+
+
+def cmd_run(args, stage: str | None = None) -> int:
     overrides = _dotted(args.overrides, "--set")
     if getattr(args, "scenes", None):
         overrides["source.num_scenes"] = args.scenes
-    cfg = load_config(args.preset, _nested(overrides))  # fail fast on a bad config, before Prefect starts
-    opts = storage_options(args)
+    cfg, store, steps = _setup(args, overrides)
     if getattr(args, "until", "export") == "coevolution":
-        return _run_coevolution(args, cfg, overrides, opts)
+        return _run_coevolution(args, store, steps)
     t0 = time.perf_counter()
-    if args.no_prefect:
-        from stages.runner import run_bootstrap, run_stage
-        from storage import ShardStore
-
-        store = ShardStore(args.root, opts)
-        found = [run_stage(store, stage, cfg, args.input)] if stage else run_bootstrap(store, cfg, args.source)
-        summaries = [s.to_dict() for s in found]
-    else:
-        _prefect_env(args)
-        from flows.bootstrap import STAGE_FLOWS, bootstrap, make_task_runner
-
-        common = dict(root=args.root, preset=args.preset, overrides=overrides, storage_options=opts,
-                      refresh_cache=args.refresh_cache, progress=not args.no_progress, return_state=True)
-        runner = getattr(args, "task_runner", None)
-        if stage:
-            flow_ = STAGE_FLOWS[stage].with_options(task_runner=make_task_runner(runner)) if runner else STAGE_FLOWS[stage]
-            state = flow_(input_version=args.input, **common)
-        else:
-            state = bootstrap(source_version=args.source, task_runner=runner, **common)
-        if not state.is_completed():
-            # the module attribute of each flow is its name with underscores (generate_scenes, bootstrap, ...)
-            entry = f"flows/bootstrap.py:{(STAGE_FLOWS[stage] if stage else bootstrap).name.replace('-', '_')}"
-            print(f"\nerror: the run ended {state.name}: {state.message}", file=sys.stderr)
-            print("finished shards are kept; rerun the same command to compute only the missing ones,", file=sys.stderr)
-            print(f"or retry this flow run: prefect flow-run retry {state.state_details.flow_run_id} --entrypoint {entry}",
-                  file=sys.stderr)
-            return 1
-        out = state.result()
-        summaries = [out] if stage else out["stages"]
+    try:
+        summaries = [steps.stage(stage, args.input)] if stage else steps.bootstrap(args.source)
+    except Exception as exc:  # noqa: BLE001 - a failed Prefect flow run says how to retry it
+        if hasattr(exc, "retry_hint"):
+            return _flow_failed(exc)
+        raise
     wall = time.perf_counter() - t0
     rows = [{"stage": s["stage"], "version": s["version"], "in": s["rows_in"], "kept": s["rows"], "rejected": s["rejected"],
              "shards": s["shards"], "recomputed": s["recomputed"], "seconds": f"{s['seconds']:.1f}",
@@ -220,31 +229,14 @@ def cmd_run(args, stage: str | None = None) -> int:
     print(f"{label}: {last['version']}")
     print(f"wall time: {wall:.1f} s (config: {cfg.dataset}, preset {args.preset}, root {args.root})")
     if last["stage"] == "export":
-        from storage import ShardStore
-
-        store = ShardStore(args.root, opts)
-        m = store.manifest(last["version"])
-        folder = m.uri.removeprefix("file://")
+        folder = store.manifest(last["version"]).uri.removeprefix("file://")
         print(f'load it: datasets.load_dataset("parquet", data_files="{folder}/part-*.parquet", split="train")')
     return 0
 
 
-def _run_coevolution(args, cfg, overrides: dict, opts: dict | None) -> int:
-    from storage import ShardStore
-
+def _run_coevolution(args, store, steps) -> int:
     t0 = time.perf_counter()
-    store = ShardStore(args.root, opts)
-    if args.no_prefect:
-        from training.coevolution import LocalSteps, run_coevolution
-
-        say = (lambda msg: None) if args.no_progress else (lambda msg: print(msg, file=sys.stderr))
-        version = run_coevolution(store, cfg, LocalSteps(store, cfg, say), args.source).version
-    else:
-        _prefect_env(args)
-        from flows.coevolution import coevolution
-
-        version = coevolution(root=args.root, preset=args.preset, source_version=args.source, overrides=overrides,
-                              storage_options=opts, progress=not args.no_progress)["version"]
+    version = steps.coevolution(args.source)
     rows = store.read(store.manifest(version)).to_dicts()
     cols = ["iteration", "attack_success_before", "attack_success_after", "defender_clean_accuracy",
             "defender_attacked_accuracy", "curriculum_kept"]
@@ -260,7 +252,7 @@ def _run_coevolution(args, cfg, overrides: dict, opts: dict | None) -> int:
 
 
 def _write_report(store, version: str, out: str | None) -> None:
-    from training.coevolution import render_report
+    from stages.coevolution import render_report
 
     text = render_report(store, version, "html" if out and out.endswith(".html") else "md")
     if out:
@@ -333,7 +325,7 @@ def cmd_gc(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from stages.config import load_config
+    from config import load_config
     from stages.importer import import_records
     from storage import ShardStore
 
@@ -348,94 +340,36 @@ def cmd_import(args) -> int:
     return 0
 
 
-def _training_setup(args):
-    """(overrides, config, storage options, store) of a training command; fails fast on a bad config."""
-    from stages.config import load_config
-    from storage import ShardStore
-
-    overrides = _dotted(args.overrides, "--set")
-    cfg = load_config(args.preset, _nested(overrides))
-    opts = storage_options(args)
-    return overrides, cfg, opts, ShardStore(args.root, opts)
-
-
 def cmd_defender(args) -> int:
-    overrides, cfg, opts, store = _training_setup(args)
+    _, store, steps = _setup(args)
     t0 = time.perf_counter()
     if args.command == "train-defender":
-        if args.no_prefect:
-            from training.distributed import init_from_env, is_main
-            from training.stage import train_defender_version
-
-            init_from_env()  # under torchrun: data parallel over the ranks
-            bar = _StepPrinter(args.no_progress or not is_main())
-            m, _ = train_defender_version(store, cfg, args.data, args.init, args.mode, on_step=bar)
-            out = {"version": m.version, "final": m.extra.get("final", {})}
-        else:
-            _prefect_env(args)
-            from flows.defender import train_defender
-
-            out = train_defender(data_version=args.data, init_version=args.init, mode=args.mode, root=args.root,
-                                 preset=args.preset, overrides=overrides, storage_options=opts)
-        final = {k: round(v, 4) for k, v in out.get("final", {}).items() if k in ("loss", "reward", "accuracy")}
-        print(f"defender version: {out['version']}  (last step: {final})")
-        print(f"evaluate it: aot eval-defender --checkpoint {out['version']} --data VERSION --root {args.root}")
+        m = store.manifest(steps.train_defender(args.data, args.init, args.mode))
+        final = {k: round(v, 4) for k, v in m.extra.get("final", {}).items() if k in ("loss", "reward", "accuracy")}
+        print(f"defender version: {m.version}  (last step: {final})")
+        print(f"evaluate it: aot eval-defender --checkpoint {m.version} --data VERSION --root {args.root}")
     else:
-        if args.no_prefect:
-            from training.stage import evaluate_defender_version
-
-            out = evaluate_defender_version(store, cfg, args.checkpoint, args.data).extra["summary"]
-        else:
-            _prefect_env(args)
-            from flows.defender import evaluate_defender
-
-            out = evaluate_defender(checkpoint_version=args.checkpoint, data_version=args.data, root=args.root,
-                                    preset=args.preset, overrides=overrides, storage_options=opts)
-        for k, v in out.items():
+        for k, v in steps.evaluate(args.checkpoint, args.data).items():
             print(f"{k:<22}{v}")
     print(f"wall time: {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 def cmd_attacker(args) -> int:
-    overrides, cfg, opts, store = _training_setup(args)
+    if args.command == "train-attacker" and args.mode == "grpo" and not args.defender:
+        print("error: --mode grpo trains against a frozen defender: give --defender VERSION "
+              "(train one with aot train-defender)", file=sys.stderr)
+        return 2
+    _, store, steps = _setup(args)
     t0 = time.perf_counter()
     if args.command == "train-attacker":
-        if args.mode == "grpo" and not args.defender:
-            print("error: --mode grpo trains against a frozen defender: give --defender VERSION "
-                  "(train one with aot train-defender)", file=sys.stderr)
-            return 2
-        if args.no_prefect:
-            from training.attacker_stage import train_attacker_version
-
-            m, _ = train_attacker_version(store, cfg, args.data, args.defender, args.init, args.mode,
-                                          on_step=_StepPrinter(args.no_progress))
-            out = {"version": m.version, "final": m.extra.get("final", {})}
-        else:
-            _prefect_env(args)
-            from flows.attacker import train_attacker
-
-            out = train_attacker(data_version=args.data, defender_version=args.defender, init_version=args.init,
-                                 mode=args.mode, root=args.root, preset=args.preset, overrides=overrides,
-                                 storage_options=opts)
-        final = {k: round(v, 4) for k, v in out.get("final", {}).items() if k in ("loss", "reward", "aot/efficacy")}
-        print(f"attacker version: {out['version']}  (last step: {final})")
-        print(f"generate a curriculum: aot curriculum --attacker {out['version']} --data VERSION --defender VERSION "
+        m = store.manifest(steps.train_attacker(args.data, args.defender, args.init, args.mode))
+        final = {k: round(v, 4) for k, v in m.extra.get("final", {}).items() if k in ("loss", "reward", "aot/efficacy")}
+        print(f"attacker version: {m.version}  (last step: {final})")
+        print(f"generate a curriculum: aot curriculum --attacker {m.version} --data VERSION --defender VERSION "
               f"--root {args.root}")
     else:
-        if args.no_prefect:
-            from training.attacker_stage import curriculum_progress, generate_curriculum_version
-
-            m = generate_curriculum_version(store, cfg, args.attacker, args.data, args.defender,
-                                            on_item=curriculum_progress(lambda msg: print(msg, flush=True)))
-            out = {"version": m.version, **m.extra["summary"]}
-        else:
-            _prefect_env(args)
-            from flows.attacker import generate_curriculum
-
-            out = generate_curriculum(attacker_version=args.attacker, data_version=args.data,
-                                      defender_version=args.defender, root=args.root, preset=args.preset,
-                                      overrides=overrides, storage_options=opts)
+        out = steps.curriculum(args.attacker, args.data, args.defender)
         for k, v in out.items():
             print(f"{k:<22}{v}")
         print(f"train the defender on it: aot train-defender --data {out['version']} --mode dapo --init "
@@ -457,7 +391,7 @@ class _StepPrinter:
 
 def cmd_models(args) -> int:
     from models.check import check_models
-    from stages.config import load_config
+    from stages.registry import resolve_config as load_config
 
     cfg = load_config(args.preset, _nested(_dotted(args.overrides, "--set")))
     rows = check_models({**cfg.models, "defender.model": cfg.defender.model, "attacker.model": cfg.attacker.model})
@@ -472,8 +406,9 @@ def cmd_models(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from evaluation.run import PAPER_COLUMNS, evaluate_benchmarks, evaluated_model
-    from stages.config import load_config
+    from evaluation.readers import PAPER_COLUMNS
+    from stages.benchmark import evaluate_benchmarks, evaluated_model
+    from stages.registry import resolve_config as load_config
     from storage import ShardStore
 
     store = ShardStore(args.root, storage_options(args))
@@ -509,7 +444,7 @@ def cmd_eval(args) -> int:
             print(f"{c}: n={summary[c]['n']} {extra}")
         print(f"results version: {m.version} ({m.rows} items, {m.reject_rows} rejected rows)")
     if args.synthetic:
-        from evaluation.robustness import robustness_suite
+        from stages.robustness import robustness_suite
 
         r = robustness_suite(store, load_config("synthetic"), model, model_id, scenes=args.synthetic)
         print(f"synthetic robustness ({r['rows']} held-out rows, AOT-SFT version {r['export_version']}): "
@@ -521,7 +456,7 @@ def cmd_eval(args) -> int:
 def cmd_config(args) -> int:
     import yaml
 
-    from stages.config import load_config
+    from config import load_config
 
     print(yaml.safe_dump(load_config(args.preset, _nested(_dotted(args.overrides, "--set"))).to_dict(), sort_keys=False))
     return 0
@@ -529,9 +464,9 @@ def cmd_config(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from models import ModelConfigError
+    from stages.registry import ModelConfigError
     from stages.base import StageError
-    from stages.config import ConfigError
+    from config import ConfigError
     from storage import StorageError
 
     from evaluation.readers import FormatError

@@ -4,14 +4,10 @@ An attack is built by a factory registered under a name, ``build_attack(name, cf
 **params)``, and called on a dataset row (``image``, ``question``, ``options``, ``answer``,
 ``target_names``, ``target_boxes``, ``scene``): it returns an ``Attacked`` (edited image, edited
 scene or None, metadata) or a string saying why it could not attack this row. A new family is one
-``@register_attack`` away; ``attack_version`` turns any of them into a versioned AOT-SFT-like
-dataset (clean and adversarial image per row) that ``evaluate_defender_version`` scores.
+``@register_attack`` away.
 
 Registered here:
 
-- ``implanter``: Stage 2's implanter (proposal, box and prompt checks, inpainting, detector,
-  target SSIM) without the defender: the first verified distractor. Defender-agnostic, so every
-  defender sees the same images.
 - ``swap-pair``: for a relation question "Where is A relative to B?", two distractors that swap
   the targets' attributes (A's colour on B's category and B's colour on A's category) placed on
   the mirrored side (A's decoy beyond B, B's decoy beyond A), so a reader that binds colour or
@@ -19,23 +15,22 @@ Registered here:
   placement: it is the held-out family for relation questions.
 - ``option-decoys``: for a colour question, other shapes in the wrong options' colours right
   beside the target: the held-out family for colour questions.
-- ``aot-attacker``: a trained attacker version (``version=``): its deterministic edit, kept when
-  every target box keeps localized SSIM >= ``attacker.rl.reward.tau``.
+
+The attacks that need the pipeline's own stages (Stage 2's ``implanter``, a trained
+``aot-attacker`` version) register themselves in stages/attack.py, which also turns any attack
+into a versioned dataset (``attack_version``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import polars as pl
 from PIL import Image
 
-from stages.rows import ITEM_REJECTS, frame
-from storage import IMAGE_DTYPE, Manifest, ShardStore, content_hash, decode_image, image_cells
+from storage import ShardStore, decode_image
 
 
 @dataclass
@@ -61,21 +56,6 @@ def build_attack(name: str, cfg, store: ShardStore | None = None, **params) -> A
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}: registered attacks are {', '.join(sorted(ATTACKS))}")
     return ATTACKS[name](cfg, store, **params)
-
-
-@register_attack("implanter")
-def implanter(cfg, store=None, **_) -> AttackFn:
-    from models import load
-    from stages.implant import verified_edits
-
-    models = {k: load(k, cfg.models[k]) for k in ("judge", "inpainter", "detector", "segmenter")}
-
-    def attack(row: dict):
-        attempts: list[dict] = []
-        for edited, context, prop, _, _, ssim_min, _ in verified_edits(row, cfg.stage2, models, attempts):
-            return Attacked(edited, context, {"distractors": [prop.description], "target_ssim_min": ssim_min})
-        return f"no verified distractor in {len(attempts)} proposals"
-    return attack
 
 
 def _mirror_box(box: list[float], about: list[float], size: tuple[int, int]) -> list[float]:
@@ -176,66 +156,3 @@ def _row_seed(row_id: str) -> int:
     import zlib
 
     return zlib.crc32(row_id.encode())
-
-
-@register_attack("aot-attacker")
-def aot_attacker(cfg, store=None, version: str | None = None, seed: int = 0, **_) -> AttackFn:
-    from metrics import localized_ssim
-    from training.attacker import at_edit_size
-    from training.attacker_stage import edit_items, item_from_row, load_attacker
-
-    if store is None or not version:
-        raise ValueError("the aot-attacker attack needs a store and version=<attacker version>")
-    editor = load_attacker(store, version, cfg.attacker.model)
-    tau, steps = cfg.attacker.rl.reward.tau, cfg.attacker.curriculum.sampling_steps
-
-    def attack(row: dict):
-        item = at_edit_size(editor, item_from_row(row))
-        edited = edit_items(editor, [item], [seed * 1_000_003 + int(content_hash(row["id"], 8), 16)], steps)[0]
-        ssim = min((localized_ssim(item.image, edited, b) for b in item.target_boxes), default=1.0)
-        if ssim < tau:
-            return f"integrity: target SSIM {ssim:.3f} < tau {tau}"
-        return Attacked(edited, None, {"target_ssim_min": ssim, "edit_size": list(item.image.size)})  # as curricula store edits
-    return attack
-
-
-ATTACK_ROWS = {
-    "id": pl.String, "question_type": pl.String, "question": pl.String, "options": pl.List(pl.String),
-    "answer": pl.String, "target_names": pl.List(pl.String), "target_boxes": pl.List(pl.List(pl.Float64)),
-    "clean_image": IMAGE_DTYPE, "adversarial_image": IMAGE_DTYPE, "attack": pl.String, "meta": pl.String,
-}
-
-
-def attack_version(store: ShardStore, cfg, data_version: str, name: str, **params) -> Manifest:
-    """Apply a registered attack to every row of a dataset version (source, extend or filter):
-    a versioned table with the clean and the attacked image of every attacked row; rows the attack
-    could not edit are rejects with its reason. The version id hashes the attack's name and
-    parameters, the code and the input, so a rerun finds it."""
-    from stages.version import code_version
-
-    data = store.manifest(data_version)
-    parents = [data.version] + [v for k, v in sorted(params.items()) if k == "version"]
-    config = {"attack": name, "params": params,
-              **({"attacker": dataclasses.asdict(cfg.attacker)} if name == "aot-attacker" else {}),
-              **({"stage2": dataclasses.asdict(cfg.stage2), "models": cfg.models} if name == "implanter" else {})}
-    version = content_hash({"stage": "attack", "config": config, "code": code_version(), "parents": parents})
-    done = store.manifest_at(data.dataset, "attack", version)
-    if done is not None:
-        return done
-    fn = build_attack(name, cfg, store, **params)
-    kept, edited, rejects = [], [], []
-    for row in store.read(data).iter_rows(named=True):
-        out = fn(row)
-        if isinstance(out, str):
-            rejects.append({"id": row["id"], "reason": name, "detail": out})
-            continue
-        kept.append({k: row.get(k) for k in ATTACK_ROWS if k not in ("clean_image", "adversarial_image", "attack", "meta")}
-                    | {"clean_image": row["image"], "attack": name, "meta": json.dumps(out.meta)})
-        edited.append(out.image)
-    for r, cell in zip(kept, image_cells(edited)):
-        r["adversarial_image"] = cell
-    df = frame(kept, ATTACK_ROWS)
-    rej = frame(rejects, ITEM_REJECTS)
-    rec = store.write_shard(data.dataset, "attack", version, 0, content_hash(parents), len(kept) + len(rejects), df, rej)
-    return store.commit(data.dataset, "attack", version, [rec], config=config, parents=parents,
-                        code_version=code_version(), extra={"summary": {"attacked": len(kept), "rejected": len(rejects)}})

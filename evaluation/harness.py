@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from evaluation.answers import ask
 from evaluation.readers import Item
 from models.mcq import YES_NO_PROMPT, YES_NO_WORD, extract_choice, extract_yes_no, format_prompt, letters
 from storage import content_hash
@@ -111,12 +112,10 @@ def evaluate(model, model_id: str, items: list[Item], protocol: Protocol, cache:
     todo = [j for j in jobs if cache.get(j[3]) is None]
     for k in range(0, len(todo), batch_size):
         chunk = todo[k:k + batch_size]
-        texts = model.generate([j[0].image for j in chunk], [j[1] for j in chunk], temperature=protocol.temperature,
-                               seed=chunk[0][2])
+        texts = ask(model, [j[0].image for j in chunk], [j[1] for j in chunk], temperature=protocol.temperature,
+                    seed=chunk[0][2], batch_size=batch_size, on_batch=on_batch)
         for j, text in zip(chunk, texts):
             cache.put(j[3], text)
-        if on_batch:
-            on_batch(len(chunk))
     rows = []
     by_item: dict[str, list] = {}
     for item, prompt, t, key in jobs:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from storage import content_hash
 from storage.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -191,3 +192,34 @@ def image_b64(image: Image.Image, fmt: str = "JPEG") -> str:
     buf = io.BytesIO()
     image.save(buf, format=fmt)
     return base64.b64encode(buf.getvalue()).decode()
+
+
+READERS = {  # benchmark name -> reader of its published layout
+    "vstar": lambda p: read_vstar(p),
+    "hrbench4k": lambda p: read_hrbench(p, "hrbench4k"),
+    "hrbench8k": lambda p: read_hrbench(p, "hrbench8k"),
+    "pope": lambda p: read_pope(p),
+    "hallusionbench": lambda p: read_hallusionbench(p),
+}
+# The paper's column order for the summary (METHOD.md, "Published results").
+PAPER_COLUMNS = ["vstar", "hrbench4k", "hrbench8k", "hallusionbench", "pope"]
+
+
+def files_fingerprint(path: str | Path) -> str:
+    """Identity of a benchmark's files: every file's relative path, size and modification time
+    (an edited file, even with as many rows, is a new input; no need to hash gigabytes)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return content_hash([[str(f.relative_to(path.parent)), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+
+
+def load_benchmarks(specs: dict[str, str]):
+    """(items, reject rows) of every named benchmark file or folder."""
+    items, rejects = [], []
+    for name, path in specs.items():
+        if name not in READERS:
+            raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(READERS)}")
+        it, rej = READERS[name](path)
+        items += it
+        rejects += [{"id": r.id, "stage": f"read-{name}", "reason": r.reason, "detail": r.detail} for r in rej]
+    return items, rejects

@@ -20,9 +20,10 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
-from stages import STAGES
-from stages.config import PipelineConfig, load_config, nest_dotted
-from stages.runner import BOOTSTRAP, commit, plan, summarize
+from config import PipelineConfig, nest_dotted
+from stages.base import BOOTSTRAP, STAGES
+from stages.registry import resolve_config as checked_config
+from stages.runner import commit, plan, summarize
 from storage import ShardRecord, ShardStore
 from tasks.artifacts import publish_stage_artifacts
 from tasks.shards import process_shard, results_storage
@@ -32,10 +33,10 @@ WORKERS = int(os.environ.get("AOT_WORKERS", "2"))
 
 
 def resolve_config(preset: str, overrides: dict | list | None) -> PipelineConfig:
-    """Preset + overrides given as ``{"stage1.canvas_scale": 1.75}`` (UI form) or ["k=v", ...] (CLI)."""
+    """Preset + overrides given as ``{"extend.canvas_scale": 1.75}`` (UI form) or ["k=v", ...] (CLI)."""
     if isinstance(overrides, dict):
         overrides = nest_dotted(overrides)
-    return load_config(preset, overrides or None)
+    return checked_config(preset, overrides or None)
 
 
 def local_dask_cluster(spec: str):
@@ -120,25 +121,27 @@ def run_stage(stage_name: str, input_version: str | None, root: str, preset: str
     return summary.to_dict()
 
 
-def _stage_flow(stage_name: str, flow_name: str, description: str):
-    @flow(name=flow_name, description=description, task_runner=make_task_runner(),
+def _stage_flow(stage_name: str, description: str):
+    @flow(name=stage_name, description=description, task_runner=make_task_runner(),
           log_prints=True, validate_parameters=True)
     def stage_flow(input_version: str | None = None, root: str = DEFAULT_ROOT, preset: str = "synthetic",
                    overrides: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None,
                    refresh_cache: bool = False, progress: bool = True) -> dict:
         return run_stage(stage_name, input_version, root, preset, overrides, storage_options, refresh_cache, progress)
 
-    stage_flow.__name__ = flow_name.replace("-", "_")
+    stage_flow.__name__ = f"{stage_name}_flow"
     return stage_flow
 
 
-generate_scenes = _stage_flow("source", "generate-scenes", "Synthetic source scenes with V*-style questions.")
-extend_scenes = _stage_flow("extend", "extend-scenes", "Stage 1: outpaint scenes onto larger canvases.")
-filter_scenes = _stage_flow("filter", "filter-scenes", "Stage 1: CLIP prefilter and judge checks.")
-implant_distractors = _stage_flow("implant", "implant-distractors", "Stage 2: implant effective distractors.")
-export_sft = _stage_flow("export", "export-sft", "Export the AOT-SFT dataset.")
-STAGE_FLOWS = {"source": generate_scenes, "extend": extend_scenes, "filter": filter_scenes,
-               "implant": implant_distractors, "export": export_sft}
+# One flow per stage, named as the stage (its deployment, config section and store folder);
+# the module attribute is ``<stage>_flow`` (prefect.yaml's entrypoints).
+source_flow = _stage_flow("source", "Synthetic source scenes with V*-style questions.")
+extend_flow = _stage_flow("extend", "Stage 1: outpaint scenes onto larger canvases.")
+filter_flow = _stage_flow("filter", "Stage 1: CLIP prefilter and judge checks.")
+implant_flow = _stage_flow("implant", "Stage 2: implant effective distractors.")
+export_flow = _stage_flow("export", "Export the AOT-SFT dataset.")
+STAGE_FLOWS = {"source": source_flow, "extend": extend_flow, "filter": filter_flow, "implant": implant_flow,
+               "export": export_flow}
 
 
 def dated_seed(overrides: dict | None, day: datetime.date) -> dict:

@@ -37,9 +37,10 @@ def _bar_chart(values: dict[str, float]) -> str:
 def evaluate_task(root: str, storage_options: dict | None, benchmarks: dict[str, str], checkpoint: str | None,
                   endpoint: str | None, endpoint_model: str | None, protocol: str, cache: str | None,
                   synthetic_scenes: int, config: dict) -> dict:
-    from evaluation.robustness import robustness_suite
-    from evaluation.run import PAPER_COLUMNS, evaluate_benchmarks, evaluated_model
-    from stages.config import config_from_dict
+    from stages.robustness import robustness_suite
+    from evaluation.readers import PAPER_COLUMNS
+    from stages.benchmark import evaluate_benchmarks, evaluated_model
+    from config import config_from_dict
 
     store = ShardStore(root, storage_options)
     cfg = config_from_dict(config)

@@ -9,7 +9,7 @@ Each kept edit is classified as one of:
   perturbation of the rest).
 From connected components of strongly changed pixels, and for each component whether the clean
 and the edited image have structure there (local standard deviation). A real judge's
-description of the change can refine the label (issue 5); this is the pixel-level part.
+description of the change can refine the label; this is the pixel-level part.
 """
 
 from __future__ import annotations

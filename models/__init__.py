@@ -1,5 +1,2 @@
-"""Model roles, backends and loaders (DESIGN.md, "Models: roles, presets, backends")."""
-
-from models.registry import BACKENDS, ROLES, ModelConfigError, load, normalize_spec
-
-__all__ = ["BACKENDS", "ROLES", "ModelConfigError", "load", "normalize_spec"]
+"""Model adapters and their contracts (models/roles.py): one interface per role, every backend
+of a role behind it. Which backend a config names is resolved by stages/registry.py."""

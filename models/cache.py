@@ -1,10 +1,14 @@
-"""Where derived model files live on this machine (downloaded checkpoints, warm starts)."""
+"""Where derived model files live on this machine (downloaded checkpoints, warm starts, fits),
+and the one way to put something there: built once, atomically, whoever else is waiting."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 
 def cache_root() -> Path:
@@ -23,3 +27,24 @@ def build_lock(path: Path):
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+def build_once(path: Path, build: Callable[[Path], None], folder: bool = True) -> Path:
+    """``path`` in the cache, made by ``build(tmp)`` if it is not there yet. ``build`` writes a
+    temporary folder (or file, ``folder=False``) beside ``path``, which is then renamed into place:
+    a reader never sees a half-written result, and a crashed build leaves only a temporary name
+    (removed here on failure). Concurrent callers build once (``build_lock``)."""
+    if path.exists():
+        return path
+    with build_lock(path):
+        if path.exists():  # another builder finished while we waited
+            return path
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-") if folder else
+                   path.with_name(f".{path.name}.{os.getpid()}.tmp"))
+        try:
+            build(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True) if folder else tmp.unlink(missing_ok=True)
+            raise
+    return path

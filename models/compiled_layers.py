@@ -16,7 +16,7 @@ and all later steps reuse them, and nothing compiled is kept on the model (a dee
 model must not call the original's layers).
 Off by default (``defender.*.compile_update``; inductor takes ~25 s a graph on a CPU), on in the
 ``full`` preset: on an H100 the 3B update went 0.95 -> 0.80 s at batch 16 and 3.50 -> 2.97 s at
-batch 64 (benchmarks/RESULTS.md, variant ``compiled`` of ``benchmarks/defender_dapo.py``).
+batch 64 (experiments/RESULTS.md, variant ``compiled`` of ``experiments/defender_dapo.py``).
 """
 
 from __future__ import annotations

@@ -96,6 +96,13 @@ def edit_size(width: int, height: int, resolution: int, multiple: int) -> tuple[
     return int(w), int(h)
 
 
+def attack_instruction(question: str, target_names: list[str], description: str | None = None) -> str:
+    """The attacker's edit instruction: one template, for fresh items and cold-start pairs alike."""
+    keep = ", ".join(target_names) or "the objects the question is about"
+    what = f"Add {description}" if description else "Change the scene"
+    return f"{what} so that answering '{question}' becomes harder; keep {keep} unchanged."
+
+
 def world_edit_pairs(n: int, resolution: int, seed: int = 0) -> list[tuple[Image.Image, Image.Image, str]]:
     """(clean, edited, instruction) for ``n`` synthetic scenes: one object of a random colour and
     category drawn into a free place (1 px from every object), with the attacker's instruction for
@@ -103,7 +110,6 @@ def world_edit_pairs(n: int, resolution: int, seed: int = 0) -> list[tuple[Image
     not naming it otherwise, as fresh items to attack do."""
     import numpy as np
 
-    from training.attacker_stage import attack_instruction
     from world import CATEGORIES, COLOURS, NoQuestion, WorldConfig, draw_object_into, generate_world, make_question, render
 
     rng, out, i = np.random.default_rng(seed), [], 0
@@ -248,19 +254,16 @@ class FlowEditor:
         safetensors under ``$AOT_CACHE/<kind>`` and later builds load them."""
         from safetensors.torch import load_file, save_file
 
-        from models.cache import build_lock, cache_root
+        from models.cache import build_once, cache_root
         from storage import content_hash
 
-        path = cache_root() / kind / f"{content_hash(key)}.safetensors"
-        if not path.exists():
-            with build_lock(path):  # one fitter per key; others wait, then load its result
-                if not path.exists():
-                    fit()
-                    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                    # The key rides along as metadata, so a cached file says which fit it is.
-                    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp),
-                              metadata={"aot_fit_key": json.dumps(key, sort_keys=True, default=str)})
-                    os.replace(tmp, path)  # atomic: a reader never sees half a file
+        def build(tmp: Path) -> None:
+            fit()
+            # The key rides along as metadata, so a cached file says which fit it is.
+            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp),
+                      metadata={"aot_fit_key": json.dumps(key, sort_keys=True, default=str)})
+
+        path = build_once(cache_root() / kind / f"{content_hash(key)}.safetensors", build, folder=False)
         module.load_state_dict(load_file(str(path), device=str(self.device)))
         return path
 

@@ -71,6 +71,22 @@ class MLLMJudge(JudgeBase):
         self.seed = seed
         self.batch_size = batch_size
 
+    @classmethod
+    def tiny(cls, seed: int = 0, max_new_tokens: int = 16, **kw) -> "MLLMJudge":
+        """A judge on the tiny random Qwen2.5-VL (``--preset tiny``: every code path, noise verdicts)."""
+        from models.qwen_vl import load_policy
+
+        return cls(load_policy({"backend": "tiny", "seed": seed, "min_pixels": 1024, "max_pixels": 4096}),
+                   max_new_tokens=max_new_tokens, **kw)
+
+    @classmethod
+    def from_pretrained(cls, model: str = "Qwen/Qwen2.5-VL-7B-Instruct", dtype: str = "bfloat16", device: str = "cuda",
+                        trust_remote_code: bool = False, **kw) -> "MLLMJudge":
+        from models.qwen_vl import load_policy
+
+        return cls(load_policy({"backend": "qwen-vl", "model": model, "dtype": dtype, "device": device,
+                                "trust_remote_code": trust_remote_code}), **kw)
+
     def _ask(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
         try:
             return self.mllm.generate(images, prompts, temperature=0.0, max_new_tokens=self.max_new_tokens)

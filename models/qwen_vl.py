@@ -179,7 +179,7 @@ class QwenVLPolicy:
         self.device = device
         self.dtype = dtype
         # Rows repeating an image go through the processor and vision tower once (encode); off only
-        # to measure what that saves (benchmarks/defender_dapo.py, variant "unshared").
+        # to measure what that saves (experiments/defender_dapo.py, variant "unshared").
         self.share_images = True
         # Vision placeholders can never be *outputs*: a sampled <|image_pad|> would desynchronize
         # image features and tokens on the next forward. Suppressed in sampling and masked in
@@ -310,6 +310,11 @@ class QwenVLPolicy:
             ids[i, :len(s)] = torch.tensor(s)
             mask[i, :len(s)] = 1
         return ids, mask
+
+
+def pretrained_policy(model: str, **kw) -> QwenVLPolicy:
+    """A pretrained Qwen2.5-VL by hub id or folder (the ``qwen-vl`` defender backend)."""
+    return QwenVLPolicy.from_pretrained(model, **kw)
 
 
 def load_policy(spec: dict | str) -> QwenVLPolicy:

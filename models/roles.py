@@ -129,6 +129,6 @@ class Segmenter(Protocol):
 
 @runtime_checkable
 class MLLM(Protocol):
-    """Multimodal LLM: the defender, and (issue 3) the judge's generation engine."""
+    """Multimodal LLM: the defender, and the judge's generation engine."""
 
     def generate(self, images: list[Image.Image], prompts: list[str], *, temperature: float = 0.0, seed: int = 0) -> list[str]: ...

@@ -8,7 +8,7 @@ of equal length become the batch dimension of one SDPA call (one call per distin
 handful, edge windows of odd-sized grids included), the attention each window sees is unchanged
 (tests: outputs and gradients equal to the stock loop's). The default: on an H100 it took the
 3B architecture's DAPO update from 1.30 to 1.04 s at batch 16 and from 4.96 to 3.50 s at batch 64
-(benchmarks/RESULTS.md); ``defender.model.vision_attention: stock`` restores transformers' loop.
+(experiments/RESULTS.md); ``defender.model.vision_attention: stock`` restores transformers' loop.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rl.config import DapoConfig
+from config import DapoConfig
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rl.config import FlowGrpoConfig
+from config import FlowGrpoConfig
 
 
 @dataclass

@@ -1,22 +1,9 @@
-"""The bootstrap stages as pure functions over one shard (no Prefect here).
+"""Every step of the DAG that writes a version under ``ROOT/<dataset>/<stage>/<version>/``.
 
-source -> extend (Stage 1 outpainting) -> filter (Stage 1 checks) -> implant (Stage 2) -> export.
+The bootstrap stages (source -> extend -> filter -> implant -> export) are pure functions over
+one shard (stages/base.py lists them; stages/runner.py plans, runs and commits them); the
+defender, attacker, curriculum, attack, evaluation and co-evolution stages write single
+versions through one find-or-compute helper (stages/version.py). No Prefect here: tasks/ and
+flows/ wrap these functions. This package imports nothing eagerly, so that a stage's version id
+hashes only the code that stage runs.
 """
-
-from stages.base import ShardContext, Stage, StageError
-from stages.export import dataset_card, export_sft
-from stages.extend import extend_scenes
-from stages.implant import implant_distractors
-from stages.quality import filter_scenes
-from stages.source import generate_scenes
-
-STAGES: dict[str, Stage] = {
-    "source": Stage("source", "source", (), None, generate_scenes, "Synthetic source scenes"),
-    "extend": Stage("extend", "stage1", ("outpainter",), "source", extend_scenes, "Stage 1: scene extension"),
-    "filter": Stage("filter", "filter", ("clip", "judge"), "extend", filter_scenes, "Stage 1: quality filtering"),
-    "implant": Stage("implant", "stage2", ("judge", "inpainter", "detector", "segmenter", "defender"), "filter",
-                     implant_distractors, "Stage 2: distractor implantation"),
-    "export": Stage("export", "export", (), "implant", export_sft, "AOT-SFT export", dataset_card),
-}
-
-__all__ = ["STAGES", "ShardContext", "Stage", "StageError"]

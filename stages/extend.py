@@ -17,7 +17,7 @@ from PIL import Image
 from metrics import transform_box
 from stages import rows as R
 from stages.base import ShardContext
-from stages.config import canvas_scale_range
+from config import canvas_scale_range
 from storage import content_hash, decode_image, image_cells
 from storage.images import ImageDecodeError
 
@@ -31,10 +31,10 @@ def canvas_geometry(width: int, height: int, scale: float, max_pixels: int) -> t
 
 
 def row_scale(row_id: str, cfg) -> float:
-    lo, hi = canvas_scale_range(cfg.stage1.canvas_scale)
+    lo, hi = canvas_scale_range(cfg.extend.canvas_scale)
     if lo == hi:
         return lo
-    seed = int(content_hash({"id": row_id, "seed": cfg.stage1.seed}, 15), 16)
+    seed = int(content_hash({"id": row_id, "seed": cfg.extend.seed}, 15), 16)
     return float(np.random.default_rng(seed).uniform(lo, hi))
 
 
@@ -49,7 +49,7 @@ def extend_scenes(rows: pl.DataFrame, ctx: ShardContext) -> tuple[pl.DataFrame, 
             rejects.append(R.reject(row, ctx.stage, "bad_image", str(exc)))
             continue
         scale = row_scale(row["id"], cfg)
-        canvas, offset, resize = canvas_geometry(image.width, image.height, scale, cfg.stage1.max_pixels)
+        canvas, offset, resize = canvas_geometry(image.width, image.height, scale, cfg.extend.max_pixels)
         todo.append((row, image, scale, canvas, offset, resize))
     # One batched call for the shard: a diffusion backend groups same-size canvases.
     painted_all = outpainter.outpaint_many([t[1] for t in todo], [t[3] for t in todo], [t[4] for t in todo],

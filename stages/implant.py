@@ -86,7 +86,7 @@ def verified_edits(row: dict, cfg, models: dict, attempts: list[dict]):
 
 
 def implant_row(row: dict, ctx: ShardContext, models: dict) -> tuple[dict | None, tuple[str, str] | None]:
-    cfg = ctx.config.stage2
+    cfg = ctx.config.implant
     defender = models["defender"]
     clean = decode_image(row["image"])
     prompt = format_prompt(row["question"], row["options"])

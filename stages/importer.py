@@ -23,7 +23,7 @@ import polars as pl
 from models.mcq import letters
 from stages import rows as R
 from stages.base import StageError
-from stages.config import PipelineConfig
+from config import PipelineConfig
 from stages.version import code_version
 from storage import Manifest, ShardStore, content_hash, decode_image, image_cell
 from storage.images import ImageDecodeError
@@ -142,8 +142,8 @@ def import_records(store: ShardStore, records_path: str | Path, images_dir: str 
         h.update(hashlib.sha256(f.read_bytes()).digest())
     vcfg = {"import": {"box_format": box_format, "max_image_pixels": cfg.source.max_image_pixels,
                        "shard_size": cfg.source.shard_size}}
-    version = content_hash({"stage": "source", "config": vcfg, "code": code_version(), "parents": [],
-                            "inputs": h.hexdigest()})
+    code = code_version([__name__])
+    version = content_hash({"stage": "source", "config": vcfg, "code": code, "parents": [], "inputs": h.hexdigest()})
     existing = store.manifest_at(dataset, "source", version)
     if existing is not None:
         return existing
@@ -165,5 +165,5 @@ def import_records(store: ShardStore, records_path: str | Path, images_dir: str 
         key = content_hash({"lines": [c[0] for c in chunk], "inputs": h.hexdigest()})
         records.append(store.write_shard(dataset, "source", version, index, key, len(chunk),
                                          R.frame(kept, R.SOURCE), R.frame(rejects, R.REJECTS)))
-    return store.commit(dataset, "source", version, records, config=vcfg, parents=[], code_version=code_version(),
+    return store.commit(dataset, "source", version, records, config=vcfg, parents=[], code_version=code,
                         extra={"records": str(records_path), "images": str(images_dir)})

@@ -12,9 +12,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from stages.base import ShardContext, Stage, StageError
-from stages.config import PipelineConfig
-from stages.version import code_version
+from config import PipelineConfig
+from stages.base import BOOTSTRAP, STAGES, ShardContext, Stage, StageError
+from stages.version import code_version, kernel_family, version_id
 from storage import Manifest, ShardRecord, ShardStore, content_hash
 
 
@@ -69,17 +69,46 @@ class StageSummary:
 
 
 def get_stage(name: str) -> Stage:
-    from stages import STAGES
-
     if name not in STAGES:
         raise StageError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}")
     return STAGES[name]
 
 
+def stage_identity(stage: Stage, cfg: PipelineConfig) -> tuple[str, dict | None]:
+    """(code version, kernel family or None) of a stage as configured: the code of the stage's
+    module, this runner and the backends of its roles; the kernel family where any backend is a
+    learned model (stages/version.py)."""
+    from stages.registry import backend
+
+    backends = [(backend(r, cfg.model_spec(r)), cfg.model_spec(r)) for r in stage.roles]
+    code = code_version([stage.module, __name__, *(m for b, _ in backends for m in b.code)])
+    learned = [spec for b, spec in backends if not b.exact]
+    devices = [spec.get("device", "cpu") if isinstance(spec, dict) else "cpu" for spec in learned]
+    return code, (kernel_family(devices) if learned else None)
+
+
+def stage_version(stage: Stage, cfg: PipelineConfig, parents: list[str]) -> tuple[str, dict, str]:
+    """(version id, the config it hashes, code version) of ``stage`` on ``parents``."""
+    vcfg = stage.version_config(cfg)
+    code, kernels = stage_identity(stage, cfg)
+    version = version_id(stage.name, vcfg, parents, code, kernels)
+    if kernels:  # recorded with the config in the manifest: which kernels made these bytes
+        vcfg = {**vcfg, "kernels": kernels}
+    return version, vcfg, code
+
+
+def planned_versions(cfg: PipelineConfig, until: str = "export") -> dict[str, str]:
+    """The version id every bootstrap stage of ``cfg`` gets (from synthetic scenes), computed
+    without running anything: what a run would find in, or add to, the store."""
+    out, parents = {}, []
+    for name in BOOTSTRAP[: BOOTSTRAP.index(until) + 1]:
+        out[name] = stage_version(get_stage(name), cfg, parents)[0]
+        parents = [out[name]]
+    return out
+
+
 def plan(store: ShardStore, stage_name: str, cfg: PipelineConfig, input_version: str | None = None) -> StagePlan:
     stage = get_stage(stage_name)
-    vcfg = stage.version_config(cfg)
-    code = code_version()
     if stage.parent is None:
         n = cfg.source.num_scenes
         size = cfg.source.shard_size
@@ -102,7 +131,7 @@ def plan(store: ShardStore, stage_name: str, cfg: PipelineConfig, input_version:
         parents = [src.version]
         dataset = src.dataset
         in_stage = src.stage
-    version = content_hash({"stage": stage_name, "config": vcfg, "code": code, "parents": parents})
+    version, vcfg, code = stage_version(stage, cfg, parents)
     committed = store.manifest_at(dataset, stage_name, version) is not None
     return StagePlan(stage_name, dataset, version, parents, vcfg, code, shards, input_version, in_stage, committed)
 
@@ -140,7 +169,7 @@ def commit(store: ShardStore, p: StagePlan, records: list[ShardRecord]) -> Manif
         return existing
     summary = {"dataset": p.dataset, "stage": p.stage, "version": p.version, "parents": p.parents,
                "rows": sum(r.data.rows for r in records), "config": p.config, "code_version": p.code_version}
-    readme = stage.readme(summary) if stage.readme else None
+    readme = stage.card(summary)
     return store.commit(p.dataset, p.stage, p.version, records, config=p.config, parents=p.parents,
                         code_version=p.code_version, readme=readme)
 
@@ -172,9 +201,6 @@ def run_stage(
             on_shard(rec, fresh)
     m = commit(store, p, records)
     return summarize(m, len(p.shards), recomputed, time.perf_counter() - t0, False)
-
-
-BOOTSTRAP = ("source", "extend", "filter", "implant", "export")
 
 
 def run_bootstrap(store: ShardStore, cfg: PipelineConfig, source_version: str | None = None,

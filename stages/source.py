@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -59,3 +60,40 @@ def generate_scenes(_: pl.DataFrame, ctx: ShardContext) -> tuple[pl.DataFrame, p
         except NoQuestion as exc:
             rejects.append(R.reject({"id": f"syn-{ctx.config.source.seed}-{i:06d}"}, ctx.stage, "no_question", str(exc)))
     return R.frame(kept, R.SOURCE), R.frame(rejects, R.REJECTS)
+
+
+def world_rows(n: int, seed: int, cfg=None, keep=lambda row: True) -> list[dict]:
+    """The first ``n`` source rows (that ``keep`` accepts) of a synthetic world (``cfg.source``:
+    question mix, resolution, objects; default: the default world) under ``seed``."""
+    from config import PipelineConfig
+
+    cfg, out, i = cfg or PipelineConfig(), [], 0
+    while len(out) < n:
+        try:
+            row = scene_row(seed, i, cfg)
+        except NoQuestion:
+            row = None
+        i += 1
+        if row and keep(row):
+            out.append(row)
+    return out
+
+
+def heldout_config(cfg, scenes: int | None = None):
+    """The held-out scenes: the same world settings under ``source.seed +
+    coevolution.heldout_seed_offset``, never trained on (``scenes``: default
+    ``coevolution.heldout_scenes``). Every held-out evaluation uses this one definition."""
+    c = cfg.coevolution
+    return world_config(cfg, c.heldout_seed_offset, scenes or c.heldout_scenes)
+
+
+def warmup_config(cfg):
+    """Defender 0's warm-up pool (``coevolution.warmup_scenes`` > 0): fresh scenes of the same world."""
+    c = cfg.coevolution
+    return world_config(cfg, c.warmup_seed_offset, c.warmup_scenes)
+
+
+def world_config(cfg, seed_offset: int, scenes: int):
+    """The same world settings under ``source.seed + seed_offset``, ``scenes`` scenes."""
+    return dataclasses.replace(cfg, source=dataclasses.replace(cfg.source, seed=cfg.source.seed + seed_offset,
+                                                                 num_scenes=scenes))

@@ -1,29 +1,153 @@
-"""The code version that goes into every version id: a hash of the code that shapes the data.
+"""What a version id is made of, and the one way a single-part version is found or made.
 
-Only the pure packages count (flows/ and tasks/ orchestrate, they do not change rows), so a
-change to a stage's logic gives new version ids and a change to Prefect wiring does not.
+A version id hashes (stage, the stage's config, its code, its parents). Its *code* is exactly the
+code that computes that stage's output: the transitive closure, inside the project, of the
+imports of the stage's module and of the model backends it is configured with, function-level
+imports included (a lazy import is code that runs). So editing an experiment, a benchmark reader
+or the attacker renames no Stage 1 output; editing ``stages/implant.py`` renames implant and
+everything downstream. Left out: ``config/`` (a stage's config *values* are hashed directly, so
+help strings and presets rename nothing) and the orchestration above the stages.
+
+Outputs of learned models (tiny CLIP, the warmed defender, every trainer) also depend on the
+floating-point kernels they ran on: those versions hash the kernel family too (torch version,
+CPU instruction set or GPU), so two machines writing one root never pass different bytes off as
+one version (docs/reproducibility.md).
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 from pathlib import Path
+from typing import Callable, Iterable
 
-PACKAGES = ("storage", "world", "models", "metrics", "stages", "rl", "training", "evaluation")
-SUFFIXES = (".py", ".json", ".yaml")
-RELEASE = "0.1.0"
+import polars as pl
+
+from storage import Manifest, ShardStore, content_hash
+
+TOP = Path(__file__).resolve().parent.parent
+RELEASE = "0.2.0"
+NOT_HASHED = ("config",)  # values, not code: hashed as the stage's config
+EMPTY_REJECTS = {"id": pl.String, "reason": pl.String}
+
+
+def _module_file(name: str) -> Path | None:
+    base = TOP.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _imports(name: str) -> tuple[str, ...]:
+    """The project modules ``name`` imports (anywhere in the file), and its parent packages."""
+    path = _module_file(name)
+    if path is None:
+        return ()
+    found: set[str] = set()
+    parts = name.split(".")
+    found.update(".".join(parts[:i]) for i in range(1, len(parts)))  # importing a.b runs a/__init__ first
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return tuple(sorted(m for m in found if _module_file(m) is not None and m.split(".")[0] not in NOT_HASHED))
+
+
+def closure(modules: Iterable[str]) -> list[str]:
+    """Every project module the given ones import, transitively (themselves included)."""
+    seen: set[str] = set()
+    todo = [m for m in modules if _module_file(m) is not None]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(_imports(m))
+    return sorted(seen)
+
+
+@functools.lru_cache(maxsize=None)
+def _code_version(modules: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    files = {_module_file(m) for m in closure(modules)}
+    # data files beside the code of a package in the closure (e.g. models/configs/*.json)
+    for package in {f.parent for f in files if f.name == "__init__.py"}:
+        files.update(p for p in package.rglob("*.json") if "__pycache__" not in p.parts)
+    for path in sorted(files):
+        h.update(str(path.relative_to(TOP)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return f"{RELEASE}+{h.hexdigest()[:12]}"
+
+
+def code_version(modules: Iterable[str]) -> str:
+    """The hash of the code that ``modules`` run (see the module docstring)."""
+    return _code_version(tuple(sorted(set(modules))))
+
+
+def kernel_family(devices: Iterable[str] = ("cpu",)) -> dict:
+    """Which floating-point kernels a learned model's outputs come from: the torch version, the
+    CPU vendor and the instruction set torch dispatches to (AVX2 and AVX-512 round differently),
+    and the GPU where one is used."""
+    import platform
+
+    import torch
+
+    out = {"torch": torch.__version__, "cpu": f"{_cpu_vendor()} {torch.backends.cpu.get_cpu_capability()}",
+           "machine": platform.machine()}
+    for device in sorted(set(devices)):
+        if str(device).startswith("cuda") and torch.cuda.is_available():
+            out["cuda"] = f"{torch.cuda.get_device_name()} (cuda {torch.version.cuda})"
+    return out
 
 
 @functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    top = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for pkg in PACKAGES:
-        for path in sorted((top / pkg).rglob("*")):
-            if path.suffix in SUFFIXES and "__pycache__" not in path.parts:
-                h.update(str(path.relative_to(top)).encode())
-                h.update(b"\0")
-                h.update(path.read_bytes())
-                h.update(b"\0")
-    return f"{RELEASE}+{h.hexdigest()[:12]}"
+def _cpu_vendor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
+def version_id(stage: str, config: dict, parents: list[str], code: str, kernels: dict | None = None) -> str:
+    ident = {"stage": stage, "config": config, "code": code, "parents": parents}
+    if kernels:
+        ident["kernels"] = kernels
+    return content_hash(ident)
+
+
+class VersionPart:
+    """What computing a single-part version yields: its rows, rejects, files and summary."""
+
+    def __init__(self, rows: pl.DataFrame, rows_in: int, rejects: pl.DataFrame | None = None,
+                 files: list | None = None, extra: dict | None = None):
+        self.rows, self.rows_in, self.files, self.extra = rows, rows_in, files or [], extra or {}
+        self.rejects = rejects if rejects is not None else pl.DataFrame(schema=EMPTY_REJECTS)
+
+
+def single_part_version(store: ShardStore, dataset: str, stage: str, config: dict, parents: list[str],
+                        modules: Iterable[str], compute: Callable[[str], VersionPart | None],
+                        kernels: dict | None = None) -> tuple[Manifest | None, bool]:
+    """The version of (stage, config, code of ``modules``, parents) under ``dataset``: found in
+    the store, or computed by ``compute(version_id)`` and committed as one part. Returns
+    (manifest, computed now). ``compute`` may return None when another process commits it (a
+    data-parallel rank other than 0); the manifest is then read back, or None if not yet there."""
+    code = code_version(modules)
+    version = version_id(stage, config, parents, code, kernels)
+    done = store.manifest_at(dataset, stage, version)
+    if done is not None:
+        return done, False
+    part = compute(version)
+    if part is None:
+        return store.manifest_at(dataset, stage, version), True
+    rec = store.write_shard(dataset, stage, version, 0, content_hash(parents), part.rows_in, part.rows, part.rejects)
+    extra = {**part.extra, **({"kernels": kernels} if kernels else {})}
+    return store.commit(dataset, stage, version, [rec], config=config, parents=parents, code_version=code,
+                        files=part.files, extra=extra), True

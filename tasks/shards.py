@@ -20,7 +20,7 @@ from prefect import task
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.tasks import exponential_backoff
 
-from stages.config import config_from_dict
+from config import config_from_dict
 from stages.runner import Shard, StagePlan, run_shard
 from storage import ShardStore, content_hash
 from tasks.faults import maybe_inject

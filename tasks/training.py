@@ -7,10 +7,10 @@ import base64
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from stages.config import config_from_dict
+from config import config_from_dict
 from storage import ShardStore, content_hash
 from tasks.shards import retry_transient
-from training.stage import evaluate_defender_version, train_defender_version
+from stages.defender import evaluate_defender_version, train_defender_version
 
 
 def _train_key(context, p: dict) -> str:
@@ -62,7 +62,7 @@ def publish_training_artifacts(store: ShardStore, version: str) -> None:
       persist_result=True, result_serializer="json")
 def train_attacker_task(data_version: str, defender_version: str | None, init_version: str | None, mode: str,
                         config: dict, root: str, storage_options: dict | None = None) -> dict:
-    from training.attacker_stage import train_attacker_version
+    from stages.attacker import train_attacker_version
 
     store = ShardStore(root, storage_options)
     m, trained = train_attacker_version(store, config_from_dict(config), data_version, defender_version, init_version, mode)
@@ -74,7 +74,7 @@ def generate_curriculum_task(attacker_version: str, data_version: str, defender_
                              storage_options: dict | None = None) -> dict:
     from prefect import get_run_logger
 
-    from training.attacker_stage import curriculum_progress, generate_curriculum_version
+    from stages.curriculum import curriculum_progress, generate_curriculum_version
 
     store = ShardStore(root, storage_options)
     m = generate_curriculum_version(store, config_from_dict(config), attacker_version, data_version, defender_version,

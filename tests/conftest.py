@@ -22,6 +22,18 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("AOT_FAULT", None)
+# The model cache (warmed defenders, fitted editors, fetched checkpoints) is the run's own: a test's
+# outcome never depends on what another process left in ~/.cache/aot. One folder per test run,
+# made by the first process (pytest, or the xdist controller) and inherited by its workers, so a
+# warm-up happens once per run; removed when the run ends.
+if "AOT_TEST_CACHE" not in os.environ:
+    os.environ["AOT_TEST_CACHE"] = tempfile.mkdtemp(prefix="aot-test-cache-")
+os.environ["AOT_CACHE"] = os.environ["AOT_TEST_CACHE"]
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist) owns the folder
+        shutil.rmtree(os.environ["AOT_TEST_CACHE"], ignore_errors=True)
 
 
 def free_port() -> int:
@@ -71,7 +83,7 @@ def s3_root(s3_server, request):
 
 @pytest.fixture
 def small_config():
-    from stages.config import load_config
+    from config import load_config
 
     return load_config("synthetic", {"source": {"num_scenes": 24, "shard_size": 8}})
 
@@ -86,7 +98,7 @@ def pytest_collection_modifyitems(config, items):
         has_gpu = False
     if has_gpu:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU: run on the lent GPU machine (benchmarks/README)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run on the lent GPU machine (experiments/README)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
@@ -107,7 +119,7 @@ SMALL = {"source.num_scenes": 16, "source.shard_size": 4}
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The same config run by the pure runner: Prefect must produce the same versions and bytes."""
-    from stages.config import load_config
+    from config import load_config
     from stages.runner import run_bootstrap
     from storage import ShardStore
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from rl.config import FlowGrpoConfig
+from config import FlowGrpoConfig
 from rl.flow_grpo import gaussian_kl
 from rl.flow_sampler import sample, sde_window, step_log_prob
 from training.attacker import AttackerTrainer, EditPair
 from training.attacker_rewards import AttackItem, IntegrityEfficacy, box_contrast
 from metrics import region_ssim
-from training.config import AttackerTrainConfig
+from config import AttackerTrainConfig
 
 
 def _editor(resolution: int = 32):
@@ -164,7 +164,7 @@ def test_integrity_efficacy_with_a_scripted_defender():
 
 
 def test_attack_summary_reads_success_against_the_unedited_baseline():
-    from training.attacker_stage import attack_summary
+    from stages.curriculum import attack_summary
 
     kept = [{"efficacy": 1.0, "clean_efficacy": 0.0},  # a flip: right when clean, fooled when edited
             {"efficacy": 2 / 3, "clean_efficacy": 1 / 3},  # already failed unedited: success, no lift

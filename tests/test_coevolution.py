@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from stages.config import load_config
+from config import load_config
 from storage import ShardStore
-from training.coevolution import LocalSteps, run_coevolution
+from stages.steps import LocalSteps
+from stages.coevolution import run_coevolution
 
 TOY = {
     "source": {"num_scenes": 16, "shard_size": 8},
@@ -68,7 +69,7 @@ def test_a_rerun_finds_every_step_done(run):
 
 @pytest.mark.parametrize("fmt", ["md", "html"])
 def test_the_report_is_self_contained(run, fmt):
-    from training.coevolution import render_report
+    from stages.coevolution import render_report
 
     store, _, m, _ = run
     text = render_report(store, m.version, fmt)

@@ -2,7 +2,7 @@
 gradients as eager layers, under gradient checkpointing and LoRA too; the layers are eager again
 after the block (sampling never runs them compiled); a checkpointed recompute needs the
 backward inside the block. Backend aot_eager (dynamo + AOTAutograd,
-no inductor codegen, which takes ~25 s per graph on a CPU; benchmarks/defender_dapo.py runs inductor)."""
+no inductor codegen, which takes ~25 s per graph on a CPU; experiments/defender_dapo.py runs inductor)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import torch
 import models.compiled_layers as cl
 from models.compiled_layers import compiled_layers, decoder_layers
 from models.qwen_vl import QwenVLPolicy
-from training.defender import DefenderTrainConfig, DefenderTrainer
+from config import DefenderTrainConfig
+from training.defender import DefenderTrainer
 from training.toy import colour_examples
 
 

@@ -10,7 +10,10 @@ import torch
 
 from models.qwen_vl import QwenVLPolicy, TinyDefenderSpec
 from rl.dapo import DapoConfig, dapo_loss, group_advantages
-from training.defender import DefenderTrainer, DefenderTrainConfig, chance, evaluate
+from config import DefenderTrainConfig
+from evaluation.answers import chance
+from evaluation.answers import mcq_accuracy as evaluate
+from training.defender import DefenderTrainer
 from training.toy import colour_examples
 
 SPEC = TinyDefenderSpec(min_pixels=32 * 32, max_pixels=64 * 64)
@@ -134,9 +137,9 @@ def test_warmed_tiny_defender_is_trained_once_and_answers_in_format(tmp_path, mo
     """models.defender {backend: tiny, warmup: {...}}: a short SFT on fresh world scenes turns an
     untrained defender (no parsable answer) into one that answers in the strict format; the
     weights are cached and a second load reads them instead of training again."""
-    from models import load
+    from stages.registry import load
     from models.qwen_vl import load_policy
-    from training.toy import world_examples
+    from stages.warm_defender import world_examples
 
     monkeypatch.setenv("AOT_CACHE", str(tmp_path))
     spec = {"backend": "tiny", "seed": 0, "min_pixels": 1024, "max_pixels": 4096}
@@ -146,7 +149,7 @@ def test_warmed_tiny_defender_is_trained_once_and_answers_in_format(tmp_path, mo
     assert evaluate(warm, test)["strict_format"] == 1.0
     (folder,) = [p for p in (tmp_path / "warm-defenders").iterdir() if p.is_dir()]  # beside it: its build lock
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    from training.toy import warmed_tiny_defender
+    from stages.warm_defender import warmed_tiny_defender
 
     again = warmed_tiny_defender(spec, {"steps": 20, "scenes": 64})  # the cache, not a second training
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
@@ -232,10 +235,10 @@ def test_a_warmed_stage2_defender_learns_the_runs_world(monkeypatch):
     PipelineConfig.model_spec puts the world into the spec, so a changed world is also a new cache entry."""
     import dataclasses
 
-    import models
+    import stages.registry as models
     from stages.base import ShardContext
-    from stages.config import RUN_ONLY_SOURCE_FIELDS, config_from_dict, load_config
-    from training.toy import world_examples
+    from config import RUN_ONLY_SOURCE_FIELDS, config_from_dict, load_config
+    from stages.warm_defender import world_examples
 
     seen = {}
     monkeypatch.setattr(models, "load", lambda role, spec: seen.setdefault(role, spec))

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from stages.config import load_config
+from config import load_config
 from stages.runner import run_bootstrap, run_stage
 from storage import ShardStore, sha256_bytes
-from training.defender import evaluate
-from training.stage import evaluate_defender_version, examples_from_version, load_defender, train_defender_version
+from evaluation.answers import mcq_accuracy as evaluate
+from stages.defender import evaluate_defender_version, examples_from_version, load_defender, train_defender_version
 
 SMALL = {"source": {"num_scenes": 16, "shard_size": 8}, "defender": {"warmup": {"steps": 4, "batch_prompts": 8},
                                                                       "model": {"backend": "tiny", "seed": 0,
@@ -94,7 +94,7 @@ def test_evaluation_splits_clean_and_adversarial(base):
 def test_stage2_can_use_a_trained_defender_version(base):
     root, store, cfg, v = base
     m, _ = train_defender_version(store, cfg, v["export"], mode="sft")
-    cfg_neural = load_config("synthetic", {**SMALL, "stage2": {"require_clean_correct": False, "num_proposals": 3},
+    cfg_neural = load_config("synthetic", {**SMALL, "implant": {"require_clean_correct": False, "num_proposals": 3},
                                            "models": {"defender": {"backend": "version", "version": m.version,
                                                                    "root": str(root)}}})
     out = run_stage(store, "implant", cfg_neural, v["filter"])
@@ -106,7 +106,7 @@ def test_stage2_can_use_a_trained_defender_version(base):
 
 
 def test_warmup_mode_trains_defender_0_in_the_warmup_configs_own_mode(base):
-    from training.stage import defender_train_config
+    from stages.defender import defender_train_config
 
     root, store, cfg, v = base
     assert defender_train_config(cfg, "warmup").mode == "sft"  # the tiny defender starts supervised

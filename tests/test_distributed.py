@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.config import load_config
+from config import load_config
 from stages.runner import run_stage
 from storage import ShardStore
 
@@ -23,7 +23,7 @@ ARGS = ["--set", "source.num_scenes=8", "--set", "source.shard_size=8", "--set",
 def _weights(store: ShardStore, version: str) -> dict:
     from safetensors.torch import load_file
 
-    from training.stage import fetch_version
+    from stages.defender import fetch_version
 
     return load_file(str(fetch_version(store, store.manifest(version)) / "model.safetensors"))
 

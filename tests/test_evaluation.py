@@ -241,9 +241,9 @@ def test_chat_endpoint_concurrency_retries_and_errors(fixtures, monkeypatch):
 
 
 def test_synthetic_robustness_suite_measures_the_drop(tmp_path):
-    from evaluation.robustness import robustness_suite
+    from stages.robustness import robustness_suite
     from models.perception_baseline import PerceptionBaselineDefender
-    from stages.config import load_config
+    from config import load_config
     from storage import ShardStore
 
     cfg = load_config("synthetic", {"source": {"shard_size": 8}, "models": {"defender": "perception-baseline"}})
@@ -270,7 +270,7 @@ def test_an_edited_benchmark_file_is_a_new_input(fixtures, tmp_path):
     import shutil
     import time
 
-    from evaluation.run import evaluate_benchmarks
+    from stages.benchmark import evaluate_benchmarks
     from storage import ShardStore
 
     hr = tmp_path / "hr.tsv"
@@ -289,12 +289,12 @@ def test_an_edited_benchmark_file_is_a_new_input(fixtures, tmp_path):
 
 def test_synthetic_suite_without_items_says_why(tmp_path):
     """No kept edit on the held-out scenes: a clear error naming the fix, not a KeyError."""
-    from evaluation.robustness import robustness_suite
+    from stages.robustness import robustness_suite
     from models.perception_baseline import PerceptionBaselineDefender
-    from stages.config import load_config
+    from config import load_config
     from storage import ShardStore
 
     cfg = load_config("synthetic", {"source": {"shard_size": 4}, "models": {"defender": "perception-baseline"},
-                                    "stage2": {"num_proposals": 1, "detector_iou_min": 1.0}})
+                                    "implant": {"num_proposals": 1, "detector_iou_min": 1.0}})
     with pytest.raises(ValueError, match="no items: Stage 2 kept no edit on 4 held-out scenes.*more scenes"):
         robustness_suite(ShardStore(str(tmp_path)), cfg, PerceptionBaselineDefender(), "baseline", scenes=4)

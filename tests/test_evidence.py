@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from evaluation.attacks import ATTACKS, Attacked, attack_version, build_attack, register_attack
-from stages.config import load_config
+from evaluation.attacks import ATTACKS, Attacked, build_attack, register_attack
+from stages.attack import attack_version
+from config import load_config
 from stages.runner import run_bootstrap
 from storage import ShardStore, decode_image
 from world import Scene, relation
@@ -110,13 +111,13 @@ def test_attacks_are_pluggable_and_versioned(items):
         imp = attack_version(store, cfg, filt, "implanter")
         assert imp.rows > 0 and imp.version != m.version
         metas = [json.loads(x) for x in store.read(imp)["meta"].to_list()]
-        assert all(x["target_ssim_min"] >= cfg.stage2.target_ssim_min for x in metas)
+        assert all(x["target_ssim_min"] >= cfg.implant.target_ssim_min for x in metas)
     finally:
         ATTACKS.pop("test-invert")
 
 
 def test_toy_evidence_run_gives_every_number(tmp_path):
-    from benchmarks.aot_evidence import main
+    from experiments.aot_evidence import main
 
     result = main(["--tiny", "--seeds", "0", "1", "--root", str(tmp_path / "root"), "--out", str(tmp_path)])
     cols = ["clean", "implanter", "swap-pair", "aot-attacker"]
@@ -151,7 +152,7 @@ def test_toy_evidence_run_gives_every_number(tmp_path):
 
 
 def test_attacker_learnability_scores_every_try_on_the_same_items(tmp_path):
-    from benchmarks.attacker_learnability import main
+    from experiments.attacker_learnability import main
 
     with pytest.raises(SystemExit, match="attacker.rl"):
         main(["--tiny", "--root", str(tmp_path / "r"), "--out", str(tmp_path), "--try", "defender.rl.lr=1"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rl.config import FlowGrpoConfig
+from config import FlowGrpoConfig
 from rl.flow_grpo import flow_grpo_loss, gaussian_kl, group_advantages, noise_scale, ode_step, sde_step
 from training.attacker_rewards import AttackSample, attacker_reward, combine, consecutive_failures, efficacy, integrity
 

@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 from aot.cli import main
-from stages.config import ConfigError, load_config, parse_overrides
+from conftest import REPO
+from config import ConfigError, parse_overrides
+from stages.registry import resolve_config as load_config
 from stages.importer import import_records
 from storage import ShardStore, decode_image
 
@@ -77,14 +79,14 @@ def test_import_xywh_and_parquet_with_bytes(tmp_path):
 
 
 def test_overrides_and_config_errors():
-    assert parse_overrides(["stage1.canvas_scale=1.75", "models.clip=tiny", "filter.clip_threshold=null"]) == {
-        "stage1": {"canvas_scale": 1.75}, "models": {"clip": "tiny"}, "filter": {"clip_threshold": None}}
-    cfg = load_config("synthetic", parse_overrides(["stage1.canvas_scale=1.75", "source.num_scenes=8"]))
-    assert cfg.stage1.canvas_scale == 1.75 and cfg.source.num_scenes == 8
-    with pytest.raises(ConfigError, match="unknown config key 'stage1.canvas'"):
-        load_config("synthetic", {"stage1": {"canvas": 2}})
-    with pytest.raises(ConfigError, match="stage1.canvas_scale"):
-        load_config("synthetic", {"stage1": {"canvas_scale": 9}})
+    assert parse_overrides(["extend.canvas_scale=1.75", "models.clip=tiny", "filter.clip_threshold=null"]) == {
+        "extend": {"canvas_scale": 1.75}, "models": {"clip": "tiny"}, "filter": {"clip_threshold": None}}
+    cfg = load_config("synthetic", parse_overrides(["extend.canvas_scale=1.75", "source.num_scenes=8"]))
+    assert cfg.extend.canvas_scale == 1.75 and cfg.source.num_scenes == 8
+    with pytest.raises(ConfigError, match="unknown config key 'extend.canvas'"):
+        load_config("synthetic", {"extend": {"canvas": 2}})
+    with pytest.raises(ConfigError, match="extend.canvas_scale"):
+        load_config("synthetic", {"extend": {"canvas_scale": 9}})
     with pytest.raises(ConfigError, match="expected an integer"):
         load_config("synthetic", {"source": {"num_scenes": "many"}})
     with pytest.raises(ConfigError, match="no backend 'gpt' for role 'judge'"):
@@ -92,7 +94,7 @@ def test_overrides_and_config_errors():
     with pytest.raises(ConfigError, match="no preset 'nope'"):
         load_config("nope")
     # an override changes one key of a preset's model spec and keeps the rest (it replaced the spec once)
-    ev = load_config("evidence", ["defender.model.device=cpu", "attacker.model.vae_fit.steps=3"])
+    ev = load_config(str(REPO / "experiments" / "evidence.yaml"), ["defender.model.device=cpu", "attacker.model.vae_fit.steps=3"])
     assert ev.defender.model["device"] == "cpu" and ev.defender.model["hidden"] == 256
     assert ev.attacker.model["vae_fit"] == {"steps": 3, "scenes": 512, "batch": 32} and ev.attacker.model["layers"] == 4
     # ... but a spec naming another backend replaces it whole: the tiny defender's options are not a version's
@@ -114,9 +116,9 @@ def test_overrides_and_config_errors():
 
 
 def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys):
-    assert main(["run", "--root", str(tmp_path), "--set", "stage1.canvas_scale=9", "--no-prefect"]) == 2
+    assert main(["run", "--root", str(tmp_path), "--set", "extend.canvas_scale=9", "--no-prefect"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: config stage1.canvas_scale") and "Traceback" not in err
+    assert err.startswith("error: config extend.canvas_scale") and "Traceback" not in err
     assert main(["show", "deadbeef", "--root", str(tmp_path)]) == 2
     assert "aot ls" in capsys.readouterr().err
     assert main(["stage", "extend", "--root", str(tmp_path), "--no-prefect"]) == 2

@@ -104,7 +104,7 @@ def test_mllm_judge_proposals_and_fallback(scene_image):
 
 
 def test_tiny_mllm_judge_runs_on_the_real_model(scene_image):
-    from models import load
+    from stages.registry import load
 
     judge = load("judge", {"backend": "tiny", "unparsed": "pass", "fallback_random": True})
     assert judge.check_realism(scene_image, None).passed
@@ -212,14 +212,14 @@ def test_judge_batches_prompts_across_a_shard(scene_image):
 
 
 def test_stage2_fill_batch_keeps_the_same_edit(tmp_path):
-    from stages.config import load_config
+    from config import load_config
     from stages.runner import run_bootstrap
     from storage import ShardStore
 
     base = {"source": {"num_scenes": 16, "shard_size": 8}}
     one = run_bootstrap(ShardStore(str(tmp_path / "a")), load_config("synthetic", base))
     store = ShardStore(str(tmp_path / "b"))
-    three = run_bootstrap(store, load_config("synthetic", {**base, "stage2": {"fill_batch": 3}}))
+    three = run_bootstrap(store, load_config("synthetic", {**base, "implant": {"fill_batch": 3}}))
     a = ShardStore(str(tmp_path / "a")).read(one[-1].version)
     b = store.read(three[-1].version)
     assert a["id"].to_list() == b["id"].to_list() and a["distractor_boxes"].to_list() == b["distractor_boxes"].to_list()

@@ -8,13 +8,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from models import load
+from stages.registry import load
 from models.mcq import format_prompt
 from models.perception_baseline import PerceptionBaselineDefender, find_blobs
 from models.roles import Proposal
 from models.synthetic import SceneDetector, SceneInpainter, SceneJudge, SceneOutpainter, SceneSegmenter
 from stages.base import ShardContext
-from stages.config import load_config
+from config import load_config
 from stages.implant import ask, implant_row
 from stages.runner import BOOTSTRAP, plan, run_bootstrap, run_stage
 from storage import ShardStore, decode_image, image_cell
@@ -213,7 +213,7 @@ def test_pipeline_is_deterministic_and_cached(tmp_path, small_config):
 def test_config_change_gives_a_new_version_only_downstream(tmp_path, small_config):
     store = ShardStore(str(tmp_path))
     first = {s.stage: s.version for s in run_bootstrap(store, small_config)}
-    cfg2 = load_config("synthetic", {"source": {"num_scenes": 24, "shard_size": 8}, "stage2": {"num_proposals": 3}})
+    cfg2 = load_config("synthetic", {"source": {"num_scenes": 24, "shard_size": 8}, "implant": {"num_proposals": 3}})
     second = {s.stage: s.version for s in run_bootstrap(store, cfg2)}
     assert [first[k] == second[k] for k in BOOTSTRAP] == [True, True, True, False, False]
 

@@ -50,8 +50,8 @@ def test_the_config_spec_selects_it_and_the_stage_keeps_it_for_loaded_versions()
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
 
     from models.qwen_vl import load_policy
-    from stages.config import load_config
-    from training.stage import defender_runtime
+    from config import load_config
+    from stages.defender import defender_runtime
 
     def grouped(policy):
         return [("forward" in m.__dict__) for m in policy.model.modules() if isinstance(m, Qwen2_5_VLVisionAttention)]

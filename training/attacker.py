@@ -26,7 +26,7 @@ from rl.flow_grpo import flow_grpo_loss, gaussian_kl, group_advantages
 from rl.flow_sampler import sample, step_log_prob
 from training.attacker_rewards import AttackItem, BatchReward, combine
 from training.checkpoint import load_trainer_state, save_checkpoint
-from training.config import AttackerTrainConfig
+from config import AttackerTrainConfig
 from training.defender import DataStream
 
 

@@ -21,10 +21,11 @@ import torch
 from PIL import Image
 
 from models.compiled_layers import compiled_layers
+from evaluation.answers import answer_items
 from models.mcq import extract_choice, mcq_reward
 from rl.dapo import dapo_loss, fill_batch, group_advantages, overlong_penalty
+from config import DefenderTrainConfig
 from training import distributed as dist
-from training.config import DefenderTrainConfig
 from training.checkpoint import load_trainer_state, save_checkpoint
 
 
@@ -286,29 +287,3 @@ class DefenderTrainer:
         return save_checkpoint(folder, self.policy, self.opt, {
             "step": self.step, "data_position": self.stream.position(), "metrics": self.metrics,
             "config": dataclasses.asdict(self.cfg)})
-
-
-@torch.no_grad()
-def answer_items(policy, examples: list[Example], batch: int = 64) -> list[dict]:
-    """The policy's greedy answer to every example: response, parsed letter, right or not."""
-    rows = []
-    for sl in _chunks(len(examples), batch):
-        chunk = examples[sl]
-        texts = policy.generate([e.image for e in chunk], [e.prompt for e in chunk], temperature=0.0)
-        for e, t in zip(chunk, texts):
-            ext = extract_choice(t, e.num_options)
-            rows.append({"id": e.id, "answer": e.answer, "response": t, "prediction": ext.letter,
-                         "correct": ext.letter == e.answer, "strict_format": ext.strict})
-    return rows
-
-
-def evaluate(policy, examples: list[Example], batch: int = 64) -> dict:
-    """Greedy accuracy, strict-format rate and unparsed rate of the policy on examples."""
-    rows = answer_items(policy, examples, batch)
-    n = max(1, len(rows))
-    return {"accuracy": sum(r["correct"] for r in rows) / n, "strict_format": sum(r["strict_format"] for r in rows) / n,
-            "unparsed": sum(r["prediction"] is None for r in rows) / n, "n": len(rows)}
-
-
-def chance(examples: list[Example]) -> float:
-    return sum(1.0 / e.num_options for e in examples) / max(1, len(examples))

@@ -1,0 +1,88 @@
+"""What every benchmark records about where it ran, and the CLI options they share."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from pathlib import Path
+
+import torch
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def environment(**extra) -> dict:
+    """Card, library versions and Python: the context every result table states."""
+    import transformers
+
+    env = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+           "transformers": transformers.__version__, "python": platform.python_version()}
+    for name in ("diffusers", "trl"):
+        try:
+            env[name] = __import__(name).__version__
+        except ImportError:
+            env[name] = None
+    env.update(extra)
+    return env
+
+
+def matmul_tflops(device: str) -> float:
+    """The card's measured bf16 matmul rate (8192^3 GEMMs): the MFU denominator."""
+    import time
+
+    if device != "cuda":
+        return float("nan")
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 10 / (time.perf_counter() - t0) / 1e12
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny configs (checks the code paths)")
+    ap.add_argument("--out", default="experiments/results", help="folder for the JSON results")
+    return ap
+
+
+def add_config_args(ap: argparse.ArgumentParser, set_help: str = "config override, e.g. source.resolution=32") -> None:
+    """``--preset`` and ``--set`` for a benchmark of the pipeline's config (see ``load_bench_config``)."""
+    ap.add_argument("--preset", default=None, help="pipeline preset (default: evidence; with --tiny: synthetic)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+
+
+EVIDENCE_PRESET = str(Path(__file__).resolve().parent / "evidence.yaml")
+
+
+def preset_path(name: str) -> str:
+    """A preset name for the experiments: ``evidence`` is the evidence experiment's own preset
+    (experiments/evidence.yaml); any other name or path is the pipeline's (config/presets/)."""
+    return EVIDENCE_PRESET if name == "evidence" else name
+
+
+def load_bench_config(args, tiny_overrides: list[str] | tuple = ()) -> tuple[str, list[str], object]:
+    """(preset, overrides, config) of ``add_config_args``' options: the ``evidence`` preset, or with
+    ``--tiny`` the ``synthetic`` one after ``tiny_overrides``; ``--set`` applies last."""
+    from config import load_config
+
+    preset = preset_path(args.preset or ("synthetic" if args.tiny else "evidence"))
+    overrides = (list(tiny_overrides) if args.tiny else []) + args.overrides
+    return preset, overrides, load_config(preset, overrides)
+
+
+def write_results(out_dir: str, name: str, info: dict, rows: list[dict]) -> None:
+    """``OUT/<name>.json``: the environment and the result rows (rewritten after each row)."""
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"info": info, "results": rows}, indent=1))

@@ -1,0 +1,92 @@
+"""Does a tiny defender learn a synthetic world's questions, and how fast? (issue 8's base arm)
+
+    python experiments/defender_learnability.py                          # the evidence preset's defender
+    python experiments/defender_learnability.py --set defender.model.hidden=512 --seconds 240 --name h512
+    python experiments/defender_learnability.py --tiny                   # CPU smoke run
+
+Trains the preset's ``defender.model`` with its ``defender.warmup`` (supervised, the co-evolution
+run's defender 0) on ``coevolution.warmup_scenes`` fresh scenes of the preset's world and scores
+greedy answers on ``coevolution.heldout_scenes`` held-out scenes every ``--eval-every`` steps,
+until the steps or ``--seconds`` run out. Prints accuracy against chance per evaluation and
+writes ``OUT/<name>.json``. Several processes with different ``--set`` share one card for a
+sweep. Chance is the mean of 1 / options over the held-out questions.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.common import add_config_args, environment, load_bench_config, parser, write_results  # noqa: E402
+
+TINY = ["coevolution.warmup_scenes=32", "coevolution.heldout_scenes=16", "defender.warmup.steps=4",
+        "defender.warmup.batch_prompts=8", "defender.warmup.micro_batch=8",
+        "defender.model={backend: tiny, seed: 0, min_pixels: 1024, max_pixels: 4096, rope_theta: 10.0}"]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = parser(__doc__.splitlines()[0])
+    add_config_args(ap)
+    ap.add_argument("--eval-every", type=int, default=250, help="optimizer steps between evaluations")
+    ap.add_argument("--seconds", type=float, default=0, help="stop after the first evaluation past this wall time")
+    ap.add_argument("--name", default="defender_learnability")
+    args = ap.parse_args(argv)
+
+    import dataclasses
+
+    from models.qwen_vl import load_policy
+    from stages.source import heldout_config, warmup_config
+    from evaluation.answers import answer_items
+    from training.defender import DefenderTrainer
+    from stages.warm_defender import world_examples
+
+    preset, overrides, cfg = load_bench_config(args, TINY)
+    t0 = time.perf_counter()
+    say = lambda m: print(f"{time.perf_counter() - t0:7.1f}s {args.name}: {m}", flush=True)  # noqa: E731
+    train = world_examples(cfg.coevolution.warmup_scenes, warmup_config(cfg).source.seed, cfg)
+    test = world_examples(cfg.coevolution.heldout_scenes, heldout_config(cfg).source.seed, cfg)
+    chance = sum(1.0 / e.num_options for e in test) / len(test)
+    say(f"{len(train)} training and {len(test)} held-out scenes, chance {chance:.3f}")
+    policy = load_policy(cfg.defender.model)
+    params = sum(p.numel() for p in policy.model.parameters())
+    # The whole curve: no early stop at the preset's target_accuracy (the held-out set is scored here).
+    wcfg = dataclasses.replace(cfg.defender.warmup, mode="sft", target_accuracy=0.0)
+    trainer = DefenderTrainer(policy, train, wcfg)
+    info = environment(preset=preset, overrides=overrides, parameters=params, chance=chance,
+                       model=cfg.defender.model, warmup=dataclasses.asdict(wcfg), source=dataclasses.asdict(cfg.source))
+    rows: list[dict] = []
+
+    def evaluate() -> None:
+        answers = answer_items(policy, test)
+        train_answers = answer_items(policy, train[:len(test)])
+        losses = [m["loss"] for m in trainer.metrics[-args.eval_every:]] or [float("nan")]
+        rows.append({"step": trainer.step, "seconds": round(time.perf_counter() - t0, 1),
+                     "heldout_accuracy": sum(a["correct"] for a in answers) / len(answers),
+                     "train_accuracy": sum(a["correct"] for a in train_answers) / len(train_answers),
+                     "strict_format": sum(a["strict_format"] for a in answers) / len(answers),
+                     "train_loss": sum(losses) / len(losses), "lr": trainer.lr_at(max(0, trainer.step - 1))})
+        r = rows[-1]
+        say(f"step {r['step']:5d}  held-out {r['heldout_accuracy']:.3f} (chance {chance:.3f})  train "
+            f"{r['train_accuracy']:.3f}  loss {r['train_loss']:.3f}  lr {r['lr']:.2e}")
+        write_results(args.out, args.name, info | {"wall_seconds": r["seconds"]}, rows)
+
+    say(f"defender: {params / 1e6:.2f} M parameters on {cfg.defender.model.get('device', 'cpu')}")
+    evaluate()
+    while trainer.step < wcfg.steps:
+        trainer.train(steps=args.eval_every)
+        evaluate()
+        if args.seconds and time.perf_counter() - t0 > args.seconds:
+            say(f"time budget of {args.seconds:.0f} s reached at step {trainer.step}")
+            break
+    print("\n| step | s | held-out acc | train acc | loss |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['step']} | {r['seconds']} | {r['heldout_accuracy']:.3f} | {r['train_accuracy']:.3f} | "
+              f"{r['train_loss']:.3f} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Evaluation throughput: Qwen2.5-VL-7B architecture (random weights) on HRBench-size images,
+in-process through our evaluator, unbatched (batch 1) vs batched, in one run.
+
+Images are 3840x2160 (HRBench-4K size) and are resized by the processor to at most 2048x2048
+pixels (METHOD.md: defender images between 512^2 and 2048^2); 16 new tokens per answer.
+``--tiny`` is a CPU smoke run. Writes ``$OUT/eval_throughput.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from experiments.common import device as current_device  # noqa: E402
+from experiments.common import environment, parser, write_results  # noqa: E402
+from evaluation.harness import STRICT, evaluate  # noqa: E402
+from evaluation.readers import Item  # noqa: E402
+
+
+def main():
+    ap = parser(__doc__.splitlines()[0])
+    ap.add_argument("--items", type=int, default=16)
+    ap.add_argument("--batches", default="1,4,8")
+    a = ap.parse_args()
+    device = current_device()
+    from experiments.defender_dapo import build
+    from models.qwen_vl import QwenVLPolicy
+
+    arch, (w, h), px = ("tiny", (384, 216), 64 * 64) if a.tiny else ("7b", (3840, 2160), 2048 * 2048)
+    model, proc = build(arch, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    ip = proc.image_processor
+    ip.min_pixels, ip.max_pixels = 512 * 512 if not a.tiny else 32 * 32, px
+    ip.size = {"shortest_edge": ip.min_pixels, "longest_edge": px}
+    policy = QwenVLPolicy(model, proc, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    policy.model.generation_config.min_new_tokens = 16  # random weights: same answer length every time
+    rng = np.random.default_rng(0)
+    items = [Item(f"i{i}", "hrbench4k", Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)),
+                  "What is written on the sign in the top left corner?", "A", ["cat", "dog", "bird", "fish"], ["single"])
+             for i in range(a.items)]
+    info = environment(arch=arch, image=[w, h], max_pixels=px, items=a.items)
+    print(json.dumps(info), flush=True)
+    evaluate(policy, "warm", items[:2], STRICT, batch_size=2)  # warm-up: kernels, allocator
+    rows = []
+    for b in [int(x) for x in a.batches.split(",")]:
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        evaluate(policy, f"b{b}", items, STRICT, batch_size=b)  # fresh model id: nothing cached
+        if device == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        rows.append({"batch": b, "seconds": dt, "items_per_s": a.items / dt,
+                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")})
+        print(json.dumps(rows[-1]), flush=True)
+    base = rows[0]["items_per_s"]
+    for r in rows:
+        r["speedup_vs_unbatched"] = r["items_per_s"] / base
+    write_results(a.out, "eval_throughput", info, rows)
+    print(f"\n{'batch':>6}{'seconds':>9}{'items/s':>9}{'speedup':>9}{'peak GiB':>10}")
+    for r in rows:
+        print(f"{r['batch']:>6}{r['seconds']:>9.1f}{r['items_per_s']:>9.2f}{r['speedup_vs_unbatched']:>9.2f}{r['peak_gib']:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()

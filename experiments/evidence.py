@@ -1,0 +1,211 @@
+"""The evidence experiment: does co-evolution harden the defender beyond clean-data RL?
+
+Three arms from the same starting defender, with the same number of defender updates, per seed:
+
+- ``base``: the supervised warm-up on clean scenes (the co-evolution run's defender 0);
+- ``clean-only``: base + N rounds of DAPO on the clean training items;
+- ``aot``: base + N co-evolution iterations (attacker Flow-GRPO vs the frozen defender,
+  curriculum, defender DAPO) — ``run_coevolution`` itself, so every stage and version is the
+  product's own.
+
+Every arm's defender is evaluated on the held-out scenes: clean, and under every attack named in
+``EvidenceConfig.attacks`` (registered in evaluation/attacks.py) plus the seed's final AOT
+attacker. The co-evolution curve (attacker reward within each attacker phase, attack success
+before and after each defender phase, strategy mix) comes from the run's own table. Everything is
+a version in the store, so a rerun after a crash continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable
+
+from config import documented
+from config import PipelineConfig
+from storage import ShardStore
+
+ARMS = ("base", "clean-only", "aot")
+
+
+@dataclass
+class EvidenceConfig:
+    seeds: list = documented([0, 1, 2], "Training seeds per arm (issue 8: at least 3); the data and held-out scenes are "
+                                        "shared, the seed sets every model's init, data order and sampling.")
+    attacks: list = documented([], "Defender-agnostic attacks on the held-out scenes, by registered name "
+                                   "(evaluation/attacks.py); empty: the implanter plus the held-out family of each "
+                                   "question type the world asks (UNSEEN_FAMILY).")
+    unseen: list = documented([], "Which of ``attacks`` no training arm ever uses (reported as 'unseen'); empty: "
+                                  "the held-out families chosen with ``attacks``.")
+
+
+# The attack family no training arm uses, per question type: swap-pair mirrors a relation's targets'
+# attributes; option-decoys paints a colour question's wrong options beside its target.
+UNSEEN_FAMILY = {"relative_position": "swap-pair", "colour": "option-decoys"}
+
+
+def resolve_attacks(ecfg: EvidenceConfig, cfg: PipelineConfig) -> EvidenceConfig:
+    """``ecfg`` with its attack lists filled in for the world of ``cfg`` where they are empty."""
+    if ecfg.attacks:
+        return ecfg
+    unseen = [UNSEEN_FAMILY[q] for q in cfg.source.question_types if q in UNSEEN_FAMILY]
+    return dataclasses.replace(ecfg, attacks=["implanter", *unseen], unseen=ecfg.unseen or unseen)
+
+
+def seeded(cfg: PipelineConfig, seed: int) -> PipelineConfig:
+    """The pipeline config of one seed: every trainer's and sampler's seed, nothing about the data."""
+    d, a = cfg.defender, cfg.attacker
+    rep = dataclasses.replace
+    return rep(cfg,
+               defender=rep(d, model={**d.model, "seed": seed}, warmup=rep(d.warmup, seed=seed), rl=rep(d.rl, seed=seed)),
+               attacker=rep(a, model={**a.model, "seed": seed}, cold_start=rep(a.cold_start, seed=seed),
+                            rl=rep(a.rl, seed=seed), curriculum=rep(a.curriculum, seed=seed)))
+
+
+def run_seed(store: ShardStore, cfg: PipelineConfig, ecfg: EvidenceConfig, seed: int,
+             say: Callable[[str], None] = print) -> dict:
+    """One seed: the AOT run, the clean-only arm, every evaluation. Returns its rows."""
+    from stages.attack import attack_version
+    from stages.steps import LocalSteps
+    from stages.coevolution import run_coevolution
+
+    c = seeded(cfg, seed)
+    steps = LocalSteps(store, c, lambda m: say(f"[seed {seed}] {m}"))
+    run = run_coevolution(store, c, steps)
+    lin, iters = run.extra["lineage"], store.read(run).to_dicts()
+    defenders = {"base": lin["defender_0"], "aot": iters[-1]["defender"]}
+    d = lin["defender_0"]
+    for _ in range(c.coevolution.iterations):  # the same number of DAPO rounds as AOT, on clean items only
+        d = steps.train_defender(lin["items"], d, "dapo", "clean")
+    defenders["clean-only"] = d
+    attacks = {name: attack_version(store, c, lin["heldout"], name).version for name in ecfg.attacks}
+    attacks["aot-attacker"] = attack_version(store, c, lin["heldout"], "aot-attacker",
+                                             version=iters[-1]["attacker"]).version
+    arms = []
+    for arm in ARMS:
+        row = {"seed": seed, "arm": arm, "defender": defenders[arm],
+               "clean": steps.evaluate(defenders[arm], lin["heldout"]).get("clean_accuracy")}
+        for name, version in attacks.items():
+            s = steps.evaluate(defenders[arm], version)
+            row[name] = s.get("adversarial_accuracy")
+            row[f"{name}_clean"] = s.get("clean_accuracy")  # the same rows, unattacked
+            row[f"{name}_n"] = s.get("adversarial_n", 0)
+        arms.append(row)
+        say(f"[seed {seed}] {arm}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
+                                                   if isinstance(v, float) and not k.endswith("_clean")))
+    curve = []
+    for r in iters:  # the training reward too (first and last quarter of steps; different items per step)
+        rewards = store.read(store.manifest(r["attacker"]))["reward"].to_list()
+        q = max(1, len(rewards) // 4)
+        curve.append({"seed": seed, **{k: v for k, v in r.items() if not isinstance(v, str)},
+                      "attacker_reward_first": sum(rewards[:q]) / q, "attacker_reward_last": sum(rewards[-q:]) / q})
+    return {"arms": arms, "curve": curve, "run": run.version}
+
+
+def summarize(arms: list[dict], columns: list[str]) -> list[dict]:
+    """Mean and spread (sample standard deviation; 0 for one seed) of each column per arm."""
+    out = []
+    for arm in ARMS:
+        rows = [r for r in arms if r["arm"] == arm]
+        rec = {"arm": arm, "seeds": len(rows)}
+        for col in columns:
+            vals = [r[col] for r in rows if r.get(col) is not None]
+            rec[col] = statistics.fmean(vals) if vals else None
+            rec[f"{col}_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out.append(rec)
+    return out
+
+
+def goals(summary: list[dict], curve: list[dict], ecfg: EvidenceConfig) -> dict:
+    """Issue 8's goals, each as measured: True/False (None where a number is missing)."""
+    by = {s["arm"]: s for s in summary}
+    aot, clean = by["aot"], by["clean-only"]
+
+    def gap(col):
+        return None if aot.get(col) is None or clean.get(col) is None else aot[col] - clean[col]
+
+    out = {f"{name}_gain": gap(name) for name in ["clean", *ecfg.attacks, "aot-attacker"]}
+    out["implanter_goal"] = None if gap("implanter") is None else gap("implanter") >= 0.10
+    for name in ecfg.unseen:
+        out[f"{name}_goal"] = None if gap(name) is None else gap(name) >= 0.10
+    out["clean_goal"] = None if gap("clean") is None else abs(gap("clean")) <= 0.01
+    # on the same held-out items against the same frozen defender (the training batches' rewards
+    # differ in items from step to step, so their first and last steps are not comparable)
+    out["attacker_rises_within_phase"] = sum(r["attack_success_before"] > r["attack_success_start"] for r in curve
+                                             if r.get("attack_success_start") is not None)
+    out["attack_falls_after_defender"] = sum(r["attack_success_after"] < r["attack_success_before"] for r in curve)
+    out["phases"] = len(curve)
+    return out
+
+
+def run_evidence(store: ShardStore, cfg: PipelineConfig, ecfg: EvidenceConfig | None = None,
+                 say: Callable[[str], None] = print, on_seed: Callable[[dict], None] | None = None) -> dict:
+    """Every seed (``on_seed`` gets each one's rows as it finishes), then ``combine``."""
+    ecfg = resolve_attacks(ecfg or EvidenceConfig(), cfg)
+    unknown = [u for u in ecfg.unseen if u not in ecfg.attacks]
+    if unknown:
+        raise ValueError(f"evidence.unseen names {unknown}, which are not in evidence.attacks {ecfg.attacks}")
+    seeds = []
+    for s in ecfg.seeds:
+        seeds.append(run_seed(store, cfg, ecfg, s, say))
+        if on_seed:
+            on_seed(seeds[-1])
+    return combine(seeds, ecfg, cfg.to_dict())
+
+
+def combine(seeds: list[dict], ecfg: EvidenceConfig, pipeline: dict) -> dict:
+    """Seeds' rows (from one run, or several runs of the same config) -> the summary table
+    (arms x columns, mean and spread) and the goals."""
+    arms = [r for s in seeds for r in s["arms"]]
+    curve = [r for s in seeds for r in s["curve"]]
+    columns = ["clean", *ecfg.attacks, "aot-attacker"]
+    summary = summarize(arms, columns)
+    return {"config": {"evidence": dataclasses.asdict(ecfg), "pipeline": pipeline}, "columns": columns,
+            "arms": arms, "curve": curve, "summary": summary, "goals": goals(summary, curve, ecfg),
+            "runs": [s["run"] for s in seeds]}
+
+
+def plot_curve(curve: list[dict], path: str) -> None:
+    """The co-evolution curve, mean over seeds: attack success on the held-out items at the start
+    and end of each attacker phase (against defender n-1) and before and after each defender phase."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stages.coevolution import accuracy_panel
+
+    its = sorted({r["iteration"] for r in curve})
+
+    def mean(key, n):
+        vals = [r[key] for r in curve if r["iteration"] == n and r.get(key) is not None]
+        return statistics.fmean(vals) if vals else float("nan")
+
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(11, 3))
+    for n in its:  # one segment per attacker phase: does attack success rise within it?
+        a.plot([n - 0.3, n + 0.3], [mean("attack_success_start", n), mean("attack_success_before", n)], "o-", color="C3")
+    a.set_title("attack success (attacker n-1 -> n)")
+    a.set_xlabel("iteration")
+    for n in its:  # one segment per defender phase: does attack success fall after it?
+        b.plot([n - 0.3, n + 0.3], [mean("attack_success_before", n), mean("attack_success_after", n)], "s-", color="C0")
+    b.set_title("attack success (vs defender n-1 -> n)")
+    b.set_xlabel("iteration")
+    accuracy_panel(c, its, [mean("defender_clean_accuracy", n) for n in its],
+                   [mean("defender_attacked_accuracy", n) for n in its])
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def table_markdown(result: dict) -> str:
+    """The evidence table: arms x {clean, each attack}, mean ± spread over seeds."""
+    cols = result["columns"]
+    unseen = set(result["config"]["evidence"]["unseen"])
+    head = ["arm", "seeds"] + [f"{c} (unseen)" if c in unseen else c for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in result["summary"]:
+        cells = [s["arm"], str(s["seeds"])] + [
+            "—" if s[c] is None else f"{100 * s[c]:.1f} ± {100 * s[f'{c}_sd']:.1f}" for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,51 @@
+"""The tiny defender backend, optionally warmed up: a supervised warm-up on fresh scenes of the
+run's world, trained once and cached, so that Stage 2's base defender answers in the format and
+is not pure noise (the ``tiny`` defender backend with a ``warmup`` option)."""
+
+from __future__ import annotations
+
+from models.cache import build_once, cache_root
+from models.mcq import format_prompt
+from models.qwen_vl import QwenVLPolicy, load_policy
+from stages.source import world_rows
+from storage import content_hash, decode_image
+from training.defender import DefenderTrainer, Example
+
+
+def world_examples(n: int, seed: int, cfg=None) -> list[Example]:
+    """``world_rows`` as training examples."""
+    return [Example(r["id"], decode_image(r["image"]), format_prompt(r["question"], r["options"]), r["answer"],
+                    len(r["options"])) for r in world_rows(n, seed, cfg)]
+
+
+def tiny_defender(warmup: dict | None = None, **spec) -> QwenVLPolicy:
+    """The tiny Qwen2.5-VL defender; with ``warmup`` ({steps, scenes, seed, lr, batch}) after a
+    short supervised warm-up on fresh synthetic scenes, trained once and cached."""
+    if warmup is None:
+        return load_policy({"backend": "tiny", **spec})
+    return warmed_tiny_defender({"backend": "tiny", **spec}, warmup)
+
+
+def warmed_tiny_defender(spec: dict, warmup: dict) -> QwenVLPolicy:
+    """The tiny defender of ``spec`` after a short supervised warm-up on fresh synthetic scenes
+    (``warmup``: steps, scenes, seed, lr, batch, and ``source``: the world's ``source`` config,
+    default the default world; a stage passes its run's). Trained once per (spec, warm-up, code,
+    kernel family) and cached as safetensors under ``$AOT_CACHE/warm-defenders``: the same
+    warm-up on another CPU's kernels gives other weights (docs/reproducibility.md)."""
+    from config import DefenderTrainConfig, config_from_dict
+    from stages.version import code_version, kernel_family
+
+    w = {"steps": 100, "scenes": 256, "seed": 1, "lr": 1e-3, "batch": 32, **warmup}
+    device = spec.get("device", "cpu")
+    key = {"spec": spec, "warmup": w, "code": code_version(["stages.warm_defender"]), "kernels": kernel_family([device])}
+
+    def build(folder) -> None:
+        policy = load_policy(spec)
+        world = config_from_dict({"source": w["source"]}) if w.get("source") else None
+        DefenderTrainer(policy, world_examples(w["scenes"], w["seed"], world), DefenderTrainConfig(
+            mode="sft", steps=w["steps"], batch_prompts=w["batch"], micro_batch=w["batch"], lr=w["lr"],
+            seed=w["seed"])).train()
+        policy.save(str(folder))
+
+    folder = build_once(cache_root() / "warm-defenders" / content_hash(key), build)
+    return QwenVLPolicy.from_pretrained(str(folder), device=device)
