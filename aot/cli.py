@@ -35,15 +35,29 @@ def storage_options(args) -> dict:
 
 
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
-    p.add_argument("--root", default=DEFAULT_ROOT, help="storage root: a folder or any fsspec URL (s3://bucket/prefix); "
-                   "default ./aot-data or $AOT_ROOT")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec option for the root, e.g. client_kwargs.endpoint_url=http://127.0.0.1:9000 "
-                        "(also $AOT_STORAGE_OPTIONS as JSON; put credentials in the usual env vars, not here)")
+    p.add_argument(
+        "--root",
+        default=DEFAULT_ROOT,
+        help="storage root: a folder or any fsspec URL (s3://bucket/prefix); default ./aot-data or $AOT_ROOT",
+    )
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec option for the root, e.g. client_kwargs.endpoint_url=http://127.0.0.1:9000 "
+        "(also $AOT_STORAGE_OPTIONS as JSON; put credentials in the usual env vars, not here)",
+    )
     if config:
         p.add_argument("--preset", default="synthetic", help="config preset name or a .yaml path (default: synthetic)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set extend.canvas_scale=1.75 (repeatable)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set extend.canvas_scale=1.75 (repeatable)",
+        )
         p.add_argument("--refresh-cache", action="store_true", help="ignore Prefect's cached shard results")
         p.add_argument("--no-prefect", action="store_true", help="run stages serially in this process, without Prefect")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -56,13 +70,21 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the bootstrap DAG (source -> extend -> filter -> implant -> export)")
     _common(p)
     p.add_argument("--source", help="start from this source version (e.g. one made by `aot import`)")
-    p.add_argument("--scenes", type=int, help="number of synthetic source scenes (shortcut for --set source.num_scenes=N)")
-    p.add_argument("--until", choices=["export", "coevolution"], default="export",
-                   help="export: the AOT-SFT bootstrap (default); coevolution: then the whole AOT loop "
-                        "(coevolution.iterations rounds of attacker, curriculum, defender, evaluation) and its report")
+    p.add_argument(
+        "--scenes", type=int, help="number of synthetic source scenes (shortcut for --set source.num_scenes=N)"
+    )
+    p.add_argument(
+        "--until",
+        choices=["export", "coevolution"],
+        default="export",
+        help="export: the AOT-SFT bootstrap (default); coevolution: then the whole AOT loop "
+        "(coevolution.iterations rounds of attacker, curriculum, defender, evaluation) and its report",
+    )
     p.add_argument("--report", help="with --until coevolution: write the report here (.md or .html)")
-    p.add_argument("--task-runner", help="where the shards run: threads (default), dask (a local cluster), "
-                                         "dask://HOST:PORT, ray, ray://HOST:PORT")
+    p.add_argument(
+        "--task-runner",
+        help="where the shards run: threads (default), dask (a local cluster), dask://HOST:PORT, ray, ray://HOST:PORT",
+    )
     p = sub.add_parser("serve", help="start the Prefect UI with every deployment registered and a worker (one command)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=4200)
@@ -94,23 +116,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder the records' image paths are relative to")
     p.add_argument("--dataset", default="imported")
     p.add_argument("--box-format", choices=["xyxy", "xywh"], default="xyxy")
-    p.add_argument("--preset", default="synthetic", help="config preset (import reads source.shard_size, source.max_image_pixels)")
+    p.add_argument(
+        "--preset", default="synthetic", help="config preset (import reads source.shard_size, source.max_image_pixels)"
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p = sub.add_parser("train-defender", help="train the defender (SFT warm-up or DAPO) on a dataset version")
     _common(p)
     p.add_argument("--data", required=True, help="dataset version (source, filter or AOT-SFT export)")
     p.add_argument("--init", help="defender version to start from (default: defender.model, e.g. tiny random init)")
-    p.add_argument("--mode", choices=["sft", "dapo", "warmup"], default="sft",
-                   help="sft: defender.warmup's settings, supervised; dapo: defender.rl's; warmup: defender.warmup "
-                        "in its own mode (defender 0 of the co-evolution)")
+    p.add_argument(
+        "--mode",
+        choices=["sft", "dapo", "warmup"],
+        default="sft",
+        help="sft: defender.warmup's settings, supervised; dapo: defender.rl's; warmup: defender.warmup "
+        "in its own mode (defender 0 of the co-evolution)",
+    )
     p = sub.add_parser("eval-defender", help="accuracy of a defender version on a dataset version")
     _common(p)
     p.add_argument("--checkpoint", required=True, help="defender version")
     p.add_argument("--data", required=True, help="dataset version")
-    p = sub.add_parser("train-attacker", help="train the attacker: cold start (sft) or Flow-GRPO (grpo) against a defender")
+    p = sub.add_parser(
+        "train-attacker", help="train the attacker: cold start (sft) or Flow-GRPO (grpo) against a defender"
+    )
     _common(p)
-    p.add_argument("--data", required=True, help="dataset version: AOT-SFT export for sft; any version with questions "
-                                                 "and target boxes (source, filter, export) for grpo")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="dataset version: AOT-SFT export for sft; any version with questions "
+        "and target boxes (source, filter, export) for grpo",
+    )
     p.add_argument("--defender", help="frozen defender version whose failures are the reward (grpo)")
     p.add_argument("--init", help="attacker version to start from (e.g. the cold start); default: attacker.model")
     p.add_argument("--mode", choices=["sft", "grpo"], default="sft")
@@ -121,12 +155,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--defender", required=True, help="frozen defender version that scores each edit's efficacy")
     p = sub.add_parser("eval", help="evaluate a defender on benchmark files (V*, HRBench, POPE, HallusionBench)")
     _common(p, config=False)
-    p.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH",
-                   help="vstar=FOLDER, hrbench4k=TSV, hrbench8k=TSV, pope=TSV, hallusionbench=TSV (repeatable)")
-    p.add_argument("--synthetic", type=int, default=0, metavar="N",
-                   help="also run the synthetic robustness suite on N held-out scenes (clean vs attacked)")
-    p.add_argument("--endpoint", help="evaluate a model behind an OpenAI-compatible chat endpoint (e.g. a vLLM "
-                                      "server at http://HOST:8000/v1); key from $OPENAI_API_KEY")
+    p.add_argument(
+        "--benchmark",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="vstar=FOLDER, hrbench4k=TSV, hrbench8k=TSV, pope=TSV, hallusionbench=TSV (repeatable)",
+    )
+    p.add_argument(
+        "--synthetic",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run the synthetic robustness suite on N held-out scenes (clean vs attacked)",
+    )
+    p.add_argument(
+        "--endpoint",
+        help="evaluate a model behind an OpenAI-compatible chat endpoint (e.g. a vLLM "
+        "server at http://HOST:8000/v1); key from $OPENAI_API_KEY",
+    )
     p.add_argument("--endpoint-model", help="the endpoint's model name")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight to the endpoint")
     p.add_argument("--checkpoint", help="defender version to evaluate (default: the preset's models.defender)")
@@ -147,7 +194,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _print_table(rows: list[dict], cols: list[str]) -> None:
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols} if rows else {c: len(c) for c in cols}
+    widths = (
+        {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols} if rows else {c: len(c) for c in cols}
+    )
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
         print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
@@ -186,8 +235,15 @@ def _setup(args, overrides: dict | None = None):
         _prefect_env(args)
         from flows.steps import PrefectSteps
 
-        steps = PrefectSteps(args.root, args.preset, overrides, opts, progress=not args.no_progress,
-                             refresh_cache=args.refresh_cache, task_runner=getattr(args, "task_runner", None))
+        steps = PrefectSteps(
+            args.root,
+            args.preset,
+            overrides,
+            opts,
+            progress=not args.no_progress,
+            refresh_cache=args.refresh_cache,
+            task_runner=getattr(args, "task_runner", None),
+        )
     return cfg, store, steps
 
 
@@ -212,11 +268,24 @@ def cmd_run(args, stage: str | None = None) -> int:
             return _flow_failed(exc)
         raise
     wall = time.perf_counter() - t0
-    rows = [{"stage": s["stage"], "version": s["version"], "in": s["rows_in"], "kept": s["rows"], "rejected": s["rejected"],
-             "shards": s["shards"], "recomputed": s["recomputed"], "seconds": f"{s['seconds']:.1f}",
-             "reject reasons": _reasons(s["reasons"])} for s in summaries]
+    rows = [
+        {
+            "stage": s["stage"],
+            "version": s["version"],
+            "in": s["rows_in"],
+            "kept": s["rows"],
+            "rejected": s["rejected"],
+            "shards": s["shards"],
+            "recomputed": s["recomputed"],
+            "seconds": f"{s['seconds']:.1f}",
+            "reject reasons": _reasons(s["reasons"]),
+        }
+        for s in summaries
+    ]
     print()
-    _print_table(rows, ["stage", "version", "in", "kept", "rejected", "shards", "recomputed", "seconds", "reject reasons"])
+    _print_table(
+        rows, ["stage", "version", "in", "kept", "rejected", "shards", "recomputed", "seconds", "reject reasons"]
+    )
     total = sum(s["shards"] for s in summaries)
     recomputed = sum(s["recomputed"] for s in summaries)
     print()
@@ -238,8 +307,14 @@ def _run_coevolution(args, store, steps) -> int:
     t0 = time.perf_counter()
     version = steps.coevolution(args.source)
     rows = store.read(store.manifest(version)).to_dicts()
-    cols = ["iteration", "attack_success_before", "attack_success_after", "defender_clean_accuracy",
-            "defender_attacked_accuracy", "curriculum_kept"]
+    cols = [
+        "iteration",
+        "attack_success_before",
+        "attack_success_after",
+        "defender_clean_accuracy",
+        "defender_attacked_accuracy",
+        "curriculum_kept",
+    ]
     print()
     _print_table([{c: (f"{r[c]:.3f}" if isinstance(r[c], float) else r[c]) for c in cols} for r in rows], cols)
     print(f"\ncoevolution run: {version}")
@@ -287,9 +362,21 @@ def cmd_ls(args) -> int:
     if not ms:
         print(f"no versions under {args.root} (make one with `aot run`)")
         return 0
-    _print_table([{"created": m.created, "dataset": m.dataset, "stage": m.stage, "version": m.version, "rows": m.rows,
-                   "rejected": m.reject_rows, "parents": ",".join(m.parents) or "-"} for m in ms],
-                 ["created", "dataset", "stage", "version", "rows", "rejected", "parents"])
+    _print_table(
+        [
+            {
+                "created": m.created,
+                "dataset": m.dataset,
+                "stage": m.stage,
+                "version": m.version,
+                "rows": m.rows,
+                "rejected": m.reject_rows,
+                "parents": ",".join(m.parents) or "-",
+            }
+            for m in ms
+        ],
+        ["created", "dataset", "stage", "version", "rows", "rejected", "parents"],
+    )
     return 0
 
 
@@ -298,10 +385,12 @@ def cmd_show(args) -> int:
 
     store = ShardStore(args.root, storage_options(args))
     m = store.manifest(args.version)
-    print(f"version   {m.version}\ndataset   {m.dataset}\nstage     {m.stage}\ncreated   {m.created}\n"
-          f"location  {m.uri}\ncode      {m.code_version}\nparents   {', '.join(m.parents) or '-'}\n"
-          f"rows      {m.rows_in} in, {m.rows} kept, {m.reject_rows} rejected\nreasons   {_reasons(m.reasons)}\n"
-          f"parts     {len(m.parts)} ({', '.join(p.path for p in m.parts[:4])}{', ...' if len(m.parts) > 4 else ''})")
+    print(
+        f"version   {m.version}\ndataset   {m.dataset}\nstage     {m.stage}\ncreated   {m.created}\n"
+        f"location  {m.uri}\ncode      {m.code_version}\nparents   {', '.join(m.parents) or '-'}\n"
+        f"rows      {m.rows_in} in, {m.rows} kept, {m.reject_rows} rejected\nreasons   {_reasons(m.reasons)}\n"
+        f"parts     {len(m.parts)} ({', '.join(p.path for p in m.parts[:4])}{', ...' if len(m.parts) > 4 else ''})"
+    )
     print("columns   " + ", ".join(m.schema))
     print("config    " + json.dumps(m.config, sort_keys=True))
     if m.reject_rows and args.rejects:
@@ -357,8 +446,11 @@ def cmd_defender(args) -> int:
 
 def cmd_attacker(args) -> int:
     if args.command == "train-attacker" and args.mode == "grpo" and not args.defender:
-        print("error: --mode grpo trains against a frozen defender: give --defender VERSION "
-              "(train one with aot train-defender)", file=sys.stderr)
+        print(
+            "error: --mode grpo trains against a frozen defender: give --defender VERSION "
+            "(train one with aot train-defender)",
+            file=sys.stderr,
+        )
         return 2
     _, store, steps = _setup(args)
     t0 = time.perf_counter()
@@ -366,14 +458,18 @@ def cmd_attacker(args) -> int:
         m = store.manifest(steps.train_attacker(args.data, args.defender, args.init, args.mode))
         final = {k: round(v, 4) for k, v in m.extra.get("final", {}).items() if k in ("loss", "reward", "aot/efficacy")}
         print(f"attacker version: {m.version}  (last step: {final})")
-        print(f"generate a curriculum: aot curriculum --attacker {m.version} --data VERSION --defender VERSION "
-              f"--root {args.root}")
+        print(
+            f"generate a curriculum: aot curriculum --attacker {m.version} --data VERSION --defender VERSION "
+            f"--root {args.root}"
+        )
     else:
         out = steps.curriculum(args.attacker, args.data, args.defender)
         for k, v in out.items():
             print(f"{k:<22}{v}")
-        print(f"train the defender on it: aot train-defender --data {out['version']} --mode dapo --init "
-              f"{args.defender} --root {args.root}")
+        print(
+            f"train the defender on it: aot train-defender --data {out['version']} --mode dapo --init "
+            f"{args.defender} --root {args.root}"
+        )
     print(f"wall time: {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -384,8 +480,11 @@ class _StepPrinter:
 
     def __call__(self, row: dict) -> None:
         if not self.quiet and (row["step"] % 10 == 0 or row["step"] == 1):
-            shown = {k: round(v, 3) for k, v in row.items() if k in ("loss", "reward", "accuracy", "kept_group_fraction",
-                                                                      "aot/integrity", "aot/efficacy")}
+            shown = {
+                k: round(v, 3)
+                for k, v in row.items()
+                if k in ("loss", "reward", "accuracy", "kept_group_fraction", "aot/integrity", "aot/efficacy")
+            }
             print(f"step {row['step']}: {shown}", file=sys.stderr)
 
 
@@ -395,10 +494,19 @@ def cmd_models(args) -> int:
 
     cfg = load_config(args.preset, _nested(_dotted(args.overrides, "--set")))
     rows = check_models({**cfg.models, "defender.model": cfg.defender.model, "attacker.model": cfg.attacker.model})
-    _print_table([{"role": r.role, "backend": r.backend, "checkpoint": r.checkpoint,
-                   "present": "yes" if r.present else "NO",
-                   "size GiB": f"{r.size_gib:.1f}" if r.size_gib is not None else "-"} for r in rows],
-                 ["role", "backend", "checkpoint", "present", "size GiB"])
+    _print_table(
+        [
+            {
+                "role": r.role,
+                "backend": r.backend,
+                "checkpoint": r.checkpoint,
+                "present": "yes" if r.present else "NO",
+                "size GiB": f"{r.size_gib:.1f}" if r.size_gib is not None else "-",
+            }
+            for r in rows
+        ],
+        ["role", "backend", "checkpoint", "present", "size GiB"],
+    )
     missing = [r for r in rows if not r.present]
     for r in missing:
         print(f"\n{r.role}: {r.checkpoint} is missing. Fix: {r.fix}")
@@ -430,15 +538,20 @@ def cmd_eval(args) -> int:
         if protocol != "strict":
             print("error: --trials/--temperature configure the strict protocol; the paper's is fixed", file=sys.stderr)
             return 2
-        custom = dataclasses.replace(PROTOCOLS["strict"], trials=args.trials or 1,
-                                     temperature=args.temperature if args.temperature is not None else 0.0)
+        custom = dataclasses.replace(
+            PROTOCOLS["strict"],
+            trials=args.trials or 1,
+            temperature=args.temperature if args.temperature is not None else 0.0,
+        )
         protocol = custom
     if specs:
         m = evaluate_benchmarks(store, specs, model, model_id, protocol, args.cache)
         summary = m.extra["summary"]
         cols = [c for c in PAPER_COLUMNS if c in summary]
-        _print_table([{"protocol": args.protocol, **{c: f"{100 * summary[c]['accuracy']:.1f}" for c in cols}}],
-                     ["protocol", *cols])
+        _print_table(
+            [{"protocol": args.protocol, **{c: f"{100 * summary[c]['accuracy']:.1f}" for c in cols}}],
+            ["protocol", *cols],
+        )
         for c in cols:
             extra = {k: round(v, 3) for k, v in summary[c].items() if k in ("unparsed", "f1", "fAcc", "qAcc")}
             print(f"{c}: n={summary[c]['n']} {extra}")
@@ -447,9 +560,11 @@ def cmd_eval(args) -> int:
         from stages.robustness import robustness_suite
 
         r = robustness_suite(store, load_config("synthetic"), model, model_id, scenes=args.synthetic)
-        print(f"synthetic robustness ({r['rows']} held-out rows, AOT-SFT version {r['export_version']}): "
-              f"clean {100 * r['clean_accuracy']:.1f}%, attacked {100 * r['attacked_accuracy']:.1f}%, "
-              f"drop {100 * r['drop']:.1f} points")
+        print(
+            f"synthetic robustness ({r['rows']} held-out rows, AOT-SFT version {r['export_version']}): "
+            f"clean {100 * r['clean_accuracy']:.1f}%, attacked {100 * r['attacked_accuracy']:.1f}%, "
+            f"drop {100 * r['drop']:.1f} points"
+        )
     return 0
 
 
@@ -458,18 +573,19 @@ def cmd_config(args) -> int:
 
     from config import load_config
 
-    print(yaml.safe_dump(load_config(args.preset, _nested(_dotted(args.overrides, "--set"))).to_dict(), sort_keys=False))
+    print(
+        yaml.safe_dump(load_config(args.preset, _nested(_dotted(args.overrides, "--set"))).to_dict(), sort_keys=False)
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from stages.registry import ModelConfigError
-    from stages.base import StageError
     from config import ConfigError
-    from storage import StorageError
-
     from evaluation.readers import FormatError
+    from stages.base import StageError
+    from stages.registry import ModelConfigError
+    from storage import StorageError
 
     known = (ConfigError, StageError, StorageError, ModelConfigError, FormatError)
     try:
@@ -477,10 +593,21 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "stage":
             return cmd_run(args, stage=args.name)
-        return {"ls": cmd_ls, "show": cmd_show, "gc": cmd_gc, "import": cmd_import, "config": cmd_config,
-                "train-defender": cmd_defender, "eval-defender": cmd_defender,
-                "train-attacker": cmd_attacker, "curriculum": cmd_attacker, "report": cmd_report, "serve": cmd_serve, "models": cmd_models,
-                "eval": cmd_eval}[args.command](args)
+        return {
+            "ls": cmd_ls,
+            "show": cmd_show,
+            "gc": cmd_gc,
+            "import": cmd_import,
+            "config": cmd_config,
+            "train-defender": cmd_defender,
+            "eval-defender": cmd_defender,
+            "train-attacker": cmd_attacker,
+            "curriculum": cmd_attacker,
+            "report": cmd_report,
+            "serve": cmd_serve,
+            "models": cmd_models,
+            "eval": cmd_eval,
+        }[args.command](args)
     except known as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -46,8 +46,9 @@ def register(env: dict) -> None:
     exe = _prefect()
     have = subprocess.run([exe, "work-pool", "inspect", POOL], env=env, capture_output=True, text=True)
     if have.returncode != 0:
-        subprocess.run([exe, "work-pool", "create", POOL, "--type", "process"], env=env, check=True,
-                       capture_output=True, text=True)
+        subprocess.run(
+            [exe, "work-pool", "create", POOL, "--type", "process"], env=env, check=True, capture_output=True, text=True
+        )
     out = subprocess.run([exe, "--no-prompt", "deploy", "--all"], env=env, cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"prefect deploy --all failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
@@ -72,15 +73,31 @@ def serve(host: str = "127.0.0.1", port: int = 4200, worker: bool = True, ready_
     signal.signal(signal.SIGTERM, stop)
     try:
         print(f"starting the Prefect server on {host}:{port} ...", file=sys.stderr, flush=True)
-        procs.append(subprocess.Popen([_prefect(), "server", "start", "--host", host, "--port", str(port)], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                [_prefect(), "server", "start", "--host", host, "--port", str(port)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         wait_healthy(api, proc=procs[0])
         register(env)
         if worker:
-            procs.append(subprocess.Popen([_prefect(), "worker", "start", "--pool", POOL], env=env, cwd=REPO,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        print(f"Prefect UI: http://{host}:{port}  (deployments registered, worker {'running' if worker else 'off'}; "
-              f"Ctrl-C stops)", flush=True)
+            procs.append(
+                subprocess.Popen(
+                    [_prefect(), "worker", "start", "--pool", POOL],
+                    env=env,
+                    cwd=REPO,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        print(
+            f"Prefect UI: http://{host}:{port}  (deployments registered, worker {'running' if worker else 'off'}; "
+            f"Ctrl-C stops)",
+            flush=True,
+        )
         print(f"in another shell: export PREFECT_API_URL={api}", flush=True)
         if ready_file:
             Path(ready_file).write_text(api)

@@ -19,7 +19,23 @@ from config.rl import DapoConfig, FlowGrpoConfig
 from config.training import AttackerRewardConfig, AttackerTrainConfig, DefenderTrainConfig
 
 __all__ = [
-    "PRESET_DIR", "RUN_ONLY_SOURCE_FIELDS", "AttackerRewardConfig", "AttackerTrainConfig", "ConfigError", "DapoConfig",
-    "DefenderTrainConfig", "FlowGrpoConfig", "Int", "PipelineConfig", "available_presets", "canvas_scale_range",
-    "config_from_dict", "documented", "dotted_pairs", "load_config", "nest_dotted", "parse_overrides", "settings",
+    "PRESET_DIR",
+    "RUN_ONLY_SOURCE_FIELDS",
+    "AttackerRewardConfig",
+    "AttackerTrainConfig",
+    "ConfigError",
+    "DapoConfig",
+    "DefenderTrainConfig",
+    "FlowGrpoConfig",
+    "Int",
+    "PipelineConfig",
+    "available_presets",
+    "canvas_scale_range",
+    "config_from_dict",
+    "documented",
+    "dotted_pairs",
+    "load_config",
+    "nest_dotted",
+    "parse_overrides",
+    "settings",
 ]

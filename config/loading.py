@@ -42,8 +42,9 @@ def read_preset(preset: str, _seen: tuple = ()) -> dict:
     (e.g. ``_tiny-training``, the tiny models' trainer settings) instead of copying them."""
     path = preset_path(preset)
     if not path.exists():
-        raise ConfigError(f"no preset {preset!r}; available: {', '.join(available_presets())} "
-                          "(or a path to a .yaml file)")
+        raise ConfigError(
+            f"no preset {preset!r}; available: {', '.join(available_presets())} (or a path to a .yaml file)"
+        )
     if path in _seen:
         raise ConfigError(f"preset {path} names itself as a base (through {', '.join(map(str, _seen))})")
     data = yaml.safe_load(path.read_text()) or {}
@@ -110,8 +111,10 @@ def parse_overrides(pairs: list[str]) -> dict:
 def _check_renamed(data: dict, where: str) -> None:
     for old, new in RENAMED.items():
         if old in data:
-            raise ConfigError(f"config key {old!r} ({where}) is now {new!r}: write {new}.* instead of {old}.* "
-                              f"(e.g. --set {new}.{next(iter(data[old]), 'KEY') if isinstance(data[old], dict) else 'KEY'}=...)")
+            raise ConfigError(
+                f"config key {old!r} ({where}) is now {new!r}: write {new}.* instead of {old}.* "
+                f"(e.g. --set {new}.{next(iter(data[old]), 'KEY') if isinstance(data[old], dict) else 'KEY'}=...)"
+            )
 
 
 def _key_of(loc: tuple) -> str:
@@ -136,9 +139,15 @@ def _valid_keys(key: str) -> list[str]:
 
 
 # pydantic error types (by prefix) in the words of a config file
-_EXPECTED = {"int": "expected an integer", "float": "expected a number", "bool": "expected true/false",
-             "string": "expected text", "list": "expected a list", "dict": "expected a mapping",
-             "dataclass": "expected a mapping of the section's keys"}
+_EXPECTED = {
+    "int": "expected an integer",
+    "float": "expected a number",
+    "bool": "expected true/false",
+    "string": "expected text",
+    "list": "expected a list",
+    "dict": "expected a mapping",
+    "dataclass": "expected a mapping of the section's keys",
+}
 
 
 def from_mapping(data: dict) -> PipelineConfig:
@@ -150,11 +159,13 @@ def from_mapping(data: dict) -> PipelineConfig:
         key = _key_of(err["loc"])
         if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
             valid = _valid_keys(key)
-            raise ConfigError(f"unknown config key {key!r}" + (f"; valid keys here: {', '.join(valid)}" if valid else "")) \
-                from None
+            raise ConfigError(
+                f"unknown config key {key!r}" + (f"; valid keys here: {', '.join(valid)}" if valid else "")
+            ) from None
         msg = _EXPECTED.get(err["type"].split("_")[0], err["msg"].removeprefix("Value error, "))
-        raise ConfigError(f"config {key}: {msg}, got {err.get('input')!r} "
-                          f"(fix it in the preset or with --set {key}=...)") from None
+        raise ConfigError(
+            f"config {key}: {msg}, got {err.get('input')!r} (fix it in the preset or with --set {key}=...)"
+        ) from None
     return cfg.validate()
 
 

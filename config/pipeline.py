@@ -24,24 +24,38 @@ class ConfigError(ValueError):
 
 @settings
 class SourceConfig:
-    num_scenes: Int = documented(64, "Synthetic source scenes to generate (default: enough for a useful AOT-SFT set on a laptop).")
+    num_scenes: Int = documented(
+        64, "Synthetic source scenes to generate (default: enough for a useful AOT-SFT set on a laptop)."
+    )
     shard_size: Int = documented(16, "Rows per shard: one Prefect task each (DESIGN.md: a few hundred or fewer).")
     seed: Int = documented(0, "Seed of the synthetic world; scene i is a pure function of (seed, i).")
     resolution: Int = documented(128, "Source image side in pixels (default; small so the default run fits a laptop).")
-    question_types: list[str] = documented(["relative_position", "colour", "count", "existence"],
-                              "Question types to draw (METHOD.md: V*-style spatial relations first).")
+    question_types: list[str] = documented(
+        ["relative_position", "colour", "count", "existence"],
+        "Question types to draw (METHOD.md: V*-style spatial relations first).",
+    )
     question_weights: list[float] = documented([0.7, 0.1, 0.1, 0.1], "Probability of each question type (default).")
-    shuffle_options: bool = documented(True, "Shuffle each question's options (V*'s lists vary); false: a fixed "
-                                       "canonical order, so a small defender need not find the answer's letter in "
-                                       "the prompt (the evidence preset, experiments/RESULTS.md).")
-    colour_options: Int = documented(4, "Options of a colour question (V*: 4). With all colours and a fixed "
-                                     "order, an option's letter names one colour in every question.")
+    shuffle_options: bool = documented(
+        True,
+        "Shuffle each question's options (V*'s lists vary); false: a fixed "
+        "canonical order, so a small defender need not find the answer's letter in "
+        "the prompt (the evidence preset, experiments/RESULTS.md).",
+    )
+    colour_options: Int = documented(
+        4,
+        "Options of a colour question (V*: 4). With all colours and a fixed "
+        "order, an option's letter names one colour in every question.",
+    )
     objects_min: Int = documented(3, "Fewest objects fully inside a source window (default).")
     objects_max: Int = documented(5, "Most objects fully inside a source window (default).")
-    object_size: list[float] = documented([0.10, 0.18], "Object side range, as fractions of the source window's side "
-                                   "(default; larger objects are easier for a small defender to see).")
-    outside_density: float = documented(0.35, "Object density outside the source window, relative to inside; "
-                                      "what outpainting reveals (default).")
+    object_size: list[float] = documented(
+        [0.10, 0.18],
+        "Object side range, as fractions of the source window's side "
+        "(default; larger objects are easier for a small defender to see).",
+    )
+    outside_density: float = documented(
+        0.35, "Object density outside the source window, relative to inside; what outpainting reveals (default)."
+    )
     max_image_pixels: Int = documented(40_000_000, "Decompression-bomb guard for imported images (pixels).")
 
 
@@ -51,16 +65,20 @@ RUN_ONLY_SOURCE_FIELDS = ("num_scenes", "shard_size", "seed", "max_image_pixels"
 
 @settings
 class ExtendConfig:
-    canvas_scale: float | list[float] = documented([1.5, 2.0], "Canvas side / source side: a number, or [min, max] drawn per "
-                                       "scene (METHOD.md: 1.5-2x per side).")
+    canvas_scale: float | list[float] = documented(
+        [1.5, 2.0], "Canvas side / source side: a number, or [min, max] drawn per scene (METHOD.md: 1.5-2x per side)."
+    )
     max_pixels: Int = documented(4_000_000, "Extended images above this are downscaled (METHOD.md: up to about 4 MP).")
     seed: Int = documented(0, "Seed for per-scene canvas scales.")
 
 
 @settings
 class FilterConfig:
-    clip_threshold: float | None = documented(None, "Reject below this CLIP image-text cosine; null = record only "
-                                   "(the synthetic preset's CLIP is a tiny random model).")
+    clip_threshold: float | None = documented(
+        None,
+        "Reject below this CLIP image-text cosine; null = record only "
+        "(the synthetic preset's CLIP is a tiny random model).",
+    )
     composition_ssim_min: float = documented(0.98, "Original region SSIM needed by the composition check (default).")
 
 
@@ -70,16 +88,28 @@ class ImplantConfig:
     box_margin: float = documented(4.0, "Pixels of free margin required around every target box (box check).")
     box_min_frac: float = documented(0.04, "Smallest allowed box side, as a fraction of the image side (box check).")
     box_max_frac: float = documented(0.35, "Largest allowed box side, as a fraction of the image side (box check).")
-    fill_batch: Int = documented(1, "Proposals painted per inpainter call. 1 paints only what is verified; larger "
-                                    "batches use a GPU better but may paint proposals after the first effective one.")
-    detector_iou_min: float = documented(0.5, "IoU between a detection of the description and the box needed to "
-                                      "confirm the distractor is there (default).")
-    target_ssim_min: float = documented(0.95, "Localized SSIM every target box must keep (METHOD.md uses tau 0.9 "
-                                      "for the attacker; implantation is stricter).")
-    effectiveness_tries: Int = documented(1, "k: an edit is effective when the base defender is wrong on k of k "
-                                     "tries (METHOD.md: k = 1 greedy by default).")
-    require_clean_correct: bool = documented(True, "Keep an edit only if the defender was right on the clean image, "
-                                           "so the edit caused the failure (default).")
+    fill_batch: Int = documented(
+        1,
+        "Proposals painted per inpainter call. 1 paints only what is verified; larger "
+        "batches use a GPU better but may paint proposals after the first effective one.",
+    )
+    detector_iou_min: float = documented(
+        0.5,
+        "IoU between a detection of the description and the box needed to confirm the distractor is there (default).",
+    )
+    target_ssim_min: float = documented(
+        0.95,
+        "Localized SSIM every target box must keep (METHOD.md uses tau 0.9 "
+        "for the attacker; implantation is stricter).",
+    )
+    effectiveness_tries: Int = documented(
+        1,
+        "k: an edit is effective when the base defender is wrong on k of k tries (METHOD.md: k = 1 greedy by default).",
+    )
+    require_clean_correct: bool = documented(
+        True,
+        "Keep an edit only if the defender was right on the clean image, so the edit caused the failure (default).",
+    )
     seed: Int = documented(0, "Seed for proposals.")
 
 
@@ -90,56 +120,89 @@ class ExportConfig:
 
 @settings
 class DefenderConfig:
-    model: dict = documented({"backend": "tiny", "seed": 0, "min_pixels": 4096, "max_pixels": 16384},
-                     "The defender to start from: {backend: tiny, seed, min_pixels, max_pixels} (random init, "
-                     "tiny Qwen2.5-VL) or {backend: qwen-vl, model: ID_OR_PATH, dtype, device}; either takes "
-                     "vision_attention: grouped (default: the vision tower's windows batched into a few attention "
-                     "calls instead of one per window; same results, models/vision_attention.py) | stock.")
-    images: str = documented("both", "Which images of an AOT-SFT version to train and evaluate on: clean, adversarial or both.")
+    model: dict = documented(
+        {"backend": "tiny", "seed": 0, "min_pixels": 4096, "max_pixels": 16384},
+        "The defender to start from: {backend: tiny, seed, min_pixels, max_pixels} (random init, "
+        "tiny Qwen2.5-VL) or {backend: qwen-vl, model: ID_OR_PATH, dtype, device}; either takes "
+        "vision_attention: grouped (default: the vision tower's windows batched into a few attention "
+        "calls instead of one per window; same results, models/vision_attention.py) | stock.",
+    )
+    images: str = documented(
+        "both", "Which images of an AOT-SFT version to train and evaluate on: clean, adversarial or both."
+    )
     max_examples: Int = documented(0, "Use at most this many rows of the dataset version (0: all).")
-    warmup: DefenderTrainConfig = documented(DefenderTrainConfig(), "Defender 0's warm-up (config/training.py). AOT: "
-                                             "a DAPO stage on clean data, 100 steps (METHOD.md); a defender that "
-                                             "starts from random weights warms up supervised (mode sft).")
-    rl: DefenderTrainConfig = documented(DefenderTrainConfig(), "Each iteration's DAPO stage (config/training.py); "
-                                         "AOT's values (METHOD.md): lr 1e-6, G 5, 4096-token responses.")
+    warmup: DefenderTrainConfig = documented(
+        DefenderTrainConfig(),
+        "Defender 0's warm-up (config/training.py). AOT: "
+        "a DAPO stage on clean data, 100 steps (METHOD.md); a defender that "
+        "starts from random weights warms up supervised (mode sft).",
+    )
+    rl: DefenderTrainConfig = documented(
+        DefenderTrainConfig(),
+        "Each iteration's DAPO stage (config/training.py); "
+        "AOT's values (METHOD.md): lr 1e-6, G 5, 4096-token responses.",
+    )
 
 
 @settings
 class CurriculumConfig:
-    clean_fraction: float = documented(0.5, "Share of clean items in the curriculum (the rest: kept attacks). AOT "
-                                            "mixes adversarial and clean samples; the paper does not state the ratio.")
-    min_rows: Int = documented(64, "Fill the curriculum with clean items up to this many rows (or every item): a "
-                                   "weak attacker keeps few edits, and DAPO needs enough distinct prompts to find "
-                                   "informative groups (dynamic sampling).")
+    clean_fraction: float = documented(
+        0.5,
+        "Share of clean items in the curriculum (the rest: kept attacks). AOT "
+        "mixes adversarial and clean samples; the paper does not state the ratio.",
+    )
+    min_rows: Int = documented(
+        64,
+        "Fill the curriculum with clean items up to this many rows (or every item): a "
+        "weak attacker keeps few edits, and DAPO needs enough distinct prompts to find "
+        "informative groups (dynamic sampling).",
+    )
     sampling_steps: Int = documented(10, "Denoising steps of a curriculum edit (deterministic ODE sampler).")
-    noise_level: float = documented(0.0, "SDE noise a of a curriculum edit; 0: the deterministic ODE sampler "
-                                         "(Flow-GRPO's evaluation). Flow-GRPO trains the SDE policy "
-                                         "(attacker.rl.flow_grpo.noise_level): a > 0 samples the curriculum as the "
-                                         "attacker was trained (one item per sampler call, its noise seeded by the "
-                                         "item), for when what it learned does not carry to ODE edits (experiments/RESULTS.md).")
-    batch: Int = documented(16, "Items edited per sampler call (throughput; each edit's noise is seeded by its item "
-                                "alone, so results match one-by-one edits up to float rounding).")
+    noise_level: float = documented(
+        0.0,
+        "SDE noise a of a curriculum edit; 0: the deterministic ODE sampler "
+        "(Flow-GRPO's evaluation). Flow-GRPO trains the SDE policy "
+        "(attacker.rl.flow_grpo.noise_level): a > 0 samples the curriculum as the "
+        "attacker was trained (one item per sampler call, its noise seeded by the "
+        "item), for when what it learned does not carry to ODE edits (experiments/RESULTS.md).",
+    )
+    batch: Int = documented(
+        16,
+        "Items edited per sampler call (throughput; each edit's noise is seeded by its item "
+        "alone, so results match one-by-one edits up to float rounding).",
+    )
     max_items: Int = documented(0, "Attack at most this many items of the input version (0: all).")
-    shard_size: Int = documented(64, "Items per shard: each shard's edits are written when it finishes, so a crashed "
-                                     "or retried run redoes only the unfinished shards (0: one shard).")
+    shard_size: Int = documented(
+        64,
+        "Items per shard: each shard's edits are written when it finishes, so a crashed "
+        "or retried run redoes only the unfinished shards (0: one shard).",
+    )
     seed: Int = documented(0, "Seed of the edits' initial noise and of the clean items' choice.")
-    describe: bool = documented(False, "Ask the judge (models.judge, an MLLM backend) to describe each kept edit; "
-                                       "the description is stored and refines ambiguous strategy labels "
-                                       "(METHOD.md, 'Emergent strategies').")
+    describe: bool = documented(
+        False,
+        "Ask the judge (models.judge, an MLLM backend) to describe each kept edit; "
+        "the description is stored and refines ambiguous strategy labels "
+        "(METHOD.md, 'Emergent strategies').",
+    )
 
 
 @settings
 class AttackerConfig:
-    model: dict = documented({"backend": "tiny", "seed": 0, "resolution": 64, "cfg_scale": 1.0},
-                             "The editor: {backend: tiny, seed, resolution, cfg_scale} (random init, tiny "
-                             "Qwen-Image-Edit; tiny-kontext: tiny FLUX.1-Kontext) or {backend: qwen-image-edit | "
-                             "flux-kontext, model: ID_OR_PATH, resolution: 512, cfg_scale: 4 (Kontext: 1, it is "
-                             "guidance-distilled), device, dtype}.")
+    model: dict = documented(
+        {"backend": "tiny", "seed": 0, "resolution": 64, "cfg_scale": 1.0},
+        "The editor: {backend: tiny, seed, resolution, cfg_scale} (random init, tiny "
+        "Qwen-Image-Edit; tiny-kontext: tiny FLUX.1-Kontext) or {backend: qwen-image-edit | "
+        "flux-kontext, model: ID_OR_PATH, resolution: 512, cfg_scale: 4 (Kontext: 1, it is "
+        "guidance-distilled), device, dtype}.",
+    )
     max_items: Int = documented(0, "Use at most this many rows of the dataset version for training (0: all).")
-    cold_start: AttackerTrainConfig = documented(AttackerTrainConfig(mode="sft"), "Cold start: flow matching on "
-                                                 "AOT-SFT pairs (config/training.py).")
-    rl: AttackerTrainConfig = documented(AttackerTrainConfig(), "Flow-GRPO against a frozen defender "
-                                         "(config/training.py; Flow-GRPO's reference values, METHOD.md).")
+    cold_start: AttackerTrainConfig = documented(
+        AttackerTrainConfig(mode="sft"), "Cold start: flow matching on AOT-SFT pairs (config/training.py)."
+    )
+    rl: AttackerTrainConfig = documented(
+        AttackerTrainConfig(),
+        "Flow-GRPO against a frozen defender (config/training.py; Flow-GRPO's reference values, METHOD.md).",
+    )
     curriculum: CurriculumConfig = documented(CurriculumConfig(), "The frozen attacker's curriculum (above).")
 
 
@@ -147,13 +210,22 @@ class AttackerConfig:
 class CoevolutionConfig:
     iterations: Int = documented(3, "N: attacker / curriculum / defender rounds (AOT reports iterations 1-3).")
     heldout_scenes: Int = documented(32, "Held-out scenes (the source under another seed) for every evaluation.")
-    heldout_seed_offset: Int = documented(1000, "source.seed + this = the held-out world's seed, never trained on: the "
-                                                "co-evolution's evaluations and the synthetic robustness suite.")
-    warmup_scenes: Int = documented(0, "Defender 0's supervised warm-up data: 0 = the AOT-SFT version's clean images; "
-                                       "N = N fresh scenes of the same world (a small defender memorizes a few hundred "
-                                       "images instead of learning the task: experiments/RESULTS.md).")
-    warmup_seed_offset: Int = documented(20_000, "source.seed + this = the warm-up pool's seed (no scene in common "
-                                                 "with the training items or the held-out world).")
+    heldout_seed_offset: Int = documented(
+        1000,
+        "source.seed + this = the held-out world's seed, never trained on: the "
+        "co-evolution's evaluations and the synthetic robustness suite.",
+    )
+    warmup_scenes: Int = documented(
+        0,
+        "Defender 0's supervised warm-up data: 0 = the AOT-SFT version's clean images; "
+        "N = N fresh scenes of the same world (a small defender memorizes a few hundred "
+        "images instead of learning the task: experiments/RESULTS.md).",
+    )
+    warmup_seed_offset: Int = documented(
+        20_000,
+        "source.seed + this = the warm-up pool's seed (no scene in common "
+        "with the training items or the held-out world).",
+    )
 
 
 DEFAULT_MODELS = {
@@ -178,8 +250,10 @@ class PipelineConfig:
     defender: DefenderConfig = field(default_factory=DefenderConfig)
     attacker: AttackerConfig = field(default_factory=AttackerConfig)
     coevolution: CoevolutionConfig = field(default_factory=CoevolutionConfig)
-    models: dict = documented(DEFAULT_MODELS, "Backend of each model role: a name, or {backend: NAME, **options} "
-                                              "(stages/registry.py lists the backends).")
+    models: dict = documented(
+        DEFAULT_MODELS,
+        "Backend of each model role: a name, or {backend: NAME, **options} (stages/registry.py lists the backends).",
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -204,15 +278,24 @@ class PipelineConfig:
         _check(s.shard_size >= 1, "source.shard_size", "must be >= 1")
         _check(s.resolution >= 32, "source.resolution", "must be >= 32 pixels")
         _check(1 <= s.objects_min <= s.objects_max, "source.objects_min/objects_max", "need 1 <= min <= max")
-        _check(len(s.question_types) == len(s.question_weights) and s.question_types,
-               "source.question_weights", "needs one weight per question type")
-        _check(len(s.object_size) == 2 and 0 < s.object_size[0] <= s.object_size[1] < 1, "source.object_size",
-               "needs [min, max] with 0 < min <= max < 1")
+        _check(
+            len(s.question_types) == len(s.question_weights) and s.question_types,
+            "source.question_weights",
+            "needs one weight per question type",
+        )
+        _check(
+            len(s.object_size) == 2 and 0 < s.object_size[0] <= s.object_size[1] < 1,
+            "source.object_size",
+            "needs [min, max] with 0 < min <= max < 1",
+        )
         _check(2 <= s.colour_options <= len(COLOURS), "source.colour_options", f"needs 2..{len(COLOURS)}")
         for q in s.question_types:
             _check(q in QUESTION_TYPES, "source.question_types", f"unknown type {q!r}; choose from {QUESTION_TYPES}")
-        _check(all(w >= 0 for w in s.question_weights) and sum(s.question_weights) > 0,
-               "source.question_weights", "must be >= 0 with a positive sum")
+        _check(
+            all(w >= 0 for w in s.question_weights) and sum(s.question_weights) > 0,
+            "source.question_weights",
+            "must be >= 0 with a positive sum",
+        )
         lo, hi = canvas_scale_range(self.extend.canvas_scale)
         _check(1.0 <= lo <= hi <= 4.0, "extend.canvas_scale", "must be a number or [min, max] within 1..4")
         _check(self.extend.max_pixels >= 64 * 64, "extend.max_pixels", "must be >= 4096")
@@ -224,17 +307,28 @@ class PipelineConfig:
         _check(i.fill_batch >= 1, "implant.fill_batch", "must be >= 1")
         _check(i.effectiveness_tries >= 1, "implant.effectiveness_tries", "must be >= 1")
         _check(0 <= i.target_ssim_min <= 1, "implant.target_ssim_min", "must be within 0..1")
-        _check(self.defender.images in ("clean", "adversarial", "both"), "defender.images",
-               "must be clean, adversarial or both")
+        _check(
+            self.defender.images in ("clean", "adversarial", "both"),
+            "defender.images",
+            "must be clean, adversarial or both",
+        )
         for name in ("warmup", "rl"):
             t = getattr(self.defender, name)
-            _check(t.mode in ("sft", "dapo") and t.steps >= 0 and t.batch_prompts >= 1 and t.lr > 0,
-                   f"defender.{name}", "needs mode sft|dapo, steps >= 0, batch_prompts >= 1, lr > 0")
-            _check(t.lr_schedule in ("constant", "cosine") and t.lr_warmup_steps >= 0, f"defender.{name}.lr_schedule",
-                   "needs lr_schedule constant|cosine and lr_warmup_steps >= 0")
-            _check(0 <= t.target_accuracy <= 1 and t.eval_every >= 1 and t.eval_examples >= 1,
-                   f"defender.{name}.target_accuracy", "needs 0 <= target_accuracy <= 1, eval_every >= 1, "
-                   "eval_examples >= 1")
+            _check(
+                t.mode in ("sft", "dapo") and t.steps >= 0 and t.batch_prompts >= 1 and t.lr > 0,
+                f"defender.{name}",
+                "needs mode sft|dapo, steps >= 0, batch_prompts >= 1, lr > 0",
+            )
+            _check(
+                t.lr_schedule in ("constant", "cosine") and t.lr_warmup_steps >= 0,
+                f"defender.{name}.lr_schedule",
+                "needs lr_schedule constant|cosine and lr_warmup_steps >= 0",
+            )
+            _check(
+                0 <= t.target_accuracy <= 1 and t.eval_every >= 1 and t.eval_examples >= 1,
+                f"defender.{name}.target_accuracy",
+                "needs 0 <= target_accuracy <= 1, eval_every >= 1, eval_examples >= 1",
+            )
             try:
                 t.dapo.validate()
             except ValueError as exc:
@@ -242,21 +336,37 @@ class PipelineConfig:
         a = self.attacker
         for name, mode in (("cold_start", "sft"), ("rl", "grpo")):
             t = getattr(a, name)
-            _check(t.mode == mode and t.steps >= 0 and t.lr > 0 and t.groups_per_step >= 1 and t.sft_batch >= 1,
-                   f"attacker.{name}", f"needs mode {mode}, steps >= 0, lr > 0, groups_per_step >= 1, sft_batch >= 1")
-            _check(t.flow_grpo.group_size >= 2, f"attacker.{name}.flow_grpo.group_size", "must be >= 2 (advantages "
-                   "are normalized within a group)")
+            _check(
+                t.mode == mode and t.steps >= 0 and t.lr > 0 and t.groups_per_step >= 1 and t.sft_batch >= 1,
+                f"attacker.{name}",
+                f"needs mode {mode}, steps >= 0, lr > 0, groups_per_step >= 1, sft_batch >= 1",
+            )
+            _check(
+                t.flow_grpo.group_size >= 2,
+                f"attacker.{name}.flow_grpo.group_size",
+                "must be >= 2 (advantages are normalized within a group)",
+            )
             _check(t.flow_grpo.sampling_steps >= 2, f"attacker.{name}.flow_grpo.sampling_steps", "must be >= 2")
-            _check(t.reward.queries >= 1 and -1 <= t.reward.tau <= 1, f"attacker.{name}.reward", "needs queries >= 1 "
-                   "and -1 <= tau <= 1 (SSIM's range)")
-        _check(self.coevolution.iterations >= 1 and self.coevolution.heldout_scenes >= 1
-               and self.coevolution.warmup_scenes >= 0, "coevolution",
-               "needs iterations >= 1, heldout_scenes >= 1 and warmup_scenes >= 0")
+            _check(
+                t.reward.queries >= 1 and -1 <= t.reward.tau <= 1,
+                f"attacker.{name}.reward",
+                "needs queries >= 1 and -1 <= tau <= 1 (SSIM's range)",
+            )
+        _check(
+            self.coevolution.iterations >= 1
+            and self.coevolution.heldout_scenes >= 1
+            and self.coevolution.warmup_scenes >= 0,
+            "coevolution",
+            "needs iterations >= 1, heldout_scenes >= 1 and warmup_scenes >= 0",
+        )
         _check(0 <= a.curriculum.clean_fraction < 1, "attacker.curriculum.clean_fraction", "must be within [0, 1)")
         _check(a.curriculum.shard_size >= 0, "attacker.curriculum.shard_size", "must be >= 0 (0: one shard)")
-        _check(a.curriculum.batch >= 1 and a.curriculum.shard_size % a.curriculum.batch == 0,
-               "attacker.curriculum.shard_size", "must be a multiple of attacker.curriculum.batch (>= 1): a shard then "
-               "makes the sampler calls of the whole run, and its edits are bit-identical to an unsharded run's")
+        _check(
+            a.curriculum.batch >= 1 and a.curriculum.shard_size % a.curriculum.batch == 0,
+            "attacker.curriculum.shard_size",
+            "must be a multiple of attacker.curriculum.batch (>= 1): a shard then "
+            "makes the sampler calls of the whole run, and its edits are bit-identical to an unsharded run's",
+        )
         _check(a.curriculum.noise_level >= 0, "attacker.curriculum.noise_level", "must be >= 0 (0: the ODE sampler)")
         return self
 
@@ -272,5 +382,3 @@ def canvas_scale_range(value: Any) -> tuple[float, float]:
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
         return float(value[0]), float(value[1])
     raise ConfigError(f"config extend.canvas_scale: {value!r} is neither a number nor [min, max]")
-
-

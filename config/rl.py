@@ -10,24 +10,40 @@ class DapoConfig:
     group_size: Int = documented(5, "G: responses sampled per prompt. AOT uses 5 (METHOD.md, 'AOT values').")
     eps_low: float = documented(0.2, "Lower clip of the ratio, 1 - eps_low. DAPO paper, clip-higher (0.2).")
     eps_high: float = documented(0.28, "Upper clip of the ratio, 1 + eps_high. DAPO paper, clip-higher (0.28).")
-    dual_clip: float | None = documented(3.0, "C: for A < 0 the objective is floored at C * A (Ye et al. 2020, "
-                                      "dual-clip PPO); 3 is AOT's framework default. None disables it.")
-    kl_beta: float = documented(0.0, "Weight of a k3 KL penalty to a reference policy. 0 in DAPO and AOT: no "
-                             "reference model is kept.")
+    dual_clip: float | None = documented(
+        3.0,
+        "C: for A < 0 the objective is floored at C * A (Ye et al. 2020, "
+        "dual-clip PPO); 3 is AOT's framework default. None disables it.",
+    )
+    kl_beta: float = documented(
+        0.0, "Weight of a k3 KL penalty to a reference policy. 0 in DAPO and AOT: no reference model is kept."
+    )
     adv_eps: float = documented(1e-6, "Added to the group's reward std before dividing (METHOD.md).")
-    dynamic_sampling: bool = documented(True, "Drop groups that are all right or all wrong and draw more prompts "
-                                      "until the batch is full (DAPO paper, section 3.2).")
+    dynamic_sampling: bool = documented(
+        True,
+        "Drop groups that are all right or all wrong and draw more prompts "
+        "until the batch is full (DAPO paper, section 3.2).",
+    )
     keep_low: float = documented(0.01, "A group is kept only if its mean accuracy is above this (METHOD.md).")
     keep_high: float = documented(0.99, "...and below this (METHOD.md).")
-    max_draw_factor: Int = documented(4, "Dynamic sampling gives up after drawing this many batches of prompts "
-                                 "for one training batch (ours; the failure 'no sample kept after "
-                                 "filtering' is a known DAPO pitfall).")
+    max_draw_factor: Int = documented(
+        4,
+        "Dynamic sampling gives up after drawing this many batches of prompts "
+        "for one training batch (ours; the failure 'no sample kept after "
+        "filtering' is a known DAPO pitfall).",
+    )
     overlong_penalty: bool = documented(False, "Soft overlong punishment (DAPO paper, eq. 13). Off in AOT.")
-    overlong_cache: Int = documented(512, "L_cache: the penalty ramps from 0 to -1 over the last L_cache tokens "
-                                  "before max_new_tokens (DAPO paper uses 4096 of 20480).")
+    overlong_cache: Int = documented(
+        512,
+        "L_cache: the penalty ramps from 0 to -1 over the last L_cache tokens "
+        "before max_new_tokens (DAPO paper uses 4096 of 20480).",
+    )
     overlong_factor: float = documented(1.0, "Scale of the overlong penalty.")
-    mask_truncated: bool = documented(True, "Leave responses cut at max_new_tokens out of the loss (DAPO paper, "
-                                    "overlong filtering; TRL's mask_truncated_completions).")
+    mask_truncated: bool = documented(
+        True,
+        "Leave responses cut at max_new_tokens out of the loss (DAPO paper, "
+        "overlong filtering; TRL's mask_truncated_completions).",
+    )
     epochs_per_batch: Int = documented(1, "Policy updates per sampled batch (one epoch: on-policy, as in AOT).")
 
     def validate(self) -> "DapoConfig":
@@ -46,14 +62,24 @@ class DapoConfig:
 class FlowGrpoConfig:
     group_size: Int = documented(16, "Images per group (same prompt and source). Flow-GRPO / METHOD.md reference: 16.")
     noise_level: float = documented(0.7, "a: SDE noise scale, g_s = a sqrt(s / (1 - s)). METHOD.md: about 0.7-1.0.")
-    sigma_cap: float = documented(0.0, "Cap of s in the denominator of g_s (it diverges at s = 1); 0 = the schedule's "
-                                       "first sigma below 1 (METHOD.md; Flow-GRPO's sigma_max).")
+    sigma_cap: float = documented(
+        0.0,
+        "Cap of s in the denominator of g_s (it diverges at s = 1); 0 = the schedule's "
+        "first sigma below 1 (METHOD.md; Flow-GRPO's sigma_max).",
+    )
     sampling_steps: Int = documented(10, "Denoising steps of a training rollout (inference uses 40-50). METHOD.md.")
-    train_window: Int = documented(0, "Train on a random window of this many consecutive early (high-noise) steps, "
-                                      "ODE elsewhere; 0 = SDE and training on every step but the last. METHOD.md.")
-    clip_range: float = documented(1e-4, "eps of the per-step ratio clip: tiny, because the ratio is over a whole "
-                                         "image (Flow-GRPO).")
+    train_window: Int = documented(
+        0,
+        "Train on a random window of this many consecutive early (high-noise) steps, "
+        "ODE elsewhere; 0 = SDE and training on every step but the last. METHOD.md.",
+    )
+    clip_range: float = documented(
+        1e-4, "eps of the per-step ratio clip: tiny, because the ratio is over a whole image (Flow-GRPO)."
+    )
     adv_clip: float = documented(5.0, "Advantages clipped to +/- this (Flow-GRPO).")
     adv_eps: float = documented(1e-4, "Added to the group's reward std (Flow-GRPO).")
-    kl_beta: float = documented(0.0, "KL weight to the reference (the model with LoRA disabled). METHOD.md: 0 for "
-                                     "Qwen-Image-Edit; 0.01-0.04 if images degrade (reward hacking).")
+    kl_beta: float = documented(
+        0.0,
+        "KL weight to the reference (the model with LoRA disabled). METHOD.md: 0 for "
+        "Qwen-Image-Edit; 0.01-0.04 if images degrade (reward hacking).",
+    )

@@ -12,46 +12,75 @@ class DefenderTrainConfig:
     steps: Int = documented(100, "Optimizer steps. AOT's warm-up RL stage: 100 steps on 900 clean samples (METHOD.md).")
     batch_prompts: Int = documented(16, "Prompts per step (AOT: 128 on 8 GPUs; smaller by default to fit one card).")
     micro_batch: Int = documented(32, "Sequences per forward/backward; the loss is normalized over the whole batch.")
-    rollout_batch: Int = documented(0, "Sequences per rollout (generate) call; 0: micro_batch. Sampling keeps no "
-                                    "activations for a backward pass, so it can take larger batches than the update "
-                                    "(fewer, fuller decoding steps; experiments/RESULTS.md).")
+    rollout_batch: Int = documented(
+        0,
+        "Sequences per rollout (generate) call; 0: micro_batch. Sampling keeps no "
+        "activations for a backward pass, so it can take larger batches than the update "
+        "(fewer, fuller decoding steps; experiments/RESULTS.md).",
+    )
     lr: float = documented(1e-6, "AdamW learning rate. AOT: 1e-6 for the 7B defender (METHOD.md).")
     weight_decay: float = documented(1e-2, "AdamW weight decay. AOT: 1e-2.")
-    lr_warmup_steps: Int = documented(0, "Linear learning-rate warm-up from 0 over this many steps (0: none; AOT's "
-                                      "RL runs use a constant rate). A defender trained from scratch needs one.")
-    lr_schedule: str = documented("constant", "'constant', or 'cosine': decay to 10% of lr at the last step (the "
-                                  "usual schedule for training transformers from scratch, e.g. nanoGPT).")
-    target_accuracy: float = documented(0.0, "SFT only: stop once greedy accuracy on ``eval_examples`` examples held "
-                                        "back from training reaches this; ``steps`` is then the cap (0: run every "
-                                        "step). Issue 8: warm up 'until clean accuracy is well above chance'.")
+    lr_warmup_steps: Int = documented(
+        0,
+        "Linear learning-rate warm-up from 0 over this many steps (0: none; AOT's "
+        "RL runs use a constant rate). A defender trained from scratch needs one.",
+    )
+    lr_schedule: str = documented(
+        "constant",
+        "'constant', or 'cosine': decay to 10% of lr at the last step (the "
+        "usual schedule for training transformers from scratch, e.g. nanoGPT).",
+    )
+    target_accuracy: float = documented(
+        0.0,
+        "SFT only: stop once greedy accuracy on ``eval_examples`` examples held "
+        "back from training reaches this; ``steps`` is then the cap (0: run every "
+        "step). Issue 8: warm up 'until clean accuracy is well above chance'.",
+    )
     eval_every: Int = documented(100, "Steps between those accuracy checks (with target_accuracy).")
-    eval_examples: Int = documented(256, "Examples held back for those checks, never trained on (with target_accuracy).")
+    eval_examples: Int = documented(
+        256, "Examples held back for those checks, never trained on (with target_accuracy)."
+    )
     grad_clip: float = documented(1.0, "Max global gradient norm. AOT: 1.0.")
     temperature: float = documented(1.0, "Sampling temperature of rollouts. AOT: 1.0.")
     max_new_tokens: Int = documented(8, "Response length cap. AOT: 4096; the tiny defender answers in 2 tokens.")
     seed: Int = documented(0, "Seed of data order and sampling.")
-    lora_rank: Int = documented(0, "LoRA rank (peft) on the language model's attention; 0 = full fine-tuning (AOT "
-                           "trains everything, vision tower included).")
+    lora_rank: Int = documented(
+        0,
+        "LoRA rank (peft) on the language model's attention; 0 = full fine-tuning (AOT "
+        "trains everything, vision tower included).",
+    )
     lora_alpha: Int = documented(16, "LoRA alpha.")
-    decode_cache: str = documented("dynamic", "KV cache of rollouts: 'dynamic', or 'static' (preallocated; on CUDA "
-                                            "transformers then compiles the decoding step, experiments/RESULTS.md).")
+    decode_cache: str = documented(
+        "dynamic",
+        "KV cache of rollouts: 'dynamic', or 'static' (preallocated; on CUDA "
+        "transformers then compiles the decoding step, experiments/RESULTS.md).",
+    )
     gradient_checkpointing: bool = documented(False, "Recompute activations in the backward pass to save memory.")
-    compile_update: bool = documented(False, "Run the language model's decoder layers compiled (torch.compile) in the "
-                                      "update's forward and backward (models/compiled_layers.py): fused norms, "
-                                      "activations and rotary embeddings; the first steps pay the compilation. "
-                                      "Off by default (inductor's compile time outweighs it on a CPU); the full "
-                                      "preset turns it on (GPU gain: experiments/RESULTS.md).")
+    compile_update: bool = documented(
+        False,
+        "Run the language model's decoder layers compiled (torch.compile) in the "
+        "update's forward and backward (models/compiled_layers.py): fused norms, "
+        "activations and rotary embeddings; the first steps pay the compilation. "
+        "Off by default (inductor's compile time outweighs it on a CPU); the full "
+        "preset turns it on (GPU gain: experiments/RESULTS.md).",
+    )
     checkpoint_every: Int = documented(0, "Save a checkpoint every N steps (0: only at the end).")
     dapo: DapoConfig = documented(DapoConfig(), "DAPO settings (rl/dapo.py).")
 
 
 @settings
 class AttackerRewardConfig:
-    tau: float = documented(0.9, "Integrity gate: every target box's localized SSIM must be >= tau (METHOD.md, "
-                                 "'Attacker reward'; the paper states only integrity x efficacy).")
+    tau: float = documented(
+        0.9,
+        "Integrity gate: every target box's localized SSIM must be >= tau (METHOD.md, "
+        "'Attacker reward'; the paper states only integrity x efficacy).",
+    )
     global_floor: float = documented(0.0, "Optional global SSIM floor against repainting the whole image (0 = off).")
-    queries: Int = documented(3, "K: the frozen defender is asked K times; efficacy = wrong answers before the first "
-                                 "right one / K (METHOD.md default 3).")
+    queries: Int = documented(
+        3,
+        "K: the frozen defender is asked K times; efficacy = wrong answers before the first "
+        "right one / K (METHOD.md default 3).",
+    )
     temperature: float = documented(1.0, "Sampling temperature of the defender's K answers (1: the K differ).")
     invalid_penalty: float = documented(0.0, "Reward of an edit that fails integrity (METHOD.md: 0, configurable).")
 
@@ -60,10 +89,16 @@ class AttackerRewardConfig:
 class AttackerTrainConfig:
     mode: str = documented("grpo", "'sft' (cold start: flow matching on AOT-SFT pairs) or 'grpo' (Flow-GRPO).")
     steps: Int = documented(100, "Optimizer steps.")
-    groups_per_step: Int = documented(2, "Prompts (groups of group_size edits each) per optimizer step; each group "
-                                         "is one sampling and one training micro-batch (kept identical, METHOD.md).")
-    micro_batch: Int = documented(0, "Edits per sampling and training micro-batch within a group (0: the whole group). "
-                                     "Both phases use the same split, so the first ratio stays exactly 1.")
+    groups_per_step: Int = documented(
+        2,
+        "Prompts (groups of group_size edits each) per optimizer step; each group "
+        "is one sampling and one training micro-batch (kept identical, METHOD.md).",
+    )
+    micro_batch: Int = documented(
+        0,
+        "Edits per sampling and training micro-batch within a group (0: the whole group). "
+        "Both phases use the same split, so the first ratio stays exactly 1.",
+    )
     sft_batch: Int = documented(8, "Pairs per cold-start step.")
     lr: float = documented(3e-4, "AdamW learning rate of the LoRA (Qwen-Image-Edit Flow-GRPO reference: 3e-4).")
     weight_decay: float = documented(1e-4, "AdamW weight decay (Flow-GRPO reference 1e-4).")
@@ -73,11 +108,17 @@ class AttackerTrainConfig:
     seed: Int = documented(0, "Seed of data order, initial noise and SDE noise.")
     async_rewards: bool = documented(True, "Score a group in a worker thread while the next group is sampled.")
     gradient_checkpointing: bool = documented(False, "Recompute transformer activations in backward (memory).")
-    checkpoint_keep_blocks: Int = documented(0, "With gradient_checkpointing: the last N transformer blocks keep their "
-                                                "activations instead (each saves 1/num_layers of the recompute for its "
-                                                "activations' memory: speed for memory, experiments/RESULTS.md).")
-    compile: bool = documented(False, "torch.compile each transformer block (diffusers' compile_repeated_blocks): "
-                                      "faster per group on a GPU (experiments/RESULTS.md); GPU only.")
+    checkpoint_keep_blocks: Int = documented(
+        0,
+        "With gradient_checkpointing: the last N transformer blocks keep their "
+        "activations instead (each saves 1/num_layers of the recompute for its "
+        "activations' memory: speed for memory, experiments/RESULTS.md).",
+    )
+    compile: bool = documented(
+        False,
+        "torch.compile each transformer block (diffusers' compile_repeated_blocks): "
+        "faster per group on a GPU (experiments/RESULTS.md); GPU only.",
+    )
     checkpoint_every: Int = documented(0, "Save a checkpoint every N steps (0: only at the end).")
     flow_grpo: FlowGrpoConfig = documented(FlowGrpoConfig(), "Flow-GRPO settings (rl/flow_grpo.py).")
     reward: AttackerRewardConfig = documented(AttackerRewardConfig(), "Integrity x efficacy reward settings.")

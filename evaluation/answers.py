@@ -9,13 +9,23 @@ from typing import Callable
 from models.mcq import extract_choice
 
 
-def ask(model, images: list, prompts: list[str], *, temperature: float = 0.0, seed: int = 0, batch_size: int = 8,
-        on_batch: Callable[[int], None] | None = None) -> list[str]:
+def ask(
+    model,
+    images: list,
+    prompts: list[str],
+    *,
+    temperature: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[str]:
     """The model's answer to every (image, prompt), ``batch_size`` per ``generate`` call: the
     one loop through which every evaluation here asks a model."""
     out: list[str] = []
     for k in range(0, len(prompts), batch_size):
-        out += model.generate(images[k:k + batch_size], prompts[k:k + batch_size], temperature=temperature, seed=seed)
+        out += model.generate(
+            images[k : k + batch_size], prompts[k : k + batch_size], temperature=temperature, seed=seed
+        )
         if on_batch:
             on_batch(min(batch_size, len(prompts) - k))
     return out
@@ -28,8 +38,16 @@ def answer_items(model, examples: list, batch: int = 64) -> list[dict]:
     rows = []
     for e, t in zip(examples, texts):
         ext = extract_choice(t, e.num_options)
-        rows.append({"id": e.id, "answer": e.answer, "response": t, "prediction": ext.letter,
-                     "correct": ext.letter == e.answer, "strict_format": ext.strict})
+        rows.append(
+            {
+                "id": e.id,
+                "answer": e.answer,
+                "response": t,
+                "prediction": ext.letter,
+                "correct": ext.letter == e.answer,
+                "strict_format": ext.strict,
+            }
+        )
     return rows
 
 
@@ -37,8 +55,12 @@ def mcq_accuracy(model, examples: list, batch: int = 64) -> dict:
     """Greedy accuracy, strict-format rate and unparsed rate of a model on MCQ examples."""
     rows = answer_items(model, examples, batch)
     n = max(1, len(rows))
-    return {"accuracy": sum(r["correct"] for r in rows) / n, "strict_format": sum(r["strict_format"] for r in rows) / n,
-            "unparsed": sum(r["prediction"] is None for r in rows) / n, "n": len(rows)}
+    return {
+        "accuracy": sum(r["correct"] for r in rows) / n,
+        "strict_format": sum(r["strict_format"] for r in rows) / n,
+        "unparsed": sum(r["prediction"] is None for r in rows) / n,
+        "n": len(rows),
+    }
 
 
 def chance(examples: list) -> float:

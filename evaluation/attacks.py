@@ -46,9 +46,11 @@ ATTACKS: dict[str, Callable[..., AttackFn]] = {}
 
 def register_attack(name: str):
     """Register ``factory(cfg, store, **params) -> AttackFn`` under ``name``."""
+
     def deco(factory):
         ATTACKS[name] = factory
         return factory
+
     return deco
 
 
@@ -111,10 +113,13 @@ def swap_pair(cfg, store=None, margin: float = 2.0, **_) -> AttackFn:
             kb = next(c for c in CATEGORIES if c != ka)
         size = (row["width"], row["height"])
         a, b = row["target_boxes"]
-        decoys = [(ca, kb, _mirror_box(a, b, size)),   # A's colour, beyond B
-                  (cb, ka, _mirror_box(b, a, size))]   # B's colour, beyond A
+        decoys = [
+            (ca, kb, _mirror_box(a, b, size)),  # A's colour, beyond B
+            (cb, ka, _mirror_box(b, a, size)),
+        ]  # B's colour, beyond A
         decoys = [d for d in decoys if d[0] is not None and (d[0], d[1]) not in ((ca, ka), (cb, kb))]
         return _place_decoys(row, decoys, margin, "relative_position")
+
     return attack
 
 
@@ -138,8 +143,12 @@ def option_decoys(cfg, store=None, gap: float = 2.0, margin: float = 1.0, **_) -
         others = [c for c in CATEGORIES if c != category]
         x0, y0, x1, y1 = row["target_boxes"][0]
         w, h = x1 - x0, y1 - y0
-        sides = [[x0 - gap - w, y0, x0 - gap, y1], [x1 + gap, y0, x1 + gap + w, y1],
-                 [x0, y0 - gap - h, x1, y0 - gap], [x0, y1 + gap, x1, y1 + gap + h]]
+        sides = [
+            [x0 - gap - w, y0, x0 - gap, y1],
+            [x1 + gap, y0, x1 + gap + w, y1],
+            [x0, y0 - gap - h, x1, y0 - gap],
+            [x0, y1 + gap, x1, y1 + gap + h],
+        ]
         rng = np.random.default_rng(_row_seed(row["id"]))
         wrong = [wrong[i] for i in rng.permutation(len(wrong))]
         order = rng.permutation(len(sides))
@@ -148,6 +157,7 @@ def option_decoys(cfg, store=None, gap: float = 2.0, margin: float = 1.0, **_) -
         if isinstance(out, str) and len(decoys) > 2:  # both first sides blocked: try the other two
             out = _place_decoys(row, decoys[2:], margin, "colour")
         return out
+
     return attack
 
 

@@ -30,8 +30,17 @@ def _data_url(image: Image.Image) -> str:
 
 
 class ChatEndpoint:
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
-                 max_retries: int = 4, backoff: float = 1.0, timeout: float = 120.0, max_tokens: int = 512):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 8,
+        max_retries: int = 4,
+        backoff: float = 1.0,
+        timeout: float = 120.0,
+        max_tokens: int = 512,
+    ):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         key = os.environ.get(api_key_env, "")
@@ -41,9 +50,21 @@ class ChatEndpoint:
         self.client = httpx.Client(timeout=timeout)
 
     def _one(self, image: Image.Image, prompt: str, temperature: float, seed: int) -> str:
-        body = {"model": self.model, "temperature": temperature, "seed": seed, "max_tokens": self.max_tokens,
-                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(image)}},
-                                                          {"type": "text", "text": prompt}]}]}
+        body = {
+            "model": self.model,
+            "temperature": temperature,
+            "seed": seed,
+            "max_tokens": self.max_tokens,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": _data_url(image)}},
+                        {"type": "text", "text": prompt},
+                    ],
+                }
+            ],
+        }
         for attempt in range(self.max_retries + 1):
             try:
                 r = self.client.post(self.url, json=body, headers=self.headers)
@@ -59,12 +80,21 @@ class ChatEndpoint:
                     raise EndpointError(f"{self.url} refused the request ({r.status_code}): {r.text[:300]}")
                 err = f"HTTP {r.status_code}"
             if attempt == self.max_retries:
-                raise EndpointError(f"{self.url} still failing after {self.max_retries + 1} tries ({err}); "
-                                    "is the server up? raise max_retries or lower concurrency")
+                raise EndpointError(
+                    f"{self.url} still failing after {self.max_retries + 1} tries ({err}); "
+                    "is the server up? raise max_retries or lower concurrency"
+                )
             time.sleep(self.backoff * 2**attempt)
         raise AssertionError("unreachable")
 
-    def generate(self, images: list[Image.Image], prompts: list[str], *, temperature: float = 0.0, seed: int = 0,
-                 max_new_tokens: int | None = None) -> list[str]:
+    def generate(
+        self,
+        images: list[Image.Image],
+        prompts: list[str],
+        *,
+        temperature: float = 0.0,
+        seed: int = 0,
+        max_new_tokens: int | None = None,
+    ) -> list[str]:
         with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(prompts)))) as pool:
             return list(pool.map(lambda ip: self._one(ip[0], ip[1], temperature, seed), zip(images, prompts)))

@@ -98,22 +98,44 @@ def _image_key(item: Item) -> str:
     return content_hash({"size": item.image.size, "px": np.asarray(item.image)[::17, ::13].tolist()})
 
 
-def evaluate(model, model_id: str, items: list[Item], protocol: Protocol, cache: AnswerCache | None = None,
-             batch_size: int = 8, on_batch: Callable[[int], None] | None = None) -> list[dict]:
+def evaluate(
+    model,
+    model_id: str,
+    items: list[Item],
+    protocol: Protocol,
+    cache: AnswerCache | None = None,
+    batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[dict]:
     """Per-item results. ``model`` implements ``generate(images, prompts, temperature=, seed=)``."""
     cache = cache or AnswerCache(None)
     jobs = []
     for item in items:
         prompt, truth, perm = present(item, protocol)
         for t in range(protocol.trials):
-            key = content_hash({"model": model_id, "prompt": prompt, "image": _image_key(item), "trial": t,
-                                "temperature": protocol.temperature}, 32)
+            key = content_hash(
+                {
+                    "model": model_id,
+                    "prompt": prompt,
+                    "image": _image_key(item),
+                    "trial": t,
+                    "temperature": protocol.temperature,
+                },
+                32,
+            )
             jobs.append((item, prompt, t, key))
     todo = [j for j in jobs if cache.get(j[3]) is None]
     for k in range(0, len(todo), batch_size):
-        chunk = todo[k:k + batch_size]
-        texts = ask(model, [j[0].image for j in chunk], [j[1] for j in chunk], temperature=protocol.temperature,
-                    seed=chunk[0][2], batch_size=batch_size, on_batch=on_batch)
+        chunk = todo[k : k + batch_size]
+        texts = ask(
+            model,
+            [j[0].image for j in chunk],
+            [j[1] for j in chunk],
+            temperature=protocol.temperature,
+            seed=chunk[0][2],
+            batch_size=batch_size,
+            on_batch=on_batch,
+        )
         for j, text in zip(chunk, texts):
             cache.put(j[3], text)
     rows = []
@@ -126,9 +148,20 @@ def evaluate(model, model_id: str, items: list[Item], protocol: Protocol, cache:
         parsed = [parse(x, item, protocol) for x in texts]
         hits = [p == truth for p in parsed]
         score = float(all(hits)) if protocol.all_trials_right else sum(hits) / len(hits)
-        rows.append({"id": item.id, "benchmark": item.benchmark, "categories": item.categories, "truth": truth,
-                     "permutation": perm, "responses": texts, "parsed": parsed, "score": score,
-                     "unparsed": sum(p is None for p in parsed) / len(parsed), "meta": item.meta})
+        rows.append(
+            {
+                "id": item.id,
+                "benchmark": item.benchmark,
+                "categories": item.categories,
+                "truth": truth,
+                "permutation": perm,
+                "responses": texts,
+                "parsed": parsed,
+                "score": score,
+                "unparsed": sum(p is None for p in parsed) / len(parsed),
+                "meta": item.meta,
+            }
+        )
     return rows
 
 
@@ -159,7 +192,11 @@ def metrics(rows: list[dict]) -> dict:
     out: dict = {}
     for bench in sorted({r["benchmark"] for r in rows}):
         rs = [r for r in rows if r["benchmark"] == bench]
-        m = {"n": len(rs), "accuracy": sum(r["score"] for r in rs) / len(rs), "unparsed": sum(r["unparsed"] for r in rs) / len(rs)}
+        m = {
+            "n": len(rs),
+            "accuracy": sum(r["score"] for r in rs) / len(rs),
+            "unparsed": sum(r["unparsed"] for r in rs) / len(rs),
+        }
         cats: dict[str, list] = {}
         for r in rs:
             for c in r["categories"]:

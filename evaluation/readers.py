@@ -63,8 +63,10 @@ def read_tsv(path: str | Path, required: list[str], name: str) -> list[dict]:
         cols = reader.fieldnames or []
         missing = [c for c in required if c not in cols]
         if missing:
-            raise FormatError(f"{name}: {path} lacks column(s) {missing}; expected a TSV with a header row and columns "
-                              f"{required} (found {cols})")
+            raise FormatError(
+                f"{name}: {path} lacks column(s) {missing}; expected a TSV with a header row and columns "
+                f"{required} (found {cols})"
+            )
         return [{k: (v if v is not None else "") for k, v in row.items()} for row in reader]  # empty strings kept
 
 
@@ -95,8 +97,18 @@ def read_vstar(folder: str | Path) -> tuple[list[Item], list[Reject]]:
         except ImageDecodeError as exc:
             rejects.append(Reject(iid, "bad_image", str(exc)))
             continue
-        items.append(Item(iid, "vstar", image, question, "A", options, [js.parent.name],
-                          {"bbox": rec.get("bbox"), "target_object": rec.get("target_object")}))
+        items.append(
+            Item(
+                iid,
+                "vstar",
+                image,
+                question,
+                "A",
+                options,
+                [js.parent.name],
+                {"bbox": rec.get("bbox"), "target_object": rec.get("target_object")},
+            )
+        )
     if not items and not rejects:
         raise FormatError(f"V*: no <category>/<id>.json files under {folder}")
     return items, rejects
@@ -123,8 +135,18 @@ def read_hrbench(path: str | Path, name: str = "hrbench") -> tuple[list[Item], l
         except (ImageDecodeError, OSError) as exc:
             rejects.append(Reject(iid, "bad_image", str(exc)))
             continue
-        items.append(Item(iid, name, image, r["question"], r["answer"].strip().upper(), options, [r["category"]],
-                          {"cycle_category": r.get("cycle_category", "")}))
+        items.append(
+            Item(
+                iid,
+                name,
+                image,
+                r["question"],
+                r["answer"].strip().upper(),
+                options,
+                [r["category"]],
+                {"cycle_category": r.get("cycle_category", "")},
+            )
+        )
     return items, rejects
 
 
@@ -181,9 +203,18 @@ def read_hallusionbench(path: str | Path, images_dir: str | Path | None = None) 
             except (ImageDecodeError, OSError) as exc:
                 rejects.append(Reject(r["index"], "bad_image", f"{r['image_path']}: {exc}"))
                 continue
-        items.append(Item(r["index"], "hallusionbench", image, r["question"], ans, None,
-                          [r["category"], r["l2-category"]],
-                          {"set": parts[3], "figure": f"{parts[3]}_{parts[4]}", "question": f"{parts[3]}_{parts[5]}"}))
+        items.append(
+            Item(
+                r["index"],
+                "hallusionbench",
+                image,
+                r["question"],
+                ans,
+                None,
+                [r["category"], r["l2-category"]],
+                {"set": parts[3], "figure": f"{parts[3]}_{parts[4]}", "question": f"{parts[3]}_{parts[5]}"},
+            )
+        )
     return items, rejects
 
 

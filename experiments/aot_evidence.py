@@ -25,16 +25,33 @@ from experiments.common import add_config_args, environment, load_bench_config, 
 
 # Toy size: every arm, attack and evaluation runs, in minutes on a CPU; the numbers mean nothing.
 # tau 0: the random tiny editor's edits pass integrity, so the AOT-attacker column gets rows.
-TOY = ["source.num_scenes=16", "source.shard_size=16", "source.question_types=[relative_position]",
-       "source.question_weights=[1.0]", "coevolution.heldout_scenes=12", "coevolution.iterations=1",
-       "coevolution.warmup_scenes=16", "models.defender=perception-baseline",  # Stage 2's, as in the evidence preset
-       "defender.model={backend: tiny, seed: 0, min_pixels: 1024, max_pixels: 4096}",
-       "defender.warmup.steps=2", "defender.warmup.batch_prompts=8", "defender.rl.steps=1", "defender.rl.batch_prompts=2",
-       "attacker.model={backend: tiny, seed: 0, resolution: 32, cfg_scale: 1.0}", "attacker.cold_start.steps=1",
-       "attacker.cold_start.sft_batch=2", "attacker.rl.steps=2", "attacker.rl.groups_per_step=1",
-       "attacker.rl.flow_grpo.group_size=4", "attacker.rl.flow_grpo.sampling_steps=3", "attacker.rl.reward.queries=2",
-       "attacker.rl.reward.tau=0.0", "attacker.curriculum.sampling_steps=3", "attacker.curriculum.max_items=4",
-       "attacker.curriculum.min_rows=8"]
+TOY = [
+    "source.num_scenes=16",
+    "source.shard_size=16",
+    "source.question_types=[relative_position]",
+    "source.question_weights=[1.0]",
+    "coevolution.heldout_scenes=12",
+    "coevolution.iterations=1",
+    "coevolution.warmup_scenes=16",
+    "models.defender=perception-baseline",  # Stage 2's, as in the evidence preset
+    "defender.model={backend: tiny, seed: 0, min_pixels: 1024, max_pixels: 4096}",
+    "defender.warmup.steps=2",
+    "defender.warmup.batch_prompts=8",
+    "defender.rl.steps=1",
+    "defender.rl.batch_prompts=2",
+    "attacker.model={backend: tiny, seed: 0, resolution: 32, cfg_scale: 1.0}",
+    "attacker.cold_start.steps=1",
+    "attacker.cold_start.sft_batch=2",
+    "attacker.rl.steps=2",
+    "attacker.rl.groups_per_step=1",
+    "attacker.rl.flow_grpo.group_size=4",
+    "attacker.rl.flow_grpo.sampling_steps=3",
+    "attacker.rl.reward.queries=2",
+    "attacker.rl.reward.tau=0.0",
+    "attacker.curriculum.sampling_steps=3",
+    "attacker.curriculum.max_items=4",
+    "attacker.curriculum.min_rows=8",
+]
 
 
 def report(result: dict, info: dict, out: str, name: str) -> None:
@@ -42,18 +59,44 @@ def report(result: dict, info: dict, out: str, name: str) -> None:
     from experiments.evidence import plot_curve, table_markdown
 
     print("\n" + table_markdown(result))
-    cols = ["seed", "iteration", "attacker_reward_first", "attacker_reward_last", "attack_success_start",
-            "attack_success_before", "attack_success_after", "defender_clean_accuracy", "defender_attacked_accuracy", "curriculum_kept"]
+    cols = [
+        "seed",
+        "iteration",
+        "attacker_reward_first",
+        "attacker_reward_last",
+        "attack_success_start",
+        "attack_success_before",
+        "attack_success_after",
+        "defender_clean_accuracy",
+        "defender_attacked_accuracy",
+        "curriculum_kept",
+    ]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in result["curve"]:
-        print("| " + " | ".join(f"{r.get(c):.3f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols) + " |")
+        print(
+            "| " + " | ".join(f"{r.get(c):.3f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols) + " |"
+        )
     print("\ngoals:", result["goals"])
     print(f"wall {info['wall_seconds']} s on {info['card']}")
     os.makedirs(out, exist_ok=True)
-    write_results(out, name, info, [{"table": result["summary"], "goals": result["goals"], "arms": result["arms"],
-                                     "curve": result["curve"], "runs": result["runs"], "columns": result["columns"],
-                                     "evidence": result["config"]["evidence"], "seeds": result.get("seeds", []),
-                                     "pipeline": result["config"]["pipeline"]}])
+    write_results(
+        out,
+        name,
+        info,
+        [
+            {
+                "table": result["summary"],
+                "goals": result["goals"],
+                "arms": result["arms"],
+                "curve": result["curve"],
+                "runs": result["runs"],
+                "columns": result["columns"],
+                "evidence": result["config"]["evidence"],
+                "seeds": result.get("seeds", []),
+                "pipeline": result["config"]["pipeline"],
+            }
+        ],
+    )
     plot_curve(result["curve"], os.path.join(out, name.replace("aot_evidence", "aot_evidence_curve") + ".png"))
 
 
@@ -84,13 +127,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--attacks", nargs="+", default=None, help="registered attack names (evaluation/attacks.py)")
     ap.add_argument("--unseen", nargs="+", default=None, help="which of --attacks no training arm uses")
     ap.add_argument("--name", default=None, help="result file name (default: aot_evidence[_tiny])")
-    ap.add_argument("--merge", nargs="+", metavar="JSON", help="combine finished runs' JSONs (same config, other seeds)")
+    ap.add_argument(
+        "--merge", nargs="+", metavar="JSON", help="combine finished runs' JSONs (same config, other seeds)"
+    )
     args = ap.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out)
 
-    from storage import ShardStore
     from experiments.evidence import EvidenceConfig, resolve_attacks, run_evidence
+    from storage import ShardStore
 
     preset, overrides, cfg = load_bench_config(args, TOY)
     ecfg = EvidenceConfig()
@@ -106,12 +151,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     def on_seed(rows: dict) -> None:  # a killed run still leaves its finished seeds
         done.append(rows)
-        write_results(args.out, name, info | {"wall_seconds": round(time.perf_counter() - t0, 1)},
-                      [{"partial": True, "seeds": done, "evidence": dataclasses.asdict(ecfg),
-                        "pipeline": cfg.to_dict()}])
+        write_results(
+            args.out,
+            name,
+            info | {"wall_seconds": round(time.perf_counter() - t0, 1)},
+            [{"partial": True, "seeds": done, "evidence": dataclasses.asdict(ecfg), "pipeline": cfg.to_dict()}],
+        )
 
-    result = run_evidence(ShardStore(root), cfg, ecfg, on_seed=on_seed,
-                          say=lambda m: print(f"{time.perf_counter() - t0:7.1f}s {m}", flush=True))
+    result = run_evidence(
+        ShardStore(root),
+        cfg,
+        ecfg,
+        on_seed=on_seed,
+        say=lambda m: print(f"{time.perf_counter() - t0:7.1f}s {m}", flush=True),
+    )
     result["seeds"] = done
     report(result, info | {"wall_seconds": round(time.perf_counter() - t0, 1)}, args.out, name)
     return result

@@ -31,51 +31,78 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.aot_evidence import TOY  # noqa: E402
 from experiments.common import add_config_args, environment, load_bench_config, parser, write_results  # noqa: E402
 
-
 # Columns of a scored attacker <- the curriculum summary's keys (stages/curriculum.attack_summary)
-SCORES = {"attack_success": "attack_success_rate", "clean_failure": "clean_failure_rate", "lift": "attack_lift",
-          "flips": "flip_rate", "integrity": "integrity_rate", "mean_efficacy": "mean_efficacy", "items": "items"}
+SCORES = {
+    "attack_success": "attack_success_rate",
+    "clean_failure": "clean_failure_rate",
+    "lift": "attack_lift",
+    "flips": "flip_rate",
+    "integrity": "integrity_rate",
+    "mean_efficacy": "mean_efficacy",
+    "items": "items",
+}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = parser(__doc__.splitlines()[0])
     add_config_args(ap, "override for every attacker (and the data, defender and cold start)")
-    ap.add_argument("--try", dest="tries", action="append", default=None, metavar="K=V,K=V",
-                    help="one attacker phase's attacker.rl overrides (repeatable; default: the preset's); with "
-                         "attacker.cold_start.* overrides the try starts from its own cold start, scored as its "
-                         "own baseline row; attacker.rl.steps=0 scores that cold start alone")
-    ap.add_argument("--score-noise", type=float, default=0.0, metavar="A",
-                    help="also score every attacker with SDE edits of noise level A (attacker.curriculum.noise_level)"
-                         ": sde_* columns beside the ODE ones")
+    ap.add_argument(
+        "--try",
+        dest="tries",
+        action="append",
+        default=None,
+        metavar="K=V,K=V",
+        help="one attacker phase's attacker.rl overrides (repeatable; default: the preset's); with "
+        "attacker.cold_start.* overrides the try starts from its own cold start, scored as its "
+        "own baseline row; attacker.rl.steps=0 scores that cold start alone",
+    )
+    ap.add_argument(
+        "--score-noise",
+        type=float,
+        default=0.0,
+        metavar="A",
+        help="also score every attacker with SDE edits of noise level A (attacker.curriculum.noise_level)"
+        ": sde_* columns beside the ODE ones",
+    )
     ap.add_argument("--root", default=None, help="store root (default: ./aot-attacker-learnability[-tiny])")
     ap.add_argument("--name", default="attacker_learnability")
     args = ap.parse_args(argv)
 
     from config import load_config
-    from storage import ShardStore
     from stages.steps import LocalSteps
+    from storage import ShardStore
 
     preset, overrides, cfg = load_bench_config(args, TOY)
-    tries = [[kv.strip() for kv in t.split(",") if kv.strip()] for t in (args.tries if args.tries is not None else [""])]
+    tries = [
+        [kv.strip() for kv in t.split(",") if kv.strip()] for t in (args.tries if args.tries is not None else [""])
+    ]
     bad = [kv for t in tries for kv in t if not kv.startswith(("attacker.rl.", "attacker.cold_start."))]
     if bad:  # anything else would change the scoring the tries are compared under
-        raise SystemExit(f"--try takes attacker.rl.* and attacker.cold_start.* overrides only, not {bad}; "
-                         "use --set for the rest")
+        raise SystemExit(
+            f"--try takes attacker.rl.* and attacker.cold_start.* overrides only, not {bad}; use --set for the rest"
+        )
     store = ShardStore(args.root or ("./aot-attacker-learnability" + ("-tiny" if args.tiny else "")))
     t0 = time.perf_counter()
     say = lambda m: print(f"{time.perf_counter() - t0:7.1f}s {m}", flush=True)  # noqa: E731
     steps = LocalSteps(store, cfg, say)
-    sde_steps = LocalSteps(store, load_config(preset, overrides + [f"attacker.curriculum.noise_level={args.score_noise}"]),
-                           say) if args.score_noise else None
+    sde_steps = (
+        LocalSteps(store, load_config(preset, overrides + [f"attacker.curriculum.noise_level={args.score_noise}"]), say)
+        if args.score_noise
+        else None
+    )
     data = {s["stage"]: s["version"] for s in steps.bootstrap(None)}
     heldout = steps.heldout()
-    defender = steps.train_defender(steps.warmup_pool() if cfg.coevolution.warmup_scenes else data["export"], None,
-                                    "warmup", "clean")
+    defender = steps.train_defender(
+        steps.warmup_pool() if cfg.coevolution.warmup_scenes else data["export"], None, "warmup", "clean"
+    )
     cold = steps.train_attacker(data["export"], None, None, "sft")
-    info = environment(preset=preset, overrides=overrides, defender=defender, cold_start=cold,
-                       score_noise=args.score_noise)
+    info = environment(
+        preset=preset, overrides=overrides, defender=defender, cold_start=cold, score_noise=args.score_noise
+    )
 
-    def scored(name: str, attacker: str) -> dict:  # the held-out items, edited and scored by the base config's curriculum
+    def scored(
+        name: str, attacker: str
+    ) -> dict:  # the held-out items, edited and scored by the base config's curriculum
         row = {"try": name, "attacker": attacker}
         for prefix, st in (("", steps), ("sde_", sde_steps)):
             if st is not None:
@@ -99,19 +126,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
         attacker = tsteps.train_attacker(data["filter"], defender, base["attacker"], "grpo")
         rewards = store.read(store.manifest(attacker))["reward"].to_list()
         q = max(1, len(rewards) // 4)
-        rows.append({**scored(",".join(t) or "preset", attacker), "steps": len(rewards),
-                     "train_reward_first": sum(rewards[:q]) / q, "train_reward_last": sum(rewards[-q:]) / q,
-                     "seconds": round(time.perf_counter() - started, 1), "from": base["try"]})
+        rows.append(
+            {
+                **scored(",".join(t) or "preset", attacker),
+                "steps": len(rewards),
+                "train_reward_first": sum(rewards[:q]) / q,
+                "train_reward_last": sum(rewards[-q:]) / q,
+                "seconds": round(time.perf_counter() - started, 1),
+                "from": base["try"],
+            }
+        )
         for prefix in ("", "sde_") if sde_steps else ("",):
             rows[-1][prefix + "success_gain"] = rows[-1][prefix + "attack_success"] - base[prefix + "attack_success"]
         write_results(args.out, args.name, info | {"wall_seconds": round(time.perf_counter() - t0, 1)}, rows)
-    print(f"\n{'attacker':<48} {'success':>8} {'gain':>7} {'lift':>7} {'flips':>6} {'integrity':>9} {'efficacy':>8} "
-          f"{'reward 1st->last q':>19}" + (f" {'SDE success':>11} {'SDE lift':>8}" if sde_steps else ""))
+    print(
+        f"\n{'attacker':<48} {'success':>8} {'gain':>7} {'lift':>7} {'flips':>6} {'integrity':>9} {'efficacy':>8} "
+        f"{'reward 1st->last q':>19}" + (f" {'SDE success':>11} {'SDE lift':>8}" if sde_steps else "")
+    )
     for r in rows:
         rew = f"{r['train_reward_first']:.3f} -> {r['train_reward_last']:.3f}" if "steps" in r else ""
         sde = f" {r['sde_attack_success']:>11.3f} {r['sde_lift']:>+8.3f}" if sde_steps else ""
-        print(f"{r['try'][:48]:<48} {r['attack_success']:>8.3f} {r.get('success_gain', 0.0):>+7.3f} {r['lift']:>+7.3f} "
-              f"{r['flips']:>6.3f} {r['integrity']:>9.3f} {r['mean_efficacy']:>8.3f} {rew:>19}{sde}")
+        print(
+            f"{r['try'][:48]:<48} {r['attack_success']:>8.3f} {r.get('success_gain', 0.0):>+7.3f} {r['lift']:>+7.3f} "
+            f"{r['flips']:>6.3f} {r['integrity']:>9.3f} {r['mean_efficacy']:>8.3f} {rew:>19}{sde}"
+        )
     return rows
 
 

@@ -64,10 +64,17 @@ def run_tree(cmd: list[str], env: dict, cwd: Path) -> dict:
 def stage_seconds(output: str) -> dict:
     out = {}
     for line in output.splitlines():
-        m = re.match(r"^(source|extend|filter|implant|export)\s+([0-9a-f]{16})\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)", line)
+        m = re.match(
+            r"^(source|extend|filter|implant|export)\s+([0-9a-f]{16})\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)",
+            line,
+        )
         if m:
-            out[m.group(1)] = {"version": m.group(2), "shards": int(m.group(6)), "recomputed": int(m.group(7)),
-                               "seconds": float(m.group(8))}
+            out[m.group(1)] = {
+                "version": m.group(2),
+                "shards": int(m.group(6)),
+                "recomputed": int(m.group(7)),
+                "seconds": float(m.group(8)),
+            }
     return out
 
 
@@ -75,14 +82,18 @@ def in_process(tmp: Path) -> dict:
     os.environ["PREFECT_HOME"] = str(tmp / "home-inproc")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     sys.path.insert(0, str(REPO))
-    from flows.bootstrap import bootstrap
     from config import load_config
+    from flows.bootstrap import bootstrap
     from stages.runner import run_bootstrap
     from storage import ShardStore
 
     cfg = load_config("synthetic")
-    run_bootstrap(ShardStore(str(tmp / "warm-pure")), load_config("synthetic", {"source": {"num_scenes": 4, "shard_size": 4}}))
-    bootstrap(root=str(tmp / "warm-prefect"), overrides={"source.num_scenes": 4, "source.shard_size": 4}, progress=False)
+    run_bootstrap(
+        ShardStore(str(tmp / "warm-pure")), load_config("synthetic", {"source": {"num_scenes": 4, "shard_size": 4}})
+    )
+    bootstrap(
+        root=str(tmp / "warm-prefect"), overrides={"source.num_scenes": 4, "source.shard_size": 4}, progress=False
+    )
     t0 = time.perf_counter()
     pure = {s.stage: s.to_dict() for s in run_bootstrap(ShardStore(str(tmp / "pure")), cfg)}
     pure_total = time.perf_counter() - t0
@@ -93,10 +104,21 @@ def in_process(tmp: Path) -> dict:
     for name in pure:
         p, q = pure[name], pref[name]
         assert p["version"] == q["version"], "Prefect and the pure runner disagree on a version id"
-        rows.append({"stage": name, "shards": q["shards"], "pure_s": p["seconds"], "prefect_s": q["seconds"],
-                     "overhead_per_shard_s": (q["seconds"] - p["seconds"]) / q["shards"]})
-    return {"stages": rows, "pure_total_s": pure_total, "prefect_total_s": pref_total,
-            "overhead_per_shard_s": (pref_total - pure_total) / sum(r["shards"] for r in rows)}
+        rows.append(
+            {
+                "stage": name,
+                "shards": q["shards"],
+                "pure_s": p["seconds"],
+                "prefect_s": q["seconds"],
+                "overhead_per_shard_s": (q["seconds"] - p["seconds"]) / q["shards"],
+            }
+        )
+    return {
+        "stages": rows,
+        "pure_total_s": pure_total,
+        "prefect_total_s": pref_total,
+        "overhead_per_shard_s": (pref_total - pure_total) / sum(r["shards"] for r in rows),
+    }
 
 
 def main() -> None:
@@ -119,11 +141,19 @@ def main() -> None:
     import torch
 
     result = {
-        "machine": {"cpus": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-                    "platform": platform.platform(), "python": platform.python_version(), "card": "none (CPU)"},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "card": "none (CPU)",
+        },
         "versions": {"prefect": version("prefect"), "torch": torch.__version__, "polars": polars.__version__},
-        "fresh_machine_cli": {"seconds": fresh["seconds"], "peak_rss_gib": fresh["peak_rss_gib"],
-                              "stages": stage_seconds(fresh["output"])},
+        "fresh_machine_cli": {
+            "seconds": fresh["seconds"],
+            "peak_rss_gib": fresh["peak_rss_gib"],
+            "stages": stage_seconds(fresh["output"]),
+        },
         "cold_cli": {"seconds": cold["seconds"], "peak_rss_gib": cold["peak_rss_gib"], "stages": cold_stages},
         "warm_cli": {"seconds": warm["seconds"], "peak_rss_gib": warm["peak_rss_gib"], "stages": warm_stages},
         "in_process": inproc,
@@ -133,16 +163,23 @@ def main() -> None:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=1))
 
-    print(f"\n`aot run` on the embedded default ({os.cpu_count()} CPUs, prefect {version('prefect')}, torch {torch.__version__})")
+    print(
+        f"\n`aot run` on the embedded default ({os.cpu_count()} CPUs, prefect {version('prefect')}, "
+        f"torch {torch.__version__})"
+    )
     print(f"{'run':<22}{'wall s':>9}{'peak RSS GiB':>14}")
     print(f"{'fresh machine':<22}{fresh['seconds']:>9.1f}{fresh['peak_rss_gib']:>14.2f}")
     print(f"{'cold (fresh server)':<22}{cold['seconds']:>9.1f}{cold['peak_rss_gib']:>14.2f}")
     print(f"{'warm (all cached)':<22}{warm['seconds']:>9.1f}{warm['peak_rss_gib']:>14.2f}")
     print(f"\n{'stage':<10}{'shards':>7}{'pure s':>9}{'prefect s':>11}{'overhead/shard s':>18}")
     for r in inproc["stages"]:
-        print(f"{r['stage']:<10}{r['shards']:>7}{r['pure_s']:>9.2f}{r['prefect_s']:>11.2f}{r['overhead_per_shard_s']:>18.3f}")
-    print(f"{'total':<10}{'':>7}{inproc['pure_total_s']:>9.2f}{inproc['prefect_total_s']:>11.2f}"
-          f"{inproc['overhead_per_shard_s']:>18.3f}")
+        print(
+            f"{r['stage']:<10}{r['shards']:>7}{r['pure_s']:>9.2f}{r['prefect_s']:>11.2f}{r['overhead_per_shard_s']:>18.3f}"
+        )
+    print(
+        f"{'total':<10}{'':>7}{inproc['pure_total_s']:>9.2f}{inproc['prefect_total_s']:>11.2f}"
+        f"{inproc['overhead_per_shard_s']:>18.3f}"
+    )
     print(f"\ntargets: fresh-machine run <= 180 s and <= 4 GiB: {'met' if result['targets']['met'] else 'NOT met'}")
     print(f"wrote {OUT.relative_to(REPO)}")
 

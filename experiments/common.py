@@ -17,8 +17,12 @@ def environment(**extra) -> dict:
     """Card, library versions and Python: the context every result table states."""
     import transformers
 
-    env = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-           "transformers": transformers.__version__, "python": platform.python_version()}
+    env = {
+        "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
     for name in ("diffusers", "trl"):
         try:
             env[name] = __import__(name).__version__

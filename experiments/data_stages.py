@@ -54,39 +54,97 @@ def flux_fill(tiny: bool, device, dtype):
 
     torch.set_default_dtype(dtype)
     with torch.device(device):
-        tr = FluxTransformer2DModel(patch_size=1, in_channels=384, out_channels=64, num_layers=19, num_single_layers=38,
-                                    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                                    pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56])
-        clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                            num_hidden_layers=12, vocab_size=49408, projection_dim=768,
-                                            max_position_embeddings=77))
-        t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                                     feed_forward_proj="gated-gelu", is_gated_act=True))
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
+        tr = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=384,
+            out_channels=64,
+            num_layers=19,
+            num_single_layers=38,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
+            axes_dims_rope=[16, 56, 56],
+        )
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_attention_heads=12,
+                num_hidden_layers=12,
+                vocab_size=49408,
+                projection_dim=768,
+                max_position_embeddings=77,
+            )
+        )
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=32128,
+                d_model=4096,
+                d_kv=64,
+                d_ff=10240,
+                num_layers=24,
+                num_heads=64,
+                feed_forward_proj="gated-gelu",
+                is_gated_act=True,
+            )
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=16,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            shift_factor=0.1159,
+            scaling_factor=0.3611,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
     torch.set_default_dtype(torch.float32)
-    pipe = FluxFillPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
-                            tokenizer=tiny_clip_tokenizer(), text_encoder_2=t5, tokenizer_2=tiny_t5_tokenizer(),
-                            transformer=tr)
+    pipe = FluxFillPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=t5,
+        tokenizer_2=tiny_t5_tokenizer(),
+        transformer=tr,
+    )
     return DiffusersFiller(pipe, steps=8, device=device, max_sequence_length=64)
 
 
 def extend_stage(filler, img: Image.Image, canvas: int, n: int, shard_index: int = 0):
     """A call of the extend stage function (``extend_scenes``) on one shard of ``n`` imported rows
     of ``img``, outpainted to ``canvas`` px by the already-built ``filler``; asserts every row came out."""
+    from config import load_config
     from stages import rows as R
     from stages.base import ShardContext
-    from config import load_config
     from stages.extend import extend_scenes
     from storage import image_cell
 
     side = img.width
     cfg = load_config("synthetic", {"extend": {"canvas_scale": canvas / side}})
-    shard = R.frame([{"id": f"s{shard_index}-{i}", "source": "import", "image": image_cell(img), "width": side,
-                      "height": side, "question_type": "mcq", "question": "q?", "options": ["a", "b"], "answer": "A",
-                      "target_names": ["cup"], "target_boxes": [[10.0, 10.0, 50.0, 50.0]], "scene": None}
-                     for i in range(n)], R.SOURCE)
+    shard = R.frame(
+        [
+            {
+                "id": f"s{shard_index}-{i}",
+                "source": "import",
+                "image": image_cell(img),
+                "width": side,
+                "height": side,
+                "question_type": "mcq",
+                "question": "q?",
+                "options": ["a", "b"],
+                "answer": "A",
+                "target_names": ["cup"],
+                "target_boxes": [[10.0, 10.0, 50.0, 50.0]],
+                "scene": None,
+            }
+            for i in range(n)
+        ],
+        R.SOURCE,
+    )
     ctx = ShardContext("extend", cfg, shard_index)
     ctx.model = lambda role: filler  # the already-built pipeline, as the registry would return it
 
@@ -107,15 +165,23 @@ def bench_outpaint(tiny, device, dtype, reps):
     arr = np.asarray(img)
     start = np.pad(arr, ((off[1], canvas - off[1] - side), (off[0], canvas - off[0] - side), (0, 0)), mode="edge")
     mask = np.ones((canvas, canvas), dtype=np.uint8) * 255
-    mask[off[1]:off[1] + side, off[0]:off[0] + side] = 0
+    mask[off[1] : off[1] + side, off[0] : off[0] + side] = 0
 
     def ours():
         filler.outpaint(img, (canvas, canvas), off, None)
 
     def bare():
-        filler.pipe(prompt=OUTPAINT_PROMPT, image=Image.fromarray(start), mask_image=Image.fromarray(mask), height=canvas,
-                    width=canvas, num_inference_steps=filler.steps, guidance_scale=filler.guidance,
-                    generator=torch.Generator("cpu").manual_seed(0), max_sequence_length=filler.max_sequence_length)
+        filler.pipe(
+            prompt=OUTPAINT_PROMPT,
+            image=Image.fromarray(start),
+            mask_image=Image.fromarray(mask),
+            height=canvas,
+            width=canvas,
+            num_inference_steps=filler.steps,
+            guidance_scale=filler.guidance,
+            generator=torch.Generator("cpu").manual_seed(0),
+            max_sequence_length=filler.max_sequence_length,
+        )
 
     # Through the stage function itself: decoding, geometry, box transforms, PNG encoding, rows.
     n = 3
@@ -128,10 +194,22 @@ def bench_outpaint(tiny, device, dtype, reps):
     b, o = timeit(bare, reps), timeit(ours, reps)
     bs, st = timeit(bare_n, 2), timeit(stage, 2)
     steps = 8 if not tiny else 2
-    return [{"what": f"outpaint {side}->{canvas} px, {steps} steps (role)", "unit": "images/s",
-             "bare": 1 / b, "ours": 1 / o, "overhead": o / b - 1},
-            {"what": f"outpaint {side}->{canvas} px, {steps} steps (extend stage, {n} rows)", "unit": "images/s",
-             "bare": n / bs, "ours": n / st, "overhead": st / bs - 1}]
+    return [
+        {
+            "what": f"outpaint {side}->{canvas} px, {steps} steps (role)",
+            "unit": "images/s",
+            "bare": 1 / b,
+            "ours": 1 / o,
+            "overhead": o / b - 1,
+        },
+        {
+            "what": f"outpaint {side}->{canvas} px, {steps} steps (extend stage, {n} rows)",
+            "unit": "images/s",
+            "bare": n / bs,
+            "ours": n / st,
+            "overhead": st / bs - 1,
+        },
+    ]
 
 
 def bench_judge(tiny, device, dtype, reps):
@@ -168,25 +246,53 @@ def bench_judge(tiny, device, dtype, reps):
             ours()
 
     b, o = timeit(bare, reps), timeit(ours_fixed, reps)
-    return {"what": f"judge realism check, {side}x{side} image, 16 tokens", "unit": "checks/s", "bare": 1 / b,
-            "ours": 1 / o, "overhead": o / b - 1}
+    return {
+        "what": f"judge realism check, {side}x{side} image, 16 tokens",
+        "unit": "checks/s",
+        "bare": 1 / b,
+        "ours": 1 / o,
+        "overhead": o / b - 1,
+    }
 
 
 def bench_ground(tiny, device, dtype, reps):
-    from models.grounding import GroundingDinoDetector, SamSegmenter, build_tiny_grounding_dino, build_tiny_sam, \
-        tiny_bert_tokenizer
+    from models.grounding import (
+        GroundingDinoDetector,
+        SamSegmenter,
+        build_tiny_grounding_dino,
+        build_tiny_sam,
+        tiny_bert_tokenizer,
+    )
 
     if tiny:
         dm, dp = build_tiny_grounding_dino()
         sm, sp = build_tiny_sam()
     else:
-        from transformers import (GroundingDinoConfig, GroundingDinoForObjectDetection, GroundingDinoImageProcessor,
-                                  GroundingDinoProcessor, SamConfig, SamImageProcessor, SamModel, SamProcessor, SwinConfig)
+        from transformers import (
+            GroundingDinoConfig,
+            GroundingDinoForObjectDetection,
+            GroundingDinoImageProcessor,
+            GroundingDinoProcessor,
+            SamConfig,
+            SamImageProcessor,
+            SamModel,
+            SamProcessor,
+            SwinConfig,
+        )
 
         with torch.device(device):
-            dm = GroundingDinoForObjectDetection(GroundingDinoConfig(backbone_config=SwinConfig(
-                embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=12, image_size=384,
-                out_indices=[2, 3, 4])))
+            dm = GroundingDinoForObjectDetection(
+                GroundingDinoConfig(
+                    backbone_config=SwinConfig(
+                        embed_dim=128,
+                        depths=[2, 2, 18, 2],
+                        num_heads=[4, 8, 16, 32],
+                        window_size=12,
+                        image_size=384,
+                        out_indices=[2, 3, 4],
+                    )
+                )
+            )
             sm = SamModel(SamConfig())
         dp = GroundingDinoProcessor(GroundingDinoImageProcessor(), tiny_bert_tokenizer())
         sp = SamProcessor(SamImageProcessor())
@@ -203,16 +309,22 @@ def bench_ground(tiny, device, dtype, reps):
         with torch.no_grad():
             inp = dp(images=img, text="a red ball.", return_tensors="pt").to(device)
             out = dm(**inp)
-            res = dp.post_process_grounded_object_detection(out, inp["input_ids"], threshold=0.0, text_threshold=0.0,
-                                                            target_sizes=[(side, side)])[0]
+            res = dp.post_process_grounded_object_detection(
+                out, inp["input_ids"], threshold=0.0, text_threshold=0.0, target_sizes=[(side, side)]
+            )[0]
             b = res["boxes"][0].tolist() if len(res["boxes"]) else box
             si = sp(images=img, input_boxes=[[b]], return_tensors="pt").to(device)
             so = sm(**si, multimask_output=True)
             sp.post_process_masks(so.pred_masks.cpu(), si["original_sizes"].cpu(), si["reshaped_input_sizes"].cpu())
 
     b, o = timeit(bare, reps), timeit(ours, reps)
-    return {"what": f"Grounding DINO (Swin-B) + SAM ViT-B, {side}x{side} image", "unit": "images/s", "bare": 1 / b,
-            "ours": 1 / o, "overhead": o / b - 1}
+    return {
+        "what": f"Grounding DINO (Swin-B) + SAM ViT-B, {side}x{side} image",
+        "unit": "images/s",
+        "bare": 1 / b,
+        "ours": 1 / o,
+        "overhead": o / b - 1,
+    }
 
 
 def main():

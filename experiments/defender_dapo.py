@@ -31,35 +31,88 @@ from models.qwen_vl import SPECIAL, QwenVLPolicy, build_byte_tokenizer  # noqa: 
 
 ARCH = {
     # Published Qwen2.5-VL config values (text + vision).
-    "3b": dict(text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                         num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True, section=[16, 24, 24]),
-               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048)),
-    "7b": dict(text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                         num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False, section=[16, 24, 24]),
-               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584)),
-    "tiny": dict(text=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, section=[4, 6, 6]),
-                 vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64)),
+    "3b": dict(
+        text=dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            section=[16, 24, 24],
+        ),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048),
+    ),
+    "7b": dict(
+        text=dict(
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            tie_word_embeddings=False,
+            section=[16, 24, 24],
+        ),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584),
+    ),
+    "tiny": dict(
+        text=dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            section=[4, 6, 6],
+        ),
+        vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64),
+    ),
 }
 
 
 def build(arch: str, device: str, dtype):
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     tok = build_byte_tokenizer()
     a = ARCH[arch]
     t = dict(a["text"])
     section = t.pop("section")
     ids = {s: tok.convert_tokens_to_ids(s) for s in SPECIAL}
-    text = dict(t, max_position_embeddings=32768, rope_theta=1e6,
-                rope_scaling={"mrope_section": section, "rope_type": "default", "type": "default"},
-                bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    vision = dict(a["vision"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                  fullatt_block_indexes=[7, 15, 23, 31] if a["vision"]["depth"] == 32 else [1])
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=t["tie_word_embeddings"])
+    text = dict(
+        t,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        rope_scaling={"mrope_section": section, "rope_type": "default", "type": "default"},
+        bos_token_id=ids["<|im_start|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    vision = dict(
+        a["vision"],
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31] if a["vision"]["depth"] == 32 else [1],
+    )
+    cfg = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=t["tie_word_embeddings"],
+    )
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -70,8 +123,12 @@ def build(arch: str, device: str, dtype):
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     px = 448 * 448
     kw = dict(min_pixels=px, max_pixels=px, patch_size=14, merge_size=2, temporal_patch_size=2)
-    proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**kw), tokenizer=tok,
-                               video_processor=Qwen2VLVideoProcessor(**kw), chat_template=tok.chat_template)
+    proc = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**kw),
+        tokenizer=tok,
+        video_processor=Qwen2VLVideoProcessor(**kw),
+        chat_template=tok.chat_template,
+    )
     return model, proc
 
 
@@ -100,22 +157,53 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, warmup=2, lora=0, cache="dynamic",
-             vision_attention="stock", profile=False, grad_ckpt=True, share_images=True, micro_batch=0,
-             compile_update=False):
-    from rl.dapo import DapoConfig
+def run_ours(
+    model,
+    proc,
+    device,
+    batch,
+    G,
+    completion,
+    steps,
+    prompt_chars,
+    warmup=2,
+    lora=0,
+    cache="dynamic",
+    vision_attention="stock",
+    profile=False,
+    grad_ckpt=True,
+    share_images=True,
+    micro_batch=0,
+    compile_update=False,
+):
     from config import DefenderTrainConfig
+    from rl.dapo import DapoConfig
     from training.defender import DefenderTrainer
 
-    policy = QwenVLPolicy(model, proc, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
-                          vision_attention=vision_attention)
+    policy = QwenVLPolicy(
+        model,
+        proc,
+        device=device,
+        dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+        vision_attention=vision_attention,
+    )
     policy.share_images = share_images
     total = warmup + steps + int(profile)
-    cfg = DefenderTrainConfig(mode="dapo", steps=total, batch_prompts=batch // G, micro_batch=micro_batch or batch,
-                              rollout_batch=batch, lr=1e-6,
-                              max_new_tokens=completion, gradient_checkpointing=grad_ckpt, lora_rank=lora, lora_alpha=2 * lora,
-                              decode_cache=cache, compile_update=compile_update,
-                              dapo=DapoConfig(group_size=G, dynamic_sampling=False, mask_truncated=False))
+    cfg = DefenderTrainConfig(
+        mode="dapo",
+        steps=total,
+        batch_prompts=batch // G,
+        micro_batch=micro_batch or batch,
+        rollout_batch=batch,
+        lr=1e-6,
+        max_new_tokens=completion,
+        gradient_checkpointing=grad_ckpt,
+        lora_rank=lora,
+        lora_alpha=2 * lora,
+        decode_cache=cache,
+        compile_update=compile_update,
+        dapo=DapoConfig(group_size=G, dynamic_sampling=False, mask_truncated=False),
+    )
     tr = DefenderTrainer(policy, rows(batch // G * total, prompt_chars), cfg)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -130,14 +218,25 @@ def run_ours(model, proc, device, batch, G, completion, steps, prompt_chars, war
             r = tr.dapo_step()
         tr.step += 1
         sync(device)
-        out.append({"step_s": time.perf_counter() - t0, "generation_s": r["sample_seconds"], "logprob_s": r["logprob_seconds"],
-                    "update_s": r["update_seconds"], "completion_tokens": float(r["response_length"]) * batch,
-                    "compiled": compiled_graphs() - graphs})
-        print(f"  step {n}: {out[-1]['step_s']:.2f} s (generation {r['sample_seconds']:.2f}, update {r['update_seconds']:.2f}"
-              f", {out[-1]['compiled']} graphs compiled)", flush=True)
+        out.append(
+            {
+                "step_s": time.perf_counter() - t0,
+                "generation_s": r["sample_seconds"],
+                "logprob_s": r["logprob_seconds"],
+                "update_s": r["update_seconds"],
+                "completion_tokens": float(r["response_length"]) * batch,
+                "compiled": compiled_graphs() - graphs,
+            }
+        )
+        print(
+            f"  step {n}: {out[-1]['step_s']:.2f} s (generation {r['sample_seconds']:.2f}, "
+            f"update {r['update_seconds']:.2f}"
+            f", {out[-1]['compiled']} graphs compiled)",
+            flush=True,
+        )
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     del tr, policy
-    timed = out[warmup:warmup + steps]
+    timed = out[warmup : warmup + steps]
     return timed, peak, ops
 
 
@@ -192,9 +291,19 @@ def summarize_profile(events, device, top: int = 25) -> dict:
         cat = next((c for c, words in CATEGORIES if any(w in name for w in words)), "other")
         cats[cat] += getattr(e, key, 0.0)
     rows = sorted(events, key=lambda e: getattr(e, key, 0.0), reverse=True)[:top]
-    return {"total_ms": total / 1e3, "categories": {c: {"ms": v / 1e3, "share": v / max(total, 1e-9)} for c, v in cats.items()},
-            "top": [{"op": e.key, "calls": e.count, "self_ms": getattr(e, key, 0.0) / 1e3,
-                     "share": getattr(e, key, 0.0) / max(total, 1e-9)} for e in rows]}
+    return {
+        "total_ms": total / 1e3,
+        "categories": {c: {"ms": v / 1e3, "share": v / max(total, 1e-9)} for c, v in cats.items()},
+        "top": [
+            {
+                "op": e.key,
+                "calls": e.count,
+                "self_ms": getattr(e, key, 0.0) / 1e3,
+                "share": getattr(e, key, 0.0) / max(total, 1e-9),
+            }
+            for e in rows
+        ],
+    }
 
 
 def run_trl(model, proc, device, batch, G, completion, steps, prompt_chars, outdir, warmup=2, cache=None):
@@ -226,26 +335,61 @@ def run_trl(model, proc, device, batch, G, completion, steps, prompt_chars, outd
             steps_t[-1][1] = time.perf_counter()
             steps_t[-1][2] = compiled_graphs() - steps_t[-1][2]
 
-    data = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e.prompt}]}],
-             "image": e.image} for e in rows(batch // G * (warmup + steps), prompt_chars)]
-    args = trl.GRPOConfig(output_dir=str(outdir), per_device_train_batch_size=batch, num_generations=G,
-                          max_completion_length=completion, loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0,
-                          learning_rate=1e-6, bf16=device == "cuda", use_cpu=device != "cuda", gradient_checkpointing=True,
-                          max_steps=warmup + steps, logging_steps=1, report_to=[], save_strategy="no",
-                          remove_unused_columns=False, temperature=1.0, shuffle_dataset=False,
-                          cache_implementation=cache)
+    data = [
+        {
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e.prompt}]}],
+            "image": e.image,
+        }
+        for e in rows(batch // G * (warmup + steps), prompt_chars)
+    ]
+    args = trl.GRPOConfig(
+        output_dir=str(outdir),
+        per_device_train_batch_size=batch,
+        num_generations=G,
+        max_completion_length=completion,
+        loss_type="dapo",
+        epsilon=0.2,
+        epsilon_high=0.28,
+        beta=0.0,
+        learning_rate=1e-6,
+        bf16=device == "cuda",
+        use_cpu=device != "cuda",
+        gradient_checkpointing=True,
+        max_steps=warmup + steps,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        remove_unused_columns=False,
+        temperature=1.0,
+        shuffle_dataset=False,
+        cache_implementation=cache,
+    )
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
-                              train_dataset=Dataset.from_list(data), processing_class=proc, callbacks=[Clock()])
+    trainer = trl.GRPOTrainer(
+        model=model,
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        args=args,
+        train_dataset=Dataset.from_list(data),
+        processing_class=proc,
+        callbacks=[Clock()],
+    )
     trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     model.generate = inner_generate
     print(f"trl: {len(steps_t)} steps timed, {len(timings['gen'])} generate calls", flush=True)
     out = []
     for (a, b, compiled), g in zip(steps_t, timings["gen"]):
-        out.append({"step_s": b - a, "generation_s": g, "logprob_s": 0.0, "update_s": (b - a) - g,
-                    "completion_tokens": float(batch * completion), "compiled": compiled})
+        out.append(
+            {
+                "step_s": b - a,
+                "generation_s": g,
+                "logprob_s": 0.0,
+                "update_s": (b - a) - g,
+                "completion_tokens": float(batch * completion),
+                "compiled": compiled,
+            }
+        )
     del trainer
     return out[warmup:], peak
 
@@ -256,7 +400,9 @@ def compiled_graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
-def summarize(name, rows_, batch, prompt_tokens, completion, n_text, n_vis, patches, peak_tflops, peak_gib, images=None):
+def summarize(
+    name, rows_, batch, prompt_tokens, completion, n_text, n_vis, patches, peak_tflops, peak_gib, images=None
+):
     """Means over the timed steps that compiled nothing (all of them if every one did; the
     others are counted in ``compile_steps``, and every step's update time is kept).
     ``images``: images the vision tower runs on per update (default one per row; ours with
@@ -267,11 +413,20 @@ def summarize(name, rows_, batch, prompt_tokens, completion, n_text, n_vis, patc
     comp = mean("completion_tokens")
     seq_tokens = batch * prompt_tokens + comp
     flops = 6 * (n_text * seq_tokens + n_vis * (batch if images is None else images) * patches)
-    return {"impl": name, "batch": batch, "step_s": step, "generation_s": gen, "logprob_s": lp, "update_s": upd,
-            "completion_tok_s": comp / step, "total_tok_s": seq_tokens / step,
-            "update_mfu": flops / max(upd, 1e-9) / (peak_tflops * 1e12) if peak_tflops == peak_tflops else float("nan"),
-            "peak_gib": peak_gib, "update_s_steps": [r["update_s"] for r in rows_],  # the spread the means hide
-            "compile_steps": len(rows_) - len(steady)}
+    return {
+        "impl": name,
+        "batch": batch,
+        "step_s": step,
+        "generation_s": gen,
+        "logprob_s": lp,
+        "update_s": upd,
+        "completion_tok_s": comp / step,
+        "total_tok_s": seq_tokens / step,
+        "update_mfu": flops / max(upd, 1e-9) / (peak_tflops * 1e12) if peak_tflops == peak_tflops else float("nan"),
+        "peak_gib": peak_gib,
+        "update_s_steps": [r["update_s"] for r in rows_],  # the spread the means hide
+        "compile_steps": len(rows_) - len(steady),
+    }
 
 
 def main():
@@ -283,25 +438,38 @@ def main():
     ap.add_argument("--completion", type=int, default=256)
     ap.add_argument("--prompt-chars", type=int, default=300)
     ap.add_argument("--steps", type=int, default=3, help="timed steps, after the warm-up steps")
-    ap.add_argument("--warmup", type=int, default=2,
-                    help="untimed steps first: compilation, and a second step still ~2x slower in the update on an H100")
-    ap.add_argument("--impls", default="ours,trl",
-                    help="comma-separated: ours, ours-static (static KV cache, compiled decoding), ours-grouped "
-                         "(vision windows batched: models/vision_attention.py), ours-nockpt (no gradient "
-                         "checkpointing: no recomputed forward, more memory), ours-unshared (every row through "
-                         "the processor and vision tower, as before models/shared_images.py), ours-mbN (update "
-                         "in micro-batches of N rows), ours-compiled (decoder layers compiled for the update: "
-                         "models/compiled_layers.py); variants combine, e.g. ours-static-grouped-compiled; trl, "
-                         "trl-static (TRL's generation with cache_implementation='static', as ours-static)")
-    ap.add_argument("--profile", action="store_true",
-                    help="one extra step of each of ours with its update phase under torch.profiler; top operators "
-                         "into the JSON")
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed steps first: compilation, and a second step still ~2x slower in the update on an H100",
+    )
+    ap.add_argument(
+        "--impls",
+        default="ours,trl",
+        help="comma-separated: ours, ours-static (static KV cache, compiled decoding), ours-grouped "
+        "(vision windows batched: models/vision_attention.py), ours-nockpt (no gradient "
+        "checkpointing: no recomputed forward, more memory), ours-unshared (every row through "
+        "the processor and vision tower, as before models/shared_images.py), ours-mbN (update "
+        "in micro-batches of N rows), ours-compiled (decoder layers compiled for the update: "
+        "models/compiled_layers.py); variants combine, e.g. ours-static-grouped-compiled; trl, "
+        "trl-static (TRL's generation with cache_implementation='static', as ours-static)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="one extra step of each of ours with its update phase under torch.profiler; top operators into the JSON",
+    )
     ap.add_argument("--lora-7b", action="store_true")
     ap.add_argument("--out", default="experiments/results")
     a = ap.parse_args()
     for impl in a.impls.split(","):  # before any model is built
-        unknown = {v for v in impl.split("-")[1:] if not (v[:2] == "mb" and v[2:].isdigit())} - \
-            {"static", "grouped", "nockpt", "unshared", "compiled"} if impl.startswith("ours") else ({impl} - {"trl", "trl-static"})
+        unknown = (
+            {v for v in impl.split("-")[1:] if not (v[:2] == "mb" and v[2:].isdigit())}
+            - {"static", "grouped", "nockpt", "unshared", "compiled"}
+            if impl.startswith("ours")
+            else ({impl} - {"trl", "trl-static"})
+        )
         if unknown:
             raise SystemExit(f"unknown implementation or variant {sorted(unknown)} in {impl!r}; see --help for --impls")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -320,32 +488,86 @@ def main():
         for impl in a.impls.split(","):
             model, proc = build(arch, device, dtype)
             n_text, n_vis = param_counts(model)
-            enc = proc(text=[build_byte_tokenizer().apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": rows(1, a.prompt_chars)[0].prompt}]}],
-                add_generation_prompt=True, tokenize=False)], images=rows(1, a.prompt_chars)[0:1] and [rows(1, a.prompt_chars)[0].image],
-                return_tensors="pt")
+            enc = proc(
+                text=[
+                    build_byte_tokenizer().apply_chat_template(
+                        [
+                            {
+                                "role": "user",
+                                "content": [
+                                    {"type": "image"},
+                                    {"type": "text", "text": rows(1, a.prompt_chars)[0].prompt},
+                                ],
+                            }
+                        ],
+                        add_generation_prompt=True,
+                        tokenize=False,
+                    )
+                ],
+                images=rows(1, a.prompt_chars)[0:1] and [rows(1, a.prompt_chars)[0].image],
+                return_tensors="pt",
+            )
             prompt_tokens = int(enc["input_ids"].shape[1])
             patches = int(enc["image_grid_thw"].prod())
             t0 = time.perf_counter()
             ops = None
             if impl.startswith("ours"):
-                r, peak, ops = run_ours(model, proc, device, batch, a.generations, a.completion, a.steps,
-                                        a.prompt_chars, warmup=a.warmup, cache="static" if "static" in impl else "dynamic",
-                                        vision_attention="grouped" if "grouped" in impl else "stock", profile=a.profile,
-                                        grad_ckpt="nockpt" not in impl, share_images="unshared" not in impl,
-                                        micro_batch=next((int(v[2:]) for v in impl.split("-") if v[:2] == "mb"), 0),
-                                        compile_update="compiled" in impl)
+                r, peak, ops = run_ours(
+                    model,
+                    proc,
+                    device,
+                    batch,
+                    a.generations,
+                    a.completion,
+                    a.steps,
+                    a.prompt_chars,
+                    warmup=a.warmup,
+                    cache="static" if "static" in impl else "dynamic",
+                    vision_attention="grouped" if "grouped" in impl else "stock",
+                    profile=a.profile,
+                    grad_ckpt="nockpt" not in impl,
+                    share_images="unshared" not in impl,
+                    micro_batch=next((int(v[2:]) for v in impl.split("-") if v[:2] == "mb"), 0),
+                    compile_update="compiled" in impl,
+                )
             else:
-                r, peak = run_trl(model, proc, device, batch, a.generations, a.completion, a.steps, a.prompt_chars,
-                                  out / "trl-tmp", warmup=a.warmup, cache="static" if impl == "trl-static" else None)
+                r, peak = run_trl(
+                    model,
+                    proc,
+                    device,
+                    batch,
+                    a.generations,
+                    a.completion,
+                    a.steps,
+                    a.prompt_chars,
+                    out / "trl-tmp",
+                    warmup=a.warmup,
+                    cache="static" if impl == "trl-static" else None,
+                )
             shared = impl.startswith("ours") and "unshared" not in impl
-            s = summarize(impl, r, batch, prompt_tokens, a.completion, n_text, n_vis, patches,
-                          info["bf16_matmul_tflops"], peak, images=batch // a.generations if shared else None)
-            s.update(prompt_tokens=prompt_tokens, params_text=n_text, params_vision=n_vis, wall_s=time.perf_counter() - t0)
+            s = summarize(
+                impl,
+                r,
+                batch,
+                prompt_tokens,
+                a.completion,
+                n_text,
+                n_vis,
+                patches,
+                info["bf16_matmul_tflops"],
+                peak,
+                images=batch // a.generations if shared else None,
+            )
+            s.update(
+                prompt_tokens=prompt_tokens, params_text=n_text, params_vision=n_vis, wall_s=time.perf_counter() - t0
+            )
             if ops:
                 s["profile"] = ops
                 cats = ", ".join(f"{c} {v['share']:.0%}" for c, v in ops["categories"].items())
-                print(f"{impl} batch {batch}: one profiled update, {ops['total_ms']:.0f} ms traced ({cats}); top operators:")
+                print(
+                    f"{impl} batch {batch}: one profiled update, {ops['total_ms']:.0f} ms traced ({cats}); "
+                    "top operators:"
+                )
                 for o in ops["top"][:12]:
                     print(f"  {o['share']:6.1%} {o['self_ms']:9.1f} ms {o['calls']:>7} calls  {o['op'][:70]}")
             results.append(s)
@@ -358,20 +580,44 @@ def main():
     if a.lora_7b:
         model, proc = build("7b", device, dtype)
         n_text, n_vis = param_counts(model)
-        r, peak, _ = run_ours(model, proc, device, 16, a.generations, a.completion, 1, a.prompt_chars, warmup=1, lora=64,
-                              vision_attention="grouped", compile_update=True)
-        lo = {"impl": "ours-7b-lora64-grouped-compiled", "batch": 16, "step_s": r[0]["step_s"],
-              "generation_s": r[0]["generation_s"], "update_s": r[0]["update_s"], "peak_gib": peak,
-              "params_text": n_text, "params_vision": n_vis}
+        r, peak, _ = run_ours(
+            model,
+            proc,
+            device,
+            16,
+            a.generations,
+            a.completion,
+            1,
+            a.prompt_chars,
+            warmup=1,
+            lora=64,
+            vision_attention="grouped",
+            compile_update=True,
+        )
+        lo = {
+            "impl": "ours-7b-lora64-grouped-compiled",
+            "batch": 16,
+            "step_s": r[0]["step_s"],
+            "generation_s": r[0]["generation_s"],
+            "update_s": r[0]["update_s"],
+            "peak_gib": peak,
+            "params_text": n_text,
+            "params_vision": n_vis,
+        }
         results.append(lo)
         print(json.dumps(lo), flush=True)
         (out / f"defender_dapo_{arch}.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
-    print(f"\n{'impl':<16}{'batch':>6}{'step s':>8}{'gen s':>8}{'logp s':>8}{'upd s':>8}{'compl tok/s':>12}"
-          f"{'total tok/s':>12}{'upd MFU':>9}{'peak GiB':>10}")
+    print(
+        f"\n{'impl':<16}{'batch':>6}{'step s':>8}{'gen s':>8}{'logp s':>8}{'upd s':>8}{'compl tok/s':>12}"
+        f"{'total tok/s':>12}{'upd MFU':>9}{'peak GiB':>10}"
+    )
     for s in results:
-        print(f"{s['impl']:<16}{s['batch']:>6}{s['step_s']:>8.1f}{s['generation_s']:>8.1f}{s.get('logprob_s', 0):>8.1f}"
-              f"{s['update_s']:>8.1f}{s.get('completion_tok_s', float('nan')):>12.0f}{s.get('total_tok_s', float('nan')):>12.0f}"
-              f"{s.get('update_mfu', float('nan')):>9.1%}{s['peak_gib']:>10.1f}")
+        print(
+            f"{s['impl']:<16}{s['batch']:>6}{s['step_s']:>8.1f}{s['generation_s']:>8.1f}{s.get('logprob_s', 0):>8.1f}"
+            f"{s['update_s']:>8.1f}{s.get('completion_tok_s', float('nan')):>12.0f}"
+            f"{s.get('total_tok_s', float('nan')):>12.0f}"
+            f"{s.get('update_mfu', float('nan')):>9.1%}{s['peak_gib']:>10.1f}"
+        )
 
 
 if __name__ == "__main__":

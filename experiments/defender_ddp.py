@@ -43,16 +43,23 @@ def main() -> None:
     arch = "tiny" if a.tiny else a.arch
     if a.tiny:
         a.prompts, a.group, a.completion, a.steps = 4, 2, 8, 1
-    from rl.dapo import DapoConfig
     from config import DefenderTrainConfig
+    from rl.dapo import DapoConfig
     from training.defender import DefenderTrainer
 
     model, proc = build(arch, device, torch.bfloat16 if device == "cuda" else torch.float32)
     policy = QwenVLPolicy(model, proc, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     per_rank = a.prompts // world * a.group
-    cfg = DefenderTrainConfig(mode="dapo", steps=a.steps + 1, batch_prompts=a.prompts, micro_batch=per_rank, lr=1e-6,
-                              max_new_tokens=a.completion, gradient_checkpointing=True,
-                              dapo=DapoConfig(group_size=a.group, dynamic_sampling=False, mask_truncated=False))
+    cfg = DefenderTrainConfig(
+        mode="dapo",
+        steps=a.steps + 1,
+        batch_prompts=a.prompts,
+        micro_batch=per_rank,
+        lr=1e-6,
+        max_new_tokens=a.completion,
+        gradient_checkpointing=True,
+        dapo=DapoConfig(group_size=a.group, dynamic_sampling=False, mask_truncated=False),
+    )
     tr = DefenderTrainer(policy, rows(a.prompts * (a.steps + 1), 300), cfg)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -65,8 +72,16 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
         dist.barrier()
-        out.append({"step": i, "step_s": time.perf_counter() - t0, "generation_s": r["sample_seconds"],
-                    "logprob_s": r["logprob_seconds"], "update_s": r["update_seconds"], "reward": r["reward"]})
+        out.append(
+            {
+                "step": i,
+                "step_s": time.perf_counter() - t0,
+                "generation_s": r["sample_seconds"],
+                "logprob_s": r["logprob_seconds"],
+                "update_s": r["update_seconds"],
+                "reward": r["reward"],
+            }
+        )
         if rank == 0:
             print(json.dumps(out[-1]), flush=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
@@ -75,13 +90,20 @@ def main() -> None:
         mean = sum(o["step_s"] for o in timed) / len(timed)
         seqs = a.prompts * a.group
         info = environment(arch=arch, world=world, global_prompts=a.prompts, group=a.group, completion=a.completion)
-        summary = {"ranks": world, "mean_step_s": mean, "sequences_per_s": seqs / mean, "peak_gib_rank0": peak,
-                   "mean_generation_s": sum(o["generation_s"] for o in timed) / len(timed),
-                   "mean_update_s": sum(o["update_s"] for o in timed) / len(timed)}
+        summary = {
+            "ranks": world,
+            "mean_step_s": mean,
+            "sequences_per_s": seqs / mean,
+            "peak_gib_rank0": peak,
+            "mean_generation_s": sum(o["generation_s"] for o in timed) / len(timed),
+            "mean_update_s": sum(o["update_s"] for o in timed) / len(timed),
+        }
         write_results(a.out, f"defender_ddp_{world}", {**info, "summary": summary}, out)
         print(f"{'ranks':>5} {'step s':>8} {'seq/s':>8} {'gen s':>8} {'update s':>9} {'peak GiB':>9}")
-        print(f"{world:>5} {mean:>8.2f} {seqs / mean:>8.2f} {summary['mean_generation_s']:>8.2f} "
-              f"{summary['mean_update_s']:>9.2f} {peak:>9.1f}")
+        print(
+            f"{world:>5} {mean:>8.2f} {seqs / mean:>8.2f} {summary['mean_generation_s']:>8.2f} "
+            f"{summary['mean_update_s']:>9.2f} {peak:>9.1f}"
+        )
 
 
 if __name__ == "__main__":

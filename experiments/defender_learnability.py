@@ -22,9 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.common import add_config_args, environment, load_bench_config, parser, write_results  # noqa: E402
 
-TINY = ["coevolution.warmup_scenes=32", "coevolution.heldout_scenes=16", "defender.warmup.steps=4",
-        "defender.warmup.batch_prompts=8", "defender.warmup.micro_batch=8",
-        "defender.model={backend: tiny, seed: 0, min_pixels: 1024, max_pixels: 4096, rope_theta: 10.0}"]
+TINY = [
+    "coevolution.warmup_scenes=32",
+    "coevolution.heldout_scenes=16",
+    "defender.warmup.steps=4",
+    "defender.warmup.batch_prompts=8",
+    "defender.warmup.micro_batch=8",
+    "defender.model={backend: tiny, seed: 0, min_pixels: 1024, max_pixels: 4096, rope_theta: 10.0}",
+]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -37,11 +42,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     import dataclasses
 
+    from evaluation.answers import answer_items
     from models.qwen_vl import load_policy
     from stages.source import heldout_config, warmup_config
-    from evaluation.answers import answer_items
-    from training.defender import DefenderTrainer
     from stages.warm_defender import world_examples
+    from training.defender import DefenderTrainer
 
     preset, overrides, cfg = load_bench_config(args, TINY)
     t0 = time.perf_counter()
@@ -55,22 +60,37 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # The whole curve: no early stop at the preset's target_accuracy (the held-out set is scored here).
     wcfg = dataclasses.replace(cfg.defender.warmup, mode="sft", target_accuracy=0.0)
     trainer = DefenderTrainer(policy, train, wcfg)
-    info = environment(preset=preset, overrides=overrides, parameters=params, chance=chance,
-                       model=cfg.defender.model, warmup=dataclasses.asdict(wcfg), source=dataclasses.asdict(cfg.source))
+    info = environment(
+        preset=preset,
+        overrides=overrides,
+        parameters=params,
+        chance=chance,
+        model=cfg.defender.model,
+        warmup=dataclasses.asdict(wcfg),
+        source=dataclasses.asdict(cfg.source),
+    )
     rows: list[dict] = []
 
     def evaluate() -> None:
         answers = answer_items(policy, test)
-        train_answers = answer_items(policy, train[:len(test)])
-        losses = [m["loss"] for m in trainer.metrics[-args.eval_every:]] or [float("nan")]
-        rows.append({"step": trainer.step, "seconds": round(time.perf_counter() - t0, 1),
-                     "heldout_accuracy": sum(a["correct"] for a in answers) / len(answers),
-                     "train_accuracy": sum(a["correct"] for a in train_answers) / len(train_answers),
-                     "strict_format": sum(a["strict_format"] for a in answers) / len(answers),
-                     "train_loss": sum(losses) / len(losses), "lr": trainer.lr_at(max(0, trainer.step - 1))})
+        train_answers = answer_items(policy, train[: len(test)])
+        losses = [m["loss"] for m in trainer.metrics[-args.eval_every :]] or [float("nan")]
+        rows.append(
+            {
+                "step": trainer.step,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "heldout_accuracy": sum(a["correct"] for a in answers) / len(answers),
+                "train_accuracy": sum(a["correct"] for a in train_answers) / len(train_answers),
+                "strict_format": sum(a["strict_format"] for a in answers) / len(answers),
+                "train_loss": sum(losses) / len(losses),
+                "lr": trainer.lr_at(max(0, trainer.step - 1)),
+            }
+        )
         r = rows[-1]
-        say(f"step {r['step']:5d}  held-out {r['heldout_accuracy']:.3f} (chance {chance:.3f})  train "
-            f"{r['train_accuracy']:.3f}  loss {r['train_loss']:.3f}  lr {r['lr']:.2e}")
+        say(
+            f"step {r['step']:5d}  held-out {r['heldout_accuracy']:.3f} (chance {chance:.3f})  train "
+            f"{r['train_accuracy']:.3f}  loss {r['train_loss']:.3f}  lr {r['lr']:.2e}"
+        )
         write_results(args.out, args.name, info | {"wall_seconds": r["seconds"]}, rows)
 
     say(f"defender: {params / 1e6:.2f} M parameters on {cfg.defender.model.get('device', 'cpu')}")
@@ -83,8 +103,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             break
     print("\n| step | s | held-out acc | train acc | loss |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['step']} | {r['seconds']} | {r['heldout_accuracy']:.3f} | {r['train_accuracy']:.3f} | "
-              f"{r['train_loss']:.3f} |")
+        print(
+            f"| {r['step']} | {r['seconds']} | {r['heldout_accuracy']:.3f} | {r['train_accuracy']:.3f} | "
+            f"{r['train_loss']:.3f} |"
+        )
     return rows
 
 

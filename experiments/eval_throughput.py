@@ -19,10 +19,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments.common import device as current_device  # noqa: E402
-from experiments.common import environment, parser, write_results  # noqa: E402
 from evaluation.harness import STRICT, evaluate  # noqa: E402
 from evaluation.readers import Item  # noqa: E402
+from experiments.common import device as current_device  # noqa: E402
+from experiments.common import environment, parser, write_results  # noqa: E402
 
 
 def main():
@@ -42,9 +42,18 @@ def main():
     policy = QwenVLPolicy(model, proc, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     policy.model.generation_config.min_new_tokens = 16  # random weights: same answer length every time
     rng = np.random.default_rng(0)
-    items = [Item(f"i{i}", "hrbench4k", Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)),
-                  "What is written on the sign in the top left corner?", "A", ["cat", "dog", "bird", "fish"], ["single"])
-             for i in range(a.items)]
+    items = [
+        Item(
+            f"i{i}",
+            "hrbench4k",
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)),
+            "What is written on the sign in the top left corner?",
+            "A",
+            ["cat", "dog", "bird", "fish"],
+            ["single"],
+        )
+        for i in range(a.items)
+    ]
     info = environment(arch=arch, image=[w, h], max_pixels=px, items=a.items)
     print(json.dumps(info), flush=True)
     evaluate(policy, "warm", items[:2], STRICT, batch_size=2)  # warm-up: kernels, allocator
@@ -58,8 +67,14 @@ def main():
         if device == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        rows.append({"batch": b, "seconds": dt, "items_per_s": a.items / dt,
-                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")})
+        rows.append(
+            {
+                "batch": b,
+                "seconds": dt,
+                "items_per_s": a.items / dt,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]["items_per_s"]
     for r in rows:
@@ -67,7 +82,9 @@ def main():
     write_results(a.out, "eval_throughput", info, rows)
     print(f"\n{'batch':>6}{'seconds':>9}{'items/s':>9}{'speedup':>9}{'peak GiB':>10}")
     for r in rows:
-        print(f"{r['batch']:>6}{r['seconds']:>9.1f}{r['items_per_s']:>9.2f}{r['speedup_vs_unbatched']:>9.2f}{r['peak_gib']:>10.1f}")
+        print(
+            f"{r['batch']:>6}{r['seconds']:>9.1f}{r['items_per_s']:>9.2f}{r['speedup_vs_unbatched']:>9.2f}{r['peak_gib']:>10.1f}"
+        )
 
 
 if __name__ == "__main__":

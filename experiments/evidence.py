@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
-from config import documented
-from config import PipelineConfig
+from config import PipelineConfig, documented
 from storage import ShardStore
 
 ARMS = ("base", "clean-only", "aot")
@@ -31,13 +30,22 @@ ARMS = ("base", "clean-only", "aot")
 
 @dataclass
 class EvidenceConfig:
-    seeds: list = documented([0, 1, 2], "Training seeds per arm (issue 8: at least 3); the data and held-out scenes are "
-                                        "shared, the seed sets every model's init, data order and sampling.")
-    attacks: list = documented([], "Defender-agnostic attacks on the held-out scenes, by registered name "
-                                   "(evaluation/attacks.py); empty: the implanter plus the held-out family of each "
-                                   "question type the world asks (UNSEEN_FAMILY).")
-    unseen: list = documented([], "Which of ``attacks`` no training arm ever uses (reported as 'unseen'); empty: "
-                                  "the held-out families chosen with ``attacks``.")
+    seeds: list = documented(
+        [0, 1, 2],
+        "Training seeds per arm (issue 8: at least 3); the data and held-out scenes are "
+        "shared, the seed sets every model's init, data order and sampling.",
+    )
+    attacks: list = documented(
+        [],
+        "Defender-agnostic attacks on the held-out scenes, by registered name "
+        "(evaluation/attacks.py); empty: the implanter plus the held-out family of each "
+        "question type the world asks (UNSEEN_FAMILY).",
+    )
+    unseen: list = documented(
+        [],
+        "Which of ``attacks`` no training arm ever uses (reported as 'unseen'); empty: "
+        "the held-out families chosen with ``attacks``.",
+    )
 
 
 # The attack family no training arm uses, per question type: swap-pair mirrors a relation's targets'
@@ -57,18 +65,26 @@ def seeded(cfg: PipelineConfig, seed: int) -> PipelineConfig:
     """The pipeline config of one seed: every trainer's and sampler's seed, nothing about the data."""
     d, a = cfg.defender, cfg.attacker
     rep = dataclasses.replace
-    return rep(cfg,
-               defender=rep(d, model={**d.model, "seed": seed}, warmup=rep(d.warmup, seed=seed), rl=rep(d.rl, seed=seed)),
-               attacker=rep(a, model={**a.model, "seed": seed}, cold_start=rep(a.cold_start, seed=seed),
-                            rl=rep(a.rl, seed=seed), curriculum=rep(a.curriculum, seed=seed)))
+    return rep(
+        cfg,
+        defender=rep(d, model={**d.model, "seed": seed}, warmup=rep(d.warmup, seed=seed), rl=rep(d.rl, seed=seed)),
+        attacker=rep(
+            a,
+            model={**a.model, "seed": seed},
+            cold_start=rep(a.cold_start, seed=seed),
+            rl=rep(a.rl, seed=seed),
+            curriculum=rep(a.curriculum, seed=seed),
+        ),
+    )
 
 
-def run_seed(store: ShardStore, cfg: PipelineConfig, ecfg: EvidenceConfig, seed: int,
-             say: Callable[[str], None] = print) -> dict:
+def run_seed(
+    store: ShardStore, cfg: PipelineConfig, ecfg: EvidenceConfig, seed: int, say: Callable[[str], None] = print
+) -> dict:
     """One seed: the AOT run, the clean-only arm, every evaluation. Returns its rows."""
     from stages.attack import attack_version
-    from stages.steps import LocalSteps
     from stages.coevolution import run_coevolution
+    from stages.steps import LocalSteps
 
     c = seeded(cfg, seed)
     steps = LocalSteps(store, c, lambda m: say(f"[seed {seed}] {m}"))
@@ -80,26 +96,39 @@ def run_seed(store: ShardStore, cfg: PipelineConfig, ecfg: EvidenceConfig, seed:
         d = steps.train_defender(lin["items"], d, "dapo", "clean")
     defenders["clean-only"] = d
     attacks = {name: attack_version(store, c, lin["heldout"], name).version for name in ecfg.attacks}
-    attacks["aot-attacker"] = attack_version(store, c, lin["heldout"], "aot-attacker",
-                                             version=iters[-1]["attacker"]).version
+    attacks["aot-attacker"] = attack_version(
+        store, c, lin["heldout"], "aot-attacker", version=iters[-1]["attacker"]
+    ).version
     arms = []
     for arm in ARMS:
-        row = {"seed": seed, "arm": arm, "defender": defenders[arm],
-               "clean": steps.evaluate(defenders[arm], lin["heldout"]).get("clean_accuracy")}
+        row = {
+            "seed": seed,
+            "arm": arm,
+            "defender": defenders[arm],
+            "clean": steps.evaluate(defenders[arm], lin["heldout"]).get("clean_accuracy"),
+        }
         for name, version in attacks.items():
             s = steps.evaluate(defenders[arm], version)
             row[name] = s.get("adversarial_accuracy")
             row[f"{name}_clean"] = s.get("clean_accuracy")  # the same rows, unattacked
             row[f"{name}_n"] = s.get("adversarial_n", 0)
         arms.append(row)
-        say(f"[seed {seed}] {arm}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
-                                                   if isinstance(v, float) and not k.endswith("_clean")))
+        say(
+            f"[seed {seed}] {arm}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float) and not k.endswith("_clean"))
+        )
     curve = []
     for r in iters:  # the training reward too (first and last quarter of steps; different items per step)
         rewards = store.read(store.manifest(r["attacker"]))["reward"].to_list()
         q = max(1, len(rewards) // 4)
-        curve.append({"seed": seed, **{k: v for k, v in r.items() if not isinstance(v, str)},
-                      "attacker_reward_first": sum(rewards[:q]) / q, "attacker_reward_last": sum(rewards[-q:]) / q})
+        curve.append(
+            {
+                "seed": seed,
+                **{k: v for k, v in r.items() if not isinstance(v, str)},
+                "attacker_reward_first": sum(rewards[:q]) / q,
+                "attacker_reward_last": sum(rewards[-q:]) / q,
+            }
+        )
     return {"arms": arms, "curve": curve, "run": run.version}
 
 
@@ -132,15 +161,23 @@ def goals(summary: list[dict], curve: list[dict], ecfg: EvidenceConfig) -> dict:
     out["clean_goal"] = None if gap("clean") is None else abs(gap("clean")) <= 0.01
     # on the same held-out items against the same frozen defender (the training batches' rewards
     # differ in items from step to step, so their first and last steps are not comparable)
-    out["attacker_rises_within_phase"] = sum(r["attack_success_before"] > r["attack_success_start"] for r in curve
-                                             if r.get("attack_success_start") is not None)
+    out["attacker_rises_within_phase"] = sum(
+        r["attack_success_before"] > r["attack_success_start"]
+        for r in curve
+        if r.get("attack_success_start") is not None
+    )
     out["attack_falls_after_defender"] = sum(r["attack_success_after"] < r["attack_success_before"] for r in curve)
     out["phases"] = len(curve)
     return out
 
 
-def run_evidence(store: ShardStore, cfg: PipelineConfig, ecfg: EvidenceConfig | None = None,
-                 say: Callable[[str], None] = print, on_seed: Callable[[dict], None] | None = None) -> dict:
+def run_evidence(
+    store: ShardStore,
+    cfg: PipelineConfig,
+    ecfg: EvidenceConfig | None = None,
+    say: Callable[[str], None] = print,
+    on_seed: Callable[[dict], None] | None = None,
+) -> dict:
     """Every seed (``on_seed`` gets each one's rows as it finishes), then ``combine``."""
     ecfg = resolve_attacks(ecfg or EvidenceConfig(), cfg)
     unknown = [u for u in ecfg.unseen if u not in ecfg.attacks]
@@ -161,9 +198,15 @@ def combine(seeds: list[dict], ecfg: EvidenceConfig, pipeline: dict) -> dict:
     curve = [r for s in seeds for r in s["curve"]]
     columns = ["clean", *ecfg.attacks, "aot-attacker"]
     summary = summarize(arms, columns)
-    return {"config": {"evidence": dataclasses.asdict(ecfg), "pipeline": pipeline}, "columns": columns,
-            "arms": arms, "curve": curve, "summary": summary, "goals": goals(summary, curve, ecfg),
-            "runs": [s["run"] for s in seeds]}
+    return {
+        "config": {"evidence": dataclasses.asdict(ecfg), "pipeline": pipeline},
+        "columns": columns,
+        "arms": arms,
+        "curve": curve,
+        "summary": summary,
+        "goals": goals(summary, curve, ecfg),
+        "runs": [s["run"] for s in seeds],
+    }
 
 
 def plot_curve(curve: list[dict], path: str) -> None:
@@ -184,15 +227,20 @@ def plot_curve(curve: list[dict], path: str) -> None:
 
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(11, 3))
     for n in its:  # one segment per attacker phase: does attack success rise within it?
-        a.plot([n - 0.3, n + 0.3], [mean("attack_success_start", n), mean("attack_success_before", n)], "o-", color="C3")
+        a.plot(
+            [n - 0.3, n + 0.3], [mean("attack_success_start", n), mean("attack_success_before", n)], "o-", color="C3"
+        )
     a.set_title("attack success (attacker n-1 -> n)")
     a.set_xlabel("iteration")
     for n in its:  # one segment per defender phase: does attack success fall after it?
-        b.plot([n - 0.3, n + 0.3], [mean("attack_success_before", n), mean("attack_success_after", n)], "s-", color="C0")
+        b.plot(
+            [n - 0.3, n + 0.3], [mean("attack_success_before", n), mean("attack_success_after", n)], "s-", color="C0"
+        )
     b.set_title("attack success (vs defender n-1 -> n)")
     b.set_xlabel("iteration")
-    accuracy_panel(c, its, [mean("defender_clean_accuracy", n) for n in its],
-                   [mean("defender_attacked_accuracy", n) for n in its])
+    accuracy_panel(
+        c, its, [mean("defender_clean_accuracy", n) for n in its], [mean("defender_attacked_accuracy", n) for n in its]
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -206,6 +254,7 @@ def table_markdown(result: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in result["summary"]:
         cells = [s["arm"], str(s["seeds"])] + [
-            "—" if s[c] is None else f"{100 * s[c]:.1f} ± {100 * s[f'{c}_sd']:.1f}" for c in cols]
+            "—" if s[c] is None else f"{100 * s[c]:.1f} ± {100 * s[f'{c}_sd']:.1f}" for c in cols
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

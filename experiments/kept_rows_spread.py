@@ -45,21 +45,36 @@ def main(argv: list[str] | None = None) -> None:
         cfg = resolve_config("synthetic", [f"source.seed={seed}", *args.overrides])
         s = {x.stage: x for x in run_bootstrap(store, cfg)}
         m = {stage: store.manifest(x.version) for stage, x in s.items()}
-        rows.append({
-            "seed": seed, "filtered": s["filter"].rows, "right_on_clean": s["filter"].rows
-            - s["implant"].reasons.get("defender_wrong_on_clean", 0), "kept": s["export"].rows,
-            "implant_reasons": s["implant"].reasons, "export": s["export"].version,
-            "parts": {st: content_hash([p.sha256 for p in mm.parts]) for st, mm in m.items()},
-            "seconds": round(time.perf_counter() - t0, 1)})
+        rows.append(
+            {
+                "seed": seed,
+                "filtered": s["filter"].rows,
+                "right_on_clean": s["filter"].rows - s["implant"].reasons.get("defender_wrong_on_clean", 0),
+                "kept": s["export"].rows,
+                "implant_reasons": s["implant"].reasons,
+                "export": s["export"].version,
+                "parts": {st: content_hash([p.sha256 for p in mm.parts]) for st, mm in m.items()},
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
         r = rows[-1]
-        print(f"seed {seed}: filtered {r['filtered']}, right on clean {r['right_on_clean']}, kept {r['kept']} "
-              f"({', '.join(f'{k} {v}' for k, v in r['implant_reasons'].items())}); export {r['export']}, "
-              f"parts {r['parts']['export']}, {r['seconds']} s", flush=True)
+        print(
+            f"seed {seed}: filtered {r['filtered']}, right on clean {r['right_on_clean']}, kept {r['kept']} "
+            f"({', '.join(f'{k} {v}' for k, v in r['implant_reasons'].items())}); export {r['export']}, "
+            f"parts {r['parts']['export']}, {r['seconds']} s",
+            flush=True,
+        )
     kept = [r["kept"] for r in rows]
-    summary = {"kept_mean": statistics.fmean(kept), "kept_sd": statistics.stdev(kept) if len(kept) > 1 else 0.0,
-               "kept_min": min(kept), "kept_max": max(kept)}
-    print(f"\nkernels {kernels}: kept {summary['kept_mean']:.1f} ± {summary['kept_sd']:.1f} "
-          f"(min {summary['kept_min']}, max {summary['kept_max']}) over seeds {args.seeds}")
+    summary = {
+        "kept_mean": statistics.fmean(kept),
+        "kept_sd": statistics.stdev(kept) if len(kept) > 1 else 0.0,
+        "kept_min": min(kept),
+        "kept_max": max(kept),
+    }
+    print(
+        f"\nkernels {kernels}: kept {summary['kept_mean']:.1f} ± {summary['kept_sd']:.1f} "
+        f"(min {summary['kept_min']}, max {summary['kept_max']}) over seeds {args.seeds}"
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = kernels["cpu"].replace(" ", "-").lower()

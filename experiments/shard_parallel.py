@@ -52,9 +52,17 @@ def worker(rank: int, world: int, shards: int, rows: int, tiny: bool, folder: Pa
         extend_stage(filler, img, canvas, rows, shard_index=s)()
         done.append({"shard": s, "start": start, "end": time.time()})
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    (folder / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "card": card, "build_s": build_s,
-                                                          "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                                                          "shards": done}))
+    (folder / f"rank-{rank}.json").write_text(
+        json.dumps(
+            {
+                "rank": rank,
+                "card": card,
+                "build_s": build_s,
+                "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "shards": done,
+            }
+        )
+    )
 
 
 def run_world(world: int, a) -> dict:
@@ -63,8 +71,20 @@ def run_world(world: int, a) -> dict:
         procs = []
         for rank in range(world):
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(rank)}
-            cmd = [sys.executable, __file__, "--worker", str(rank), "--world", str(world), "--shards", str(a.shards),
-                   "--rows", str(a.rows), "--folder", tmp] + (["--tiny"] if a.tiny else [])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                str(rank),
+                "--world",
+                str(world),
+                "--shards",
+                str(a.shards),
+                "--rows",
+                str(a.rows),
+                "--folder",
+                tmp,
+            ] + (["--tiny"] if a.tiny else [])
             procs.append(subprocess.Popen(cmd, env=env))
         codes = [p.wait() for p in procs]
         if any(codes):
@@ -73,10 +93,18 @@ def run_world(world: int, a) -> dict:
     shards = [s for r in ranks for s in r["shards"]]
     span = max(s["end"] for s in shards) - min(s["start"] for s in shards)
     n_rows = len(shards) * a.rows
-    return {"gpus": world, "shards": len(shards), "rows": n_rows, "span_s": span, "rows_per_s": n_rows / span,
-            "shards_per_rank": [len(r["shards"]) for r in ranks], "visible": [r["visible"] for r in ranks],
-            "cards": [r["card"] for r in ranks], "build_s": [round(r["build_s"], 1) for r in ranks],
-            "shard_s_mean": sum(s["end"] - s["start"] for s in shards) / len(shards)}
+    return {
+        "gpus": world,
+        "shards": len(shards),
+        "rows": n_rows,
+        "span_s": span,
+        "rows_per_s": n_rows / span,
+        "shards_per_rank": [len(r["shards"]) for r in ranks],
+        "visible": [r["visible"] for r in ranks],
+        "cards": [r["card"] for r in ranks],
+        "build_s": [round(r["build_s"], 1) for r in ranks],
+        "shard_s_mean": sum(s["end"] - s["start"] for s in shards) / len(shards),
+    }
 
 
 def main() -> None:
@@ -93,8 +121,12 @@ def main() -> None:
         return
     if a.tiny:
         a.shards, a.rows = min(a.shards, 4), 1
-    info = environment(arch="tiny" if a.tiny else "flux.1-fill-dev", shards=a.shards, rows_per_shard=a.rows,
-                       outpaint="48->64 px, 2 steps" if a.tiny else "768->1024 px, 8 steps")
+    info = environment(
+        arch="tiny" if a.tiny else "flux.1-fill-dev",
+        shards=a.shards,
+        rows_per_shard=a.rows,
+        outpaint="48->64 px, 2 steps" if a.tiny else "768->1024 px, 8 steps",
+    )
     print(json.dumps(info), flush=True)
     rows = []
     for w in a.gpus:
@@ -105,8 +137,10 @@ def main() -> None:
         write_results(a.out, "shard_parallel", info, rows)
     print(f"\n{'GPUs':>4} {'shards':>6} {'rows':>5} {'span s':>8} {'rows/s':>7} {'scaling':>8} {'s/shard':>8}")
     for r in rows:
-        print(f"{r['gpus']:>4} {r['shards']:>6} {r['rows']:>5} {r['span_s']:>8.2f} {r['rows_per_s']:>7.3f} "
-              f"{r['scaling']:>7.2f}x {r['shard_s_mean']:>8.2f}")
+        print(
+            f"{r['gpus']:>4} {r['shards']:>6} {r['rows']:>5} {r['span_s']:>8.2f} {r['rows_per_s']:>7.3f} "
+            f"{r['scaling']:>7.2f}x {r['shard_s_mean']:>8.2f}"
+        )
 
 
 if __name__ == "__main__":

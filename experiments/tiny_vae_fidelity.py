@@ -32,13 +32,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--scenes", type=int, default=512)
     ap.add_argument("--questions", type=int, default=128, help="held-out questions scored")
     ap.add_argument("--tau", type=float, nargs="+", default=[0.9], help="gates to report pass rates at")
-    ap.add_argument("--editor-steps", type=int, default=0,
-                    help="also fit the transformer (editor_fit) for this many steps and score its edits")
-    ap.add_argument("--editor-spec", default="{}", help="tiny transformer size as YAML, e.g. '{layers: 4, head_dim: 32}'")
-    ap.add_argument("--preset-fits", action="store_true",
-                    help="measure the preset's own attacker: its z_dim, transformer size, vae_fit and editor_fit "
-                         "(overrides --z-dim, --editor-spec, --steps/--scenes/--batch, --editor-steps); the fits "
-                         "land in the cache the experiment then loads")
+    ap.add_argument(
+        "--editor-steps",
+        type=int,
+        default=0,
+        help="also fit the transformer (editor_fit) for this many steps and score its edits",
+    )
+    ap.add_argument(
+        "--editor-spec", default="{}", help="tiny transformer size as YAML, e.g. '{layers: 4, head_dim: 32}'"
+    )
+    ap.add_argument(
+        "--preset-fits",
+        action="store_true",
+        help="measure the preset's own attacker: its z_dim, transformer size, vae_fit and editor_fit "
+        "(overrides --z-dim, --editor-spec, --steps/--scenes/--batch, --editor-steps); the fits "
+        "land in the cache the experiment then loads",
+    )
     ap.add_argument("--name", default="tiny_vae_fidelity")
     args = ap.parse_args(argv)
     if args.tiny:
@@ -49,12 +58,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import yaml
 
     from metrics import localized_ssim, region_ssim
-    from models.editor import QwenImageEditor
+    from models.editor import QwenImageEditor, attack_instruction
     from rl.flow_sampler import sample
+    from stages.source import heldout_config, world_rows
     from storage import decode_image
-    from models.editor import attack_instruction
-    from stages.source import heldout_config
-    from stages.source import world_rows
 
     spec = yaml.safe_load(args.editor_spec) or {}
     _, _, cfg = load_bench_config(args)
@@ -77,14 +84,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for z in args.z_dim:
         t0 = time.perf_counter()
         vae_fit = {"steps": args.steps, "scenes": args.scenes, "batch": args.batch}
-        editor_fit = {"steps": args.editor_steps, "scenes": args.scenes, "batch": args.batch} if args.editor_steps else None
+        editor_fit = (
+            {"steps": args.editor_steps, "scenes": args.scenes, "batch": args.batch} if args.editor_steps else None
+        )
         if preset_fits:
             vae_fit, editor_fit = model.get("vae_fit", vae_fit), model.get("editor_fit")
         if editor_fit:  # the VAE alone first (then cached), so a long run shows where it is
             QwenImageEditor.tiny(resolution=res, device=dev, z_dim=z, **spec, vae_fit=vae_fit)
             print(f"z {z:3d}: VAE fitted in {time.perf_counter() - t0:.0f} s", flush=True)
-        ed = QwenImageEditor.tiny(resolution=res, device=dev, z_dim=z, **spec, editor_fit=editor_fit,
-                                  vae_fit=vae_fit)
+        ed = QwenImageEditor.tiny(resolution=res, device=dev, z_dim=z, **spec, editor_fit=editor_fit, vae_fit=vae_fit)
         fit_s = time.perf_counter() - t0  # VAE and editor fits (cached: 0 on a rerun)
         whole, boxes, worst = [], [], []
         for r in rows:
@@ -94,25 +102,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
             s = [localized_ssim(clean, back, b) for b in r["target_boxes"]]
             boxes += s
             worst.append(min(s))
-        out.append({"z_dim": z, "fit_seconds": round(fit_s, 1), "image_ssim": float(np.mean(whole)),
-                    "box_ssim_mean": float(np.mean(boxes)), "box_ssim_min": float(np.min(boxes)),
-                    "pass_rate": pass_rates(worst)})
+        out.append(
+            {
+                "z_dim": z,
+                "fit_seconds": round(fit_s, 1),
+                "image_ssim": float(np.mean(whole)),
+                "box_ssim_mean": float(np.mean(boxes)),
+                "box_ssim_min": float(np.min(boxes)),
+                "pass_rate": pass_rates(worst),
+            }
+        )
         if editor_fit:  # the fitted editor's own edits (a = 0), with the attacker's instruction
             worst = []
             for k in range(0, len(rows), 32):
-                chunk = rows[k:k + 32]
+                chunk = rows[k : k + 32]
                 cleans = [ed.resize(decode_image(r["image"])) for r in chunk]
                 cond = ed.condition(cleans, [attack_instruction(r["question"], r["target_names"]) for r in chunk])
-                x = sample(ed, cond, cfg.attacker.curriculum.sampling_steps, 0.0,
-                           generator=torch.Generator().manual_seed(k)).latents[-1]
+                x = sample(
+                    ed, cond, cfg.attacker.curriculum.sampling_steps, 0.0, generator=torch.Generator().manual_seed(k)
+                ).latents[-1]
                 for r, c, e in zip(chunk, cleans, ed.decode(x, cond)):
                     worst.append(min(localized_ssim(c, e, b) for b in r["target_boxes"]))
             out[-1]["edit_pass_rate"] = pass_rates(worst)
             out[-1]["edit_box_ssim_min_mean"] = float(np.mean(worst))
         r = out[-1]
-        print(f"z {z:3d}: fit {r['fit_seconds']} s, image SSIM {r['image_ssim']:.3f}, target boxes mean "
-              f"{r['box_ssim_mean']:.3f} min {r['box_ssim_min']:.3f}, pass rate by tau {r['pass_rate']}; edits: "
-              f"{r.get('edit_pass_rate')}", flush=True)
+        print(
+            f"z {z:3d}: fit {r['fit_seconds']} s, image SSIM {r['image_ssim']:.3f}, target boxes mean "
+            f"{r['box_ssim_mean']:.3f} min {r['box_ssim_min']:.3f}, pass rate by tau {r['pass_rate']}; edits: "
+            f"{r.get('edit_pass_rate')}",
+            flush=True,
+        )
         write_results(args.out, args.name, info, out)
     return out
 

@@ -54,8 +54,10 @@ def local_dask_cluster(spec: str):
         n = torch.cuda.device_count()
     if n < 1:
         raise RuntimeError("task runner 'dask-gpus' found no GPU (set AOT_GPUS to force a count)")
-    workers = {f"gpu-{i}": {"cls": Nanny, "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": str(i)}}}
-               for i in range(n)}
+    workers = {
+        f"gpu-{i}": {"cls": Nanny, "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": str(i)}}}
+        for i in range(n)
+    }
     return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}})
 
 
@@ -82,12 +84,21 @@ def make_task_runner(spec: str | None = None):
         except ImportError:
             raise RuntimeError("task runner 'ray' needs prefect-ray: pip install prefect-ray") from None
         return RayTaskRunner() if spec == "ray" else RayTaskRunner(address=spec)
-    raise ValueError(f"unknown task runner {spec!r}: use threads, dask, dask-gpus, dask://HOST:PORT, ray or "
-                     "ray://HOST:PORT")
+    raise ValueError(
+        f"unknown task runner {spec!r}: use threads, dask, dask-gpus, dask://HOST:PORT, ray or ray://HOST:PORT"
+    )
 
 
-def run_stage(stage_name: str, input_version: str | None, root: str, preset: str, overrides: Any,
-              storage_options: dict | None, refresh_cache: bool, progress: bool = True) -> dict:
+def run_stage(
+    stage_name: str,
+    input_version: str | None,
+    root: str,
+    preset: str,
+    overrides: Any,
+    storage_options: dict | None,
+    refresh_cache: bool,
+    progress: bool = True,
+) -> dict:
     t0 = time.perf_counter()
     cfg = resolve_config(preset, overrides)
     store = ShardStore(root, storage_options)
@@ -115,18 +126,37 @@ def run_stage(stage_name: str, input_version: str | None, root: str, preset: str
             bar.update(1)
     m = commit(store, p, records)
     summary = summarize(m, len(p.shards), recomputed, time.perf_counter() - t0, False, cached)
-    logger.info("%s: version %s, %d in, %d kept, %d rejected, %d/%d shards recomputed", stage_name, m.version,
-                m.rows_in, m.rows, m.reject_rows, recomputed, len(p.shards))
+    logger.info(
+        "%s: version %s, %d in, %d kept, %d rejected, %d/%d shards recomputed",
+        stage_name,
+        m.version,
+        m.rows_in,
+        m.rows,
+        m.reject_rows,
+        recomputed,
+        len(p.shards),
+    )
     publish_stage_artifacts(summary, m.uri, title)
     return summary.to_dict()
 
 
 def _stage_flow(stage_name: str, description: str):
-    @flow(name=stage_name, description=description, task_runner=make_task_runner(),
-          log_prints=True, validate_parameters=True)
-    def stage_flow(input_version: str | None = None, root: str = DEFAULT_ROOT, preset: str = "synthetic",
-                   overrides: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None,
-                   refresh_cache: bool = False, progress: bool = True) -> dict:
+    @flow(
+        name=stage_name,
+        description=description,
+        task_runner=make_task_runner(),
+        log_prints=True,
+        validate_parameters=True,
+    )
+    def stage_flow(
+        input_version: str | None = None,
+        root: str = DEFAULT_ROOT,
+        preset: str = "synthetic",
+        overrides: dict[str, Any] | None = None,
+        storage_options: dict[str, Any] | None = None,
+        refresh_cache: bool = False,
+        progress: bool = True,
+    ) -> dict:
         return run_stage(stage_name, input_version, root, preset, overrides, storage_options, refresh_cache, progress)
 
     stage_flow.__name__ = f"{stage_name}_flow"
@@ -140,8 +170,13 @@ extend_flow = _stage_flow("extend", "Stage 1: outpaint scenes onto larger canvas
 filter_flow = _stage_flow("filter", "Stage 1: CLIP prefilter and judge checks.")
 implant_flow = _stage_flow("implant", "Stage 2: implant effective distractors.")
 export_flow = _stage_flow("export", "Export the AOT-SFT dataset.")
-STAGE_FLOWS = {"source": source_flow, "extend": extend_flow, "filter": filter_flow, "implant": implant_flow,
-               "export": export_flow}
+STAGE_FLOWS = {
+    "source": source_flow,
+    "extend": extend_flow,
+    "filter": filter_flow,
+    "implant": implant_flow,
+    "export": export_flow,
+}
 
 
 def dated_seed(overrides: dict | None, day: datetime.date) -> dict:
@@ -156,21 +191,42 @@ def _bootstrap_stages(root, preset, overrides, source_version, storage_options, 
     for name in BOOTSTRAP:
         if name == "source" and source_version:
             continue
-        stage_flow = STAGE_FLOWS[name] if not task_runner else STAGE_FLOWS[name].with_options(
-            task_runner=make_task_runner(task_runner))
-        s = stage_flow(input_version=version, root=root, preset=preset, overrides=overrides,
-                       storage_options=storage_options, refresh_cache=refresh_cache, progress=progress)
+        stage_flow = (
+            STAGE_FLOWS[name]
+            if not task_runner
+            else STAGE_FLOWS[name].with_options(task_runner=make_task_runner(task_runner))
+        )
+        s = stage_flow(
+            input_version=version,
+            root=root,
+            preset=preset,
+            overrides=overrides,
+            storage_options=storage_options,
+            refresh_cache=refresh_cache,
+            progress=progress,
+        )
         summaries.append(s)
         version = s["version"]
     return summaries, version
 
 
-@flow(name="bootstrap", description="The AOT-SFT bootstrap: source -> extend -> filter -> implant -> export.",
-      log_prints=True, validate_parameters=True)
-def bootstrap(root: str = DEFAULT_ROOT, preset: str = "synthetic", overrides: dict[str, Any] | None = None,
-              source_version: str | None = None, storage_options: dict[str, Any] | None = None,
-              refresh_cache: bool = False, progress: bool = True, task_runner: str | None = None,
-              seed_from_date: bool = False) -> dict:
+@flow(
+    name="bootstrap",
+    description="The AOT-SFT bootstrap: source -> extend -> filter -> implant -> export.",
+    log_prints=True,
+    validate_parameters=True,
+)
+def bootstrap(
+    root: str = DEFAULT_ROOT,
+    preset: str = "synthetic",
+    overrides: dict[str, Any] | None = None,
+    source_version: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    refresh_cache: bool = False,
+    progress: bool = True,
+    task_runner: str | None = None,
+    seed_from_date: bool = False,
+) -> dict:
     t0 = time.perf_counter()
     if seed_from_date:  # nightly regeneration: today's scenes are new, a same-day rerun finds them done
         overrides = dated_seed(overrides, datetime.date.today())
@@ -179,12 +235,19 @@ def bootstrap(root: str = DEFAULT_ROOT, preset: str = "synthetic", overrides: di
         cluster = local_dask_cluster(task_runner)
         task_runner = cluster.scheduler_address
     try:
-        summaries, version = _bootstrap_stages(root, preset, overrides, source_version, storage_options, refresh_cache,
-                                               progress, task_runner)
+        summaries, version = _bootstrap_stages(
+            root, preset, overrides, source_version, storage_options, refresh_cache, progress, task_runner
+        )
     finally:
         if cluster is not None:
             cluster.close()
     # The parent run's own artifact: every stage's version and counts in one table.
-    create_table_artifact(key="bootstrap-stages", description=f"AOT-SFT version {version}", table=[
-        {k: s[k] for k in ("stage", "version", "rows_in", "rows", "rejected", "shards", "recomputed")} for s in summaries])
+    create_table_artifact(
+        key="bootstrap-stages",
+        description=f"AOT-SFT version {version}",
+        table=[
+            {k: s[k] for k in ("stage", "version", "rows_in", "rows", "rejected", "shards", "recomputed")}
+            for s in summaries
+        ],
+    )
     return {"version": version, "stages": summaries, "seconds": time.perf_counter() - t0}

@@ -17,11 +17,21 @@ from flows.steps import PrefectSteps
 from stages.coevolution import render_report, run_coevolution
 
 
-@flow(name="coevolution", description="The AOT loop: warm-up, then N rounds of attacker (Flow-GRPO) -> curriculum -> "
-                                      "defender (DAPO) -> held-out evaluation.", validate_parameters=True)
-def coevolution(root: str = DEFAULT_ROOT, preset: str = "synthetic", iterations: int | None = None,
-                source_version: str | None = None, overrides: dict[str, Any] | None = None,
-                storage_options: dict[str, Any] | None = None, progress: bool = True) -> dict:
+@flow(
+    name="coevolution",
+    description="The AOT loop: warm-up, then N rounds of attacker (Flow-GRPO) -> curriculum -> "
+    "defender (DAPO) -> held-out evaluation.",
+    validate_parameters=True,
+)
+def coevolution(
+    root: str = DEFAULT_ROOT,
+    preset: str = "synthetic",
+    iterations: int | None = None,
+    source_version: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict:
     overrides = dict(overrides or {})
     if iterations is not None:
         overrides["coevolution.iterations"] = iterations
@@ -30,6 +40,9 @@ def coevolution(root: str = DEFAULT_ROOT, preset: str = "synthetic", iterations:
     rows = steps.store.read(m).to_dicts()
     create_table_artifact(key="coevolution-iterations", table=rows, description=f"per-iteration results of {m.version}")
     # The whole report (table, curves, reward curves, strategy mix, edit grids; images inlined).
-    create_markdown_artifact(key="coevolution-report", markdown=render_report(steps.store, m.version, "md"),
-                             description=f"co-evolution run {m.version}; also: aot report {m.version} --root {root}")
+    create_markdown_artifact(
+        key="coevolution-report",
+        markdown=render_report(steps.store, m.version, "md"),
+        description=f"co-evolution run {m.version}; also: aot report {m.version} --root {root}",
+    )
     return {"version": m.version, "iterations": rows}

@@ -12,24 +12,47 @@ from prefect import flow
 
 from flows.bootstrap import DEFAULT_ROOT, resolve_config
 from storage import ShardStore
-from tasks.training import evaluate_defender_task, publish_eval_artifact, publish_training_artifacts, train_defender_task
+from tasks.training import (
+    evaluate_defender_task,
+    publish_eval_artifact,
+    publish_training_artifacts,
+    train_defender_task,
+)
 
 
-@flow(name="train-defender", description="Supervised warm-up or DAPO of the defender on a dataset version.",
-      validate_parameters=True)
-def train_defender(data_version: str, init_version: str | None = None, mode: str = "sft", root: str = DEFAULT_ROOT,
-                   preset: str = "synthetic", overrides: dict[str, Any] | None = None,
-                   storage_options: dict[str, Any] | None = None) -> dict:
+@flow(
+    name="train-defender",
+    description="Supervised warm-up or DAPO of the defender on a dataset version.",
+    validate_parameters=True,
+)
+def train_defender(
+    data_version: str,
+    init_version: str | None = None,
+    mode: str = "sft",
+    root: str = DEFAULT_ROOT,
+    preset: str = "synthetic",
+    overrides: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> dict:
     cfg = resolve_config(preset, overrides)
     out = train_defender_task(data_version, init_version, mode, cfg.to_dict(), root, storage_options)
     publish_training_artifacts(ShardStore(root, storage_options), out["version"])
     return out
 
 
-@flow(name="evaluate-defender", description="Accuracy of a defender version on clean and adversarial images.",
-      validate_parameters=True)
-def evaluate_defender(checkpoint_version: str, data_version: str, root: str = DEFAULT_ROOT, preset: str = "synthetic",
-                      overrides: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None) -> dict:
+@flow(
+    name="evaluate-defender",
+    description="Accuracy of a defender version on clean and adversarial images.",
+    validate_parameters=True,
+)
+def evaluate_defender(
+    checkpoint_version: str,
+    data_version: str,
+    root: str = DEFAULT_ROOT,
+    preset: str = "synthetic",
+    overrides: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> dict:
     cfg = resolve_config(preset, overrides)
     out = evaluate_defender_task(checkpoint_version, data_version, cfg.to_dict(), root, storage_options)
     publish_eval_artifact(out)

@@ -34,13 +34,22 @@ def _bar_chart(values: dict[str, float]) -> str:
 
 
 @task(name="evaluate-benchmarks", retries=2, retry_delay_seconds=10)
-def evaluate_task(root: str, storage_options: dict | None, benchmarks: dict[str, str], checkpoint: str | None,
-                  endpoint: str | None, endpoint_model: str | None, protocol: str, cache: str | None,
-                  synthetic_scenes: int, config: dict) -> dict:
-    from stages.robustness import robustness_suite
+def evaluate_task(
+    root: str,
+    storage_options: dict | None,
+    benchmarks: dict[str, str],
+    checkpoint: str | None,
+    endpoint: str | None,
+    endpoint_model: str | None,
+    protocol: str,
+    cache: str | None,
+    synthetic_scenes: int,
+    config: dict,
+) -> dict:
+    from config import config_from_dict
     from evaluation.readers import PAPER_COLUMNS
     from stages.benchmark import evaluate_benchmarks, evaluated_model
-    from config import config_from_dict
+    from stages.robustness import robustness_suite
 
     store = ShardStore(root, storage_options)
     cfg = config_from_dict(config)
@@ -55,23 +64,49 @@ def evaluate_task(root: str, storage_options: dict | None, benchmarks: dict[str,
     return out
 
 
-@flow(name="evaluate", description="A defender on V*, HRBench, POPE, HallusionBench and the synthetic suite.",
-      validate_parameters=True)
-def evaluate_flow(benchmarks: dict[str, str] | None = None, checkpoint: str | None = None, endpoint: str | None = None,
-                  endpoint_model: str | None = None, protocol: str = "strict", cache: str | None = None,
-                  synthetic_scenes: int = 0, root: str = DEFAULT_ROOT, preset: str = "synthetic",
-                  overrides: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None) -> dict:
+@flow(
+    name="evaluate",
+    description="A defender on V*, HRBench, POPE, HallusionBench and the synthetic suite.",
+    validate_parameters=True,
+)
+def evaluate_flow(
+    benchmarks: dict[str, str] | None = None,
+    checkpoint: str | None = None,
+    endpoint: str | None = None,
+    endpoint_model: str | None = None,
+    protocol: str = "strict",
+    cache: str | None = None,
+    synthetic_scenes: int = 0,
+    root: str = DEFAULT_ROOT,
+    preset: str = "synthetic",
+    overrides: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> dict:
     cfg = resolve_config(preset, overrides)
-    out = evaluate_task(root, storage_options, benchmarks or {}, checkpoint, endpoint, endpoint_model, protocol, cache,
-                        synthetic_scenes, cfg.to_dict())
+    out = evaluate_task(
+        root,
+        storage_options,
+        benchmarks or {},
+        checkpoint,
+        endpoint,
+        endpoint_model,
+        protocol,
+        cache,
+        synthetic_scenes,
+        cfg.to_dict(),
+    )
     acc = {k: v["accuracy"] for k, v in out.get("summary", {}).items()}
     if "synthetic" in out:
         acc["synthetic clean"] = out["synthetic"]["clean_accuracy"]
         acc["synthetic attacked"] = out["synthetic"]["attacked_accuracy"]
-    create_table_artifact(key="evaluation-summary", table=[{"model": out["model"], "protocol": protocol,
-                                                            **{k: round(100 * v, 1) for k, v in acc.items()}}],
-                          description="accuracy % in the paper's column order, then the synthetic suite")
+    create_table_artifact(
+        key="evaluation-summary",
+        table=[{"model": out["model"], "protocol": protocol, **{k: round(100 * v, 1) for k, v in acc.items()}}],
+        description="accuracy % in the paper's column order, then the synthetic suite",
+    )
     if acc:
-        create_markdown_artifact(key="evaluation-chart", markdown=(
-            f"# {out['model']} ({protocol})\n\n![accuracy](data:image/png;base64,{_bar_chart(acc)})\n"))
+        create_markdown_artifact(
+            key="evaluation-chart",
+            markdown=(f"# {out['model']} ({protocol})\n\n![accuracy](data:image/png;base64,{_bar_chart(acc)})\n"),
+        )
     return out

@@ -20,8 +20,10 @@ class FlowRunFailed(RuntimeError):
         self.flow_run_id, self.entrypoint = state.state_details.flow_run_id, entrypoint
 
     def retry_hint(self) -> str:
-        return (f"finished shards are kept; rerun the same command to compute only the missing ones,\n"
-                f"or retry this flow run: prefect flow-run retry {self.flow_run_id} --entrypoint {self.entrypoint}")
+        return (
+            f"finished shards are kept; rerun the same command to compute only the missing ones,\n"
+            f"or retry this flow run: prefect flow-run retry {self.flow_run_id} --entrypoint {self.entrypoint}"
+        )
 
 
 def _completed(flow_, entrypoint: str, **kw):
@@ -32,8 +34,16 @@ def _completed(flow_, entrypoint: str, **kw):
 
 
 class PrefectSteps:
-    def __init__(self, root: str, preset: str, overrides: dict | None, storage_options: dict | None,
-                 progress: bool = True, refresh_cache: bool = False, task_runner: str | None = None):
+    def __init__(
+        self,
+        root: str,
+        preset: str,
+        overrides: dict | None,
+        storage_options: dict | None,
+        progress: bool = True,
+        refresh_cache: bool = False,
+        task_runner: str | None = None,
+    ):
         self.root, self.preset, self.opts, self.progress = root, preset, storage_options, progress
         self.refresh_cache, self.task_runner = refresh_cache, task_runner
         self.overrides = copy.deepcopy(overrides) or {}
@@ -41,8 +51,14 @@ class PrefectSteps:
         self.store = ShardStore(root, storage_options)
 
     def _flow_args(self, overrides: dict | None = None) -> dict:
-        return dict(root=self.root, preset=self.preset, overrides=self.overrides if overrides is None else overrides,
-                    storage_options=self.opts, progress=self.progress, refresh_cache=self.refresh_cache)
+        return dict(
+            root=self.root,
+            preset=self.preset,
+            overrides=self.overrides if overrides is None else overrides,
+            storage_options=self.opts,
+            progress=self.progress,
+            refresh_cache=self.refresh_cache,
+        )
 
     def stage(self, name, input_version):
         flow_ = STAGE_FLOWS[name]
@@ -51,8 +67,13 @@ class PrefectSteps:
         return _completed(flow_, f"flows/bootstrap.py:{name}_flow", input_version=input_version, **self._flow_args())
 
     def bootstrap(self, source):
-        return _completed(bootstrap, "flows/bootstrap.py:bootstrap", source_version=source,
-                          task_runner=self.task_runner, **self._flow_args())["stages"]
+        return _completed(
+            bootstrap,
+            "flows/bootstrap.py:bootstrap",
+            source_version=source,
+            task_runner=self.task_runner,
+            **self._flow_args(),
+        )["stages"]
 
     def _training_args(self, **extra) -> dict:
         over = copy.deepcopy(self.overrides)
@@ -71,7 +92,11 @@ class PrefectSteps:
 
     def _world(self, cfg, stages) -> str:
         """The stage flows on another world of the same settings (stages.source defines it)."""
-        over = {**copy.deepcopy(self.overrides), "source.seed": cfg.source.seed, "source.num_scenes": cfg.source.num_scenes}
+        over = {
+            **copy.deepcopy(self.overrides),
+            "source.seed": cfg.source.seed,
+            "source.num_scenes": cfg.source.num_scenes,
+        }
         version = None
         for name in stages:
             version = STAGE_FLOWS[name](input_version=version, **self._flow_args(over))["version"]
@@ -79,22 +104,32 @@ class PrefectSteps:
 
     def train_defender(self, data, init, mode, images=None):
         extra = {"defender.images": images} if images else {}
-        return train_defender(data_version=data, init_version=init, mode=mode, **self._training_args(**extra))["version"]
+        return train_defender(data_version=data, init_version=init, mode=mode, **self._training_args(**extra))[
+            "version"
+        ]
 
     def evaluate(self, defender, data):
         out = evaluate_defender(checkpoint_version=defender, data_version=data, **self._training_args())
         return {k: v for k, v in out.items() if k != "version"}
 
     def train_attacker(self, data, defender, init, mode):
-        return train_attacker(data_version=data, defender_version=defender, init_version=init, mode=mode,
-                              **self._training_args())["version"]
+        return train_attacker(
+            data_version=data, defender_version=defender, init_version=init, mode=mode, **self._training_args()
+        )["version"]
 
     def curriculum(self, attacker, data, defender):
-        return generate_curriculum(attacker_version=attacker, data_version=data, defender_version=defender,
-                                   **self._training_args())
+        return generate_curriculum(
+            attacker_version=attacker, data_version=data, defender_version=defender, **self._training_args()
+        )
 
     def coevolution(self, source):
         from flows.coevolution import coevolution
 
-        return coevolution(root=self.root, preset=self.preset, source_version=source, overrides=self.overrides,
-                           storage_options=self.opts, progress=self.progress)["version"]
+        return coevolution(
+            root=self.root,
+            preset=self.preset,
+            source_version=source,
+            overrides=self.overrides,
+            storage_options=self.opts,
+            progress=self.progress,
+        )["version"]

@@ -22,7 +22,12 @@ def expand_box(b: list[float], margin: float) -> list[float]:
 
 
 def clip_box(b: list[float], width: int, height: int) -> list[float]:
-    return [min(max(b[0], 0.0), width), min(max(b[1], 0.0), height), min(max(b[2], 0.0), width), min(max(b[3], 0.0), height)]
+    return [
+        min(max(b[0], 0.0), width),
+        min(max(b[1], 0.0), height),
+        min(max(b[2], 0.0), width),
+        min(max(b[3], 0.0), height),
+    ]
 
 
 def transform_box(b: list[float], offset: tuple[float, float] = (0.0, 0.0), scale: float = 1.0) -> list[float]:

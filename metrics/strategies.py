@@ -30,8 +30,14 @@ def _structure(gray: np.ndarray, mask: np.ndarray, ring: np.ndarray) -> float:
     return float(inside.std() + abs(inside.mean() - np.median(around)))
 
 
-def classify_edit(clean: Image.Image, edited: Image.Image, strong: int = 32, weak: int = 2,
-                  structure_min: float = 12.0, min_area: int = 9) -> dict:
+def classify_edit(
+    clean: Image.Image,
+    edited: Image.Image,
+    strong: int = 32,
+    weak: int = 2,
+    structure_min: float = 12.0,
+    min_area: int = 9,
+) -> dict:
     a = np.asarray(clean.convert("RGB")).astype(np.int16)
     b = np.asarray(edited.convert("RGB")).astype(np.int16)
     if a.shape != b.shape:
@@ -67,8 +73,13 @@ def classify_edit(clean: Image.Image, edited: Image.Image, strong: int = 32, wea
         label = kinds[0]
     else:
         label = "hybrid"
-    return {"strategy": label, "regions": kinds, "changed_fraction": weak_frac, "strong_fraction": strong_frac,
-            "max_diff": int(diff.max())}
+    return {
+        "strategy": label,
+        "regions": kinds,
+        "changed_fraction": weak_frac,
+        "strong_fraction": strong_frac,
+        "max_diff": int(diff.max()),
+    }
 
 
 def strategy_mix(labels: list[str]) -> dict[str, float]:

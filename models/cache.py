@@ -39,8 +39,11 @@ def build_once(path: Path, build: Callable[[Path], None], folder: bool = True) -
     with build_lock(path):
         if path.exists():  # another builder finished while we waited
             return path
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-") if folder else
-                   path.with_name(f".{path.name}.{os.getpid()}.tmp"))
+        tmp = Path(
+            tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-")
+            if folder
+            else path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        )
         try:
             build(tmp)
             os.replace(tmp, path)

@@ -66,8 +66,11 @@ def check_models(specs: dict[str, dict | str]) -> list[RoleStatus]:
         else:
             gated = " (gated: accept its license on the Hub first, then `hf auth login`)" if repo in GATED else ""
             key = role if "." in role else f"models.{role}"
-            local = (f"`--set {key}.pretrained=/path/to/open_clip_model.safetensors`" if backend == "open_clip"
-                     else f"`--set {key}.model=/path/to/folder`")
+            local = (
+                f"`--set {key}.pretrained=/path/to/open_clip_model.safetensors`"
+                if backend == "open_clip"
+                else f"`--set {key}.model=/path/to/folder`"
+            )
             fix = f"on a machine with Hub access: `hf download {repo}`{gated}; or copy it here and {local}"
             out.append(RoleStatus(role, backend, repo, False, None, fix))
     return out

@@ -23,7 +23,9 @@ class OpenClipScorer:
         if model == "tiny-clip":
             open_clip.add_model_config(CONFIG_DIR / "tiny-clip.json")
         torch.manual_seed(seed)  # random init of the tiny model is reproducible
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=device)
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            model, pretrained=pretrained, device=device
+        )
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(model)
         self.device = device

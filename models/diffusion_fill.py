@@ -52,27 +52,73 @@ def build_tiny_flux_fill(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=20, out_channels=8, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
-    clip = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                                        vocab_size=514, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-                                        max_position_embeddings=77))
-    t5 = T5EncoderModel(T5Config(vocab_size=98, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                                 relative_attention_num_buckets=8))
-    vae = AutoencoderKL(block_out_channels=(4,), layers_per_block=1, latent_channels=2, norm_num_groups=1,
-                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
-                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
-    return FluxFillPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
-                            tokenizer=tiny_clip_tokenizer(), text_encoder_2=t5, tokenizer_2=tiny_t5_tokenizer(),
-                            transformer=transformer)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=20,
+        out_channels=8,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+    )
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=514,
+            projection_dim=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            max_position_embeddings=77,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=98, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=2,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+    )
+    return FluxFillPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=t5,
+        tokenizer_2=tiny_t5_tokenizer(),
+        transformer=transformer,
+    )
 
 
 class DiffusersFiller(Painter):
     """Implements both the Outpainter and the Inpainter role; batches same-size images."""
 
-    def __init__(self, pipe, steps: int = 28, guidance: float = 30.0, seed: int = 0, device: str = "cpu",
-                 max_sequence_length: int = 512, batch_size: int = 4):
+    def __init__(
+        self,
+        pipe,
+        steps: int = 28,
+        guidance: float = 30.0,
+        seed: int = 0,
+        device: str = "cpu",
+        max_sequence_length: int = 512,
+        batch_size: int = 4,
+    ):
         self.pipe = pipe.to(device)
         for m in pipe.components.values():  # built tiny modules start in train mode: T5 dropout is random
             if isinstance(m, torch.nn.Module):
@@ -89,13 +135,20 @@ class DiffusersFiller(Painter):
         return cls(build_tiny_flux_fill(seed), steps=steps, seed=seed, max_sequence_length=32, **kw)
 
     @classmethod
-    def from_pretrained(cls, model: str = "black-forest-labs/FLUX.1-Fill-dev", dtype: str = "bfloat16",
-                        device: str = "cuda", trust_remote_code: bool = False, **kw) -> "DiffusersFiller":
+    def from_pretrained(
+        cls,
+        model: str = "black-forest-labs/FLUX.1-Fill-dev",
+        dtype: str = "bfloat16",
+        device: str = "cuda",
+        trust_remote_code: bool = False,
+        **kw,
+    ) -> "DiffusersFiller":
         from diffusers import AutoPipelineForInpainting, FluxFillPipeline
 
         loader = FluxFillPipeline if "fill" in model.lower() else AutoPipelineForInpainting
-        pipe = loader.from_pretrained(model, torch_dtype=getattr(torch, dtype), use_safetensors=True,
-                                      trust_remote_code=trust_remote_code)
+        pipe = loader.from_pretrained(
+            model, torch_dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+        )
         return cls(pipe, device=device, **kw)
 
     def repaint(self, image: Image.Image, mask: np.ndarray, prompt: str) -> Image.Image:
@@ -110,9 +163,13 @@ class DiffusersFiller(Painter):
             groups.setdefault(m.shape, []).append(i)
         for (h, w), idx in groups.items():
             for k in range(0, len(idx), self.batch_size):
-                chunk = idx[k:k + self.batch_size]
-                for i, img in zip(chunk, self._pipeline([images[i] for i in chunk], [masks[i] for i in chunk],
-                                                        [prompts[i] for i in chunk], h, w)):
+                chunk = idx[k : k + self.batch_size]
+                for i, img in zip(
+                    chunk,
+                    self._pipeline(
+                        [images[i] for i in chunk], [masks[i] for i in chunk], [prompts[i] for i in chunk], h, w
+                    ),
+                ):
                     out[i] = img
         return out
 
@@ -121,13 +178,23 @@ class DiffusersFiller(Painter):
         ph, pw = (-h) % m, (-w) % m
         arrs = [np.asarray(im.convert("RGB")) for im in images]
         padded = [Image.fromarray(np.pad(a, ((0, ph), (0, pw), (0, 0)), mode="edge")) for a in arrs]
-        pmasks = [Image.fromarray(np.pad(mk, ((0, ph), (0, pw)), constant_values=True).astype(np.uint8) * 255)
-                  for mk in masks]
+        pmasks = [
+            Image.fromarray(np.pad(mk, ((0, ph), (0, pw)), constant_values=True).astype(np.uint8) * 255) for mk in masks
+        ]
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         kw = {} if "Fill" not in type(self.pipe).__name__ else {"max_sequence_length": self.max_sequence_length}
         self.pipeline_calls += 1
-        res = self.pipe(prompt=prompts, image=padded, mask_image=pmasks, height=h + ph, width=w + pw,
-                        num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gen, **kw).images
+        res = self.pipe(
+            prompt=prompts,
+            image=padded,
+            mask_image=pmasks,
+            height=h + ph,
+            width=w + pw,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance,
+            generator=gen,
+            **kw,
+        ).images
         out = []
         for a, mk, r in zip(arrs, masks, res):
             r = np.asarray(r.convert("RGB").resize((w + pw, h + ph)))[:h, :w]
@@ -142,10 +209,12 @@ class DiffusersFiller(Painter):
         # Start the border from the nearest edge pixels: the model refines a plausible guess.
         canvas = np.pad(arr, ((y, ch - y - arr.shape[0]), (x, cw - x - arr.shape[1]), (0, 0)), mode="edge")
         mask = np.ones((ch, cw), dtype=bool)
-        mask[y:y + arr.shape[0], x:x + arr.shape[1]] = False
+        mask[y : y + arr.shape[0], x : x + arr.shape[1]] = False
         return Image.fromarray(canvas), mask
 
-    def outpaint(self, image: Image.Image, canvas_size: tuple[int, int], offset: tuple[int, int], context: Context) -> Painted:
+    def outpaint(
+        self, image: Image.Image, canvas_size: tuple[int, int], offset: tuple[int, int], context: Context
+    ) -> Painted:
         return self.outpaint_many([image], [canvas_size], [offset], [context])[0]
 
     def outpaint_many(self, images, canvas_sizes, offsets, contexts) -> list[Painted]:
@@ -165,6 +234,8 @@ class DiffusersFiller(Painter):
     def fill(self, image: Image.Image, box: Box, description: str, context: Context) -> Painted:
         return self.fill_many(image, [box], [description], context)[0]
 
-    def fill_many(self, image: Image.Image, boxes: list[Box], descriptions: list[str], context: Context) -> list[Painted]:
+    def fill_many(
+        self, image: Image.Image, boxes: list[Box], descriptions: list[str], context: Context
+    ) -> list[Painted]:
         done = self.repaint_many([image] * len(boxes), [self._box_mask(image, b) for b in boxes], list(descriptions))
         return [Painted(img, None) for img in done]

@@ -23,7 +23,6 @@ import contextlib
 import inspect
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,13 +32,29 @@ from typing import Callable
 import torch
 from PIL import Image
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-                "img_mlp.net.0.proj", "img_mlp.net.2"]
+LORA_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+]
 NEGATIVE_PROMPT = " "  # Qwen-Image-Edit's reference negative prompt: true CFG needs one, even empty
 
 
-def _fit_module(name: str, module: torch.nn.Module, loss_of: Callable[[torch.Generator], torch.Tensor], steps: int,
-                lr: float, seed: int) -> list[float]:
+def _fit_module(
+    name: str,
+    module: torch.nn.Module,
+    loss_of: Callable[[torch.Generator], torch.Tensor],
+    steps: int,
+    lr: float,
+    seed: int,
+) -> list[float]:
     """AdamW on ``module`` for ``steps`` batches of ``loss_of(generator)`` (gradients clipped to 1:
     a 3000-step GPU fit of the tiny VAE diverged without it), then frozen again. One line on
     stderr every tenth of the way: a fit runs once, inside a model load, for minutes on a CPU."""
@@ -55,8 +70,12 @@ def _fit_module(name: str, module: torch.nn.Module, loss_of: Callable[[torch.Gen
         opt.step()
         losses.append(float(loss.detach()))
         if step % every == 0 or step == steps:
-            print(f"{name} fit: step {step}/{steps}, loss {sum(losses[-every:]) / len(losses[-every:]):.4f}, "
-                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"{name} fit: step {step}/{steps}, loss {sum(losses[-every:]) / len(losses[-every:]):.4f}, "
+                f"{time.perf_counter() - t0:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     module.requires_grad_(False).eval()
     return losses
 
@@ -73,15 +92,25 @@ class EditCondition:
 
     def repeat(self, n: int) -> "EditCondition":
         """Each item n times in a row (a group of n samples of one prompt)."""
-        rep = (lambda d: None if d is None else {k: None if t is None else t.repeat_interleave(n, dim=0)
-                                                 for k, t in d.items()})
-        return EditCondition(rep(self.prompt), rep(self.negative), self.image_latents.repeat_interleave(n, dim=0),
-                             self.size, self.shared)
+
+        def rep(d):
+            if d is None:
+                return None
+            return {k: None if t is None else t.repeat_interleave(n, dim=0) for k, t in d.items()}
+
+        return EditCondition(
+            rep(self.prompt), rep(self.negative), self.image_latents.repeat_interleave(n, dim=0), self.size, self.shared
+        )
 
     def select(self, i: int) -> "EditCondition":
         """Item i alone (a batch of one)."""
-        one = (lambda d: None if d is None else {k: None if t is None else t[i:i + 1] for k, t in d.items()})
-        return EditCondition(one(self.prompt), one(self.negative), self.image_latents[i:i + 1], self.size, self.shared)
+
+        def one(d):
+            return None if d is None else {k: None if t is None else t[i : i + 1] for k, t in d.items()}
+
+        return EditCondition(
+            one(self.prompt), one(self.negative), self.image_latents[i : i + 1], self.size, self.shared
+        )
 
     @property
     def batch(self) -> int:
@@ -110,7 +139,16 @@ def world_edit_pairs(n: int, resolution: int, seed: int = 0) -> list[tuple[Image
     not naming it otherwise, as fresh items to attack do."""
     import numpy as np
 
-    from world import CATEGORIES, COLOURS, NoQuestion, WorldConfig, draw_object_into, generate_world, make_question, render
+    from world import (
+        CATEGORIES,
+        COLOURS,
+        NoQuestion,
+        WorldConfig,
+        draw_object_into,
+        generate_world,
+        make_question,
+        render,
+    )
 
     rng, out, i = np.random.default_rng(seed), [], 0
     while len(out) < n:
@@ -145,25 +183,56 @@ def build_tiny_qwen_image_edit(seed: int = 0, layers: int = 2, heads: int = 4, h
 
     ``z_dim``: latent channels of the VAE (stride 4; the real Qwen-Image VAE has 16). Fitted for
     2000 steps at 64 px, 16 reproduced world images no better than 4 (RESULTS.md), so 4 stays."""
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, \
-        QwenImageTransformer2DModel
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageEditPipeline,
+        QwenImageTransformer2DModel,
+    )
 
     from models.qwen_vl import TinyDefenderSpec, build_byte_tokenizer, build_tiny_model, build_tiny_processor
 
     tok = build_byte_tokenizer()
-    spec = TinyDefenderSpec(hidden=32, layers=1, heads=2, vision_depth=1, vision_hidden=32, patch_size=8,
-                            min_pixels=32 * 32, max_pixels=64 * 64)
+    spec = TinyDefenderSpec(
+        hidden=32,
+        layers=1,
+        heads=2,
+        vision_depth=1,
+        vision_hidden=32,
+        patch_size=8,
+        min_pixels=32 * 32,
+        max_pixels=64 * 64,
+    )
     text_encoder = build_tiny_model(tok, spec, seed)
     torch.manual_seed(seed)
     q = head_dim // 4  # rope axes (frame, height, width) must sum to head_dim
-    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=4 * z_dim, out_channels=z_dim, num_layers=layers,
-                                              attention_head_dim=head_dim, num_attention_heads=heads,
-                                              joint_attention_dim=spec.hidden, axes_dims_rope=(head_dim - 2 * q, q, q))
-    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=z_dim, dim_mult=[1, 2, 4], num_res_blocks=1,
-                                 temperal_downsample=[False, True], latents_mean=[0.0] * z_dim,
-                                 latents_std=[1.0] * z_dim)
-    return QwenImageEditPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
-                                 tokenizer=tok, processor=build_tiny_processor(tok, spec), transformer=transformer)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4 * z_dim,
+        out_channels=z_dim,
+        num_layers=layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=spec.hidden,
+        axes_dims_rope=(head_dim - 2 * q, q, q),
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=24,
+        z_dim=z_dim,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.0] * z_dim,
+        latents_std=[1.0] * z_dim,
+    )
+    return QwenImageEditPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        processor=build_tiny_processor(tok, spec),
+        transformer=transformer,
+    )
 
 
 def build_tiny_flux_kontext(seed: int = 0):
@@ -175,12 +244,28 @@ def build_tiny_flux_kontext(seed: int = 0):
 
     fill = build_tiny_flux_fill(seed)
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=8, out_channels=8, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
-    return FluxKontextPipeline(scheduler=fill.scheduler, vae=fill.vae, text_encoder=fill.text_encoder,
-                               tokenizer=fill.tokenizer, text_encoder_2=fill.text_encoder_2, tokenizer_2=fill.tokenizer_2,
-                               transformer=transformer)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=8,
+        out_channels=8,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True,
+    )
+    return FluxKontextPipeline(
+        scheduler=fill.scheduler,
+        vae=fill.vae,
+        text_encoder=fill.text_encoder,
+        tokenizer=fill.tokenizer,
+        text_encoder_2=fill.text_encoder_2,
+        tokenizer_2=fill.tokenizer_2,
+        transformer=transformer,
+    )
 
 
 class FlowEditor:
@@ -190,8 +275,15 @@ class FlowEditor:
 
     LORA_TARGETS: list[str] = []
 
-    def __init__(self, pipe, resolution: int = 512, cfg_scale: float = 1.0, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, negative_prompt: str = NEGATIVE_PROMPT):
+    def __init__(
+        self,
+        pipe,
+        resolution: int = 512,
+        cfg_scale: float = 1.0,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        negative_prompt: str = NEGATIVE_PROMPT,
+    ):
         self.pipe = pipe.to(device)
         if dtype != torch.float32:  # random-init models are float32 already; .to(float32) only warns
             self.pipe.to(dtype=dtype)
@@ -207,8 +299,9 @@ class FlowEditor:
                 m.requires_grad_(False).eval()
 
     # ------------------------------------------------------------------ the autoencoder
-    def fit_autoencoder(self, images: list[Image.Image], steps: int, batch: int = 8, lr: float = 1e-3,
-                        seed: int = 0) -> list[float]:
+    def fit_autoencoder(
+        self, images: list[Image.Image], steps: int, batch: int = 8, lr: float = 1e-3, seed: int = 0
+    ) -> list[float]:
         """Fit the VAE to reconstruct ``images`` (MSE on pixels; encoder and decoder). For the
         tiny editors: a random VAE decodes a world image at SSIM ~0.4, so no edit can keep a
         target box intact; real checkpoints come with a trained VAE and never need this."""
@@ -222,12 +315,19 @@ class FlowEditor:
 
         return _fit_module("tiny VAE", vae, loss, steps, lr, seed)
 
-    def fit_editor(self, pairs: list[tuple[Image.Image, Image.Image, str]], steps: int, batch: int = 16,
-                   lr: float = 1e-3, seed: int = 0) -> list[float]:
+    def fit_editor(
+        self,
+        pairs: list[tuple[Image.Image, Image.Image, str]],
+        steps: int,
+        batch: int = 16,
+        lr: float = 1e-3,
+        seed: int = 0,
+    ) -> list[float]:
         """Train the whole transformer by flow matching on (clean, edited, instruction) pairs of one
         size: x_s = (1 - s) x0 + s eps, target v = eps - x0. For the tiny editors only: what a real
         checkpoint's pretraining gives (copy the condition image, add what is described); a random
         transformer's edits share nothing with their input, so none could pass the integrity gate."""
+
         def loss(gen):
             idx = torch.randint(len(pairs), (batch,), generator=gen).tolist()
             cond = self.condition([pairs[i][0] for i in idx], [pairs[i][2] for i in idx])
@@ -243,11 +343,15 @@ class FlowEditor:
     def fit_autoencoder_cached(self, key: dict, images: Callable[[], list[Image.Image]], **fit) -> Path:
         """``fit_autoencoder`` once per ``key`` (spec + fit settings); the VAE's weights are cached
         as safetensors under ``$AOT_CACHE/tiny-vae`` and later builds load them."""
-        return self._fit_cached("tiny-vae", self.pipe.vae, {**key, **fit}, lambda: self.fit_autoencoder(images(), **fit))
+        return self._fit_cached(
+            "tiny-vae", self.pipe.vae, {**key, **fit}, lambda: self.fit_autoencoder(images(), **fit)
+        )
 
     def fit_editor_cached(self, key: dict, pairs: Callable[[], list], **fit) -> Path:
         """``fit_editor`` once per ``key``, cached under ``$AOT_CACHE/tiny-editor``."""
-        return self._fit_cached("tiny-editor", self.transformer, {**key, **fit}, lambda: self.fit_editor(pairs(), **fit))
+        return self._fit_cached(
+            "tiny-editor", self.transformer, {**key, **fit}, lambda: self.fit_editor(pairs(), **fit)
+        )
 
     def _fit_cached(self, kind: str, module: torch.nn.Module, key: dict, fit: Callable[[], object]) -> Path:
         """Run ``fit`` (which trains ``module``) once per ``key``; its weights are cached as
@@ -260,8 +364,11 @@ class FlowEditor:
         def build(tmp: Path) -> None:
             fit()
             # The key rides along as metadata, so a cached file says which fit it is.
-            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp),
-                      metadata={"aot_fit_key": json.dumps(key, sort_keys=True, default=str)})
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+                str(tmp),
+                metadata={"aot_fit_key": json.dumps(key, sort_keys=True, default=str)},
+            )
 
         path = build_once(cache_root() / kind / f"{content_hash(key)}.safetensors", build, folder=False)
         module.load_state_dict(load_file(str(path), device=str(self.device)))
@@ -303,7 +410,9 @@ class FlowEditor:
 
     def noise(self, cond: EditCondition, generator: torch.Generator | None = None) -> torch.Tensor:
         b, n, c = cond.image_latents.shape
-        return torch.randn((b, n, c), generator=generator, device="cpu", dtype=torch.float32).to(self.device, self.dtype)
+        return torch.randn((b, n, c), generator=generator, device="cpu", dtype=torch.float32).to(
+            self.device, self.dtype
+        )
 
     def schedule(self, steps: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigmas (steps + 1, last 0), timesteps (steps)) exactly as the pipelines set them."""
@@ -311,8 +420,13 @@ class FlowEditor:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         cfg = self.pipe.scheduler.config
-        mu = calculate_shift(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        mu = calculate_shift(
+            seq_len,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
         self.pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=self.device)
         return self.pipe.scheduler.sigmas.clone(), self.pipe.scheduler.timesteps.clone()
 
@@ -325,8 +439,11 @@ class FlowEditor:
         timestep = t.expand(x.shape[0]).to(x.dtype) / 1000
         # Half-precision weights with float32 LoRA (mixed precision): autocast runs the LoRA
         # matmuls in the weights' dtype instead of upcasting every activation they touch.
-        amp = torch.autocast(self.transformer.device.type, dtype=self.dtype) if self.dtype != torch.float32 \
+        amp = (
+            torch.autocast(self.transformer.device.type, dtype=self.dtype)
+            if self.dtype != torch.float32
             else contextlib.nullcontext()
+        )
         with amp:
             v = self._transformer(inp, timestep, cond.prompt, cond)[:, : x.shape[1]]
             if guidance and self.cfg_scale > 1 and cond.negative is not None:
@@ -352,12 +469,17 @@ class FlowEditor:
         from peft import LoraConfig
 
         dead = self._dead_modules()
-        wanted = [n for n, _ in self.transformer.named_modules()
-                  if any(n.endswith("." + t) for t in (targets or self.LORA_TARGETS)) and n not in dead]
+        wanted = [
+            n
+            for n, _ in self.transformer.named_modules()
+            if any(n.endswith("." + t) for t in (targets or self.LORA_TARGETS)) and n not in dead
+        ]
         if not wanted:
             raise ValueError(f"none of the LoRA targets {targets or self.LORA_TARGETS} is a module of the transformer")
         torch.manual_seed(seed)
-        self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=wanted, init_lora_weights=True))
+        self.transformer.add_adapter(
+            LoraConfig(r=rank, lora_alpha=alpha, target_modules=wanted, init_lora_weights=True)
+        )
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.transformer.named_parameters() if "lora_" in n]
@@ -369,8 +491,10 @@ class FlowEditor:
         params = dict(self.transformer.named_parameters())
         missing = [n for n in tensors if n not in params]
         if missing:
-            raise ValueError(f"LoRA tensors do not match this editor (first unknown: {missing[0]}); "
-                             "was the checkpoint made with another model or LoRA rank/targets?")
+            raise ValueError(
+                f"LoRA tensors do not match this editor (first unknown: {missing[0]}); "
+                "was the checkpoint made with another model or LoRA rank/targets?"
+            )
         with torch.no_grad():
             for n, t in tensors.items():
                 params[n].copy_(t.to(params[n].device, params[n].dtype))
@@ -395,7 +519,7 @@ class FlowEditor:
         blocks = [*tr.transformer_blocks, *getattr(tr, "single_transformer_blocks", [])]
         if not 0 <= keep_blocks <= len(blocks):
             raise ValueError(f"keep_blocks={keep_blocks}: the transformer has {len(blocks)} blocks (0..{len(blocks)})")
-        self.kept_blocks = {id(b) for b in blocks[len(blocks) - keep_blocks:]}
+        self.kept_blocks = {id(b) for b in blocks[len(blocks) - keep_blocks :]}
 
         def checkpointed(block, *args):
             if id(block) in self.kept_blocks or id(getattr(block, "_orig_mod", block)) in self.kept_blocks:
@@ -429,8 +553,16 @@ class QwenImageEditor(FlowEditor):
     LORA_TARGETS = LORA_TARGETS
 
     @classmethod
-    def tiny(cls, seed: int = 0, resolution: int = 64, cfg_scale: float = 1.0, device: str = "cpu",
-             vae_fit: dict | None = None, editor_fit: dict | None = None, **kw) -> "QwenImageEditor":
+    def tiny(
+        cls,
+        seed: int = 0,
+        resolution: int = 64,
+        cfg_scale: float = 1.0,
+        device: str = "cpu",
+        vae_fit: dict | None = None,
+        editor_fit: dict | None = None,
+        **kw,
+    ) -> "QwenImageEditor":
         """``vae_fit`` ({steps, scenes, batch, lr, seed}): fit the random VAE to synthetic-world
         images first (cached), so that an edit can leave the rest of the image intact.
         ``editor_fit`` (same keys; after ``vae_fit``): then train the transformer on world edits —
@@ -442,10 +574,15 @@ class QwenImageEditor(FlowEditor):
         base_seed = editor_fit.get("seed", 0) if editor_fit else seed
         # The whole architecture (defaults filled in) keys the fits: {layers: 4} and {layers: 4, z_dim: 4}
         # are one model and share one cached fit.
-        kw = {**{k: p.default for k, p in inspect.signature(build_tiny_qwen_image_edit).parameters.items()
-                 if k != "seed"}, **kw}
-        editor = cls(build_tiny_qwen_image_edit(base_seed, **kw), resolution=resolution, cfg_scale=cfg_scale,
-                     device=device)
+        kw = {
+            **{
+                k: p.default for k, p in inspect.signature(build_tiny_qwen_image_edit).parameters.items() if k != "seed"
+            },
+            **kw,
+        }
+        editor = cls(
+            build_tiny_qwen_image_edit(base_seed, **kw), resolution=resolution, cfg_scale=cfg_scale, device=device
+        )
         vae_key = None
         if vae_fit:
             from world import WorldConfig, generate_world, render
@@ -458,22 +595,37 @@ class QwenImageEditor(FlowEditor):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(fit["seed"])
                 editor.pipe.vae = type(vae).from_config(vae.config).to(editor.device).requires_grad_(False).eval()
-            vae_key = {"resolution": resolution, "z_dim": kw["z_dim"], "scenes": n, "revision": VAE_FIT_REVISION,
-                       **fit}  # the VAE depends only on its latent width (not the transformer's size)
+            vae_key = {
+                "resolution": resolution,
+                "z_dim": kw["z_dim"],
+                "scenes": n,
+                "revision": VAE_FIT_REVISION,
+                **fit,
+            }  # the VAE depends only on its latent width (not the transformer's size)
             editor.fit_autoencoder_cached(
-                vae_key, lambda: [render(generate_world(10_000_000 + i, WorldConfig(resolution=resolution)))
-                                  for i in range(n)], **fit)
+                vae_key,
+                lambda: [render(generate_world(10_000_000 + i, WorldConfig(resolution=resolution))) for i in range(n)],
+                **fit,
+            )
         if editor_fit:
             fit = {"steps": 500, "scenes": 512, "batch": 16, "lr": 1e-3, "seed": 0, **editor_fit}
             n = fit.pop("scenes")
-            editor.fit_editor_cached({"resolution": resolution, "tiny": kw, "vae": vae_key, "scenes": n,
-                                      "revision": VAE_FIT_REVISION},
-                                     lambda: world_edit_pairs(n, resolution, fit["seed"]), **fit)
+            editor.fit_editor_cached(
+                {"resolution": resolution, "tiny": kw, "vae": vae_key, "scenes": n, "revision": VAE_FIT_REVISION},
+                lambda: world_edit_pairs(n, resolution, fit["seed"]),
+                **fit,
+            )
         return editor
 
     @classmethod
-    def from_pretrained(cls, path: str = "Qwen/Qwen-Image-Edit", resolution: int = 512, cfg_scale: float = 4.0,
-                        device: str = "cuda", dtype: str = "bfloat16") -> "QwenImageEditor":
+    def from_pretrained(
+        cls,
+        path: str = "Qwen/Qwen-Image-Edit",
+        resolution: int = 512,
+        cfg_scale: float = 4.0,
+        device: str = "cuda",
+        dtype: str = "bfloat16",
+    ) -> "QwenImageEditor":
         from diffusers import QwenImageEditPipeline
 
         pipe = QwenImageEditPipeline.from_pretrained(path, torch_dtype=getattr(torch, dtype), use_safetensors=True)
@@ -492,8 +644,9 @@ class QwenImageEditor(FlowEditor):
     def _transformer(self, inp, timestep, prompt: dict, cond: EditCondition) -> torch.Tensor:
         w, h = cond.size
         grid = (1, h // self.multiple, w // self.multiple)
-        return self.transformer(hidden_states=inp, timestep=timestep, img_shapes=[[grid, grid]] * inp.shape[0],
-                                return_dict=False, **prompt)[0]
+        return self.transformer(
+            hidden_states=inp, timestep=timestep, img_shapes=[[grid, grid]] * inp.shape[0], return_dict=False, **prompt
+        )[0]
 
     def _guide(self, v, neg):
         comb = neg + self.cfg_scale * (v - neg)
@@ -515,8 +668,20 @@ class FluxKontextEditor(FlowEditor):
     """FLUX.1-Kontext: CLIP pooled + T5 prompt encoding, condition tokens with position ids of
     frame 1, guidance-distilled (``guidance`` embedding); true CFG only if ``cfg_scale > 1``."""
 
-    LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-                    "ff.net.0.proj", "ff.net.2", "proj_mlp", "proj_out"]
+    LORA_TARGETS = [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "proj_mlp",
+        "proj_out",
+    ]
 
     def __init__(self, pipe, guidance: float = 2.5, max_sequence_length: int = 512, **kw):
         super().__init__(pipe, **kw)
@@ -524,24 +689,39 @@ class FluxKontextEditor(FlowEditor):
 
     @classmethod
     def tiny(cls, seed: int = 0, resolution: int = 32, cfg_scale: float = 1.0, **kw) -> "FluxKontextEditor":
-        return cls(build_tiny_flux_kontext(seed), resolution=resolution, cfg_scale=cfg_scale, max_sequence_length=32, **kw)
+        return cls(
+            build_tiny_flux_kontext(seed), resolution=resolution, cfg_scale=cfg_scale, max_sequence_length=32, **kw
+        )
 
     @classmethod
-    def from_pretrained(cls, path: str = "black-forest-labs/FLUX.1-Kontext-dev", resolution: int = 512,
-                        cfg_scale: float = 1.0, guidance: float = 2.5, device: str = "cuda",
-                        dtype: str = "bfloat16") -> "FluxKontextEditor":
+    def from_pretrained(
+        cls,
+        path: str = "black-forest-labs/FLUX.1-Kontext-dev",
+        resolution: int = 512,
+        cfg_scale: float = 1.0,
+        guidance: float = 2.5,
+        device: str = "cuda",
+        dtype: str = "bfloat16",
+    ) -> "FluxKontextEditor":
         from diffusers import FluxKontextPipeline
 
         pipe = FluxKontextPipeline.from_pretrained(path, torch_dtype=getattr(torch, dtype), use_safetensors=True)
-        return cls(pipe, resolution=resolution, cfg_scale=cfg_scale, guidance=guidance, device=device,
-                   dtype=getattr(torch, dtype))
+        return cls(
+            pipe,
+            resolution=resolution,
+            cfg_scale=cfg_scale,
+            guidance=guidance,
+            device=device,
+            dtype=getattr(torch, dtype),
+        )
 
     def _vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.pipe._encode_vae_image(pixels, generator=None)
 
     def _encode_prompts(self, prompts, images) -> tuple[dict, dict]:
-        emb, pooled, text_ids = self.pipe.encode_prompt(prompts, device=self.device,
-                                                        max_sequence_length=self.max_sequence_length)
+        emb, pooled, text_ids = self.pipe.encode_prompt(
+            prompts, device=self.device, max_sequence_length=self.max_sequence_length
+        )
         return {"encoder_hidden_states": emb, "pooled_projections": pooled}, {"txt_ids": text_ids}
 
     def _positions(self, size: tuple[int, int]) -> dict:
@@ -556,8 +736,15 @@ class FluxKontextEditor(FlowEditor):
         g = None
         if self.transformer.config.guidance_embeds:
             g = torch.full([1], self.guidance, device=inp.device, dtype=torch.float32).expand(inp.shape[0])
-        return self.transformer(hidden_states=inp, timestep=timestep, guidance=g, txt_ids=cond.shared["txt_ids"],
-                                img_ids=cond.shared["img_ids"], return_dict=False, **prompt)[0]
+        return self.transformer(
+            hidden_states=inp,
+            timestep=timestep,
+            guidance=g,
+            txt_ids=cond.shared["txt_ids"],
+            img_ids=cond.shared["img_ids"],
+            return_dict=False,
+            **prompt,
+        )[0]
 
     def _decode(self, lat: torch.Tensor) -> torch.Tensor:
         vcfg = self.pipe.vae.config

@@ -16,8 +16,7 @@ import numpy as np
 from PIL import Image
 
 from metrics import region_ssim
-from models.mcq import YES_NO_PROMPT
-from models.mcq import extract_yes_no
+from models.mcq import YES_NO_PROMPT, extract_yes_no
 from models.roles import Box, CheckResult, Context, JudgeBase, Proposal, SceneChecks
 
 FALLBACK_OBJECTS = ("red ball", "blue cup", "green book", "yellow lamp", "purple box", "orange sign")
@@ -35,7 +34,7 @@ def parse_proposals(text: str, width: int, height: int) -> tuple[list[Proposal],
     if start < 0 or end <= start:
         return [], 0
     try:
-        data = json.loads(text[start:end + 1])
+        data = json.loads(text[start : end + 1])
     except json.JSONDecodeError:
         # Partial output: take the complete {...} objects one by one.
         data = []
@@ -50,8 +49,13 @@ def parse_proposals(text: str, width: int, height: int) -> tuple[list[Proposal],
     for item in data:
         box = item.get("box") if isinstance(item, dict) else None
         desc = item.get("description") if isinstance(item, dict) else None
-        if (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
-                and isinstance(desc, str) and desc.strip()):
+        if (
+            isinstance(box, list)
+            and len(box) == 4
+            and all(isinstance(v, (int, float)) for v in box)
+            and isinstance(desc, str)
+            and desc.strip()
+        ):
             out.append(Proposal([float(v) for v in box], desc.strip()))
         else:
             bad += 1
@@ -59,8 +63,16 @@ def parse_proposals(text: str, width: int, height: int) -> tuple[list[Proposal],
 
 
 class MLLMJudge(JudgeBase):
-    def __init__(self, mllm, composition_ssim_min: float = 0.98, unparsed: str = "reject", fallback_random: bool = False,
-                 max_new_tokens: int = 256, seed: int = 0, batch_size: int = 8):
+    def __init__(
+        self,
+        mllm,
+        composition_ssim_min: float = 0.98,
+        unparsed: str = "reject",
+        fallback_random: bool = False,
+        max_new_tokens: int = 256,
+        seed: int = 0,
+        batch_size: int = 8,
+    ):
         if unparsed not in ("reject", "pass"):
             raise ValueError("judge option unparsed must be 'reject' or 'pass'")
         self.mllm = mllm
@@ -76,16 +88,35 @@ class MLLMJudge(JudgeBase):
         """A judge on the tiny random Qwen2.5-VL (``--preset tiny``: every code path, noise verdicts)."""
         from models.qwen_vl import load_policy
 
-        return cls(load_policy({"backend": "tiny", "seed": seed, "min_pixels": 1024, "max_pixels": 4096}),
-                   max_new_tokens=max_new_tokens, **kw)
+        return cls(
+            load_policy({"backend": "tiny", "seed": seed, "min_pixels": 1024, "max_pixels": 4096}),
+            max_new_tokens=max_new_tokens,
+            **kw,
+        )
 
     @classmethod
-    def from_pretrained(cls, model: str = "Qwen/Qwen2.5-VL-7B-Instruct", dtype: str = "bfloat16", device: str = "cuda",
-                        trust_remote_code: bool = False, **kw) -> "MLLMJudge":
+    def from_pretrained(
+        cls,
+        model: str = "Qwen/Qwen2.5-VL-7B-Instruct",
+        dtype: str = "bfloat16",
+        device: str = "cuda",
+        trust_remote_code: bool = False,
+        **kw,
+    ) -> "MLLMJudge":
         from models.qwen_vl import load_policy
 
-        return cls(load_policy({"backend": "qwen-vl", "model": model, "dtype": dtype, "device": device,
-                                "trust_remote_code": trust_remote_code}), **kw)
+        return cls(
+            load_policy(
+                {
+                    "backend": "qwen-vl",
+                    "model": model,
+                    "dtype": dtype,
+                    "device": device,
+                    "trust_remote_code": trust_remote_code,
+                }
+            ),
+            **kw,
+        )
 
     def _ask(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
         try:
@@ -102,15 +133,19 @@ class MLLMJudge(JudgeBase):
             both.paste(clean.convert("RGB"), (0, 0))
             both.paste(edited.convert("RGB").resize(clean.size), (clean.width, 0))
             images.append(both)
-        prompt = ("The left half is an image before an edit, the right half after it. In one short sentence, say "
-                  "what was added, removed or replaced, or whether only subtle noise changed.")
+        prompt = (
+            "The left half is an image before an edit, the right half after it. In one short sentence, say "
+            "what was added, removed or replaced, or whether only subtle noise changed."
+        )
         return [t.strip() for t in self._ask(images, [prompt] * len(images))]
 
     def _verdict(self, text: str, fail_if: bool, what: str) -> CheckResult:
         ans = parse_yes_no(text)
         if ans is None:
             ok = self.unparsed == "pass"
-            return CheckResult(ok, float("nan"), "" if ok else f"judge answer to the {what} check unparseable: {text[:80]!r}")
+            return CheckResult(
+                ok, float("nan"), "" if ok else f"judge answer to the {what} check unparseable: {text[:80]!r}"
+            )
         if ans == fail_if:
             return CheckResult(False, float(ans), f"judge: {what} check failed ({text[:80]!r})")
         return CheckResult(True, float(ans))
@@ -119,12 +154,16 @@ class MLLMJudge(JudgeBase):
     @staticmethod
     def _composition_prompt(offset: tuple[int, int], size: tuple[int, int]) -> str:
         x, y = int(offset[0]), int(offset[1])
-        return (f"The region [{x}, {y}, {x + size[0]}, {y + size[1]}] of this image is an original photo; everything "
-                f"around it was added. Does the added part continue the original coherently? {YES_NO_PROMPT}")
+        return (
+            f"The region [{x}, {y}, {x + size[0]}, {y + size[1]}] of this image is an original photo; everything "
+            f"around it was added. Does the added part continue the original coherently? {YES_NO_PROMPT}"
+        )
 
     @staticmethod
     def _duplication_prompt(name: str, original_box: Box) -> str:
-        return f"Outside the region {[round(v) for v in original_box]} of this image, is there a {name}? {YES_NO_PROMPT}"
+        return (
+            f"Outside the region {[round(v) for v in original_box]} of this image, is there a {name}? {YES_NO_PROMPT}"
+        )
 
     @staticmethod
     def _realism_prompt() -> str:
@@ -133,24 +172,33 @@ class MLLMJudge(JudgeBase):
     def _pixels_intact(self, original: Image.Image, extended: Image.Image, offset: tuple[int, int]) -> CheckResult:
         x, y = int(offset[0]), int(offset[1])
         w, h = original.size
-        region = np.asarray(extended)[y:y + h, x:x + w]
+        region = np.asarray(extended)[y : y + h, x : x + w]
         if region.shape != np.asarray(original).shape:
             return CheckResult(False, 0.0, f"original does not fit the canvas at offset {offset}")
         score = region_ssim(np.asarray(original), region)
         if score < self.composition_ssim_min:
-            return CheckResult(False, score, f"original content changed (SSIM {score:.3f} < {self.composition_ssim_min})")
+            return CheckResult(
+                False, score, f"original content changed (SSIM {score:.3f} < {self.composition_ssim_min})"
+            )
         return CheckResult(True, score)
 
-    def check_composition(self, original: Image.Image, extended: Image.Image, offset: tuple[int, int], context: Context) -> CheckResult:
+    def check_composition(
+        self, original: Image.Image, extended: Image.Image, offset: tuple[int, int], context: Context
+    ) -> CheckResult:
         # The original region must be intact (pixels), and the extension coherent (the model's eye).
         pixels = self._pixels_intact(original, extended, offset)
         if not pixels.passed:
             return pixels
-        res = self._verdict(self._ask([extended], [self._composition_prompt(offset, original.size)])[0], fail_if=False,
-                            what="composition")
+        res = self._verdict(
+            self._ask([extended], [self._composition_prompt(offset, original.size)])[0],
+            fail_if=False,
+            what="composition",
+        )
         return CheckResult(res.passed, pixels.score, res.reason)
 
-    def check_duplication(self, image: Image.Image, target_names: list[str], original_box: Box, context: Context) -> CheckResult:
+    def check_duplication(
+        self, image: Image.Image, target_names: list[str], original_box: Box, context: Context
+    ) -> CheckResult:
         if not target_names:
             return CheckResult(True, 0.0)
         prompts = [self._duplication_prompt(n, original_box) for n in target_names]
@@ -177,7 +225,7 @@ class MLLMJudge(JudgeBase):
             jobs.append((i, "realism", self._realism_prompt()))
         texts: list[str] = []
         for k in range(0, len(jobs), self.batch_size):
-            chunk = jobs[k:k + self.batch_size]
+            chunk = jobs[k : k + self.batch_size]
             texts += self._ask([items[i].extended for i, _, _ in chunk], [p for _, _, p in chunk])
         answers: dict[tuple[int, str], list[str]] = {}
         for (i, check, _), text in zip(jobs, texts):
@@ -193,14 +241,24 @@ class MLLMJudge(JudgeBase):
             out.append((comp, dup, real))
         return out
 
-    def propose_distractors(self, image: Image.Image, question: str, target_names: list[str], target_boxes: list[Box],
-                            k: int, seed: int, context: Context) -> list[Proposal]:
+    def propose_distractors(
+        self,
+        image: Image.Image,
+        question: str,
+        target_names: list[str],
+        target_boxes: list[Box],
+        k: int,
+        seed: int,
+        context: Context,
+    ) -> list[Proposal]:
         w, h = image.size
-        prompt = (f"This image is {w}x{h} pixels. A viewer must answer: \"{question}\". Propose {k} small objects to "
-                  f"add that would distract the viewer without changing the answer: none of them may be or look like "
-                  f"{', '.join(target_names) or 'the objects asked about'}, and none may touch these boxes: "
-                  f"{[[round(v) for v in b] for b in target_boxes]}. Reply with only a JSON list like "
-                  '[{"box": [x0, y0, x1, y1], "description": "a blue cup"}].')
+        prompt = (
+            f'This image is {w}x{h} pixels. A viewer must answer: "{question}". Propose {k} small objects to '
+            f"add that would distract the viewer without changing the answer: none of them may be or look like "
+            f"{', '.join(target_names) or 'the objects asked about'}, and none may touch these boxes: "
+            f"{[[round(v) for v in b] for b in target_boxes]}. Reply with only a JSON list like "
+            '[{"box": [x0, y0, x1, y1], "description": "a blue cup"}].'
+        )
         found, _ = parse_proposals(self._ask([image], [prompt])[0], w, h)
         if not found and self.fallback_random:
             # Noise models (the tiny preset) write no JSON: random proposals keep the later code paths running.

@@ -85,7 +85,9 @@ class PerceptionBaselineDefender:
             return "yes" if any(b.colour == colour and b.shape == cat for b in blobs) else "no"
         return None
 
-    def generate(self, images: list[Image.Image], prompts: list[str], *, temperature: float = 0.0, seed: int = 0) -> list[str]:
+    def generate(
+        self, images: list[Image.Image], prompts: list[str], *, temperature: float = 0.0, seed: int = 0
+    ) -> list[str]:
         out = []
         for image, prompt in zip(images, prompts):
             question, options = parse_prompt(prompt)

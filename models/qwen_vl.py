@@ -25,8 +25,16 @@ from models.shared_images import distinct_rows, expand_rows, repeated_images
 from models.vision_attention import DEFAULT as DEFAULT_VISION_ATTENTION
 from models.vision_attention import set_vision_attention
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-           "<|video_pad|>", "<unk>"]
+SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<unk>",
+]
 ANSWER_TOKENS = [f"\\boxed{{{x}}}" for x in letters(6)]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -43,8 +51,10 @@ def tiny_vocabulary() -> list[str]:
     from world import CATEGORIES, COLOURS
     from world.questions import RELATIONS
 
-    text = PROMPT_TEMPLATE + " Where is the relative to the ? What is the colour of the ? How many are there in the " \
+    text = (
+        PROMPT_TEMPLATE + " Where is the relative to the ? What is the colour of the ? How many are there in the "
         "image ? Is there a in the image ? yes no system user assistant"
+    )
     words = set(text.replace("{", " ").replace("}", " ").replace("\\", " ").split())
     words |= set(COLOURS) | set(CATEGORIES) | {c + "s" for c in CATEGORIES} | set(RELATIONS)
     words |= {str(i) for i in range(21)} | set(letters(26))
@@ -77,8 +87,9 @@ def build_tiny_tokenizer():
     vocab = {tok: i for i, tok in enumerate(SPECIAL + tiny_vocabulary())}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|endoftext|>", eos_token="<|im_end|>",
-                                  unk_token="<unk>", padding_side="left")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<unk>", padding_side="left"
+    )
     tok.add_special_tokens({"additional_special_tokens": SPECIAL[1:7]})
     tok.add_tokens(ANSWER_TOKENS)  # matched before pre-tokenization, decoded verbatim
     tok.chat_template = CHAT_TEMPLATE
@@ -97,8 +108,15 @@ def build_byte_tokenizer():
     vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
     for t in SPECIAL:
         vocab[t] = len(vocab)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>",
-                         bos_token=None, padding_side="left")
+    tok = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        bos_token=None,
+        padding_side="left",
+    )
     tok.add_special_tokens({"additional_special_tokens": SPECIAL[1:7]})
     tok.chat_template = CHAT_TEMPLATE
     return tok
@@ -123,10 +141,19 @@ class TinyDefenderSpec:
 def build_tiny_processor(tok, spec: TinyDefenderSpec):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    kw = dict(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=spec.patch_size, merge_size=2,
-              temporal_patch_size=2)
-    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**kw), tokenizer=tok,
-                               video_processor=Qwen2VLVideoProcessor(**kw), chat_template=CHAT_TEMPLATE)
+    kw = dict(
+        min_pixels=spec.min_pixels,
+        max_pixels=spec.max_pixels,
+        patch_size=spec.patch_size,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**kw),
+        tokenizer=tok,
+        video_processor=Qwen2VLVideoProcessor(**kw),
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def build_tiny_model(tok, spec: TinyDefenderSpec, seed: int = 0):
@@ -136,18 +163,42 @@ def build_tiny_model(tok, spec: TinyDefenderSpec, seed: int = 0):
     half = head_dim // 2  # mrope sections (temporal, height, width) must sum to head_dim / 2
     section = [half - 2 * (half // 3), half // 3, half // 3]
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
-    text = dict(vocab_size=len(tok), hidden_size=spec.hidden, intermediate_size=spec.hidden * 2,
-                num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=1,
-                max_position_embeddings=1024, rope_theta=spec.rope_theta, tie_word_embeddings=True,
-                rope_scaling={"mrope_section": section, "rope_type": "default", "type": "default"},
-                bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    vision = dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
-                  num_heads=2, out_hidden_size=spec.hidden, patch_size=spec.patch_size, spatial_merge_size=2,
-                  temporal_patch_size=2, window_size=spec.window_size or spec.patch_size * 4,
-                  fullatt_block_indexes=[spec.vision_depth - 1])
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=spec.hidden,
+        intermediate_size=spec.hidden * 2,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        rope_theta=spec.rope_theta,
+        tie_word_embeddings=True,
+        rope_scaling={"mrope_section": section, "rope_type": "default", "type": "default"},
+        bos_token_id=ids["<|im_start|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    vision = dict(
+        depth=spec.vision_depth,
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_hidden * 2,
+        num_heads=2,
+        out_hidden_size=spec.hidden,
+        patch_size=spec.patch_size,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=spec.window_size or spec.patch_size * 4,
+        fullatt_block_indexes=[spec.vision_depth - 1],
+    )
+    cfg = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg)
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
@@ -168,8 +219,14 @@ class Rollout:
 
 
 class QwenVLPolicy:
-    def __init__(self, model, processor, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 vision_attention: str = DEFAULT_VISION_ATTENTION):
+    def __init__(
+        self,
+        model,
+        processor,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        vision_attention: str = DEFAULT_VISION_ATTENTION,
+    ):
         self.model = model.to(device=device, dtype=dtype)
         # "grouped": the vision tower's windows in a few batched calls (models/vision_attention.py)
         set_vision_attention(self.model, vision_attention)
@@ -190,23 +247,40 @@ class QwenVLPolicy:
 
     # ------------------------------------------------------------ building
     @classmethod
-    def tiny(cls, seed: int = 0, spec: TinyDefenderSpec | None = None, device: str = "cpu",
-             vision_attention: str = DEFAULT_VISION_ATTENTION) -> "QwenVLPolicy":
+    def tiny(
+        cls,
+        seed: int = 0,
+        spec: TinyDefenderSpec | None = None,
+        device: str = "cpu",
+        vision_attention: str = DEFAULT_VISION_ATTENTION,
+    ) -> "QwenVLPolicy":
         spec = spec or TinyDefenderSpec()
         tok = build_tiny_tokenizer()
-        return cls(build_tiny_model(tok, spec, seed), build_tiny_processor(tok, spec), device=device,
-                   vision_attention=vision_attention)
+        return cls(
+            build_tiny_model(tok, spec, seed),
+            build_tiny_processor(tok, spec),
+            device=device,
+            vision_attention=vision_attention,
+        )
 
     @classmethod
-    def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False,
-                        min_pixels: int | None = None, max_pixels: int | None = None,
-                        vision_attention: str = DEFAULT_VISION_ATTENTION) -> "QwenVLPolicy":
+    def from_pretrained(
+        cls,
+        path: str,
+        device: str = "cpu",
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        vision_attention: str = DEFAULT_VISION_ATTENTION,
+    ) -> "QwenVLPolicy":
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype),
-                                                            trust_remote_code=trust_remote_code, use_safetensors=True)
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True
+        )
         return cls(model, processor, device=device, dtype=getattr(torch, dtype), vision_attention=vision_attention)
 
     def save(self, folder: str | Path) -> None:
@@ -226,14 +300,26 @@ class QwenVLPolicy:
         the same when they are the same object (the trainer repeats its examples' images)."""
         keys = [(id(im), p) for im, p in zip(images, prompts)] if self.share_images else list(range(len(images)))
         first, inverse = distinct_rows(keys)
-        batch = self.processor(text=[self.chat(prompts[i]) for i in first], images=[images[i] for i in first],
-                               return_tensors="pt", padding=True)
+        batch = self.processor(
+            text=[self.chat(prompts[i]) for i in first],
+            images=[images[i] for i in first],
+            return_tensors="pt",
+            padding=True,
+        )
         return {k: v.to(self.device) for k, v in expand_rows(batch, inverse).items()}, inverse
 
     # ------------------------------------------------------------ sampling
     @torch.no_grad()
-    def rollout(self, images: list[Image.Image], prompts: list[str], *, temperature: float = 1.0,
-                max_new_tokens: int = 16, seed: int = 0, cache: str = "dynamic") -> Rollout:
+    def rollout(
+        self,
+        images: list[Image.Image],
+        prompts: list[str],
+        *,
+        temperature: float = 1.0,
+        max_new_tokens: int = 16,
+        seed: int = 0,
+        cache: str = "dynamic",
+    ) -> Rollout:
         """Sample responses. ``cache="static"``: a preallocated KV cache, with which transformers
         compiles the decoding step on CUDA (CUDA graphs: far less per-token launch overhead)."""
         enc, inverse = self.encode(images, prompts)
@@ -245,24 +331,40 @@ class QwenVLPolicy:
             gen_kw["cache_implementation"] = cache
         with repeated_images(self.model, inverse):
             out = self.model.generate(**enc, max_new_tokens=max_new_tokens, suppress_tokens=self.suppressed, **gen_kw)
-        resp = out[:, enc["input_ids"].shape[1]:].cpu()
+        resp = out[:, enc["input_ids"].shape[1] :].cpu()
         eos = self.tokenizer.eos_token_id
         is_eos = resp == eos
         has_eos = is_eos.any(dim=1)
-        first = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, resp.shape[1], dtype=torch.long))
+        first = torch.where(
+            has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, resp.shape[1], dtype=torch.long)
+        )
         pos = torch.arange(resp.shape[1]).unsqueeze(0)
         mask = pos <= first.unsqueeze(1)  # up to and including the first EOS
         resp = torch.where(mask, resp, torch.full_like(resp, self.tokenizer.pad_token_id))
         texts = [self.tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, mask)]
         return Rollout(list(prompts), list(images), resp, mask.long(), ~has_eos, texts)
 
-    def generate(self, images: list[Image.Image], prompts: list[str], *, temperature: float = 0.0, seed: int = 0,
-                 max_new_tokens: int = 16) -> list[str]:
+    def generate(
+        self,
+        images: list[Image.Image],
+        prompts: list[str],
+        *,
+        temperature: float = 0.0,
+        seed: int = 0,
+        max_new_tokens: int = 16,
+    ) -> list[str]:
         return self.rollout(images, prompts, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed).texts
 
     # --------------------------------------------------------- log-probs
-    def response_logprobs(self, images: list[Image.Image], prompts: list[str], response_ids: torch.Tensor,
-                          response_mask: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False):
+    def response_logprobs(
+        self,
+        images: list[Image.Image],
+        prompts: list[str],
+        response_ids: torch.Tensor,
+        response_mask: torch.Tensor,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+    ):
         """Per-token log pi(response | prompt, image) under softmax(logits / temperature): (B, T).
 
         The one function for old (sampling) and new policy log-probs, so that with the same
@@ -276,8 +378,14 @@ class QwenVLPolicy:
         # every layer's keys and values of the whole batch into it (unless gradient checkpointing
         # happens to drop it), costing memory and time and specializing compiled layers per index.
         with repeated_images(self.model, inverse):
-            out = self.model(input_ids=input_ids, attention_mask=attn, pixel_values=enc["pixel_values"],
-                             image_grid_thw=enc["image_grid_thw"], logits_to_keep=resp.shape[1] + 1, use_cache=False)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attn,
+                pixel_values=enc["pixel_values"],
+                image_grid_thw=enc["image_grid_thw"],
+                logits_to_keep=resp.shape[1] + 1,
+                use_cache=False,
+            )
         # Row by row, in the model's dtype (as TRL does): a float32 (B, T, vocab) tensor would be
         # ~10 GB at batch 64 for a 150k vocabulary. Entropy is a metric: computed without a graph.
         logits = out.logits[:, :-1]
@@ -307,8 +415,8 @@ class QwenVLPolicy:
         ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
         return ids, mask
 
 
@@ -325,9 +433,12 @@ def load_policy(spec: dict | str) -> QwenVLPolicy:
         checkpoint = spec.pop("checkpoint", None)
         if checkpoint:
             return QwenVLPolicy.from_pretrained(checkpoint, **spec)
-        seed, device, vision = spec.pop("seed", 0), spec.pop("device", "cpu"), spec.pop("vision_attention", DEFAULT_VISION_ATTENTION)
+        seed, device, vision = (
+            spec.pop("seed", 0),
+            spec.pop("device", "cpu"),
+            spec.pop("vision_attention", DEFAULT_VISION_ATTENTION),
+        )
         return QwenVLPolicy.tiny(seed=seed, spec=TinyDefenderSpec(**spec), device=device, vision_attention=vision)
     if backend == "qwen-vl":
         return QwenVLPolicy.from_pretrained(spec.pop("model"), **spec)
     raise ValueError(f"unknown defender backend {backend!r}")
-

@@ -63,11 +63,18 @@ class Painter:
     """Batch defaults for outpainters and inpainters: one call per item. Backends that can batch
     (a diffusion pipeline: one call per same-size group) override the ``*_many`` methods."""
 
-    def outpaint_many(self, images: list[Image.Image], canvas_sizes: list[tuple[int, int]],
-                      offsets: list[tuple[int, int]], contexts: list[Context]) -> list[Painted]:
+    def outpaint_many(
+        self,
+        images: list[Image.Image],
+        canvas_sizes: list[tuple[int, int]],
+        offsets: list[tuple[int, int]],
+        contexts: list[Context],
+    ) -> list[Painted]:
         return [self.outpaint(i, c, o, x) for i, c, o, x in zip(images, canvas_sizes, offsets, contexts)]
 
-    def fill_many(self, image: Image.Image, boxes: list[Box], descriptions: list[str], context: Context) -> list[Painted]:
+    def fill_many(
+        self, image: Image.Image, boxes: list[Box], descriptions: list[str], context: Context
+    ) -> list[Painted]:
         """Several independent fills of one image (one per box)."""
         return [self.fill(image, b, d, context) for b, d in zip(boxes, descriptions)]
 
@@ -77,14 +84,21 @@ class JudgeBase:
     every prompt of a shard through batched generation."""
 
     def check_scenes(self, items: list[SceneChecks]) -> list[tuple[CheckResult, CheckResult, CheckResult]]:
-        return [(self.check_composition(it.original, it.extended, it.offset, it.context),
-                 self.check_duplication(it.extended, it.target_names, it.original_box, it.context),
-                 self.check_realism(it.extended, it.context)) for it in items]
+        return [
+            (
+                self.check_composition(it.original, it.extended, it.offset, it.context),
+                self.check_duplication(it.extended, it.target_names, it.original_box, it.context),
+                self.check_realism(it.extended, it.context),
+            )
+            for it in items
+        ]
 
 
 @runtime_checkable
 class Outpainter(Protocol):
-    def outpaint(self, image: Image.Image, canvas_size: tuple[int, int], offset: tuple[int, int], context: Context) -> Painted:
+    def outpaint(
+        self, image: Image.Image, canvas_size: tuple[int, int], offset: tuple[int, int], context: Context
+    ) -> Painted:
         """Place ``image`` at ``offset`` on a canvas of ``canvas_size`` and fill only the border.
 
         Pixels of the pasted region must come back bit-identical.
@@ -99,15 +113,27 @@ class Inpainter(Protocol):
 
 @runtime_checkable
 class Judge(Protocol):
-    def check_composition(self, original: Image.Image, extended: Image.Image, offset: tuple[int, int], context: Context) -> CheckResult: ...
+    def check_composition(
+        self, original: Image.Image, extended: Image.Image, offset: tuple[int, int], context: Context
+    ) -> CheckResult: ...
 
-    def check_duplication(self, image: Image.Image, target_names: list[str], original_box: Box, context: Context) -> CheckResult:
+    def check_duplication(
+        self, image: Image.Image, target_names: list[str], original_box: Box, context: Context
+    ) -> CheckResult:
         """Fail if the new region (outside ``original_box``) holds anything a target's name refers to."""
 
     def check_realism(self, image: Image.Image, context: Context) -> CheckResult: ...
 
-    def propose_distractors(self, image: Image.Image, question: str, target_names: list[str], target_boxes: list[Box],
-                            k: int, seed: int, context: Context) -> list[Proposal]: ...
+    def propose_distractors(
+        self,
+        image: Image.Image,
+        question: str,
+        target_names: list[str],
+        target_boxes: list[Box],
+        k: int,
+        seed: int,
+        context: Context,
+    ) -> list[Proposal]: ...
 
 
 @runtime_checkable
@@ -131,4 +157,6 @@ class Segmenter(Protocol):
 class MLLM(Protocol):
     """Multimodal LLM: the defender, and the judge's generation engine."""
 
-    def generate(self, images: list[Image.Image], prompts: list[str], *, temperature: float = 0.0, seed: int = 0) -> list[str]: ...
+    def generate(
+        self, images: list[Image.Image], prompts: list[str], *, temperature: float = 0.0, seed: int = 0
+    ) -> list[str]: ...

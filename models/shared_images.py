@@ -42,8 +42,9 @@ def _inner(model):
     for m in model.modules():
         if "visual" in m._modules and hasattr(m, "get_image_features"):
             return m
-    raise TypeError(f"{type(model).__name__} has no vision tower with get_image_features; shared images need a "
-                    "Qwen2.5-VL model")
+    raise TypeError(
+        f"{type(model).__name__} has no vision tower with get_image_features; shared images need a Qwen2.5-VL model"
+    )
 
 
 def _features_once(self, pixel_values, image_grid_thw=None, *args, **kwargs):
@@ -54,7 +55,7 @@ def _features_once(self, pixel_values, image_grid_thw=None, *args, **kwargs):
     out = self._aot_stock_features(pixel_values, image_grid_thw[first], *args, **kwargs)
     per_image = out.pooler_output if hasattr(out, "pooler_output") else out
     if isinstance(per_image, torch.Tensor):  # one concatenated tensor: split per distinct image
-        merge = self.visual.spatial_merge_size ** 2
+        merge = self.visual.spatial_merge_size**2
         per_image = torch.split(per_image, (image_grid_thw[first].prod(-1) // merge).tolist())
     repeated = tuple(per_image[j] for j in inverse)
     if hasattr(out, "pooler_output"):

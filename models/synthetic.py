@@ -36,7 +36,9 @@ class SceneOutpainter(Painter):
         self.seam_rate = seam_rate
         self.seam_shift = seam_shift
 
-    def outpaint(self, image: Image.Image, canvas_size: tuple[int, int], offset: tuple[int, int], context: Context) -> Painted:
+    def outpaint(
+        self, image: Image.Image, canvas_size: tuple[int, int], offset: tuple[int, int], context: Context
+    ) -> Painted:
         scene = require_scene(context, "outpainter")
         new = scene.copy()
         new.origin = [scene.origin[0] - offset[0] / scene.scale, scene.origin[1] - offset[1] / scene.scale]
@@ -69,24 +71,35 @@ class SceneJudge(JudgeBase):
         self.composition_ssim_min = composition_ssim_min
         self.square_fraction = square_fraction
 
-    def check_composition(self, original: Image.Image, extended: Image.Image, offset: tuple[int, int], context: Context) -> CheckResult:
+    def check_composition(
+        self, original: Image.Image, extended: Image.Image, offset: tuple[int, int], context: Context
+    ) -> CheckResult:
         x, y = int(offset[0]), int(offset[1])
         w, h = original.size
-        region = np.asarray(extended)[y:y + h, x:x + w]
+        region = np.asarray(extended)[y : y + h, x : x + w]
         orig = np.asarray(original)
         if region.shape != orig.shape:
             return CheckResult(False, 0.0, f"original does not fit the canvas at offset {offset}")
         score = region_ssim(orig, region)
         if score < self.composition_ssim_min:
-            return CheckResult(False, score, f"original content changed (SSIM {score:.3f} < {self.composition_ssim_min})")
+            return CheckResult(
+                False, score, f"original content changed (SSIM {score:.3f} < {self.composition_ssim_min})"
+            )
         return CheckResult(True, score)
 
-    def check_duplication(self, image: Image.Image, target_names: list[str], original_box: Box, context: Context) -> CheckResult:
+    def check_duplication(
+        self, image: Image.Image, target_names: list[str], original_box: Box, context: Context
+    ) -> CheckResult:
         scene = require_scene(context, "judge")
         dupes = []
         for o in scene.visible(1e-9):
             b = scene.image_box(o)
-            inside = b[0] >= original_box[0] and b[1] >= original_box[1] and b[2] <= original_box[2] and b[3] <= original_box[3]
+            inside = (
+                b[0] >= original_box[0]
+                and b[1] >= original_box[1]
+                and b[2] <= original_box[2]
+                and b[3] <= original_box[3]
+            )
             if not inside and any(matches(name, o) for name in target_names):
                 dupes.append(f"{o.name} at {[round(v) for v in b]}")
         if dupes:
@@ -99,8 +112,16 @@ class SceneJudge(JudgeBase):
             return CheckResult(False, 0.0, "artefacts: " + ", ".join(scene.artefacts))
         return CheckResult(True, 1.0)
 
-    def propose_distractors(self, image: Image.Image, question: str, target_names: list[str], target_boxes: list[Box],
-                            k: int, seed: int, context: Context) -> list[Proposal]:
+    def propose_distractors(
+        self,
+        image: Image.Image,
+        question: str,
+        target_names: list[str],
+        target_boxes: list[Box],
+        k: int,
+        seed: int,
+        context: Context,
+    ) -> list[Proposal]:
         """Confusable objects: a target's colour on another category, or its category in another
         colour (a target named by category alone: another category, often in the target's colour),
         at random places and sizes. Some boxes will overlap a target, leave the image or
@@ -112,7 +133,9 @@ class SceneJudge(JudgeBase):
         typical = float(np.median(sizes))
         proposals = []
         for _ in range(k):
-            colour, category = parse_expression(target_names[int(rng.integers(len(target_names)))]) if target_names else (None, None)
+            colour, category = (
+                parse_expression(target_names[int(rng.integers(len(target_names)))]) if target_names else (None, None)
+            )
             if colour is None and category is not None:
                 # A target named by its category alone (colour and count questions): any instance
                 # of that category would change the answer, so the confusable distractor is another

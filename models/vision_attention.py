@@ -22,9 +22,14 @@ MODES = ("stock", "grouped")
 DEFAULT = "grouped"
 
 
-def grouped_window_attention(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
-                             position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                             max_seqlen: int | None = None, **kwargs) -> torch.Tensor:
+def grouped_window_attention(
+    self,
+    hidden_states: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_seqlen: int | None = None,
+    **kwargs,
+) -> torch.Tensor:
     """Drop-in forward of ``Qwen2_5_VLVisionAttention`` (same projections, rotary and scaling)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
@@ -34,7 +39,9 @@ def grouped_window_attention(self, hidden_states: torch.Tensor, cu_seqlens: torc
     q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)  # (n, heads, head_dim) each
     bounds = cu_seqlens.tolist()
     starts, lengths = bounds[:-1], [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    if len(set(lengths)) == 1 and lengths[0] and bounds[0] == 0 and bounds[-1] == n:  # every window the same length (grids a multiple of the window): views only
+    if (
+        len(set(lengths)) == 1 and lengths[0] and bounds[0] == 0 and bounds[-1] == n
+    ):  # every window the same length (grids a multiple of the window): views only
         w, length = len(lengths), lengths[0]
         out = _attend(*(t.reshape(w, length, *t.shape[1:]) for t in (q, k, v)), self.scaling).reshape_as(q)
     else:

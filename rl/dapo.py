@@ -129,6 +129,8 @@ def fill_batch(draw, batch_groups: int, group_size: int, cfg: DapoConfig, any_ra
         draws += 1
         drawn += len(groups)
         for g in groups:
-            if not cfg.dynamic_sampling or bool(keep_groups(torch.as_tensor(g.scores), group_size, cfg.keep_low, cfg.keep_high)[0]):
+            if not cfg.dynamic_sampling or bool(
+                keep_groups(torch.as_tensor(g.scores), group_size, cfg.keep_low, cfg.keep_high)[0]
+            ):
                 kept.append(g)
     return kept[:batch_groups], drawn

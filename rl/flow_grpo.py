@@ -57,9 +57,17 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     return lp.mean(dim=tuple(range(1, x.dim())))
 
 
-def sde_step(x: torch.Tensor, v: torch.Tensor, s, s_next, a: float, s_cap: float = 0.999,
-             noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-             sample: torch.Tensor | None = None) -> StepOut:
+def sde_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    s,
+    s_next,
+    a: float,
+    s_cap: float = 0.999,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    sample: torch.Tensor | None = None,
+) -> StepOut:
     """One SDE denoising step (or, with ``sample`` given, the log-prob of that step's sample).
 
     ``s``, ``s_next``: scalars or per-item tensors (B,). ``noise``: the xi to use (for
@@ -104,8 +112,13 @@ def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -
     return d.mean(dim=tuple(range(1, d.dim())))
 
 
-def flow_grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, cfg: FlowGrpoConfig,
-                   kl: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+def flow_grpo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    cfg: FlowGrpoConfig,
+    kl: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
     """Loss (to minimize) of one trained denoising step for a batch of trajectories.
 
     -mean_b min(r_b A_b, clip(r_b, 1 - eps, 1 + eps) A_b) + beta * mean_b KL_b, with the
@@ -123,6 +136,11 @@ def flow_grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage
         kl_mean = kl.float().mean()
         loss = loss + cfg.kl_beta * kl_mean
     with torch.no_grad():
-        stats = {"policy_loss": float(policy), "kl": float(kl_mean), "ratio_mean": float(ratio.mean()),
-                 "ratio_max": float(ratio.max()), "clip_fraction": float(((ratio - 1).abs() > cfg.clip_range).float().mean())}
+        stats = {
+            "policy_loss": float(policy),
+            "kl": float(kl_mean),
+            "ratio_mean": float(ratio.mean()),
+            "ratio_max": float(ratio.max()),
+            "clip_fraction": float(((ratio - 1).abs() > cfg.clip_range).float().mean()),
+        }
     return loss, stats

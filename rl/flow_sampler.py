@@ -41,8 +41,17 @@ def sde_window(steps: int, window: int, generator: torch.Generator | None = None
 
 
 @torch.no_grad()
-def sample(editor, cond, steps: int, noise_level: float, *, sigma_cap: float = 0.0, window: int = 0,
-           generator: torch.Generator | None = None, x: torch.Tensor | None = None) -> Trajectory:
+def sample(
+    editor,
+    cond,
+    steps: int,
+    noise_level: float,
+    *,
+    sigma_cap: float = 0.0,
+    window: int = 0,
+    generator: torch.Generator | None = None,
+    x: torch.Tensor | None = None,
+) -> Trajectory:
     """Roll out ``cond.batch`` edits. The step noise xi is drawn on the CPU from ``generator``, so a
     seed gives the same trajectory on any device."""
     x = editor.noise(cond, generator) if x is None else x

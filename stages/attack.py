@@ -59,15 +59,25 @@ def aot_attacker(cfg, store=None, version: str | None = None, seed: int = 0, **_
         ssim = min((localized_ssim(item.image, edited, b) for b in item.target_boxes), default=1.0)
         if ssim < tau:
             return f"integrity: target SSIM {ssim:.3f} < tau {tau}"
-        return Attacked(edited, None, {"target_ssim_min": ssim, "edit_size": list(item.image.size)})  # as curricula store edits
+        return Attacked(
+            edited, None, {"target_ssim_min": ssim, "edit_size": list(item.image.size)}
+        )  # as curricula store edits
 
     return attack
 
 
 ATTACK_ROWS = {
-    "id": pl.String, "question_type": pl.String, "question": pl.String, "options": pl.List(pl.String),
-    "answer": pl.String, "target_names": pl.List(pl.String), "target_boxes": pl.List(pl.List(pl.Float64)),
-    "clean_image": IMAGE_DTYPE, "adversarial_image": IMAGE_DTYPE, "attack": pl.String, "meta": pl.String,
+    "id": pl.String,
+    "question_type": pl.String,
+    "question": pl.String,
+    "options": pl.List(pl.String),
+    "answer": pl.String,
+    "target_names": pl.List(pl.String),
+    "target_boxes": pl.List(pl.List(pl.Float64)),
+    "clean_image": IMAGE_DTYPE,
+    "adversarial_image": IMAGE_DTYPE,
+    "attack": pl.String,
+    "meta": pl.String,
 }
 
 
@@ -80,11 +90,15 @@ def attack_version(store: ShardStore, cfg, data_version: str, name: str, **param
 
     data = store.manifest(data_version)
     parents = [data.version] + [v for k, v in sorted(params.items()) if k == "version"]
-    config = {"attack": name, "params": params,
-              **({"attacker": dataclasses.asdict(cfg.attacker)} if name == "aot-attacker" else {}),
-              **({"implant": dataclasses.asdict(cfg.implant), "models": cfg.models} if name == "implanter" else {})}
-    learned = name == "aot-attacker" or (name == "implanter" and not all(
-        backend(r, cfg.models[r]).exact for r in IMPLANTER_ROLES))
+    config = {
+        "attack": name,
+        "params": params,
+        **({"attacker": dataclasses.asdict(cfg.attacker)} if name == "aot-attacker" else {}),
+        **({"implant": dataclasses.asdict(cfg.implant), "models": cfg.models} if name == "implanter" else {}),
+    }
+    learned = name == "aot-attacker" or (
+        name == "implanter" and not all(backend(r, cfg.models[r]).exact for r in IMPLANTER_ROLES)
+    )
 
     def compute(version: str) -> VersionPart:
         fn = build_attack(name, cfg, store, **params)
@@ -94,13 +108,27 @@ def attack_version(store: ShardStore, cfg, data_version: str, name: str, **param
             if isinstance(out, str):
                 rejects.append({"id": row["id"], "reason": name, "detail": out})
                 continue
-            kept.append({k: row.get(k) for k in ATTACK_ROWS if k not in ("clean_image", "adversarial_image", "attack", "meta")}
-                        | {"clean_image": row["image"], "attack": name, "meta": json.dumps(out.meta)})
+            kept.append(
+                {k: row.get(k) for k in ATTACK_ROWS if k not in ("clean_image", "adversarial_image", "attack", "meta")}
+                | {"clean_image": row["image"], "attack": name, "meta": json.dumps(out.meta)}
+            )
             edited.append(out.image)
         for r, cell in zip(kept, image_cells(edited)):
             r["adversarial_image"] = cell
-        return VersionPart(frame(kept, ATTACK_ROWS), len(kept) + len(rejects), frame(rejects, ITEM_REJECTS),
-                           extra={"summary": {"attacked": len(kept), "rejected": len(rejects)}})
+        return VersionPart(
+            frame(kept, ATTACK_ROWS),
+            len(kept) + len(rejects),
+            frame(rejects, ITEM_REJECTS),
+            extra={"summary": {"attacked": len(kept), "rejected": len(rejects)}},
+        )
 
-    return single_part_version(store, data.dataset, "attack", config, parents, (__name__,), compute,
-                               kernel_family([cfg.attacker.model.get("device", "cpu")]) if learned else None)[0]
+    return single_part_version(
+        store,
+        data.dataset,
+        "attack",
+        config,
+        parents,
+        (__name__,),
+        compute,
+        kernel_family([cfg.attacker.model.get("device", "cpu")]) if learned else None,
+    )[0]

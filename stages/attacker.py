@@ -37,30 +37,48 @@ def items_from_version(store: ShardStore, manifest: Manifest, max_items: int = 0
     col = "clean_image" if "clean_image" in df.columns else "image"
     missing = [c for c in ("question", "options", "answer", "target_boxes") if c not in df.columns]
     if missing:
-        raise ValueError(f"version {manifest.version} ({manifest.stage}) has no {missing} columns: give a source, "
-                         "extend, filter, implant or export version")
+        raise ValueError(
+            f"version {manifest.version} ({manifest.stage}) has no {missing} columns: give a source, "
+            "extend, filter, implant or export version"
+        )
     return [item_from_row(row, col) for row in df.iter_rows(named=True)]
 
 
 def item_from_row(row: dict, col: str = "image") -> AttackItem:
     """One dataset row (its ``col`` image) as an item to attack, with the attacker's instruction."""
     names = row.get("target_names") or []
-    return AttackItem(row["id"], decode_image(row[col]), attack_instruction(row["question"], names), row["target_boxes"],
-                      format_prompt(row["question"], row["options"]), row["answer"], len(row["options"]), names,
-                      row["question"], row["options"])
+    return AttackItem(
+        row["id"],
+        decode_image(row[col]),
+        attack_instruction(row["question"], names),
+        row["target_boxes"],
+        format_prompt(row["question"], row["options"]),
+        row["answer"],
+        len(row["options"]),
+        names,
+        row["question"],
+        row["options"],
+    )
 
 
 def pairs_from_version(store: ShardStore, manifest: Manifest, max_items: int = 0) -> list[EditPair]:
     """Cold-start pairs of an AOT-SFT version: clean -> adversarial, instruction from the distractor."""
     df = store.read(manifest)
     if "adversarial_image" not in df.columns:
-        raise ValueError(f"version {manifest.version} is a {manifest.stage} version; the cold start needs an AOT-SFT "
-                         "(export) version with clean/adversarial pairs")
+        raise ValueError(
+            f"version {manifest.version} is a {manifest.stage} version; the cold start needs an AOT-SFT "
+            "(export) version with clean/adversarial pairs"
+        )
     if max_items:
         df = df.head(max_items)
-    return [EditPair(decode_image(r["clean_image"]), decode_image(r["adversarial_image"]),
-                     attack_instruction(r["question"], r["target_names"] or [], (r["distractor_descriptions"] or [None])[0]))
-            for r in df.iter_rows(named=True)]
+    return [
+        EditPair(
+            decode_image(r["clean_image"]),
+            decode_image(r["adversarial_image"]),
+            attack_instruction(r["question"], r["target_names"] or [], (r["distractor_descriptions"] or [None])[0]),
+        )
+        for r in df.iter_rows(named=True)
+    ]
 
 
 def load_attacker(store: ShardStore, version: str | None, model_spec: dict):
@@ -73,8 +91,10 @@ def load_attacker(store: ShardStore, version: str | None, model_spec: dict):
         if m.stage != "attacker":
             raise ValueError(f"{version} is a {m.stage} version, not an attacker checkpoint")
         if m.config["attacker"]["model"] != model_spec:
-            raise ValueError(f"attacker {version} was trained on {m.config['attacker']['model']}, not {model_spec}: "
-                             "set attacker.model to match")
+            raise ValueError(
+                f"attacker {version} was trained on {m.config['attacker']['model']}, not {model_spec}: "
+                "set attacker.model to match"
+            )
         state = m.extra["lora"]
         editor.add_lora(state["rank"], state["alpha"], seed=0)
         editor.load_lora(fetch_version(store, m))
@@ -84,8 +104,11 @@ def load_attacker(store: ShardStore, version: str | None, model_spec: dict):
 def _samples_frame(samples: list[dict]) -> pl.DataFrame:
     """Per-sample reward components; only scalar columns (None where a component is absent)."""
     keys = sorted({k for s in samples for k, v in s.items() if isinstance(v, (int, float, str, bool)) or v is None})
-    return pl.DataFrame([{k: s.get(k) for k in keys} for s in samples], infer_schema_length=None) if samples \
+    return (
+        pl.DataFrame([{k: s.get(k) for k in keys} for s in samples], infer_schema_length=None)
+        if samples
         else pl.DataFrame({"step": []})
+    )
 
 
 MODULES = (__name__,)  # the code of an attacker version: this module and what it imports
@@ -98,9 +121,15 @@ def frozen_reward(store: ShardStore, cfg: PipelineConfig, defender_version: str)
     return IntegrityEfficacy(defender, r.tau, r.queries, r.temperature, r.global_floor, r.invalid_penalty)
 
 
-def train_attacker_version(store: ShardStore, cfg: PipelineConfig, data_version: str, defender_version: str | None = None,
-                           init_version: str | None = None, mode: str = "sft",
-                           on_step: Callable[[dict], None] | None = None) -> tuple[Manifest, bool]:
+def train_attacker_version(
+    store: ShardStore,
+    cfg: PipelineConfig,
+    data_version: str,
+    defender_version: str | None = None,
+    init_version: str | None = None,
+    mode: str = "sft",
+    on_step: Callable[[dict], None] | None = None,
+) -> tuple[Manifest, bool]:
     """Train (or find) the attacker version for these inputs. Returns (manifest, trained_now)."""
     a = cfg.attacker
     train_cfg = a.cold_start if mode == "sft" else a.rl
@@ -108,27 +137,51 @@ def train_attacker_version(store: ShardStore, cfg: PipelineConfig, data_version:
         raise ValueError("Flow-GRPO trains against a frozen defender: give --defender VERSION")
     data = store.manifest(data_version)
     parents = [data.version] + ([defender_version] if mode == "grpo" else []) + ([init_version] if init_version else [])
-    vcfg = {"attacker": {"model": a.model, "max_items": a.max_items, "mode": mode, "train": dataclasses.asdict(train_cfg)}}
+    vcfg = {
+        "attacker": {"model": a.model, "max_items": a.max_items, "mode": mode, "train": dataclasses.asdict(train_cfg)}
+    }
 
     def compute(version: str) -> VersionPart:
         editor = load_attacker(store, init_version, a.model)
-        lora = store.manifest(init_version).extra["lora"] if init_version else {"rank": train_cfg.lora_rank,
-                                                                                 "alpha": train_cfg.lora_alpha}
+        lora = (
+            store.manifest(init_version).extra["lora"]
+            if init_version
+            else {"rank": train_cfg.lora_rank, "alpha": train_cfg.lora_alpha}
+        )
         if mode == "sft":
             kw = {"pairs": pairs_from_version(store, data, a.max_items)}
         else:
-            kw = {"items": items_from_version(store, data, a.max_items),
-                  "rewards": {"aot": frozen_reward(store, cfg, defender_version)}}
+            kw = {
+                "items": items_from_version(store, data, a.max_items),
+                "rewards": {"aot": frozen_reward(store, cfg, defender_version)},
+            }
         with tempfile.TemporaryDirectory() as tmp:
             resume = resume_folder(store, data.dataset, "attacker", version, tmp)
             trainer = AttackerTrainer(editor, train_cfg, resume_from=resume, **kw)
-            train_resumably(trainer, store, data.dataset, "attacker", version, tmp, train_cfg.steps,
-                            train_cfg.checkpoint_every, on_step)
+            train_resumably(
+                trainer,
+                store,
+                data.dataset,
+                "attacker",
+                version,
+                tmp,
+                train_cfg.steps,
+                train_cfg.checkpoint_every,
+                on_step,
+            )
             plot = ["loss"] if mode == "sft" else ["reward", "aot/integrity", "aot/efficacy", "clip_fraction"]
-            return trained_part(trainer, store, data.dataset, "attacker", version, tmp, plot,
-                                len(kw.get("pairs") or kw["items"]), {"mode": mode, "lora": lora},
-                                lambda final: _samples_frame(trainer.samples).write_parquet(
-                                    os.path.join(final, "samples.parquet")))
+            return trained_part(
+                trainer,
+                store,
+                data.dataset,
+                "attacker",
+                version,
+                tmp,
+                plot,
+                len(kw.get("pairs") or kw["items"]),
+                {"mode": mode, "lora": lora},
+                lambda final: _samples_frame(trainer.samples).write_parquet(os.path.join(final, "samples.parquet")),
+            )
 
     devices = [a.model.get("device", "cpu"), cfg.defender.model.get("device", "cpu")]
     return single_part_version(store, data.dataset, "attacker", vcfg, parents, MODULES, compute, kernel_family(devices))

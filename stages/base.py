@@ -73,8 +73,13 @@ STAGES: dict[str, Stage] = {
     "source": Stage("source", (), None, "generate_scenes", "Synthetic source scenes"),
     "extend": Stage("extend", ("outpainter",), "source", "extend_scenes", "Stage 1: scene extension"),
     "filter": Stage("filter", ("clip", "judge"), "extend", "filter_scenes", "Stage 1: quality filtering"),
-    "implant": Stage("implant", ("judge", "inpainter", "detector", "segmenter", "defender"), "filter",
-                     "implant_distractors", "Stage 2: distractor implantation"),
+    "implant": Stage(
+        "implant",
+        ("judge", "inpainter", "detector", "segmenter", "defender"),
+        "filter",
+        "implant_distractors",
+        "Stage 2: distractor implantation",
+    ),
     "export": Stage("export", (), "implant", "export_sft", "AOT-SFT export", "dataset_card"),
 }
 BOOTSTRAP = tuple(STAGES)

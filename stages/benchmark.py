@@ -11,15 +11,24 @@ from evaluation.readers import PAPER_COLUMNS, files_fingerprint, load_benchmarks
 from stages.version import VersionPart, single_part_version
 from storage import Manifest, ShardStore
 
-def evaluated_model(store: ShardStore, cfg, checkpoint: str | None = None, endpoint: str | None = None,
-                    endpoint_model: str | None = None, concurrency: int = 8):
+
+def evaluated_model(
+    store: ShardStore,
+    cfg,
+    checkpoint: str | None = None,
+    endpoint: str | None = None,
+    endpoint_model: str | None = None,
+    concurrency: int = 8,
+):
     """The model an evaluation scores and its id: an OpenAI-compatible endpoint, a defender
     version, or else the run config's own defender (``models.defender``, as Stage 2 loads it:
     on the embedded default, the warmed tiny neural defender)."""
     if endpoint:
         from evaluation.endpoint import ChatEndpoint
 
-        return ChatEndpoint(endpoint, endpoint_model or "default", concurrency=concurrency), f"endpoint:{endpoint_model}"
+        return ChatEndpoint(
+            endpoint, endpoint_model or "default", concurrency=concurrency
+        ), f"endpoint:{endpoint_model}"
     if checkpoint:
         from stages.defender import load_defender
 
@@ -30,8 +39,15 @@ def evaluated_model(store: ShardStore, cfg, checkpoint: str | None = None, endpo
     return load("defender", spec), "defender:" + json.dumps(spec, sort_keys=True)
 
 
-def evaluate_benchmarks(store: ShardStore, specs: dict[str, str], model, model_id: str, protocol="strict",
-                        cache_path: str | None = None, dataset: str = "benchmarks") -> Manifest:
+def evaluate_benchmarks(
+    store: ShardStore,
+    specs: dict[str, str],
+    model,
+    model_id: str,
+    protocol="strict",
+    cache_path: str | None = None,
+    dataset: str = "benchmarks",
+) -> Manifest:
     """``protocol``: "strict", "paper" or a ``Protocol`` (e.g. strict with n sampled trials)."""
     p = PROTOCOLS[protocol] if isinstance(protocol, str) else protocol
     inputs = {name: files_fingerprint(path) for name, path in specs.items()}
@@ -41,11 +57,27 @@ def evaluate_benchmarks(store: ShardStore, specs: dict[str, str], model, model_i
         items, rejects = load_benchmarks(specs)
         rows = evaluate(model, model_id, items, p, AnswerCache(cache_path))
         summary = metrics(rows)
-        df = pl.DataFrame([{**r, "categories": r["categories"], "responses": json.dumps(r["responses"]),
-                            "parsed": json.dumps(r["parsed"]), "permutation": json.dumps(r["permutation"]),
-                            "meta": json.dumps(r["meta"], default=str)} for r in rows])
-        rej = pl.DataFrame(rejects, schema={"id": pl.String, "stage": pl.String, "reason": pl.String, "detail": pl.String})
-        return VersionPart(df, len(items) + len(rejects), rej,
-                           extra={"summary": summary, "columns": [c for c in PAPER_COLUMNS if c in summary]})
+        df = pl.DataFrame(
+            [
+                {
+                    **r,
+                    "categories": r["categories"],
+                    "responses": json.dumps(r["responses"]),
+                    "parsed": json.dumps(r["parsed"]),
+                    "permutation": json.dumps(r["permutation"]),
+                    "meta": json.dumps(r["meta"], default=str),
+                }
+                for r in rows
+            ]
+        )
+        rej = pl.DataFrame(
+            rejects, schema={"id": pl.String, "stage": pl.String, "reason": pl.String, "detail": pl.String}
+        )
+        return VersionPart(
+            df,
+            len(items) + len(rejects),
+            rej,
+            extra={"summary": summary, "columns": [c for c in PAPER_COLUMNS if c in summary]},
+        )
 
     return single_part_version(store, dataset, "benchmark-eval", config, [], (__name__,), compute)[0]

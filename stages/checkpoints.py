@@ -34,22 +34,42 @@ def resume_folder(store: ShardStore, dataset: str, stage: str, version: str, tmp
     return path if store.get_folder(dataset, stage, version, WORK, path) else None
 
 
-def train_resumably(trainer, store: ShardStore, dataset: str, stage: str, version: str, tmp: str, steps: int,
-                    every: int, on_step: Callable[[dict], None] | None = None) -> None:
+def train_resumably(
+    trainer,
+    store: ShardStore,
+    dataset: str,
+    stage: str,
+    version: str,
+    tmp: str,
+    steps: int,
+    every: int,
+    on_step: Callable[[dict], None] | None = None,
+) -> None:
     """``trainer.train()``, saving a checkpoint to ``_work/latest`` every ``every`` steps (0: never)."""
 
     def hook(row: dict) -> None:
         if on_step:
             on_step(row)
         if every and trainer.step % every == 0 and trainer.step < steps and is_main():
-            store.put_folder(dataset, stage, version, str(trainer.save(os.path.join(tmp, f"ck-{trainer.step}"))),
-                             prefix=WORK)
+            store.put_folder(
+                dataset, stage, version, str(trainer.save(os.path.join(tmp, f"ck-{trainer.step}"))), prefix=WORK
+            )
 
     trainer.train(on_step=hook)
 
 
-def trained_part(trainer, store: ShardStore, dataset: str, stage: str, version: str, tmp: str, plot: list[str],
-                 rows_in: int, extra: dict, add_files: Callable[[str], None] | None = None) -> VersionPart:
+def trained_part(
+    trainer,
+    store: ShardStore,
+    dataset: str,
+    stage: str,
+    version: str,
+    tmp: str,
+    plot: list[str],
+    rows_in: int,
+    extra: dict,
+    add_files: Callable[[str], None] | None = None,
+) -> VersionPart:
     """The finished trainer as a version's part: the final checkpoint (plus ``add_files(folder)``)
     and the metrics plot as files, one metrics row per step as the rows."""
     final = trainer.save(os.path.join(tmp, "final"))

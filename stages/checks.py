@@ -22,8 +22,15 @@ COLOUR_WORDS = frozenset(
 )
 
 
-def box_check(box: list[float], width: int, height: int, target_boxes: list[list[float]], margin: float,
-              min_frac: float, max_frac: float) -> tuple[bool, str]:
+def box_check(
+    box: list[float],
+    width: int,
+    height: int,
+    target_boxes: list[list[float]],
+    margin: float,
+    min_frac: float,
+    max_frac: float,
+) -> tuple[bool, str]:
     x0, y0, x1, y1 = box
     if not (x1 > x0 and y1 > y0):
         return False, f"degenerate box {box}"
@@ -52,7 +59,7 @@ def _mentions(words: list[str], term: str) -> bool:
         return False
     n = len(tw)
     for i in range(len(words) - n + 1):
-        window = words[i:i + n]
+        window = words[i : i + n]
         if window[:-1] == tw[:-1] and window[-1] in (tw[-1], tw[-1] + "s", tw[-1] + "es"):
             return True
     return False

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+
 import polars as pl
 
 from config import PipelineConfig
@@ -58,26 +59,35 @@ def run_coevolution(store: ShardStore, cfg: PipelineConfig, steps: Steps, source
         attack_after = steps.curriculum(attacker, heldout, new_defender)  # vs defender n
         clean = steps.evaluate(new_defender, heldout)
         attacked = steps.evaluate(new_defender, attack_after["version"])
-        rows.append({
-            "iteration": n, "attacker": attacker, "curriculum": cur["version"], "defender": new_defender,
-            "curriculum_kept": cur["kept"], "curriculum_items": cur["items"],
-            "attack_success_start": attack_start["attack_success_rate"],
-            "attack_success_before": attack_before["attack_success_rate"],
-            "attack_success_after": attack_after["attack_success_rate"],
-            # success beyond the items the defender fails unedited (attack_summary): the attack's own effect
-            "attack_lift_start": attack_start["attack_lift"], "attack_lift_before": attack_before["attack_lift"],
-            "attack_lift_after": attack_after["attack_lift"],
-            "integrity_rate": attack_before["integrity_rate"],
-            "defender_clean_accuracy": clean.get("clean_accuracy"),
-            "defender_attacked_accuracy": attacked.get("adversarial_accuracy"),
-            **{f"strategy_{k}": v for k, v in cur["strategy_mix"].items()},
-        })
+        rows.append(
+            {
+                "iteration": n,
+                "attacker": attacker,
+                "curriculum": cur["version"],
+                "defender": new_defender,
+                "curriculum_kept": cur["kept"],
+                "curriculum_items": cur["items"],
+                "attack_success_start": attack_start["attack_success_rate"],
+                "attack_success_before": attack_before["attack_success_rate"],
+                "attack_success_after": attack_after["attack_success_rate"],
+                # success beyond the items the defender fails unedited (attack_summary): the attack's own effect
+                "attack_lift_start": attack_start["attack_lift"],
+                "attack_lift_before": attack_before["attack_lift"],
+                "attack_lift_after": attack_after["attack_lift"],
+                "integrity_rate": attack_before["integrity_rate"],
+                "defender_clean_accuracy": clean.get("clean_accuracy"),
+                "defender_attacked_accuracy": attacked.get("adversarial_accuracy"),
+                **{f"strategy_{k}": v for k, v in cur["strategy_mix"].items()},
+            }
+        )
         lineage[f"iteration_{n}"] = {k: rows[-1][k] for k in ("attacker", "curriculum", "defender")}
         defender = new_defender
     return write_run(store, cfg, rows, lineage, base_clean)
 
 
-def write_run(store: ShardStore, cfg: PipelineConfig, rows: list[dict], lineage: dict, base_clean: float | None) -> Manifest:
+def write_run(
+    store: ShardStore, cfg: PipelineConfig, rows: list[dict], lineage: dict, base_clean: float | None
+) -> Manifest:
     """The run's own version: the per-iteration table (part), plots and the report inputs."""
     export = store.manifest(lineage["export"])
     parents = [lineage["export"], lineage["heldout"]] + [r["defender"] for r in rows]
@@ -89,8 +99,15 @@ def write_run(store: ShardStore, cfg: PipelineConfig, rows: list[dict], lineage:
         df = pl.DataFrame(rows) if rows else pl.DataFrame({"iteration": []})
         return VersionPart(df, len(rows), files=files, extra={"lineage": lineage, "base_clean_accuracy": base_clean})
 
-    return single_part_version(store, export.dataset, "coevolution", {"coevolution": dataclasses.asdict(cfg.coevolution)},
-                               parents, (__name__,), compute)[0]
+    return single_part_version(
+        store,
+        export.dataset,
+        "coevolution",
+        {"coevolution": dataclasses.asdict(cfg.coevolution)},
+        parents,
+        (__name__,),
+        compute,
+    )[0]
 
 
 def plot_iterations(rows: list[dict], base_clean: float | None, path: str) -> None:
@@ -108,8 +125,9 @@ def plot_iterations(rows: list[dict], base_clean: float | None, path: str) -> No
     a.set_title("attack success (held out)")
     a.set_xlabel("iteration")
     a.legend(fontsize=7)
-    accuracy_panel(b, it, [r["defender_clean_accuracy"] for r in rows], [r["defender_attacked_accuracy"] for r in rows],
-                   base_clean)
+    accuracy_panel(
+        b, it, [r["defender_clean_accuracy"] for r in rows], [r["defender_attacked_accuracy"] for r in rows], base_clean
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -189,16 +207,29 @@ def render_report(store: ShardStore, version: str, fmt: str = "md") -> str:
         ax.set_ylabel("share of kept edits")
         ax.legend(fontsize=6)
 
-    cols = ["iteration", "attack_success_start", "attack_success_before", "attack_success_after", "defender_clean_accuracy",
-            "defender_attacked_accuracy", "curriculum_kept", "integrity_rate"]
-    fmt_v = (lambda v: f"{v:.3f}" if isinstance(v, float) else ("—" if v is None else str(v)))
+    cols = [
+        "iteration",
+        "attack_success_start",
+        "attack_success_before",
+        "attack_success_after",
+        "defender_clean_accuracy",
+        "defender_attacked_accuracy",
+        "curriculum_kept",
+        "integrity_rate",
+    ]
+
+    def fmt_v(v):
+        return f"{v:.3f}" if isinstance(v, float) else ("—" if v is None else str(v))
+
     sections = [
-        ("AOT co-evolution run " + version,
-         f"Dataset version `{lin['export']}`, held-out scenes `{lin['heldout']}`, {len(rows)} iterations; "
-         f"defender 0 (warm-up) clean accuracy on held-out scenes: {fmt_v(m.extra.get('base_clean_accuracy'))}. "
-         "Attack success = share of held-out items whose edit keeps the targets intact and fools the defender "
-         "at least once (start: attacker n-1 and before: attacker n, both against defender n-1; after: "
-         "attacker n against defender n)."),
+        (
+            "AOT co-evolution run " + version,
+            f"Dataset version `{lin['export']}`, held-out scenes `{lin['heldout']}`, {len(rows)} iterations; "
+            f"defender 0 (warm-up) clean accuracy on held-out scenes: {fmt_v(m.extra.get('base_clean_accuracy'))}. "
+            "Attack success = share of held-out items whose edit keeps the targets intact and fools the defender "
+            "at least once (start: attacker n-1 and before: attacker n, both against defender n-1; after: "
+            "attacker n against defender n).",
+        ),
         ("Per iteration", None),
         ("Co-evolution curve", img(_png(store, m, "iterations.png"), "co-evolution curve")),
         ("Attacker reward", img(_figure_png(draw_rewards), "attacker reward curves")),
@@ -206,21 +237,39 @@ def render_report(store: ShardStore, version: str, fmt: str = "md") -> str:
     ]
     grids = [(r["iteration"], _png(store, store.manifest(r["curriculum"]), "grid.png")) for r in rows]
     if fmt == "html":
-        table = "<table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>" + "".join(
-            "<tr>" + "".join(f"<td>{fmt_v(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows) + "</table>"
+        table = (
+            "<table><tr>"
+            + "".join(f"<th>{c}</th>" for c in cols)
+            + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{fmt_v(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
+            + "</table>"
+        )
         body = []
         for title, content in sections:
             body.append(f"<h2>{H.escape(title)}</h2>" + (f"<p>{content}</p>" if content else table))
-        body.append("<h2>Clean (top) vs edited (bottom)</h2>" + "".join(
-            f"<h3>iteration {n}</h3>{img(g, f'grid {n}')}" for n, g in grids if g))
-        return ("<!doctype html><html><head><meta charset='utf-8'><title>AOT run</title><style>body{font-family:sans-serif;"
-                "max-width:60em;margin:2em auto}td,th{border:1px solid #ccc;padding:.2em .5em}table{border-collapse:"
-                "collapse}</style></head><body>" + "".join(body) + "</body></html>\n")
-    table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" + "".join(
-        "| " + " | ".join(fmt_v(r.get(c)) for c in cols) + " |\n" for r in rows)
+        body.append(
+            "<h2>Clean (top) vs edited (bottom)</h2>"
+            + "".join(f"<h3>iteration {n}</h3>{img(g, f'grid {n}')}" for n, g in grids if g)
+        )
+        return (
+            "<!doctype html><html><head><meta charset='utf-8'><title>AOT run</title><style>body{font-family:sans-serif;"
+            "max-width:60em;margin:2em auto}td,th{border:1px solid #ccc;padding:.2em .5em}table{border-collapse:"
+            "collapse}</style></head><body>" + "".join(body) + "</body></html>\n"
+        )
+    table = (
+        "| "
+        + " | ".join(cols)
+        + " |\n|"
+        + "---|" * len(cols)
+        + "\n"
+        + "".join("| " + " | ".join(fmt_v(r.get(c)) for c in cols) + " |\n" for r in rows)
+    )
     out = []
     for i, (title, content) in enumerate(sections):
         out.append(("# " if i == 0 else "## ") + title + "\n\n" + (content or table) + "\n")
-    out.append("## Clean (top) vs edited (bottom)\n\n" + "\n\n".join(
-        f"Iteration {n}:\n\n{img(g, f'grid {n}')}" for n, g in grids if g) + "\n")
+    out.append(
+        "## Clean (top) vs edited (bottom)\n\n"
+        + "\n\n".join(f"Iteration {n}:\n\n{img(g, f'grid {n}')}" for n, g in grids if g)
+        + "\n"
+    )
     return "\n".join(out)

@@ -27,9 +27,17 @@ MODULES = (__name__,)
 
 
 @torch.no_grad()
-def edit_items(editor, items: list[AttackItem], seeds: list[int], steps: int, batch: int = 1,
-               on_item: Callable[[int, int], None] | None = None, noise_level: float = 0.0,
-               sigma_cap: float = 0.0, first: int = 0) -> list:
+def edit_items(
+    editor,
+    items: list[AttackItem],
+    seeds: list[int],
+    steps: int,
+    batch: int = 1,
+    on_item: Callable[[int, int], None] | None = None,
+    noise_level: float = 0.0,
+    sigma_cap: float = 0.0,
+    first: int = 0,
+) -> list:
     """The frozen attacker's edit of every item: the deterministic ODE sampler, up to ``batch``
     items of one edit size per sampler call; with ``noise_level`` > 0 the SDE sampler, one item per
     call. Item i's noise (initial, and each SDE step's) is seeded by ``seeds[i]`` alone, and a
@@ -49,8 +57,9 @@ def edit_items(editor, items: list[AttackItem], seeds: list[int], steps: int, ba
         cond = editor.condition([it.image for it in chunk], [it.instruction for it in chunk])
         gens = [torch.Generator().manual_seed(seeds[i + k]) for k in range(len(chunk))]
         x = torch.cat([editor.noise(cond.select(k), g) for k, g in enumerate(gens)])
-        out += editor.decode(sample(editor, cond, steps, noise_level, sigma_cap=sigma_cap, generator=gens[0],
-                                    x=x).final, cond)
+        out += editor.decode(
+            sample(editor, cond, steps, noise_level, sigma_cap=sigma_cap, generator=gens[0], x=x).final, cond
+        )
         i = j
         if on_item:
             on_item(i, len(items))
@@ -78,8 +87,14 @@ CURRICULUM = {
 
 
 @torch.no_grad()
-def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker_version: str, data_version: str,
-                                defender_version: str, on_item: Callable[[int, int], None] | None = None) -> Manifest:
+def generate_curriculum_version(
+    store: ShardStore,
+    cfg: PipelineConfig,
+    attacker_version: str,
+    data_version: str,
+    defender_version: str,
+    on_item: Callable[[int, int], None] | None = None,
+) -> Manifest:
     """The frozen attacker edits every item of ``data_version`` once (ODE sampler, one seed per
     item); edits that pass integrity are kept with their efficacy against the frozen defender and
     their strategy, then mixed with clean items (``clean_fraction`` of the rows, and at least up to
@@ -93,8 +108,12 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
     a, c = cfg.attacker, cfg.attacker.curriculum
     data = store.manifest(data_version)
     parents = [attacker_version, data.version, defender_version]
-    vcfg = {"curriculum": dataclasses.asdict(c), "reward": dataclasses.asdict(a.rl.reward), "model": a.model,
-            **({"judge": cfg.models["judge"]} if c.describe else {})}
+    vcfg = {
+        "curriculum": dataclasses.asdict(c),
+        "reward": dataclasses.asdict(a.rl.reward),
+        "model": a.model,
+        **({"judge": cfg.models["judge"]} if c.describe else {}),
+    }
     code = code_version(MODULES)
     kernels = kernel_family([a.model.get("device", "cpu"), cfg.defender.model.get("device", "cpu")])
     version = version_id("curriculum", vcfg, parents, code, kernels)
@@ -123,13 +142,32 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
     # at the edits' size, like the adversarial rows (a size that told them apart would be a shortcut)
     editor = models.get("editor") or load_attacker(store, attacker_version, a.model)
     clean = [at_edit_size(editor, items[i]) for i in order[:n_clean]]
-    rows = [{"id": f"{it.id}:clean", "kind": "clean", "question": it.question, "options": it.options,
-             "answer": it.answer, "target_names": it.target_names, "target_boxes": it.target_boxes}
-            for it in clean]
+    rows = [
+        {
+            "id": f"{it.id}:clean",
+            "kind": "clean",
+            "question": it.question,
+            "options": it.options,
+            "answer": it.answer,
+            "target_names": it.target_names,
+            "target_boxes": it.target_boxes,
+        }
+        for it in clean
+    ]
     for row, cell in zip(rows, image_cells([it.image for it in clean])):
         row["image"] = cell
-    records.append(store.write_shard(data.dataset, "curriculum", version, len(chunks), content_hash(sorted(attacked)),
-                                     0, frame(rows, CURRICULUM), frame([], ITEM_REJECTS)))
+    records.append(
+        store.write_shard(
+            data.dataset,
+            "curriculum",
+            version,
+            len(chunks),
+            content_hash(sorted(attacked)),
+            0,
+            frame(rows, CURRICULUM),
+            frame([], ITEM_REJECTS),
+        )
+    )
     mix = strategy_mix([k["strategy"] for k in kept])
     by_id = {it.id: it for it in items}
     edits = [(by_id[k["id"].removesuffix(":attack")].image, decode_image(k["image"])) for k in kept[:8]]
@@ -137,10 +175,25 @@ def generate_curriculum_version(store: ShardStore, cfg: PipelineConfig, attacker
         edit_grid(edits, os.path.join(tmp, "grid.png"))
         plot_strategy_mix(mix, os.path.join(tmp, "strategies.png"))
         files = store.put_folder(data.dataset, "curriculum", version, tmp)
-    summary = {"items": len(items), "kept": len(kept), "clean": len(clean), "shards": len(chunks),
-               **attack_summary(kept, len(items)), "strategy_mix": mix}
-    return store.commit(data.dataset, "curriculum", version, records, config=vcfg, parents=parents,
-                        code_version=code, files=files, extra={"summary": summary, "kernels": kernels})
+    summary = {
+        "items": len(items),
+        "kept": len(kept),
+        "clean": len(clean),
+        "shards": len(chunks),
+        **attack_summary(kept, len(items)),
+        "strategy_mix": mix,
+    }
+    return store.commit(
+        data.dataset,
+        "curriculum",
+        version,
+        records,
+        config=vcfg,
+        parents=parents,
+        code_version=code,
+        files=files,
+        extra={"summary": summary, "kernels": kernels},
+    )
 
 
 def curriculum_progress(emit: Callable[[str], None]) -> Callable[[int, int], None]:
@@ -157,9 +210,16 @@ def curriculum_progress(emit: Callable[[str], None]) -> Callable[[int, int], Non
     return on_item
 
 
-def _curriculum_shard(store: ShardStore, cfg: PipelineConfig, attacker_version: str, defender_version: str,
-                      items: list[AttackItem], chunk: range, models: dict,
-                      on_item: Callable[[int, int], None] | None) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _curriculum_shard(
+    store: ShardStore,
+    cfg: PipelineConfig,
+    attacker_version: str,
+    defender_version: str,
+    items: list[AttackItem],
+    chunk: range,
+    models: dict,
+    on_item: Callable[[int, int], None] | None,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Edit, gate, score and label one shard's items: (kept adversarial rows, integrity rejects)."""
     from metrics.strategies import classify_edit
 
@@ -170,24 +230,48 @@ def _curriculum_shard(store: ShardStore, cfg: PipelineConfig, attacker_version: 
     editor, reward = models["editor"], models["reward"]
     shard = [at_edit_size(editor, items[n]) for n in chunk]
     progress = (lambda i, n: on_item(chunk.start + i, len(items))) if on_item else None
-    outputs = edit_items(editor, shard, [c.seed * 1_000_003 + n for n in chunk], c.sampling_steps, c.batch,
-                         progress, c.noise_level, a.rl.flow_grpo.sigma_cap, first=chunk.start)
+    outputs = edit_items(
+        editor,
+        shard,
+        [c.seed * 1_000_003 + n for n in chunk],
+        c.sampling_steps,
+        c.batch,
+        progress,
+        c.noise_level,
+        a.rl.flow_grpo.sigma_cap,
+        first=chunk.start,
+    )
     kept, kept_items, rejects, edits = [], [], [], []
     for item, edited in zip(shard, outputs):
         score = reward([item.image], [edited], [item])[0]
         strat = classify_edit(item.image, edited)
-        row = {"id": f"{item.id}:attack", "kind": "adversarial", "question": item.question, "options": item.options,
-               "answer": item.answer, "target_names": item.target_names, "target_boxes": item.target_boxes,
-               "integrity": score["integrity"], "target_ssim_min": score["target_ssim_min"],
-               "efficacy": score["efficacy"], "consecutive_failures": score["consecutive_failures"],
-               "strategy": strat["strategy"], "changed_fraction": strat["changed_fraction"]}
+        row = {
+            "id": f"{item.id}:attack",
+            "kind": "adversarial",
+            "question": item.question,
+            "options": item.options,
+            "answer": item.answer,
+            "target_names": item.target_names,
+            "target_boxes": item.target_boxes,
+            "integrity": score["integrity"],
+            "target_ssim_min": score["target_ssim_min"],
+            "efficacy": score["efficacy"],
+            "consecutive_failures": score["consecutive_failures"],
+            "strategy": strat["strategy"],
+            "changed_fraction": strat["changed_fraction"],
+        }
         if score["integrity"]:
             kept.append(row)
             kept_items.append(item)
             edits.append((item.image, edited))
         else:
-            rejects.append({"id": item.id, "reason": "integrity",
-                            "detail": f"target SSIM {score['target_ssim_min']:.3f} < tau {r.tau}"})
+            rejects.append(
+                {
+                    "id": item.id,
+                    "reason": "integrity",
+                    "detail": f"target SSIM {score['target_ssim_min']:.3f} < tau {r.tau}",
+                }
+            )
     # The defender on the kept items' clean images: an edit that "fools" it on an item it already
     # fails is no attack, so the summary reads success against this baseline (attack_lift).
     for row, e in zip(kept, reward.unedited_efficacy([it.image for it in kept_items], kept_items)):
@@ -198,8 +282,10 @@ def _curriculum_shard(store: ShardStore, cfg: PipelineConfig, attacker_version: 
 
         judge = load("judge", cfg.models["judge"])
         if not hasattr(judge, "describe_edits"):
-            raise ValueError(f"attacker.curriculum.describe needs an MLLM judge (models.judge: mllm or tiny), "
-                             f"not {cfg.models['judge']!r}")
+            raise ValueError(
+                f"attacker.curriculum.describe needs an MLLM judge (models.judge: mllm or tiny), "
+                f"not {cfg.models['judge']!r}"
+            )
         for row, text in zip(kept, judge.describe_edits(edits)):
             row["description"] = text
             row["strategy"] = refine_with_description(row["strategy"], text)
@@ -215,12 +301,14 @@ def attack_summary(kept: list[dict], items: int) -> dict:
     kept items answered right at the first query when clean and wrong when edited."""
     n = max(1, items)
     eff = [k["efficacy"] for k in kept]
-    return {"integrity_rate": len(kept) / n,
-            "attack_success_rate": sum(e > 0 for e in eff) / n,
-            "clean_failure_rate": sum(k["clean_efficacy"] > 0 for k in kept) / n,
-            "attack_lift": (sum(e > 0 for e in eff) - sum(k["clean_efficacy"] > 0 for k in kept)) / n,
-            "flip_rate": sum(k["clean_efficacy"] == 0 and k["efficacy"] > 0 for k in kept) / n,
-            "mean_efficacy": sum(eff) / max(1, len(eff))}
+    return {
+        "integrity_rate": len(kept) / n,
+        "attack_success_rate": sum(e > 0 for e in eff) / n,
+        "clean_failure_rate": sum(k["clean_efficacy"] > 0 for k in kept) / n,
+        "attack_lift": (sum(e > 0 for e in eff) - sum(k["clean_efficacy"] > 0 for k in kept)) / n,
+        "flip_rate": sum(k["clean_efficacy"] == 0 and k["efficacy"] > 0 for k in kept) / n,
+        "mean_efficacy": sum(eff) / max(1, len(eff)),
+    }
 
 
 def edit_grid(pairs: list[tuple], path: str) -> None:

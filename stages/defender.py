@@ -25,6 +25,7 @@ from storage import Manifest, ShardStore, decode_image
 from training.defender import DefenderTrainer, Example
 from training.distributed import barrier, is_main
 
+
 def examples_from_version(store: ShardStore, manifest: Manifest, images: str = "both", max_examples: int = 0):
     """Training/evaluation examples of a dataset version: (image, MCQ prompt, answer letter).
 
@@ -35,7 +36,11 @@ def examples_from_version(store: ShardStore, manifest: Manifest, images: str = "
     if max_examples:
         df = df.head(max_examples)
     if "clean_image" in df.columns:
-        cols = {"clean": ["clean_image"], "adversarial": ["adversarial_image"], "both": ["clean_image", "adversarial_image"]}[images]
+        cols = {
+            "clean": ["clean_image"],
+            "adversarial": ["adversarial_image"],
+            "both": ["clean_image", "adversarial_image"],
+        }[images]
     else:
         cols = ["image"]
     out = []
@@ -44,7 +49,9 @@ def examples_from_version(store: ShardStore, manifest: Manifest, images: str = "
         for col in cols:
             # a curriculum row says what it is; other single-image rows are clean scenes
             kind = col.removesuffix("_image") if col != "image" else row.get("kind") or "clean"
-            out.append(Example(f"{row['id']}:{kind}", decode_image(row[col]), prompt, row["answer"], len(row["options"])))
+            out.append(
+                Example(f"{row['id']}:{kind}", decode_image(row[col]), prompt, row["answer"], len(row["options"]))
+            )
     return out
 
 
@@ -71,7 +78,9 @@ def defender_runtime(cfg: PipelineConfig) -> dict:
     return {"device": m.get("device", "cpu"), "vision_attention": m.get("vision_attention", DEFAULT_VISION_ATTENTION)}
 
 
-def load_defender(store: ShardStore, version: str, device: str = "cpu", vision_attention: str = DEFAULT_VISION_ATTENTION):
+def load_defender(
+    store: ShardStore, version: str, device: str = "cpu", vision_attention: str = DEFAULT_VISION_ATTENTION
+):
     """A trained defender version as a policy (its files cached locally by version id)."""
     from models.qwen_vl import QwenVLPolicy
 
@@ -89,21 +98,36 @@ def defender_from_version(version: str, root: str, storage_options: dict | None 
 def _initial_policy(store: ShardStore, cfg: PipelineConfig, init_version: str | None):
     from models.qwen_vl import load_policy
 
-    return load_defender(store, init_version, **defender_runtime(cfg)) if init_version else load_policy(cfg.defender.model)
+    return (
+        load_defender(store, init_version, **defender_runtime(cfg)) if init_version else load_policy(cfg.defender.model)
+    )
 
 
 MODULES = (__name__,)  # the code of a defender version: this module and what it imports
 
 
-def train_defender_version(store: ShardStore, cfg: PipelineConfig, data_version: str, init_version: str | None = None,
-                           mode: str = "sft", on_step: Callable[[dict], None] | None = None) -> tuple[Manifest, bool]:
+def train_defender_version(
+    store: ShardStore,
+    cfg: PipelineConfig,
+    data_version: str,
+    init_version: str | None = None,
+    mode: str = "sft",
+    on_step: Callable[[dict], None] | None = None,
+) -> tuple[Manifest, bool]:
     """Train (or find) the defender version for these inputs. Returns (manifest, trained_now).
     Under torchrun every rank trains (data parallel) and rank 0 writes the version."""
     data = store.manifest(data_version)
     parents = [data.version] + ([init_version] if init_version else [])
     d, train_cfg = cfg.defender, defender_train_config(cfg, mode)
-    vcfg = {"defender": {"model": d.model, "images": d.images, "max_examples": d.max_examples, "mode": mode,
-                         "train": dataclasses.asdict(train_cfg)}}
+    vcfg = {
+        "defender": {
+            "model": d.model,
+            "images": d.images,
+            "max_examples": d.max_examples,
+            "mode": mode,
+            "train": dataclasses.asdict(train_cfg),
+        }
+    }
     runtime = defender_runtime(cfg)
 
     def compute(version: str) -> VersionPart | None:
@@ -112,31 +136,69 @@ def train_defender_version(store: ShardStore, cfg: PipelineConfig, data_version:
         examples = examples_from_version(store, data, d.images, d.max_examples)
         with tempfile.TemporaryDirectory() as tmp:
             resume = resume_folder(store, data.dataset, "defender", version, tmp)
-            policy = QwenVLPolicy.from_pretrained(resume, **runtime) if resume else _initial_policy(store, cfg, init_version)
+            policy = (
+                QwenVLPolicy.from_pretrained(resume, **runtime) if resume else _initial_policy(store, cfg, init_version)
+            )
             trainer = DefenderTrainer(policy, examples, train_cfg, resume_from=resume)
-            train_resumably(trainer, store, data.dataset, "defender", version, tmp, train_cfg.steps,
-                            train_cfg.checkpoint_every, on_step)
+            train_resumably(
+                trainer,
+                store,
+                data.dataset,
+                "defender",
+                version,
+                tmp,
+                train_cfg.steps,
+                train_cfg.checkpoint_every,
+                on_step,
+            )
             if not is_main():  # rank 0 writes the version (the weights are the same on every rank)
                 barrier()
                 return None
-            plot = ((["loss"] + (["heldback_accuracy"] if trainer.held_back else [])) if train_cfg.mode == "sft"
-                    else ["reward", "accuracy", "kept_group_fraction", "entropy"])
-            return trained_part(trainer, store, data.dataset, "defender", version, tmp, plot, len(examples),
-                                {"mode": mode, "examples": len(trainer.examples), "held_back": len(trainer.held_back),
-                                 "target_reached": trainer.reached, "ranks": trainer.world})
+            plot = (
+                (["loss"] + (["heldback_accuracy"] if trainer.held_back else []))
+                if train_cfg.mode == "sft"
+                else ["reward", "accuracy", "kept_group_fraction", "entropy"]
+            )
+            return trained_part(
+                trainer,
+                store,
+                data.dataset,
+                "defender",
+                version,
+                tmp,
+                plot,
+                len(examples),
+                {
+                    "mode": mode,
+                    "examples": len(trainer.examples),
+                    "held_back": len(trainer.held_back),
+                    "target_reached": trainer.reached,
+                    "ranks": trainer.world,
+                },
+            )
 
-    m, trained = single_part_version(store, data.dataset, "defender", vcfg, parents, MODULES, compute,
-                                     kernel_family([runtime["device"]]))
+    m, trained = single_part_version(
+        store, data.dataset, "defender", vcfg, parents, MODULES, compute, kernel_family([runtime["device"]])
+    )
     if trained and is_main():
         barrier()  # the other ranks read the manifest once it is written
     return m, trained
 
 
-EVALUATION = {"id": pl.String, "image_kind": pl.String, "answer": pl.String, "response": pl.String,
-              "prediction": pl.String, "correct": pl.Boolean, "strict_format": pl.Boolean}
+EVALUATION = {
+    "id": pl.String,
+    "image_kind": pl.String,
+    "answer": pl.String,
+    "response": pl.String,
+    "prediction": pl.String,
+    "correct": pl.Boolean,
+    "strict_format": pl.Boolean,
+}
 
 
-def evaluate_defender_version(store: ShardStore, cfg: PipelineConfig, checkpoint_version: str, data_version: str) -> Manifest:
+def evaluate_defender_version(
+    store: ShardStore, cfg: PipelineConfig, checkpoint_version: str, data_version: str
+) -> Manifest:
     """Greedy answers of a defender on a dataset version, per item, as a versioned table (stage
     ``evaluation``). The summary (accuracy on clean and on adversarial images separately, strict
     format, unparsed) is in the manifest's ``extra``."""
@@ -160,5 +222,13 @@ def evaluate_defender_version(store: ShardStore, cfg: PipelineConfig, checkpoint
         summary["unparsed"] = float(df["prediction"].is_null().mean()) if df.height else 0.0
         return VersionPart(df, df.height, extra={"summary": summary})
 
-    return single_part_version(store, data.dataset, "evaluation", config, [checkpoint_version, data_version], MODULES,
-                               compute, kernel_family([runtime["device"]]))[0]
+    return single_part_version(
+        store,
+        data.dataset,
+        "evaluation",
+        config,
+        [checkpoint_version, data_version],
+        MODULES,
+        compute,
+        kernel_family([runtime["device"]]),
+    )[0]

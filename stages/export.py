@@ -16,12 +16,14 @@ def export_sft(rows: pl.DataFrame, ctx: ShardContext) -> tuple[pl.DataFrame, pl.
         if row["answer"] not in letters(len(row["options"])):
             rejects.append(R.reject(row, ctx.stage, "bad_answer", f"answer {row['answer']!r} not among the options"))
             continue
-        kept.append({
-            **{k: row[k] for k in R.EXPORT if k in row},
-            "clean_image": row["image"],
-            "prompt": format_prompt(row["question"], row["options"]),
-            "clean_scene": row["scene"],
-        })
+        kept.append(
+            {
+                **{k: row[k] for k in R.EXPORT if k in row},
+                "clean_image": row["image"],
+                "prompt": format_prompt(row["question"], row["options"]),
+                "clean_scene": row["scene"],
+            }
+        )
     return R.frame(kept, R.EXPORT), R.frame(rejects, R.REJECTS)
 
 
@@ -35,7 +37,7 @@ configs:
 - config_name: default
   data_files: "part-*.parquet"
 ---
-# {name} (version {summary['version']})
+# {name} (version {summary["version"]})
 
 Paired clean / adversarial images for Adversarial Opponent Training (AOT-SFT), made by this
 project's bootstrap pipeline: scene extension (outpainting), quality filtering (CLIP +
@@ -43,12 +45,13 @@ composition, duplication, realism checks) and distractor implantation (box and p
 inpainting, detector verification, segmentation, localized SSIM on target boxes, effectiveness
 against the base defender).
 
-- Dataset: `{summary['dataset']}`; rows: {summary['rows']}; parent version(s): {', '.join(summary['parents'])}
-- Code version: `{summary['code_version']}`
+- Dataset: `{summary["dataset"]}`; rows: {summary["rows"]}; parent version(s): {", ".join(summary["parents"])}
+- Code version: `{summary["code_version"]}`
 
 ## Columns
 - `clean_image`, `adversarial_image`: the extended scene before and after implantation (PNG).
-- `prompt`: the MCQ prompt (METHOD.md template); `question`, `options` (letters A, B, ... by position), `answer` (letter).
+- `prompt`: the MCQ prompt (METHOD.md template); `question`, `options` (letters A, B, ... by position),
+  `answer` (letter).
 - `target_names`, `target_boxes`: what the question is about; boxes are `[x0, y0, x1, y1]` pixels.
 - `distractor_boxes`, `distractor_descriptions`, `distractor_mask_areas`, `detector_scores`: the implanted distractor.
 - `clip_score`, `composition_score`, `target_ssim_min`: check scores; `canvas_scale`: outpainting factor.

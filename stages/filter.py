@@ -11,9 +11,9 @@ import json
 
 import polars as pl
 
+from models.roles import SceneChecks
 from stages import rows as R
 from stages.base import ShardContext
-from models.roles import SceneChecks
 from storage import decode_image
 
 
@@ -27,13 +27,23 @@ def filter_scenes(rows: pl.DataFrame, ctx: ShardContext) -> tuple[pl.DataFrame, 
     records = list(rows.iter_rows(named=True))
     images = [decode_image(r["image"]) for r in records]
     scores = clip.score(images, [caption(r) for r in records])
-    items = [SceneChecks(decode_image(r["original_image"]), img, tuple(r["canvas_offset"]), r["target_names"],
-                         r["original_box"], json.loads(r["scene"]) if r["scene"] else None)
-             for r, img in zip(records, images)]
+    items = [
+        SceneChecks(
+            decode_image(r["original_image"]),
+            img,
+            tuple(r["canvas_offset"]),
+            r["target_names"],
+            r["original_box"],
+            json.loads(r["scene"]) if r["scene"] else None,
+        )
+        for r, img in zip(records, images)
+    ]
     verdicts = judge.check_scenes(items)  # batched: an MLLM judge generates for the whole shard at once
     kept, rejects = [], []
     for row, image, clip_score, (comp, dup, real) in zip(records, images, scores, verdicts):
-        detail = json.dumps({"clip": clip_score, "composition": comp.score, "duplication": dup.score, "realism": real.score})
+        detail = json.dumps(
+            {"clip": clip_score, "composition": comp.score, "duplication": dup.score, "realism": real.score}
+        )
         failures = []
         if cfg.clip_threshold is not None and clip_score < cfg.clip_threshold:
             failures.append(("clip", f"CLIP score {clip_score:.3f} < {cfg.clip_threshold}"))
@@ -45,6 +55,8 @@ def filter_scenes(rows: pl.DataFrame, ctx: ShardContext) -> tuple[pl.DataFrame, 
             rejects.append(R.reject(row, ctx.stage, reason, f"{why}; scores {detail}"))
             continue
         out = {k: v for k, v in row.items() if k != "original_image"}
-        out.update(clip_score=clip_score, composition_score=comp.score, duplication_score=dup.score, realism_score=real.score)
+        out.update(
+            clip_score=clip_score, composition_score=comp.score, duplication_score=dup.score, realism_score=real.score
+        )
         kept.append(out)
     return R.frame(kept, R.FILTER), R.frame(rejects, R.REJECTS)

@@ -44,16 +44,18 @@ def verified_edits(row: dict, cfg, models: dict, attempts: list[dict]):
     clean = decode_image(row["image"])
     context = json.loads(row["scene"]) if row["scene"] else None
     seed = int(content_hash({"id": row["id"], "seed": cfg.seed}, 15), 16)
-    proposals = judge.propose_distractors(clean, row["question"], row["target_names"], row["target_boxes"],
-                                          cfg.num_proposals, seed, context)
+    proposals = judge.propose_distractors(
+        clean, row["question"], row["target_names"], row["target_boxes"], cfg.num_proposals, seed, context
+    )
     # Cheap checks first, for every proposal; then the survivors are painted in batches of
     # fill_batch (one diffusion call each) and verified in order, as long as the caller asks.
     candidates = []
     for prop in proposals:
         attempt = {"box": [float(v) for v in prop.box], "description": prop.description}
         attempts.append(attempt)
-        ok, why = box_check(prop.box, clean.width, clean.height, row["target_boxes"], cfg.box_margin,
-                            cfg.box_min_frac, cfg.box_max_frac)
+        ok, why = box_check(
+            prop.box, clean.width, clean.height, row["target_boxes"], cfg.box_margin, cfg.box_min_frac, cfg.box_max_frac
+        )
         if ok:
             ok, why = prompt_check(prop.description, row["target_names"])
             outcome = "prompt_check"
@@ -65,7 +67,7 @@ def verified_edits(row: dict, cfg, models: dict, attempts: list[dict]):
         attempt.update(outcome="not_tried", detail="an earlier proposal was kept")
         candidates.append((prop, attempt))
     for start in range(0, len(candidates), cfg.fill_batch):
-        chunk = candidates[start:start + cfg.fill_batch]
+        chunk = candidates[start : start + cfg.fill_batch]
         painted_all = inpainter.fill_many(clean, [p.box for p, _ in chunk], [p.description for p, _ in chunk], context)
         for (prop, attempt), painted in zip(chunk, painted_all):
             edited = painted.image.convert("RGB")
@@ -107,7 +109,9 @@ def implant_row(row: dict, ctx: ShardContext, models: dict) -> tuple[dict | None
         break  # the first effective edit is kept
     if kept is None:
         reached = max((OUTCOMES.index(a["outcome"]) for a in attempts), default=0)
-        counts = {o: sum(a["outcome"] == o for a in attempts) for o in OUTCOMES if any(a["outcome"] == o for a in attempts)}
+        counts = {
+            o: sum(a["outcome"] == o for a in attempts) for o in OUTCOMES if any(a["outcome"] == o for a in attempts)
+        }
         reason = "not_effective" if OUTCOMES[reached] == "not_effective" else "no_valid_edit"
         return None, (reason, f"{len(attempts)} proposals: {counts}; attempts {json.dumps(attempts)}")
     edited, adv_context, prop, best, mask, ssim_min, answers = kept

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import polars as pl
 
+from config import PipelineConfig
 from models.mcq import letters
 from stages import rows as R
 from stages.base import StageError
-from config import PipelineConfig
 from stages.version import code_version
 from storage import Manifest, ShardStore, content_hash, decode_image, image_cell
 from storage.images import ImageDecodeError
@@ -54,7 +54,9 @@ def read_records(path: Path) -> list[tuple[int, dict | None, str]]:
         except json.JSONDecodeError as exc:
             out.append((i, None, f"line {i} is not JSON: {exc}"))
             continue
-        out.append((i, rec if isinstance(rec, dict) else None, "" if isinstance(rec, dict) else f"line {i} is not an object"))
+        out.append(
+            (i, rec if isinstance(rec, dict) else None, "" if isinstance(rec, dict) else f"line {i} is not an object")
+        )
     return out
 
 
@@ -99,7 +101,11 @@ def validate_record(rec: dict, line: int, images_dir: Path, box_format: str, max
         raise RowError("bad_box", f"target_boxes must be a list of boxes, got {boxes_in!r}")
     boxes = []
     for b in boxes_in:
-        if not (isinstance(b, (list, tuple)) and len(b) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in b)):
+        if not (
+            isinstance(b, (list, tuple))
+            and len(b) == 4
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in b)
+        ):
             raise RowError("bad_box", f"box {b!r} is not 4 finite numbers")
         x0, y0, a, c = (float(v) for v in b)
         x1, y1 = (x0 + a, y0 + c) if box_format == "xywh" else (a, c)
@@ -127,8 +133,14 @@ def validate_record(rec: dict, line: int, images_dir: Path, box_format: str, max
     }
 
 
-def import_records(store: ShardStore, records_path: str | Path, images_dir: str | Path, cfg: PipelineConfig,
-                   dataset: str = "imported", box_format: str = "xyxy") -> Manifest:
+def import_records(
+    store: ShardStore,
+    records_path: str | Path,
+    images_dir: str | Path,
+    cfg: PipelineConfig,
+    dataset: str = "imported",
+    box_format: str = "xyxy",
+) -> Manifest:
     records_path, images_dir = Path(records_path), Path(images_dir)
     if box_format not in ("xyxy", "xywh"):
         raise StageError(f"box format {box_format!r}: use xyxy or xywh")
@@ -140,8 +152,13 @@ def import_records(store: ShardStore, records_path: str | Path, images_dir: str 
     for f in sorted(p for p in images_dir.rglob("*") if p.is_file()):
         h.update(str(f.relative_to(images_dir)).encode())
         h.update(hashlib.sha256(f.read_bytes()).digest())
-    vcfg = {"import": {"box_format": box_format, "max_image_pixels": cfg.source.max_image_pixels,
-                       "shard_size": cfg.source.shard_size}}
+    vcfg = {
+        "import": {
+            "box_format": box_format,
+            "max_image_pixels": cfg.source.max_image_pixels,
+            "shard_size": cfg.source.shard_size,
+        }
+    }
     code = code_version([__name__])
     version = content_hash({"stage": "source", "config": vcfg, "code": code, "parents": [], "inputs": h.hexdigest()})
     existing = store.manifest_at(dataset, "source", version)
@@ -150,20 +167,41 @@ def import_records(store: ShardStore, records_path: str | Path, images_dir: str 
     size = cfg.source.shard_size
     records = []
     for index in range(max(1, math.ceil(len(entries) / size))):
-        chunk = entries[index * size:(index + 1) * size]
+        chunk = entries[index * size : (index + 1) * size]
         kept, rejects = [], []
         for line, rec, problem in chunk:
             if rec is None:
-                rejects.append(R.reject({"id": f"{records_path.stem}-{line:06d}", "raw": problem}, "import", "bad_record", problem))
+                rejects.append(
+                    R.reject({"id": f"{records_path.stem}-{line:06d}", "raw": problem}, "import", "bad_record", problem)
+                )
                 continue
             try:
-                kept.append(validate_record(rec, line, images_dir, box_format, cfg.source.max_image_pixels, records_path.stem))
+                kept.append(
+                    validate_record(rec, line, images_dir, box_format, cfg.source.max_image_pixels, records_path.stem)
+                )
             except RowError as exc:
                 safe = {k: v for k, v in rec.items() if not isinstance(v, (bytes, bytearray, dict))}
-                rejects.append(R.reject({"id": str(rec.get("id") or f"{records_path.stem}-{line:06d}"), "line": line, **safe},
-                                        "import", exc.reason, str(exc)))
+                rejects.append(
+                    R.reject(
+                        {"id": str(rec.get("id") or f"{records_path.stem}-{line:06d}"), "line": line, **safe},
+                        "import",
+                        exc.reason,
+                        str(exc),
+                    )
+                )
         key = content_hash({"lines": [c[0] for c in chunk], "inputs": h.hexdigest()})
-        records.append(store.write_shard(dataset, "source", version, index, key, len(chunk),
-                                         R.frame(kept, R.SOURCE), R.frame(rejects, R.REJECTS)))
-    return store.commit(dataset, "source", version, records, config=vcfg, parents=[], code_version=code,
-                        extra={"records": str(records_path), "images": str(images_dir)})
+        records.append(
+            store.write_shard(
+                dataset, "source", version, index, key, len(chunk), R.frame(kept, R.SOURCE), R.frame(rejects, R.REJECTS)
+            )
+        )
+    return store.commit(
+        dataset,
+        "source",
+        version,
+        records,
+        config=vcfg,
+        parents=[],
+        code_version=code,
+        extra={"records": str(records_path), "images": str(images_dir)},
+    )

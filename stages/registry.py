@@ -54,22 +54,41 @@ def _oracle(cls: str) -> Backend:
 
 
 BACKENDS: dict[str, dict[str, Backend]] = {
-    "outpainter": {"synthetic": _oracle("SceneOutpainter"), "tiny": Backend("models.diffusion_fill:DiffusersFiller.tiny"),
-                   "diffusers": Backend("models.diffusion_fill:DiffusersFiller.from_pretrained")},
-    "inpainter": {"synthetic": _oracle("SceneInpainter"), "tiny": Backend("models.diffusion_fill:DiffusersFiller.tiny"),
-                  "diffusers": Backend("models.diffusion_fill:DiffusersFiller.from_pretrained")},
-    "judge": {"synthetic": _oracle("SceneJudge"), "tiny": Backend("models.mllm_judge:MLLMJudge.tiny"),
-              "mllm": Backend("models.mllm_judge:MLLMJudge.from_pretrained")},
-    "clip": {"tiny": Backend("models.clip:OpenClipScorer", options={"model": "tiny-clip", "pretrained": None}),
-             "open_clip": Backend("models.clip:OpenClipScorer")},
-    "detector": {"synthetic": _oracle("SceneDetector"), "tiny": Backend("models.grounding:GroundingDinoDetector.tiny"),
-                 "grounding-dino": Backend("models.grounding:GroundingDinoDetector.from_pretrained")},
-    "segmenter": {"synthetic": _oracle("SceneSegmenter"), "tiny": Backend("models.grounding:SamSegmenter.tiny"),
-                  "sam": Backend("models.grounding:SamSegmenter.from_pretrained")},
-    "defender": {"perception-baseline": Backend("models.perception_baseline:PerceptionBaselineDefender"),
-                 "version": Backend("stages.defender:defender_from_version"),
-                 "qwen-vl": Backend("models.qwen_vl:pretrained_policy"),
-                 "tiny": Backend("stages.warm_defender:tiny_defender")},
+    "outpainter": {
+        "synthetic": _oracle("SceneOutpainter"),
+        "tiny": Backend("models.diffusion_fill:DiffusersFiller.tiny"),
+        "diffusers": Backend("models.diffusion_fill:DiffusersFiller.from_pretrained"),
+    },
+    "inpainter": {
+        "synthetic": _oracle("SceneInpainter"),
+        "tiny": Backend("models.diffusion_fill:DiffusersFiller.tiny"),
+        "diffusers": Backend("models.diffusion_fill:DiffusersFiller.from_pretrained"),
+    },
+    "judge": {
+        "synthetic": _oracle("SceneJudge"),
+        "tiny": Backend("models.mllm_judge:MLLMJudge.tiny"),
+        "mllm": Backend("models.mllm_judge:MLLMJudge.from_pretrained"),
+    },
+    "clip": {
+        "tiny": Backend("models.clip:OpenClipScorer", options={"model": "tiny-clip", "pretrained": None}),
+        "open_clip": Backend("models.clip:OpenClipScorer"),
+    },
+    "detector": {
+        "synthetic": _oracle("SceneDetector"),
+        "tiny": Backend("models.grounding:GroundingDinoDetector.tiny"),
+        "grounding-dino": Backend("models.grounding:GroundingDinoDetector.from_pretrained"),
+    },
+    "segmenter": {
+        "synthetic": _oracle("SceneSegmenter"),
+        "tiny": Backend("models.grounding:SamSegmenter.tiny"),
+        "sam": Backend("models.grounding:SamSegmenter.from_pretrained"),
+    },
+    "defender": {
+        "perception-baseline": Backend("models.perception_baseline:PerceptionBaselineDefender"),
+        "version": Backend("stages.defender:defender_from_version"),
+        "qwen-vl": Backend("models.qwen_vl:pretrained_policy"),
+        "tiny": Backend("stages.warm_defender:tiny_defender"),
+    },
 }
 # The attacker's editors (``attacker.model``): loaded by the attacker stage, checked here.
 EDITORS = ("tiny", "tiny-kontext", "qwen-image-edit", "flux-kontext")
@@ -105,8 +124,10 @@ def check_specs(cfg: PipelineConfig) -> PipelineConfig:
         raise ConfigError(f"defender.model: {exc}") from None
     editor = cfg.attacker.model.get("backend", "tiny")
     if editor not in EDITORS:
-        raise ConfigError(f"config attacker.model.backend: {editor!r} is none of {', '.join(EDITORS)} "
-                          "(fix it with --set attacker.model.backend=NAME)")
+        raise ConfigError(
+            f"config attacker.model.backend: {editor!r} is none of {', '.join(EDITORS)} "
+            "(fix it with --set attacker.model.backend=NAME)"
+        )
     return cfg
 
 
@@ -128,9 +149,15 @@ def load(role: str, spec: str | dict) -> Any:
 def _contract(role: str) -> type | None:
     from models import roles
 
-    return {"outpainter": roles.Outpainter, "inpainter": roles.Inpainter, "judge": roles.Judge,
-            "clip": roles.ClipScorer, "detector": roles.Detector, "segmenter": roles.Segmenter,
-            "defender": roles.MLLM}[role]
+    return {
+        "outpainter": roles.Outpainter,
+        "inpainter": roles.Inpainter,
+        "judge": roles.Judge,
+        "clip": roles.ClipScorer,
+        "detector": roles.Detector,
+        "segmenter": roles.Segmenter,
+        "defender": roles.MLLM,
+    }[role]
 
 
 @functools.lru_cache(maxsize=32)
@@ -145,4 +172,3 @@ def _load_cached(role: str, spec_json: str) -> Any:
     if not isinstance(model, contract):  # a backend that misses a method of its role fails here, not mid-stage
         raise ModelConfigError(f"{role} backend {name!r} does not implement {contract.__name__} (models/roles.py)")
     return model
-

@@ -20,19 +20,36 @@ def suite_items(store: ShardStore, export_version: str) -> list[Item]:
     items = []
     for r in store.read(export_version).iter_rows(named=True):
         for kind, col in (("clean", "clean_image"), ("attacked", "adversarial_image")):
-            items.append(Item(f"{r['id']}:{kind}", f"synthetic-{kind}", decode_image(r[col]), r["question"], r["answer"],
-                              list(r["options"]), [r["question_type"]]))
+            items.append(
+                Item(
+                    f"{r['id']}:{kind}",
+                    f"synthetic-{kind}",
+                    decode_image(r[col]),
+                    r["question"],
+                    r["answer"],
+                    list(r["options"]),
+                    [r["question_type"]],
+                )
+            )
     return items
 
 
-def robustness_suite(store: ShardStore, cfg: PipelineConfig, model, model_id: str, scenes: int = 64,
-                     cache_path: str | None = None) -> dict:
+def robustness_suite(
+    store: ShardStore, cfg: PipelineConfig, model, model_id: str, scenes: int = 64, cache_path: str | None = None
+) -> dict:
     export = run_bootstrap(store, heldout_config(cfg, scenes))[-1].version
     if not store.manifest(export).rows:
-        raise ValueError(f"the synthetic suite has no items: Stage 2 kept no edit on {scenes} held-out scenes against "
-                         f"the base defender {cfg.models['defender']!r} (export version {export}); ask for more scenes")
+        raise ValueError(
+            f"the synthetic suite has no items: Stage 2 kept no edit on {scenes} held-out scenes against "
+            f"the base defender {cfg.models['defender']!r} (export version {export}); ask for more scenes"
+        )
     m = metrics(evaluate(model, model_id, suite_items(store, export), STRICT, AnswerCache(cache_path)))
     clean, attacked = m["synthetic-clean"]["accuracy"], m["synthetic-attacked"]["accuracy"]
-    return {"export_version": export, "rows": m["synthetic-clean"]["n"], "clean_accuracy": clean,
-            "attacked_accuracy": attacked, "drop": clean - attacked,
-            "unparsed": (m["synthetic-clean"]["unparsed"] + m["synthetic-attacked"]["unparsed"]) / 2}
+    return {
+        "export_version": export,
+        "rows": m["synthetic-clean"]["n"],
+        "clean_accuracy": clean,
+        "attacked_accuracy": attacked,
+        "drop": clean - attacked,
+        "unparsed": (m["synthetic-clean"]["unparsed"] + m["synthetic-attacked"]["unparsed"]) / 2,
+    }

@@ -102,7 +102,11 @@ ITEM_REJECTS = {"id": pl.String, "reason": pl.String, "detail": pl.String}
 
 
 def frame(rows: list[dict], schema: dict) -> pl.DataFrame:
-    return pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
+    return (
+        pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema, orient="row")
+        if rows
+        else pl.DataFrame(schema=schema)
+    )
 
 
 def _jsonable(v: Any) -> Any:

@@ -121,7 +121,9 @@ def plan(store: ShardStore, stage_name: str, cfg: PipelineConfig, input_version:
         in_stage = None
     else:
         if not input_version:
-            raise StageError(f"stage {stage_name} needs --input VERSION (a {stage.parent} version; list them with `aot ls`)")
+            raise StageError(
+                f"stage {stage_name} needs --input VERSION (a {stage.parent} version; list them with `aot ls`)"
+            )
         src = store.manifest(input_version)
         if src.stage != stage.parent:
             raise StageError(
@@ -167,16 +169,42 @@ def commit(store: ShardStore, p: StagePlan, records: list[ShardRecord]) -> Manif
     existing = store.manifest_at(p.dataset, p.stage, p.version)
     if existing is not None:
         return existing
-    summary = {"dataset": p.dataset, "stage": p.stage, "version": p.version, "parents": p.parents,
-               "rows": sum(r.data.rows for r in records), "config": p.config, "code_version": p.code_version}
+    summary = {
+        "dataset": p.dataset,
+        "stage": p.stage,
+        "version": p.version,
+        "parents": p.parents,
+        "rows": sum(r.data.rows for r in records),
+        "config": p.config,
+        "code_version": p.code_version,
+    }
     readme = stage.card(summary)
-    return store.commit(p.dataset, p.stage, p.version, records, config=p.config, parents=p.parents,
-                        code_version=p.code_version, readme=readme)
+    return store.commit(
+        p.dataset,
+        p.stage,
+        p.version,
+        records,
+        config=p.config,
+        parents=p.parents,
+        code_version=p.code_version,
+        readme=readme,
+    )
 
 
 def summarize(m: Manifest, shards: int, recomputed: int, seconds: float, reused: bool, cached: int = 0) -> StageSummary:
-    return StageSummary(m.stage, m.version, m.rows_in, m.rows, m.reject_rows, shards, recomputed, seconds,
-                        dict(m.reasons), reused, cached)
+    return StageSummary(
+        m.stage,
+        m.version,
+        m.rows_in,
+        m.rows,
+        m.reject_rows,
+        shards,
+        recomputed,
+        seconds,
+        dict(m.reasons),
+        reused,
+        cached,
+    )
 
 
 def run_stage(
@@ -203,8 +231,9 @@ def run_stage(
     return summarize(m, len(p.shards), recomputed, time.perf_counter() - t0, False)
 
 
-def run_bootstrap(store: ShardStore, cfg: PipelineConfig, source_version: str | None = None,
-                  until: str = "export") -> list[StageSummary]:
+def run_bootstrap(
+    store: ShardStore, cfg: PipelineConfig, source_version: str | None = None, until: str = "export"
+) -> list[StageSummary]:
     """The bootstrap chain up to and including ``until``, serially, without Prefect."""
     out = []
     version = source_version

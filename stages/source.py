@@ -19,8 +19,13 @@ MAX_ATTEMPTS = 25  # worlds tried per scene index before the index becomes a rej
 def scene_row(seed: int, index: int, cfg) -> dict:
     """One source row, or raise NoQuestion after MAX_ATTEMPTS worlds without a valid question."""
     s = cfg.source
-    wcfg = WorldConfig(resolution=s.resolution, objects_min=s.objects_min, objects_max=s.objects_max,
-                       outside_density=s.outside_density, object_size=tuple(s.object_size))
+    wcfg = WorldConfig(
+        resolution=s.resolution,
+        objects_min=s.objects_min,
+        objects_max=s.objects_max,
+        outside_density=s.outside_density,
+        object_size=tuple(s.object_size),
+    )
     weights = np.asarray(s.question_weights, dtype=float)
     weights = weights / weights.sum()
     last = None
@@ -58,7 +63,9 @@ def generate_scenes(_: pl.DataFrame, ctx: ShardContext) -> tuple[pl.DataFrame, p
         try:
             kept.append(scene_row(ctx.config.source.seed, i, ctx.config))
         except NoQuestion as exc:
-            rejects.append(R.reject({"id": f"syn-{ctx.config.source.seed}-{i:06d}"}, ctx.stage, "no_question", str(exc)))
+            rejects.append(
+                R.reject({"id": f"syn-{ctx.config.source.seed}-{i:06d}"}, ctx.stage, "no_question", str(exc))
+            )
     return R.frame(kept, R.SOURCE), R.frame(rejects, R.REJECTS)
 
 
@@ -95,5 +102,6 @@ def warmup_config(cfg):
 
 def world_config(cfg, seed_offset: int, scenes: int):
     """The same world settings under ``source.seed + seed_offset``, ``scenes`` scenes."""
-    return dataclasses.replace(cfg, source=dataclasses.replace(cfg.source, seed=cfg.source.seed + seed_offset,
-                                                                 num_scenes=scenes))
+    return dataclasses.replace(
+        cfg, source=dataclasses.replace(cfg.source, seed=cfg.source.seed + seed_offset, num_scenes=scenes)
+    )

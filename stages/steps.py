@@ -30,8 +30,13 @@ class LocalSteps:
     """The stage functions, in this process. ``say`` hears one line per finished step (and the
     curriculum's progress); ``on_step`` every trainer step's metrics row."""
 
-    def __init__(self, store: ShardStore, cfg: PipelineConfig, say: Callable[[str], None] | None = None,
-                 on_step: Callable[[dict], None] | None = None):
+    def __init__(
+        self,
+        store: ShardStore,
+        cfg: PipelineConfig,
+        say: Callable[[str], None] | None = None,
+        on_step: Callable[[dict], None] | None = None,
+    ):
         self.store, self.cfg, self.say, self.on_step = store, cfg, say or (lambda msg: None), on_step
 
     def stage(self, name, input_version):
@@ -57,12 +62,18 @@ class LocalSteps:
     def train_defender(self, data, init, mode, images=None):
         from stages.defender import train_defender_version
 
-        cfg = self.cfg if images is None else dataclasses.replace(
-            self.cfg, defender=dataclasses.replace(self.cfg.defender, images=images))
+        cfg = (
+            self.cfg
+            if images is None
+            else dataclasses.replace(self.cfg, defender=dataclasses.replace(self.cfg.defender, images=images))
+        )
         m, trained = train_defender_version(self.store, cfg, data, init, mode, on_step=self.on_step)
         ex = m.extra or {}
-        target = ("" if not ex.get("held_back") else
-                  f", held-back target {'reached' if ex.get('target_reached') else 'not reached'}")
+        target = (
+            ""
+            if not ex.get("held_back")
+            else f", held-back target {'reached' if ex.get('target_reached') else 'not reached'}"
+        )
         self.say(f"defender {mode} {'trained' if trained else 'found'}: {m.version} ({ex.get('steps')} steps{target})")
         return m.version
 
@@ -70,8 +81,10 @@ class LocalSteps:
         from stages.defender import evaluate_defender_version
 
         summary = evaluate_defender_version(self.store, self.cfg, defender, data).extra["summary"]
-        self.say(f"evaluation of defender {defender} on {data}: " + ", ".join(
-            f"{k} {v:.3f}" for k, v in summary.items() if k.endswith("accuracy")))
+        self.say(
+            f"evaluation of defender {defender} on {data}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if k.endswith("accuracy"))
+        )
         return summary
 
     def train_attacker(self, data, defender, init, mode):
@@ -80,15 +93,19 @@ class LocalSteps:
         m, trained = train_attacker_version(self.store, self.cfg, data, defender, init, mode, on_step=self.on_step)
         last = (m.extra or {}).get("final", {})
         shown = {k: last[k] for k in ("loss", "reward", "aot/integrity") if k in last}
-        self.say(f"attacker {mode} {'trained' if trained else 'found'}: {m.version} (last step: "
-                 + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()) + ")")
+        self.say(
+            f"attacker {mode} {'trained' if trained else 'found'}: {m.version} (last step: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in shown.items())
+            + ")"
+        )
         return m.version
 
     def curriculum(self, attacker, data, defender):
         from stages.curriculum import curriculum_progress, generate_curriculum_version
 
-        m = generate_curriculum_version(self.store, self.cfg, attacker, data, defender,
-                                        on_item=curriculum_progress(self.say))
+        m = generate_curriculum_version(
+            self.store, self.cfg, attacker, data, defender, on_item=curriculum_progress(self.say)
+        )
         self.say(f"curriculum: {m.version} ({m.extra['summary']['kept']} kept edits)")
         return {"version": m.version, **m.extra["summary"]}
 

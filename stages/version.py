@@ -95,8 +95,11 @@ def kernel_family(devices: Iterable[str] = ("cpu",)) -> dict:
 
     import torch
 
-    out = {"torch": torch.__version__, "cpu": f"{_cpu_vendor()} {torch.backends.cpu.get_cpu_capability()}",
-           "machine": platform.machine()}
+    out = {
+        "torch": torch.__version__,
+        "cpu": f"{_cpu_vendor()} {torch.backends.cpu.get_cpu_capability()}",
+        "machine": platform.machine(),
+    }
     for device in sorted(set(devices)):
         if str(device).startswith("cuda") and torch.cuda.is_available():
             out["cuda"] = f"{torch.cuda.get_device_name()} (cuda {torch.version.cuda})"
@@ -126,15 +129,28 @@ def version_id(stage: str, config: dict, parents: list[str], code: str, kernels:
 class VersionPart:
     """What computing a single-part version yields: its rows, rejects, files and summary."""
 
-    def __init__(self, rows: pl.DataFrame, rows_in: int, rejects: pl.DataFrame | None = None,
-                 files: list | None = None, extra: dict | None = None):
+    def __init__(
+        self,
+        rows: pl.DataFrame,
+        rows_in: int,
+        rejects: pl.DataFrame | None = None,
+        files: list | None = None,
+        extra: dict | None = None,
+    ):
         self.rows, self.rows_in, self.files, self.extra = rows, rows_in, files or [], extra or {}
         self.rejects = rejects if rejects is not None else pl.DataFrame(schema=EMPTY_REJECTS)
 
 
-def single_part_version(store: ShardStore, dataset: str, stage: str, config: dict, parents: list[str],
-                        modules: Iterable[str], compute: Callable[[str], VersionPart | None],
-                        kernels: dict | None = None) -> tuple[Manifest | None, bool]:
+def single_part_version(
+    store: ShardStore,
+    dataset: str,
+    stage: str,
+    config: dict,
+    parents: list[str],
+    modules: Iterable[str],
+    compute: Callable[[str], VersionPart | None],
+    kernels: dict | None = None,
+) -> tuple[Manifest | None, bool]:
     """The version of (stage, config, code of ``modules``, parents) under ``dataset``: found in
     the store, or computed by ``compute(version_id)`` and committed as one part. Returns
     (manifest, computed now). ``compute`` may return None when another process commits it (a
@@ -149,5 +165,6 @@ def single_part_version(store: ShardStore, dataset: str, stage: str, config: dic
         return store.manifest_at(dataset, stage, version), True
     rec = store.write_shard(dataset, stage, version, 0, content_hash(parents), part.rows_in, part.rows, part.rejects)
     extra = {**part.extra, **({"kernels": kernels} if kernels else {})}
-    return store.commit(dataset, stage, version, [rec], config=config, parents=parents, code_version=code,
-                        files=part.files, extra=extra), True
+    return store.commit(
+        dataset, stage, version, [rec], config=config, parents=parents, code_version=code, files=part.files, extra=extra
+    ), True

@@ -14,8 +14,16 @@ from training.defender import DefenderTrainer, Example
 
 def world_examples(n: int, seed: int, cfg=None) -> list[Example]:
     """``world_rows`` as training examples."""
-    return [Example(r["id"], decode_image(r["image"]), format_prompt(r["question"], r["options"]), r["answer"],
-                    len(r["options"])) for r in world_rows(n, seed, cfg)]
+    return [
+        Example(
+            r["id"],
+            decode_image(r["image"]),
+            format_prompt(r["question"], r["options"]),
+            r["answer"],
+            len(r["options"]),
+        )
+        for r in world_rows(n, seed, cfg)
+    ]
 
 
 def tiny_defender(warmup: dict | None = None, **spec) -> QwenVLPolicy:
@@ -37,14 +45,28 @@ def warmed_tiny_defender(spec: dict, warmup: dict) -> QwenVLPolicy:
 
     w = {"steps": 100, "scenes": 256, "seed": 1, "lr": 1e-3, "batch": 32, **warmup}
     device = spec.get("device", "cpu")
-    key = {"spec": spec, "warmup": w, "code": code_version(["stages.warm_defender"]), "kernels": kernel_family([device])}
+    key = {
+        "spec": spec,
+        "warmup": w,
+        "code": code_version(["stages.warm_defender"]),
+        "kernels": kernel_family([device]),
+    }
 
     def build(folder) -> None:
         policy = load_policy(spec)
         world = config_from_dict({"source": w["source"]}) if w.get("source") else None
-        DefenderTrainer(policy, world_examples(w["scenes"], w["seed"], world), DefenderTrainConfig(
-            mode="sft", steps=w["steps"], batch_prompts=w["batch"], micro_batch=w["batch"], lr=w["lr"],
-            seed=w["seed"])).train()
+        DefenderTrainer(
+            policy,
+            world_examples(w["scenes"], w["seed"], world),
+            DefenderTrainConfig(
+                mode="sft",
+                steps=w["steps"],
+                batch_prompts=w["batch"],
+                micro_batch=w["batch"],
+                lr=w["lr"],
+                seed=w["seed"],
+            ),
+        ).train()
         policy.save(str(folder))
 
     folder = build_once(cache_root() / "warm-defenders" / content_hash(key), build)

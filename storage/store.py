@@ -168,8 +168,9 @@ def parquet_bytes(df: pl.DataFrame) -> bytes:
     try:
         metadata[b"huggingface"] = json.dumps(_hf_features(table.schema, image_cols)).encode()
     except ImportError:  # datasets absent (a bare GPU box): still valid Parquet, only without the features hint
-        warnings.warn("datasets is not installed: Parquet parts are written without Hugging Face features metadata",
-                      stacklevel=2)
+        warnings.warn(
+            "datasets is not installed: Parquet parts are written without Hugging Face features metadata", stacklevel=2
+        )
     table = table.replace_schema_metadata(metadata)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
@@ -354,8 +355,11 @@ class ShardStore:
         for dirpath, _, names in sorted(os.walk(local)):
             for name in sorted(names):
                 full = os.path.join(dirpath, name)
-                rel = posixpath.join(prefix, os.path.relpath(full, local).replace(os.sep, "/")) if prefix else \
-                    os.path.relpath(full, local).replace(os.sep, "/")
+                rel = (
+                    posixpath.join(prefix, os.path.relpath(full, local).replace(os.sep, "/"))
+                    if prefix
+                    else os.path.relpath(full, local).replace(os.sep, "/")
+                )
                 with open(full, "rb") as f:
                     data = f.read()
                 self._write_bytes(posixpath.join(vpath, rel), data)
@@ -423,7 +427,8 @@ class ShardStore:
                     found.append(self._read_manifest(mpath))
         if not found:
             raise VersionNotFound(
-                f"no committed version {version!r} under {self.root_url} (list them with `aot ls --root {self.root_url}`)"
+                f"no committed version {version!r} under {self.root_url} "
+                f"(list them with `aot ls --root {self.root_url}`)"
             )
         return found[0]
 
@@ -437,8 +442,9 @@ class ShardStore:
     def read_part(self, manifest: Manifest, ref: PartRef, verify: bool = True) -> pl.DataFrame:
         return self.read_version_part(manifest.dataset, manifest.stage, manifest.version, ref, verify)
 
-    def read_version_part(self, dataset: str, stage: str, version: str, ref: PartRef,
-                          verify: bool = True) -> pl.DataFrame:
+    def read_version_part(
+        self, dataset: str, stage: str, version: str, ref: PartRef, verify: bool = True
+    ) -> pl.DataFrame:
         """One part of a version, committed or not yet (a finished shard of a running stage)."""
         raw = self.fs.cat_file(posixpath.join(self.version_path(dataset, stage, version), ref.path))
         if verify and sha256_bytes(raw) != ref.sha256:
@@ -482,8 +488,12 @@ class ShardStore:
                     self.fs.rm(vpath, recursive=True)
                 continue
             manifest = Manifest.from_dict(json.loads(self.fs.cat_file(mpath)))
-            keep = ({MANIFEST, README} | {p.path for p in manifest.parts} | {p.path for p in manifest.rejects}
-                    | {p.path for p in manifest.files})
+            keep = (
+                {MANIFEST, README}
+                | {p.path for p in manifest.parts}
+                | {p.path for p in manifest.rejects}
+                | {p.path for p in manifest.files}
+            )
             for fpath in files:
                 relf = posixpath.relpath(fpath, vpath)
                 if relf in keep or relf.startswith(SHARDS_DIR + "/") and ".tmp-" not in relf:

@@ -20,16 +20,27 @@ def publish_stage_artifacts(summary: StageSummary, uri: str, title: str) -> None
         {"metric": "shards", "value": summary.shards},
         {"metric": "shards recomputed", "value": summary.recomputed},
     ] + [{"metric": f"rejected: {k}", "value": v} for k, v in summary.reasons.items()]
-    create_table_artifact(key=_key(f"{summary.stage}-counts"), table=rows,
-                          description=f"{title}: counts and reject reasons of version {summary.version}")
+    create_table_artifact(
+        key=_key(f"{summary.stage}-counts"),
+        table=rows,
+        description=f"{title}: counts and reject reasons of version {summary.version}",
+    )
     reasons = "\n".join(f"| {k} | {v} |" for k, v in summary.reasons.items()) or "| (none) | 0 |"
+    counts = (
+        summary.rows_in,
+        summary.rows,
+        summary.rejected,
+        summary.shards,
+        summary.recomputed,
+        f"{summary.seconds:.1f}",
+    )
     md = f"""# {title}
 
 **Version** `{summary.version}` at `{uri}`
 
 | in | kept | rejected | shards | recomputed | seconds |
 |---|---|---|---|---|---|
-| {summary.rows_in} | {summary.rows} | {summary.rejected} | {summary.shards} | {summary.recomputed} | {summary.seconds:.1f} |
+| {" | ".join(map(str, counts))} |
 
 | reject reason | rows |
 |---|---|

@@ -53,7 +53,9 @@ def retry_transient(task, task_run, state) -> bool:
 def shard_cache_key(context, parameters: dict) -> str:
     p = parameters["plan"]
     s = parameters["shard"]
-    return "shard-" + content_hash({"stage": p["stage"], "version": p["version"], "index": s["index"], "input": s["input_key"]}, 32)
+    return "shard-" + content_hash(
+        {"stage": p["stage"], "version": p["version"], "index": s["index"], "input": s["input_key"]}, 32
+    )
 
 
 def results_storage(store: ShardStore):

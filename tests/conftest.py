@@ -58,8 +58,9 @@ def s3_server():
     exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
     port = free_port()
     env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
     try:
         wait_port(port)
         os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
@@ -148,8 +149,9 @@ def _cli(args, env, cwd):
 
     out, err = Path(cwd) / "cli.out", Path(cwd) / "cli.err"
     with open(out, "w") as o, open(err, "w") as e:
-        proc = subprocess.Popen([sys.executable, "-m", "aot.cli", *args], cwd=cwd, env=env, stdout=o, stderr=e,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "aot.cli", *args], cwd=cwd, env=env, stdout=o, stderr=e, start_new_session=True
+        )
         try:
             rc = proc.wait(timeout=400)
         finally:
@@ -158,5 +160,3 @@ def _cli(args, env, cwd):
             except ProcessLookupError:
                 pass
     return types.SimpleNamespace(returncode=rc, stdout=out.read_text(), stderr=err.read_text())
-
-

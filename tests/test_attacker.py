@@ -9,13 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from config import FlowGrpoConfig
+from config import AttackerTrainConfig, FlowGrpoConfig
+from metrics import region_ssim
 from rl.flow_grpo import gaussian_kl
 from rl.flow_sampler import sample, sde_window, step_log_prob
 from training.attacker import AttackerTrainer, EditPair
 from training.attacker_rewards import AttackItem, IntegrityEfficacy, box_contrast
-from metrics import region_ssim
-from config import AttackerTrainConfig
 
 
 def _editor(resolution: int = 32):
@@ -26,16 +25,24 @@ def _editor(resolution: int = 32):
 
 def _items(n: int = 4, size: int = 32) -> list[AttackItem]:
     rng = np.random.RandomState(0)
-    return [AttackItem(f"i{i}", Image.fromarray((rng.rand(size, size, 3) * 120 + 60).astype("uint8")),
-                       "brighten the box", [[8, 8, 24, 24]]) for i in range(n)]
+    return [
+        AttackItem(
+            f"i{i}",
+            Image.fromarray((rng.rand(size, size, 3) * 120 + 60).astype("uint8")),
+            "brighten the box",
+            [[8, 8, 24, 24]],
+        )
+        for i in range(n)
+    ]
 
 
 def _cfg(**kw) -> AttackerTrainConfig:
     fg = kw.pop("flow_grpo", {})
     base = dict(mode="grpo", steps=2, groups_per_step=2, lr=3e-2, weight_decay=0.0, lora_rank=4, lora_alpha=8)
     base.update(kw)
-    return AttackerTrainConfig(**base, flow_grpo=FlowGrpoConfig(**{"group_size": 4, "sampling_steps": 4,
-                                                                    "noise_level": 1.0, **fg}))
+    return AttackerTrainConfig(
+        **base, flow_grpo=FlowGrpoConfig(**{"group_size": 4, "sampling_steps": 4, "noise_level": 1.0, **fg})
+    )
 
 
 def test_a_zero_sampler_is_the_pipeline_sampler_bit_for_bit(monkeypatch):
@@ -48,8 +55,16 @@ def test_a_zero_sampler_is_the_pipeline_sampler_bit_for_bit(monkeypatch):
     ours = sample(ed, cond, 5, 0.0, x=x).final
     # The pipeline resizes to ~1024^2 by itself; pin its target to our edit size for the comparison.
     monkeypatch.setattr(qie, "calculate_dimensions", lambda area, ratio: (cond.size[0], cond.size[1], None))
-    ref = ed.pipe(image=img, prompt="make it red", num_inference_steps=5, true_cfg_scale=1.0, latents=x.clone(),
-                  height=cond.size[1], width=cond.size[0], output_type="latent").images
+    ref = ed.pipe(
+        image=img,
+        prompt="make it red",
+        num_inference_steps=5,
+        true_cfg_scale=1.0,
+        latents=x.clone(),
+        height=cond.size[1],
+        width=cond.size[0],
+        output_type="latent",
+    ).images
     assert torch.equal(ours, ref)
 
 
@@ -62,9 +77,19 @@ def test_kontext_a_zero_sampler_is_the_pipeline_sampler_and_its_lora_trains():
     x = ed.noise(cond, torch.Generator().manual_seed(3))
     ours = sample(ed, cond, 4, 0.0, x=x).final
     w, h = cond.size  # max_area and _auto_resize pin the pipeline to our size (its default is 1024^2)
-    ref = ed.pipe(image=img, prompt="make it red", num_inference_steps=4, guidance_scale=2.5, latents=x.clone(),
-                  height=h, width=w, max_area=w * h, _auto_resize=False, max_sequence_length=32,
-                  output_type="latent").images
+    ref = ed.pipe(
+        image=img,
+        prompt="make it red",
+        num_inference_steps=4,
+        guidance_scale=2.5,
+        latents=x.clone(),
+        height=h,
+        width=w,
+        max_area=w * h,
+        _auto_resize=False,
+        max_sequence_length=32,
+        output_type="latent",
+    ).images
     assert torch.equal(ours, ref)
     tr = AttackerTrainer(ed, _cfg(steps=2), items=_items(), rewards={"contrast": box_contrast})
     before = {k: v.clone() for k, v in ed.lora_state().items()}
@@ -120,7 +145,9 @@ def test_resume_reproduces_the_next_step(tmp_path):
     assert b.step == 2
     b.train()
     drop = ("seconds", "sample_seconds", "reward_seconds", "update_seconds")
-    assert {k: v for k, v in b.metrics[-1].items() if k not in drop} == {k: v for k, v in a.metrics[-1].items() if k not in drop}
+    assert {k: v for k, v in b.metrics[-1].items() if k not in drop} == {
+        k: v for k, v in a.metrics[-1].items() if k not in drop
+    }
     sa, sb = a.editor.lora_state(), b.editor.lora_state()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -156,7 +183,11 @@ def test_integrity_efficacy_with_a_scripted_defender():
     # K = 3 queries; image 0 answered B, C, A (2 failures), image 1 B, B, B (3 failures, but broken)
     reward = IntegrityEfficacy(ScriptedDefender([["B", "B"], ["C", "B"], ["A", "B"]]), tau=0.9, queries=3)
     rows = reward([item.image] * 2, [Image.fromarray(edited), Image.fromarray(broken)], [item, item])
-    assert rows[0]["integrity"] == 1.0 and rows[0]["efficacy"] == pytest.approx(2 / 3) and rows[0]["reward"] == pytest.approx(2 / 3)
+    assert (
+        rows[0]["integrity"] == 1.0
+        and rows[0]["efficacy"] == pytest.approx(2 / 3)
+        and rows[0]["reward"] == pytest.approx(2 / 3)
+    )
     assert rows[1]["integrity"] == 0.0 and rows[1]["efficacy"] == 1.0 and rows[1]["reward"] == 0.0
     # The unedited baseline asks the same K queries with the same seeds: B, C, A -> 2/3; B, B, B -> 1.
     assert reward.unedited_efficacy([item.image] * 2, [item, item]) == [pytest.approx(2 / 3), 1.0]
@@ -166,13 +197,21 @@ def test_integrity_efficacy_with_a_scripted_defender():
 def test_attack_summary_reads_success_against_the_unedited_baseline():
     from stages.curriculum import attack_summary
 
-    kept = [{"efficacy": 1.0, "clean_efficacy": 0.0},  # a flip: right when clean, fooled when edited
-            {"efficacy": 2 / 3, "clean_efficacy": 1 / 3},  # already failed unedited: success, no lift
-            {"efficacy": 0.0, "clean_efficacy": 1.0},  # the edit made it right: negative lift
-            {"efficacy": 0.0, "clean_efficacy": 0.0}]
+    kept = [
+        {"efficacy": 1.0, "clean_efficacy": 0.0},  # a flip: right when clean, fooled when edited
+        {"efficacy": 2 / 3, "clean_efficacy": 1 / 3},  # already failed unedited: success, no lift
+        {"efficacy": 0.0, "clean_efficacy": 1.0},  # the edit made it right: negative lift
+        {"efficacy": 0.0, "clean_efficacy": 0.0},
+    ]
     s = attack_summary(kept, items=8)  # 4 more items failed integrity
-    assert s == {"integrity_rate": 0.5, "attack_success_rate": 0.25, "clean_failure_rate": 0.25,
-                 "attack_lift": 0.0, "flip_rate": 0.125, "mean_efficacy": pytest.approx((1 + 2 / 3) / 4)}
+    assert s == {
+        "integrity_rate": 0.5,
+        "attack_success_rate": 0.25,
+        "clean_failure_rate": 0.25,
+        "attack_lift": 0.0,
+        "flip_rate": 0.125,
+        "mean_efficacy": pytest.approx((1 + 2 / 3) / 4),
+    }
     assert attack_summary([], items=0)["attack_lift"] == 0.0
 
 
@@ -192,15 +231,22 @@ def test_flow_grpo_learns_to_brighten_a_box():
     assert last - first >= 0.005, (first, last)
     cond = ed.condition([tr.items[0].image], [tr.items[0].instruction]).repeat(4)
     x = ed.noise(cond, torch.Generator().manual_seed(123))
-    trained = np.stack([np.asarray(i.convert("L"), float) for i in ed.decode(sample(ed, cond, 6, 0.0, x=x).final, cond)])
+    trained = np.stack(
+        [np.asarray(i.convert("L"), float) for i in ed.decode(sample(ed, cond, 6, 0.0, x=x).final, cond)]
+    )
     with ed.reference():
-        ref = np.stack([np.asarray(i.convert("L"), float) for i in ed.decode(sample(ed, cond, 6, 0.0, x=x).final, cond)])
+        ref = np.stack(
+            [np.asarray(i.convert("L"), float) for i in ed.decode(sample(ed, cond, 6, 0.0, x=x).final, cond)]
+        )
     inside = np.zeros(trained.shape[1:], bool)
     inside[8:24, 8:24] = True
     d_in, d_out = (trained - ref)[:, inside].mean(), (trained - ref)[:, ~inside].mean()
     outside_only = np.where(inside, ref, trained)  # the box pasted back: what remains is the outside change
     ssim_out = np.mean([region_ssim(o.astype(np.uint8), r.astype(np.uint8)) for o, r in zip(outside_only, ref)])
-    print(f"reward {first:.4f} -> {last:.4f}; box brightness change {d_in:.2f}, outside {d_out:.2f}, outside SSIM {ssim_out:.3f}")
+    print(
+        f"reward {first:.4f} -> {last:.4f}; box brightness change {d_in:.2f}, outside {d_out:.2f}, "
+        f"outside SSIM {ssim_out:.3f}"
+    )
     assert d_in - d_out >= 2.0 and ssim_out >= 0.5, (d_in, d_out, ssim_out)
 
 
@@ -226,7 +272,9 @@ def test_tiny_vae_fit_makes_reconstruction_faithful_and_is_cached(tmp_path, monk
         out = []
         for im in test:
             im = ed.resize(im)
-            out.append(region_ssim(np.asarray(im), np.asarray(ed.decode(ed.latents_of([im]), ed.condition([im], ["x"]))[0])))
+            out.append(
+                region_ssim(np.asarray(im), np.asarray(ed.decode(ed.latents_of([im]), ed.condition([im], ["x"]))[0]))
+            )
         return float(np.mean(out))
 
     fit = {"steps": 40, "scenes": 48}
@@ -281,8 +329,9 @@ def test_tiny_editor_fit_learns_to_copy_its_input_and_is_cached(tmp_path, monkey
     other = QwenImageEditor.tiny(seed=5, resolution=32, editor_fit=fit, layers=2, z_dim=4)
     assert len(list((tmp_path / "tiny-editor").glob("*.safetensors"))) == 1
     for part in ("transformer", "text_encoder"):  # the fitted transformer reads this text encoder's embeddings
-        for (n, a), (_, b) in zip(getattr(fitted.pipe, part).state_dict().items(),
-                                  getattr(other.pipe, part).state_dict().items()):
+        for (n, a), (_, b) in zip(
+            getattr(fitted.pipe, part).state_dict().items(), getattr(other.pipe, part).state_dict().items()
+        ):
             assert torch.equal(a, b), (part, n)
     assert not any(p.requires_grad for p in other.transformer.parameters())
     assert distance(other) == pytest.approx(after)  # the same editor, whoever fitted it
@@ -306,10 +355,12 @@ def test_concurrent_builders_fit_once_and_load_the_same_weights(tmp_path, monkey
             time.sleep(0.5)  # long enough for the other builder to arrive while this one fits
             for p in ed.pipe.vae.parameters():
                 p.data.fill_(0.25)
+
         return fit
 
-    threads = [threading.Thread(target=ed._fit_cached, args=("tiny-vae", ed.pipe.vae, {"k": 1}, fit_for(ed)))
-               for ed in editors]
+    threads = [
+        threading.Thread(target=ed._fit_cached, args=("tiny-vae", ed.pipe.vae, {"k": 1}, fit_for(ed))) for ed in editors
+    ]
     for t in threads:
         t.start()
     for t in threads:

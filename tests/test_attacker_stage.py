@@ -6,21 +6,29 @@ from __future__ import annotations
 import pytest
 
 from config import load_config
+from stages.attacker import load_attacker, train_attacker_version
+from stages.curriculum import generate_curriculum_version
+from stages.defender import examples_from_version, train_defender_version
 from stages.runner import run_bootstrap
 from storage import ShardStore
-from stages.curriculum import generate_curriculum_version
-from stages.attacker import load_attacker, train_attacker_version
-from stages.defender import examples_from_version, train_defender_version
 
 SMALL = {
     "source": {"num_scenes": 16, "shard_size": 8},
-    "defender": {"warmup": {"steps": 2, "batch_prompts": 8},
-                 "model": {"backend": "tiny", "seed": 0, "min_pixels": 1024, "max_pixels": 4096}},
-    "attacker": {"model": {"backend": "tiny", "seed": 0, "resolution": 32, "cfg_scale": 1.0},
-                 "cold_start": {"steps": 2, "sft_batch": 2},
-                 "rl": {"steps": 2, "groups_per_step": 1, "flow_grpo": {"group_size": 4, "sampling_steps": 3},
-                        "reward": {"queries": 2, "tau": -1.0}},
-                 "curriculum": {"sampling_steps": 3, "max_items": 6, "clean_fraction": 0.5}},
+    "defender": {
+        "warmup": {"steps": 2, "batch_prompts": 8},
+        "model": {"backend": "tiny", "seed": 0, "min_pixels": 1024, "max_pixels": 4096},
+    },
+    "attacker": {
+        "model": {"backend": "tiny", "seed": 0, "resolution": 32, "cfg_scale": 1.0},
+        "cold_start": {"steps": 2, "sft_batch": 2},
+        "rl": {
+            "steps": 2,
+            "groups_per_step": 1,
+            "flow_grpo": {"group_size": 4, "sampling_steps": 3},
+            "reward": {"queries": 2, "tau": -1.0},
+        },
+        "curriculum": {"sampling_steps": 3, "max_items": 6, "clean_fraction": 0.5},
+    },
 }
 
 
@@ -64,7 +72,9 @@ def test_cold_start_then_flow_grpo_then_curriculum(chain):
     # Every kept edit carries the defender's efficacy on its unedited image; the summary's baseline
     # and lift are those columns' rates (queries 2: efficacy in {0, 0.5, 1}).
     ce = adv["clean_efficacy"].to_list()
-    assert all(e in (0.0, 0.5, 1.0) for e in ce) and df.filter(df["kind"] == "clean")["clean_efficacy"].null_count() == 6
+    assert (
+        all(e in (0.0, 0.5, 1.0) for e in ce) and df.filter(df["kind"] == "clean")["clean_efficacy"].null_count() == 6
+    )
     assert s["clean_failure_rate"] == sum(e > 0 for e in ce) / 6
     assert s["attack_lift"] == pytest.approx(s["attack_success_rate"] - s["clean_failure_rate"])
     # The defender stage consumes a curriculum version like any dataset version.
@@ -74,9 +84,17 @@ def test_cold_start_then_flow_grpo_then_curriculum(chain):
 
 def test_curriculum_with_a_judge_description(chain):
     store, cfg, v = chain
-    described = load_config("synthetic", {**SMALL, "models": {"judge": {"backend": "tiny", "max_new_tokens": 4}},
-                                          "attacker": {**SMALL["attacker"], "curriculum": {
-                                              **SMALL["attacker"]["curriculum"], "describe": True, "max_items": 3}}})
+    described = load_config(
+        "synthetic",
+        {
+            **SMALL,
+            "models": {"judge": {"backend": "tiny", "max_new_tokens": 4}},
+            "attacker": {
+                **SMALL["attacker"],
+                "curriculum": {**SMALL["attacker"]["curriculum"], "describe": True, "max_items": 3},
+            },
+        },
+    )
     cold, _ = train_attacker_version(store, described, v["export"], mode="sft")
     cur = generate_curriculum_version(store, described, cold.version, v["filter"], v["defender"])
     df = store.read(cur)
@@ -84,14 +102,36 @@ def test_curriculum_with_a_judge_description(chain):
     assert adv.height == 3 and all(isinstance(d, str) for d in adv["description"].to_list())
     assert cur.config["judge"] == {"backend": "tiny", "max_new_tokens": 4}
     with pytest.raises(ValueError, match="MLLM judge"):
-        generate_curriculum_version(store, load_config("synthetic", {**SMALL, "attacker": {**SMALL["attacker"], "curriculum": {
-            **SMALL["attacker"]["curriculum"], "describe": True}}}), cold.version, v["filter"], v["defender"])
+        generate_curriculum_version(
+            store,
+            load_config(
+                "synthetic",
+                {
+                    **SMALL,
+                    "attacker": {
+                        **SMALL["attacker"],
+                        "curriculum": {**SMALL["attacker"]["curriculum"], "describe": True},
+                    },
+                },
+            ),
+            cold.version,
+            v["filter"],
+            v["defender"],
+        )
 
 
 def test_integrity_gate_rejects_with_a_reason(chain):
     store, cfg, v = chain
-    strict = load_config("synthetic", {**SMALL, "attacker": {**SMALL["attacker"], "rl": {
-        **SMALL["attacker"]["rl"], "reward": {"queries": 1, "tau": 0.999}}}})
+    strict = load_config(
+        "synthetic",
+        {
+            **SMALL,
+            "attacker": {
+                **SMALL["attacker"],
+                "rl": {**SMALL["attacker"]["rl"], "reward": {"queries": 1, "tau": 0.999}},
+            },
+        },
+    )
     cold, _ = train_attacker_version(store, strict, v["export"], mode="sft")
     cur = generate_curriculum_version(store, strict, cold.version, v["filter"], v["defender"])
     # A barely trained tiny editor repaints everything: no target survives tau 0.999. Items whose
@@ -116,8 +156,16 @@ def test_curriculum_shards_resume_after_a_crash_and_match_one_shard(chain, monke
     cold, _ = train_attacker_version(store, cfg, v["export"], mode="sft")
 
     def with_shards(n):
-        return load_config("synthetic", {**SMALL, "attacker": {**SMALL["attacker"], "curriculum": {
-            **SMALL["attacker"]["curriculum"], "shard_size": n, "batch": 2}}})
+        return load_config(
+            "synthetic",
+            {
+                **SMALL,
+                "attacker": {
+                    **SMALL["attacker"],
+                    "curriculum": {**SMALL["attacker"]["curriculum"], "shard_size": n, "batch": 2},
+                },
+            },
+        )
 
     whole = generate_curriculum_version(store, with_shards(0), cold.version, v["filter"], v["defender"])
     real, calls = stage._curriculum_shard, []
@@ -135,14 +183,16 @@ def test_curriculum_shards_resume_after_a_crash_and_match_one_shard(chain, monke
     calls.clear()
     monkeypatch.setattr(stage, "_curriculum_shard", lambda *a, **k: (calls.append(a[5]), real(*a, **k))[1])
     said = []
-    sharded = generate_curriculum_version(store, with_shards(4), cold.version, v["filter"], v["defender"],
-                                          on_item=stage.curriculum_progress(said.append))
+    sharded = generate_curriculum_version(
+        store, with_shards(4), cold.version, v["filter"], v["defender"], on_item=stage.curriculum_progress(said.append)
+    )
     assert calls == [range(4, 6)]  # the first shard was not redone
     assert said == ["curriculum: 4/6 items edited", "curriculum: 6/6 items edited"]  # the finished shard at once
     assert len(sharded.parts) == 3 and sharded.extra["summary"]["shards"] == 2  # 2 edit shards + the clean fill
     assert store.read(whole).equals(store.read(sharded))  # every column, the edited images' bytes included
-    assert {k: v for k, v in sharded.extra["summary"].items() if k != "shards"} == \
-        {k: v for k, v in whole.extra["summary"].items() if k != "shards"}
+    assert {k: v for k, v in sharded.extra["summary"].items() if k != "shards"} == {
+        k: v for k, v in whole.extra["summary"].items() if k != "shards"
+    }
 
 
 def test_flows_give_the_same_versions_and_the_cli_names_the_missing_defender(chain, tmp_path, monkeypatch, capsys):
@@ -153,10 +203,18 @@ def test_flows_give_the_same_versions_and_the_cli_names_the_missing_defender(cha
     root = store.root
     cold = train_attacker(data_version=v["export"], mode="sft", root=root, overrides=SMALL)
     assert cold["version"] == train_attacker_version(store, cfg, v["export"], mode="sft")[0].version
-    cur = generate_curriculum(attacker_version=cold["version"], data_version=v["filter"], defender_version=v["defender"],
-                              root=root, overrides=SMALL)
-    assert cur["items"] == 6 and cur["version"] == generate_curriculum_version(
-        store, cfg, cold["version"], v["filter"], v["defender"]).version
+    cur = generate_curriculum(
+        attacker_version=cold["version"],
+        data_version=v["filter"],
+        defender_version=v["defender"],
+        root=root,
+        overrides=SMALL,
+    )
+    assert (
+        cur["items"] == 6
+        and cur["version"]
+        == generate_curriculum_version(store, cfg, cold["version"], v["filter"], v["defender"]).version
+    )
     assert main(["train-attacker", "--data", v["filter"], "--mode", "grpo", "--root", root, "--no-prefect"]) == 2
     assert "--defender VERSION" in capsys.readouterr().err
 
@@ -165,12 +223,20 @@ def test_a_crashed_attacker_training_resumes_from_the_store(chain):
     import torch
     from safetensors.torch import load_file
 
-    from training.attacker import AttackerTrainer
     from stages.attacker import pairs_from_version
+    from training.attacker import AttackerTrainer
 
     store, _, v = chain
-    cfg = load_config("synthetic", {**SMALL, "attacker": {**SMALL["attacker"], "cold_start": {
-        "steps": 3, "sft_batch": 2, "checkpoint_every": 1, "lr": 5e-3}}})
+    cfg = load_config(
+        "synthetic",
+        {
+            **SMALL,
+            "attacker": {
+                **SMALL["attacker"],
+                "cold_start": {"steps": 3, "sft_batch": 2, "checkpoint_every": 1, "lr": 5e-3},
+            },
+        },
+    )
 
     def crash(row):
         if row["step"] == 2:  # before step 2's checkpoint is saved: only step 1's is in the store
@@ -182,8 +248,11 @@ def test_a_crashed_attacker_training_resumes_from_the_store(chain):
     m, trained = train_attacker_version(store, cfg, v["export"], mode="sft", on_step=lambda r: seen.append(r["step"]))
     assert trained and seen == [2, 3]  # resumed after step 1
     # The same training without a crash, in one process: identical LoRA weights.
-    ref = AttackerTrainer(load_attacker(store, None, cfg.attacker.model), cfg.attacker.cold_start,
-                          pairs=pairs_from_version(store, store.manifest(v["export"])))
+    ref = AttackerTrainer(
+        load_attacker(store, None, cfg.attacker.model),
+        cfg.attacker.cold_start,
+        pairs=pairs_from_version(store, store.manifest(v["export"])),
+    )
     ref.train()
     got = load_file(str(_local(store, m, "lora.safetensors")))
     want = ref.editor.lora_state()
@@ -203,14 +272,21 @@ def test_batched_edits_equal_one_by_one_edits():
     from PIL import Image
 
     from models.editor import QwenImageEditor
-    from training.attacker_rewards import AttackItem
     from stages.curriculum import edit_items
+    from training.attacker_rewards import AttackItem
 
     editor = QwenImageEditor.tiny(seed=0, resolution=32)
     rng = np.random.default_rng(0)
     sizes = [(32, 32)] * 3 + [(48, 32)] * 2  # the last two have another edit size
-    items = [AttackItem(f"i{k}", editor.resize(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))),
-                        f"add a red square number {k}", []) for k, (w, h) in enumerate(sizes)]
+    items = [
+        AttackItem(
+            f"i{k}",
+            editor.resize(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))),
+            f"add a red square number {k}",
+            [],
+        )
+        for k, (w, h) in enumerate(sizes)
+    ]
     seeds = [11, 12, 13, 14, 15]
     calls = []
     one = edit_items(editor, items, seeds, steps=3, batch=1)
@@ -225,6 +301,7 @@ def test_batched_edits_equal_one_by_one_edits():
     # SDE edits (attacker.curriculum.noise_level > 0): seeded per item, so the same whatever the
     # batch setting, and not the ODE edits.
     sde = edit_items(editor, items, seeds, steps=3, batch=1, noise_level=1.0)
-    assert [np.asarray(a).tobytes() for a in sde] == \
-        [np.asarray(a).tobytes() for a in edit_items(editor, items, seeds, steps=3, batch=4, noise_level=1.0)]
+    assert [np.asarray(a).tobytes() for a in sde] == [
+        np.asarray(a).tobytes() for a in edit_items(editor, items, seeds, steps=3, batch=4, noise_level=1.0)
+    ]
     assert all(np.asarray(a).tobytes() != np.asarray(b).tobytes() for a, b in zip(sde, one))

@@ -139,4 +139,7 @@ def test_prompt_round_trip():
     p = format_prompt("Where is the red circle relative to the blue square?", ["left", "right", "above", "below"])
     assert p.startswith("Please answer the following multiple-choice question.")
     assert "(C) above" in p and p.endswith("where X is the letter of your choice.")
-    assert parse_prompt(p) == ("Where is the red circle relative to the blue square?", ["left", "right", "above", "below"])
+    assert parse_prompt(p) == (
+        "Where is the red circle relative to the blue square?",
+        ["left", "right", "above", "below"],
+    )

@@ -6,20 +6,28 @@ from __future__ import annotations
 import pytest
 
 from config import load_config
-from storage import ShardStore
-from stages.steps import LocalSteps
 from stages.coevolution import run_coevolution
+from stages.steps import LocalSteps
+from storage import ShardStore
 
 TOY = {
     "source": {"num_scenes": 16, "shard_size": 8},
-    "defender": {"warmup": {"steps": 2, "batch_prompts": 8}, "rl": {"steps": 1, "batch_prompts": 2,
-                                                                     "dapo": {"dynamic_sampling": False}},
-                 "model": {"backend": "tiny", "seed": 0, "min_pixels": 1024, "max_pixels": 4096}},
-    "attacker": {"model": {"backend": "tiny", "seed": 0, "resolution": 32, "cfg_scale": 1.0},
-                 "cold_start": {"steps": 1, "sft_batch": 2},
-                 "rl": {"steps": 1, "groups_per_step": 1, "flow_grpo": {"group_size": 4, "sampling_steps": 3},
-                        "reward": {"queries": 2, "tau": 0.0}},
-                 "curriculum": {"sampling_steps": 3, "max_items": 4}},
+    "defender": {
+        "warmup": {"steps": 2, "batch_prompts": 8},
+        "rl": {"steps": 1, "batch_prompts": 2, "dapo": {"dynamic_sampling": False}},
+        "model": {"backend": "tiny", "seed": 0, "min_pixels": 1024, "max_pixels": 4096},
+    },
+    "attacker": {
+        "model": {"backend": "tiny", "seed": 0, "resolution": 32, "cfg_scale": 1.0},
+        "cold_start": {"steps": 1, "sft_batch": 2},
+        "rl": {
+            "steps": 1,
+            "groups_per_step": 1,
+            "flow_grpo": {"group_size": 4, "sampling_steps": 3},
+            "reward": {"queries": 2, "tau": 0.0},
+        },
+        "curriculum": {"sampling_steps": 3, "max_items": 4},
+    },
     "coevolution": {"iterations": 2, "heldout_scenes": 8},
 }
 
@@ -47,8 +55,13 @@ def test_two_iterations_chain_their_checkpoints(run):
     d2 = store.manifest(it2["defender"])
     assert d2.parents == [it2["curriculum"], it1["defender"]]
     assert store.manifest(it2["curriculum"]).parents == [it2["attacker"], lin["items"], it1["defender"]]
-    for col in ("attack_success_start", "attack_success_before", "attack_success_after", "defender_clean_accuracy",
-                "strategy_none"):
+    for col in (
+        "attack_success_start",
+        "attack_success_before",
+        "attack_success_after",
+        "defender_clean_accuracy",
+        "strategy_none",
+    ):
         assert all(v is not None and 0 <= v <= 1 for v in df[col].to_list()), col
     # attacker 2's phase starts where defender phase 1 ended: attacker 1 against defender 1, the same items
     assert df["attack_success_start"][1] == df["attack_success_after"][0]
@@ -88,13 +101,24 @@ def test_aot_run_until_coevolution_through_prefect_writes_the_report(run, tmp_pa
     import sys
 
     store, _, m, _ = run
-    args = ["run", "--until", "coevolution", "--root", store.root, "--no-progress", "--report", str(tmp_path / "r.html")]
+    args = [
+        "run",
+        "--until",
+        "coevolution",
+        "--root",
+        store.root,
+        "--no-progress",
+        "--report",
+        str(tmp_path / "r.html"),
+    ]
     for k, v in _dotted(TOY).items():
         args += ["--set", f"{k}={v}"]
     import os
 
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"))
-    proc = subprocess.run([sys.executable, "-m", "aot.cli", *args], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "aot.cli", *args], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"coevolution run: {m.version}" in proc.stdout
     html = (tmp_path / "r.html").read_text()

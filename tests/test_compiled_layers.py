@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import models.compiled_layers as cl
+from config import DefenderTrainConfig
 from models.compiled_layers import compiled_layers, decoder_layers
 from models.qwen_vl import QwenVLPolicy
-from config import DefenderTrainConfig
 from training.defender import DefenderTrainer
 from training.toy import colour_examples
 
@@ -61,8 +61,16 @@ def test_compile_update_trains_like_eager_with_lora(aot_eager):
     for compiled in (False, True):
         torch.manual_seed(0)
         policy = QwenVLPolicy.tiny(seed=0)
-        cfg = DefenderTrainConfig(mode="sft", steps=3, batch_prompts=16, micro_batch=8, lr=1e-3, lora_rank=4,
-                                  gradient_checkpointing=True, compile_update=compiled)
+        cfg = DefenderTrainConfig(
+            mode="sft",
+            steps=3,
+            batch_prompts=16,
+            micro_batch=8,
+            lr=1e-3,
+            lora_rank=4,
+            gradient_checkpointing=True,
+            compile_update=compiled,
+        )
         DefenderTrainer(policy, data, cfg).train()
         assert (torch._dynamo.utils.counters["stats"]["calls_captured"] > 0) == compiled
         params[compiled] = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}

@@ -8,7 +8,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rl.dapo import DapoConfig, DynamicSamplingError, dapo_loss, fill_batch, group_advantages, keep_groups, overlong_penalty
+from rl.dapo import (
+    DapoConfig,
+    DynamicSamplingError,
+    dapo_loss,
+    fill_batch,
+    group_advantages,
+    keep_groups,
+    overlong_penalty,
+)
 
 
 def test_group_advantages_hand_values():

@@ -19,14 +19,41 @@ def trainer(tmp_path_factory):
     from models.qwen_vl import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
-    args = trl.GRPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), loss_type="dapo", epsilon=0.2, epsilon_high=0.28,
-                          beta=0.0, num_generations=4, per_device_train_batch_size=4, max_completion_length=4,
-                          use_cpu=True, bf16=False, report_to=[], save_strategy="no", max_steps=1)
-    t = trl.GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
-                        train_dataset=Dataset.from_list([{"prompt": "red circle"}] * 8), processing_class=tok)
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path_factory.mktemp("trl")),
+        loss_type="dapo",
+        epsilon=0.2,
+        epsilon_high=0.28,
+        beta=0.0,
+        num_generations=4,
+        per_device_train_batch_size=4,
+        max_completion_length=4,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        max_steps=1,
+    )
+    t = trl.GRPOTrainer(
+        model=model,
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": "red circle"}] * 8),
+        processing_class=tok,
+    )
     t.model.train()
     t.current_gradient_accumulation_steps = 1
     return t
@@ -49,9 +76,13 @@ def test_loss_and_gradient_equal_trl(trainer, seed):
     B, T = mask.shape
     trainer._get_per_token_logps_and_entropies = lambda *a, **k: (logp, torch.zeros_like(logp), None)
     inputs = {
-        "prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
-        "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask.long(),
-        "advantages": adv, "old_per_token_logps": old, "num_items_in_batch": mask.sum(),
+        "prompt_ids": torch.zeros(B, 2, dtype=torch.long),
+        "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+        "completion_ids": torch.zeros(B, T, dtype=torch.long),
+        "completion_mask": mask.long(),
+        "advantages": adv,
+        "old_per_token_logps": old,
+        "num_items_in_batch": mask.sum(),
     }
     theirs = trainer._compute_loss(trainer.model, inputs)
     (g_theirs,) = torch.autograd.grad(theirs, logp)

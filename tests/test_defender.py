@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 
-from models.qwen_vl import QwenVLPolicy, TinyDefenderSpec
-from rl.dapo import DapoConfig, dapo_loss, group_advantages
 from config import DefenderTrainConfig
 from evaluation.answers import chance
 from evaluation.answers import mcq_accuracy as evaluate
+from models.qwen_vl import QwenVLPolicy, TinyDefenderSpec
+from rl.dapo import DapoConfig, dapo_loss, group_advantages
 from training.defender import DefenderTrainer
 from training.toy import colour_examples
 
@@ -34,8 +34,16 @@ def warm_policy(data):
 
 
 def _dapo_cfg(**kw):
-    base = dict(mode="dapo", steps=4, batch_prompts=8, lr=1e-3, weight_decay=0.0, max_new_tokens=3, micro_batch=40,
-                dapo=DapoConfig(group_size=5, max_draw_factor=8))
+    base = dict(
+        mode="dapo",
+        steps=4,
+        batch_prompts=8,
+        lr=1e-3,
+        weight_decay=0.0,
+        max_new_tokens=3,
+        micro_batch=40,
+        dapo=DapoConfig(group_size=5, max_draw_factor=8),
+    )
     base.update(kw)
     return DefenderTrainConfig(**base)
 
@@ -106,10 +114,20 @@ def test_sft_then_dapo_learns_the_colour_task(data):
     policy = QwenVLPolicy.tiny(seed=0, spec=SPEC)
     DefenderTrainer(policy, train, DefenderTrainConfig(mode="sft", steps=60, batch_prompts=32, lr=1e-3)).train()
     after_sft = evaluate(policy, test)["accuracy"]
-    dapo = DefenderTrainer(policy, train, DefenderTrainConfig(
-        mode="dapo", steps=120, batch_prompts=16, lr=1e-3, max_new_tokens=3, micro_batch=80,
-        # As the policy sharpens, fewer groups are mixed: late steps need more draws to fill a batch.
-        dapo=DapoConfig(group_size=5, max_draw_factor=24)))
+    dapo = DefenderTrainer(
+        policy,
+        train,
+        DefenderTrainConfig(
+            mode="dapo",
+            steps=120,
+            batch_prompts=16,
+            lr=1e-3,
+            max_new_tokens=3,
+            micro_batch=80,
+            # As the policy sharpens, fewer groups are mixed: late steps need more draws to fill a batch.
+            dapo=DapoConfig(group_size=5, max_draw_factor=24),
+        ),
+    )
     rows = dapo.train()
     final = evaluate(policy, test)
     assert final["accuracy"] >= chance(test) + 0.35, (after_sft, final)
@@ -137,8 +155,8 @@ def test_warmed_tiny_defender_is_trained_once_and_answers_in_format(tmp_path, mo
     """models.defender {backend: tiny, warmup: {...}}: a short SFT on fresh world scenes turns an
     untrained defender (no parsable answer) into one that answers in the strict format; the
     weights are cached and a second load reads them instead of training again."""
-    from stages.registry import load
     from models.qwen_vl import load_policy
+    from stages.registry import load
     from stages.warm_defender import world_examples
 
     monkeypatch.setenv("AOT_CACHE", str(tmp_path))
@@ -163,8 +181,9 @@ def test_learning_rate_warmup_and_cosine_schedule(data):
     import math
 
     train, _ = data
-    cfg = DefenderTrainConfig(mode="sft", steps=12, batch_prompts=4, micro_batch=4, lr=1e-3, lr_warmup_steps=2,
-                              lr_schedule="cosine")
+    cfg = DefenderTrainConfig(
+        mode="sft", steps=12, batch_prompts=4, micro_batch=4, lr=1e-3, lr_warmup_steps=2, lr_schedule="cosine"
+    )
     tr = DefenderTrainer(QwenVLPolicy.tiny(seed=0, spec=SPEC), train, cfg)
     assert tr.lr_at(0) == pytest.approx(5e-4) and tr.lr_at(1) == pytest.approx(1e-3)
     assert tr.lr_at(2) == pytest.approx(1e-3)  # cosine starts at the peak
@@ -182,8 +201,9 @@ def test_warmup_until_target_accuracy_stops_early_and_resumes_done(data, tmp_pat
     eval_every steps and training stops once they reach the target; ``steps`` is only the cap.
     Measured here: 0.52 at step 60 on this task (see the learnability test)."""
     train, test = data
-    cfg = DefenderTrainConfig(mode="sft", steps=300, batch_prompts=32, lr=1e-3, target_accuracy=0.45, eval_every=10,
-                              eval_examples=64)
+    cfg = DefenderTrainConfig(
+        mode="sft", steps=300, batch_prompts=32, lr=1e-3, target_accuracy=0.45, eval_every=10, eval_examples=64
+    )
     torch.manual_seed(0)
     tr = DefenderTrainer(QwenVLPolicy.tiny(seed=0, spec=SPEC), train, cfg)
     assert len(tr.examples) == len(train) - 64 and {e.id for e in tr.held_back}.isdisjoint(e.id for e in tr.examples)
@@ -222,8 +242,12 @@ def test_scoring_builds_no_kv_cache(data):
     policy.model.train()
     seen = []
     layer = policy.model.model.language_model.layers[0]
-    hook = layer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(
-        [type(v).__name__ for v in list(args) + list(kwargs.values()) if isinstance(v, Cache)]), with_kwargs=True)
+    hook = layer.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(
+            [type(v).__name__ for v in list(args) + list(kwargs.values()) if isinstance(v, Cache)]
+        ),
+        with_kwargs=True,
+    )
     ids, mask = policy.target_ids(["\\boxed{A}", "\\boxed{B}"])
     policy.response_logprobs([e.image for e in data[0][:2]], [e.prompt for e in data[0][:2]], ids, mask)
     hook.remove()
@@ -236,23 +260,38 @@ def test_a_warmed_stage2_defender_learns_the_runs_world(monkeypatch):
     import dataclasses
 
     import stages.registry as models
-    from stages.base import ShardContext
     from config import RUN_ONLY_SOURCE_FIELDS, config_from_dict, load_config
+    from stages.base import ShardContext
     from stages.warm_defender import world_examples
 
     seen = {}
     monkeypatch.setattr(models, "load", lambda role, spec: seen.setdefault(role, spec))
-    cfg = load_config("synthetic", {"models": {"defender": {"backend": "tiny", "warmup": {"steps": 7}}},
-                                    "source": {"question_types": ["colour"], "question_weights": [1.0]}})
+    cfg = load_config(
+        "synthetic",
+        {
+            "models": {"defender": {"backend": "tiny", "warmup": {"steps": 7}}},
+            "source": {"question_types": ["colour"], "question_weights": [1.0]},
+        },
+    )
     ShardContext("implant", cfg, 0).model("defender")
     warm = seen["defender"]["warmup"]
     world = {k: v for k, v in dataclasses.asdict(cfg.source).items() if k not in RUN_ONLY_SOURCE_FIELDS}
     assert warm["steps"] == 7 and warm["source"] == world and world["question_types"] == ["colour"]
     assert cfg.model_spec("defender") == seen["defender"]  # the one resolution `aot eval` uses too
     # How many scenes a run draws, and under which seed, is not the world: the warm-up is reused.
-    other = load_config("synthetic", {"models": {"defender": {"backend": "tiny", "warmup": {"steps": 7}}},
-                                      "source": {"question_types": ["colour"], "question_weights": [1.0],
-                                                 "num_scenes": 8, "seed": 5, "shard_size": 4}})
+    other = load_config(
+        "synthetic",
+        {
+            "models": {"defender": {"backend": "tiny", "warmup": {"steps": 7}}},
+            "source": {
+                "question_types": ["colour"],
+                "question_weights": [1.0],
+                "num_scenes": 8,
+                "seed": 5,
+                "shard_size": 4,
+            },
+        },
+    )
     assert other.model_spec("defender") == cfg.model_spec("defender")
     prompts = [e.prompt for e in world_examples(6, 0, config_from_dict({"source": warm["source"]}))]
     assert all("colour" in p for p in prompts), prompts

@@ -6,14 +6,18 @@ from __future__ import annotations
 import pytest
 
 from config import load_config
-from stages.runner import run_bootstrap, run_stage
-from storage import ShardStore, sha256_bytes
 from evaluation.answers import mcq_accuracy as evaluate
 from stages.defender import evaluate_defender_version, examples_from_version, load_defender, train_defender_version
+from stages.runner import run_bootstrap, run_stage
+from storage import ShardStore, sha256_bytes
 
-SMALL = {"source": {"num_scenes": 16, "shard_size": 8}, "defender": {"warmup": {"steps": 4, "batch_prompts": 8},
-                                                                      "model": {"backend": "tiny", "seed": 0,
-                                                                                "min_pixels": 1024, "max_pixels": 4096}}}
+SMALL = {
+    "source": {"num_scenes": 16, "shard_size": 8},
+    "defender": {
+        "warmup": {"steps": 4, "batch_prompts": 8},
+        "model": {"backend": "tiny", "seed": 0, "min_pixels": 1024, "max_pixels": 4096},
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,22 +40,33 @@ def test_training_writes_a_version_with_lineage_and_is_never_repeated(base):
     m, trained = train_defender_version(store, cfg, v["export"], mode="sft")
     assert trained and m.stage == "defender" and m.parents == [v["export"]]
     assert {"model.safetensors", "config.json", "trainer_state.json", "trainer_state.safetensors", "metrics.png"} <= {
-        f.path for f in m.files}
+        f.path for f in m.files
+    }
     metrics = store.read(m)
     assert metrics["step"].to_list() == [1, 2, 3, 4]
     again, trained_again = train_defender_version(store, cfg, v["export"], mode="sft")
     assert again.version == m.version and not trained_again
     # A DAPO run from that checkpoint has both parents.
-    cfg2 = load_config("synthetic", {**SMALL, "defender": {**SMALL["defender"], "rl": {
-        "steps": 1, "batch_prompts": 2, "dapo": {"dynamic_sampling": False}}}})
+    cfg2 = load_config(
+        "synthetic",
+        {
+            **SMALL,
+            "defender": {
+                **SMALL["defender"],
+                "rl": {"steps": 1, "batch_prompts": 2, "dapo": {"dynamic_sampling": False}},
+            },
+        },
+    )
     rl, _ = train_defender_version(store, cfg2, v["export"], init_version=m.version, mode="dapo")
     assert rl.parents == [v["export"], m.version] and store.read(rl)["step"].to_list() == [1]
 
 
 def test_a_crashed_training_resumes_from_the_store_to_identical_weights(base, tmp_path):
     _, _, _, _ = base
-    cfg = load_config("synthetic", {**SMALL, "defender": {**SMALL["defender"], "warmup": {
-        "steps": 6, "batch_prompts": 8, "checkpoint_every": 2}}})
+    cfg = load_config(
+        "synthetic",
+        {**SMALL, "defender": {**SMALL["defender"], "warmup": {"steps": 6, "batch_prompts": 8, "checkpoint_every": 2}}},
+    )
     ref_store = ShardStore(str(tmp_path / "ref"))
     data = run_stage(ref_store, "source", cfg).version
     ref, _ = train_defender_version(ref_store, cfg, data, mode="sft")
@@ -94,9 +109,14 @@ def test_evaluation_splits_clean_and_adversarial(base):
 def test_stage2_can_use_a_trained_defender_version(base):
     root, store, cfg, v = base
     m, _ = train_defender_version(store, cfg, v["export"], mode="sft")
-    cfg_neural = load_config("synthetic", {**SMALL, "implant": {"require_clean_correct": False, "num_proposals": 3},
-                                           "models": {"defender": {"backend": "version", "version": m.version,
-                                                                   "root": str(root)}}})
+    cfg_neural = load_config(
+        "synthetic",
+        {
+            **SMALL,
+            "implant": {"require_clean_correct": False, "num_proposals": 3},
+            "models": {"defender": {"backend": "version", "version": m.version, "root": str(root)}},
+        },
+    )
     out = run_stage(store, "implant", cfg_neural, v["filter"])
     assert out.rows_in == out.rows + out.rejected > 0
     assert out.version != v["implant"]  # the defender is part of the stage's identity
@@ -113,13 +133,32 @@ def test_warmup_mode_trains_defender_0_in_the_warmup_configs_own_mode(base):
     with pytest.raises(ValueError, match="sft.*dapo.*warmup"):
         defender_train_config(cfg, "rl")
     # a pretrained defender's warm-up is a DAPO stage on clean data (AOT): the warm-up settings, by DAPO
-    rl_warm = load_config("synthetic", {**SMALL, "defender": {**SMALL["defender"], "warmup": {
-        "mode": "dapo", "steps": 2, "batch_prompts": 2, "lr": 1e-3, "max_new_tokens": 3,
-        "dapo": {"dynamic_sampling": False}}}})
+    rl_warm = load_config(
+        "synthetic",
+        {
+            **SMALL,
+            "defender": {
+                **SMALL["defender"],
+                "warmup": {
+                    "mode": "dapo",
+                    "steps": 2,
+                    "batch_prompts": 2,
+                    "lr": 1e-3,
+                    "max_new_tokens": 3,
+                    "dapo": {"dynamic_sampling": False},
+                },
+            },
+        },
+    )
     assert defender_train_config(rl_warm, "sft").mode == "sft"  # --mode sft keeps meaning supervised
     m, trained = train_defender_version(store, rl_warm, v["export"], mode="warmup")
     metrics = store.read(m)
-    assert trained and metrics["step"].to_list() == [1, 2] and "reward" in metrics.columns and "kept_group_fraction" in metrics.columns
+    assert (
+        trained
+        and metrics["step"].to_list() == [1, 2]
+        and "reward" in metrics.columns
+        and "kept_group_fraction" in metrics.columns
+    )
     assert m.config["defender"]["train"]["mode"] == "dapo" and m.config["defender"]["mode"] == "warmup"
 
 
@@ -127,8 +166,17 @@ def test_the_full_preset_trains_the_defender_at_aots_values():
     # Its own settings, not the tiny defender's (lr 1e-3, 3-token answers, no dynamic sampling).
     cfg = load_config("full", {})
     for t in (cfg.defender.warmup, cfg.defender.rl):
-        assert (t.mode, t.lr, t.max_new_tokens, t.temperature, t.weight_decay, t.grad_clip) == ("dapo", 1e-6, 4096, 1.0, 1e-2, 1.0)
+        assert (t.mode, t.lr, t.max_new_tokens, t.temperature, t.weight_decay, t.grad_clip) == (
+            "dapo",
+            1e-6,
+            4096,
+            1.0,
+            1e-2,
+            1.0,
+        )
         assert t.dapo.group_size == 5 and t.dapo.dynamic_sampling and t.gradient_checkpointing
         assert t.compile_update and t.decode_cache == "static"  # the measured GPU setup (RESULTS.md)
     over = load_config("full", {"defender": {"rl": {"lora_rank": 64}}})
-    assert over.defender.rl.lora_rank == 64 and over.defender.warmup.lora_rank == 0  # one stage's override stays its own
+    assert (
+        over.defender.rl.lora_rank == 64 and over.defender.warmup.lora_rank == 0
+    )  # one stage's override stays its own

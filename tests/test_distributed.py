@@ -15,9 +15,20 @@ from config import load_config
 from stages.runner import run_stage
 from storage import ShardStore
 
-ARGS = ["--set", "source.num_scenes=8", "--set", "source.shard_size=8", "--set", "defender.warmup.steps=3",
-        "--set", "defender.warmup.batch_prompts=8", "--set", "defender.warmup.lr=0.01",
-        "--set", "defender.model={backend: tiny, seed: 0, min_pixels: 1024, max_pixels: 4096}"]
+ARGS = [
+    "--set",
+    "source.num_scenes=8",
+    "--set",
+    "source.shard_size=8",
+    "--set",
+    "defender.warmup.steps=3",
+    "--set",
+    "defender.warmup.batch_prompts=8",
+    "--set",
+    "defender.warmup.lr=0.01",
+    "--set",
+    "defender.model={backend: tiny, seed: 0, min_pixels: 1024, max_pixels: 4096}",
+]
 
 
 def _weights(store: ShardStore, version: str) -> dict:
@@ -33,15 +44,44 @@ def test_two_ranks_take_the_single_process_step(tmp_path):
     cfg = load_config("synthetic", {"source": {"num_scenes": 8, "shard_size": 8}})
     repo = Path(__file__).resolve().parent.parent
     out = {}
-    for name, launcher in (("single", [sys.executable, "-m", "aot.cli"]),
-                           ("ddp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                    "--master_port", "29533", "-m", "aot.cli"])):
+    for name, launcher in (
+        ("single", [sys.executable, "-m", "aot.cli"]),
+        (
+            "ddp",
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                "29533",
+                "-m",
+                "aot.cli",
+            ],
+        ),
+    ):
         store = ShardStore(str(tmp_path / name))
         data = run_stage(store, "source", cfg).version
         env = dict(os.environ, OMP_NUM_THREADS="1", AOT_CACHE=str(tmp_path / f"cache-{name}"))
-        proc = subprocess.run([*launcher, "train-defender", "--no-prefect", "--no-progress", "--data", data,
-                               "--root", str(tmp_path / name), *ARGS], cwd=repo, env=env, capture_output=True,
-                              text=True, timeout=600)
+        proc = subprocess.run(
+            [
+                *launcher,
+                "train-defender",
+                "--no-prefect",
+                "--no-progress",
+                "--data",
+                data,
+                "--root",
+                str(tmp_path / name),
+                *ARGS,
+            ],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         (m,) = store.versions(stage="defender")
         out[name] = (store, m)

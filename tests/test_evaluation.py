@@ -9,8 +9,15 @@ import json
 import pytest
 
 from evaluation.harness import PAPER, STRICT, AnswerCache, evaluate, metrics, present
-from evaluation.readers import (FormatError, image_b64, read_hallusionbench, read_hrbench, read_pope, read_tsv,
-                                read_vstar)
+from evaluation.readers import (
+    FormatError,
+    image_b64,
+    read_hallusionbench,
+    read_hrbench,
+    read_pope,
+    read_tsv,
+    read_vstar,
+)
 from world import generate_world, render
 
 
@@ -33,21 +40,39 @@ def fixtures(tmp_path_factory):
         (vstar / cat).mkdir(parents=True)
         for i in range(20):
             _img(i).save(vstar / cat / f"{i}.jpg")
-            json.dump({"question": f"Q{i}?", "options": ["right", "left", "up", "down"], "bbox": [[1, 2, 3, 4]]},
-                      open(vstar / cat / f"{i}.json", "w"))
+            json.dump(
+                {"question": f"Q{i}?", "options": ["right", "left", "up", "down"], "bbox": [[1, 2, 3, 4]]},
+                open(vstar / cat / f"{i}.json", "w"),
+            )
     json.dump({"question": "orphan", "options": ["a", "b"]}, open(vstar / "relative_position" / "99.json", "w"))
     _img(98).save(vstar / "direct_attributes" / "98.png")
     (vstar / "direct_attributes" / "98.json").write_text("{not json")
     hr = d / "hr4k.tsv"
-    _write_tsv(hr, ["index", "image", "question", "answer", "category", "A", "B", "C", "D", "cycle_category"],
-               [[str(i), image_b64(_img(i)), f"q{i}", "ABCD"[i % 4], "single", "w", "x", "y", "z", ""] for i in range(8)]
-               + [["bad1", image_b64(_img(1)), "q", "E", "single", "w", "x", "y", "z", ""],
-                  ["bad2", "bm90IGFuIGltYWdl", "q", "A", "cross", "w", "x", "y", "z", ""]])
+    _write_tsv(
+        hr,
+        ["index", "image", "question", "answer", "category", "A", "B", "C", "D", "cycle_category"],
+        [[str(i), image_b64(_img(i)), f"q{i}", "ABCD"[i % 4], "single", "w", "x", "y", "z", ""] for i in range(8)]
+        + [
+            ["bad1", image_b64(_img(1)), "q", "E", "single", "w", "x", "y", "z", ""],
+            ["bad2", "bm90IGFuIGltYWdl", "q", "A", "cross", "w", "x", "y", "z", ""],
+        ],
+    )
     pope = d / "pope.tsv"
-    _write_tsv(pope, ["index", "image", "question", "answer", "category"],
-               [[str(i), image_b64(_img(i)), f"Is there a cup {i}?", "Yes" if i % 2 == 0 else "no",
-                 "adversarial,popular" if i < 4 else "random"] for i in range(8)]
-               + [["9", image_b64(_img(9)), "q", "maybe", "random"]])
+    _write_tsv(
+        pope,
+        ["index", "image", "question", "answer", "category"],
+        [
+            [
+                str(i),
+                image_b64(_img(i)),
+                f"Is there a cup {i}?",
+                "Yes" if i % 2 == 0 else "no",
+                "adversarial,popular" if i < 4 else "random",
+            ]
+            for i in range(8)
+        ]
+        + [["9", image_b64(_img(9)), "q", "maybe", "random"]],
+    )
     hb_dir = d / "hb_images"
     hb_dir.mkdir()
     hb = d / "hallusionbench.tsv"
@@ -56,7 +81,9 @@ def fixtures(tmp_path_factory):
         for q in range(2):
             name = f"f{fig}q{q}.png"
             _img(fig * 2 + q).save(hb_dir / name)
-            rows.append([f"VS_chart_x_{0}_{fig}_{q}", f"question {q}?", "Yes" if q == 0 else "No", "VS", "chart", name, ""])
+            rows.append(
+                [f"VS_chart_x_{0}_{fig}_{q}", f"question {q}?", "Yes" if q == 0 else "No", "VS", "chart", name, ""]
+            )
     _write_tsv(hb, ["index", "question", "answer", "category", "l2-category", "image_path", "image"], rows)
     return d, vstar, hr, pope, hb, hb_dir
 
@@ -152,8 +179,12 @@ def test_tiny_defender_runs_on_every_format(fixtures):
 
     d, vstar, hr, pope, hb, hb_dir = fixtures
     policy = QwenVLPolicy.tiny(spec=TinyDefenderSpec(min_pixels=1024, max_pixels=4096))
-    items = (read_vstar(vstar)[0][:4] + read_hrbench(hr, "hrbench4k")[0][:4] + read_pope(pope)[0][:4]
-             + read_hallusionbench(hb, hb_dir)[0])
+    items = (
+        read_vstar(vstar)[0][:4]
+        + read_hrbench(hr, "hrbench4k")[0][:4]
+        + read_pope(pope)[0][:4]
+        + read_hallusionbench(hb, hb_dir)[0]
+    )
     m = metrics(evaluate(policy, "tiny", items, STRICT))
     assert set(m) == {"vstar", "hrbench4k", "pope", "hallusionbench"}
     assert all(0.0 <= v["accuracy"] <= 1.0 and 0.0 <= v["unparsed"] <= 1.0 for v in m.values())
@@ -164,8 +195,21 @@ def test_aot_eval_cli_writes_a_results_version(fixtures, tmp_path, capsys):
     from storage import ShardStore
 
     d, vstar, hr, pope, hb, hb_dir = fixtures
-    rc = main(["eval", "--root", str(tmp_path), "--benchmark", f"vstar={vstar}", "--benchmark", f"pope={pope}",
-               "--protocol", "paper", "--cache", str(tmp_path / "c.jsonl")])
+    rc = main(
+        [
+            "eval",
+            "--root",
+            str(tmp_path),
+            "--benchmark",
+            f"vstar={vstar}",
+            "--benchmark",
+            f"pope={pope}",
+            "--protocol",
+            "paper",
+            "--cache",
+            str(tmp_path / "c.jsonl"),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     version = out.split("results version: ")[1].split()[0]
@@ -235,15 +279,17 @@ def test_chat_endpoint_concurrency_retries_and_errors(fixtures, monkeypatch):
         with pytest.raises(EndpointError, match=r"refused the request \(400\): bad model"):
             ChatEndpoint(base, "refuse", backoff=0.01).generate([items[0].image], ["q"])
         with pytest.raises(EndpointError, match="still failing after 2 tries"):
-            ChatEndpoint("http://127.0.0.1:9/v1", "m", max_retries=1, backoff=0.01, timeout=1).generate([items[0].image], ["q"])
+            ChatEndpoint("http://127.0.0.1:9/v1", "m", max_retries=1, backoff=0.01, timeout=1).generate(
+                [items[0].image], ["q"]
+            )
     finally:
         server.shutdown()
 
 
 def test_synthetic_robustness_suite_measures_the_drop(tmp_path):
-    from stages.robustness import robustness_suite
-    from models.perception_baseline import PerceptionBaselineDefender
     from config import load_config
+    from models.perception_baseline import PerceptionBaselineDefender
+    from stages.robustness import robustness_suite
     from storage import ShardStore
 
     cfg = load_config("synthetic", {"source": {"shard_size": 8}, "models": {"defender": "perception-baseline"}})
@@ -256,8 +302,21 @@ def test_aot_eval_uses_the_presets_defender_and_sampled_trials(fixtures, tmp_pat
     from aot.cli import main
     from storage import ShardStore
 
-    rc = main(["eval", "--root", str(tmp_path), "--benchmark", f"hrbench4k={fixtures[2]}", "--preset", "tiny",
-               "--trials", "2", "--temperature", "1.0"])
+    rc = main(
+        [
+            "eval",
+            "--root",
+            str(tmp_path),
+            "--benchmark",
+            f"hrbench4k={fixtures[2]}",
+            "--preset",
+            "tiny",
+            "--trials",
+            "2",
+            "--temperature",
+            "1.0",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     m = ShardStore(str(tmp_path)).manifest(out.split("results version: ")[1].split()[0])
@@ -284,17 +343,26 @@ def test_an_edited_benchmark_file_is_a_new_input(fixtures, tmp_path):
     second = run()
     assert second.version != first.version
     # Unshuffled, always-"A" is right where the answer is A: rows 0 and 4 before, only row 4 after.
-    assert (first.extra["summary"]["hrbench4k"]["accuracy"], second.extra["summary"]["hrbench4k"]["accuracy"]) == (2 / 8, 1 / 8)
+    assert (first.extra["summary"]["hrbench4k"]["accuracy"], second.extra["summary"]["hrbench4k"]["accuracy"]) == (
+        2 / 8,
+        1 / 8,
+    )
 
 
 def test_synthetic_suite_without_items_says_why(tmp_path):
     """No kept edit on the held-out scenes: a clear error naming the fix, not a KeyError."""
-    from stages.robustness import robustness_suite
-    from models.perception_baseline import PerceptionBaselineDefender
     from config import load_config
+    from models.perception_baseline import PerceptionBaselineDefender
+    from stages.robustness import robustness_suite
     from storage import ShardStore
 
-    cfg = load_config("synthetic", {"source": {"shard_size": 4}, "models": {"defender": "perception-baseline"},
-                                    "implant": {"num_proposals": 1, "detector_iou_min": 1.0}})
+    cfg = load_config(
+        "synthetic",
+        {
+            "source": {"shard_size": 4},
+            "models": {"defender": "perception-baseline"},
+            "implant": {"num_proposals": 1, "detector_iou_min": 1.0},
+        },
+    )
     with pytest.raises(ValueError, match="no items: Stage 2 kept no edit on 4 held-out scenes.*more scenes"):
         robustness_suite(ShardStore(str(tmp_path)), cfg, PerceptionBaselineDefender(), "baseline", scenes=4)

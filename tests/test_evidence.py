@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from config import load_config
 from evaluation.attacks import ATTACKS, Attacked, build_attack, register_attack
 from stages.attack import attack_version
-from config import load_config
 from stages.runner import run_bootstrap
 from storage import ShardStore, decode_image
 from world import Scene, relation
@@ -19,8 +19,17 @@ from world import Scene, relation
 def items(tmp_path_factory):
     """Relation questions on synthetic scenes (the filter version's rows)."""
     store = ShardStore(str(tmp_path_factory.mktemp("attacks")))
-    cfg = load_config("synthetic", {"source": {"num_scenes": 24, "shard_size": 24, "question_types": ["relative_position"],
-                                               "question_weights": [1.0]}})
+    cfg = load_config(
+        "synthetic",
+        {
+            "source": {
+                "num_scenes": 24,
+                "shard_size": 24,
+                "question_types": ["relative_position"],
+                "question_weights": [1.0],
+            }
+        },
+    )
     filt = run_bootstrap(store, cfg, until="filter")[-1].version
     return store, cfg, filt
 
@@ -39,12 +48,15 @@ def test_swap_pair_places_mirrored_decoys_and_keeps_the_answer(items):
         scene = Scene.from_dict(out.scene)
         a_name, b_name = row["target_names"]
         (ca, ka), (cb, kb) = (n.split() for n in (a_name, b_name))
-        new = scene.objects[-len(out.meta["distractors"]):]
+        new = scene.objects[-len(out.meta["distractors"]) :]
         assert all(o.name not in (a_name, b_name) for o in new)  # decoys are never a target
         for o in new:
             # A's colour is placed beyond B (and B's beyond A): read by colour alone, the relation flips
-            own, about = (row["target_boxes"][0], row["target_boxes"][1]) if o.colour == ca else \
-                (row["target_boxes"][1], row["target_boxes"][0])
+            own, about = (
+                (row["target_boxes"][0], row["target_boxes"][1])
+                if o.colour == ca
+                else (row["target_boxes"][1], row["target_boxes"][0])
+            )
             rel_true, rel_decoy = relation(own, about), relation(scene.image_box(o), about)
             if rel_true and rel_decoy:
                 assert rel_decoy != rel_true
@@ -60,12 +72,23 @@ def test_option_decoys_paint_wrong_options_beside_the_target(tmp_path):
     from metrics import intersection
 
     store = ShardStore(str(tmp_path))
-    cfg = load_config("synthetic", {"source": {"num_scenes": 24, "shard_size": 24, "question_types": ["colour"],
-                                               "question_weights": [1.0], "shuffle_options": False}})
+    cfg = load_config(
+        "synthetic",
+        {
+            "source": {
+                "num_scenes": 24,
+                "shard_size": 24,
+                "question_types": ["colour"],
+                "question_weights": [1.0],
+                "shuffle_options": False,
+            }
+        },
+    )
     rows = store.read(store.manifest(run_bootstrap(store, cfg, until="filter")[-1].version)).to_dicts()
     attack, done = build_attack("option-decoys", cfg), 0
     assert build_attack("option-decoys", cfg)({**rows[0], "question_type": "relative_position"}).startswith(
-        "option-decoys attacks colour questions")
+        "option-decoys attacks colour questions"
+    )
     for row in rows:
         out = attack(row)
         if isinstance(out, str):
@@ -75,7 +98,7 @@ def test_option_decoys_paint_wrong_options_beside_the_target(tmp_path):
         truth = row["options"][ord(row["answer"]) - ord("A")]
         target = row["target_boxes"][0]
         scene = Scene.from_dict(out.scene)
-        for o in scene.objects[-len(out.meta["distractors"]):]:
+        for o in scene.objects[-len(out.meta["distractors"]) :]:
             assert o.colour in row["options"] and o.colour != truth and o.category != row["target_names"][0]
             box = scene.image_box(o)
             assert intersection(box, target) == 0
@@ -98,6 +121,7 @@ def test_attacks_are_pluggable_and_versioned(items):
             if row["id"].endswith("0"):
                 return "skipped on purpose"
             return Attacked(ImageOps.invert(decode_image(row["image"])), None, {"kind": "invert"})
+
         return attack
 
     try:
@@ -136,8 +160,9 @@ def test_toy_evidence_run_gives_every_number(tmp_path):
     assert by[(0, "base")] != by[(1, "base")]  # seeds differ
     assert len(result["curve"]) == 2 and all(r["attacker_reward_first"] is not None for r in result["curve"])
     g = result["goals"]
-    assert g["attacker_rises_within_phase"] == sum(r["attack_success_before"] > r["attack_success_start"]
-                                                   for r in result["curve"])
+    assert g["attacker_rises_within_phase"] == sum(
+        r["attack_success_before"] > r["attack_success_start"] for r in result["curve"]
+    )
     assert g["phases"] == 2 and set(g) >= {"implanter_goal", "swap-pair_goal", "clean_goal"}
     # defender 0 warmed up on a pool of fresh scenes (coevolution.warmup_scenes), shared by no other set
     store = ShardStore(str(tmp_path / "root"))
@@ -156,10 +181,29 @@ def test_attacker_learnability_scores_every_try_on_the_same_items(tmp_path):
 
     with pytest.raises(SystemExit, match="attacker.rl"):
         main(["--tiny", "--root", str(tmp_path / "r"), "--out", str(tmp_path), "--try", "defender.rl.lr=1"])
-    rows = main(["--tiny", "--root", str(tmp_path / "r"), "--out", str(tmp_path), "--score-noise", "1.0",
-                 "--try", "", "--try", "attacker.rl.lr=1e-12", "--try", "attacker.cold_start.steps=2,attacker.rl.steps=0"])
-    assert [r["try"] for r in rows] == ["cold start", "preset", "attacker.rl.lr=1e-12",
-                                        "cold start attacker.cold_start.steps=2"]
+    rows = main(
+        [
+            "--tiny",
+            "--root",
+            str(tmp_path / "r"),
+            "--out",
+            str(tmp_path),
+            "--score-noise",
+            "1.0",
+            "--try",
+            "",
+            "--try",
+            "attacker.rl.lr=1e-12",
+            "--try",
+            "attacker.cold_start.steps=2,attacker.rl.steps=0",
+        ]
+    )
+    assert [r["try"] for r in rows] == [
+        "cold start",
+        "preset",
+        "attacker.rl.lr=1e-12",
+        "cold start attacker.cold_start.steps=2",
+    ]
     # its own cold start (2 steps, not the toy's 1), scored alone; every row also scored with SDE edits
     assert rows[3]["attacker"] != rows[0]["attacker"] and "steps" not in rows[3]
     assert all(0 <= r["sde_attack_success"] <= 1 and r["sde_items"] == r["items"] for r in rows)

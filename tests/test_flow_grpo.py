@@ -59,7 +59,9 @@ def test_first_update_is_on_policy_ratio_one_kl_zero():
     assert torch.equal(again.log_prob, roll.log_prob)
     kl = gaussian_kl(again.mean, roll.mean, again.std.expand_as(again.mean))
     assert torch.equal(kl, torch.zeros(3))
-    loss, st = flow_grpo_loss(again.log_prob, roll.log_prob, torch.tensor([1.0, -0.5, 2.0]), FlowGrpoConfig(kl_beta=0.04), kl)
+    loss, st = flow_grpo_loss(
+        again.log_prob, roll.log_prob, torch.tensor([1.0, -0.5, 2.0]), FlowGrpoConfig(kl_beta=0.04), kl
+    )
     assert st["ratio_max"] == 1.0 and st["clip_fraction"] == 0.0 and st["kl"] == 0.0
     assert loss.item() == pytest.approx(-(1.0 - 0.5 + 2.0) / 3)
 
@@ -110,8 +112,15 @@ def test_integrity_gate_on_hand_built_images():
     assert floor["integrity"] == 0.0 and floor["global_ssim"] < 0.99  # repainted too much of the image
 
 
-@pytest.mark.parametrize("answers,c,e", [([False, False, True], 2, 2 / 3), ([True, False, False], 0, 0.0),
-                                         ([False, False, False], 3, 1.0), ([False, True, False], 1, 1 / 3)])
+@pytest.mark.parametrize(
+    "answers,c,e",
+    [
+        ([False, False, True], 2, 2 / 3),
+        ([True, False, False], 0, 0.0),
+        ([False, False, False], 3, 1.0),
+        ([False, True, False], 1, 1 / 3),
+    ],
+)
 def test_efficacy_counts_consecutive_failures(answers, c, e):
     assert consecutive_failures(answers) == c
     assert efficacy(AttackSample([], answers))["efficacy"] == pytest.approx(e)
@@ -124,12 +133,15 @@ def test_reward_is_integrity_times_efficacy_and_components_are_kept():
     assert r["reward"] == pytest.approx(2 / 3) and r["integrity"] == 1.0 and r["consecutive_failures"] == 2
     r = attacker_reward(clean, broken, s, invalid_penalty=-0.5)
     assert r["reward"] == -0.5 and r["efficacy"] == pytest.approx(2 / 3)  # efficacy still recorded
+
     def aot(cleans, editeds, items):
         return [attacker_reward(c, e, s) for c, e in zip(cleans, editeds)]
 
     def const(cleans, editeds, items):
         return [{"reward": 1.0} for _ in items]
 
-    both = combine({"aot": aot, "const": const}, {"aot": 2.0, "const": 0.5}, [clean, clean], [edited, broken], [None, None])
+    both = combine(
+        {"aot": aot, "const": const}, {"aot": 2.0, "const": 0.5}, [clean, clean], [edited, broken], [None, None]
+    )
     assert both[0]["reward"] == pytest.approx(2 * 2 / 3 + 0.5) and both[0]["aot/integrity"] == 1.0
     assert both[1]["reward"] == pytest.approx(0.5) and both[1]["aot/integrity"] == 0.0

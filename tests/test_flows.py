@@ -60,12 +60,13 @@ def test_exported_version_loads_with_datasets(tmp_path, reference):
     m = store.manifest(versions["export"])
     # The README's one-liner: a glob over the version folder's parts.
     folder = m.uri.removeprefix("file://")
-    ds = datasets.load_dataset("parquet", data_files=f"{folder}/part-*.parquet", split="train",
-                               cache_dir=str(tmp_path / "hf"))
+    ds = datasets.load_dataset(
+        "parquet", data_files=f"{folder}/part-*.parquet", split="train", cache_dir=str(tmp_path / "hf")
+    )
     assert len(ds) == rows
     row = ds[0]
     assert row["clean_image"].size == row["adversarial_image"].size == (row["width"], row["height"])
-    assert row["answer"] in "ABCDEF"[:len(row["options"])] and row["prompt"].endswith("letter of your choice.")
+    assert row["answer"] in "ABCDEF"[: len(row["options"])] and row["prompt"].endswith("letter of your choice.")
     assert store.fs.exists(f"{folder}/README.md")  # the dataset card
 
 
@@ -125,8 +126,12 @@ def test_cli_against_a_running_prefect_server(tmp_path):
 
     port = free_port()
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "server-home"))
-    server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_port(port, timeout=120)
         import httpx
@@ -142,8 +147,20 @@ def test_cli_against_a_running_prefect_server(tmp_path):
 
             time.sleep(0.5)
         client_env = dict(os.environ, PREFECT_API_URL=api, PREFECT_HOME=str(tmp_path / "client-home"))
-        out = _cli(["run", "--root", str(tmp_path / "data"), "--no-progress", "--set", "source.num_scenes=8",
-                    "--set", "source.shard_size=4"], client_env, tmp_path)
+        out = _cli(
+            [
+                "run",
+                "--root",
+                str(tmp_path / "data"),
+                "--no-progress",
+                "--set",
+                "source.num_scenes=8",
+                "--set",
+                "source.shard_size=4",
+            ],
+            client_env,
+            tmp_path,
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         assert re.search(r"AOT-SFT version: [0-9a-f]{16}", out.stdout)
         runs = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=10).json()
@@ -174,16 +191,29 @@ def test_evaluate_flow_on_fixture_benchmarks(tmp_path):
 
             buf = io.BytesIO()
             render(generate_world(i)).save(buf, format="PNG")
-            w.writerow([str(i), base64.b64encode(buf.getvalue()).decode(), "Is there a red circle in the image?",
-                        "yes" if i % 2 else "no", "random"])
-    out = evaluate_flow(benchmarks={"pope": str(pope)}, synthetic_scenes=16, root=str(tmp_path / "data"),
-                        overrides={"source.shard_size": 8, "models.defender": "perception-baseline",
-                                   "source.question_types": ["relative_position"], "source.question_weights": [1.0]})
+            w.writerow(
+                [
+                    str(i),
+                    base64.b64encode(buf.getvalue()).decode(),
+                    "Is there a red circle in the image?",
+                    "yes" if i % 2 else "no",
+                    "random",
+                ]
+            )
+    out = evaluate_flow(
+        benchmarks={"pope": str(pope)},
+        synthetic_scenes=16,
+        root=str(tmp_path / "data"),
+        overrides={
+            "source.shard_size": 8,
+            "models.defender": "perception-baseline",
+            "source.question_types": ["relative_position"],
+            "source.question_weights": [1.0],
+        },
+    )
     assert out["model"] == 'defender:"perception-baseline"'  # no checkpoint: the config's own defender
     assert out["summary"]["pope"]["n"] == 4 and 0 <= out["summary"]["pope"]["accuracy"] <= 1
     assert out["synthetic"]["drop"] == 1.0  # the baseline against its own implanter
-
-
 
 
 def test_nightly_regeneration_seeds_by_date_and_leaves_the_caller_alone():

@@ -20,8 +20,16 @@ pytestmark = pytest.mark.slow
 def test_killed_cli_run_resumes_without_losing_or_duplicating_rows(tmp_path, reference):
     versions, shas, rows = reference
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"), AOT_FAULT="implant:2:kill")
-    args = ["run", "--root", str(tmp_path / "data"), "--no-progress",
-            "--set", "source.num_scenes=16", "--set", "source.shard_size=4"]
+    args = [
+        "run",
+        "--root",
+        str(tmp_path / "data"),
+        "--no-progress",
+        "--set",
+        "source.num_scenes=16",
+        "--set",
+        "source.shard_size=4",
+    ]
     killed = _cli(args, env, tmp_path)
     assert killed.returncode == 137, killed.stderr[-2000:]
     store = ShardStore(str(tmp_path / "data"))
@@ -31,8 +39,11 @@ def test_killed_cli_run_resumes_without_losing_or_duplicating_rows(tmp_path, ref
     env.pop("AOT_FAULT")
     done = _cli(args, env, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    table = {ln.split()[0]: ln.split() for ln in done.stdout.splitlines()
-             if ln.split()[:1] in (["source"], ["extend"], ["filter"], ["implant"], ["export"])}
+    table = {
+        ln.split()[0]: ln.split()
+        for ln in done.stdout.splitlines()
+        if ln.split()[:1] in (["source"], ["extend"], ["filter"], ["implant"], ["export"])
+    }
     recomputed = {k: int(v[6]) for k, v in table.items()}  # stage version in kept rejected shards recomputed
     assert recomputed == {"source": 0, "extend": 0, "filter": 0, "implant": 4 - finished, "export": 4}, done.stdout
     assert f"AOT-SFT version: {versions['export']}" in done.stdout
@@ -53,28 +64,47 @@ def test_a_failed_run_retried_by_prefect_recomputes_only_the_missing_shards(tmp_
     versions, shas, _ = reference
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"), AOT_FAULT="implant:2:error")
     root = tmp_path / "data"
-    args = ["run", "--root", str(root), "--no-progress", "--set", "source.num_scenes=16", "--set", "source.shard_size=4"]
+    args = [
+        "run",
+        "--root",
+        str(root),
+        "--no-progress",
+        "--set",
+        "source.num_scenes=16",
+        "--set",
+        "source.shard_size=4",
+    ]
     failed = _cli(args, env, tmp_path)
     assert failed.returncode == 1 and "injected fault at implant shard 2" in failed.stderr
     assert "rerun the same command" in failed.stderr
-    run_id = re.search(r"prefect flow-run retry ([0-9a-f-]{36}) --entrypoint flows/bootstrap.py:bootstrap",
-                       failed.stderr).group(1)
+    run_id = re.search(
+        r"prefect flow-run retry ([0-9a-f-]{36}) --entrypoint flows/bootstrap.py:bootstrap", failed.stderr
+    ).group(1)
     store = ShardStore(str(root))
     shards = store.path("synthetic", "implant", versions["implant"], "_shards")
     before = {Path(f).name: store.fs.info(f)["mtime"] for f in store.fs.ls(shards)}
     assert "shard-00002.json" not in before and len(before) >= 2
-    done_stages = {st: store.fs.info(store.path("synthetic", st, versions[st], "manifest.json"))["mtime"]
-                   for st in ("source", "extend", "filter")}
+    done_stages = {
+        st: store.fs.info(store.path("synthetic", st, versions[st], "manifest.json"))["mtime"]
+        for st in ("source", "extend", "filter")
+    }
     clean = {k: v for k, v in env.items() if k != "AOT_FAULT"}
     prefect = str(Path(sys.executable).parent / "prefect")
-    out = subprocess.run([prefect, "flow-run", "retry", run_id, "--entrypoint", "flows/bootstrap.py:bootstrap"],
-                         env=clean, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=400)
+    out = subprocess.run(
+        [prefect, "flow-run", "retry", run_id, "--entrypoint", "flows/bootstrap.py:bootstrap"],
+        env=clean,
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert out.returncode == 0 and "completed successfully" in out.stdout + out.stderr, out.stderr[-2000:]
     after = {Path(f).name: store.fs.info(f)["mtime"] for f in store.fs.ls(shards)}
     assert set(after) == {f"shard-0000{i}.json" for i in range(4)}
     assert all(after[k] == before[k] for k in before)  # finished shards were not rewritten
-    assert done_stages == {st: store.fs.info(store.path("synthetic", st, versions[st], "manifest.json"))["mtime"]
-                           for st in done_stages}  # finished stages were not redone
+    assert done_stages == {
+        st: store.fs.info(store.path("synthetic", st, versions[st], "manifest.json"))["mtime"] for st in done_stages
+    }  # finished stages were not redone
     assert [p.sha256 for p in store.manifest(versions["export"]).parts] == shas
 
 

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from aot.cli import main
-from conftest import REPO
 from config import ConfigError, parse_overrides
-from stages.registry import resolve_config as load_config
+from conftest import REPO
 from stages.importer import import_records
+from stages.registry import resolve_config as load_config
 from storage import ShardStore, decode_image
 
 
@@ -23,8 +23,13 @@ def photo_dir(tmp_path):
     Image.new("RGB", (64, 48), (10, 200, 30)).save(d / "good.png")
     Image.new("RGB", (120, 120), (1, 2, 3)).save(d / "big.png")
     (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    good = {"question": "Where is the cup?", "options": ["left", "right"], "answer": "A", "target_boxes": [[2, 3, 20, 30]],
-            "target_names": ["cup"]}
+    good = {
+        "question": "Where is the cup?",
+        "options": ["left", "right"],
+        "answer": "A",
+        "target_boxes": [[2, 3, 20, 30]],
+        "target_names": ["cup"],
+    }
     rows = [
         dict(good, id="ok", image="good.png"),
         dict(good, id="corrupt", image="corrupt.jpg"),
@@ -48,8 +53,15 @@ def test_import_keeps_good_rows_and_rejects_each_bad_kind(photo_dir):
     cfg = load_config("synthetic", {"source": {"shard_size": 4, "max_image_pixels": 10_000}})
     m = import_records(store, photo_dir / "records.jsonl", photo_dir / "images", cfg, dataset="photos")
     assert (m.rows_in, m.rows, m.reject_rows) == (11, 1, 10)
-    assert m.reasons == {"bad_answer": 1, "bad_box": 2, "bad_image": 2, "bad_options": 1, "bad_record": 1,
-                         "missing_field": 1, "missing_image": 2}
+    assert m.reasons == {
+        "bad_answer": 1,
+        "bad_box": 2,
+        "bad_image": 2,
+        "bad_options": 1,
+        "bad_record": 1,
+        "missing_field": 1,
+        "missing_image": 2,
+    }
     assert len(m.parts) == 3  # 11 records in shards of 4
     kept = store.read(m)
     row = kept.row(0, named=True)
@@ -69,8 +81,17 @@ def test_import_xywh_and_parquet_with_bytes(tmp_path):
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
     Image.new("RGB", (40, 40), (200, 0, 0)).save(img_dir / "a.png")
-    recs = pl.DataFrame([{"image": "a.png", "question": "q?", "options": ["x", "y", "z"], "answer": "B",
-                          "target_boxes": [[4.0, 5.0, 10.0, 20.0]]}])
+    recs = pl.DataFrame(
+        [
+            {
+                "image": "a.png",
+                "question": "q?",
+                "options": ["x", "y", "z"],
+                "answer": "B",
+                "target_boxes": [[4.0, 5.0, 10.0, 20.0]],
+            }
+        ]
+    )
     recs.write_parquet(tmp_path / "r.parquet")
     store = ShardStore(str(tmp_path / "root"))
     m = import_records(store, tmp_path / "r.parquet", img_dir, load_config("synthetic"), box_format="xywh")
@@ -80,7 +101,10 @@ def test_import_xywh_and_parquet_with_bytes(tmp_path):
 
 def test_overrides_and_config_errors():
     assert parse_overrides(["extend.canvas_scale=1.75", "models.clip=tiny", "filter.clip_threshold=null"]) == {
-        "extend": {"canvas_scale": 1.75}, "models": {"clip": "tiny"}, "filter": {"clip_threshold": None}}
+        "extend": {"canvas_scale": 1.75},
+        "models": {"clip": "tiny"},
+        "filter": {"clip_threshold": None},
+    }
     cfg = load_config("synthetic", parse_overrides(["extend.canvas_scale=1.75", "source.num_scenes=8"]))
     assert cfg.extend.canvas_scale == 1.75 and cfg.source.num_scenes == 8
     with pytest.raises(ConfigError, match="unknown config key 'extend.canvas'"):
@@ -94,12 +118,17 @@ def test_overrides_and_config_errors():
     with pytest.raises(ConfigError, match="no preset 'nope'"):
         load_config("nope")
     # an override changes one key of a preset's model spec and keeps the rest (it replaced the spec once)
-    ev = load_config(str(REPO / "experiments" / "evidence.yaml"), ["defender.model.device=cpu", "attacker.model.vae_fit.steps=3"])
+    ev = load_config(
+        str(REPO / "experiments" / "evidence.yaml"), ["defender.model.device=cpu", "attacker.model.vae_fit.steps=3"]
+    )
     assert ev.defender.model["device"] == "cpu" and ev.defender.model["hidden"] == 256
     assert ev.attacker.model["vae_fit"] == {"steps": 3, "scenes": 512, "batch": 32} and ev.attacker.model["layers"] == 4
     # ... but a spec naming another backend replaces it whole: the tiny defender's options are not a version's
     syn = load_config("synthetic", ["models.defender.warmup.steps=5"])
-    assert syn.models["defender"]["warmup"] == {"steps": 5, "scenes": 4096} and syn.models["defender"]["max_pixels"] == 65536
+    assert (
+        syn.models["defender"]["warmup"] == {"steps": 5, "scenes": 4096}
+        and syn.models["defender"]["max_pixels"] == 65536
+    )
     swap = load_config("synthetic", ["models.defender={backend: version, version: v1, root: ./aot-data}"])
     assert swap.models["defender"] == {"backend": "version", "version": "v1", "root": "./aot-data"}
     assert load_config("synthetic", ["models.defender=perception-baseline"]).models["defender"] == "perception-baseline"
@@ -127,8 +156,22 @@ def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys):
 
 def test_cli_import_ls_show_gc(photo_dir, capsys):
     root = str(photo_dir / "root")
-    assert main(["import", "--records", str(photo_dir / "records.jsonl"), "--images", str(photo_dir / "images"),
-                 "--root", root, "--dataset", "photos"]) == 0
+    assert (
+        main(
+            [
+                "import",
+                "--records",
+                str(photo_dir / "records.jsonl"),
+                "--images",
+                str(photo_dir / "images"),
+                "--root",
+                root,
+                "--dataset",
+                "photos",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "imported 11 records: 2 kept, 9 rejected" in out  # default bomb limit: big.png is fine
     version = out.split("source version: ")[1].split()[0]

@@ -22,8 +22,14 @@ print(json.dumps(planned_versions(load_config("synthetic"))))
 
 
 def _ids(tree) -> dict:
-    out = subprocess.run([sys.executable, "-c", IDS], cwd=tree, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tree)},
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", IDS],
+        cwd=tree,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tree)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -46,8 +52,13 @@ def test_version_ids_cover_exactly_the_code_of_their_stage(tree):
     editing the implant stage renames implant and export, and nothing upstream of it."""
     before = _ids(tree)
     assert before == _ids(REPO)  # the copy is the project
-    for path in ("experiments/evidence.py", "evaluation/readers.py", "training/attacker.py", "config/pipeline.py",
-                 "config/presets/synthetic.yaml"):
+    for path in (
+        "experiments/evidence.py",
+        "evaluation/readers.py",
+        "training/attacker.py",
+        "config/pipeline.py",
+        "config/presets/synthetic.yaml",
+    ):
         _edit(tree / path)
     assert _ids(tree) == before
     _edit(tree / "stages" / "implant.py")
@@ -59,14 +70,22 @@ def test_version_ids_cover_exactly_the_code_of_their_stage(tree):
 
 def test_import_contracts_hold():
     """pyproject.toml's contracts: the layers, and Prefect only in flows, tasks and aot."""
-    out = subprocess.run([str(REPO / ".venv" / "bin" / "lint-imports")] if (REPO / ".venv/bin/lint-imports").exists()
-                         else [sys.executable, "-m", "importlinter.cli"], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "lint-imports")]
+        if (REPO / ".venv/bin/lint-imports").exists()
+        else [sys.executable, "-m", "importlinter.cli"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0 and "BROKEN" not in out.stdout, out.stdout[-3000:]
     assert out.stdout.count("KEPT") == 2
 
 
 def test_ruff_check_and_format():
     for args in (["check", "."], ["format", "--check", "."]):
-        out = subprocess.run([sys.executable, "-m", "ruff", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-m", "ruff", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        )
         assert out.returncode == 0, f"ruff {' '.join(args)}:\n{out.stdout[-3000:]}"

@@ -44,10 +44,19 @@ def test_fill_touches_only_the_box(filler, scene_image):
 
 
 # ----------------------------------------------------------------- judge
-@pytest.mark.parametrize("text,expected", [
-    ("\\boxed{Yes}", True), ("\\boxed{no}", False), ("I think yes.", True), ("No, it does not.", False),
-    ("yes and no", None), ("\\boxed{Yes} ... \\boxed{No}", None), ("banana", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("\\boxed{Yes}", True),
+        ("\\boxed{no}", False),
+        ("I think yes.", True),
+        ("No, it does not.", False),
+        ("yes and no", None),
+        ("\\boxed{Yes} ... \\boxed{No}", None),
+        ("banana", None),
+        ("", None),
+    ],
+)
 def test_parse_yes_no(text, expected):
     assert parse_yes_no(text) is expected
 
@@ -55,9 +64,14 @@ def test_parse_yes_no(text, expected):
 def test_parse_proposals_good_partial_and_garbage():
     good = 'Sure: [{"box": [1, 2, 30, 40], "description": "a blue cup"}, {"box": [5, 5, 9, 9], "description": "lamp"}]'
     props, bad = parse_proposals(good, 100, 100)
-    assert [(p.box, p.description) for p in props] == [([1.0, 2.0, 30.0, 40.0], "a blue cup"), ([5.0, 5.0, 9.0, 9.0], "lamp")]
+    assert [(p.box, p.description) for p in props] == [
+        ([1.0, 2.0, 30.0, 40.0], "a blue cup"),
+        ([5.0, 5.0, 9.0, 9.0], "lamp"),
+    ]
     assert bad == 0
-    partial = '[{"box": [1, 2, 30, 40], "description": "a blue cup"}, {"box": [5, 5], "description": "x"}, {"box": [1, 2'
+    partial = (
+        '[{"box": [1, 2, 30, 40], "description": "a blue cup"}, {"box": [5, 5], "description": "x"}, {"box": [1, 2'
+    )
     props, bad = parse_proposals(partial, 100, 100)
     assert [p.description for p in props] == ["a blue cup"] and bad == 1
     assert parse_proposals("no json here", 100, 100) == ([], 0)
@@ -149,20 +163,37 @@ def test_aot_run_on_the_tiny_preset(tmp_path, capsys):
     from aot.cli import main
     from storage import ShardStore
 
-    rc = main(["run", "--preset", "tiny", "--root", str(tmp_path), "--no-prefect", "--no-progress",
-               "--set", "source.num_scenes=4", "--set", "source.shard_size=2"])
+    rc = main(
+        [
+            "run",
+            "--preset",
+            "tiny",
+            "--root",
+            str(tmp_path),
+            "--no-prefect",
+            "--no-progress",
+            "--set",
+            "source.num_scenes=4",
+            "--set",
+            "source.shard_size=2",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     version = out.split("AOT-SFT version: ")[1].split()[0]
     store = ShardStore(str(tmp_path))
     export = store.manifest(version)
-    lines = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.split() and ln.split()[0] in
-             ("source", "extend", "filter", "implant", "export")}
+    lines = {
+        ln.split()[0]: ln.split()
+        for ln in out.splitlines()
+        if ln.split() and ln.split()[0] in ("source", "extend", "filter", "implant", "export")
+    }
     assert [int(lines[s][2]) for s in ("source", "extend", "filter")] == [4, 4, 4]  # rows in
     assert export.rows == int(lines["export"][3])
     if export.rows:
-        ds = datasets.load_dataset("parquet", data_files=store.data_files(export), split="train",
-                                   cache_dir=str(tmp_path / "hf"))
+        ds = datasets.load_dataset(
+            "parquet", data_files=store.data_files(export), split="train", cache_dir=str(tmp_path / "hf")
+        )
         assert ds[0]["adversarial_image"].size == ds[0]["clean_image"].size
     implant = store.read(store.manifest(export.parents[0]))
     attempts = [a for js in implant["attempts"].to_list() for a in json.loads(js)]
@@ -182,8 +213,12 @@ def test_filler_batches_same_size_images_into_one_pipeline_call(filler, scene_im
         ys, xs = np.nonzero(diff)
         assert xs.min() >= box[0] and xs.max() < box[2] and ys.min() >= box[1] and ys.max() < box[3]
     before = filler.pipeline_calls
-    outs = filler.outpaint_many([scene_image, small, scene_image], [(160, 160), (96, 96), (160, 160)],
-                                [(16, 16), (16, 16), (16, 16)], [None] * 3)
+    outs = filler.outpaint_many(
+        [scene_image, small, scene_image],
+        [(160, 160), (96, 96), (160, 160)],
+        [(16, 16), (16, 16), (16, 16)],
+        [None] * 3,
+    )
     assert filler.pipeline_calls - before == 2  # two canvas sizes
     assert [o.image.size for o in outs] == [(160, 160), (96, 96), (160, 160)]
     assert np.array_equal(np.asarray(outs[1].image)[16:80, 16:80], np.asarray(small))
@@ -194,20 +229,33 @@ def test_judge_batches_prompts_across_a_shard(scene_image):
 
     ext = Image.new("RGB", (160, 160), (9, 9, 9))
     ext.paste(scene_image, (16, 16))
-    items = [SceneChecks(scene_image, ext, (16, 16), names, [16, 16, 144, 144]) for names in
-             (["red circle"], ["red circle", "blue square"], [])]
+    items = [
+        SceneChecks(scene_image, ext, (16, 16), names, [16, 16, 144, 144])
+        for names in (["red circle"], ["red circle", "blue square"], [])
+    ]
     # Prompts per item: composition + duplication per name + realism = 3, 4, 2 -> 9 prompts.
-    answers = ["\\boxed{Yes}", "\\boxed{No}", "\\boxed{No}",
-               "\\boxed{Yes}", "\\boxed{No}", "\\boxed{Yes}", "\\boxed{No}",
-               "\\boxed{No}", "\\boxed{Yes}"]
+    answers = [
+        "\\boxed{Yes}",
+        "\\boxed{No}",
+        "\\boxed{No}",
+        "\\boxed{Yes}",
+        "\\boxed{No}",
+        "\\boxed{Yes}",
+        "\\boxed{No}",
+        "\\boxed{No}",
+        "\\boxed{Yes}",
+    ]
     mllm = ScriptedMLLM(answers)
     calls = []
     inner = mllm.generate
     mllm.generate = lambda images, prompts, **kw: calls.append(len(prompts)) or inner(images, prompts, **kw)
     verdicts = MLLMJudge(mllm, batch_size=4).check_scenes(items)
     assert calls == [4, 4, 1]
-    assert [(c.passed, d.passed, r.passed) for c, d, r in verdicts] == [(True, True, True), (True, False, True),
-                                                                       (False, True, False)]
+    assert [(c.passed, d.passed, r.passed) for c, d, r in verdicts] == [
+        (True, True, True),
+        (True, False, True),
+        (False, True, False),
+    ]
     assert "blue square" in verdicts[1][1].reason
 
 

@@ -65,7 +65,9 @@ def test_shared_images_under_a_lora_wrapper():
     from peft import LoraConfig, get_peft_model
 
     policy = QwenVLPolicy.tiny(seed=0)
-    policy.model = get_peft_model(policy.model, LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.q_proj"))
+    policy.model = get_peft_model(
+        policy.model, LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.q_proj")
+    )
     images, prompts, _ = _batch()
     ids, mask = policy.target_ids(["\\boxed{A}"] * 7)
     shared_lp, shared_g = _logp_and_grads(policy, images, prompts, ids, mask)

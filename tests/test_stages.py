@@ -8,14 +8,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from stages.registry import load
+from config import load_config
 from models.mcq import format_prompt
 from models.perception_baseline import PerceptionBaselineDefender, find_blobs
 from models.roles import Proposal
 from models.synthetic import SceneDetector, SceneInpainter, SceneJudge, SceneOutpainter, SceneSegmenter
 from stages.base import ShardContext
-from config import load_config
 from stages.implant import ask, implant_row
+from stages.registry import load
 from stages.runner import BOOTSTRAP, plan, run_bootstrap, run_stage
 from storage import ShardStore, decode_image, image_cell
 from world import Background, Scene, SceneObject, answer_from_scene, render
@@ -24,8 +24,14 @@ BG = Background("plain", (232, 228, 220), 8, 8)
 
 
 def scene(objs, size=(128, 128), origin=(0.0, 0.0)) -> Scene:
-    return Scene(1, 128, BG, [SceneObject(i, c, k, list(map(float, b))) for i, (c, k, b) in enumerate(objs)],
-                 list(origin), list(size))
+    return Scene(
+        1,
+        128,
+        BG,
+        [SceneObject(i, c, k, list(map(float, b))) for i, (c, k, b) in enumerate(objs)],
+        list(origin),
+        list(size),
+    )
 
 
 QUESTION = "Where is the red circle relative to the blue square?"
@@ -34,8 +40,14 @@ OPTIONS = ["left", "right", "above", "below"]
 
 def base_scene() -> Scene:
     # red circle left of the blue square; a green triangle elsewhere; a red circle outside the window.
-    return scene([("circle", "red", [20, 60, 36, 76]), ("square", "blue", [80, 60, 96, 76]),
-                  ("triangle", "green", [50, 100, 66, 116]), ("circle", "red", [150, 20, 166, 36])])
+    return scene(
+        [
+            ("circle", "red", [20, 60, 36, 76]),
+            ("square", "blue", [80, 60, 96, 76]),
+            ("triangle", "green", [50, 100, 66, 116]),
+            ("circle", "red", [150, 20, 166, 36]),
+        ]
+    )
 
 
 # ------------------------------------------------------------ oracle judge
@@ -110,14 +122,26 @@ class ScriptedJudge(SceneJudge):
 
 
 def _row(s: Scene) -> dict:
-    return {"id": "r0", "image": image_cell(render(s)), "question": QUESTION, "options": OPTIONS, "answer": "A",
-            "target_names": ["red circle", "blue square"],
-            "target_boxes": [s.image_box(s.objects[0]), s.image_box(s.objects[1])], "scene": json.dumps(s.to_dict())}
+    return {
+        "id": "r0",
+        "image": image_cell(render(s)),
+        "question": QUESTION,
+        "options": OPTIONS,
+        "answer": "A",
+        "target_names": ["red circle", "blue square"],
+        "target_boxes": [s.image_box(s.objects[0]), s.image_box(s.objects[1])],
+        "scene": json.dumps(s.to_dict()),
+    }
 
 
 def _models(proposals):
-    return {"judge": ScriptedJudge(proposals), "inpainter": SceneInpainter(), "detector": SceneDetector(),
-            "segmenter": SceneSegmenter(), "defender": PerceptionBaselineDefender()}
+    return {
+        "judge": ScriptedJudge(proposals),
+        "inpainter": SceneInpainter(),
+        "detector": SceneDetector(),
+        "segmenter": SceneSegmenter(),
+        "defender": PerceptionBaselineDefender(),
+    }
 
 
 def test_implant_row_records_each_proposal_outcome():
@@ -134,8 +158,14 @@ def test_implant_row_records_each_proposal_outcome():
     out, why = implant_row(_row(base_scene()), ctx, _models(proposals))
     assert why is None
     attempts = json.loads(out["attempts"])
-    assert [a["outcome"] for a in attempts] == ["box_check", "prompt_check", "detector", "not_effective", "effective",
-                                                "not_tried"]
+    assert [a["outcome"] for a in attempts] == [
+        "box_check",
+        "prompt_check",
+        "detector",
+        "not_effective",
+        "effective",
+        "not_tried",
+    ]
     assert out["distractor_boxes"] == [[84.0, 10.0, 100.0, 26.0]]
     assert out["distractor_descriptions"] == ["red triangle"]
     assert out["target_ssim_min"] == 1.0
@@ -236,7 +266,16 @@ def test_synthetic_preset_on_rows_without_scenes_fails_with_the_fix(tmp_path, sm
     src = run_stage(store, "source", small_config)
     m = store.manifest(src.version)
     df = store.read(m).with_columns(pl.lit(None, pl.String).alias("scene"))
-    rec = store.write_shard("photos", "source", "v-noscene", 0, "k", df.height, df, pl.DataFrame(schema={"id": pl.String, "reason": pl.String}))
+    rec = store.write_shard(
+        "photos",
+        "source",
+        "v-noscene",
+        0,
+        "k",
+        df.height,
+        df,
+        pl.DataFrame(schema={"id": pl.String, "reason": pl.String}),
+    )
     store.commit("photos", "source", "v-noscene", [rec], config={}, parents=[], code_version="x")
     with pytest.raises(MissingSceneError, match="--preset tiny"):
         run_stage(store, "extend", small_config, "v-noscene")

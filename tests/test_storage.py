@@ -22,7 +22,9 @@ def _frame(start: int, n: int) -> pl.DataFrame:
     for i in range(start, start + n):
         arr = np.full((8, 10, 3), i % 256, dtype=np.uint8)
         arr[0, 0] = (255, 0, i % 256)
-        rows.append({"id": f"r{i}", "n": i, "boxes": [[0.0, 1.0, 2.0, float(i)]], "image": image_cell(Image.fromarray(arr))})
+        rows.append(
+            {"id": f"r{i}", "n": i, "boxes": [[0.0, 1.0, 2.0, float(i)]], "image": image_cell(Image.fromarray(arr))}
+        )
     return pl.DataFrame(rows, schema=SCHEMA)
 
 
@@ -70,8 +72,9 @@ def test_datasets_loads_a_version_with_decoded_images(tmp_path):
 
     store = ShardStore(str(tmp_path / "root"))
     _write_version(store)
-    ds = datasets.load_dataset("parquet", data_files=store.data_files("v1"), split="train",
-                               cache_dir=str(tmp_path / "hf"))
+    ds = datasets.load_dataset(
+        "parquet", data_files=store.data_files("v1"), split="train", cache_dir=str(tmp_path / "hf")
+    )
     assert len(ds) == 6
     img = ds[4]["image"]
     assert isinstance(img, Image.Image) and img.size == (10, 8)
@@ -87,7 +90,8 @@ def test_uncommitted_version_is_invisible_and_killed_writer_leaves_no_version(tm
         from storage import ShardStore
         s = ShardStore({str(root)!r})
         for i in range(2):
-            s.write_shard("ds", "stage", "v9", i, f"key{{i}}", 1, pl.DataFrame({{"x": [i]}}), pl.DataFrame(schema={{"id": pl.String, "reason": pl.String}}))
+            rejects = pl.DataFrame(schema={{"id": pl.String, "reason": pl.String}})
+            s.write_shard("ds", "stage", "v9", i, f"key{{i}}", 1, pl.DataFrame({{"x": [i]}}), rejects)
         os._exit(137)
     """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True)

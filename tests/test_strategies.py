@@ -48,15 +48,18 @@ def test_strategy_mix_and_errors():
         classify_edit(Image.new("RGB", (4, 4)), Image.new("RGB", (5, 4)))
 
 
-@pytest.mark.parametrize("label,text,want", [
-    ("hybrid", "A red ball was added next to the cup.", "addition"),
-    ("none", "Only subtle noise changed.", "perturbation"),
-    ("hybrid", "The dog was removed.", "removal"),
-    ("hybrid", "The cat was replaced by a box.", "replacement"),
-    ("hybrid", "A ball was added and the cup removed.", "hybrid"),  # two strategies named: keep the pixels' label
-    ("addition", "The dog was removed.", "addition"),  # a clear pixel-level label is kept
-    ("hybrid", None, "hybrid"),
-])
+@pytest.mark.parametrize(
+    "label,text,want",
+    [
+        ("hybrid", "A red ball was added next to the cup.", "addition"),
+        ("none", "Only subtle noise changed.", "perturbation"),
+        ("hybrid", "The dog was removed.", "removal"),
+        ("hybrid", "The cat was replaced by a box.", "replacement"),
+        ("hybrid", "A ball was added and the cup removed.", "hybrid"),  # two strategies named: keep the pixels' label
+        ("addition", "The dog was removed.", "addition"),  # a clear pixel-level label is kept
+        ("hybrid", None, "hybrid"),
+    ],
+)
 def test_a_description_refines_only_ambiguous_labels(label, text, want):
     from metrics.strategies import refine_with_description
 

@@ -27,8 +27,14 @@ def served(tmp_path):
     ready = tmp_path / "ready"
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"))
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "aot.cli", "serve", "--port", str(port), "--ready-file", str(ready)],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aot.cli", "serve", "--port", str(port), "--ready-file", str(ready)],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not ready.exists():
@@ -48,7 +54,9 @@ def served(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it: apt-get install chromium)")
 def test_the_ui_lists_the_deployments_and_runs_bootstrap(served, tmp_path):
-    sync_playwright = pytest.importorskip("playwright.sync_api", reason="needs playwright (requirements.txt)").sync_playwright
+    sync_playwright = pytest.importorskip(
+        "playwright.sync_api", reason="needs playwright (requirements.txt)"
+    ).sync_playwright
     shots = tmp_path / "screenshots"
     shots.mkdir()
     root = tmp_path / "data"
@@ -80,8 +88,9 @@ def test_the_ui_lists_the_deployments_and_runs_bootstrap(served, tmp_path):
         while "Completed" not in page.inner_text("body"):
             assert not any(s in page.inner_text("body") for s in ("Failed", "Crashed")), page.inner_text("body")[:2000]
             # on timeout, say what the page shows (the run's state: scheduled, pending, running ...)
-            assert time.monotonic() < deadline, "the bootstrap run did not complete in 300 s; the page reads:\n" + \
-                page.inner_text("body")[:2000]
+            assert time.monotonic() < deadline, (
+                "the bootstrap run did not complete in 300 s; the page reads:\n" + page.inner_text("body")[:2000]
+            )
             page.wait_for_timeout(3000)
             page.reload(wait_until="networkidle")
         page.screenshot(path=str(shots / "3-completed.png"))

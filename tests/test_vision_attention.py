@@ -49,8 +49,8 @@ def test_unknown_vision_attention_mode_names_the_choices():
 def test_the_config_spec_selects_it_and_the_stage_keeps_it_for_loaded_versions():
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
 
-    from models.qwen_vl import load_policy
     from config import load_config
+    from models.qwen_vl import load_policy
     from stages.defender import defender_runtime
 
     def grouped(policy):

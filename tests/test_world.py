@@ -46,7 +46,7 @@ def test_outpainting_window_contains_the_source_exactly():
     big.origin = [-40.0, -24.0]
     big.size = [s.size[0] + 80, s.size[1] + 48]
     out = np.asarray(render(big))
-    assert np.array_equal(out[24:24 + s.size[1], 40:40 + s.size[0]], src)
+    assert np.array_equal(out[24 : 24 + s.size[1], 40 : 40 + s.size[0]], src)
 
 
 def test_draw_object_into_touches_only_the_box():

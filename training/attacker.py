@@ -22,11 +22,11 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from config import AttackerTrainConfig
 from rl.flow_grpo import flow_grpo_loss, gaussian_kl, group_advantages
 from rl.flow_sampler import sample, step_log_prob
 from training.attacker_rewards import AttackItem, BatchReward, combine
 from training.checkpoint import load_trainer_state, save_checkpoint
-from config import AttackerTrainConfig
 from training.defender import DataStream
 
 
@@ -47,18 +47,29 @@ def scale_boxes(boxes: list[list[float]], src: tuple[int, int], dst: tuple[int, 
 def at_edit_size(editor, item: AttackItem) -> AttackItem:
     """The item as the attacker sees it: image at the edit size, boxes scaled with it."""
     image = editor.resize(item.image)
-    return dataclasses.replace(item, image=image, target_boxes=scale_boxes(item.target_boxes, item.image.size, image.size))
+    return dataclasses.replace(
+        item, image=image, target_boxes=scale_boxes(item.target_boxes, item.image.size, image.size)
+    )
 
 
 class AttackerTrainer:
-    def __init__(self, editor, cfg: AttackerTrainConfig, items: list[AttackItem] | None = None,
-                 pairs: list[EditPair] | None = None, rewards: dict[str, BatchReward] | None = None,
-                 weights: dict[str, float] | None = None, resume_from: str | Path | None = None):
+    def __init__(
+        self,
+        editor,
+        cfg: AttackerTrainConfig,
+        items: list[AttackItem] | None = None,
+        pairs: list[EditPair] | None = None,
+        rewards: dict[str, BatchReward] | None = None,
+        weights: dict[str, float] | None = None,
+        resume_from: str | Path | None = None,
+    ):
         self.editor, self.cfg = editor, cfg
         if cfg.mode == "grpo" and not (items and rewards):
             raise ValueError("Flow-GRPO needs items to attack and at least one reward callable")
         if cfg.mode == "sft" and not pairs:
-            raise ValueError("the cold start needs AOT-SFT pairs (clean, adversarial, instruction); the dataset has none")
+            raise ValueError(
+                "the cold start needs AOT-SFT pairs (clean, adversarial, instruction); the dataset has none"
+            )
         self.items = [at_edit_size(editor, it) for it in items or []]
         self.pairs = pairs or []
         self.rewards, self.weights = rewards or {}, weights or {}
@@ -77,7 +88,9 @@ class AttackerTrainer:
             self.load(resume_from)
 
     def _generator(self, *keys: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 1009 + sum(k * 101 ** (i + 1) for i, k in enumerate(keys)))
+        return torch.Generator().manual_seed(
+            self.cfg.seed * 1_000_003 + self.step * 1009 + sum(k * 101 ** (i + 1) for i, k in enumerate(keys))
+        )
 
     # ------------------------------------------------------------------ Flow-GRPO
     def _score(self, clean: Image.Image, edited: list[Image.Image], item: AttackItem) -> list[dict]:
@@ -98,13 +111,23 @@ class AttackerTrainer:
                 parts, edited = [], []
                 for j, sl in enumerate(chunks):
                     c = cond.repeat(sl.stop - sl.start)
-                    traj = sample(ed, c, fg.sampling_steps, fg.noise_level, sigma_cap=fg.sigma_cap,
-                                  window=fg.train_window, generator=self._generator(k, j))
+                    traj = sample(
+                        ed,
+                        c,
+                        fg.sampling_steps,
+                        fg.noise_level,
+                        sigma_cap=fg.sigma_cap,
+                        window=fg.train_window,
+                        generator=self._generator(k, j),
+                    )
                     edited += ed.decode(traj.final, c)
                     parts.append((sl, c, traj))
                 groups.append(parts)
-                pending.append(pool.submit(self._score, item.image, edited, item) if pool
-                               else self._score(item.image, edited, item))
+                pending.append(
+                    pool.submit(self._score, item.image, edited, item)
+                    if pool
+                    else self._score(item.image, edited, item)
+                )
             t_sample = time.perf_counter() - t0
             scored = [p.result() if pool else p for p in pending]  # reward
         finally:
@@ -135,12 +158,20 @@ class AttackerTrainer:
         self.opt.zero_grad(set_to_none=True)
         for item, rows in zip(items, scored):  # every component, per sample
             self.samples += [{"step": self.step + 1, "item": item.id, **r} for r in rows]
-        row = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
-               "sample_seconds": t_sample, "reward_seconds": t_reward, "update_seconds": time.perf_counter() - t1,
-               "grad_norm": float(gnorm), "trained_steps": n_terms}
+        row = {
+            "reward": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            "sample_seconds": t_sample,
+            "reward_seconds": t_reward,
+            "update_seconds": time.perf_counter() - t1,
+            "grad_norm": float(gnorm),
+            "trained_steps": n_terms,
+        }
         for key in ("policy_loss", "kl", "ratio_mean", "ratio_max", "clip_fraction"):
             row[key] = sum(s[key] for s in stats) / max(1, len(stats))
-        parts = {k for rows in scored for r in rows for k, v in r.items() if k != "reward" and isinstance(v, (int, float))}
+        parts = {
+            k for rows in scored for r in rows for k, v in r.items() if k != "reward" and isinstance(v, (int, float))
+        }
         for k in sorted(parts):
             vals = [r[k] for rows in scored for r in rows if isinstance(r.get(k), (int, float))]
             row[k] = sum(vals) / len(vals)
@@ -183,9 +214,17 @@ class AttackerTrainer:
         return self.metrics
 
     def save(self, folder: str | Path) -> Path:
-        return save_checkpoint(folder, self.editor, self.opt, {
-            "step": self.step, "data_position": self.stream.position(), "metrics": self.metrics,
-            "config": dataclasses.asdict(self.cfg)})
+        return save_checkpoint(
+            folder,
+            self.editor,
+            self.opt,
+            {
+                "step": self.step,
+                "data_position": self.stream.position(),
+                "metrics": self.metrics,
+                "config": dataclasses.asdict(self.cfg),
+            },
+        )
 
     def load(self, folder: str | Path) -> None:
         self.editor.load_lora(folder)

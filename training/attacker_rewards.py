@@ -40,8 +40,9 @@ class AttackSample:
     defender_correct: list[bool]  # the frozen defender's K answers on the edited image, right or wrong
 
 
-def integrity(clean: Image.Image, edited: Image.Image, sample: AttackSample, tau: float = 0.9,
-              global_floor: float | None = None) -> dict:
+def integrity(
+    clean: Image.Image, edited: Image.Image, sample: AttackSample, tau: float = 0.9, global_floor: float | None = None
+) -> dict:
     ssims = [localized_ssim(clean, edited, b) for b in sample.target_boxes]
     s_min = min(ssims) if ssims else 1.0
     glob = region_ssim(np.asarray(clean), np.asarray(edited)) if global_floor is not None else None
@@ -55,8 +56,14 @@ def efficacy(sample: AttackSample) -> dict:
     return {"efficacy": c / k if k else 0.0, "consecutive_failures": c, "queries": k}
 
 
-def attacker_reward(clean: Image.Image, edited: Image.Image, sample: AttackSample, tau: float = 0.9,
-                    global_floor: float | None = None, invalid_penalty: float = 0.0) -> dict:
+def attacker_reward(
+    clean: Image.Image,
+    edited: Image.Image,
+    sample: AttackSample,
+    tau: float = 0.9,
+    global_floor: float | None = None,
+    invalid_penalty: float = 0.0,
+) -> dict:
     parts = {**integrity(clean, edited, sample, tau, global_floor), **efficacy(sample)}
     parts["reward"] = parts["efficacy"] if parts["integrity"] else invalid_penalty
     return parts
@@ -84,8 +91,15 @@ BatchReward = Callable[[list[Image.Image], list[Image.Image], list[AttackItem]],
 class IntegrityEfficacy:
     """R = I x E with a frozen defender: it answers every edited image of the batch K times."""
 
-    def __init__(self, defender, tau: float = 0.9, queries: int = 3, temperature: float = 1.0,
-                 global_floor: float | None = None, invalid_penalty: float = 0.0):
+    def __init__(
+        self,
+        defender,
+        tau: float = 0.9,
+        queries: int = 3,
+        temperature: float = 1.0,
+        global_floor: float | None = None,
+        invalid_penalty: float = 0.0,
+    ):
         self.defender, self.tau, self.queries, self.temperature = defender, tau, queries, temperature
         self.global_floor = global_floor or None
         self.invalid_penalty = invalid_penalty
@@ -107,8 +121,10 @@ class IntegrityEfficacy:
 
     def __call__(self, cleans, editeds, items) -> list[dict]:
         right = self.answers(editeds, items)
-        return [attacker_reward(c, e, AttackSample(it.target_boxes, r), self.tau, self.global_floor, self.invalid_penalty)
-                for c, e, it, r in zip(cleans, editeds, items, right)]
+        return [
+            attacker_reward(c, e, AttackSample(it.target_boxes, r), self.tau, self.global_floor, self.invalid_penalty)
+            for c, e, it, r in zip(cleans, editeds, items, right)
+        ]
 
 
 def box_contrast(cleans, editeds, items) -> list[dict]:

@@ -59,4 +59,3 @@ def load_trainer_state(folder: str | Path, opt: torch.optim.Optimizer) -> dict:
     optimizer_from_flat(opt, tensors, state.pop("optimizer"))
     torch.set_rng_state(tensors["rng.torch"])
     return state
-

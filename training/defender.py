@@ -20,11 +20,11 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from models.compiled_layers import compiled_layers
+from config import DefenderTrainConfig
 from evaluation.answers import answer_items
+from models.compiled_layers import compiled_layers
 from models.mcq import extract_choice, mcq_reward
 from rl.dapo import dapo_loss, fill_batch, group_advantages, overlong_penalty
-from config import DefenderTrainConfig
 from training import distributed as dist
 from training.checkpoint import load_trainer_state, save_checkpoint
 
@@ -80,34 +80,47 @@ def _chunks(n: int, size: int):
 
 
 class DefenderTrainer:
-    def __init__(self, policy, examples: list[Example], cfg: DefenderTrainConfig, resume_from: str | Path | None = None):
+    def __init__(
+        self, policy, examples: list[Example], cfg: DefenderTrainConfig, resume_from: str | Path | None = None
+    ):
         if not examples:
             raise ValueError("no training examples: the dataset version is empty")
         self.policy, self.examples, self.cfg = policy, examples, cfg
         self.held_back: list[Example] = []
         if cfg.mode == "sft" and cfg.target_accuracy > 0:
             if len(examples) < 2 * cfg.eval_examples:
-                raise ValueError(f"target_accuracy holds back eval_examples={cfg.eval_examples} of {len(examples)} "
-                                 "examples: give at least twice as many examples or lower eval_examples")
-            self.examples, self.held_back = examples[:-cfg.eval_examples], examples[-cfg.eval_examples:]
+                raise ValueError(
+                    f"target_accuracy holds back eval_examples={cfg.eval_examples} of {len(examples)} "
+                    "examples: give at least twice as many examples or lower eval_examples"
+                )
+            self.examples, self.held_back = examples[: -cfg.eval_examples], examples[-cfg.eval_examples :]
         cfg.dapo.validate()
         if cfg.lora_rank > 0:
             from peft import LoraConfig, get_peft_model
 
-            policy.model = get_peft_model(policy.model, LoraConfig(
-                r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"))
+            policy.model = get_peft_model(
+                policy.model,
+                LoraConfig(
+                    r=cfg.lora_rank,
+                    lora_alpha=cfg.lora_alpha,
+                    lora_dropout=0.0,
+                    target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
+                ),
+            )
         if cfg.gradient_checkpointing:
             policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.rank, self.world = dist.rank_world()
         if cfg.batch_prompts % self.world:
-            raise ValueError(f"batch_prompts {cfg.batch_prompts} must divide over {self.world} ranks: set "
-                             f"defender.*.batch_prompts to a multiple of {self.world}")
+            raise ValueError(
+                f"batch_prompts {cfg.batch_prompts} must divide over {self.world} ranks: set "
+                f"defender.*.batch_prompts to a multiple of {self.world}"
+            )
         params = policy.trainable_parameters()
         # fused on a GPU: one kernel per step for all parameters instead of several per tensor list
         # (3.76 B parameters of the 3B defender: params, grads and two moments read and written)
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     fused=bool(params) and all(p.is_cuda for p in params))
+        self.opt = torch.optim.AdamW(
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=bool(params) and all(p.is_cuda for p in params)
+        )
         self.step = 0
         self.reached = False  # target_accuracy met: training is done before ``steps``
         self.metrics: list[dict] = []
@@ -132,7 +145,9 @@ class DefenderTrainer:
         loss_sum = 0.0
         with compiled_layers(p.model, cfg.compile_update):  # forwards *and* backwards: see dapo_step
             for sl in _chunks(len(batch), cfg.micro_batch):
-                logp = p.response_logprobs([e.image for e in batch[sl]], [e.prompt for e in batch[sl]], ids[sl], mask[sl])
+                logp = p.response_logprobs(
+                    [e.image for e in batch[sl]], [e.prompt for e in batch[sl]], ids[sl], mask[sl]
+                )
                 loss = -(logp * mask[sl].to(logp.device)).sum() / total
                 loss.backward()
                 loss_sum += float(loss.detach())
@@ -147,13 +162,18 @@ class DefenderTrainer:
         """Sample G responses for each of the next batch_prompts examples and reward them."""
         p, cfg, G = self.policy, self.cfg, self.cfg.dapo.group_size
         batch = [self.examples[i] for i in self.stream.take(cfg.batch_prompts)]
-        batch = batch[self.rank::self.world]  # this rank's prompts of the draw
+        batch = batch[self.rank :: self.world]  # this rank's prompts of the draw
         rep = [e for e in batch for _ in range(G)]
         ids, masks, truncs, texts = [], [], [], []
         for k, sl in enumerate(_chunks(len(rep), cfg.rollout_batch or cfg.micro_batch)):
-            r = p.rollout([e.image for e in rep[sl]], [e.prompt for e in rep[sl]], temperature=cfg.temperature,
-                          max_new_tokens=cfg.max_new_tokens, cache=cfg.decode_cache,
-                          seed=cfg.seed * 1_000_003 + self.step * 1009 + draw_index * 101 + k + 7919 * self.rank)
+            r = p.rollout(
+                [e.image for e in rep[sl]],
+                [e.prompt for e in rep[sl]],
+                temperature=cfg.temperature,
+                max_new_tokens=cfg.max_new_tokens,
+                cache=cfg.decode_cache,
+                seed=cfg.seed * 1_000_003 + self.step * 1009 + draw_index * 101 + k + 7919 * self.rank,
+            )
             ids.append(r.response_ids)
             masks.append(r.response_mask)
             truncs.append(r.truncated)
@@ -168,8 +188,9 @@ class DefenderTrainer:
             sl = slice(gi * G, (gi + 1) * G)
             rewards = torch.tensor([mcq_reward(t, e.answer, e.num_options) for t in texts[sl]])
             if cfg.dapo.overlong_penalty:
-                rewards = rewards + overlong_penalty(masks[sl].sum(1), cfg.max_new_tokens, cfg.dapo.overlong_cache,
-                                                     cfg.dapo.overlong_factor)
+                rewards = rewards + overlong_penalty(
+                    masks[sl].sum(1), cfg.max_new_tokens, cfg.dapo.overlong_cache, cfg.dapo.overlong_factor
+                )
             scores = [float(extract_choice(t, e.num_options).letter == e.answer) for t in texts[sl]]
             groups.append(Group(e, ids[sl], masks[sl], truncs[sl], rewards, scores, texts[sl]))
         return groups
@@ -178,16 +199,20 @@ class DefenderTrainer:
         p, cfg, G = self.policy, self.cfg, self.cfg.dapo.group_size
         t0 = time.perf_counter()
         draws = iter(range(10**9))
-        groups, drawn = fill_batch(lambda: self._draw(next(draws)), cfg.batch_prompts // self.world, G, cfg.dapo,
-                                   dist.any_rank)
+        groups, drawn = fill_batch(
+            lambda: self._draw(next(draws)), cfg.batch_prompts // self.world, G, cfg.dapo, dist.any_rank
+        )
         t_sample = time.perf_counter() - t0
         images = [g.example.image for g in groups for _ in range(G)]
         prompts = [g.example.prompt for g in groups for _ in range(G)]
         width = max(g.response_ids.shape[1] for g in groups)  # groups may come from different draws
         pad = p.tokenizer.pad_token_id
-        ids = torch.cat([torch.nn.functional.pad(g.response_ids, (0, width - g.response_ids.shape[1]), value=pad)
-                         for g in groups])
-        mask = torch.cat([torch.nn.functional.pad(g.response_mask, (0, width - g.response_mask.shape[1])) for g in groups])
+        ids = torch.cat(
+            [torch.nn.functional.pad(g.response_ids, (0, width - g.response_ids.shape[1]), value=pad) for g in groups]
+        )
+        mask = torch.cat(
+            [torch.nn.functional.pad(g.response_mask, (0, width - g.response_mask.shape[1])) for g in groups]
+        )
         truncated = torch.cat([g.truncated for g in groups])
         rewards = torch.cat([g.rewards for g in groups])
         adv = group_advantages(rewards, G, cfg.dapo.adv_eps)
@@ -213,7 +238,9 @@ class DefenderTrainer:
             stats, ents = [], []
             for _ in range(cfg.dapo.epochs_per_batch):
                 for s, old_lp in zip(slices, old):
-                    logp, ent = p.response_logprobs(images[s], prompts[s], ids[s], mask[s], cfg.temperature, with_entropy=True)
+                    logp, ent = p.response_logprobs(
+                        images[s], prompts[s], ids[s], mask[s], cfg.temperature, with_entropy=True
+                    )
                     old_lp = logp.detach() if old_lp is None else old_lp
                     m = loss_mask[s].to(logp.device)
                     loss, st = dapo_loss(logp, old_lp, adv[s].to(logp.device), m, cfg.dapo, num_tokens=total)
@@ -255,8 +282,9 @@ class DefenderTrainer:
             return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
         return cfg.lr
 
-    def train(self, out_dir: str | Path | None = None, steps: int | None = None,
-              on_step: Callable[[dict], None] | None = None) -> list[dict]:
+    def train(
+        self, out_dir: str | Path | None = None, steps: int | None = None, on_step: Callable[[dict], None] | None = None
+    ) -> list[dict]:
         until = self.cfg.steps if steps is None else min(self.cfg.steps, self.step + steps)
         while self.step < until and not self.reached:
             t0 = time.perf_counter()
@@ -284,6 +312,14 @@ class DefenderTrainer:
         return self.metrics
 
     def save(self, folder: str | Path) -> Path:
-        return save_checkpoint(folder, self.policy, self.opt, {
-            "step": self.step, "data_position": self.stream.position(), "metrics": self.metrics,
-            "config": dataclasses.asdict(self.cfg)})
+        return save_checkpoint(
+            folder,
+            self.policy,
+            self.opt,
+            {
+                "step": self.step,
+                "data_position": self.stream.position(),
+                "metrics": self.metrics,
+                "config": dataclasses.asdict(self.cfg),
+            },
+        )

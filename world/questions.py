@@ -94,8 +94,14 @@ def relative_position(scene: Scene, rng: np.random.Generator, shuffle: bool = Tr
     a, b = pairs[int(rng.integers(len(pairs)))]
     rel = relation(scene.image_box(a), scene.image_box(b))
     options, answer = _shuffle(list(RELATIONS), rel, rng, shuffle)
-    return Question("relative_position", f"Where is the {a.name} relative to the {b.name}?", options, answer,
-                    [a.id, b.id], [a.name, b.name])
+    return Question(
+        "relative_position",
+        f"Where is the {a.name} relative to the {b.name}?",
+        options,
+        answer,
+        [a.id, b.id],
+        [a.name, b.name],
+    )
 
 
 def colour(scene: Scene, rng: np.random.Generator, shuffle: bool = True, n_options: int = 4) -> Question:
@@ -123,7 +129,9 @@ def count(scene: Scene, rng: np.random.Generator, shuffle: bool = True) -> Quest
     pool = [k for k in range(max(0, n - 3), n + 4) if k != n]
     wrong = [pool[i] for i in rng.choice(len(pool), size=3, replace=False)]
     options, answer = _shuffle([str(n), *map(str, wrong)], str(n), rng, shuffle)
-    return Question("count", f"How many {cat}s are there in the image?", options, answer, [o.id for o in targets], [cat])
+    return Question(
+        "count", f"How many {cat}s are there in the image?", options, answer, [o.id for o in targets], [cat]
+    )
 
 
 def existence(scene: Scene, rng: np.random.Generator, shuffle: bool = True) -> Question:
@@ -145,8 +153,9 @@ def existence(scene: Scene, rng: np.random.Generator, shuffle: bool = True) -> Q
 GENERATORS = {"relative_position": relative_position, "colour": colour, "count": count, "existence": existence}
 
 
-def make_question(scene: Scene, qtype: str, rng: np.random.Generator, shuffle: bool = True,
-                  colour_options: int = 4) -> Question:
+def make_question(
+    scene: Scene, qtype: str, rng: np.random.Generator, shuffle: bool = True, colour_options: int = 4
+) -> Question:
     """A question of ``qtype``; ``shuffle=False`` lists the options in a fixed canonical order;
     ``colour_options``: options of a colour question (2 to all colours)."""
     if qtype not in GENERATORS:

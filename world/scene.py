@@ -121,7 +121,10 @@ class Scene:
             seed=int(d["seed"]),
             resolution=int(d["resolution"]),
             background=Background(bg["kind"], tuple(bg["tone"]), int(bg["period"]), int(bg["contrast"])),
-            objects=[SceneObject(int(o["id"]), o["category"], o["colour"], [float(v) for v in o["box"]]) for o in d["objects"]],
+            objects=[
+                SceneObject(int(o["id"]), o["category"], o["colour"], [float(v) for v in o["box"]])
+                for o in d["objects"]
+            ],
             origin=[float(v) for v in d["origin"]],
             size=[int(v) for v in d["size"]],
             scale=float(d.get("scale", 1.0)),
