@@ -31,8 +31,32 @@ if "AOT_TEST_CACHE" not in os.environ:
 os.environ["AOT_CACHE"] = os.environ["AOT_TEST_CACHE"]
 
 
+_PREWARM: list = []
+# Builds the embedded default's warmed Stage 2 defender into the run's cache (stages/warm_defender.py).
+_WARM = "from stages.registry import load, resolve_config; load('defender', resolve_config().model_spec('defender'))"
+
+
+def pytest_configure(config):
+    """On a whole-suite run (`make test`: no paths given), start warming the embedded default's
+    Stage 2 defender at once, in a process of its own: the tests that need it wait on its build
+    lock instead of one of them building it while the other workers idle behind it."""
+    whole_suite = config.args_source == pytest.Config.ArgsSource.TESTPATHS
+    if hasattr(config, "workerinput") or not whole_suite or os.environ.get("AOT_TEST_NO_PREWARM"):
+        return
+    log = open(Path(os.environ["AOT_TEST_CACHE"]) / "prewarm.log", "w")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    _PREWARM.append(
+        subprocess.Popen(
+            [sys.executable, "-c", _WARM], cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True
+        )
+    )
+
+
 def pytest_unconfigure(config):
     if not hasattr(config, "workerinput"):  # the controller (or a run without xdist) owns the folder
+        for proc in _PREWARM:
+            proc.kill()
+            proc.wait()
         shutil.rmtree(os.environ["AOT_TEST_CACHE"], ignore_errors=True)
 
 
