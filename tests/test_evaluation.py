@@ -208,6 +208,8 @@ def test_aot_eval_cli_writes_a_results_version(fixtures, tmp_path, capsys):
             "paper",
             "--cache",
             str(tmp_path / "c.jsonl"),
+            "--set",  # any defender will do: the results version is under test
+            "models.defender=perception-baseline",
         ]
     )
     out = capsys.readouterr().out

@@ -157,6 +157,8 @@ def test_cli_against_a_running_prefect_server(tmp_path):
                 "source.num_scenes=8",
                 "--set",
                 "source.shard_size=4",
+                "--set",  # the server's wiring is under test, not Stage 2's warmed defender: skip its warm-up
+                "models.defender=perception-baseline",
             ],
             client_env,
             tmp_path,
