@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -163,6 +165,14 @@ def parser() -> argparse.ArgumentParser:
         help="vstar=FOLDER, hrbench4k=TSV, hrbench8k=TSV, pope=TSV, hallusionbench=TSV (repeatable)",
     )
     p.add_argument(
+        "--benchmark-images",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="the images folder of a benchmark whose file names images by path (HallusionBench's published "
+        "layout); default: the file's own folder",
+    )
+    p.add_argument(
         "--synthetic",
         type=int,
         default=0,
@@ -300,6 +310,13 @@ def cmd_run(args, stage: str | None = None) -> int:
     if last["stage"] == "export":
         folder = store.manifest(last["version"]).uri.removeprefix("file://")
         print(f'load it: datasets.load_dataset("parquet", data_files="{folder}/part-*.parquet", split="train")')
+        if last["rows"] == 0:
+            why = next((s for s in summaries if s["rows"] == 0), last)
+            print(
+                f"note: the AOT-SFT version has no rows: stage {why['stage']} kept none of its {why['rows_in']} "
+                f"({_reasons(why['reasons'])}); see them with aot show {why['version']}",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -421,7 +438,14 @@ def cmd_import(args) -> int:
     cfg = load_config(args.preset, _nested(_dotted(args.overrides, "--set")))
     store = ShardStore(args.root, storage_options(args))
     m = import_records(store, args.records, args.images, cfg, dataset=args.dataset, box_format=args.box_format)
-    print(f"imported {m.rows_in} records: {m.rows} kept, {m.reject_rows} rejected ({_reasons(m.reasons)})")
+    print(f"imported {m.rows_in} lines: {m.rows} kept, {m.reject_rows} rejected ({_reasons(m.reasons)})")
+    if not m.rows:
+        print(
+            f"error: none of the {m.rows_in} lines was kept, nothing to run Stage 1 and 2 on: see why with "
+            f"aot show {m.version} --root {args.root}",
+            file=sys.stderr,
+        )
+        return 2
     print(f"source version: {m.version}  ({m.uri})")
     if m.reject_rows:
         print(f"see the rejects with: aot show {m.version} --root {args.root}")
@@ -513,22 +537,55 @@ def cmd_models(args) -> int:
     return 1 if missing else 0
 
 
+def _named_paths(pairs: list[str], option: str) -> dict[str, str]:
+    """``["vstar=/data/vstar"]`` -> ``{"vstar": "/data/vstar"}``, naming the fix for a bad pair."""
+    from evaluation.readers import READERS, FormatError
+
+    out = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise FormatError(f"{option} {pair!r} is not NAME=PATH (e.g. {option} vstar=/data/vstar)")
+        if name not in READERS:
+            raise FormatError(f"{option} {pair!r}: unknown benchmark {name!r}; choose from {', '.join(READERS)}")
+        out[name] = path
+    return out
+
+
+def _print_benchmark_summary(name: str, m: dict) -> None:
+    """Everything a benchmark's summary holds, one line each: counts, the benchmark's own
+    metrics, and accuracy per category."""
+    head = [f"n={m['n']}", f"rejected={m.get('rejected', 0)}", f"unparsed={m['unparsed']:.3f}"]
+    for k in ("precision", "recall", "f1", "aAcc", "fAcc", "qAcc"):
+        if k in m:
+            head.append(f"{k}={100 * m[k]:.1f}")
+    print(f"{name}: " + "  ".join(head))
+    for cat, v in m.get("categories", {}).items():
+        acc = v["accuracy"] if isinstance(v, dict) else v
+        rest = f"  F1 {100 * v['f1']:.1f}" if isinstance(v, dict) and "f1" in v else ""
+        print(f"  {cat:<28}{100 * acc:6.1f}{rest}")
+
+
 def cmd_eval(args) -> int:
-    from evaluation.readers import PAPER_COLUMNS
+    from evaluation.readers import PAPER_COLUMNS, check_layout
     from stages.benchmark import evaluate_benchmarks, evaluated_model
     from stages.registry import resolve_config as load_config
     from storage import ShardStore
 
-    store = ShardStore(args.root, storage_options(args))
-    specs = dict(b.split("=", 1) for b in args.benchmark)
+    specs = _named_paths(args.benchmark, "--benchmark")
+    images = _named_paths(args.benchmark_images, "--benchmark-images")
     if not specs and not args.synthetic:
         print("error: name at least one --benchmark NAME=PATH or --synthetic N", file=sys.stderr)
+        return 2
+    if set(images) - set(specs):
+        print(
+            f"error: --benchmark-images names {sorted(set(images) - set(specs))} without its --benchmark",
+            file=sys.stderr,
+        )
         return 2
     if args.endpoint and not args.endpoint_model:
         print("error: --endpoint needs --endpoint-model NAME", file=sys.stderr)
         return 2
-    cfg = load_config(args.preset, _nested(_dotted(args.overrides, "--set")))
-    model, model_id = evaluated_model(store, cfg, args.checkpoint, args.endpoint, args.endpoint_model, args.concurrency)
     protocol = args.protocol
     if args.trials or args.temperature is not None:
         import dataclasses
@@ -538,24 +595,28 @@ def cmd_eval(args) -> int:
         if protocol != "strict":
             print("error: --trials/--temperature configure the strict protocol; the paper's is fixed", file=sys.stderr)
             return 2
-        custom = dataclasses.replace(
+        protocol = dataclasses.replace(
             PROTOCOLS["strict"],
             trials=args.trials or 1,
             temperature=args.temperature if args.temperature is not None else 0.0,
         )
-        protocol = custom
+    for name, path in specs.items():  # a file in the wrong layout fails now, not after the model loads
+        check_layout(name, path)
+    store = ShardStore(args.root, storage_options(args))
+    cfg = load_config(args.preset, _nested(_dotted(args.overrides, "--set")))
+    model, model_id = evaluated_model(store, cfg, args.checkpoint, args.endpoint, args.endpoint_model, args.concurrency)
     if specs:
-        m = evaluate_benchmarks(store, specs, model, model_id, protocol, args.cache)
+        m = evaluate_benchmarks(store, specs, model, model_id, protocol, args.cache, images=images)
         summary = m.extra["summary"]
         cols = [c for c in PAPER_COLUMNS if c in summary]
         _print_table(
             [{"protocol": args.protocol, **{c: f"{100 * summary[c]['accuracy']:.1f}" for c in cols}}],
             ["protocol", *cols],
         )
+        print()
         for c in cols:
-            extra = {k: round(v, 3) for k, v in summary[c].items() if k in ("unparsed", "f1", "fAcc", "qAcc")}
-            print(f"{c}: n={summary[c]['n']} {extra}")
-        print(f"results version: {m.version} ({m.rows} items, {m.reject_rows} rejected rows)")
+            _print_benchmark_summary(c, summary[c])
+        print(f"results version: {m.version} ({m.rows} items, {m.reject_rows} rejected rows: aot show {m.version})")
     if args.synthetic:
         from stages.robustness import robustness_suite
 
@@ -579,15 +640,28 @@ def cmd_config(args) -> int:
     return 0
 
 
+class Terminated(Exception):
+    """SIGTERM, turned into an exception so that the process unwinds: finally blocks and exit
+    handlers run, among them the one that stops the ephemeral Prefect server this run started."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from config import ConfigError
+    from evaluation.endpoint import EndpointError
     from evaluation.readers import FormatError
+    from models.synthetic import MissingSceneError
     from stages.base import StageError
     from stages.registry import ModelConfigError
     from storage import StorageError
 
-    known = (ConfigError, StageError, StorageError, ModelConfigError, FormatError)
+    known = (ConfigError, StageError, StorageError, ModelConfigError, FormatError, EndpointError, MissingSceneError)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.command == "run":
             return cmd_run(args)
@@ -614,6 +688,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; rerun the same command to continue", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated: finished shards are kept; rerun the same command to continue", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

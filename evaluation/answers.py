@@ -4,6 +4,7 @@ that imports it does not hash the readers into its versions."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 from models.mcq import extract_choice
@@ -16,18 +17,32 @@ def ask(
     *,
     temperature: float = 0.0,
     seed: int = 0,
+    seeds: list[int] | None = None,
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
+    on_answer: Callable[[int, str], None] | None = None,
 ) -> list[str]:
     """The model's answer to every (image, prompt), ``batch_size`` per ``generate`` call: the
-    one loop through which every evaluation here asks a model."""
+    one loop through which every evaluation here asks a model. ``seeds`` (one per prompt) go to a
+    model that seeds each request (``generate(..., seeds=)``, an endpoint); any other model gets
+    the batch's first seed. ``on_answer(i, text)`` hears each answer as its batch finishes (an
+    answer cache: an interrupted evaluation keeps what it got)."""
+    per_request = seeds is not None and "seeds" in inspect.signature(model.generate).parameters
     out: list[str] = []
     for k in range(0, len(prompts), batch_size):
-        out += model.generate(
-            images[k : k + batch_size], prompts[k : k + batch_size], temperature=temperature, seed=seed
-        )
+        kw = {"temperature": temperature}
+        if seeds is not None:
+            batch_seeds = seeds[k : k + batch_size]
+            kw.update({"seeds": batch_seeds, "seed": batch_seeds[0]} if per_request else {"seed": batch_seeds[0]})
+        else:
+            kw["seed"] = seed
+        texts = model.generate(images[k : k + batch_size], prompts[k : k + batch_size], **kw)
+        for i, text in enumerate(texts, start=k):
+            if on_answer:
+                on_answer(i, text)
+        out += texts
         if on_batch:
-            on_batch(min(batch_size, len(prompts) - k))
+            on_batch(len(texts))
     return out
 
 

@@ -94,7 +94,11 @@ class ChatEndpoint:
         *,
         temperature: float = 0.0,
         seed: int = 0,
+        seeds: list[int] | None = None,
         max_new_tokens: int | None = None,
     ) -> list[str]:
+        """One request per (image, prompt), concurrently; ``seeds`` gives each request its own
+        seed (independent samples), else every request sends ``seed``."""
+        seeds = list(seeds) if seeds is not None else [seed] * len(prompts)
         with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(prompts)))) as pool:
-            return list(pool.map(lambda ip: self._one(ip[0], ip[1], temperature, seed), zip(images, prompts)))
+            return list(pool.map(lambda a: self._one(a[0], a[1], temperature, a[2]), zip(images, prompts, seeds)))

@@ -11,6 +11,7 @@ Protocols:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -94,8 +95,23 @@ class AnswerCache:
                 f.write(json.dumps({"key": key, "text": text}) + "\n")
 
 
-def _image_key(item: Item) -> str:
-    return content_hash({"size": item.image.size, "px": np.asarray(item.image)[::17, ::13].tolist()})
+def image_digest(image) -> str:
+    """sha256 of an image's every pixel (with its size and mode): two images that differ anywhere,
+    in one pixel of a small edited region say, never share a cached answer."""
+    h = hashlib.sha256(f"{image.mode}:{image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def item_key(item: Item) -> str:
+    """An item's identity across benchmarks: ids repeat between benchmarks (HRBench and POPE both
+    number from 0), so every grouping and cache key carries the benchmark."""
+    return f"{item.benchmark}/{item.id}"
+
+
+def trial_seed(item: Item, trial: int, protocol: Protocol) -> int:
+    """Each (item, trial) its own sampling seed: sampled trials are independent draws."""
+    return int(content_hash({"item": item_key(item), "trial": trial, "seed": protocol.seed}, 8), 16)
 
 
 def evaluate(
@@ -107,44 +123,43 @@ def evaluate(
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[dict]:
-    """Per-item results. ``model`` implements ``generate(images, prompts, temperature=, seed=)``."""
+    """Per-item results. ``model`` implements ``generate(images, prompts, temperature=, seed=)``
+    (and ``seeds=``, one per prompt, where it can seed each request: an endpoint). The cache key
+    is (model, benchmark, item, prompt, the full image, protocol, trial, sampling settings)."""
     cache = cache or AnswerCache(None)
+    sampling = {"temperature": protocol.temperature, "protocol": protocol_dict(protocol)}
     jobs = []
     for item in items:
         prompt, truth, perm = present(item, protocol)
+        digest = image_digest(item.image)
         for t in range(protocol.trials):
             key = content_hash(
-                {
-                    "model": model_id,
-                    "prompt": prompt,
-                    "image": _image_key(item),
-                    "trial": t,
-                    "temperature": protocol.temperature,
-                },
+                {"model": model_id, "item": item_key(item), "prompt": prompt, "image": digest, "trial": t, **sampling},
                 32,
             )
             jobs.append((item, prompt, t, key))
     todo = [j for j in jobs if cache.get(j[3]) is None]
-    for k in range(0, len(todo), batch_size):
-        chunk = todo[k : k + batch_size]
+    # One trial per generate call, so a model that takes one seed per call still gives every
+    # trial its own; an endpoint gets each request's own seed.
+    for t in sorted({j[2] for j in todo}):
+        trial = [j for j in todo if j[2] == t]
         texts = ask(
             model,
-            [j[0].image for j in chunk],
-            [j[1] for j in chunk],
+            [j[0].image for j in trial],
+            [j[1] for j in trial],
             temperature=protocol.temperature,
-            seed=chunk[0][2],
+            seeds=[trial_seed(j[0], t, protocol) for j in trial],
             batch_size=batch_size,
             on_batch=on_batch,
+            on_answer=lambda i, text, trial=trial: cache.put(trial[i][3], text),
         )
-        for j, text in zip(chunk, texts):
-            cache.put(j[3], text)
     rows = []
     by_item: dict[str, list] = {}
     for item, prompt, t, key in jobs:
-        by_item.setdefault(item.id, []).append(cache.get(key))
+        by_item.setdefault(item_key(item), []).append(cache.get(key))
     for item in items:
         prompt, truth, perm = present(item, protocol)
-        texts = by_item[item.id]
+        texts = by_item[item_key(item)]
         parsed = [parse(x, item, protocol) for x in texts]
         hits = [p == truth for p in parsed]
         score = float(all(hits)) if protocol.all_trials_right else sum(hits) / len(hits)
@@ -166,24 +181,27 @@ def evaluate(
 
 
 def _prf(rows: list[dict]) -> dict:
-    """POPE metrics with "yes" as positive (a trial-averaged prediction counts once per row)."""
-    tp = fp = fn = tn = 0
+    """POPE's precision, recall and F1 with "yes" as positive, over every trial's answer. An
+    unparsed answer is a prediction of "not yes" (a missed positive), as VLMEvalKit's POPE rating
+    counts it; accuracy is the rows' score, where an unparsed answer is simply wrong."""
+    tp = fp = fn = 0
     for r in rows:
-        pred = r["parsed"][0]
-        truth = r["truth"]
-        if pred == "yes" and truth == "yes":
-            tp += 1
-        elif pred == "yes":
-            fp += 1
-        elif truth == "yes":
-            fn += 1
-        else:
-            tn += 1
-    n = max(1, tp + fp + fn + tn)
+        for pred in r["parsed"]:
+            if pred == "yes":
+                tp, fp = tp + (r["truth"] == "yes"), fp + (r["truth"] != "yes")
+            elif r["truth"] == "yes":
+                fn += 1
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": (tp + tn) / n, "precision": precision, "recall": recall, "f1": f1, "n": tp + fp + fn + tn}
+    return {
+        "accuracy": sum(r["score"] for r in rows) / max(1, len(rows)),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "n": len(rows),
+        "unparsed": sum(r["unparsed"] for r in rows) / max(1, len(rows)),
+    }
 
 
 def metrics(rows: list[dict]) -> dict:

@@ -22,6 +22,20 @@ from storage.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
+# The columns each TSV benchmark must have (shared/notes/benchmark-formats.md): its reader's
+# requirement, and the check ``aot eval`` makes before anything loads.
+HRBENCH_COLUMNS = ["index", "question", "answer", "category", "A", "B", "C", "D"]
+POPE_COLUMNS = ["index", "image", "question", "answer", "category"]
+HALLUSIONBENCH_COLUMNS = ["index", "question", "answer", "category", "l2-category", "image_path"]
+TSV_COLUMNS = {
+    "hrbench4k": HRBENCH_COLUMNS,
+    "hrbench8k": HRBENCH_COLUMNS,
+    "pope": POPE_COLUMNS,
+    "hallusionbench": HALLUSIONBENCH_COLUMNS,
+}
+NAMES = {"hrbench4k": "HRBench-4K", "hrbench8k": "HRBench-8K", "pope": "POPE", "hallusionbench": "HallusionBench"}
+
+
 class FormatError(ValueError):
     """The file is not in the benchmark's published layout."""
 
@@ -114,22 +128,24 @@ def read_vstar(folder: str | Path) -> tuple[list[Item], list[Reject]]:
     return items, rejects
 
 
-def read_hrbench(path: str | Path, name: str = "hrbench") -> tuple[list[Item], list[Reject]]:
+def read_hrbench(
+    path: str | Path, name: str = "hrbench", images_dir: str | Path | None = None
+) -> tuple[list[Item], list[Reject]]:
     """HRBench-4K/-8K TSV: index, image (base64) or image_path, question, answer (A-D), category,
     A, B, C, D, cycle_category."""
-    rows = read_tsv(path, ["index", "question", "answer", "category", "A", "B", "C", "D"], name)
+    rows = read_tsv(path, HRBENCH_COLUMNS, name)
     items, rejects = [], []
     for r in rows:
         iid = r["index"]
         options = [r[k] for k in "ABCD"]
-        if r["answer"].strip().upper() not in "ABCD" or not r["answer"].strip():
-            rejects.append(Reject(iid, "bad_answer", f"answer {r['answer']!r} is not A-D"))
+        if r["answer"].strip().upper() not in ("A", "B", "C", "D"):  # one letter: "AB" is not an answer
+            rejects.append(Reject(iid, "bad_answer", f"answer {r['answer']!r} is not one of A, B, C, D"))
             continue
         try:
             if r.get("image"):
                 image = _b64_image(r["image"])
             elif r.get("image_path"):
-                image = decode_image((Path(path).parent / r["image_path"]).read_bytes())
+                image = decode_image((Path(images_dir or Path(path).parent) / r["image_path"]).read_bytes())
             else:
                 raise ImageDecodeError("neither an image nor an image_path")
         except (ImageDecodeError, OSError) as exc:
@@ -158,7 +174,7 @@ def _yes_no(value: str) -> str | None:
 def read_pope(path: str | Path) -> tuple[list[Item], list[Reject]]:
     """POPE TSV: index, image (base64), question, answer (yes/no, any case), category (may be a
     comma-separated list: a row counts in each)."""
-    rows = read_tsv(path, ["index", "image", "question", "answer", "category"], "POPE")
+    rows = read_tsv(path, POPE_COLUMNS, "POPE")
     items, rejects = [], []
     for r in rows:
         ans = _yes_no(r["answer"])
@@ -179,7 +195,7 @@ def read_hallusionbench(path: str | Path, images_dir: str | Path | None = None) 
     """HallusionBench TSV: index (underscore-separated; parts 3, 4, 5 are set, figure and question
     ids), question, answer (Yes/No), category, l2-category, image_path (relative to images_dir),
     optionally image (base64, used when it is a real image)."""
-    rows = read_tsv(path, ["index", "question", "answer", "category", "l2-category", "image_path"], "HallusionBench")
+    rows = read_tsv(path, HALLUSIONBENCH_COLUMNS, "HallusionBench")
     base = Path(images_dir) if images_dir else Path(path).parent
     items, rejects = [], []
     for r in rows:
@@ -212,7 +228,13 @@ def read_hallusionbench(path: str | Path, images_dir: str | Path | None = None) 
                 ans,
                 None,
                 [r["category"], r["l2-category"]],
-                {"set": parts[3], "figure": f"{parts[3]}_{parts[4]}", "question": f"{parts[3]}_{parts[5]}"},
+                # fAcc / qAcc group as VLMEvalKit's HallusionBench rating does: by l2-category,
+                # set and figure (resp. question) id
+                {
+                    "set": parts[3],
+                    "figure": f"{r['l2-category']}_{parts[3]}_{parts[4]}",
+                    "question": f"{r['l2-category']}_{parts[3]}_{parts[5]}",
+                },
             )
         )
     return items, rejects
@@ -225,15 +247,35 @@ def image_b64(image: Image.Image, fmt: str = "JPEG") -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-READERS = {  # benchmark name -> reader of its published layout
-    "vstar": lambda p: read_vstar(p),
-    "hrbench4k": lambda p: read_hrbench(p, "hrbench4k"),
-    "hrbench8k": lambda p: read_hrbench(p, "hrbench8k"),
-    "pope": lambda p: read_pope(p),
-    "hallusionbench": lambda p: read_hallusionbench(p),
+READERS = {  # benchmark name -> reader of its published layout: (file or folder, images folder or None)
+    "vstar": lambda p, images: read_vstar(p),
+    "hrbench4k": lambda p, images: read_hrbench(p, "hrbench4k", images),
+    "hrbench8k": lambda p, images: read_hrbench(p, "hrbench8k", images),
+    "pope": lambda p, images: read_pope(p),
+    "hallusionbench": lambda p, images: read_hallusionbench(p, images),
 }
 # The paper's column order for the summary (METHOD.md, "Published results").
 PAPER_COLUMNS = ["vstar", "hrbench4k", "hrbench8k", "hallusionbench", "pope"]
+
+
+def check_layout(name: str, path: str | Path) -> None:
+    """The benchmark's file or folder is in its published layout (a TSV's header, V*'s folder),
+    checked in a moment before a model loads; rows are checked when read."""
+    path = Path(path)
+    if name == "vstar":
+        if not path.is_dir():
+            raise FormatError(f"V*: {path} is not a folder (expected one sub-folder per category of <id>.json + image)")
+        return
+    if not path.is_file():
+        raise FormatError(f"{NAMES[name]}: no file at {path}")
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        header = f.readline().rstrip("\r\n").split("\t")
+    missing = [c for c in TSV_COLUMNS[name] if c not in header]
+    if missing:
+        raise FormatError(
+            f"{NAMES[name]}: {path} lacks column(s) {missing}; expected a TSV with a header row and "
+            f"columns {TSV_COLUMNS[name]} (found {header})"
+        )
 
 
 def files_fingerprint(path: str | Path) -> str:
@@ -244,13 +286,32 @@ def files_fingerprint(path: str | Path) -> str:
     return content_hash([[str(f.relative_to(path.parent)), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
 
 
-def load_benchmarks(specs: dict[str, str]):
-    """(items, reject rows) of every named benchmark file or folder."""
+def load_benchmarks(specs: dict[str, str], images: dict[str, str] | None = None):
+    """(items, reject rows) of every named benchmark file or folder (``images``: a benchmark's
+    images folder, where its file names images by path). A benchmark whose every row is rejected
+    is an error naming why, not a silently missing column."""
+    images = images or {}
+    unknown = sorted(set(specs) - set(READERS)) + sorted(set(images) - set(READERS))
+    if unknown:
+        raise FormatError(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(READERS)}")
     items, rejects = [], []
     for name, path in specs.items():
-        if name not in READERS:
-            raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(READERS)}")
-        it, rej = READERS[name](path)
+        it, rej = READERS[name](path, images.get(name))
+        if not it:
+            reasons: dict[str, int] = {}
+            for r in rej:
+                reasons[r.reason] = reasons.get(r.reason, 0) + 1
+            first = f" (first: {rej[0].id}: {rej[0].detail})" if rej else ""
+            hint = (
+                f"; its images resolve against {images[name] if name in images else Path(path).parent}: "
+                f"name the images folder with --benchmark-images {name}=DIR"
+                if "bad_image" in reasons
+                else ""
+            )
+            raise FormatError(
+                f"{name}: no usable row in {path}: {len(rej)} rejected "
+                f"({', '.join(f'{k} {v}' for k, v in reasons.items()) or 'no rows'}){first}{hint}"
+            )
         items += it
         rejects += [{"id": r.id, "stage": f"read-{name}", "reason": r.reason, "detail": r.detail} for r in rej]
     return items, rejects

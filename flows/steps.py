@@ -9,6 +9,8 @@ import copy
 from flows.attacker import generate_curriculum, train_attacker
 from flows.bootstrap import STAGE_FLOWS, bootstrap, make_task_runner, resolve_config
 from flows.defender import evaluate_defender, train_defender
+from stages.base import STAGES
+from stages.runner import check_chain, check_scenes
 from storage import ShardStore
 
 
@@ -61,12 +63,14 @@ class PrefectSteps:
         )
 
     def stage(self, name, input_version):
+        check_scenes(self.store, STAGES[name], self.cfg, input_version)  # before Prefect starts
         flow_ = STAGE_FLOWS[name]
         if self.task_runner:
             flow_ = flow_.with_options(task_runner=make_task_runner(self.task_runner))
         return _completed(flow_, f"flows/bootstrap.py:{name}_flow", input_version=input_version, **self._flow_args())
 
     def bootstrap(self, source):
+        check_chain(self.store, self.cfg, source)  # before Prefect starts
         return _completed(
             bootstrap,
             "flows/bootstrap.py:bootstrap",

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.roles import Box, Context, Painted, Painter
+from models.roles import Box, Context, Painted, Painter, serialized
 
 OUTPAINT_PROMPT = "the same scene, extended naturally beyond its borders"
 
@@ -173,6 +173,7 @@ class DiffusersFiller(Painter):
                     out[i] = img
         return out
 
+    @serialized  # the pipeline's scheduler keeps its step index between steps: one call at a time
     def _pipeline(self, images, masks, prompts, h, w) -> list[Image.Image]:
         m = self.multiple
         ph, pw = (-h) % m, (-w) % m

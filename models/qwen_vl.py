@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from models.mcq import letters
+from models.roles import serialized
 from models.shared_images import distinct_rows, expand_rows, repeated_images
 from models.vision_attention import DEFAULT as DEFAULT_VISION_ATTENTION
 from models.vision_attention import set_vision_attention
@@ -309,6 +310,7 @@ class QwenVLPolicy:
         return {k: v.to(self.device) for k, v in expand_rows(batch, inverse).items()}, inverse
 
     # ------------------------------------------------------------ sampling
+    @serialized  # seeds the global torch RNG and patches the vision tower's forward (repeated_images)
     @torch.no_grad()
     def rollout(
         self,
@@ -356,6 +358,7 @@ class QwenVLPolicy:
         return self.rollout(images, prompts, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed).texts
 
     # --------------------------------------------------------- log-probs
+    @serialized
     def response_logprobs(
         self,
         images: list[Image.Image],

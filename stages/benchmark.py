@@ -26,9 +26,11 @@ def evaluated_model(
     if endpoint:
         from evaluation.endpoint import ChatEndpoint
 
-        return ChatEndpoint(
-            endpoint, endpoint_model or "default", concurrency=concurrency
-        ), f"endpoint:{endpoint_model}"
+        client = ChatEndpoint(endpoint, endpoint_model or "default", concurrency=concurrency)
+        # Everything that changes the answers: the server, the model it serves, the answer cap
+        # (another server under the same model name is another model).
+        ident = {"endpoint": client.url, "model": client.model, "max_tokens": client.max_tokens}
+        return client, "endpoint:" + json.dumps(ident, sort_keys=True)
     if checkpoint:
         from stages.defender import load_defender
 
@@ -47,16 +49,24 @@ def evaluate_benchmarks(
     protocol="strict",
     cache_path: str | None = None,
     dataset: str = "benchmarks",
+    images: dict[str, str] | None = None,
 ) -> Manifest:
-    """``protocol``: "strict", "paper" or a ``Protocol`` (e.g. strict with n sampled trials)."""
+    """``protocol``: "strict", "paper" or a ``Protocol`` (e.g. strict with n sampled trials);
+    ``images``: a benchmark's images folder where its file names images by path (HallusionBench)."""
     p = PROTOCOLS[protocol] if isinstance(protocol, str) else protocol
-    inputs = {name: files_fingerprint(path) for name, path in specs.items()}
-    config = {"protocol": protocol_dict(p), "model": model_id, "benchmarks": specs, "inputs": inputs}
+    images = images or {}
+    inputs = {
+        name: files_fingerprint(path)
+        for name, path in {**specs, **{f"{k}:images": v for k, v in images.items()}}.items()
+    }
+    config = {"protocol": protocol_dict(p), "model": model_id, "benchmarks": specs, "images": images, "inputs": inputs}
 
     def compute(version: str) -> VersionPart:
-        items, rejects = load_benchmarks(specs)
+        items, rejects = load_benchmarks(specs, images)
         rows = evaluate(model, model_id, items, p, AnswerCache(cache_path))
         summary = metrics(rows)
+        for name, m in summary.items():
+            m["rejected"] = sum(r["stage"] == f"read-{name}" for r in rejects)
         df = pl.DataFrame(
             [
                 {

@@ -107,8 +107,32 @@ def planned_versions(cfg: PipelineConfig, until: str = "export") -> dict[str, st
     return out
 
 
+def check_scenes(store: ShardStore, stage: Stage, cfg: PipelineConfig, input_version: str | None) -> None:
+    """The synthetic world's oracles answer from a row's scene, which imported photos do not have:
+    fail before any shard runs, naming the fix, rather than on the first row."""
+    from stages.registry import backend
+
+    oracles = [r for r in stage.roles if backend(r, cfg.model_spec(r)).exact]
+    m = store.manifest(input_version) if oracles and input_version else None
+    while m is not None and m.stage != "source" and m.parents:
+        m = store.manifest(m.parents[0])
+    if m is not None and m.stage == "source" and "records" in (m.extra or {}):
+        raise StageError(
+            f"stage {stage.name}: the synthetic {oracles[0]} answers from a scene's metadata, and "
+            f"{input_version} comes from imported photos (aot import), which have none: run them with "
+            "--preset tiny (every real model class, random weights) or --preset full"
+        )
+
+
+def check_chain(store: ShardStore, cfg: PipelineConfig, source_version: str | None) -> None:
+    """``check_scenes`` for every bootstrap stage a run on ``source_version`` will reach."""
+    for name in BOOTSTRAP[1:]:
+        check_scenes(store, get_stage(name), cfg, source_version)
+
+
 def plan(store: ShardStore, stage_name: str, cfg: PipelineConfig, input_version: str | None = None) -> StagePlan:
     stage = get_stage(stage_name)
+    check_scenes(store, stage, cfg, input_version)
     if stage.parent is None:
         n = cfg.source.num_scenes
         size = cfg.source.shard_size
@@ -237,6 +261,7 @@ def run_bootstrap(
     """The bootstrap chain up to and including ``until``, serially, without Prefect."""
     out = []
     version = source_version
+    check_chain(store, cfg, source_version)
     for name in BOOTSTRAP[: BOOTSTRAP.index(until) + 1]:
         if name == "source" and source_version:
             continue

@@ -14,9 +14,11 @@ from PIL import Image
 
 IMAGE_DTYPE = pl.Struct({"bytes": pl.Binary, "path": pl.String})
 
-# Decompression-bomb guard: PIL warns above MAX_IMAGE_PIXELS and raises above twice that.
-# We refuse anything above the limit outright (the limit is a config value of the callers).
+# Decompression-bomb guard: the caller's limit (a config value), checked on the header before any
+# pixel is decoded. PIL's own guard (a fixed ~89 MP) is turned off here, or no limit could be
+# raised past it: a genuine 100 MP photo with source.max_image_pixels at 200 MP must decode.
 DEFAULT_MAX_PIXELS = 64_000_000
+Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageDecodeError(ValueError):

@@ -100,7 +100,8 @@ def test_readers_round_trip_and_reject(fixtures):
     assert len(items) == 8 and [r.reason for r in rej] == ["bad_answer"]
     assert items[0].categories == ["adversarial", "popular"] and items[1].answer == "no"
     items, rej = read_hallusionbench(hb, hb_dir)
-    assert len(items) == 4 and not rej and items[1].meta == {"set": "0", "figure": "0_0", "question": "0_1"}
+    # fAcc / qAcc group by (l2-category, set, figure / question), as VLMEvalKit rates HallusionBench
+    assert len(items) == 4 and not rej and items[1].meta == {"set": "0", "figure": "chart_0_0", "question": "chart_0_1"}
 
 
 def test_wrong_format_names_the_expected_columns(tmp_path):
@@ -368,3 +369,202 @@ def test_synthetic_suite_without_items_says_why(tmp_path):
     )
     with pytest.raises(ValueError, match="no items: Stage 2 kept no edit on 4 held-out scenes.*more scenes"):
         robustness_suite(ShardStore(str(tmp_path)), cfg, PerceptionBaselineDefender(), "baseline", scenes=4)
+
+
+# ------------------------------------------------------------------ numbers a user can trust
+class Oracle:
+    """Answers every question right: looks the shown prompt and image up in ``truth``."""
+
+    def __init__(self, items, protocol):
+        from evaluation.harness import image_digest
+
+        self.truth = {}
+        for it in items:
+            prompt, shown, _ = present(it, protocol)
+            answer = shown if it.options else shown.capitalize()
+            self.truth[(prompt, image_digest(it.image))] = "\\boxed{" + answer + "}"
+
+    def generate(self, images, prompts, temperature=0.0, seed=0):
+        from evaluation.harness import image_digest
+
+        return [self.truth[(p, image_digest(im))] for im, p in zip(images, prompts)]
+
+
+def test_benchmarks_with_colliding_ids_keep_their_own_answers(fixtures):
+    """HRBench and POPE both number items from 0: one run over both must not mix their answers."""
+    hr_items, _ = read_hrbench(fixtures[2], "hrbench4k")
+    pope_items, _ = read_pope(fixtures[3])
+    assert {i.id for i in hr_items} & {i.id for i in pope_items}  # the fixture collides on purpose
+    for protocol in (STRICT, PAPER):
+        m = metrics(evaluate(Oracle(hr_items + pope_items, protocol), "oracle", hr_items + pope_items, protocol))
+        assert m["hrbench4k"]["accuracy"] == 1.0 and m["pope"]["accuracy"] == 1.0, protocol.name
+
+
+def test_unparsed_pope_answers_score_zero(fixtures):
+    items, _ = read_pope(fixtures[3])
+    m = metrics(evaluate(Always("I cannot tell."), "mute", items, STRICT))["pope"]
+    assert m["accuracy"] == 0.0 and m["unparsed"] == 1.0 and m["f1"] == 0.0 and m["recall"] == 0.0
+
+
+def test_images_differing_in_a_small_patch_get_their_own_cached_answers(tmp_path):
+    """HallusionBench's edited figures: same question, images differing in a few pixels."""
+    import numpy as np
+    from PIL import Image
+
+    from evaluation.readers import Item
+
+    base = np.full((96, 96, 3), 200, np.uint8)
+    edited = base.copy()
+    edited[40:43, 50:53] = 0  # a 3x3 patch, between any sampling grid's points
+    a = Item("fig-a", "hallusionbench", Image.fromarray(base), "Is the dot there?", "no", None, ["VS", "chart"])
+    b = Item("fig-b", "hallusionbench", Image.fromarray(edited), "Is the dot there?", "yes", None, ["VS", "chart"])
+
+    class Looks:
+        calls = 0
+
+        def generate(self, images, prompts, temperature=0.0, seed=0):
+            self.calls += len(images)
+            return ["\\boxed{Yes}" if np.asarray(im).min() == 0 else "\\boxed{No}" for im in images]
+
+    cache = AnswerCache(tmp_path / "c.jsonl")
+    model = Looks()
+    assert [r["score"] for r in evaluate(model, "looks", [a, b], STRICT, cache)] == [1.0, 1.0]
+    again = Looks()  # from the cache: each image its own answer, nothing asked
+    assert [r["score"] for r in evaluate(again, "looks", [b, a], STRICT, AnswerCache(tmp_path / "c.jsonl"))] == [1, 1]
+    assert model.calls == 2 and again.calls == 0
+
+
+@pytest.fixture
+def chat_server():
+    """A stand-in OpenAI-compatible chat server on 127.0.0.1: answers \\boxed{A} and records each
+    request's seed and prompt. Yields (base URL, list of recorded requests)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with lock:
+                seen.append({"seed": body.get("seed"), "text": body["messages"][0]["content"][1]["text"]})
+            out = json.dumps({"choices": [{"message": {"content": "\\boxed{A}"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(out)
+
+    servers = []
+
+    def start():
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/v1"
+
+    yield start, seen
+    for s in servers:
+        s.shutdown()
+
+
+def test_two_endpoints_on_one_root_are_two_versions(fixtures, tmp_path, chat_server, capsys):
+    from aot.cli import main
+
+    start, seen = chat_server
+    versions = []
+    for url in (start(), start()):  # two servers, one model name
+        before = len(seen)
+        args = [
+            "eval",
+            "--root",
+            str(tmp_path),
+            "--benchmark",
+            f"hrbench4k={fixtures[2]}",
+            "--endpoint",
+            url,
+            "--endpoint-model",
+            "qwen2.5-vl-7b",
+        ]
+        assert main(args) == 0
+        versions.append(capsys.readouterr().out.split("results version: ")[1].split()[0])
+        assert len(seen) - before == 8  # the second server was asked too, not served the first's numbers
+    assert versions[0] != versions[1]
+
+
+def test_sampled_trials_send_each_trial_its_own_seed(fixtures, tmp_path, chat_server, capsys):
+    from aot.cli import main
+
+    start, seen = chat_server
+    url = start()
+    args = [
+        "eval",
+        "--root",
+        str(tmp_path),
+        "--benchmark",
+        f"hrbench4k={fixtures[2]}",
+        "--endpoint",
+        url,
+        "--endpoint-model",
+        "m",
+        "--trials",
+        "3",
+        "--temperature",
+        "0.7",
+    ]
+    assert main(args) == 0
+    by_prompt: dict[str, list] = {}
+    for r in seen:
+        by_prompt.setdefault(r["text"], []).append(r["seed"])
+    assert len(by_prompt) == 8 and all(len(s) == 3 and len(set(s)) == 3 for s in by_prompt.values()), by_prompt
+    assert len({s for v in by_prompt.values() for s in v}) == 24  # and no two items share one either
+
+
+def test_hallusionbench_in_its_published_layout_through_the_cli(fixtures, tmp_path, capsys):
+    """The TSV in one folder, its images in another: --benchmark-images names that folder; without
+    it every row is rejected, which is an error naming the option, not a missing line."""
+    import shutil
+
+    from aot.cli import main
+
+    d, vstar, hr, pope, hb, hb_dir = fixtures
+    (tmp_path / "tsv").mkdir()
+    tsv = shutil.copy(hb, tmp_path / "tsv" / "HallusionBench.tsv")
+    base = [
+        "eval",
+        "--root",
+        str(tmp_path / "data"),
+        "--benchmark",
+        f"hallusionbench={tsv}",
+        "--set",
+        "models.defender=perception-baseline",
+    ]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: hallusionbench: no usable row") and "--benchmark-images hallusionbench=DIR" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main([*base, "--benchmark-images", f"hallusionbench={hb_dir}", "--benchmark", f"pope={pope}"]) == 0
+    out = capsys.readouterr().out
+    assert "hallusionbench: n=4" in out and "fAcc=" in out and "qAcc=" in out  # the benchmark's own metrics
+    assert "pope: n=8  rejected=1" in out and "precision=" in out and "f1=" in out
+    assert "  adversarial" in out and "  chart" in out  # per category
+
+
+def test_hrbench_answers_are_one_option_letter(tmp_path):
+    p = tmp_path / "hr.tsv"
+    rows = [
+        [str(i), image_b64(_img(i)), "q", ans, "single", "w", "x", "y", "z", ""]
+        for i, ans in enumerate(["A", "AB", "BC", "", " c ", "ABCD"])
+    ]
+    _write_tsv(p, ["index", "image", "question", "answer", "category", "A", "B", "C", "D", "cycle_category"], rows)
+    items, rej = read_hrbench(p, "hrbench4k")
+    assert [i.answer for i in items] == ["A", "C"]
+    assert [(r.id, r.reason) for r in rej] == [
+        ("1", "bad_answer"),
+        ("2", "bad_answer"),
+        ("3", "bad_answer"),
+        ("5", "bad_answer"),
+    ]

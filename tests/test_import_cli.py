@@ -173,7 +173,7 @@ def test_cli_import_ls_show_gc(photo_dir, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "imported 11 records: 2 kept, 9 rejected" in out  # default bomb limit: big.png is fine
+    assert "imported 11 lines: 2 kept, 9 rejected" in out  # default bomb limit: big.png is fine
     version = out.split("source version: ")[1].split()[0]
     assert main(["ls", "--root", root]) == 0
     assert version in capsys.readouterr().out
@@ -182,3 +182,231 @@ def test_cli_import_ls_show_gc(photo_dir, capsys):
     assert "2 kept, 9 rejected" in shown and "first 3 rejects" in shown
     assert main(["gc", "--root", root, "--min-age", "0", "--dry-run"]) == 0
     assert "0 paths would be removed" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ every kind of bad record
+BAD_RECORDS = {  # id -> (the record's fields over a good one, the reason it must be rejected for)
+    "no-image": ({"image": None}, "missing_field"),
+    "empty-image": ({"image": ""}, "missing_field"),
+    "no-question": ({"question": None}, "missing_field"),
+    "no-options": ({"options": None}, "missing_field"),
+    "empty-options": ({"options": []}, "missing_field"),
+    "no-answer": ({"answer": None}, "missing_field"),
+    "question-number": ({"question": 7}, "bad_question"),
+    "question-blank": ({"question": "   "}, "bad_question"),
+    "question-huge": ({"question": "why? " * 1000}, "bad_question"),
+    "one-option": ({"options": ["left"]}, "bad_options"),
+    "options-text": ({"options": "left,right"}, "bad_options"),
+    "option-number": ({"options": ["left", 2]}, "bad_options"),
+    "option-empty": ({"options": ["left", ""]}, "bad_options"),
+    "options-repeat": ({"options": ["left", "Left"]}, "bad_options"),
+    "options-27": ({"options": [f"o{i}" for i in range(27)]}, "bad_options"),
+    "option-huge": ({"options": ["left", "x" * 2000]}, "bad_options"),
+    "answer-letter-out": ({"answer": "C"}, "bad_answer"),
+    "answer-number": ({"answer": 1}, "bad_answer"),
+    "answer-word": ({"answer": "left"}, "bad_answer"),
+    "answer-lower": ({"answer": "a"}, "bad_answer"),
+    "names-text": ({"target_names": "cup"}, "bad_names"),
+    "names-number": ({"target_names": [1]}, "bad_names"),
+    "boxes-empty": ({"target_boxes": []}, "no_targets"),
+    "boxes-null": ({"target_boxes": None}, "no_targets"),
+    "boxes-text": ({"target_boxes": "2,3,20,30"}, "bad_box"),
+    "box-three": ({"target_boxes": [[2, 3, 20]]}, "bad_box"),
+    "box-bool": ({"target_boxes": [[True, 3, 20, 30]]}, "bad_box"),
+    "box-text-number": ({"target_boxes": [["2", 3, 20, 30]]}, "bad_box"),
+    "box-nan": ({"target_boxes": [[2, 3, 20, float("nan")]]}, "bad_box"),
+    "box-degenerate": ({"target_boxes": [[5, 5, 5, 20]]}, "bad_box"),
+    "box-outside": ({"target_boxes": [[50, 10, 70, 20]]}, "bad_box"),
+    "box-negative": ({"target_boxes": [[-1, 3, 20, 30]]}, "bad_box"),
+    "image-missing": ({"image": "missing.png"}, "missing_image"),
+    "image-escape": ({"image": "../secret.png"}, "missing_image"),
+    "image-number": ({"image": 5}, "missing_field"),
+    "image-corrupt": ({"image": "corrupt.jpg"}, "bad_image"),
+    "image-bomb": ({"image": "big.png"}, "bad_image"),
+    "id-bool": ({"id": True}, "bad_id"),
+    "id-huge": ({"id": "x" * 300}, "bad_id"),
+    "ok": ({"id": "dup"}, None),
+    "dup": ({"id": "dup"}, "duplicate_id"),
+    "ok-2": ({}, None),
+}
+RAW_LINES = {  # lines that are no record at all
+    b"": "blank_line",
+    b"   ": "blank_line",
+    b"{not json": "bad_record",
+    b"[1, 2]": "bad_record",
+    b'"a string"': "bad_record",
+    b'{"question": "caf\xe9 without UTF-8"}': "bad_encoding",
+}
+
+
+def test_import_rejects_every_kind_of_bad_record_and_counts_every_line(photo_dir):
+    good = {
+        "image": "good.png",
+        "question": "Where is the cup?",
+        "options": ["left", "right"],
+        "answer": "A",
+        "target_boxes": [[2, 3, 20, 30]],
+        "target_names": ["cup"],
+    }
+    lines, expected = [], {}
+    for rid, (fields, reason) in BAD_RECORDS.items():
+        rec = {**good, "id": rid, **fields}
+        lines.append(json.dumps({k: v for k, v in rec.items()}).encode())
+        expected[len(lines)] = reason
+    for raw, reason in RAW_LINES.items():
+        lines.insert(3, raw)
+        expected = {(k + 1 if k >= 4 else k): v for k, v in expected.items()}
+        expected[4] = reason
+    path = photo_dir / "many.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    store = ShardStore(str(photo_dir / "root"))
+    cfg = load_config("synthetic", {"source": {"shard_size": 8, "max_image_pixels": 10_000}})
+    m = import_records(store, path, photo_dir / "images", cfg, dataset="many")
+    kinds = {r for r in expected.values() if r}
+    assert len(BAD_RECORDS) + len(RAW_LINES) - 2 >= 30 and len(kinds) >= 12
+    assert m.rows_in == len(lines) == m.rows + m.reject_rows  # every line counted, blank ones included
+    kept = store.read(m)
+    assert sorted(kept["id"].to_list()) == ["dup", "ok-2"]  # the first line with id "dup" keeps it
+    rejects = store.read(m, "rejects")
+    by_line = {json.loads(r["record"])["line"]: r["reason"] for r in rejects.iter_rows(named=True)}
+    assert by_line == {k: v for k, v in expected.items() if v}
+    assert all(r["detail"] for r in rejects.iter_rows(named=True))  # each with its reason spelled out
+
+
+def test_import_of_nothing_says_so_and_the_dataset_is_in_the_id(photo_dir, capsys):
+    empty = photo_dir / "empty.jsonl"
+    empty.write_text("\n\n")
+    root = str(photo_dir / "root")
+    assert main(["import", "--records", str(empty), "--images", str(photo_dir / "images"), "--root", root]) == 2
+    assert "holds no record" in capsys.readouterr().err
+    args = [
+        "import",
+        "--records",
+        str(photo_dir / "records.jsonl"),
+        "--images",
+        str(photo_dir / "images"),
+        "--root",
+        root,
+    ]
+    ids = []
+    for dataset in ("a", "b"):
+        assert main([*args, "--dataset", dataset]) == 0
+        ids.append(capsys.readouterr().out.split("source version: ")[1].split()[0])
+    assert ids[0] != ids[1]  # the same files under two datasets: two versions, `aot show` names each
+
+
+def test_a_photo_above_pils_limit_decodes_when_the_limit_is_raised(tmp_path):
+    """PIL's own bomb guard (~89 MP) no longer caps source.max_image_pixels."""
+    from storage.images import ImageDecodeError
+
+    path = tmp_path / "huge.png"
+    Image.new("L", (10_000, 10_000), 7).save(path)  # 100 MP, a few KB as PNG
+    data = path.read_bytes()
+    with pytest.raises(ImageDecodeError, match="above the limit"):
+        decode_image(data, max_pixels=90_000_000)
+    assert decode_image(data, max_pixels=200_000_000).size == (10_000, 10_000)
+
+
+def test_cli_errors_are_one_line_exit_2_and_no_traceback(photo_dir, tmp_path):
+    """Each error a user can cause exits 2 with one line naming the fix, through the real entry
+    point (a subprocess: what a user sees, stderr whole)."""
+    import subprocess
+    import sys
+
+    records = photo_dir / "records.jsonl"
+    root = str(tmp_path / "root")
+    imported = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aot.cli",
+            "import",
+            "--records",
+            str(records),
+            "--images",
+            str(photo_dir / "images"),
+            "--root",
+            root,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    source = imported.stdout.split("source version: ")[1].split()[0]
+    tsv = tmp_path / "h.tsv"
+    tsv.write_text("index\tquestion\tanswer\tcategory\tA\tB\tC\tD\n0\tq\tA\tsingle\tw\tx\ty\tz\n")
+    cases = {
+        "records folder": ["import", "--records", str(photo_dir / "images"), "--images", str(photo_dir / "images")],
+        "benchmark without =": ["eval", "--benchmark", str(tsv)],
+        "unknown benchmark": ["eval", "--benchmark", f"mmlu={tsv}"],
+        "endpoint down": [
+            "eval",
+            "--benchmark",
+            f"hrbench4k={tsv}",
+            "--endpoint",
+            "http://127.0.0.1:9/v1",
+            "--endpoint-model",
+            "m",
+        ],
+        "synthetic preset on photos": ["run", "--source", source, "--no-prefect"],
+        "synthetic preset on photos, Prefect": ["run", "--source", source],
+    }
+    for case, args in cases.items():
+        out = subprocess.run(
+            [sys.executable, "-m", "aot.cli", *args, "--root", root],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=300,
+        )
+        err = [ln for ln in out.stderr.splitlines() if ln.strip()]
+        assert out.returncode == 2 and "Traceback" not in out.stderr, (case, out.stderr[-1500:])
+        assert len(err) == 1 and err[0].startswith("error: "), (case, err)
+    assert "--preset tiny" in err[0]  # the photos case names the fix
+
+
+def test_sigterm_to_aot_run_leaves_no_process_behind(tmp_path):
+    """The ephemeral Prefect server an `aot run` starts ends with it when the run is terminated."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"))
+    args = [
+        "run",
+        "--root",
+        str(tmp_path / "data"),
+        "--no-progress",
+        "--scenes",
+        "400",
+        "--set",
+        "models.defender=perception-baseline",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aot.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def session() -> list[int]:
+        ps = subprocess.run(["ps", "-e", "-o", "pid=,sid="], capture_output=True, text=True).stdout.split("\n")
+        return [int(ln.split()[0]) for ln in ps if ln.split() and int(ln.split()[1]) == proc.pid]
+
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (len(session()) > 1 and (tmp_path / "data" / "synthetic").exists()):
+            time.sleep(0.5)  # the CLI and its Prefect server are up, and stages are writing
+        assert len(session()) > 1, "the run never started its Prefect server"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+        time.sleep(2)
+        assert session() == [], "processes of the terminated run are still alive"
+        assert "terminated: finished shards are kept" in proc.stderr.read()
+    finally:
+        for pid in session():
+            os.kill(pid, signal.SIGKILL)
