@@ -410,3 +410,21 @@ def test_sigterm_to_aot_run_leaves_no_process_behind(tmp_path):
     finally:
         for pid in session():
             os.kill(pid, signal.SIGKILL)
+
+
+def test_store_commands_do_not_import_torch(photo_dir):
+    """`aot ls`, `show`, `gc`, `config` answer from manifests: no model library loads (torch alone is
+    ~800 MB of memory)."""
+    import subprocess
+    import sys
+
+    root = str(photo_dir / "root")
+    code = (
+        "import sys; from aot.cli import main\n"
+        f"for args in (['ls', '--root', {root!r}], ['gc', '--dry-run', '--root', {root!r}], ['config']):\n"
+        "    main(args)\n"
+        "print('heavy:', sorted(m for m in ('torch', 'transformers', 'diffusers', 'prefect') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-1000:]
+    assert out.stdout.strip().splitlines()[-1] == "heavy: []"
