@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -20,17 +21,21 @@ Box = list[float]  # [x0, y0, x1, y1] in image pixels, x1/y1 exclusive
 Context = dict | None
 
 
+_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model object -> its call lock
+_LOCKS_GUARD = threading.Lock()
+
+
 def serialized(method):
     """One call at a time per model object: for a method that touches state shared by every
     caller (a diffusers scheduler's step index, a patched forward, the global torch RNG a seeded
     sampler relies on). Stage shards run in threads and share each loaded model (the registry
-    loads it once per process), so without this two shards can corrupt each other's call."""
+    loads it once per process), so without this two shards can corrupt each other's call. The
+    lock lives beside the object, not in it, so models still copy and pickle."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        lock = self.__dict__.get("_call_lock")
-        if lock is None:
-            lock = self.__dict__.setdefault("_call_lock", threading.RLock())
+        with _LOCKS_GUARD:
+            lock = _LOCKS.setdefault(self, threading.RLock())
         with lock:
             return method(self, *args, **kwargs)
 

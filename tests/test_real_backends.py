@@ -284,7 +284,7 @@ def test_shards_on_worker_threads_give_the_serial_runs_bytes(tmp_path):
     from stages.runner import commit, plan, run_bootstrap, run_shard
     from storage import ShardStore
 
-    cfg = load_config("tiny", {"source": {"num_scenes": 8, "shard_size": 2}})
+    cfg = load_config("tiny", {"source": {"num_scenes": 8, "shard_size": 2}, "implant": {"num_proposals": 2}})
     serial = {s.stage: s.version for s in run_bootstrap(ShardStore(str(tmp_path / "serial")), cfg, until="implant")}
     store = ShardStore(str(tmp_path / "threads"))
     version = None
