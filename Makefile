@@ -21,10 +21,10 @@ run: $(STAMP)
 	$(VENV)/bin/aot run
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 3 --dist loadfile
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(PY) -m pytest -q -n 3 --dist loadfile -m "not slow"
 
 bench: $(STAMP)
 	$(PY) experiments/bootstrap.py
