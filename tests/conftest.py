@@ -129,7 +129,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# Under pytest-xdist (`make test` runs two workers on two cores) each worker gets one CPU
+# Under pytest-xdist (`make test` runs three workers on two cores) each worker gets one CPU
 # thread, for torch in-process and for the subprocesses the tests start.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
