@@ -108,10 +108,23 @@ def parser() -> argparse.ArgumentParser:
     _common(p, config=False)
     p.add_argument("version")
     p.add_argument("--rejects", type=int, default=5, help="how many reject rows to print")
-    p = sub.add_parser("gc", help="remove unreferenced parts and uncommitted versions")
+    p = sub.add_parser("gc", help="remove temporary files, unreferenced parts and torn shards")
     _common(p, config=False)
-    p.add_argument("--min-age", type=float, default=3600.0, help="leave folders younger than this many seconds")
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--min-age", type=float, default=3600.0, help="leave what was written within this many seconds")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed, and what is kept and why")
+    p.add_argument(
+        "--drop-unfinished",
+        action="store_true",
+        help="also remove uncommitted versions' finished shards (by default kept: a rerun reuses them)",
+    )
+    p = sub.add_parser("verify", help="check committed versions against their manifests (sizes, sha256, checksums)")
+    _common(p, config=False)
+    p.add_argument("versions", nargs="*", help="version ids (default with --all: every committed version)")
+    p.add_argument("--all", action="store_true", help="every committed version under the root")
+    p.add_argument("--images", action="store_true", help="also decode every image cell")
+    p = sub.add_parser("repair", help="recompute a damaged version's broken shards from its recorded inputs")
+    _common(p, config=False)
+    p.add_argument("version")
     p = sub.add_parser("import", help="import images + V*-style records as a source version")
     _common(p, config=False)
     p.add_argument("--records", required=True, help="JSONL or Parquet file of records")
@@ -233,6 +246,7 @@ def _setup(args, overrides: dict | None = None):
     cfg = resolve_config(args.preset, _nested(overrides))
     opts = storage_options(args)
     store = ShardStore(args.root, opts)
+    store.check_root()  # a root that cannot be written fails now, before any model or server starts
     if args.no_prefect:
         from stages.steps import LocalSteps
         from training.distributed import init_from_env, is_main
@@ -243,7 +257,13 @@ def _setup(args, overrides: dict | None = None):
         steps = LocalSteps(store, cfg, say, on_step=_StepPrinter(quiet))
     else:
         _prefect_env(args)
+        from aot.ephemeral import end_orphan, start_and_note
         from flows.steps import PrefectSteps
+
+        orphan = end_orphan()  # a server a killed run of this Prefect home left running
+        if orphan:
+            print(f"ended the Prefect server (pid {orphan}) a killed earlier run left running", file=sys.stderr)
+        start_and_note()
 
         steps = PrefectSteps(
             args.root,
@@ -265,8 +285,8 @@ def _flow_failed(exc) -> int:
 
 def cmd_run(args, stage: str | None = None) -> int:
     overrides = _dotted(args.overrides, "--set")
-    if getattr(args, "scenes", None):
-        overrides["source.num_scenes"] = args.scenes
+    if getattr(args, "scenes", None) is not None:
+        overrides["source.num_scenes"] = args.scenes  # 0 is refused by the config check, never ignored
     cfg, store, steps = _setup(args, overrides)
     if getattr(args, "until", "export") == "coevolution":
         return _run_coevolution(args, store, steps)
@@ -308,8 +328,7 @@ def cmd_run(args, stage: str | None = None) -> int:
     print(f"{label}: {last['version']}")
     print(f"wall time: {wall:.1f} s (config: {cfg.dataset}, preset {args.preset}, root {args.root})")
     if last["stage"] == "export":
-        folder = store.manifest(last["version"]).uri.removeprefix("file://")
-        print(f'load it: datasets.load_dataset("parquet", data_files="{folder}/part-*.parquet", split="train")')
+        print(f'load it: import aot; ds = aot.load_version("{args.root}", "{last["version"]}")')
         if last["rows"] == 0:
             why = next((s for s in summaries if s["rows"] == 0), last)
             print(
@@ -375,7 +394,10 @@ def cmd_ls(args) -> int:
     from storage import ShardStore
 
     store = ShardStore(args.root, storage_options(args))
-    ms = store.versions(args.dataset, args.stage)
+    damaged: list = []
+    ms = store.versions(args.dataset, args.stage, damaged=damaged)
+    for d in damaged:
+        print(f"damaged: {d}", file=sys.stderr)
     if not ms:
         print(f"no versions under {args.root} (make one with `aot run`)")
         return 0
@@ -423,10 +445,49 @@ def cmd_gc(args) -> int:
     from storage import ShardStore
 
     store = ShardStore(args.root, storage_options(args))
-    removed = store.gc(min_age_seconds=args.min_age, dry_run=args.dry_run)
+    if args.dry_run:
+        remove, skipped = store.gc_plan(args.min_age, args.drop_unfinished)
+        for r in remove:
+            print(f"would remove {store.url(r)}")
+        for k in skipped:
+            print(f"would keep {k}")
+        print(f"{len(remove)} paths would be removed, {len(skipped)} kept")
+        return 0
+    removed = store.gc(min_age_seconds=args.min_age, drop_unfinished=args.drop_unfinished)
     for r in removed:
-        print(("would remove " if args.dry_run else "removed ") + r)
-    print(f"{len(removed)} {'paths would be' if args.dry_run else 'paths'} removed")
+        print(f"removed {r}")
+    print(f"{len(removed)} paths removed")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from stages.maintenance import verify_store
+    from storage import ShardStore
+
+    if not args.versions and not args.all:
+        print("error: name versions to verify, or --all", file=sys.stderr)
+        return 2
+    results = verify_store(ShardStore(args.root, storage_options(args)), args.versions or None, args.images)
+    for folder, problems in results.items():
+        print(f"{'ok      ' if not problems else 'DAMAGED '}{folder}")
+        for problem in problems:
+            print(f"          {problem}")
+    bad = [f for f, p in results.items() if p]
+    print(
+        f"{len(results)} versions checked, {len(bad)} damaged" + (": aot repair VERSION rebuilds them" if bad else "")
+    )
+    return 1 if bad else 0
+
+
+def cmd_repair(args) -> int:
+    from stages.maintenance import repair_version
+    from storage import ShardStore
+
+    out = repair_version(ShardStore(args.root, storage_options(args)), args.version)
+    what = [f"shards {out['shards']} rebuilt"] if out["shards"] else []
+    if out["restored_manifest"]:
+        what.append("manifest restored from its copy")
+    print(f"{args.version}: " + ("; ".join(what) if what else "nothing to repair") + " (it verifies)")
     return 0
 
 
@@ -437,6 +498,7 @@ def cmd_import(args) -> int:
 
     cfg = load_config(args.preset, _nested(_dotted(args.overrides, "--set")))
     store = ShardStore(args.root, storage_options(args))
+    store.check_root()
     m = import_records(store, args.records, args.images, cfg, dataset=args.dataset, box_format=args.box_format)
     print(f"imported {m.rows_in} lines: {m.rows} kept, {m.reject_rows} rejected ({_reasons(m.reasons)})")
     if not m.rows:
@@ -603,6 +665,7 @@ def cmd_eval(args) -> int:
     for name, path in specs.items():  # a file in the wrong layout fails now, not after the model loads
         check_layout(name, path)
     store = ShardStore(args.root, storage_options(args))
+    store.check_root()
     cfg = load_config(args.preset, _nested(_dotted(args.overrides, "--set")))
     model, model_id = evaluated_model(store, cfg, args.checkpoint, args.endpoint, args.endpoint_model, args.concurrency)
     if specs:
@@ -678,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
             "train-attacker": cmd_attacker,
             "curriculum": cmd_attacker,
             "report": cmd_report,
+            "verify": cmd_verify,
+            "repair": cmd_repair,
             "serve": cmd_serve,
             "models": cmd_models,
             "eval": cmd_eval,

@@ -119,8 +119,18 @@ def run_stage(
     with tqdm(total=len(futures), desc=f"{stage_name:>8}", unit="shard", disable=not progress, leave=True) as bar:
         for fut in as_completed(futures):
             result = fut.result()  # raises if the shard failed after its retries
-            records.append(ShardRecord.from_dict(result))
+            record = ShardRecord.from_dict(result)
             hit = fut.state.name == "Cached"
+            if hit and not store.record_intact(p.dataset, p.stage, p.version, record):
+                # A cached result vouches for files that changed since: recompute that shard (the
+                # runner sees the damage too and rewrites it), never commit what no longer verifies.
+                logger.warning("%s shard %d: its cached parts no longer verify; recomputing", stage_name, record.index)
+                shard = p.shards[record.index]
+                result = task.with_options(refresh_cache=True)(
+                    plan_dict, shard.__dict__, cfg_dict, root, storage_options
+                )
+                record, hit = ShardRecord.from_dict(result), False
+            records.append(record)
             cached += int(hit)
             recomputed += int(result["recomputed"] and not hit)
             bar.update(1)

@@ -59,8 +59,10 @@ against the base defender).
 
 ## Load
 ```python
-import datasets
-ds = datasets.load_dataset("parquet", data_files="<this folder>/part-*.parquet", split="train")
+import aot
+ds = aot.load_version("<root>", "<this version>")  # the parts this manifest lists, each verified
 ```
+(The parts are plain Parquet with `datasets` features: `datasets.load_dataset("parquet", ...)` reads
+them too, without the checks.)
 Rejected rows of every stage live in `rejects-*.parquet` beside each stage's parts, with reasons.
 """

@@ -14,8 +14,9 @@ from typing import Callable
 
 from config import PipelineConfig
 from stages.base import BOOTSTRAP, STAGES, ShardContext, Stage, StageError
+from stages.faults import maybe_inject
 from stages.version import code_version, kernel_family, version_id
-from storage import Manifest, ShardRecord, ShardStore, content_hash
+from storage import Manifest, ShardRecord, ShardStore, StorageError, content_hash
 
 
 @dataclass(frozen=True)
@@ -167,9 +168,16 @@ def run_shard(store: ShardStore, p: StagePlan, shard: Shard, cfg: PipelineConfig
     done = store.finished_shard(p.dataset, p.stage, p.version, shard.index, shard.input_key)
     if done is not None:
         return done, False
+    maybe_inject(p.stage, shard.index, store)
     stage = get_stage(p.stage)
     if p.input_version:
         src = store.manifest_at(p.dataset, p.input_stage, p.input_version)
+        if src is None:  # it was committed when the stage was planned
+            raise StorageError(
+                f"input version {p.input_version} ({p.input_stage}) is gone from {store.root_url}: "
+                "its manifest was there when this stage started (was the store wiped?); rerun the "
+                "command to rebuild it"
+            )
         ref = next(r for r in src.parts if r.path == shard.input_part)
         rows = store.read_part(src, ref)
     else:

@@ -7,6 +7,7 @@ written last. This package imports nothing of ours (DESIGN.md, "Imports run one 
 from storage.hashing import content_hash, sha256_bytes
 from storage.images import IMAGE_DTYPE, decode_image, encode_image, image_cell, image_cells
 from storage.store import (
+    DamagedVersion,
     Manifest,
     PartRef,
     ShardRecord,
@@ -16,6 +17,7 @@ from storage.store import (
 )
 
 __all__ = [
+    "DamagedVersion",
     "IMAGE_DTYPE",
     "Manifest",
     "PartRef",

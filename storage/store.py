@@ -6,16 +6,24 @@ reader, so a crashed writer leaves only unreferenced files that the next run ove
 version id, same part names) or ``gc`` removes.
 
 Each shard is written as ``part-NNNNN.parquet`` + ``rejects-NNNNN.parquet`` and then
-``_shards/shard-NNNNN.json`` (its record: input key, row counts, sha256 of both parts). The
-record is the shard's commit point: a rerun skips shards whose record matches the input key
+``_shards/shard-NNNNN.json`` (its record: input key, row counts, size and sha256 of both parts).
+The record is the shard's commit point: a rerun skips shards whose record matches the input key
 and whose parts still hash to the recorded sha256, and recomputes the rest.
+
+Nothing damaged is trusted: every part is checked against its size and sha256 when read; a
+version is committed only once every part verifies; a manifest carries a checksum of its own
+content (and a copy under ``_shards/``), so a changed or torn manifest is that version's damage,
+reported with its path, while the rest of the root works. Files are written beside the root
+(``ROOT/_tmp/``) and renamed into place: a failed write leaves no torn file in a version.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import io
 import json
+import os
 import posixpath
 import time
 import warnings
@@ -27,12 +35,14 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.hashing import sha256_bytes
+from storage.hashing import canonical_json, sha256_bytes
 
 MANIFEST = "manifest.json"
 README = "README.md"
 SHARDS_DIR = "_shards"
-RESERVED_PREFIX = "_"  # top-level names under ROOT starting with "_" are not datasets (_prefect)
+MANIFEST_COPY = f"{SHARDS_DIR}/manifest.json"  # the manifest again: what `aot repair` restores a damaged one from
+TMP_DIR = "_tmp"  # under ROOT: files are written here, then renamed into place
+RESERVED_PREFIX = "_"  # top-level names under ROOT starting with "_" are not datasets (_prefect, _tmp)
 
 
 class StorageError(RuntimeError):
@@ -43,18 +53,37 @@ class VersionNotFound(StorageError):
     pass
 
 
+class DamagedVersion(StorageError):
+    """A committed version whose manifest or files no longer verify. Says which and how to fix it."""
+
+    def __init__(self, where: str, reason: str, version: str | None = None):
+        fix = f"aot repair {version}" if version else "aot verify --all, then aot repair VERSION"
+        super().__init__(f"{where}: {reason} ({fix})")
+        self.where, self.reason, self.version = where, reason, version
+
+
 @dataclass(frozen=True)
 class PartRef:
     path: str  # relative to the version folder
     rows: int
     sha256: str
+    size: int | None = None  # bytes (None in manifests of earlier releases)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "PartRef":
-        return cls(path=d["path"], rows=int(d["rows"]), sha256=d["sha256"])
+        size = d.get("size")
+        return cls(path=d["path"], rows=int(d["rows"]), sha256=d["sha256"], size=None if size is None else int(size))
+
+    def check(self, data: bytes) -> str | None:
+        """Why ``data`` is not this part (a size or a content change), or None when it is."""
+        if self.size is not None and len(data) != self.size:
+            return f"{self.path} is {len(data)} bytes, not {self.size} (truncated or replaced)"
+        if sha256_bytes(data) != self.sha256:
+            return f"{self.path} does not match its sha256 (the file changed)"
+        return None
 
 
 @dataclass(frozen=True)
@@ -116,10 +145,19 @@ class Manifest:
         d["rejects"] = [p.to_dict() for p in self.rejects]
         d["files"] = [p.to_dict() for p in self.files]
         d.pop("uri")
+        d["checksum"] = manifest_checksum(d)
         return d
 
     @classmethod
     def from_dict(cls, d: dict, uri: str = "") -> "Manifest":
+        """A manifest from its JSON; raises ``DamagedVersion`` when its checksum (written by this
+        release and later) does not match its content."""
+        if "checksum" in d and d["checksum"] != manifest_checksum(d):
+            raise DamagedVersion(
+                uri or d.get("version", "a manifest"),
+                "manifest.json does not match its checksum (the file changed)",
+                d.get("version") if isinstance(d.get("version"), str) else None,
+            )
         return cls(
             version=d["version"],
             dataset=d["dataset"],
@@ -139,6 +177,50 @@ class Manifest:
             files=[PartRef.from_dict(p) for p in d.get("files", [])],
             uri=uri,
         )
+
+
+def manifest_checksum(d: dict) -> str:
+    """sha256 of a manifest's canonical JSON, the checksum itself left out."""
+    return sha256_bytes(canonical_json({k: v for k, v in d.items() if k != "checksum"}).encode())
+
+
+def parse_manifest(raw: bytes, uri: str) -> Manifest:
+    """A manifest file's content, or ``DamagedVersion`` naming the file and what is wrong with it."""
+    version = posixpath.basename(uri.rstrip("/")) or None
+    try:
+        d = json.loads(raw)
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        return Manifest.from_dict(d, uri=uri)
+    except DamagedVersion as exc:
+        raise DamagedVersion(f"{uri}/{MANIFEST}", exc.reason, version) from None
+    except (ValueError, KeyError, TypeError) as exc:  # torn or edited: not JSON, or fields missing
+        raise DamagedVersion(
+            f"{uri}/{MANIFEST}", f"manifest.json is unreadable ({type(exc).__name__}: {exc})", version
+        ) from None
+
+
+# OS errors that no retry can fix: the disk is full, the root is read-only or not ours.
+PERMANENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+}
+
+
+def _os_reason(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full"
+    if exc.errno == errno.EROFS:
+        return "the filesystem is read-only"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _is_image_struct(dtype: pa.DataType) -> bool:
@@ -208,9 +290,36 @@ class ShardStore:
     def __init__(self, root: str, storage_options: dict | None = None):
         self.root_url = root.rstrip("/")
         self.storage_options = dict(storage_options or {})
-        self.fs, self.root = fsspec.core.url_to_fs(self.root_url, **self.storage_options)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.root_url, **self.storage_options)
+        except (ValueError, ImportError) as exc:  # an unknown scheme, or one whose package is missing
+            raise StorageError(
+                f"root {root!r}: {exc} (give a folder, s3://bucket/prefix or another fsspec URL)"
+            ) from None
         self.root = self.root.rstrip("/")
         self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    def check_root(self) -> None:
+        """Fail now, in one line, where writing under the root cannot work: a folder that cannot be
+        made or written (read-only, no permission, a file in the way), a bucket that does not exist.
+        A probe file is written and removed; nothing else is created (no bucket)."""
+        probe = self.path(TMP_DIR, f"probe-{os.getpid()}-{time.time_ns()}")
+        try:
+            if not self.is_local:
+                bucket = self.root.split("/")[0]
+                if not self.fs.exists(bucket):
+                    raise StorageError(
+                        f"root {self.root_url}: bucket {bucket!r} does not exist (create it first; "
+                        "aot never creates buckets)"
+                    )
+            else:
+                self.fs.makedirs(self.path(TMP_DIR), exist_ok=True)
+            self.fs.pipe_file(probe, b"\0" * 4096)  # some bytes: a full disk still creates empty files
+            self.fs.rm(probe)
+        except StorageError:
+            raise
+        except OSError as exc:
+            raise StorageError(f"root {self.root_url} is not writable: {_os_reason(exc)}") from None
 
     # ----------------------------------------------------------------- paths
     def path(self, *parts: str) -> str:
@@ -229,12 +338,22 @@ class ShardStore:
     # --------------------------------------------------------------- writing
     def _write_bytes(self, path: str, data: bytes) -> None:
         if self.is_local:
-            # Local files: write beside and rename, so a crash never leaves a torn file in place.
+            # Local files: written under ROOT/_tmp (the same filesystem), then renamed into place:
+            # a crash or a full disk never leaves a torn file inside a version, and a failed write
+            # removes its temporary file.
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{time.time_ns()}"
-            with self.fs.open(tmp, "wb") as f:
-                f.write(data)
-            self.fs.mv(tmp, path)
+            self.fs.makedirs(self.path(TMP_DIR), exist_ok=True)
+            tmp = self.path(TMP_DIR, f"{posixpath.basename(path)}.{os.getpid()}-{time.time_ns()}")
+            try:
+                with self.fs.open(tmp, "wb") as f:
+                    f.write(data)
+                self.fs.mv(tmp, path)
+            except BaseException:
+                try:
+                    self.fs.rm(tmp)
+                except OSError:
+                    pass
+                raise
         else:
             # Object stores: a single PUT is atomic; the object appears whole or not at all.
             self.fs.pipe_file(path, data)
@@ -242,7 +361,7 @@ class ShardStore:
     def write_part(self, dataset: str, stage: str, version: str, name: str, df: pl.DataFrame) -> PartRef:
         data = parquet_bytes(df)
         self._write_bytes(posixpath.join(self.version_path(dataset, stage, version), name), data)
-        return PartRef(path=name, rows=df.height, sha256=sha256_bytes(data))
+        return PartRef(path=name, rows=df.height, sha256=sha256_bytes(data), size=len(data))
 
     def write_shard(
         self,
@@ -279,13 +398,19 @@ class ShardStore:
             return None  # a torn or foreign record: recompute the shard
         if record.input_key != input_key:
             return None
+        return record if self.record_intact(dataset, stage, version, record) else None
+
+    def record_intact(self, dataset: str, stage: str, version: str, record: ShardRecord) -> bool:
+        """Both parts of a finished shard are there and match their size and sha256 (a record
+        served from a cache is trusted only after this)."""
+        vpath = self.version_path(dataset, stage, version)
         for ref in (record.data, record.rejects):
             try:
-                if sha256_bytes(self.fs.cat_file(posixpath.join(vpath, ref.path))) != ref.sha256:
-                    return None
+                if ref.check(self.fs.cat_file(posixpath.join(vpath, ref.path))) is not None:
+                    return False
             except FileNotFoundError:
-                return None
-        return record
+                return False
+        return True
 
     def commit(
         self,
@@ -307,12 +432,15 @@ class ShardStore:
         indices = [r.index for r in records]
         if indices != list(range(len(records))):
             raise StorageError(f"cannot commit {version}: shard indices {indices} are not 0..{len(records) - 1}")
-        for r in records:
+        for r in records:  # nothing damaged is ever committed: every part verifies first
             for ref in (r.data, r.rejects):
-                if not self.fs.exists(posixpath.join(vpath, ref.path)):
+                try:
+                    problem = ref.check(self.fs.cat_file(posixpath.join(vpath, ref.path)))
+                except FileNotFoundError:
+                    problem = f"{ref.path} is missing"
+                if problem:
                     raise StorageError(
-                        f"cannot commit {version}: shard {r.index} refers to missing part {ref.path} "
-                        "(a cached task result outlived its files; rerun with --refresh-cache)"
+                        f"cannot commit {version}: shard {r.index}: {problem}; rerun the command to recompute it"
                     )
         schema: dict[str, str] = {}
         if records:
@@ -343,7 +471,9 @@ class ShardStore:
         )
         if readme is not None:
             self._write_bytes(posixpath.join(vpath, README), readme.encode())
-        self._write_bytes(posixpath.join(vpath, MANIFEST), json.dumps(manifest.to_dict(), indent=1).encode())
+        text = json.dumps(manifest.to_dict(), indent=1).encode()
+        self._write_bytes(posixpath.join(vpath, MANIFEST_COPY), text)
+        self._write_bytes(posixpath.join(vpath, MANIFEST), text)  # last: the version exists from here on
         return manifest
 
     def put_folder(self, dataset: str, stage: str, version: str, local: str, prefix: str = "") -> list[PartRef]:
@@ -363,7 +493,7 @@ class ShardStore:
                 with open(full, "rb") as f:
                     data = f.read()
                 self._write_bytes(posixpath.join(vpath, rel), data)
-                refs.append(PartRef(rel, 0, sha256_bytes(data)))
+                refs.append(PartRef(rel, 0, sha256_bytes(data), len(data)))
         return refs
 
     def get_folder(self, dataset: str, stage: str, version: str, prefix: str, local: str) -> bool:
@@ -386,9 +516,13 @@ class ShardStore:
         import os
 
         for ref in manifest.files:
-            raw = self.fs.cat_file(self.part_path(manifest, ref))
-            if sha256_bytes(raw) != ref.sha256:
-                raise StorageError(f"file {ref.path} of {manifest.version} does not match its sha256")
+            try:
+                raw = self.fs.cat_file(self.part_path(manifest, ref))
+            except FileNotFoundError:
+                raise DamagedVersion(manifest.uri, f"file {ref.path} is missing", manifest.version) from None
+            problem = ref.check(raw)
+            if problem:
+                raise DamagedVersion(manifest.uri, problem, manifest.version)
             dest = os.path.join(local, *ref.path.split("/"))
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             with open(dest, "wb") as f:
@@ -397,25 +531,35 @@ class ShardStore:
 
     # --------------------------------------------------------------- reading
     def _read_manifest(self, mpath: str) -> Manifest:
-        return Manifest.from_dict(json.loads(self.fs.cat_file(mpath)), uri=self.url(posixpath.dirname(mpath)))
+        return parse_manifest(self.fs.cat_file(mpath), self.url(posixpath.dirname(mpath)))
 
     def manifest_at(self, dataset: str, stage: str, version: str) -> Manifest | None:
+        """The committed version, None if it does not exist, ``DamagedVersion`` if its manifest
+        does not verify."""
         vpath = self.version_path(dataset, stage, version)
         try:
             raw = self.fs.cat_file(posixpath.join(vpath, MANIFEST))
         except FileNotFoundError:
             return None
-        return Manifest.from_dict(json.loads(raw), uri=self.url(vpath))
+        return parse_manifest(raw, self.url(vpath))
 
-    def versions(self, dataset: str | None = None, stage: str | None = None) -> list[Manifest]:
-        """Every committed version (optionally of one dataset/stage), oldest first."""
+    def versions(
+        self, dataset: str | None = None, stage: str | None = None, damaged: list | None = None
+    ) -> list[Manifest]:
+        """Every committed version (optionally of one dataset/stage), oldest first. A version
+        whose manifest does not verify is left out, and added to ``damaged`` (if given) as a
+        ``DamagedVersion``: one broken manifest never breaks the listing of the rest."""
         pattern = self.path(dataset or "*", stage or "*", "*", MANIFEST)
         out = []
         for mpath in self.fs.glob(pattern):
             rel = posixpath.relpath(mpath, self.root).split("/")
             if rel[0].startswith(RESERVED_PREFIX):
                 continue
-            out.append(self._read_manifest(mpath))
+            try:
+                out.append(self._read_manifest(mpath))
+            except DamagedVersion as exc:
+                if damaged is not None:
+                    damaged.append(exc)
         return sorted(out, key=lambda m: (m.created, m.version))
 
     def manifest(self, version: str) -> Manifest:
@@ -446,9 +590,14 @@ class ShardStore:
         self, dataset: str, stage: str, version: str, ref: PartRef, verify: bool = True
     ) -> pl.DataFrame:
         """One part of a version, committed or not yet (a finished shard of a running stage)."""
-        raw = self.fs.cat_file(posixpath.join(self.version_path(dataset, stage, version), ref.path))
-        if verify and sha256_bytes(raw) != ref.sha256:
-            raise StorageError(f"part {ref.path} of {version} does not match its sha256: the file changed")
+        vpath = self.version_path(dataset, stage, version)
+        try:
+            raw = self.fs.cat_file(posixpath.join(vpath, ref.path))
+        except FileNotFoundError:
+            raise DamagedVersion(self.url(vpath), f"part {ref.path} is missing", version) from None
+        problem = ref.check(raw) if verify else None
+        if problem:
+            raise DamagedVersion(self.url(vpath), f"part {problem}", version)
         return pl.read_parquet(io.BytesIO(raw))
 
     def read(self, version: str | Manifest, kind: str = "data") -> pl.DataFrame:
@@ -459,46 +608,124 @@ class ShardStore:
         frames = [f for f in frames if f.height] or frames[:1]
         return pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()
 
+    # ---------------------------------------------------------------- verify
+    def version_folders(self) -> list[str]:
+        """Every version folder under the root, committed or not."""
+        return [
+            v
+            for v in self.fs.glob(self.path("*", "*", "*"))
+            if not posixpath.relpath(v, self.root).startswith(RESERVED_PREFIX) and self.fs.isdir(v)
+        ]
+
+    def verify_folder(self, vpath: str, images: bool = False) -> list[str]:
+        """What is wrong with one committed version folder: its manifest (unreadable, checksum),
+        every part, reject part and file (missing, size, sha256), and with ``images`` every image
+        cell that does not decode; stray temporary files inside it. Empty when it verifies."""
+        from storage.images import ImageDecodeError, decode_image
+
+        try:
+            m = parse_manifest(self.fs.cat_file(posixpath.join(vpath, MANIFEST)), self.url(vpath))
+        except FileNotFoundError:
+            return []  # not committed: nothing is promised yet
+        except DamagedVersion as exc:
+            return [exc.reason]
+        problems = []
+        for kind, refs in (("part", m.parts), ("rejects part", m.rejects), ("file", m.files)):
+            for ref in refs:
+                try:
+                    raw = self.fs.cat_file(posixpath.join(vpath, ref.path))
+                except FileNotFoundError:
+                    problems.append(f"{kind} {ref.path} is missing")
+                    continue
+                problem = ref.check(raw)
+                if problem:
+                    problems.append(f"{kind} {problem}")
+                elif images and ref.path.endswith(".parquet"):
+                    df = pl.read_parquet(io.BytesIO(raw))
+                    for col, dtype in df.schema.items():
+                        if dtype == pl.Struct({"bytes": pl.Binary, "path": pl.String}):
+                            for i, cell in enumerate(df[col].to_list()):
+                                try:
+                                    if cell is not None:
+                                        decode_image(cell)
+                                except ImageDecodeError as exc:
+                                    problems.append(f"{ref.path} row {i} {col}: {exc}")
+        problems += [
+            f"stray temporary file {posixpath.relpath(f, vpath)}"
+            for f in self.fs.find(vpath)
+            if ".tmp-" in posixpath.basename(f)
+        ]
+        return problems
+
     def data_files(self, version: str | Manifest) -> list[str]:
         """Full URLs of the data parts, for ``datasets.load_dataset("parquet", data_files=...)``."""
         manifest = version if isinstance(version, Manifest) else self.manifest(version)
         return [self.url(self.part_path(manifest, ref)) for ref in manifest.parts]
 
     # -------------------------------------------------------------------- gc
-    def gc(self, min_age_seconds: float = 3600.0, dry_run: bool = False) -> list[str]:
-        """Remove what no manifest references: uncommitted version folders and stray files.
+    def gc_plan(self, min_age_seconds: float = 3600.0, drop_unfinished: bool = False) -> tuple[list[str], list[str]]:
+        """(what ``gc`` removes, what it leaves and why), as store paths.
 
-        Folders younger than ``min_age_seconds`` are left alone: a writer may still be at work.
-        Returns the removed paths (as URLs).
-        """
+        Removed: temporary files under ``_tmp``; in a committed version, files its manifest does
+        not reference; in an uncommitted version, files no finished shard's record refers to (a
+        torn part, a temporary file), or with ``drop_unfinished`` the whole folder. Finished shards
+        of an uncommitted version are kept by default: a resumed run reuses them. Anything written
+        within ``min_age_seconds`` is left alone (a writer may be at work) and listed as skipped."""
         now = time.time()
-        removed: list[str] = []
-        for vpath in self.fs.glob(self.path("*", "*", "*")):
-            rel = posixpath.relpath(vpath, self.root).split("/")
-            if rel[0].startswith(RESERVED_PREFIX) or not self.fs.isdir(vpath):
-                continue
+        remove: list[str] = []
+        skipped: list[str] = []
+
+        def young(info: dict) -> bool:
+            return now - _mtime(info) < min_age_seconds
+
+        tmp = self.path(TMP_DIR)
+        if self.fs.exists(tmp):
+            for f, info in self.fs.find(tmp, detail=True).items():
+                (skipped.append(f"{f} (written {now - _mtime(info):.0f} s ago)") if young(info) else remove.append(f))
+        for vpath in self.version_folders():
             files = self.fs.find(vpath, detail=True)
             newest = max((_mtime(i) for i in files.values()), default=0.0)
             if now - newest < min_age_seconds:
+                skipped.append(f"{vpath} (written {now - newest:.0f} s ago: a writer may be at work)")
                 continue
             mpath = posixpath.join(vpath, MANIFEST)
-            if mpath not in files and not self.fs.exists(mpath):
-                removed.append(self.url(vpath))
-                if not dry_run:
-                    self.fs.rm(vpath, recursive=True)
-                continue
-            manifest = Manifest.from_dict(json.loads(self.fs.cat_file(mpath)))
-            keep = (
-                {MANIFEST, README}
-                | {p.path for p in manifest.parts}
-                | {p.path for p in manifest.rejects}
-                | {p.path for p in manifest.files}
-            )
-            for fpath in files:
-                relf = posixpath.relpath(fpath, vpath)
-                if relf in keep or relf.startswith(SHARDS_DIR + "/") and ".tmp-" not in relf:
+            if mpath in files:
+                try:
+                    m = parse_manifest(self.fs.cat_file(mpath), self.url(vpath))
+                except DamagedVersion as exc:
+                    skipped.append(f"{vpath} (damaged: {exc.reason}; aot repair first)")
                     continue
-                removed.append(self.url(fpath))
-                if not dry_run:
-                    self.fs.rm(fpath)
-        return removed
+                keep = {MANIFEST, README} | {p.path for p in m.parts + m.rejects + m.files}
+                keep |= {r for r in (posixpath.relpath(f, vpath) for f in files) if r.startswith(SHARDS_DIR + "/")}
+            elif drop_unfinished:
+                remove.append(vpath)
+                continue
+            else:
+                keep = set()
+                for f in files:
+                    rel = posixpath.relpath(f, vpath)
+                    if rel.startswith(SHARDS_DIR + "/") and rel.endswith(".json"):
+                        try:
+                            rec = ShardRecord.from_dict(json.loads(self.fs.cat_file(f)))
+                        except (ValueError, KeyError, TypeError):
+                            continue
+                        keep |= {rel, rec.data.path, rec.rejects.path}
+                keep |= {r for r in (posixpath.relpath(f, vpath) for f in files) if r.startswith("_work/")}
+                if keep:
+                    skipped.append(
+                        f"{vpath} (uncommitted: {len([k for k in keep if k.endswith('.json')])} finished "
+                        "shard(s) a rerun reuses; --drop-unfinished removes them)"
+                    )
+            for f in files:
+                rel = posixpath.relpath(f, vpath)
+                if rel not in keep or ".tmp-" in rel:
+                    remove.append(f)
+        return remove, skipped
+
+    def gc(self, min_age_seconds: float = 3600.0, dry_run: bool = False, drop_unfinished: bool = False) -> list[str]:
+        """Remove what ``gc_plan`` names; returns the removed paths as URLs."""
+        remove, _ = self.gc_plan(min_age_seconds, drop_unfinished)
+        if not dry_run:
+            for path in remove:
+                self.fs.rm(path, recursive=True)
+        return [self.url(p) for p in remove]

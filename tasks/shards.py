@@ -22,17 +22,34 @@ from prefect.tasks import exponential_backoff
 
 from config import config_from_dict
 from stages.runner import Shard, StagePlan, run_shard
-from storage import ShardStore, content_hash
-from tasks.faults import maybe_inject
+from storage import ShardStore, StorageError, content_hash
+from storage.store import PERMANENT_ERRNOS
 
 SECRET_KEYS = ("key", "secret", "token", "password", "aws_secret_access_key", "aws_access_key_id")
 
 
+PERMANENT_S3 = {
+    "NoSuchBucket",
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidBucketName",
+    "NoSuchKey",
+}
+
+
 def is_transient(exc: BaseException | None) -> bool:
-    """Worth retrying: network and object-store faults. Not: missing files, bad data, bugs."""
+    """Worth retrying: network and object-store hiccups. Not: a full disk, a read-only root, no
+    permission, a missing file or bucket, bad data, bugs (those fail at once: a retry cannot help)."""
     if exc is None:
         return False
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageError)):
+        return False
+    if isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS:
+        return False
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
+    if code in PERMANENT_S3:
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
@@ -90,6 +107,5 @@ def process_shard(plan: dict, shard: dict, config: dict, root: str, storage_opti
     store = ShardStore(root, storage_options)
     p = StagePlan.from_dict({**plan, "shards": []})
     s = Shard(**shard)
-    maybe_inject(p.stage, s.index, store)
     record, recomputed = run_shard(store, p, s, config_from_dict(config))
     return {**record.to_dict(), "recomputed": recomputed}

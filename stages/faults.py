@@ -7,7 +7,8 @@ Modes:
   backoff); a marker under ``ROOT/_faults/`` makes later attempts succeed.
 - ``error``: every attempt raises ``RuntimeError`` (not retried): the flow fails at that shard.
 
-Several faults may be given, separated by commas. Unset in normal runs.
+Several faults may be given, separated by commas. Unset in normal runs. The shard runner
+(stages/runner.py) calls it, so a drill works the same with and without Prefect.
 """
 
 from __future__ import annotations
