@@ -376,3 +376,56 @@ def test_verify_and_repair_as_flows(built):
     )
     assert repair_flow(version=v["filter"], root=store.root_url)["shards"] == [0]
     assert store.manifest(v["filter"]).parts[0].sha256 == sha and verify_flow(root=store.root_url)["damaged"] == {}
+
+
+def test_the_next_run_ends_the_server_a_killed_run_left(tmp_path):
+    """kill -9 gives a run no chance to stop its ephemeral Prefect server; the next run in the
+    same Prefect home ends it."""
+    import json
+    import signal
+
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"))
+    args = [
+        sys.executable,
+        "-m",
+        "aot.cli",
+        "run",
+        "--root",
+        str(tmp_path / "data"),
+        "--no-progress",
+        "--set",
+        "models.defender=perception-baseline",
+        "--set",
+        "source.shard_size=4",
+    ]
+    first = subprocess.Popen(
+        [*args, "--scenes", "400"],
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    record = tmp_path / "home" / "aot-ephemeral-server.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and not record.exists():
+        time.sleep(0.5)
+    server = json.loads(record.read_text())["server"]
+    first.kill()  # SIGKILL: no handler runs
+    first.wait()
+    try:
+        os.kill(server, 0)  # the server outlived its run
+        second = subprocess.run(
+            [*args, "--scenes", "4"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert second.returncode == 0, second.stderr[-2000:]
+        assert f"ended the Prefect server (pid {server})" in second.stderr
+        time.sleep(1)
+        with pytest.raises(ProcessLookupError):
+            os.kill(server, 0)
+    finally:
+        for pid in (server,):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
