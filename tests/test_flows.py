@@ -94,19 +94,21 @@ def test_transient_fault_is_retried(tmp_path, reference, monkeypatch):
     assert [p.sha256 for p in store.manifest(versions["export"]).parts] == shas
 
 
-def test_cached_result_pointing_at_deleted_files_names_the_fix(tmp_path, reference):
-    versions, _, _ = reference
+def test_cached_result_pointing_at_deleted_files_is_recomputed(tmp_path, reference, caplog):
+    """Prefect's result cache vouches for files that are gone: each such shard is recomputed (with a
+    warning naming it), and the version comes back with the same id and bytes, no flag needed."""
+    versions, shas, _ = reference
     from flows.bootstrap import STAGE_FLOWS
-    from storage import StorageError
 
     _bootstrap(tmp_path)
     store = ShardStore(str(tmp_path))
     store.fs.rm(store.path("synthetic", "export", versions["export"]), recursive=True)
     common = dict(input_version=versions["implant"], root=str(tmp_path), overrides=dict(SMALL), progress=False)
-    with pytest.raises(StorageError, match="--refresh-cache"):
-        STAGE_FLOWS["export"](**common)
-    out = STAGE_FLOWS["export"](refresh_cache=True, **common)
-    assert out["version"] == versions["export"] and out["recomputed"] == 4
+    out = STAGE_FLOWS["export"](**common)
+    assert out["version"] == versions["export"] and out["recomputed"] == 4 and out["cached"] == 0
+    assert [p.sha256 for p in store.manifest(versions["export"]).parts] == shas
+    warned = [r.getMessage() for r in caplog.records if "no longer verify" in r.getMessage()]
+    assert sorted(warned) == [f"export shard {i}: its cached parts no longer verify; recomputing" for i in range(4)]
 
 
 def test_bootstrap_on_s3(s3_root, reference):
