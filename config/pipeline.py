@@ -352,6 +352,11 @@ class PipelineConfig:
                 f"attacker.{name}.reward",
                 "needs queries >= 1 and -1 <= tau <= 1 (SSIM's range)",
             )
+            _check(
+                t.reward.efficacy in ("sampled", "dense"),
+                f"attacker.{name}.reward.efficacy",
+                f"must be 'sampled' or 'dense', not {t.reward.efficacy!r}",
+            )
         _check(
             self.coevolution.iterations >= 1
             and self.coevolution.heldout_scenes >= 1

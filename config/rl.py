@@ -22,9 +22,13 @@ class DapoConfig:
     dynamic_sampling: bool = documented(
         True,
         "Drop groups that are all right or all wrong and draw more prompts "
-        "until the batch is full (DAPO paper, section 3.2).",
+        "until the batch is full (DAPO paper, section 3.2). The filter reads accuracy (the share of a "
+        "group's responses whose letter is right), not the mean reward, as the DAPO paper does: an "
+        "all-right group with mixed formatting (rewards 1.0 and 0.8) is dropped too.",
     )
-    keep_low: float = documented(0.01, "A group is kept only if its mean accuracy is above this (METHOD.md).")
+    keep_low: float = documented(
+        0.01, "A group is kept only if its accuracy (share of right letters) is above this (METHOD.md)."
+    )
     keep_high: float = documented(0.99, "...and below this (METHOD.md).")
     max_draw_factor: Int = documented(
         4,
@@ -81,5 +85,8 @@ class FlowGrpoConfig:
     kl_beta: float = documented(
         0.0,
         "KL weight to the reference (the model with LoRA disabled). METHOD.md: 0 for "
-        "Qwen-Image-Edit; 0.01-0.04 if images degrade (reward hacking).",
+        "Qwen-Image-Edit; 0.01-0.04 if images degrade (reward hacking). The KL here is the exact "
+        "Gaussian one, ||mu - mu_ref||^2 / (2 g^2 |dt|); flow_grpo's code leaves out |dt|, so a beta "
+        "from its configs converts as beta_here = beta_flow_grpo * |dt|, about beta / sampling_steps "
+        "(6-14x smaller on a 10-step schedule).",
     )

@@ -83,6 +83,13 @@ class AttackerRewardConfig:
     )
     temperature: float = documented(1.0, "Sampling temperature of the defender's K answers (1: the K differ).")
     invalid_penalty: float = documented(0.0, "Reward of an edit that fails integrity (METHOD.md: 0, configurable).")
+    efficacy: str = documented(
+        "sampled",
+        "Efficacy in attacker training: 'sampled', the paper's consecutive failures of K sampled "
+        "answers; 'dense', P(right letter | clean) - P(right letter | edited) from the defender's "
+        "scoring forwards (ours: K samples of a defender that errs on a third of clean images are "
+        "mostly its own noise). Curricula and held-out scores always use 'sampled'.",
+    )
 
 
 @settings

@@ -561,9 +561,12 @@ class QwenImageEditor(FlowEditor):
         device: str = "cpu",
         vae_fit: dict | None = None,
         editor_fit: dict | None = None,
+        dtype: str | torch.dtype = "float32",
         **kw,
     ) -> "QwenImageEditor":
-        """``vae_fit`` ({steps, scenes, batch, lr, seed}): fit the random VAE to synthetic-world
+        """``dtype``: the editor's weights and latents after any fit (bfloat16 tests the mixed-
+        precision path on a CPU; fits run in float32).
+        ``vae_fit`` ({steps, scenes, batch, lr, seed}): fit the random VAE to synthetic-world
         images first (cached), so that an edit can leave the rest of the image intact.
         ``editor_fit`` (same keys; after ``vae_fit``): then train the transformer on world edits —
         an object drawn into a free place of a scene, with the attacker's instruction — so that it
@@ -615,6 +618,10 @@ class QwenImageEditor(FlowEditor):
                 lambda: world_edit_pairs(n, resolution, fit["seed"]),
                 **fit,
             )
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if dtype != torch.float32:
+            editor.pipe.to(dtype=dtype)
+            editor.dtype = dtype
         return editor
 
     @classmethod

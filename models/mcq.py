@@ -22,10 +22,14 @@ ACCURACY_REWARD = 0.8
 FORMAT_REWARD = 0.2
 
 _STRICT = re.compile(r"\\boxed\{([A-Z])\}")
-_LENIENT = re.compile(r"\\boxed\s*[\{\(\[]\s*\(?\s*([A-Za-z])\s*\)?\s*[\}\)\]]")
+# Possessive quantifiers (``*+``): the lenient form allows white space on both sides of an optional
+# parenthesis, and with backtracking quantifiers a degenerate rollout ("\\boxed{" + spaces + a letter
+# + spaces + no bracket) costs n^3 steps (seconds at n = 800); the possessive form matches the same
+# strings in linear time.
+_LENIENT = re.compile(r"\\boxed\s*+[\{\(\[]\s*+(?:\(\s*+)?([A-Za-z])\s*+(?:\)\s*+)?[\}\)\]]")
 _OPTION_LINE = re.compile(r"^\(([A-Z])\) (.*)$")
 YES_NO_PROMPT = "Answer with \\boxed{Yes} or \\boxed{No}."
-_BOXED_YES_NO = re.compile(r"\\boxed\s*[\{\(\[]\s*(yes|no)\s*[\}\)\]]", re.IGNORECASE)
+_BOXED_YES_NO = re.compile(r"\\boxed\s*+[\{\(\[]\s*+(yes|no)\s*+[\}\)\]]", re.IGNORECASE)
 YES_NO_WORD = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 
 

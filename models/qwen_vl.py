@@ -408,6 +408,37 @@ class QwenVLPolicy:
             return logp
         return logp, torch.stack(ents)
 
+    @torch.no_grad()
+    def answer_probability(
+        self,
+        images: list[Image.Image],
+        prompts: list[str],
+        answers: list[str],
+        num_options: list[int],
+        batch: int = 32,
+    ) -> list[float]:
+        """P(the right letter) per row: a softmax over the options of each answer written as the
+        prompt asks (``\\boxed{L}``), from scoring forwards only (no sampling). A dense view of
+        what K sampled answers estimate with noise, for the attacker's efficacy."""
+        from world.questions import letters
+
+        rows = [(i, letter) for i, n in enumerate(num_options) for letter in letters(n)]
+        ids, mask = self.target_ids([f"\\boxed{{{letter}}}" for _, letter in rows])
+        mask[torch.arange(len(rows)), mask.sum(1) - 1] = 0  # the answer, not the EOS after it
+        totals = []
+        for start in range(0, len(rows), batch):
+            sl = slice(start, start + batch)
+            idx = [i for i, _ in rows[sl]]
+            logp = self.response_logprobs([images[i] for i in idx], [prompts[i] for i in idx], ids[sl], mask[sl])
+            totals.append((logp * mask[sl].to(logp.device)).sum(1).float().cpu())
+        total = torch.cat(totals)
+        out, k = [], 0
+        for n, answer in zip(num_options, answers):
+            probs = torch.softmax(total[k : k + n].double(), 0)
+            out.append(float(probs[letters(n).index(answer)]) if answer in letters(n) else 0.0)
+            k += n
+        return out
+
     def trainable_parameters(self):
         return [p for p in self.model.parameters() if p.requires_grad]
 

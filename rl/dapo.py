@@ -112,8 +112,9 @@ def fill_batch(draw, batch_groups: int, group_size: int, cfg: DapoConfig, any_ra
     """Dynamic sampling: call ``draw()`` (-> a list of groups, each with ``.scores`` of length G)
     until ``batch_groups`` informative groups are kept, or fail after ``max_draw_factor`` draws.
 
-    Returns (kept groups, number of groups drawn). Groups whose mean score is outside
-    (keep_low, keep_high) carry no gradient (every advantage is 0) and are dropped. Under data
+    Returns (kept groups, number of groups drawn). Groups whose accuracy (``.scores``: 1 per
+    right letter, whatever the format; the DAPO paper's filter) is outside (keep_low, keep_high)
+    are dropped: all right or all wrong, they carry no accuracy signal. Under data
     parallelism ``any_rank`` makes the loop collective: every rank draws until every rank is full,
     so all ranks walk the data in step.
     """

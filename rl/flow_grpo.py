@@ -85,11 +85,15 @@ def sde_step(
         else:
             xi = noise if noise is not None else torch.randn(xf.shape, generator=generator, device=xf.device)
             sample = mean + std * xi.float()
+        # What the rollout keeps is the sample in the model's dtype: its log-prob is taken on exactly
+        # that tensor, the one training re-scores, so the first ratio is 1 in bf16 too (scoring the
+        # float32 draw instead put most low-noise steps outside a 1e-4 clip band).
+        sample = sample.to(x.dtype)
     if a == 0:
         log_prob = torch.zeros(x.shape[0], device=x.device)
     else:
         log_prob = gaussian_log_prob(sample, mean, std.expand_as(mean))
-    return StepOut(sample.to(x.dtype) if sample.dtype != x.dtype else sample, mean, std, log_prob)
+    return StepOut(sample.to(x.dtype), mean, std, log_prob)
 
 
 def ode_step(x: torch.Tensor, v: torch.Tensor, s, s_next) -> torch.Tensor:

@@ -114,11 +114,16 @@ def _samples_frame(samples: list[dict]) -> pl.DataFrame:
 MODULES = (__name__,)  # the code of an attacker version: this module and what it imports
 
 
-def frozen_reward(store: ShardStore, cfg: PipelineConfig, defender_version: str) -> IntegrityEfficacy:
-    """Integrity x efficacy against a frozen defender version (``attacker.rl.reward``)."""
+def frozen_reward(
+    store: ShardStore, cfg: PipelineConfig, defender_version: str, efficacy: str | None = None
+) -> IntegrityEfficacy:
+    """Integrity x efficacy against a frozen defender version (``attacker.rl.reward``);
+    ``efficacy`` overrides the config's kind (curricula score with the paper's sampled one)."""
     r = cfg.attacker.rl.reward
     defender = load_defender(store, defender_version, **defender_runtime(cfg))
-    return IntegrityEfficacy(defender, r.tau, r.queries, r.temperature, r.global_floor, r.invalid_penalty)
+    return IntegrityEfficacy(
+        defender, r.tau, r.queries, r.temperature, r.global_floor, r.invalid_penalty, efficacy or r.efficacy
+    )
 
 
 def train_attacker_version(

@@ -110,7 +110,8 @@ def generate_curriculum_version(
     parents = [attacker_version, data.version, defender_version]
     vcfg = {
         "curriculum": dataclasses.asdict(c),
-        "reward": dataclasses.asdict(a.rl.reward),
+        # what scores the curriculum; the training-only efficacy kind does not
+        "reward": {k: v for k, v in dataclasses.asdict(a.rl.reward).items() if k != "efficacy"},
         "model": a.model,
         **({"judge": cfg.models["judge"]} if c.describe else {}),
     }
@@ -226,7 +227,7 @@ def _curriculum_shard(
     a, c, r = cfg.attacker, cfg.attacker.curriculum, cfg.attacker.rl.reward
     if not models:
         models["editor"] = load_attacker(store, attacker_version, a.model)
-        models["reward"] = frozen_reward(store, cfg, defender_version)
+        models["reward"] = frozen_reward(store, cfg, defender_version, "sampled")  # success as held-out scores read it
     editor, reward = models["editor"], models["reward"]
     shard = [at_edit_size(editor, items[n]) for n in chunk]
     progress = (lambda i, n: on_item(chunk.start + i, len(items))) if on_item else None

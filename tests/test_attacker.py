@@ -194,6 +194,40 @@ def test_integrity_efficacy_with_a_scripted_defender():
     assert reward.unedited_efficacy([], []) == []
 
 
+class BrightnessDefender:
+    """P(right letter) = the image's mean brightness in [0, 1]; counts the images it scores."""
+
+    def __init__(self):
+        self.scored = 0
+
+    def answer_probability(self, images, prompts, answers, num_options):
+        self.scored += len(images)
+        return [float(np.asarray(im, dtype=np.float64).mean() / 255) for im in images]
+
+
+def test_dense_efficacy_is_the_drop_in_the_right_letters_probability():
+    """Dense efficacy = P(right | clean) - P(right | edited), gated by integrity like the sampled one;
+    a group's shared clean image is scored once."""
+    clean = np.full((40, 40, 3), 100, np.uint8)
+    clean[5:20, 5:20] = 200
+    darker = clean.copy()
+    darker[25:38, 25:38] = 30  # away from the target: integrity holds, the image darkens
+    broken = clean.copy()
+    broken[5:20, 5:20] = 0
+    item = AttackItem("a", Image.fromarray(clean), "x", [[5, 5, 20, 20]], prompt="q", answer="A", num_options=4)
+    defender = BrightnessDefender()
+    reward = IntegrityEfficacy(defender, tau=0.9, invalid_penalty=-0.5, efficacy="dense")
+    rows = reward([item.image] * 3, [Image.fromarray(a) for a in (darker, broken, clean)], [item] * 3)
+    p_clean, p_dark = clean.mean() / 255, darker.mean() / 255
+    assert rows[0]["integrity"] == 1.0 and rows[0]["reward"] == pytest.approx(p_clean - p_dark)
+    assert rows[0]["p_right_clean"] == pytest.approx(p_clean) and rows[0]["efficacy"] > 0
+    assert rows[1]["integrity"] == 0.0 and rows[1]["reward"] == -0.5  # broken target: the penalty
+    assert rows[2]["reward"] == pytest.approx(0.0)  # an unchanged image takes nothing from the defender
+    assert defender.scored == 1 + 3  # the clean image once, each edit once
+    with pytest.raises(ValueError, match="efficacy=sampled"):
+        IntegrityEfficacy(ScriptedDefender([["A"]]), efficacy="dense")
+
+
 def test_attack_summary_reads_success_against_the_unedited_baseline():
     from stages.curriculum import attack_summary
 
@@ -393,3 +427,26 @@ def test_selective_checkpointing_recomputes_only_the_checkpointed_blocks_and_kee
     assert torch.allclose(grads[0], grads[len(blocks)], atol=1e-6) and torch.allclose(grads[0], grads[1], atol=1e-6)
     with pytest.raises(ValueError, match="blocks"):
         ed.enable_gradient_checkpointing(len(blocks) + 1)
+
+
+def test_first_update_is_on_policy_in_bf16():
+    """The first ratio is exactly 1 on the tiny editor in bf16 too, at every trained step: the
+    rollout's log-prob is of the sample as stored, and the update re-scores that very tensor."""
+    from models.editor import QwenImageEditor
+
+    ed = QwenImageEditor.tiny(seed=0, resolution=32, dtype=torch.bfloat16)
+    ed.add_lora(4, 8)
+    cond = ed.condition([_items(1)[0].image], ["x"]).repeat(4)
+    traj = sample(ed, cond, 6, 1.0, generator=torch.Generator().manual_seed(0))
+    assert traj.latents[1].dtype == torch.bfloat16 and traj.sde_steps == [0, 1, 2, 3, 4]
+    for i in traj.sde_steps:
+        out = step_log_prob(ed, traj, i, cond, 1.0)
+        assert torch.equal(torch.exp(out.log_prob.detach() - traj.log_probs[:, i]), torch.ones(4)), i
+    tr = AttackerTrainer(
+        QwenImageEditor.tiny(seed=0, resolution=32, dtype=torch.bfloat16),
+        _cfg(steps=1),
+        items=_items(),
+        rewards={"contrast": box_contrast},
+    )
+    tr.train()
+    assert tr.metrics[0]["ratio_max"] == 1.0 and tr.metrics[0]["clip_fraction"] == 0.0

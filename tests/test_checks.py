@@ -135,6 +135,26 @@ def test_extract_and_reward(text, letter, strict, reward):
     assert mcq_reward(text, "B", 4) == pytest.approx(reward)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\\boxed{" + " " * 4096 + "B" + " " * 4096 + "x",  # the n^3 case of a backtracking lenient pattern
+        "\\boxed{ ( " * 700 + "B",
+        "\\boxed" + " " * 4096 + "{" + " " * 4096,
+    ],
+)
+def test_a_degenerate_4096_token_rollout_is_scored_in_milliseconds(text):
+    """Rewards are scored on every rollout: a degenerate one (spaces around a letter, no closing
+    bracket) must not stall the trainer. 10 ms is over 100x what the linear pattern needs here."""
+    import time
+
+    t0 = time.perf_counter()
+    ext, reward = extract_choice(text, 4), mcq_reward(text, "B", 4)
+    assert time.perf_counter() - t0 < 0.01
+    assert (ext.letter, reward) == (None, 0.0)
+    assert extract_choice(" " * 9 + "\\boxed{ ( b ) }" + " " * 9, 4).letter == "B"  # still lenient
+
+
 def test_prompt_round_trip():
     p = format_prompt("Where is the red circle relative to the blue square?", ["left", "right", "above", "below"])
     assert p.startswith("Please answer the following multiple-choice question.")

@@ -296,3 +296,29 @@ def test_a_warmed_stage2_defender_learns_the_runs_world(monkeypatch):
     prompts = [e.prompt for e in world_examples(6, 0, config_from_dict({"source": warm["source"]}))]
     assert all("colour" in p for p in prompts), prompts
     assert not all("colour" in e.prompt for e in world_examples(12, 0))  # the default world asks more than colour
+
+
+def test_answer_probability_is_a_distribution_over_the_options_led_by_the_greedy_letter(warm_policy, data):
+    """Summed over every letter as the answer, the probabilities are 1 and a letter outside the
+    options gets 0; after SFT the most probable letter is the greedy answer's wherever that answer
+    is well-formed (every option shares the prefix '\\boxed{'), and the right letter's mean
+    probability is above chance."""
+    from models.mcq import extract_choice
+
+    ex = data[1][:16]
+    n = [e.num_options for e in ex]
+    letters = [chr(65 + k) for k in range(max(n))]
+    args = ([e.image for e in ex], [e.prompt for e in ex])
+    per_letter = [warm_policy.answer_probability(*args, [L] * len(ex), n) for L in letters]
+    assert [sum(p[i] for p in per_letter[: n[i]]) for i in range(len(ex))] == [pytest.approx(1.0, abs=1e-6)] * len(ex)
+    assert warm_policy.answer_probability(args[0][:1], args[1][:1], ["Z"], n[:1]) == [0.0]
+    greedy = warm_policy.generate(*args, max_new_tokens=3)
+    checked = 0
+    for i, text in enumerate(greedy):
+        letter = extract_choice(text, n[i]).letter
+        if letter is not None and text.strip() == f"\\boxed{{{letter}}}":
+            assert letters[max(range(n[i]), key=lambda k: per_letter[k][i])] == letter, text
+            checked += 1
+    assert checked >= len(ex) // 2  # the warm policy answers in format
+    right = warm_policy.answer_probability(*args, [e.answer for e in ex], n)
+    assert sum(right) / len(right) > chance(ex)

@@ -145,3 +145,37 @@ def test_reward_is_integrity_times_efficacy_and_components_are_kept():
     )
     assert both[0]["reward"] == pytest.approx(2 * 2 / 3 + 0.5) and both[0]["aot/integrity"] == 1.0
     assert both[1]["reward"] == pytest.approx(0.5) and both[1]["aot/integrity"] == 0.0
+
+
+def test_a_bf16_rollout_scores_the_sample_it_stores():
+    """In bf16 the stored sample is the float32 draw rounded; its log-prob must be taken on that
+    stored sample, or re-scoring it in training gives a first ratio != 1 and pushes low-noise
+    steps outside a 1e-4 clip band (their negative-advantage samples then get no gradient)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 64, 16, generator=g).to(torch.bfloat16)
+    v = torch.randn(8, 64, 16, generator=g).to(torch.bfloat16)
+    sigmas = torch.linspace(1.0, 0.0, 11)
+    for i in range(9):
+        out = sde_step(x, v, sigmas[i], sigmas[i + 1], 1.0, s_cap=0.95, generator=g)
+        assert out.sample.dtype == torch.bfloat16
+        again = sde_step(x, v, sigmas[i], sigmas[i + 1], 1.0, s_cap=0.95, sample=out.sample)
+        assert torch.equal(torch.exp(again.log_prob - out.log_prob), torch.ones(8)), i
+        x = out.sample
+
+
+def test_kl_is_the_exact_gaussian_kl_and_flow_grpo_betas_convert_by_dt():
+    """Two policies' step Gaussians share std g sqrt(|dt|): KL = ||mu - mu_ref||^2 / (2 g^2 |dt|),
+    elementwise mean. flow_grpo's code divides by 2 g^2 only, i.e. its KL is ours times |dt|: the
+    conversion the config's kl_beta help gives (beta_here = beta_flow_grpo * |dt|)."""
+    g = torch.Generator().manual_seed(1)
+    x, v, dv = (torch.randn(2, 8, 4, generator=g) for _ in range(3))
+    s, s_next, a = 0.6, 0.5, 0.8
+    pol, ref = sde_step(x, v + 0.1 * dv, s, s_next, a), sde_step(x, v, s, s_next, a)
+    kl = gaussian_kl(pol.mean, ref.mean, pol.std.expand_as(pol.mean))
+    g_s2 = a**2 * s / (1 - s)  # g_s^2 by hand
+    dt = s_next - s
+    mu_diff = (0.1 * dv) * (1 + g_s2 / (2 * s) * (1 - s)) * dt  # d(mu)/dv times the velocity change
+    by_hand = (mu_diff**2).mean(dim=(1, 2)) / (2 * g_s2 * abs(dt))
+    assert torch.allclose(kl, by_hand, rtol=1e-5)
+    flow_grpo_form = ((pol.mean - ref.mean) ** 2).mean(dim=(1, 2)) / (2 * g_s2)
+    assert torch.allclose(kl * abs(dt), flow_grpo_form, rtol=1e-5)

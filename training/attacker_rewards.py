@@ -6,6 +6,10 @@
 - Efficacy: the frozen defender is queried K times (3); c = wrong answers before the first right
   one; E = c / K ("consecutive reasoning failures").
 - R = I * E; an invalid edit scores ``invalid_penalty`` (0 by default) instead.
+- Dense efficacy (``efficacy="dense"``, ours): E = P(right letter | clean) - P(right letter |
+  edited) from the defender's scoring forwards. K sampled answers of a defender that errs on a
+  third of clean images mostly measure its own noise; the probability drop measures what the edit
+  did, on every edit, and the clean term is the per-item baseline.
 
 Rewards used in training are batch callables with one signature,
 ``(cleans, editeds, items) -> list[dict]`` (each dict holds at least ``reward``; every other key
@@ -85,6 +89,7 @@ class AttackItem:
     options: list[str] = field(default_factory=list)
 
 
+EFFICACY_KINDS = ("sampled", "dense")
 BatchReward = Callable[[list[Image.Image], list[Image.Image], list[AttackItem]], list[dict]]
 
 
@@ -99,10 +104,18 @@ class IntegrityEfficacy:
         temperature: float = 1.0,
         global_floor: float | None = None,
         invalid_penalty: float = 0.0,
+        efficacy: str = "sampled",
     ):
+        if efficacy not in EFFICACY_KINDS:
+            raise ValueError(f"efficacy must be one of {EFFICACY_KINDS}, not {efficacy!r}")
+        if efficacy == "dense" and not hasattr(defender, "answer_probability"):
+            raise ValueError(
+                f"dense efficacy needs a defender that scores answers ({type(defender).__name__} does not): "
+                "use a Qwen2.5-VL defender, or attacker.rl.reward.efficacy=sampled"
+            )
         self.defender, self.tau, self.queries, self.temperature = defender, tau, queries, temperature
         self.global_floor = global_floor or None
-        self.invalid_penalty = invalid_penalty
+        self.invalid_penalty, self.efficacy = invalid_penalty, efficacy
 
     def answers(self, editeds: list[Image.Image], items: list[AttackItem]) -> list[list[bool]]:
         from models.mcq import extract_choice
@@ -119,7 +132,32 @@ class IntegrityEfficacy:
         on the items this defender already fails — the baseline an attack's efficacy is read against."""
         return [efficacy(AttackSample([], r))["efficacy"] for r in self.answers(images, items)] if images else []
 
+    def right_probability(self, images: list[Image.Image], items: list[AttackItem]) -> list[float]:
+        """P(right letter) per image; an image object repeated in the batch (a group's clean
+        image) is scored once."""
+        first: dict[int, int] = {}
+        for j, im in enumerate(images):
+            first.setdefault(id(im), j)
+        rows = list(first.values())
+        p = self.defender.answer_probability(
+            [images[j] for j in rows],
+            [items[j].prompt for j in rows],
+            [items[j].answer for j in rows],
+            [items[j].num_options for j in rows],
+        )
+        by_image = {id(images[j]): v for j, v in zip(rows, p)}
+        return [by_image[id(im)] for im in images]
+
     def __call__(self, cleans, editeds, items) -> list[dict]:
+        if self.efficacy == "dense":
+            p_clean, p_edit = self.right_probability(cleans, items), self.right_probability(editeds, items)
+            out = []
+            for c, e, it, pc, pe in zip(cleans, editeds, items, p_clean, p_edit):
+                parts = integrity(c, e, AttackSample(it.target_boxes, []), self.tau, self.global_floor)
+                parts.update(efficacy=pc - pe, p_right_clean=pc, p_right_edited=pe)
+                parts["reward"] = parts["efficacy"] if parts["integrity"] else self.invalid_penalty
+                out.append(parts)
+            return out
         right = self.answers(editeds, items)
         return [
             attacker_reward(c, e, AttackSample(it.target_boxes, r), self.tau, self.global_floor, self.invalid_penalty)
