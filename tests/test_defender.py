@@ -322,3 +322,33 @@ def test_answer_probability_is_a_distribution_over_the_options_led_by_the_greedy
     assert checked >= len(ex) // 2  # the warm policy answers in format
     right = warm_policy.answer_probability(*args, [e.answer for e in ex], n)
     assert sum(right) / len(right) > chance(ex)
+
+
+def test_dynamic_sampling_filters_on_accuracy_not_reward(warm_policy, data, monkeypatch):
+    """A group whose answers are all right but mixed in format (rewards 1.0 and 0.8) has no accuracy
+    signal: DAPO's filter (on accuracy, as the paper's) drops it; a group mixed in accuracy is kept."""
+    from models.qwen_vl import Rollout
+    from rl.dapo import keep_groups
+
+    ex = data[0][:2]
+    answer = {id(e.image): e.answer for e in ex}
+    wrong = {e.answer: next(L for L in "ABCDEF" if L != e.answer) for e in ex}
+
+    def scripted(images, prompts, **kw):
+        texts = []
+        for j, im in enumerate(images):
+            right = answer[id(im)]
+            if id(im) == id(ex[0].image):  # group 0: right 5 times, every other one lower-case
+                texts.append(f"\\boxed{{{right.lower() if j % 2 else right}}}")
+            else:  # group 1: right every other time
+                texts.append(f"\\boxed{{{right if j % 2 else wrong[right]}}}")
+        n = len(images)
+        ids, mask, truncated = torch.ones(n, 2, dtype=torch.long), torch.ones(n, 2), torch.zeros(n, dtype=torch.bool)
+        return Rollout(list(prompts), list(images), ids, mask, truncated, texts)
+
+    tr = DefenderTrainer(copy.deepcopy(warm_policy), ex, _dapo_cfg(batch_prompts=2, micro_batch=5))
+    monkeypatch.setattr(tr.policy, "rollout", scripted)
+    groups = tr._draw(0)
+    assert sorted(set(groups[0].rewards.tolist())) == [pytest.approx(0.8), 1.0] and groups[0].scores == [1.0] * 5
+    assert groups[1].scores == [0.0, 1.0, 0.0, 1.0, 0.0]
+    assert keep_groups(torch.tensor(groups[0].scores + groups[1].scores), 5, 0.01, 0.99).tolist() == [False, True]
