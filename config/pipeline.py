@@ -196,6 +196,21 @@ class AttackerConfig:
         "guidance-distilled), device, dtype}.",
     )
     max_items: Int = documented(0, "Use at most this many rows of the dataset version for training (0: all).")
+    cold_start_scenes: Int = documented(
+        0,
+        "The cold start's pairs: 0 = the run's AOT-SFT version; N = the AOT-SFT pairs of a bootstrap "
+        "run on N fresh scenes of the same world (the synthetic implanter renders one for any scene, "
+        "so the cold start is not limited to the run's few hundred rows).",
+    )
+    cold_start_seed_offset: Int = documented(
+        40_000, "source.seed + this = that pool's seed (no scene in common with the items, held-out or warm-up)."
+    )
+    cold_start_named: float = documented(
+        1.0,
+        "Share of cold-start pairs whose instruction names the distractor ('Add a red square ...'); "
+        "the rest get the instruction the attacker is given on fresh items ('Change the scene ...'), "
+        "which names none: with 1.0 the cold start never sees the instruction it is used with.",
+    )
     cold_start: AttackerTrainConfig = documented(
         AttackerTrainConfig(mode="sft"), "Cold start: flow matching on AOT-SFT pairs (config/training.py)."
     )
@@ -363,6 +378,11 @@ class PipelineConfig:
             and self.coevolution.warmup_scenes >= 0,
             "coevolution",
             "needs iterations >= 1, heldout_scenes >= 1 and warmup_scenes >= 0",
+        )
+        _check(
+            a.cold_start_scenes >= 0 and 0 <= a.cold_start_named <= 1,
+            "attacker.cold_start_scenes",
+            "needs cold_start_scenes >= 0 and 0 <= attacker.cold_start_named <= 1",
         )
         _check(0 <= a.curriculum.clean_fraction < 1, "attacker.curriculum.clean_fraction", "must be within [0, 1)")
         _check(a.curriculum.shard_size >= 0, "attacker.curriculum.shard_size", "must be >= 0 (0: one shard)")

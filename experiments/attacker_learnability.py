@@ -43,6 +43,34 @@ SCORES = {
 }
 
 
+def implanter_scores(store, cfg, heldout: str, defender: str) -> dict:
+    """The oracle implanter (Stage 2's verified distractor, no defender in the loop) on the same
+    held-out items, scored as the curriculum scores an attacker: the same gate (tau), the same
+    defender, K queries and seeds, its edits against the items' unedited images. The row an
+    attacker's lift is read against."""
+    from stages.attack import attack_version
+    from stages.attacker import frozen_reward, item_from_row, items_from_version
+    from stages.curriculum import attack_summary
+    from storage import decode_image
+
+    items = items_from_version(store, store.manifest(heldout), cfg.attacker.curriculum.max_items)
+    wanted = {it.id for it in items}
+    attacked = [
+        r
+        for r in store.read(attack_version(store, cfg, heldout, "implanter")).iter_rows(named=True)
+        if r["id"] in wanted
+    ]
+    reward = frozen_reward(store, cfg, defender, "sampled")
+    mine = [item_from_row(r, "clean_image") for r in attacked]
+    scores = reward([it.image for it in mine], [decode_image(r["adversarial_image"]) for r in attacked], mine)
+    kept = [(it, s) for it, s in zip(mine, scores) if s["integrity"]]
+    clean = reward.unedited_efficacy([it.image for it, _ in kept], [it for it, _ in kept])
+    summary = attack_summary([{**s, "clean_efficacy": c} for (_, s), c in zip(kept, clean)], len(items))
+    return {"try": "oracle implanter", "attacker": "implanter", "items": len(items)} | {
+        k: summary[v] for k, v in SCORES.items() if v in summary
+    }
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = parser(__doc__.splitlines()[0])
     add_config_args(ap, "override for every attacker (and the data, defender and cold start)")
@@ -76,7 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tries = [
         [kv.strip() for kv in t.split(",") if kv.strip()] for t in (args.tries if args.tries is not None else [""])
     ]
-    bad = [kv for t in tries for kv in t if not kv.startswith(("attacker.rl.", "attacker.cold_start."))]
+    bad = [kv for t in tries for kv in t if not kv.startswith(("attacker.rl.", "attacker.cold_start"))]
     if bad:  # anything else would change the scoring the tries are compared under
         raise SystemExit(
             f"--try takes attacker.rl.* and attacker.cold_start.* overrides only, not {bad}; use --set for the rest"
@@ -95,7 +123,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     defender = steps.train_defender(
         steps.warmup_pool() if cfg.coevolution.warmup_scenes else data["export"], None, "warmup", "clean"
     )
-    cold = steps.train_attacker(data["export"], None, None, "sft")
+    pairs = steps.cold_start_pool() if cfg.attacker.cold_start_scenes else data["export"]
+    cold = steps.train_attacker(pairs, None, None, "sft")
     info = environment(
         preset=preset, overrides=overrides, defender=defender, cold_start=cold, score_noise=args.score_noise
     )
@@ -110,15 +139,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row.update({prefix + k: s[v] for k, v in SCORES.items()})
         return row
 
-    rows = [scored("cold start", cold)]
+    rows = [implanter_scores(store, cfg, heldout, defender), scored("cold start", cold)]
     for t in tries:
         started = time.perf_counter()
         tcfg = load_config(preset, overrides + t)
         tsteps = LocalSteps(store, tcfg, say)
-        base = rows[0]
-        own = [kv for kv in t if kv.startswith("attacker.cold_start.")]
+        base = rows[1]
+        own = [kv for kv in t if kv.startswith("attacker.cold_start")]  # cold_start.*, cold_start_scenes, ...
         if own:  # this try's own cold start, scored as its baseline
-            base = scored("cold start " + ",".join(own), tsteps.train_attacker(data["export"], None, None, "sft"))
+            own_pairs = tsteps.cold_start_pool() if tcfg.attacker.cold_start_scenes else data["export"]
+            base = scored("cold start " + ",".join(own), tsteps.train_attacker(own_pairs, None, None, "sft"))
             rows.append(base)
         if tcfg.attacker.rl.steps == 0:
             write_results(args.out, args.name, info | {"wall_seconds": round(time.perf_counter() - t0, 1)}, rows)
@@ -138,16 +168,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         for prefix in ("", "sde_") if sde_steps else ("",):
             rows[-1][prefix + "success_gain"] = rows[-1][prefix + "attack_success"] - base[prefix + "attack_success"]
+            rows[-1][prefix + "lift_gain"] = rows[-1][prefix + "lift"] - base[prefix + "lift"]  # the phase's effect
         write_results(args.out, args.name, info | {"wall_seconds": round(time.perf_counter() - t0, 1)}, rows)
     print(
-        f"\n{'attacker':<48} {'success':>8} {'gain':>7} {'lift':>7} {'flips':>6} {'integrity':>9} {'efficacy':>8} "
+        f"\n{'attacker':<48} {'success':>8} {'lift':>7} {'lift gain':>9} {'flips':>6} {'integrity':>9} {'efficacy':>8} "
         f"{'reward 1st->last q':>19}" + (f" {'SDE success':>11} {'SDE lift':>8}" if sde_steps else "")
     )
     for r in rows:
         rew = f"{r['train_reward_first']:.3f} -> {r['train_reward_last']:.3f}" if "steps" in r else ""
-        sde = f" {r['sde_attack_success']:>11.3f} {r['sde_lift']:>+8.3f}" if sde_steps else ""
+        sde = f" {r['sde_attack_success']:>11.3f} {r['sde_lift']:>+8.3f}" if "sde_lift" in r else ""
+        gain = f"{r['lift_gain']:+.3f}" if "lift_gain" in r else ""
         print(
-            f"{r['try'][:48]:<48} {r['attack_success']:>8.3f} {r.get('success_gain', 0.0):>+7.3f} {r['lift']:>+7.3f} "
+            f"{r['try'][:48]:<48} {r['attack_success']:>8.3f} {r['lift']:>+7.3f} {gain:>9} "
             f"{r['flips']:>6.3f} {r['integrity']:>9.3f} {r['mean_efficacy']:>8.3f} {rew:>19}{sde}"
         )
     return rows

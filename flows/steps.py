@@ -94,6 +94,13 @@ class PrefectSteps:
 
         return self._world(warmup_config(self.cfg), ("source",))
 
+    def cold_start_pool(self):
+        from stages.attack import attack_version
+        from stages.source import cold_start_config
+
+        items = self._world(cold_start_config(self.cfg), ("source", "extend", "filter"))
+        return attack_version(self.store, self.cfg, items, "implanter").version  # in-process: oracles are cheap
+
     def _world(self, cfg, stages) -> str:
         """The stage flows on another world of the same settings (stages.source defines it)."""
         over = {

@@ -12,6 +12,7 @@ is its LoRA. While training, checkpoints go to ``_work/latest``; a rerun resumes
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 from typing import Callable
@@ -24,7 +25,7 @@ from models.mcq import format_prompt
 from stages.checkpoints import fetch_version, resume_folder, train_resumably, trained_part
 from stages.defender import defender_runtime, load_defender
 from stages.version import VersionPart, kernel_family, single_part_version
-from storage import Manifest, ShardStore, decode_image
+from storage import Manifest, ShardStore, content_hash, decode_image
 from training.attacker import AttackerTrainer, EditPair
 from training.attacker_rewards import AttackItem, IntegrityEfficacy
 
@@ -61,21 +62,31 @@ def item_from_row(row: dict, col: str = "image") -> AttackItem:
     )
 
 
-def pairs_from_version(store: ShardStore, manifest: Manifest, max_items: int = 0) -> list[EditPair]:
-    """Cold-start pairs of an AOT-SFT version: clean -> adversarial, instruction from the distractor."""
+def pairs_from_version(store: ShardStore, manifest: Manifest, max_items: int = 0, named: float = 1.0) -> list[EditPair]:
+    """Cold-start pairs of an AOT-SFT (export) or attack version: clean -> adversarial. A share
+    ``named`` of the instructions (chosen by row id, so the same rows whatever the order) name the
+    distractor; the rest are the instruction of a fresh item, which names none."""
     df = store.read(manifest)
     if "adversarial_image" not in df.columns:
         raise ValueError(
             f"version {manifest.version} is a {manifest.stage} version; the cold start needs an AOT-SFT "
-            "(export) version with clean/adversarial pairs"
+            "(export) or attack version with clean/adversarial pairs"
         )
     if max_items:
         df = df.head(max_items)
+
+    def names_it(row_id: str) -> bool:
+        return int(content_hash({"id": row_id, "named": "cold-start"}, 8), 16) / 16**8 < named
+
+    def description(row: dict) -> str | None:  # export rows list it; attack rows keep it in their meta
+        found = row.get("distractor_descriptions") or json.loads(row.get("meta") or "{}").get("distractors") or [None]
+        return found[0] if names_it(row["id"]) else None
+
     return [
         EditPair(
             decode_image(r["clean_image"]),
             decode_image(r["adversarial_image"]),
-            attack_instruction(r["question"], r["target_names"] or [], (r["distractor_descriptions"] or [None])[0]),
+            attack_instruction(r["question"], r["target_names"] or [], description(r)),
         )
         for r in df.iter_rows(named=True)
     ]
@@ -145,6 +156,8 @@ def train_attacker_version(
     vcfg = {
         "attacker": {"model": a.model, "max_items": a.max_items, "mode": mode, "train": dataclasses.asdict(train_cfg)}
     }
+    if mode == "sft" and a.cold_start_named != 1.0:  # (1.0: the ids versions had before the option)
+        vcfg["attacker"]["named"] = a.cold_start_named
 
     def compute(version: str) -> VersionPart:
         editor = load_attacker(store, init_version, a.model)
@@ -154,7 +167,7 @@ def train_attacker_version(
             else {"rank": train_cfg.lora_rank, "alpha": train_cfg.lora_alpha}
         )
         if mode == "sft":
-            kw = {"pairs": pairs_from_version(store, data, a.max_items)}
+            kw = {"pairs": pairs_from_version(store, data, a.max_items, a.cold_start_named)}
         else:
             kw = {
                 "items": items_from_version(store, data, a.max_items),

@@ -48,7 +48,8 @@ def run_coevolution(store: ShardStore, cfg: PipelineConfig, steps: Steps, source
     lineage = {"export": export, "items": items, "heldout": heldout, "warmup": warmup, "defender_0": defender}
     for n in range(1, n_iter + 1):
         if attacker is None:
-            attacker = steps.train_attacker(export, None, None, "sft")  # cold start, round 1 only
+            pairs = steps.cold_start_pool() if cfg.attacker.cold_start_scenes else export
+            attacker = steps.train_attacker(pairs, None, None, "sft")  # cold start, round 1 only
             lineage["attacker_cold_start"] = attacker
         # the phase's starting attacker on the held-out items (for n > 1: iteration n-1's "after", cached)
         attack_start = steps.curriculum(attacker, heldout, defender)

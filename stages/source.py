@@ -100,6 +100,13 @@ def warmup_config(cfg):
     return world_config(cfg, c.warmup_seed_offset, c.warmup_scenes)
 
 
+def cold_start_config(cfg):
+    """The attacker's cold-start pool (``attacker.cold_start_scenes`` > 0): fresh scenes of the same
+    world, bootstrapped to AOT-SFT pairs like the run's own."""
+    a = cfg.attacker
+    return world_config(cfg, a.cold_start_seed_offset, a.cold_start_scenes)
+
+
 def world_config(cfg, seed_offset: int, scenes: int):
     """The same world settings under ``source.seed + seed_offset``, ``scenes`` scenes."""
     return dataclasses.replace(

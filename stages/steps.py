@@ -19,6 +19,7 @@ class Steps(Protocol):
     def bootstrap(self, source: str | None) -> list[dict]: ...  # every bootstrap stage's summary, in order
     def heldout(self) -> str: ...  # held-out filter version
     def warmup_pool(self) -> str: ...  # source version of coevolution.warmup_scenes fresh scenes
+    def cold_start_pool(self) -> str: ...  # implanter pairs (attack version) of attacker.cold_start_scenes fresh scenes
     def train_defender(self, data: str, init: str | None, mode: str, images: str | None = None) -> str: ...
     def evaluate(self, defender: str, data: str) -> dict: ...  # summary
     def train_attacker(self, data: str, defender: str | None, init: str | None, mode: str) -> str: ...
@@ -58,6 +59,15 @@ class LocalSteps:
         from stages.source import warmup_config
 
         return self.bootstrap(None, warmup_config(self.cfg), until="source")[-1]["version"]
+
+    def cold_start_pool(self):
+        from stages.attack import attack_version
+        from stages.source import cold_start_config
+
+        items = self.bootstrap(None, cold_start_config(self.cfg), until="filter")[-1]["version"]
+        m = attack_version(self.store, self.cfg, items, "implanter")
+        self.say(f"cold-start pool: {m.version} ({m.rows} implanted pairs of {m.rows_in} fresh scenes)")
+        return m.version
 
     def train_defender(self, data, init, mode, images=None):
         from stages.defender import train_defender_version

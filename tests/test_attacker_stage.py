@@ -305,3 +305,20 @@ def test_batched_edits_equal_one_by_one_edits():
         np.asarray(a).tobytes() for a in edit_items(editor, items, seeds, steps=3, batch=4, noise_level=1.0)
     ]
     assert all(np.asarray(a).tobytes() != np.asarray(b).tobytes() for a, b in zip(sde, one))
+
+
+def test_cold_start_pairs_name_the_distractor_in_the_configured_share(chain):
+    """attacker.cold_start_named: 1 names every pair's distractor (AOT-SFT's description), 0 none —
+    the instruction fresh items get — and a share in between splits by row id, the same rows in
+    any order."""
+    from stages.attacker import pairs_from_version
+
+    store, _, v = chain
+    export = store.manifest(v["export"])
+    instructions = {n: [p.instruction for p in pairs_from_version(store, export, named=n)] for n in (0.0, 0.5, 1.0)}
+    assert len(instructions[1.0]) >= 4
+    assert all(i.startswith("Add ") for i in instructions[1.0])
+    assert all(i.startswith("Change the scene") for i in instructions[0.0])
+    named = [i.startswith("Add ") for i in instructions[0.5]]
+    assert 0 < sum(named) < len(named)
+    assert [a if n else b for a, b, n in zip(instructions[1.0], instructions[0.0], named)] == instructions[0.5]

@@ -196,23 +196,31 @@ def test_attacker_learnability_scores_every_try_on_the_same_items(tmp_path):
             "attacker.rl.lr=1e-12",
             "--try",
             "attacker.cold_start.steps=2,attacker.rl.steps=0",
+            "--try",
+            "attacker.cold_start_scenes=6,attacker.cold_start_named=0.0,attacker.rl.steps=0",
         ]
     )
     assert [r["try"] for r in rows] == [
+        "oracle implanter",
         "cold start",
         "preset",
         "attacker.rl.lr=1e-12",
         "cold start attacker.cold_start.steps=2",
+        "cold start attacker.cold_start_scenes=6,attacker.cold_start_named=0.0",
     ]
-    # its own cold start (2 steps, not the toy's 1), scored alone; every row also scored with SDE edits
-    assert rows[3]["attacker"] != rows[0]["attacker"] and "steps" not in rows[3]
-    assert all(0 <= r["sde_attack_success"] <= 1 and r["sde_items"] == r["items"] for r in rows)
-    assert rows[1]["sde_success_gain"] == rows[1]["sde_attack_success"] - rows[0]["sde_attack_success"]
-    for r in rows:  # the lift is success over the same items' unedited failures
+    implanter, cold, preset, frozen, own, pooled = rows
+    # its own cold start (2 steps, not the toy's 1), scored alone; every attacker also scored with SDE edits
+    assert own["attacker"] != cold["attacker"] and "steps" not in own
+    assert pooled["attacker"] not in (cold["attacker"], own["attacker"])  # pairs of a fresh pool
+    assert all(0 <= r["sde_attack_success"] <= 1 and r["sde_items"] == r["items"] for r in rows[1:])
+    assert preset["sde_success_gain"] == preset["sde_attack_success"] - cold["sde_attack_success"]
+    assert preset["lift_gain"] == pytest.approx(preset["lift"] - cold["lift"])
+    for r in rows:  # the lift is success over the same items' unedited failures; the implanter's too
         assert r["lift"] == pytest.approx(r["attack_success"] - r["clean_failure"])
     assert len({r["items"] for r in rows}) == 1 and all(0 <= r["attack_success"] <= 1 for r in rows)
-    assert rows[1]["attacker"] != rows[2]["attacker"] and rows[1]["steps"] == rows[2]["steps"] == 2
+    assert implanter["integrity"] > 0  # the oracle implanter edits most held-out items
+    assert preset["attacker"] != frozen["attacker"] and preset["steps"] == frozen["steps"] == 2
     # lr 1e-12: the LoRA does not move, so its edits are scored as the cold start's
-    assert (rows[2]["attack_success"], rows[2]["integrity"]) == (rows[0]["attack_success"], rows[0]["integrity"])
+    assert (frozen["attack_success"], frozen["integrity"]) == (cold["attack_success"], cold["integrity"])
     saved = json.loads((tmp_path / "attacker_learnability.json").read_text())
     assert [r["try"] for r in saved["results"]] == [r["try"] for r in rows] and saved["info"]["score_noise"] == 1.0
