@@ -15,6 +15,9 @@ Registered here:
   placement: it is the held-out family for relation questions.
 - ``option-decoys``: for a colour question, other shapes in the wrong options' colours right
   beside the target: the held-out family for colour questions.
+- ``backdrop-tint``: for a colour question, the background around the target tinted towards a
+  wrong option's colour (a change of lighting, no object added): a second held-out family for
+  colour questions, since every training arm edits by adding objects.
 
 The attacks that need the pipeline's own stages (Stage 2's ``implanter``, a trained
 ``aot-attacker`` version) register themselves in stages/attack.py, which also turns any attack
@@ -157,6 +160,48 @@ def option_decoys(cfg, store=None, gap: float = 2.0, margin: float = 1.0, **_) -
         if isinstance(out, str) and len(decoys) > 2:  # both first sides blocked: try the other two
             out = _place_decoys(row, decoys[2:], margin, "colour")
         return out
+
+    return attack
+
+
+@register_attack("backdrop-tint")
+def backdrop_tint(cfg, store=None, reach: float = 0.75, alpha: float = 0.6, gap: int = 1, **_) -> AttackFn:
+    """For a colour question "What is the colour of the K?": the background pixels within ``reach``
+    x the target's size around its box (``gap`` px away from every object's box, so no object pixel
+    changes) blended towards a wrong option's colour with weight ``alpha``. The scene's objects,
+    and so the answer, are unchanged; a reader that takes the colour around the named object rather
+    than the object's own picks the tint."""
+    from world import COLOURS
+
+    def attack(row: dict):
+        if row.get("question_type") != "colour" or len(row["target_boxes"]) != 1:
+            return "backdrop-tint attacks colour questions (one target)"
+        if not row.get("scene"):
+            return "backdrop-tint needs the row's scene (synthetic rows)"
+        from metrics import localized_ssim
+        from world import Scene
+
+        scene = Scene.from_dict(json.loads(row["scene"]))
+        clean = decode_image(row["image"]).convert("RGB")
+        truth = row["options"][ord(row["answer"]) - ord("A")]
+        wrong = [o for o in row["options"] if o != truth and o in COLOURS]
+        if not wrong:
+            return "no wrong option names a colour"
+        tint = wrong[int(np.random.default_rng(_row_seed(row["id"])).integers(len(wrong)))]
+        x0, y0, x1, y1 = row["target_boxes"][0]
+        r = reach * max(x1 - x0, y1 - y0)
+        arr = np.asarray(clean, dtype=np.float64)
+        h, w = arr.shape[:2]
+        ys, xs = np.mgrid[0:h, 0:w]
+        region = (xs >= x0 - r) & (xs < x1 + r) & (ys >= y0 - r) & (ys < y1 + r)
+        for b in [scene.image_box(o) for o in scene.visible(1e-9)] + [row["target_boxes"][0]]:
+            region &= ~((xs >= b[0] - gap) & (xs < b[2] + gap) & (ys >= b[1] - gap) & (ys < b[3] + gap))
+        if region.sum() == 0:
+            return "no background around the target"
+        arr[region] = (1 - alpha) * arr[region] + alpha * np.asarray(COLOURS[tint], dtype=np.float64)
+        image = Image.fromarray(np.round(arr).clip(0, 255).astype(np.uint8))
+        ssim = min(localized_ssim(clean, image, b) for b in row["target_boxes"])
+        return Attacked(image, scene.to_dict(), {"tint": tint, "alpha": alpha, "target_ssim_min": ssim})
 
     return attack
 

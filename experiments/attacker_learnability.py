@@ -1,7 +1,8 @@
-"""Does one attacker phase (Flow-GRPO against a frozen defender) raise attack success? (issue 8)
+"""Does one attacker phase (Flow-GRPO against a frozen defender) raise attack success?
 
     python experiments/attacker_learnability.py --try "" --try "attacker.rl.lr=3e-3,attacker.rl.steps=40"
     python experiments/attacker_learnability.py --try "attacker.cold_start.steps=200" --score-noise 1.0
+    python experiments/attacker_learnability.py --try "attacker.cold_start_scenes=1024,attacker.rl.steps=0"
     python experiments/attacker_learnability.py --tiny                        # CPU smoke run
 
 The first attacker phase of the co-evolution run, alone: the preset's data, defender 0 (its
@@ -9,11 +10,14 @@ warm-up) and the attacker's cold start, then per ``--try`` (comma-separated ``at
 overrides; "" is the preset itself) Flow-GRPO from the cold start against defender 0. Each
 attacker — the cold start once, then every trained one — edits the same held-out items with the
 same seeds and is scored by the same defender under the preset's gate (the curriculum stage), so
-cold start -> trained is the phase's effect: attack success (kept edits that fool defender 0 at
+cold start -> trained is the phase's effect (``lift_gain``), and the oracle implanter (Stage 2's
+verified distractor, no defender in the loop) on the same items is the first row, the lift a
+cold start is read against: attack success (kept edits that fool defender 0 at
 least once), its lift over the same items unedited (success the defender gives away anyway does
 not count) and flips (right when clean, wrong when edited), integrity rate, mean efficacy of kept
 edits; and the training reward of the first and last quarter of steps (different items per step).
-A try with ``attacker.cold_start.*`` overrides starts from its own cold start (scored as its
+A try with ``attacker.cold_start*`` overrides (``cold_start.*``, ``cold_start_scenes``,
+``cold_start_named``) starts from its own cold start (scored as its
 baseline row; ``attacker.rl.steps=0`` scores only that). ``--score-noise A`` scores every attacker
 a second time with SDE edits of noise A (the sampler it is trained with; the curriculum's default
 is the ODE): ``sde_*`` columns. Every step is a version under ``--root``: a rerun with new tries

@@ -48,16 +48,17 @@ class EvidenceConfig:
     )
 
 
-# The attack family no training arm uses, per question type: swap-pair mirrors a relation's targets'
-# attributes; option-decoys paints a colour question's wrong options beside its target.
-UNSEEN_FAMILY = {"relative_position": "swap-pair", "colour": "option-decoys"}
+# The attack families no training arm uses, per question type: swap-pair mirrors a relation's
+# targets' attributes; option-decoys paints a colour question's wrong options beside its target, and
+# backdrop-tint tints the background around it (no object added, as every training arm adds one).
+UNSEEN_FAMILY = {"relative_position": ["swap-pair"], "colour": ["option-decoys", "backdrop-tint"]}
 
 
 def resolve_attacks(ecfg: EvidenceConfig, cfg: PipelineConfig) -> EvidenceConfig:
     """``ecfg`` with its attack lists filled in for the world of ``cfg`` where they are empty."""
     if ecfg.attacks:
         return ecfg
-    unseen = [UNSEEN_FAMILY[q] for q in cfg.source.question_types if q in UNSEEN_FAMILY]
+    unseen = [f for q in cfg.source.question_types for f in UNSEEN_FAMILY.get(q, [])]
     return dataclasses.replace(ecfg, attacks=["implanter", *unseen], unseen=ecfg.unseen or unseen)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from config import load_config
@@ -106,6 +107,44 @@ def test_option_decoys_paint_wrong_options_beside_the_target(tmp_path):
             assert max(near) <= 3  # beside the target: within the 2 px gap (drawn square may shrink by 1)
         assert attack(row).image.tobytes() == out.image.tobytes()  # deterministic per row
     assert done >= len(rows) // 2, f"option-decoys attacked only {done} of {len(rows)} colour questions"
+
+
+def test_backdrop_tint_changes_only_background_pixels_near_the_target(tmp_path):
+    """Colour questions: the background around the target moves towards a wrong option's colour;
+    no object's pixels change (every object box is kept exactly), so the answer stands; pixels far
+    from the target are untouched."""
+    from world import COLOURS
+
+    store = ShardStore(str(tmp_path))
+    cfg = load_config(
+        "synthetic",
+        {"source": {"num_scenes": 16, "shard_size": 16, "question_types": ["colour"], "question_weights": [1.0]}},
+    )
+    rows = store.read(store.manifest(run_bootstrap(store, cfg, until="filter")[-1].version)).to_dicts()
+    attack, done = build_attack("backdrop-tint", cfg), 0
+    assert attack({**rows[0], "question_type": "relative_position"}).startswith("backdrop-tint attacks colour")
+    for row in rows:
+        out = attack(row)
+        if isinstance(out, str):
+            continue
+        done += 1
+        truth = row["options"][ord(row["answer"]) - ord("A")]
+        assert out.meta["tint"] in row["options"] and out.meta["tint"] != truth
+        assert out.meta["target_ssim_min"] == pytest.approx(1.0)
+        clean = np.asarray(decode_image(row["image"]).convert("RGB"), dtype=np.int16)
+        edited = np.asarray(out.image, dtype=np.int16)
+        changed = np.abs(edited - clean).sum(-1) > 0
+        scene = Scene.from_dict(json.loads(row["scene"]))
+        for o in scene.visible(1e-9):  # every object's box, pixel for pixel
+            x0, y0, x1, y1 = (int(round(v)) for v in scene.image_box(o))
+            assert not changed[y0:y1, x0:x1].any()
+        x0, y0, x1, y1 = row["target_boxes"][0]
+        r = 0.75 * max(x1 - x0, y1 - y0)
+        ys, xs = np.nonzero(changed)
+        assert len(xs) > 0 and xs.min() >= x0 - r - 1 and xs.max() <= x1 + r and ys.min() >= y0 - r - 1
+        towards = np.abs(edited[changed] - np.asarray(COLOURS[out.meta["tint"]])).sum(-1)
+        assert (towards < np.abs(clean[changed] - np.asarray(COLOURS[out.meta["tint"]])).sum(-1)).all()
+    assert done >= len(rows) // 2, f"backdrop-tint attacked only {done} of {len(rows)} colour questions"
 
 
 def test_attacks_are_pluggable_and_versioned(items):
