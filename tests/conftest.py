@@ -14,7 +14,23 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-_PREFECT_HOME = tempfile.mkdtemp(prefix="aot-prefect-home-")
+# A Prefect home whose database is already migrated, made once per whole-suite run (see
+# pytest_configure): an ephemeral server on a fresh home spends ~15 s of CPU migrating its
+# database, and the suite starts one in every test process and in every CLI test with a home of
+# its own. Each process and each such test gets its own copy (one SQLite file per server).
+_TEMPLATE = os.environ.get("AOT_TEST_PREFECT_TEMPLATE")
+
+
+def prefect_home(path) -> str:
+    """A Prefect home at ``path`` for a test's own server: a copy of the migrated template."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if _TEMPLATE and (Path(_TEMPLATE) / "prefect.db").exists():
+        shutil.copy(Path(_TEMPLATE) / "prefect.db", path / "prefect.db")
+    return str(path)
+
+
+_PREFECT_HOME = prefect_home(tempfile.mkdtemp(prefix="aot-prefect-home-"))
 # Before anything imports Prefect: an isolated home, a patient ephemeral server, no telemetry.
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
@@ -50,6 +66,18 @@ def pytest_configure(config):
             [sys.executable, "-c", _WARM], cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True
         )
     )
+    # The migrated Prefect home the workers (started after this hook) and CLI tests copy.
+    global _TEMPLATE
+    template = Path(os.environ["AOT_TEST_CACHE"]) / "prefect-home-template"
+    template.mkdir()
+    migrate = subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), "server", "database", "upgrade", "-y"],
+        env=dict(os.environ, PREFECT_HOME=str(template)),
+        stdout=log,
+        stderr=log,
+    )
+    if migrate.returncode == 0:  # else every home stays fresh: slower, not wrong
+        os.environ["AOT_TEST_PREFECT_TEMPLATE"] = _TEMPLATE = str(template)
 
 
 def pytest_unconfigure(config):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from config import load_config
+from conftest import prefect_home
 from stages.coevolution import run_coevolution
 from stages.steps import LocalSteps
 from storage import ShardStore
@@ -115,7 +116,7 @@ def test_aot_run_until_coevolution_through_prefect_writes_the_report(run, tmp_pa
         args += ["--set", f"{k}={v}"]
     import os
 
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"))
+    env = dict(os.environ, PREFECT_HOME=prefect_home(tmp_path / "home"))
     proc = subprocess.run(
         [sys.executable, "-m", "aot.cli", *args], env=env, capture_output=True, text=True, timeout=600
     )

@@ -16,7 +16,7 @@ import pytest
 
 from aot.cli import main
 from config import load_config
-from conftest import REPO, free_port, wait_port
+from conftest import REPO, free_port, prefect_home, wait_port
 from stages.maintenance import repair_version, verify_store
 from stages.runner import plan, run_bootstrap, run_shard
 from storage import DamagedVersion, ShardStore, StorageError
@@ -384,7 +384,7 @@ def test_the_next_run_ends_the_server_a_killed_run_left(tmp_path):
     import json
     import signal
 
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"))
+    env = dict(os.environ, PREFECT_HOME=prefect_home(tmp_path / "home"))
     args = [
         sys.executable,
         "-m",

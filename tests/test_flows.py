@@ -124,10 +124,10 @@ def test_bootstrap_on_s3(s3_root, reference):
 
 
 def test_cli_against_a_running_prefect_server(tmp_path):
-    from conftest import free_port, wait_port
+    from conftest import free_port, prefect_home, wait_port
 
     port = free_port()
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "server-home"))
+    env = dict(os.environ, PREFECT_HOME=prefect_home(tmp_path / "server-home"))
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=env,

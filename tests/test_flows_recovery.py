@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _bootstrap, _by_stage, _cli
+from conftest import _bootstrap, _by_stage, _cli, prefect_home
 from storage import ShardStore
 from storage.store import MANIFEST_COPY
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def test_killed_cli_run_resumes_without_losing_or_duplicating_rows(tmp_path, reference):
     versions, shas, rows = reference
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"), AOT_FAULT="implant:2:kill")
+    env = dict(os.environ, PREFECT_HOME=prefect_home(tmp_path / "home"), AOT_FAULT="implant:2:kill")
     args = [
         "run",
         "--root",
@@ -63,7 +63,7 @@ def test_a_failed_run_retried_by_prefect_recomputes_only_the_missing_shards(tmp_
     import re
 
     versions, shas, _ = reference
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"), AOT_FAULT="implant:2:error")
+    env = dict(os.environ, PREFECT_HOME=prefect_home(tmp_path / "home"), AOT_FAULT="implant:2:error")
     root = tmp_path / "data"
     args = [
         "run",

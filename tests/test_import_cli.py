@@ -10,7 +10,7 @@ from PIL import Image
 
 from aot.cli import main
 from config import ConfigError, parse_overrides
-from conftest import REPO
+from conftest import REPO, prefect_home
 from stages.importer import import_records
 from stages.registry import resolve_config as load_config
 from storage import ShardStore, decode_image
@@ -372,7 +372,7 @@ def test_sigterm_to_aot_run_leaves_no_process_behind(tmp_path):
     import sys
     import time
 
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"))
+    env = dict(os.environ, PREFECT_HOME=prefect_home(tmp_path / "home"))
     args = [
         "run",
         "--root",

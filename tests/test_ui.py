@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_port
+from conftest import free_port, prefect_home
 from storage import ShardStore
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 def served(tmp_path):
     port = free_port()
     ready = tmp_path / "ready"
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"))
+    env = dict(os.environ, PREFECT_HOME=prefect_home(tmp_path / "home"))
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "aot.cli", "serve", "--port", str(port), "--ready-file", str(ready)],
