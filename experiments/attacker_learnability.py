@@ -152,8 +152,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         own = [kv for kv in t if kv.startswith("attacker.cold_start")]  # cold_start.*, cold_start_scenes, ...
         if own:  # this try's own cold start, scored as its baseline
             own_pairs = tsteps.cold_start_pool() if tcfg.attacker.cold_start_scenes else data["export"]
-            base = scored("cold start " + ",".join(own), tsteps.train_attacker(own_pairs, None, None, "sft"))
-            rows.append(base)
+            own_cold = tsteps.train_attacker(own_pairs, None, None, "sft")
+            base = next((r for r in rows if r["attacker"] == own_cold), None)  # an earlier try's, scored once
+            if base is None:
+                base = scored("cold start " + ",".join(own), own_cold)
+                rows.append(base)
         if tcfg.attacker.rl.steps == 0:
             write_results(args.out, args.name, info | {"wall_seconds": round(time.perf_counter() - t0, 1)}, rows)
             continue

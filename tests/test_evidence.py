@@ -237,6 +237,8 @@ def test_attacker_learnability_scores_every_try_on_the_same_items(tmp_path):
             "attacker.cold_start.steps=2,attacker.rl.steps=0",
             "--try",
             "attacker.cold_start_scenes=6,attacker.cold_start_named=0.0,attacker.rl.steps=0",
+            "--try",
+            "attacker.cold_start.steps=2",
         ]
     )
     assert [r["try"] for r in rows] == [
@@ -246,8 +248,10 @@ def test_attacker_learnability_scores_every_try_on_the_same_items(tmp_path):
         "attacker.rl.lr=1e-12",
         "cold start attacker.cold_start.steps=2",
         "cold start attacker.cold_start_scenes=6,attacker.cold_start_named=0.0",
+        "attacker.cold_start.steps=2",
     ]
-    implanter, cold, preset, frozen, own, pooled = rows
+    implanter, cold, preset, frozen, own, pooled, from_own = rows
+    assert from_own["from"] == own["try"]  # the same cold start again: scored once, trained from
     # its own cold start (2 steps, not the toy's 1), scored alone; every attacker also scored with SDE edits
     assert own["attacker"] != cold["attacker"] and "steps" not in own
     assert pooled["attacker"] not in (cold["attacker"], own["attacker"])  # pairs of a fresh pool
