@@ -102,7 +102,7 @@ def warmup_config(cfg):
 
 def cold_start_config(cfg):
     """The attacker's cold-start pool (``attacker.cold_start_scenes`` > 0): fresh scenes of the same
-    world, bootstrapped to AOT-SFT pairs like the run's own."""
+    world, filtered like the run's own, then edited by the oracle implanter (``Steps.cold_start_pool``)."""
     a = cfg.attacker
     return world_config(cfg, a.cold_start_seed_offset, a.cold_start_scenes)
 
