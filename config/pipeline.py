@@ -14,7 +14,7 @@ from dataclasses import field
 from typing import Any
 
 from config.fields import Int, documented, settings
-from config.training import AttackerTrainConfig, DefenderTrainConfig
+from config.training import EFFICACY_KINDS, AttackerTrainConfig, DefenderTrainConfig
 from world import COLOURS, QUESTION_TYPES
 
 
@@ -198,9 +198,9 @@ class AttackerConfig:
     max_items: Int = documented(0, "Use at most this many rows of the dataset version for training (0: all).")
     cold_start_scenes: Int = documented(
         0,
-        "The cold start's pairs: 0 = the run's AOT-SFT version; N = the AOT-SFT pairs of a bootstrap "
-        "run on N fresh scenes of the same world (the synthetic implanter renders one for any scene, "
-        "so the cold start is not limited to the run's few hundred rows).",
+        "The cold start's pairs: 0 = the run's AOT-SFT version; N = the oracle implanter's verified "
+        "distractors (Stage 2 without the defender) on N fresh scenes of the same world: it renders one "
+        "for nearly any scene, so the cold start is not limited to the few rows Stage 2 keeps.",
     )
     cold_start_seed_offset: Int = documented(
         40_000, "source.seed + this = that pool's seed (no scene in common with the items, held-out or warm-up)."
@@ -368,9 +368,9 @@ class PipelineConfig:
                 "needs queries >= 1 and -1 <= tau <= 1 (SSIM's range)",
             )
             _check(
-                t.reward.efficacy in ("sampled", "dense"),
+                t.reward.efficacy in EFFICACY_KINDS,
                 f"attacker.{name}.reward.efficacy",
-                f"must be 'sampled' or 'dense', not {t.reward.efficacy!r}",
+                f"must be one of {EFFICACY_KINDS}, not {t.reward.efficacy!r}",
             )
         _check(
             self.coevolution.iterations >= 1

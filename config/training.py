@@ -68,6 +68,9 @@ class DefenderTrainConfig:
     dapo: DapoConfig = documented(DapoConfig(), "DAPO settings (rl/dapo.py).")
 
 
+EFFICACY_KINDS = ("sampled", "dense")  # attacker.rl.reward.efficacy; training/attacker_rewards.py
+
+
 @settings
 class AttackerRewardConfig:
     tau: float = documented(

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     bad = [kv for t in tries for kv in t if not kv.startswith(("attacker.rl.", "attacker.cold_start"))]
     if bad:  # anything else would change the scoring the tries are compared under
         raise SystemExit(
-            f"--try takes attacker.rl.* and attacker.cold_start.* overrides only, not {bad}; use --set for the rest"
+            f"--try takes attacker.rl.* and attacker.cold_start* overrides only, not {bad}; use --set for the rest"
         )
     store = ShardStore(args.root or ("./aot-attacker-learnability" + ("-tiny" if args.tiny else "")))
     t0 = time.perf_counter()

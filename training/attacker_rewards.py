@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from config.training import EFFICACY_KINDS
 from metrics import localized_ssim, region_ssim
 
 
@@ -89,7 +90,6 @@ class AttackItem:
     options: list[str] = field(default_factory=list)
 
 
-EFFICACY_KINDS = ("sampled", "dense")
 BatchReward = Callable[[list[Image.Image], list[Image.Image], list[AttackItem]], list[dict]]
 
 
