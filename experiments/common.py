@@ -50,6 +50,35 @@ def matmul_tflops(device: str) -> float:
     return 2 * 8192**3 * 10 / (time.perf_counter() - t0) / 1e12
 
 
+def step_timing(seconds: list[float], compiled: list[int] | None = None, slow: float = 1.5) -> dict:
+    """The timing protocol of every step-timed benchmark. A step in which the compiler captured a
+    graph (``compiled[i]``: graphs its own counter gained during step i, ``compiled_graphs``) paid
+    for compilation and leaves the statistic; the others give the **median**, which one slow
+    step cannot pull the way it pulls a mean; every step is kept, and any non-compiling step over
+    ``slow`` x that median is flagged (``slow_steps``), so a slow step is shown, never averaged in
+    or dropped unseen. If every step compiled, they all count (and all are compile steps)."""
+    import statistics
+
+    compiled = compiled if compiled is not None else [0] * len(seconds)
+    if len(compiled) != len(seconds):
+        raise ValueError(f"{len(seconds)} step times but {len(compiled)} compile counts")
+    compile_steps = [i for i, c in enumerate(compiled) if c]
+    steady = [i for i in range(len(seconds)) if i not in compile_steps] or list(range(len(seconds)))
+    median = statistics.median(seconds[i] for i in steady) if seconds else float("nan")
+    return {
+        "median": median,
+        "steps": list(seconds),
+        "compile_steps": compile_steps,
+        "slow_steps": [i for i in steady if seconds[i] > slow * median and i not in compile_steps],
+    }
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has captured in this process so far (dynamo's own counter): a step
+    that adds some paid for compilation (a new shape or attention-mask kind, or a recompile)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny configs (checks the code paths)")

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from experiments.common import compiled_graphs, step_timing  # noqa: E402
 from models.qwen_vl import SPECIAL, QwenVLPolicy, build_byte_tokenizer  # noqa: E402
 
 ARCH = {
@@ -394,25 +395,25 @@ def run_trl(model, proc, device, batch, G, completion, steps, prompt_chars, outd
     return out[warmup:], peak
 
 
-def compiled_graphs() -> int:
-    """Graphs torch.compile has captured in this process so far: a step that adds some paid for
-    compilation (a new shape or attention-mask kind), once in a run, not in its steady state."""
-    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-
-
 def summarize(
     name, rows_, batch, prompt_tokens, completion, n_text, n_vis, patches, peak_tflops, peak_gib, images=None
 ):
-    """Means over the timed steps that compiled nothing (all of them if every one did; the
-    others are counted in ``compile_steps``, and every step's update time is kept).
-    ``images``: images the vision tower runs on per update (default one per row; ours with
-    shared images: one per prompt). MFU counts the FLOPs an implementation needs, 6 N per token."""
-    steady = [r for r in rows_ if not r.get("compiled")] or rows_
-    mean = lambda k: sum(r[k] for r in steady) / len(steady)  # noqa: E731
-    step, gen, lp, upd = mean("step_s"), mean("generation_s"), mean("logprob_s"), mean("update_s")
-    comp = mean("completion_tokens")
+    """Per-step times under the timing protocol (``step_timing``): medians over the timed steps
+    that compiled nothing, every step kept, steps over 1.5x the median flagged (``slow_steps``:
+    on the H200 one update of 1.94 s between 0.90 and 0.78 s once pulled the mean, and the MFU,
+    down a third). ``images``: images the vision tower runs on per update (default one per row;
+    ours with shared images: one per prompt). MFU counts the FLOPs an implementation needs, 6 N per token."""
+    compiled = [int(r.get("compiled") or 0) for r in rows_]
+    parts = ("step_s", "generation_s", "logprob_s", "update_s")
+    timing = {k: step_timing([r[k] for r in rows_], compiled) for k in parts}
+    step, gen, lp, upd = (timing[k]["median"] for k in parts)
+    steady = [r for i, r in enumerate(rows_) if i not in timing["step_s"]["compile_steps"]] or rows_
+    comp = sum(r["completion_tokens"] for r in steady) / len(steady)
     seq_tokens = batch * prompt_tokens + comp
     flops = 6 * (n_text * seq_tokens + n_vis * (batch if images is None else images) * patches)
+    slow = sorted({i for t in timing.values() for i in t["slow_steps"]})
+    if slow:
+        print(f"{name} batch {batch}: steps {slow} took over 1.5x the median (see *_steps)", flush=True)
     return {
         "impl": name,
         "batch": batch,
@@ -424,8 +425,9 @@ def summarize(
         "total_tok_s": seq_tokens / step,
         "update_mfu": flops / max(upd, 1e-9) / (peak_tflops * 1e12) if peak_tflops == peak_tflops else float("nan"),
         "peak_gib": peak_gib,
-        "update_s_steps": [r["update_s"] for r in rows_],  # the spread the means hide
-        "compile_steps": len(rows_) - len(steady),
+        **{f"{k}_steps": t["steps"] for k, t in timing.items()},  # the spread a single figure hides
+        "compile_steps": timing["step_s"]["compile_steps"],
+        "slow_steps": slow,
     }
 
 

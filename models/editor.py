@@ -23,14 +23,14 @@ import contextlib
 import inspect
 import json
 import math
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from PIL import Image
+
+from models.progress import StepProgress
 
 LORA_TARGETS = [
     "to_q",
@@ -56,12 +56,12 @@ def _fit_module(
     seed: int,
 ) -> list[float]:
     """AdamW on ``module`` for ``steps`` batches of ``loss_of(generator)`` (gradients clipped to 1:
-    a 3000-step GPU fit of the tiny VAE diverged without it), then frozen again. One line on
-    stderr every tenth of the way: a fit runs once, inside a model load, for minutes on a CPU."""
+    a 3000-step GPU fit of the tiny VAE diverged without it), then frozen again. A fit runs once,
+    inside a model load, for minutes on a CPU: ``StepProgress`` says how far it is."""
     module.requires_grad_(True).train()
     opt = torch.optim.AdamW(module.parameters(), lr=lr)
-    gen, losses, t0 = torch.Generator().manual_seed(seed), [], time.perf_counter()
-    every = max(1, steps // 10)
+    gen, losses = torch.Generator().manual_seed(seed), []
+    progress = StepProgress(f"{name} fit", steps)
     for step in range(1, steps + 1):
         loss = loss_of(gen)
         opt.zero_grad(set_to_none=True)
@@ -69,13 +69,7 @@ def _fit_module(
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         opt.step()
         losses.append(float(loss.detach()))
-        if step % every == 0 or step == steps:
-            print(
-                f"{name} fit: step {step}/{steps}, loss {sum(losses[-every:]) / len(losses[-every:]):.4f}, "
-                f"{time.perf_counter() - t0:.0f} s",
-                file=sys.stderr,
-                flush=True,
-            )
+        progress(step, losses[-1])
     module.requires_grad_(False).eval()
     return losses
 

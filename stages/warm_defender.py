@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from models.cache import build_once, cache_root
 from models.mcq import format_prompt
+from models.progress import StepProgress
 from models.qwen_vl import QwenVLPolicy, load_policy
 from stages.source import world_rows
 from storage import content_hash, decode_image
@@ -55,7 +56,9 @@ def warmed_tiny_defender(spec: dict, warmup: dict) -> QwenVLPolicy:
     def build(folder) -> None:
         policy = load_policy(spec)
         world = config_from_dict({"source": w["source"]}) if w.get("source") else None
-        DefenderTrainer(
+        # Once per machine, inside Stage 2's model load: minutes on a CPU with nothing else on screen.
+        progress = StepProgress("defender warm-up", w["steps"])
+        trainer = DefenderTrainer(
             policy,
             world_examples(w["scenes"], w["seed"], world),
             DefenderTrainConfig(
@@ -66,7 +69,8 @@ def warmed_tiny_defender(spec: dict, warmup: dict) -> QwenVLPolicy:
                 lr=w["lr"],
                 seed=w["seed"],
             ),
-        ).train()
+        )
+        trainer.train(on_step=lambda row: progress(row["step"], row["loss"]))
         policy.save(str(folder))
 
     folder = build_once(cache_root() / "warm-defenders" / content_hash(key), build)

@@ -24,6 +24,7 @@ from config import config_from_dict
 from stages.runner import Shard, StagePlan, run_shard
 from storage import ShardStore, StorageError, content_hash
 from storage.store import PERMANENT_ERRNOS
+from tasks import run_log  # noqa: F401  (progress lines of model loads into the run log)
 
 SECRET_KEYS = ("key", "secret", "token", "password", "aws_secret_access_key", "aws_access_key_id")
 

@@ -151,10 +151,11 @@ def test_tiny_spec_sets_the_rotary_base_and_vision_window():
     assert seeing.config.vision_config.window_size == 64 and blind.config.vision_config.window_size == 32
 
 
-def test_warmed_tiny_defender_is_trained_once_and_answers_in_format(tmp_path, monkeypatch):
+def test_warmed_tiny_defender_is_trained_once_and_answers_in_format(tmp_path, monkeypatch, capsys):
     """models.defender {backend: tiny, warmup: {...}}: a short SFT on fresh world scenes turns an
-    untrained defender (no parsable answer) into one that answers in the strict format; the
-    weights are cached and a second load reads them instead of training again."""
+    untrained defender (no parsable answer) into one that answers in the strict format, saying
+    how far it is on the way (a line per tenth); the weights are cached and a second load reads
+    them instead of training again, silently."""
     from models.qwen_vl import load_policy
     from stages.registry import load
     from stages.warm_defender import world_examples
@@ -163,7 +164,11 @@ def test_warmed_tiny_defender_is_trained_once_and_answers_in_format(tmp_path, mo
     spec = {"backend": "tiny", "seed": 0, "min_pixels": 1024, "max_pixels": 4096}
     test = world_examples(48, seed=99)
     assert evaluate(load_policy(spec), test)["unparsed"] == 1.0
+    capsys.readouterr()
     warm = load("defender", {**spec, "warmup": {"steps": 20, "scenes": 64}})
+    said = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("defender warm-up:")]
+    assert [ln.split(",")[0] for ln in said] == [f"defender warm-up: step {s}/20" for s in range(2, 21, 2)]
+    assert all(" loss " in ln and ln.endswith(" s left") for ln in said) and said[-1].endswith("~0 s left")
     assert evaluate(warm, test)["strict_format"] == 1.0
     (folder,) = [p for p in (tmp_path / "warm-defenders").iterdir() if p.is_dir()]  # beside it: its build lock
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
@@ -171,6 +176,7 @@ def test_warmed_tiny_defender_is_trained_once_and_answers_in_format(tmp_path, mo
 
     again = warmed_tiny_defender(spec, {"steps": 20, "scenes": 64})  # the cache, not a second training
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert "defender warm-up" not in capsys.readouterr().err
     for (n, a), (_, b) in zip(warm.model.state_dict().items(), again.model.state_dict().items()):
         assert torch.equal(a, b), n
 
@@ -352,3 +358,20 @@ def test_dynamic_sampling_filters_on_accuracy_not_reward(warm_policy, data, monk
     assert sorted(set(groups[0].rewards.tolist())) == [pytest.approx(0.8), 1.0] and groups[0].scores == [1.0] * 5
     assert groups[1].scores == [0.0, 1.0, 0.0, 1.0, 0.0]
     assert keep_groups(torch.tensor(groups[0].scores + groups[1].scores), 5, 0.01, 0.99).tolist() == [False, True]
+
+
+def test_step_progress_says_a_line_per_tenth_with_the_mean_loss_and_time_left():
+    from models.progress import StepProgress
+
+    now = [0.0]
+    p = StepProgress("fit", 20, clock=lambda: now[0])
+    said = []
+    for step in range(1, 21):
+        now[0] = 3.0 * step  # 3 s a step
+        said.append(p(step, float(step)))
+    lines = [s for s in said if s]
+    assert len(lines) == 10 and said[0] is None
+    assert lines[0] == "fit: step 2/20, loss 1.5000, 6 s, ~54 s left"  # mean of steps 1-2; 18 steps x 3 s
+    assert lines[-1] == "fit: step 20/20, loss 19.5000, 60 s, ~0 s left"
+    odd = StepProgress("x", 7, clock=lambda: 0.0)
+    assert [s for s in range(1, 8) if odd(s)] == list(range(1, 8))  # fewer steps than lines: every step

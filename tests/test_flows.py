@@ -231,3 +231,43 @@ def test_nightly_regeneration_seeds_by_date_and_leaves_the_caller_alone():
     assert cfg.source.seed == 20261127 and cfg.source.num_scenes == 8
     assert given == {"source": {"num_scenes": 8}}
     assert resolve_config("synthetic", dated_seed(given, datetime.date(2026, 11, 28))).source.seed == 20261128
+
+
+def test_progress_of_model_work_reaches_the_run_log_and_stderr(capsys):
+    """A fit or warm-up inside a task says its progress on stderr (the CLI shows it) and in the
+    task run's log (the UI shows it), not only through print, which the CLI's WARNING level hides."""
+    import logging
+
+    from prefect import flow, task
+
+    import tasks.shards  # noqa: F401  (the task modules add the run-log sink)
+    from models.progress import StepProgress
+
+    @task
+    def fit():
+        p = StepProgress("tiny fit", 4, lines=2)
+        for s in range(1, 5):
+            p(s, 0.5)
+
+    @flow
+    def run():
+        fit()
+
+    logged = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    runs = logging.getLogger("prefect.task_runs")
+    level = runs.level
+    runs.addHandler(handler)
+    runs.setLevel("INFO")  # the suite runs Prefect at WARNING, as the CLI does
+    try:
+        capsys.readouterr()
+        run()
+    finally:
+        runs.removeHandler(handler)
+        runs.setLevel(level)
+    said = [r.getMessage().split(",")[0] for r in logged if r.getMessage().startswith("tiny fit:")]
+    assert said == ["tiny fit: step 2/4", "tiny fit: step 4/4"]
+    assert "task_run_id" in logged[0].__dict__  # a run's record, which the API handler ships
+    err = capsys.readouterr().err
+    assert "tiny fit: step 2/4, loss 0.5000" in err and "tiny fit: step 4/4, loss 0.5000" in err
