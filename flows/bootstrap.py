@@ -29,7 +29,12 @@ from tasks.artifacts import publish_stage_artifacts
 from tasks.shards import process_shard, results_storage
 
 DEFAULT_ROOT = "./aot-data"
-WORKERS = int(os.environ.get("AOT_WORKERS", "2"))
+
+
+def workers() -> int:
+    """AOT_WORKERS (default 2, one per core of the project's machine kind), read when a runner is
+    made, so a setting made after import still counts."""
+    return int(os.environ.get("AOT_WORKERS", "2"))
 
 
 def resolve_config(preset: str, overrides: dict | list | None) -> PipelineConfig:
@@ -46,7 +51,7 @@ def local_dask_cluster(spec: str):
     from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
 
     if spec == "dask":
-        return LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=None)
+        return LocalCluster(n_workers=workers(), threads_per_worker=1, processes=True, dashboard_address=None)
     n = int(os.environ.get("AOT_GPUS", "0"))
     if not n:
         import torch
@@ -54,11 +59,11 @@ def local_dask_cluster(spec: str):
         n = torch.cuda.device_count()
     if n < 1:
         raise RuntimeError("task runner 'dask-gpus' found no GPU (set AOT_GPUS to force a count)")
-    workers = {
+    per_gpu = {
         f"gpu-{i}": {"cls": Nanny, "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": str(i)}}}
         for i in range(n)
     }
-    return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}})
+    return SpecCluster(workers=per_gpu, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}})
 
 
 def make_task_runner(spec: str | None = None):
@@ -69,7 +74,7 @@ def make_task_runner(spec: str | None = None):
     started on their own (deployments: set it in the work pool's env)."""
     spec = spec or os.environ.get("AOT_TASK_RUNNER", "threads")
     if spec == "threads":
-        return ThreadPoolTaskRunner(max_workers=WORKERS)
+        return ThreadPoolTaskRunner(max_workers=workers())
     if spec in ("dask", "dask-gpus") or spec.startswith(("dask://", "tcp://")):
         try:
             from prefect_dask import DaskTaskRunner

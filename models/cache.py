@@ -1,14 +1,16 @@
 """Where derived model files live on this machine (downloaded checkpoints, warm starts, fits),
-and the one way to put something there: built once, atomically, whoever else is waiting."""
+the one way to put something there (built once, atomically, whoever else is waiting), and the
+kernel family that a trained file's bytes depend on (part of its key and of version ids)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 
 def cache_root() -> Path:
@@ -51,3 +53,35 @@ def build_once(path: Path, build: Callable[[Path], None], folder: bool = True) -
             shutil.rmtree(tmp, ignore_errors=True) if folder else tmp.unlink(missing_ok=True)
             raise
     return path
+
+
+def kernel_family(devices: Iterable[str] = ("cpu",)) -> dict:
+    """Which floating-point kernels a learned model's outputs come from: the torch version, the
+    CPU vendor and the instruction set torch dispatches to (AVX2 and AVX-512 round differently),
+    and the GPU where one is used."""
+    import platform
+
+    import torch
+
+    out = {
+        "torch": torch.__version__,
+        "cpu": f"{_cpu_vendor()} {torch.backends.cpu.get_cpu_capability()}",
+        "machine": platform.machine(),
+    }
+    for device in sorted(set(devices)):
+        if str(device).startswith("cuda") and torch.cuda.is_available():
+            out["cuda"] = f"{torch.cuda.get_device_name()} (cuda {torch.version.cuda})"
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_vendor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"

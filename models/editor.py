@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from models.deterministic import deterministic_kernels
 from models.progress import StepProgress
 
 LORA_TARGETS = [
@@ -62,14 +63,15 @@ def _fit_module(
     opt = torch.optim.AdamW(module.parameters(), lr=lr)
     gen, losses = torch.Generator().manual_seed(seed), []
     progress = StepProgress(f"{name} fit", steps)
-    for step in range(1, steps + 1):
-        loss = loss_of(gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
-        progress(step, losses[-1])
+    with deterministic_kernels():  # the cached weights identify the editor: the same on every run
+        for step in range(1, steps + 1):
+            loss = loss_of(gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+            progress(step, losses[-1])
     module.requires_grad_(False).eval()
     return losses
 
@@ -169,7 +171,8 @@ def world_edit_pairs(n: int, resolution: int, seed: int = 0) -> list[tuple[Image
     return out
 
 
-VAE_FIT_REVISION = 2  # part of the tiny VAE cache key: bump when the fitting procedure or its images change
+VAE_FIT_REVISION = 3  # part of the tiny VAE cache key: bump when the fitting procedure or its images change
+# (3: fits run on deterministic kernels, models/deterministic.py)
 
 
 def build_tiny_qwen_image_edit(seed: int = 0, layers: int = 2, heads: int = 4, head_dim: int = 16, z_dim: int = 4):
@@ -352,8 +355,12 @@ class FlowEditor:
         safetensors under ``$AOT_CACHE/<kind>`` and later builds load them."""
         from safetensors.torch import load_file, save_file
 
-        from models.cache import build_once, cache_root
+        from models.cache import build_once, cache_root, kernel_family
         from storage import content_hash
+
+        # The fit's bytes depend on the kernels it ran on (deterministic within one family): a
+        # cache folder shared by machines never hands one another's fit.
+        key = {**key, "kernels": kernel_family([str(self.device)])}
 
         def build(tmp: Path) -> None:
             fit()

@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 
 import polars as pl
 
+from models.cache import kernel_family  # noqa: F401  (re-exported: the stages hash it into ids)
 from storage import Manifest, ShardStore, content_hash
 
 TOP = Path(__file__).resolve().parent.parent
@@ -85,38 +86,6 @@ def _code_version(modules: tuple[str, ...]) -> str:
 def code_version(modules: Iterable[str]) -> str:
     """The hash of the code that ``modules`` run (see the module docstring)."""
     return _code_version(tuple(sorted(set(modules))))
-
-
-def kernel_family(devices: Iterable[str] = ("cpu",)) -> dict:
-    """Which floating-point kernels a learned model's outputs come from: the torch version, the
-    CPU vendor and the instruction set torch dispatches to (AVX2 and AVX-512 round differently),
-    and the GPU where one is used."""
-    import platform
-
-    import torch
-
-    out = {
-        "torch": torch.__version__,
-        "cpu": f"{_cpu_vendor()} {torch.backends.cpu.get_cpu_capability()}",
-        "machine": platform.machine(),
-    }
-    for device in sorted(set(devices)):
-        if str(device).startswith("cuda") and torch.cuda.is_available():
-            out["cuda"] = f"{torch.cuda.get_device_name()} (cuda {torch.version.cuda})"
-    return out
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_vendor() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def version_id(stage: str, config: dict, parents: list[str], code: str, kernels: dict | None = None) -> str:

@@ -323,6 +323,9 @@ def test_tiny_vae_fit_makes_reconstruction_faithful_and_is_cached(tmp_path, monk
     with safe_open(str(cached), "pt") as f:  # the file names its fit
         key = json.loads(f.metadata()["aot_fit_key"])
     assert key["steps"] == 40 and key["scenes"] == 48 and key["resolution"] == 32
+    from models.cache import kernel_family
+
+    assert key["kernels"] == kernel_family(["cpu"])  # another machine's fit is another cache entry
     again = QwenImageEditor.tiny(resolution=32, vae_fit=fit)
     assert cached.stat().st_mtime_ns == stamp
     for (n, a), (_, b) in zip(fitted.pipe.vae.state_dict().items(), again.pipe.vae.state_dict().items()):
@@ -450,3 +453,31 @@ def test_first_update_is_on_policy_in_bf16():
     )
     tr.train()
     assert tr.metrics[0]["ratio_max"] == 1.0 and tr.metrics[0]["clip_fraction"] == 0.0
+
+
+def test_deterministic_kernels_hold_inside_and_restore_the_settings_after():
+    """The fits run on deterministic kernels (on an H200 two 100-step fits of the tiny VAE differed
+    by up to 0.034 without them and were bit-identical with them: experiments/fit_determinism.py);
+    the caller's settings come back, also after an error."""
+    from models.deterministic import deterministic_kernels
+
+    cuda = torch.backends.cuda
+
+    def settings():
+        return (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.backends.cudnn.benchmark,
+            cuda.flash_sdp_enabled(),
+            cuda.mem_efficient_sdp_enabled(),
+            cuda.math_sdp_enabled(),
+        )
+
+    before = settings()
+    assert before[:2] == (False, False) and before[2] and before[3]  # torch's defaults
+    with pytest.raises(RuntimeError, match="inside"):
+        with deterministic_kernels():
+            assert torch.backends.cudnn.deterministic
+            # deterministic algorithms; attention only on the math kernel (the fused ones' backward uses atomics)
+            assert settings() == (True, False, False, False, True)
+            raise RuntimeError("inside")
+    assert settings() == before

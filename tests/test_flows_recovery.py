@@ -110,10 +110,12 @@ def test_a_failed_run_retried_by_prefect_recomputes_only_the_missing_shards(tmp_
     assert [p.sha256 for p in store.manifest(versions["export"]).parts] == shas
 
 
-def test_data_stages_on_a_local_dask_cluster_give_the_same_versions(tmp_path, reference):
-    """The same bootstrap with its shards on a local Dask cluster (worker processes): the same
-    version ids and bytes as the default runner."""
+def test_data_stages_on_a_local_dask_cluster_give_the_same_versions(tmp_path, reference, monkeypatch):
+    """The same bootstrap with its shards on a local Dask cluster (a worker process): the same
+    version ids and bytes as the default runner. One worker: the process boundary is what is
+    tested, and each worker imports torch and loads the models (~25 s of CPU each on 2 cores)."""
     pytest.importorskip("prefect_dask", reason="needs prefect-dask (requirements.txt)")
+    monkeypatch.setenv("AOT_WORKERS", "1")
     versions, shas, _ = reference
     out = _by_stage(_bootstrap(tmp_path, task_runner="dask"))
     assert {k: v["version"] for k, v in out.items()} == versions
