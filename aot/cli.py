@@ -64,6 +64,13 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
         p.add_argument("--no-prefect", action="store_true", help="run stages serially in this process, without Prefect")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         p.add_argument("--verbose", action="store_true", help="show Prefect's INFO logs")
+        p.add_argument(
+            "--report-to",
+            metavar="LIST",
+            help="where trainers' per-step rows go besides the versions, comma-separated: tensorboard "
+            "(default: event files in each version's folder; `tensorboard --logdir ROOT`) or none "
+            "(shortcut for --set tracking.report_to=[...])",
+        )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -243,6 +250,8 @@ def _setup(args, overrides: dict | None = None):
     from storage import ShardStore
 
     overrides = overrides if overrides is not None else _dotted(args.overrides, "--set")
+    if getattr(args, "report_to", None):
+        overrides = {**overrides, "tracking.report_to": [t.strip() for t in args.report_to.split(",") if t.strip()]}
     cfg = resolve_config(args.preset, _nested(overrides))
     opts = storage_options(args)
     store = ShardStore(args.root, opts)

@@ -243,6 +243,19 @@ class CoevolutionConfig:
     )
 
 
+TRACKERS = ("tensorboard", "none")  # tracking.report_to's choices (training/tracking.py)
+
+
+@settings
+class TrackingConfig:
+    report_to: list[str] = documented(
+        ["tensorboard"],
+        "Where every trainer's per-step rows go besides its version (as TRL's report_to): "
+        "tensorboard (event files in the version's folder, under _work/tensorboard while it "
+        "trains on a local root: `tensorboard --logdir ROOT`), or none. mlflow and wandb: not built yet.",
+    )
+
+
 DEFAULT_MODELS = {
     "outpainter": "synthetic",
     "inpainter": "synthetic",
@@ -265,6 +278,7 @@ class PipelineConfig:
     defender: DefenderConfig = field(default_factory=DefenderConfig)
     attacker: AttackerConfig = field(default_factory=AttackerConfig)
     coevolution: CoevolutionConfig = field(default_factory=CoevolutionConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     models: dict = documented(
         DEFAULT_MODELS,
         "Backend of each model role: a name, or {backend: NAME, **options} (stages/registry.py lists the backends).",
@@ -393,6 +407,11 @@ class PipelineConfig:
             "makes the sampler calls of the whole run, and its edits are bit-identical to an unsharded run's",
         )
         _check(a.curriculum.noise_level >= 0, "attacker.curriculum.noise_level", "must be >= 0 (0: the ODE sampler)")
+        _check(
+            set(self.tracking.report_to) <= set(TRACKERS),
+            "tracking.report_to",
+            f"choose from {list(TRACKERS)} (got {self.tracking.report_to})",
+        )
         return self
 
 

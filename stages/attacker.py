@@ -186,6 +186,9 @@ def train_attacker_version(
                 train_cfg.steps,
                 train_cfg.checkpoint_every,
                 on_step,
+                cfg.tracking.report_to,
+                vcfg,
+                parents,
             )
             plot = ["loss"] if mode == "sft" else ["reward", "aot/integrity", "aot/efficacy", "clip_fraction"]
             return trained_part(

@@ -150,6 +150,9 @@ def train_defender_version(
                 train_cfg.steps,
                 train_cfg.checkpoint_every,
                 on_step,
+                cfg.tracking.report_to,
+                vcfg,
+                parents,
             )
             if not is_main():  # rank 0 writes the version (the weights are the same on every rank)
                 barrier()

@@ -322,3 +322,59 @@ def test_cold_start_pairs_name_the_distractor_in_the_configured_share(chain):
     named = [i.startswith("Add ") for i in instructions[0.5]]
     assert 0 < sum(named) < len(named)
     assert [a if n else b for a, b, n in zip(instructions[1.0], instructions[0.0], named)] == instructions[0.5]
+
+
+def test_trainers_report_every_step_to_tensorboard(chain, tmp_path):
+    """tracking.report_to [tensorboard] (the default): the defender and both attacker modes write
+    event files that TensorBoard's own reader reads back — every numeric column of each step's
+    row as a scalar at that step, the config and version ids as text — live under _work on a
+    local root and as the version's files once it commits; report_to [none] writes none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from config import ConfigError
+
+    store, cfg, v = chain
+
+    def events(m, where: str):
+        folder = tmp_path / m.version
+        files = [f for f in m.files if f.path.startswith("tensorboard/")]
+        assert files, f"{m.stage} {m.version} has no event files"
+        if where == "version":
+            store.fetch_files(m, str(folder))
+            path = folder / "tensorboard"
+        else:
+            path = store.version_path(m.dataset, m.stage, m.version) + "/_work/tensorboard"
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        return acc
+
+    cold, _ = train_attacker_version(store, cfg, v["export"], mode="sft")
+    rl, _ = train_attacker_version(store, cfg, v["filter"], v["defender"], init_version=cold.version, mode="grpo")
+    defender = store.manifest(v["defender"])
+    for m, expect in (
+        (cold, {"loss", "grad_norm", "pairs", "lr", "seconds"}),
+        (rl, {"reward", "aot/integrity", "aot/efficacy", "clip_fraction", "kl", "grad_norm", "lr"}),
+        (defender, {"loss", "grad_norm", "lr", "tokens"}),
+    ):
+        metrics = store.read(m)
+        for where in ("version", "live"):
+            acc = events(m, where)
+            scalars = set(acc.Tags()["scalars"])
+            assert expect <= scalars, (m.stage, expect - scalars)
+            for tag in expect:
+                assert [e.step for e in acc.Scalars(tag)] == metrics["step"].to_list(), (m.stage, tag)
+            assert [e.value for e in acc.Scalars("lr")] == pytest.approx(metrics["lr"].to_list(), rel=1e-6)
+            text = acc.Tensors("tags/text_summary")[0].tensor_proto.string_val[0].decode()
+            assert m.version in text and all(p in text for p in m.parents)
+    with pytest.raises(ConfigError, match="tracking.report_to"):
+        load_config("synthetic", {**SMALL, "tracking": {"report_to": ["tensorboard", "neptune"]}})
+    quiet = load_config("synthetic", {**SMALL, "tracking": {"report_to": ["none"]}})
+    other = {**SMALL["attacker"], "cold_start": {"steps": 1, "sft_batch": 2}}
+    silent, _ = train_attacker_version(
+        store,
+        load_config("synthetic", {**SMALL, "attacker": other, "tracking": {"report_to": ["none"]}}),
+        v["export"],
+        mode="sft",
+    )
+    assert not [f for f in silent.files if f.path.startswith("tensorboard/")]
+    assert quiet.tracking.report_to == ["none"]
