@@ -33,6 +33,7 @@ from config import PipelineConfig
 from stages.steps import Steps
 from stages.version import VersionPart, single_part_version
 from storage import Manifest, ShardStore
+from training.tracking import RunTracker
 
 
 def run_coevolution(store: ShardStore, cfg: PipelineConfig, steps: Steps, source: str | None = None) -> Manifest:
@@ -92,10 +93,17 @@ def write_run(
     """The run's own version: the per-iteration table (part), plots and the report inputs."""
     export = store.manifest(lineage["export"])
     parents = [lineage["export"], lineage["heldout"]] + [r["defender"] for r in rows]
+    config = {"coevolution": dataclasses.asdict(cfg.coevolution)}
 
     def compute(version: str) -> VersionPart:
         with tempfile.TemporaryDirectory() as tmp:
             plot_iterations(rows, base_clean, os.path.join(tmp, "iterations.png"))
+            tags = {"stage": "coevolution", "version": version, "lineage": lineage}
+            with RunTracker(cfg.tracking.report_to, os.path.join(tmp, "tensorboard"), config, tags) as tracker:
+                if base_clean is not None:  # defender 0 at iteration 0, so the curve starts where the loop did
+                    tracker.log({"defender_clean_accuracy": base_clean}, step=0)
+                for r in rows:  # the per-iteration table, one step per iteration
+                    tracker.log(r, step=r["iteration"])
             files = store.put_folder(export.dataset, "coevolution", version, tmp)
         df = pl.DataFrame(rows) if rows else pl.DataFrame({"iteration": []})
         return VersionPart(df, len(rows), files=files, extra={"lineage": lineage, "base_clean_accuracy": base_clean})
@@ -104,7 +112,7 @@ def write_run(
         store,
         export.dataset,
         "coevolution",
-        {"coevolution": dataclasses.asdict(cfg.coevolution)},
+        config,
         parents,
         (__name__,),
         compute,

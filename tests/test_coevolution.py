@@ -42,7 +42,7 @@ def run(tmp_path_factory):
     return store, cfg, m, events
 
 
-def test_two_iterations_chain_their_checkpoints(run):
+def test_two_iterations_chain_their_checkpoints(run, tmp_path):
     store, cfg, m, events = run
     assert m.stage == "coevolution" and m.rows == 2
     df = store.read(m)
@@ -67,6 +67,18 @@ def test_two_iterations_chain_their_checkpoints(run):
     # attacker 2's phase starts where defender phase 1 ended: attacker 1 against defender 1, the same items
     assert df["attack_success_start"][1] == df["attack_success_after"][0]
     assert {"iterations.png"} <= {f.path for f in m.files}
+    # the per-iteration table in TensorBoard (tracking.report_to): one step per iteration, defender 0 at 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    store.fetch_files(m, str(tmp_path))
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    clean = acc.Scalars("defender_clean_accuracy")
+    assert [e.step for e in clean] == [0, 1, 2]
+    assert [e.value for e in clean] == pytest.approx([m.extra["base_clean_accuracy"], *df["defender_clean_accuracy"]])
+    assert [e.value for e in acc.Scalars("attack_success_before")] == pytest.approx(
+        df["attack_success_before"].to_list()
+    )
     # held-out scenes are another world: no scene id in common with the training items
     held = set(store.read(store.manifest(lin["heldout"]))["scene"].to_list())
     train = set(store.read(store.manifest(lin["items"]))["scene"].to_list())
