@@ -99,8 +99,10 @@ def serve(host: str = "127.0.0.1", port: int = 4200, worker: bool = True, ready_
             flush=True,
         )
         print(f"in another shell: export PREFECT_API_URL={api}", flush=True)
+        from aot.cli import DEFAULT_ROOT  # the root the CLI and the deployments default to
+
         # the trainers' event files live in their versions' folders (tracking.report_to)
-        print(f"training curves: tensorboard --logdir {os.environ.get('AOT_ROOT', './aot-data')}", flush=True)
+        print(f"training curves: tensorboard --logdir {DEFAULT_ROOT}", flush=True)
         if ready_file:
             Path(ready_file).write_text(api)
         while all(p.poll() is None for p in procs):

@@ -368,13 +368,8 @@ def test_trainers_report_every_step_to_tensorboard(chain, tmp_path):
             assert m.version in text and all(p in text for p in m.parents)
     with pytest.raises(ConfigError, match="tracking.report_to"):
         load_config("synthetic", {**SMALL, "tracking": {"report_to": ["tensorboard", "neptune"]}})
-    quiet = load_config("synthetic", {**SMALL, "tracking": {"report_to": ["none"]}})
-    other = {**SMALL["attacker"], "cold_start": {"steps": 1, "sft_batch": 2}}
-    silent, _ = train_attacker_version(
-        store,
-        load_config("synthetic", {**SMALL, "attacker": other, "tracking": {"report_to": ["none"]}}),
-        v["export"],
-        mode="sft",
-    )
-    assert not [f for f in silent.files if f.path.startswith("tensorboard/")]
+    other = {**SMALL["attacker"], "cold_start": {"steps": 1, "sft_batch": 2}}  # a version not trained yet
+    quiet = load_config("synthetic", {**SMALL, "attacker": other, "tracking": {"report_to": ["none"]}})
     assert quiet.tracking.report_to == ["none"]
+    silent, _ = train_attacker_version(store, quiet, v["export"], mode="sft")
+    assert not [f for f in silent.files if f.path.startswith("tensorboard/")]
