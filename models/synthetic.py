@@ -12,7 +12,17 @@ from PIL import Image
 
 from metrics import iou, region_ssim
 from models.roles import Box, CheckResult, Context, Detection, JudgeBase, Painted, Painter, Proposal
-from world import CATEGORIES, COLOURS, Scene, add_object, draw_object_into, matches, parse_expression, render
+from world import (
+    CATEGORIES,
+    COLOURS,
+    Scene,
+    add_object,
+    draw_object_into,
+    matches,
+    parse_expression,
+    question_type_of,
+    render,
+)
 
 
 class MissingSceneError(ValueError):
@@ -131,6 +141,7 @@ class SceneJudge(JudgeBase):
         W, H = image.size
         sizes = [scene.image_box(o)[2] - scene.image_box(o)[0] for o in scene.visible(1e-9)] or [0.12 * min(W, H)]
         typical = float(np.median(sizes))
+        asks_colour = question_type_of(question) == "colour"
         proposals = []
         for _ in range(k):
             colour, category = (
@@ -139,10 +150,16 @@ class SceneJudge(JudgeBase):
             if colour is None and category is not None:
                 # A target named by its category alone (colour and count questions): any instance
                 # of that category would change the answer, so the confusable distractor is another
-                # category, in a target instance's colour half of the time.
+                # category. Asked for the target's colour, a reader who takes the distractor for the
+                # target answers the distractor's colour, so it gets a colour the target lacks (in the
+                # target's own it would be harmless: experiments/RESULTS.md measures both); asked to
+                # count, a target instance's colour half of the time.
                 own = sorted({o.colour for o in scene.visible(1e-9) if o.category == category})
                 category = str(rng.choice([c for c in CATEGORIES if c != category]))
-                colour = str(rng.choice(own)) if own and rng.random() < 0.5 else str(rng.choice(list(COLOURS)))
+                if asks_colour:
+                    colour = str(rng.choice([c for c in COLOURS if c not in own] or list(COLOURS)))
+                else:
+                    colour = str(rng.choice(own)) if own and rng.random() < 0.5 else str(rng.choice(list(COLOURS)))
             elif colour is not None and rng.random() < 0.5:
                 category = str(rng.choice([c for c in CATEGORIES if c != category]))
             else:

@@ -16,6 +16,7 @@ from world import (
     draw_object_into,
     generate_world,
     make_question,
+    question_type_of,
     relation,
     render,
 )
@@ -89,6 +90,8 @@ def test_questions_follow_from_the_scene():
         for _ in range(5):
             q = make_question(s, qtype, rng)
             assert answer_from_scene(q.type, q.text, s, q.options) == q.answer
+            assert question_type_of(q.text) == qtype  # the judge reads the type from the text alone
+    assert question_type_of("Which fruit is on the table?") is None
     q = make_question(s, "count", np.random.default_rng(1))
     if q.text == "How many circles are there in the image?":
         assert q.options[ord(q.answer) - 65] == "1"  # the yellow circle is outside the window

@@ -13,6 +13,7 @@ from world.questions import (
     make_question,
     matches,
     parse_expression,
+    question_type_of,
     relation,
 )
 from world.render import add_object, background_pixels, draw_object_into, draw_shape, render, square_in_box
@@ -38,6 +39,7 @@ __all__ = [
     "make_question",
     "matches",
     "parse_expression",
+    "question_type_of",
     "relation",
     "render",
     "square_in_box",

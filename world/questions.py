@@ -151,6 +151,19 @@ def existence(scene: Scene, rng: np.random.Generator, shuffle: bool = True) -> Q
 
 
 GENERATORS = {"relative_position": relative_position, "colour": colour, "count": count, "existence": existence}
+# Each type's question text starts with its own words: how a reader of the text alone (the
+# synthetic judge) tells which type it was asked.
+PREFIXES = {
+    "relative_position": "Where is the ",
+    "colour": "What is the colour of the ",
+    "count": "How many ",
+    "existence": "Is there a ",
+}
+
+
+def question_type_of(text: str) -> str | None:
+    """The type whose template ``text`` was written from, or None for a question of another source."""
+    return next((t for t, p in PREFIXES.items() if text.startswith(p)), None)
 
 
 def make_question(
