@@ -85,7 +85,12 @@ class AttackerRewardConfig:
         "right one / K (METHOD.md default 3).",
     )
     temperature: float = documented(1.0, "Sampling temperature of the defender's K answers (1: the K differ).")
-    invalid_penalty: float = documented(0.0, "Reward of an edit that fails integrity (METHOD.md: 0, configurable).")
+    invalid_penalty: float = documented(
+        0.0,
+        "Reward of an edit that fails integrity (METHOD.md: 0, configurable). Never above the lowest "
+        "valid reward: with efficacy 'dense' (down to -1) at most -1, else a broken edit outscores a "
+        "valid one that helps the defender and Flow-GRPO learns to break the gate (RESULTS.md).",
+    )
     efficacy: str = documented(
         "sampled",
         "Efficacy in attacker training: 'sampled', the paper's consecutive failures of K sampled "

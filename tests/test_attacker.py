@@ -221,9 +221,17 @@ def test_dense_efficacy_is_the_drop_in_the_right_letters_probability():
     p_clean, p_dark = clean.mean() / 255, darker.mean() / 255
     assert rows[0]["integrity"] == 1.0 and rows[0]["reward"] == pytest.approx(p_clean - p_dark)
     assert rows[0]["p_right_clean"] == pytest.approx(p_clean) and rows[0]["efficacy"] > 0
-    assert rows[1]["integrity"] == 0.0 and rows[1]["reward"] == -0.5  # broken target: the penalty
+    # A broken target scores the penalty, floored at -1: dense E reaches -1, and a broken edit must
+    # not outscore a valid one that helps the defender (a brighter corner, E < 0).
+    assert rows[1]["integrity"] == 0.0 and rows[1]["reward"] == -1.0
     assert rows[2]["reward"] == pytest.approx(0.0)  # an unchanged image takes nothing from the defender
     assert defender.scored == 1 + 3  # the clean image once, each edit once
+    brighter = clean.copy()
+    brighter[25:38, 25:38] = 255
+    helped = reward([item.image], [Image.fromarray(brighter)], [item])[0]
+    assert helped["integrity"] == 1.0 and -1.0 < helped["reward"] < 0 and helped["reward"] > rows[1]["reward"]
+    harsher = IntegrityEfficacy(defender, tau=0.9, invalid_penalty=-2.0, efficacy="dense")
+    assert harsher([item.image], [Image.fromarray(broken)], [item])[0]["reward"] == -2.0  # below the floor: kept
     with pytest.raises(ValueError, match="efficacy=sampled"):
         IntegrityEfficacy(ScriptedDefender([["A"]]), efficacy="dense")
 

@@ -5,7 +5,8 @@
   whole image) — else 0.
 - Efficacy: the frozen defender is queried K times (3); c = wrong answers before the first right
   one; E = c / K ("consecutive reasoning failures").
-- R = I * E; an invalid edit scores ``invalid_penalty`` (0 by default) instead.
+- R = I * E; an invalid edit scores ``invalid_penalty`` (0 by default) instead, never more than
+  the lowest valid reward (dense efficacy goes down to -1, so there the penalty is at most -1).
 - Dense efficacy (``efficacy="dense"``, ours): E = P(right letter | clean) - P(right letter |
   edited) from the defender's scoring forwards. K sampled answers of a defender that errs on a
   third of clean images mostly measure its own noise; the probability drop measures what the edit
@@ -155,7 +156,9 @@ class IntegrityEfficacy:
             for c, e, it, pc, pe in zip(cleans, editeds, items, p_clean, p_edit):
                 parts = integrity(c, e, AttackSample(it.target_boxes, []), self.tau, self.global_floor)
                 parts.update(efficacy=pc - pe, p_right_clean=pc, p_right_edited=pe)
-                parts["reward"] = parts["efficacy"] if parts["integrity"] else self.invalid_penalty
+                # E reaches -1 here, so a penalty of 0 would pay a broken edit more than a valid one
+                # that helps the defender, and the phase learns to break the gate (RESULTS.md).
+                parts["reward"] = parts["efficacy"] if parts["integrity"] else min(self.invalid_penalty, -1.0)
                 out.append(parts)
             return out
         right = self.answers(editeds, items)
