@@ -243,7 +243,7 @@ class CoevolutionConfig:
     )
 
 
-TRACKERS = ("tensorboard", "none")  # tracking.report_to's choices (training/tracking.py)
+TRACKERS = ("tensorboard", "mlflow", "none")  # tracking.report_to's choices (training/tracking.py)
 
 
 @settings
@@ -252,7 +252,9 @@ class TrackingConfig:
         ["tensorboard"],
         "Where every trainer's per-step rows go besides its version (as TRL's report_to): "
         "tensorboard (event files in the version's folder, under _work/tensorboard while it "
-        "trains on a local root: `tensorboard --logdir ROOT`), or none. mlflow and wandb: not built yet.",
+        "trains on a local root: `tensorboard --logdir ROOT`), mlflow (the server MLFLOW_TRACKING_URI "
+        "names, experiment MLFLOW_EXPERIMENT_NAME or 'aot'; the co-evolution run nests its iterations "
+        "and their phases), or none. wandb: not built yet.",
     )
 
 

@@ -33,7 +33,7 @@ from config import PipelineConfig
 from stages.steps import Steps
 from stages.version import VersionPart, single_part_version
 from storage import Manifest, ShardStore
-from training.tracking import RunTracker
+from training.tracking import RunTracker, nest_runs
 
 
 def run_coevolution(store: ShardStore, cfg: PipelineConfig, steps: Steps, source: str | None = None) -> Manifest:
@@ -104,6 +104,12 @@ def write_run(
                     tracker.log({"defender_clean_accuracy": base_clean}, step=0)
                 for r in rows:  # the per-iteration table, one step per iteration
                     tracker.log(r, step=r["iteration"])
+                # MLflow: coevolution -> iteration -> the phases' own training runs
+                nest_runs(
+                    tracker,
+                    [lineage[k] for k in ("defender_0", "attacker_cold_start") if k in lineage],
+                    [(r["iteration"], r, [r["attacker"], r["defender"]]) for r in rows],
+                )
             files = store.put_folder(export.dataset, "coevolution", version, tmp)
         df = pl.DataFrame(rows) if rows else pl.DataFrame({"iteration": []})
         return VersionPart(df, len(rows), files=files, extra={"lineage": lineage, "base_clean_accuracy": base_clean})

@@ -1,9 +1,10 @@
-"""Shared fixtures: an isolated Prefect home, a real S3-protocol server (moto_server) on 127.0.0.1."""
+"""Shared fixtures: an isolated Prefect home, real S3 (moto_server) and MLflow tracking servers on 127.0.0.1."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -120,6 +121,37 @@ def s3_server():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def stop_session(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM to a server started with ``start_new_session=True`` and everything it spawned
+    (MLflow's and Prefect's servers run workers), SIGKILL after ``grace`` seconds."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (SQLite backend) on a free loopback port, started and stopped
+    as the S3 tests do with moto. Yields its URI."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    exe = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    port = free_port()
+    log = open(folder / "server.log", "w")
+    proc = subprocess.Popen(
+        [exe, "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--default-artifact-root",
+         str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_port(port, timeout=120)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_session(proc, 20)
+        log.close()
 
 
 @pytest.fixture

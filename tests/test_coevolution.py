@@ -3,6 +3,8 @@ a rerun recomputes nothing, and the report lands."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from config import load_config
@@ -34,12 +36,19 @@ TOY = {
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, mlflow_server):
+    """The toy loop, reported to TensorBoard and to a real MLflow server (tracking.report_to)."""
     store = ShardStore(str(tmp_path_factory.mktemp("coevo")))
-    cfg = load_config("synthetic", TOY)
+    cfg = load_config("synthetic", {**TOY, "tracking": {"report_to": ["tensorboard", "mlflow"]}})
     events = []
-    m = run_coevolution(store, cfg, LocalSteps(store, cfg, events.append))
-    return store, cfg, m, events
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")}
+    os.environ.update(MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_EXPERIMENT_NAME="aot-toy")
+    try:
+        m = run_coevolution(store, cfg, LocalSteps(store, cfg, events.append))
+        yield store, cfg, m, events
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def test_two_iterations_chain_their_checkpoints(run, tmp_path):
@@ -83,6 +92,44 @@ def test_two_iterations_chain_their_checkpoints(run, tmp_path):
     held = set(store.read(store.manifest(lin["heldout"]))["scene"].to_list())
     train = set(store.read(store.manifest(lin["items"]))["scene"].to_list())
     assert held and not (held & train)
+
+
+def test_mlflow_holds_the_loop_nested_with_its_metrics_params_and_versions(run, mlflow_server):
+    """MLflow, read back through its own client: the co-evolution run holds the warm-up and the
+    cold start, then one run per iteration, each holding the attacker and defender runs that
+    trained it; metrics per step, the resolved config as params, the version ids as tags."""
+    from mlflow import MlflowClient
+
+    store, cfg, m, _ = run
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("aot-toy")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    by_version = {r.data.tags.get("aot.version"): r for r in runs}
+    parent = lambda r: r.data.tags.get("mlflow.parentRunId")  # noqa: E731
+    top = by_version[m.version]
+    assert top.data.tags["aot.stage"] == "coevolution" and parent(top) is None
+    assert top.data.params["coevolution.iterations"] == "2"
+    clean = client.get_metric_history(top.info.run_id, "defender_clean_accuracy")
+    assert [h.step for h in sorted(clean, key=lambda h: h.step)] == [0, 1, 2]
+    lin = m.extra["lineage"]
+    for key in ("defender_0", "attacker_cold_start"):
+        assert parent(by_version[lin[key]]) == top.info.run_id, key
+    iterations = {r.data.tags["aot.iteration"]: r for r in runs if r.data.tags.get("aot.stage") == "iteration"}
+    assert sorted(iterations) == ["1", "2"]
+    df = store.read(m)
+    for n, it in iterations.items():
+        assert parent(it) == top.info.run_id
+        row = df.filter(df["iteration"] == int(n)).row(0, named=True)
+        assert it.data.metrics["attack_success_after"] == pytest.approx(row["attack_success_after"])
+        for phase in ("attacker", "defender"):
+            trained = by_version[lin[f"iteration_{n}"][phase]]
+            assert parent(trained) == it.info.run_id, (n, phase)
+            assert trained.info.status == "FINISHED" and trained.data.tags["aot.stage"] == phase
+            assert "loss" in trained.data.metrics or "reward" in trained.data.metrics
+    attacker = by_version[lin["iteration_1"]["attacker"]]
+    steps = client.get_metric_history(attacker.info.run_id, "reward")
+    assert [h.step for h in steps] == list(range(1, cfg.attacker.rl.steps + 1))
+    assert attacker.data.params["attacker.train.flow_grpo.group_size"] == "4"  # the version's resolved config
 
 
 def test_a_rerun_finds_every_step_done(run):

@@ -3,56 +3,179 @@ run RL already watch, behind one setting (``tracking.report_to``, as TRL's ``rep
 
 A thin adapter over each tracker's own client, nothing more: ``tensorboard`` writes event files
 with torch's ``SummaryWriter`` (TensorBoard's own format, read back by its ``EventAccumulator``);
-``none`` writes nothing. The trainer stages put the event files in the version's folder
-(stages/checkpoints.py), so ``tensorboard --logdir ROOT`` shows every run of a store.
+``mlflow`` logs through ``MlflowClient`` to the server MLflow's own ``MLFLOW_TRACKING_URI`` names
+(experiment ``MLFLOW_EXPERIMENT_NAME``, default ``aot``); ``none`` writes nothing. The trainer
+stages put the event files in the version's folder (stages/checkpoints.py), so
+``tensorboard --logdir ROOT`` shows every run of a store. In MLflow every run is tagged
+``aot.version`` with the version it wrote, which is how the co-evolution run nests the phases it
+used under itself (``nest_runs``) even when they were trained, or found, by another process.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import time
 
 from config.pipeline import TRACKERS
+
+VERSION_TAG = "aot.version"  # an MLflow run's link back to the store
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag (what mlflow.start_run(nested=True) sets)
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, str]:
+    """A nested config as MLflow params: dotted keys, values as text (MLflow keeps 6000 chars)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = (v if isinstance(v, str) else json.dumps(v, default=str))[:6000]
+    return out
+
+
+def _scalars(row: dict) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in row.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+class _Mlflow:
+    """One MLflow run through the client API (no global active run: stages may run in threads)."""
+
+    def __init__(self, name: str, params: dict | None, tags: dict | None, parent: str | None):
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient()  # MLFLOW_TRACKING_URI, as every MLflow user sets it
+        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "aot")
+        found = self.client.get_experiment_by_name(experiment)
+        exp_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        run_tags = {
+            f"aot.{k}": (v if isinstance(v, str) else json.dumps(v, default=str))[:8000]  # MLflow's tag limit
+            for k, v in (tags or {}).items()
+        }
+        if parent:
+            run_tags[PARENT_TAG] = parent
+        self.run_id = self.client.create_run(exp_id, tags=run_tags, run_name=name).info.run_id
+        self.experiment_id = exp_id
+        if params:
+            from mlflow.entities import Param
+
+            items = [Param(k, v) for k, v in _flat(params).items()]
+            for i in range(0, len(items), 100):  # MLflow's log_batch takes at most 100 params a call
+                self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in values.items()]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
 
 
 class RunTracker:
     """One run's tracker: ``log(row)`` after each step (every numeric value of the row as a
-    scalar at ``row["step"]``), the resolved config and the version ids as text, ``close()``
-    at the end (also as a context manager)."""
+    scalar at ``row["step"]``), the resolved config (``params``) and the version ids (``tags``),
+    ``close()`` at the end (also as a context manager; a run left by an exception is marked
+    FAILED in MLflow). ``parent``: an MLflow run id to nest this run under."""
 
-    def __init__(self, report_to: list[str], logdir: str, params: dict | None = None, tags: dict | None = None):
+    def __init__(
+        self,
+        report_to: list[str],
+        logdir: str,
+        params: dict | None = None,
+        tags: dict | None = None,
+        name: str | None = None,
+        parent: str | None = None,
+    ):
         unknown = sorted(set(report_to) - set(TRACKERS))
         if unknown:
             raise ValueError(f"tracking.report_to: unknown {unknown}; choose from {list(TRACKERS)}")
-        self.logdir, self.tensorboard = logdir, None
+        self.logdir, self.tensorboard, self.mlflow = logdir, None, None
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(log_dir=logdir)
-            for name, value in (("config", params), ("tags", tags)):
+            for key, value in (("config", params), ("tags", tags)):
                 if value:  # markdown in TensorBoard's text tab: the run says what it was
-                    self.tensorboard.add_text(name, "```\n" + json.dumps(value, indent=1, default=str) + "\n```")
+                    self.tensorboard.add_text(key, "```\n" + json.dumps(value, indent=1, default=str) + "\n```")
+        if "mlflow" in report_to:
+            try:
+                import mlflow  # noqa: F401
+            except ImportError as e:
+                raise ImportError("tracking.report_to has mlflow: pip install mlflow (requirements.txt)") from e
+            tags = tags or {}
+            self.mlflow = _Mlflow(
+                name or f"{tags.get('stage', 'run')} {tags.get('version', '')}".strip(), params, tags, parent
+            )
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        return self.mlflow.run_id if self.mlflow else None
 
     def log(self, row: dict, step: int | None = None, prefix: str = "") -> None:
-        if self.tensorboard is None:
-            return
+        values = _scalars(row)
         step = int(row.get("step", step or 0))
-        for key, value in row.items():
-            if (
-                key != "step"
-                and isinstance(value, (int, float))
-                and not isinstance(value, bool)
-                and math.isfinite(value)
-            ):
+        if self.tensorboard is not None:
+            for key, value in values.items():
                 self.tensorboard.add_scalar(prefix + key, value, step)
+        if self.mlflow is not None and values:
+            self.mlflow.log({prefix + k: v for k, v in values.items()}, step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self.tensorboard is not None:
             self.tensorboard.flush()
             self.tensorboard.close()
+        if self.mlflow is not None:
+            self.mlflow.close("FAILED" if failed else "FINISHED")
 
     def __enter__(self) -> "RunTracker":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(failed=exc_type is not None)
+
+
+def _adopt(tracker: RunTracker, parent: str, versions: list[str]) -> None:
+    """Move the MLflow runs that wrote ``versions`` (their ``aot.version`` tag) under ``parent``;
+    versions with no run (trained without mlflow) are listed in the parent's ``aot.untracked``."""
+    client, untracked = tracker.mlflow.client, []
+    for v in versions:
+        runs = client.search_runs([tracker.mlflow.experiment_id], f"tags.`{VERSION_TAG}` = '{v}'", max_results=1)
+        if runs:
+            client.set_tag(runs[0].info.run_id, PARENT_TAG, parent)
+        else:
+            untracked.append(v)
+    if untracked:
+        client.set_tag(parent, "aot.untracked", json.dumps(untracked))
+
+
+def nest_runs(tracker: RunTracker, direct: list[str], iterations: list[tuple[int, dict, list[str]]]) -> dict[int, str]:
+    """The loop's tree in MLflow, under ``tracker``'s run: the runs that trained the ``direct``
+    versions (the warm-up, the cold start), then one child run per iteration (its row's metrics)
+    holding the runs that trained that iteration's phases. ``iterations``: (number, row, version
+    ids). Runs are found by their ``aot.version`` tag, so phases trained by another process, or
+    found cached from an earlier loop that logged them, nest too. Returns iteration -> run id."""
+    if tracker.mlflow is None:
+        return {}
+    _adopt(tracker, tracker.mlflow.run_id, direct)
+    out = {}
+    for n, row, versions in iterations:
+        with RunTracker(
+            ["mlflow"],
+            "",
+            tags={"stage": "iteration", "iteration": n},
+            name=f"iteration {n}",
+            parent=tracker.mlflow.run_id,
+        ) as it:
+            it.log(row, step=n)
+            _adopt(tracker, it.mlflow_run_id, versions)
+            out[n] = it.mlflow_run_id
+    return out
