@@ -4,6 +4,7 @@ a rerun recomputes nothing, and the report lands."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -193,3 +194,35 @@ def _dotted(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it: apt-get install chromium)")
+def test_the_mlflow_ui_charts_the_coevolution_run(run, mlflow_server, tmp_path):
+    """What a user opens: MLflow's own UI, headless Chromium, the co-evolution run's metric
+    charts. The screenshot is the test's artifact (its tmp folder)."""
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    from mlflow import MlflowClient
+
+    _, _, m, _ = run
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("aot-toy")
+    top = client.search_runs([exp.experiment_id], f"tags.`aot.version` = '{m.version}'")[0]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{top.info.run_id}/model-metrics")
+        page.get_by_text("attack_success_after").first.wait_for(timeout=60_000)  # charts, alphabetical
+        page.get_by_placeholder("Search metric charts").fill("accuracy")  # the loop's accuracy curves
+        page.get_by_text("defender_clean_accuracy").first.wait_for(timeout=30_000)
+        page.wait_for_timeout(2000)  # the charts draw after their data arrives
+        page.screenshot(path=str(tmp_path / "mlflow-coevolution-metrics.png"))
+        body = page.inner_text("body")
+        browser.close()
+    assert f"coevolution {m.version}" in body  # the run's name
+    for metric in ("defender_clean_accuracy", "defender_attacked_accuracy"):
+        assert metric in body, metric
+    assert "attack_success_after" not in body  # the search narrowed the charts to the accuracy curves
+    assert (tmp_path / "mlflow-coevolution-metrics.png").stat().st_size > 20_000
