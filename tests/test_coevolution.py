@@ -226,3 +226,17 @@ def test_the_mlflow_ui_charts_the_coevolution_run(run, mlflow_server, tmp_path):
         assert metric in body, metric
     assert "attack_success_after" not in body  # the search narrowed the charts to the accuracy curves
     assert (tmp_path / "mlflow-coevolution-metrics.png").stat().st_size > 20_000
+
+
+def test_an_mlflow_server_that_does_not_answer_fails_in_seconds_naming_the_fix(monkeypatch):
+    """MLflow's client retries a dead server for minutes; the tracker checks first."""
+    import time
+
+    from conftest import free_port
+    from training.tracking import RunTracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    t = time.monotonic()
+    with pytest.raises(ConnectionError, match="no MLflow server answers.*MLFLOW_TRACKING_URI"):
+        RunTracker(["mlflow"], "")
+    assert time.monotonic() - t < 30

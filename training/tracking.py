@@ -43,13 +43,32 @@ def _scalars(row: dict) -> dict[str, float]:
     }
 
 
+def _reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, naming the fix, when the tracking server does not answer: MLflow's own
+    client retries a dead server with backoff for minutes before the trainer would start."""
+    if not uri.startswith(("http://", "https://")):
+        return  # a local store (sqlite:, file:) needs no server
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except Exception as e:  # noqa: BLE001 (any failure means the same thing to the user)
+        raise ConnectionError(
+            f"tracking.report_to has mlflow, but no MLflow server answers at {uri} ({e}): start one "
+            "(mlflow server ...), fix MLFLOW_TRACKING_URI, or drop mlflow from --report-to"
+        ) from None
+
+
 class _Mlflow:
     """One MLflow run through the client API (no global active run: stages may run in threads)."""
 
     def __init__(self, name: str, params: dict | None, tags: dict | None, parent: str | None):
+        import mlflow
         from mlflow import MlflowClient
 
-        self.client = MlflowClient()  # MLFLOW_TRACKING_URI, as every MLflow user sets it
+        uri = mlflow.get_tracking_uri()  # MLFLOW_TRACKING_URI, as every MLflow user sets it
+        _reachable(uri)
+        self.client = MlflowClient(uri)
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "aot")
         found = self.client.get_experiment_by_name(experiment)
         exp_id = found.experiment_id if found else self.client.create_experiment(experiment)
