@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from config.fields import Int, documented, settings
 from config.rl import DapoConfig, FlowGrpoConfig
 
@@ -90,6 +92,15 @@ class AttackerRewardConfig:
         "Reward of an edit that fails integrity (METHOD.md: 0, configurable). Never above the lowest "
         "valid reward: with efficacy 'dense' (down to -1) at most -1, else a broken edit outscores a "
         "valid one that helps the defender and Flow-GRPO learns to break the gate (RESULTS.md).",
+    )
+    invalid_score: Literal["fixed", "group"] = documented(
+        "fixed",
+        "How an edit that fails integrity is scored: 'fixed', invalid_penalty (METHOD.md); 'group', just "
+        "below the lowest valid edit of the same group (its reward minus the valid rewards' standard "
+        "deviation, at least 0.05 below). Ours: with a fixed -1 under dense efficacy (valid edits "
+        "spread over ~0.1-0.3), one broken edit in a group of 8 takes most of the group's reward "
+        "variance, so the normalized advantages mostly say 'do not break the gate' and barely rank "
+        "the valid edits by how much they fool the defender (RESULTS.md).",
     )
     efficacy: str = documented(
         "sampled",

@@ -47,6 +47,52 @@ SCORES = {
 }
 
 
+def dense_drop(dense, cleans, editeds, items, n: int) -> dict:
+    """The defender's probability of the right letter, clean minus edited, on the kept edits:
+    summed over all ``n`` items attacked (an edit that fails integrity adds 0), and over the kept
+    ones. One scoring forward per image, no sampling: the same effect the sampled lift reads,
+    without its +/-0.07 of answer noise on 96 items."""
+    if not items:
+        return {"dense_drop": 0.0, "dense_drop_kept": 0.0}
+    drop = [c - e for c, e in zip(dense.right_probability(cleans, items), dense.right_probability(editeds, items))]
+    return {"dense_drop": sum(drop) / max(1, n), "dense_drop_kept": sum(drop) / len(drop)}
+
+
+def training_signal(store, attacker: str) -> dict:
+    """What the Flow-GRPO phase's groups held (its samples.parquet): the share of broken edits, the
+    valid edits' dense efficacy in the first and last quarter of steps, and how much of a group's
+    reward spread the valid edits' efficacy carries. GRPO can only sharpen variation the sampler
+    produces: a group whose valid edits all fool the defender alike gives it nothing to rank."""
+    import os
+    import tempfile
+
+    import polars as pl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(store.fetch_files(store.manifest(attacker), tmp), "samples.parquet")
+        df = pl.read_parquet(path) if os.path.exists(path) else None
+    if df is None or "aot/integrity" not in df.columns:
+        return {}
+    last = df["step"].max()
+    q = max(1, last // 4)
+    quarter = {"first": df.filter(pl.col("step") <= q), "last": df.filter(pl.col("step") > last - q)}
+    groups = df.group_by("step", "item").agg(
+        pl.col("reward").std().alias("reward_sd"),
+        pl.col("aot/efficacy").filter(pl.col("aot/integrity") > 0).std().alias("valid_sd"),
+        (pl.col("aot/integrity") == 0).mean().alias("broken"),
+    )
+    out = {
+        "group_reward_sd": groups["reward_sd"].mean(),
+        "group_valid_efficacy_sd": groups["valid_sd"].mean(),
+        "groups_with_broken": float((groups["broken"] > 0).mean()),
+    }
+    for name, part in quarter.items():
+        valid = part.filter(pl.col("aot/integrity") > 0)
+        out[f"train_integrity_{name}"] = float(part["aot/integrity"].mean())
+        out[f"train_valid_efficacy_{name}"] = float(valid["aot/efficacy"].mean()) if valid.height else None
+    return out
+
+
 def implanter_scores(store, cfg, heldout: str, defender: str) -> dict:
     """The oracle implanter (Stage 2's verified distractor, no defender in the loop) on the same
     held-out items, scored as the curriculum scores an attacker: the same gate (tau), the same
@@ -70,9 +116,19 @@ def implanter_scores(store, cfg, heldout: str, defender: str) -> dict:
     kept = [(it, s) for it, s in zip(mine, scores) if s["integrity"]]
     clean = reward.unedited_efficacy([it.image for it, _ in kept], [it for it, _ in kept])
     summary = attack_summary([{**s, "clean_efficacy": c} for (_, s), c in zip(kept, clean)], len(items))
-    return {"try": "oracle implanter", "attacker": "implanter", "items": len(items)} | {
-        k: summary[v] for k, v in SCORES.items() if v in summary
-    }
+    edited = [decode_image(r["adversarial_image"]) for r, s in zip(attacked, scores) if s["integrity"]]
+    dense = dense_drop(
+        frozen_reward(store, cfg, defender, "dense"),
+        [it.image for it, _ in kept],
+        edited,
+        [it for it, _ in kept],
+        len(items),
+    )
+    return (
+        {"try": "oracle implanter", "attacker": "implanter", "items": len(items)}
+        | {k: summary[v] for k, v in SCORES.items() if v in summary}
+        | dense
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -133,6 +189,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         preset=preset, overrides=overrides, defender=defender, cold_start=cold, score_noise=args.score_noise
     )
 
+    from stages.attacker import frozen_reward, items_from_version, load_attacker
+    from storage import decode_image
+    from training.attacker import at_edit_size
+
+    dense = frozen_reward(store, cfg, defender, "dense")
+    held = {it.id: it for it in items_from_version(store, store.manifest(heldout), cfg.attacker.curriculum.max_items)}
+
     def scored(
         name: str, attacker: str
     ) -> dict:  # the held-out items, edited and scored by the base config's curriculum
@@ -141,9 +204,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if st is not None:
                 s = st.curriculum(attacker, heldout, defender)
                 row.update({prefix + k: s[v] for k, v in SCORES.items()})
+                kept = [
+                    r
+                    for r in store.read(store.manifest(s["version"])).iter_rows(named=True)
+                    if r["kind"] == "adversarial"
+                ]
+                editor = load_attacker(store, attacker, cfg.attacker.model)
+                its = [at_edit_size(editor, held[r["id"].removesuffix(":attack")]) for r in kept]
+                d = dense_drop(
+                    dense, [it.image for it in its], [decode_image(r["image"]) for r in kept], its, len(held)
+                )
+                row.update({prefix + k: v for k, v in d.items()})
         return row
 
     rows = [implanter_scores(store, cfg, heldout, defender), scored("cold start", cold)]
+    write_results(args.out, args.name, info | {"wall_seconds": round(time.perf_counter() - t0, 1)}, rows)
     for t in tries:
         started = time.perf_counter()
         tcfg = load_config(preset, overrides + t)
@@ -157,6 +232,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if base is None:
                 base = scored("cold start " + ",".join(own), own_cold)
                 rows.append(base)
+                write_results(args.out, args.name, info | {"wall_seconds": round(time.perf_counter() - t0, 1)}, rows)
         if tcfg.attacker.rl.steps == 0:
             write_results(args.out, args.name, info | {"wall_seconds": round(time.perf_counter() - t0, 1)}, rows)
             continue
@@ -171,15 +247,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "train_reward_last": sum(rewards[-q:]) / q,
                 "seconds": round(time.perf_counter() - started, 1),
                 "from": base["try"],
+                **training_signal(store, attacker),
             }
         )
         for prefix in ("", "sde_") if sde_steps else ("",):
             rows[-1][prefix + "success_gain"] = rows[-1][prefix + "attack_success"] - base[prefix + "attack_success"]
             rows[-1][prefix + "lift_gain"] = rows[-1][prefix + "lift"] - base[prefix + "lift"]  # the phase's effect
+            rows[-1][prefix + "dense_gain"] = rows[-1][prefix + "dense_drop"] - base[prefix + "dense_drop"]
         write_results(args.out, args.name, info | {"wall_seconds": round(time.perf_counter() - t0, 1)}, rows)
     print(
         f"\n{'attacker':<48} {'success':>8} {'lift':>7} {'lift gain':>9} {'flips':>6} {'integrity':>9} {'efficacy':>8} "
-        f"{'reward 1st->last q':>19}" + (f" {'SDE success':>11} {'SDE lift':>8}" if sde_steps else "")
+        f"{'dense drop':>10} {'reward 1st->last q':>19}"
+        + (f" {'SDE success':>11} {'SDE lift':>8}" if sde_steps else "")
     )
     for r in rows:
         rew = f"{r['train_reward_first']:.3f} -> {r['train_reward_last']:.3f}" if "steps" in r else ""
@@ -187,7 +266,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         gain = f"{r['lift_gain']:+.3f}" if "lift_gain" in r else ""
         print(
             f"{r['try'][:48]:<48} {r['attack_success']:>8.3f} {r['lift']:>+7.3f} {gain:>9} "
-            f"{r['flips']:>6.3f} {r['integrity']:>9.3f} {r['mean_efficacy']:>8.3f} {rew:>19}{sde}"
+            f"{r['flips']:>6.3f} {r['integrity']:>9.3f} {r['mean_efficacy']:>8.3f} "
+            f"{r['dense_drop']:>+10.3f} {rew:>19}{sde}"
         )
     return rows
 

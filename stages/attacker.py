@@ -133,7 +133,14 @@ def frozen_reward(
     r = cfg.attacker.rl.reward
     defender = load_defender(store, defender_version, **defender_runtime(cfg))
     return IntegrityEfficacy(
-        defender, r.tau, r.queries, r.temperature, r.global_floor, r.invalid_penalty, efficacy or r.efficacy
+        defender,
+        r.tau,
+        r.queries,
+        r.temperature,
+        r.global_floor,
+        r.invalid_penalty,
+        efficacy or r.efficacy,
+        r.invalid_score,
     )
 
 

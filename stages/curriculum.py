@@ -110,8 +110,8 @@ def generate_curriculum_version(
     parents = [attacker_version, data.version, defender_version]
     vcfg = {
         "curriculum": dataclasses.asdict(c),
-        # what scores the curriculum; the training-only efficacy kind does not
-        "reward": {k: v for k, v in dataclasses.asdict(a.rl.reward).items() if k != "efficacy"},
+        # what scores the curriculum; the training-only efficacy kind and invalid scoring do not
+        "reward": {k: v for k, v in dataclasses.asdict(a.rl.reward).items() if k not in ("efficacy", "invalid_score")},
         "model": a.model,
         **({"judge": cfg.models["judge"]} if c.describe else {}),
     }

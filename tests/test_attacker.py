@@ -236,6 +236,44 @@ def test_dense_efficacy_is_the_drop_in_the_right_letters_probability():
         IntegrityEfficacy(ScriptedDefender([["A"]]), efficacy="dense")
 
 
+def test_group_invalid_score_ranks_broken_edits_just_below_the_lowest_valid_one():
+    """invalid_score 'group': a broken edit scores min - std of the group's valid rewards (>= 0.05
+    below), so the valid edits keep their spread in the group-normalized advantages."""
+    from rl.flow_grpo import group_advantages
+    from training.attacker_rewards import rank_invalid_last
+
+    clean = np.full((40, 40, 3), 100, np.uint8)
+    clean[5:20, 5:20] = 200
+    edits = []
+    for level in (90, 60, 30):  # darker and darker corners: valid, more and more effective
+        e = clean.copy()
+        e[25:38, 25:38] = level
+        edits.append(e)
+    broken = clean.copy()
+    broken[5:20, 5:20] = 0
+    item = AttackItem("a", Image.fromarray(clean), "x", [[5, 5, 20, 20]], prompt="q", answer="A", num_options=4)
+    images = [Image.fromarray(a) for a in (*edits, broken)]
+    fixed = IntegrityEfficacy(BrightnessDefender(), tau=0.9, efficacy="dense")([item.image] * 4, images, [item] * 4)
+    group = IntegrityEfficacy(BrightnessDefender(), tau=0.9, efficacy="dense", invalid_score="group")(
+        [item.image] * 4, images, [item] * 4
+    )
+    valid = [r["reward"] for r in fixed[:3]]
+    assert [r["reward"] for r in group[:3]] == valid  # valid edits untouched
+    assert group[3]["reward"] == pytest.approx(min(valid) - max(float(np.std(valid)), 0.05))
+    assert fixed[3]["reward"] == -1.0
+    # The valid edits' advantage spread: under the fixed -1 the broken edit squeezes it.
+    spread = lambda rows: float(np.ptp(group_advantages(torch.tensor([r["reward"] for r in rows]), 4)[:3].numpy()))  # noqa: E731
+    assert spread(group) > 2 * spread(fixed)
+    # Edge cases: all valid or all broken leave the rewards alone; one valid keeps the 0.05 margin.
+    assert rank_invalid_last(group[:3]) == group[:3]
+    allbad = [{"integrity": 0.0, "reward": -1.0}] * 2
+    assert rank_invalid_last(allbad) == allbad
+    one = rank_invalid_last([{"integrity": 1.0, "reward": 0.2}, {"integrity": 0.0, "reward": -1.0}])
+    assert one[1]["reward"] == pytest.approx(0.15)
+    with pytest.raises(ValueError, match="invalid_score"):
+        IntegrityEfficacy(BrightnessDefender(), invalid_score="lowest")
+
+
 def test_attack_summary_reads_success_against_the_unedited_baseline():
     from stages.curriculum import attack_summary
 

@@ -6,7 +6,9 @@
 - Efficacy: the frozen defender is queried K times (3); c = wrong answers before the first right
   one; E = c / K ("consecutive reasoning failures").
 - R = I * E; an invalid edit scores ``invalid_penalty`` (0 by default) instead, never more than
-  the lowest valid reward (dense efficacy goes down to -1, so there the penalty is at most -1).
+  the lowest valid reward (dense efficacy goes down to -1, so there the penalty is at most -1);
+  or, with ``invalid_score="group"``, just below the lowest valid edit of the same call (one
+  Flow-GRPO group), so a broken edit ranks last without taking the group's reward spread.
 - Dense efficacy (``efficacy="dense"``, ours): E = P(right letter | clean) - P(right letter |
   edited) from the defender's scoring forwards. K sampled answers of a defender that errs on a
   third of clean images mostly measure its own noise; the probability drop measures what the edit
@@ -106,9 +108,12 @@ class IntegrityEfficacy:
         global_floor: float | None = None,
         invalid_penalty: float = 0.0,
         efficacy: str = "sampled",
+        invalid_score: str = "fixed",
     ):
         if efficacy not in EFFICACY_KINDS:
             raise ValueError(f"efficacy must be one of {EFFICACY_KINDS}, not {efficacy!r}")
+        if invalid_score not in ("fixed", "group"):
+            raise ValueError(f"invalid_score must be 'fixed' or 'group', not {invalid_score!r}")
         if efficacy == "dense" and not hasattr(defender, "answer_probability"):
             raise ValueError(
                 f"dense efficacy needs a defender that scores answers ({type(defender).__name__} does not): "
@@ -116,7 +121,7 @@ class IntegrityEfficacy:
             )
         self.defender, self.tau, self.queries, self.temperature = defender, tau, queries, temperature
         self.global_floor = global_floor or None
-        self.invalid_penalty, self.efficacy = invalid_penalty, efficacy
+        self.invalid_penalty, self.efficacy, self.invalid_score = invalid_penalty, efficacy, invalid_score
 
     def answers(self, editeds: list[Image.Image], items: list[AttackItem]) -> list[list[bool]]:
         from models.mcq import extract_choice
@@ -150,6 +155,10 @@ class IntegrityEfficacy:
         return [by_image[id(im)] for im in images]
 
     def __call__(self, cleans, editeds, items) -> list[dict]:
+        out = self._score(cleans, editeds, items)
+        return rank_invalid_last(out) if self.invalid_score == "group" else out
+
+    def _score(self, cleans, editeds, items) -> list[dict]:
         if self.efficacy == "dense":
             p_clean, p_edit = self.right_probability(cleans, items), self.right_probability(editeds, items)
             out = []
@@ -166,6 +175,22 @@ class IntegrityEfficacy:
             attacker_reward(c, e, AttackSample(it.target_boxes, r), self.tau, self.global_floor, self.invalid_penalty)
             for c, e, it, r in zip(cleans, editeds, items, right)
         ]
+
+
+GROUP_MARGIN = 0.05  # an invalid edit's least distance below the lowest valid one (rank_invalid_last)
+
+
+def rank_invalid_last(rows: list[dict]) -> list[dict]:
+    """Score the rows that fail integrity just below the lowest valid reward among ``rows`` (one
+    group): min - max(std, GROUP_MARGIN) of the valid rewards. Group-normalized advantages then
+    still put every broken edit last, while the valid edits keep their spread; a fixed penalty far
+    below them (-1 against dense efficacies of +/-0.1-0.3) makes one broken edit most of a group's
+    variance. With no valid row the rewards are left as they are (one value: no advantage)."""
+    valid = [r["reward"] for r in rows if r["integrity"]]
+    if not valid or len(valid) == len(rows):
+        return rows
+    floor = min(valid) - max(float(np.std(valid)), GROUP_MARGIN)
+    return [r if r["integrity"] else {**r, "reward": floor} for r in rows]
 
 
 def box_contrast(cleans, editeds, items) -> list[dict]:
