@@ -122,7 +122,8 @@ class AttackerTrainConfig:
     )
     micro_batch: Int = documented(
         0,
-        "Edits per sampling and training micro-batch within a group (0: the whole group). "
+        "Edits per sampling and training micro-batch within a group (0: the whole group); in the "
+        "cold start, pairs per forward (0: every pair of one edit size at once). "
         "Both phases use the same split, so the first ratio stays exactly 1.",
     )
     sft_batch: Int = documented(8, "Pairs per cold-start step.")

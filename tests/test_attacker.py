@@ -162,6 +162,33 @@ def test_cold_start_fits_the_pairs():
     assert last < 0.8 * first, (first, last)
 
 
+def test_cold_start_micro_batches_do_not_change_the_step():
+    """Pairs of one size share a forward; the noise and s are drawn per pair, so one pair per
+    forward (micro_batch 1) gives the same loss and gradient as all at once, and prompts of
+    different lengths in one batch do not leak into each other (padding masked). (The first step
+    is compared: after it, Adam's sign-like update turns gradient entries at rounding level into
+    different weights.)"""
+    items = _items(3)
+    words = ["invert", "invert the colours of everything", "make it a negative image please"]
+    pairs = [EditPair(it.image, Image.fromarray(255 - np.asarray(it.image)), w) for it, w in zip(items, words)]
+    runs = []
+    for mb in (0, 1):
+        tr = AttackerTrainer(_editor(), _cfg(mode="sft", steps=1, sft_batch=3, micro_batch=mb, lr=1e-2), pairs=pairs)
+        seen, step = [], tr.opt.step
+
+        def recorded(*a, _tr=tr, _seen=seen, _step=step, **k):
+            _seen.append([p.grad.clone() for p in _tr.editor.lora_parameters()])
+            return _step(*a, **k)
+
+        tr.opt.step = recorded
+        runs.append((tr.sft_step()["loss"], seen[0]))
+    (la, ga), (lb, gb) = runs
+    assert la == pytest.approx(lb, rel=1e-6)
+    scale = max(float(g.abs().max()) for g in ga)
+    assert scale > 0
+    assert max(float((a - b).abs().max()) for a, b in zip(ga, gb)) < 1e-5 * scale
+
+
 class ScriptedDefender:
     """Answers from a script, per query index (the K queries of efficacy)."""
 
