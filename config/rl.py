@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from config.fields import Int, documented, settings
 
 
@@ -82,6 +84,12 @@ class FlowGrpoConfig:
     )
     adv_clip: float = documented(5.0, "Advantages clipped to +/- this (Flow-GRPO).")
     adv_eps: float = documented(1e-4, "Added to the group's reward std (Flow-GRPO).")
+    adv_std: Literal["group", "batch"] = documented(
+        "group",
+        "Which reward std divides the group-centred advantages: the group's (GRPO, METHOD.md) or "
+        "the whole step's ('batch': flow_grpo's shipped configs, global_std), which keeps a group "
+        "whose edits differ only by sampling noise from getting unit-scale advantages.",
+    )
     kl_beta: float = documented(
         0.0,
         "KL weight to the reference (the model with LoRA disabled). METHOD.md: 0 for "

@@ -93,6 +93,69 @@ def training_signal(store, attacker: str) -> dict:
     return out
 
 
+def implanter_descriptions(store, cfg, heldout: str) -> dict[str, str]:
+    """Held-out item id -> the oracle implanter's distractor for it ("a red cube"): what a named
+    instruction asks the attacker to add (the cold start's named pairs are worded the same way)."""
+    import json
+
+    from stages.attack import attack_version
+
+    rows = store.read(attack_version(store, cfg, heldout, "implanter")).iter_rows(named=True)
+    return {
+        r["id"]: found[0] for r in rows if (found := json.loads(r.get("meta") or "{}").get("distractors") or [None])[0]
+    }
+
+
+def named_scores(store, cfg, attacker: str, items: list, named: dict[str, str], defender: str, dense) -> dict:
+    """An attacker on the held-out items whose instruction names the implanter's distractor for
+    that item (items without one keep theirs), scored as the curriculum scores it (ODE edits, the
+    curriculum's seeds, the gate, K sampled answers against the unedited images) plus the dense
+    drop. Against the plain instruction's row it separates "cannot draw an effective distractor"
+    from "does not choose one": asked for nothing in particular, a flow model trained on pairs
+    whose distractor colour is random can average the colours into a harmless one."""
+    import dataclasses
+
+    from models.editor import attack_instruction
+    from stages.attacker import frozen_reward, load_attacker
+    from stages.curriculum import attack_summary, edit_items
+    from training.attacker import at_edit_size
+
+    c = cfg.attacker.curriculum
+    editor = load_attacker(store, attacker, cfg.attacker.model)
+    its = [
+        at_edit_size(
+            editor,
+            dataclasses.replace(it, instruction=attack_instruction(it.question, it.target_names, named[it.id]))
+            if it.id in named
+            else it,
+        )
+        for it in items
+    ]
+    seeds = [c.seed * 1_000_003 + n for n in range(len(its))]
+    edits = edit_items(editor, its, seeds, c.sampling_steps, c.batch, None, 0.0, cfg.attacker.rl.flow_grpo.sigma_cap)
+    reward = frozen_reward(store, cfg, defender, "sampled")
+    scores = [reward([it.image], [e], [it])[0] for it, e in zip(its, edits)]
+    kept = [(it, e, sc) for it, e, sc in zip(its, edits, scores) if sc["integrity"]]
+    clean = reward.unedited_efficacy([it.image for it, _, _ in kept], [it for it, _, _ in kept])
+    summary = attack_summary([{**sc, "clean_efficacy": ce} for (_, _, sc), ce in zip(kept, clean)], len(its))
+    d = dense_drop(dense, [it.image for it, _, _ in kept], [e for _, e, _ in kept], [it for it, _, _ in kept], len(its))
+    return {"named_" + k: summary[v] for k, v in SCORES.items() if v in summary} | {
+        "named_" + k: v for k, v in d.items()
+    }
+
+
+def save_grid(store, curriculum: str, path) -> None:
+    """The curriculum's clean-over-edited grid (its first 8 kept edits) as ``path``."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        grid = Path(store.fetch_files(store.manifest(curriculum), tmp)) / "grid.png"
+        if grid.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(grid, path)
+
+
 def implanter_scores(store, cfg, heldout: str, defender: str) -> dict:
     """The oracle implanter (Stage 2's verified distractor, no defender in the loop) on the same
     held-out items, scored as the curriculum scores an attacker: the same gate (tau), the same
@@ -152,6 +215,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="also score every attacker with SDE edits of noise level A (attacker.curriculum.noise_level)"
         ": sde_* columns beside the ODE ones",
     )
+    ap.add_argument(
+        "--named",
+        action="store_true",
+        help="also score every attacker with instructions that name the implanter's distractor for each "
+        "held-out item (named_* columns): can it draw an effective distractor when told which one?",
+    )
+    ap.add_argument(
+        "--grids",
+        action="store_true",
+        help="copy each attacker's clean-over-edited grid to OUT/<name>_<attacker version>.png",
+    )
     ap.add_argument("--root", default=None, help="store root (default: ./aot-attacker-learnability[-tiny])")
     ap.add_argument("--name", default="attacker_learnability")
     args = ap.parse_args(argv)
@@ -194,7 +268,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from training.attacker import at_edit_size
 
     dense = frozen_reward(store, cfg, defender, "dense")
-    held = {it.id: it for it in items_from_version(store, store.manifest(heldout), cfg.attacker.curriculum.max_items)}
+    held_items = items_from_version(store, store.manifest(heldout), cfg.attacker.curriculum.max_items)
+    held = {it.id: it for it in held_items}
+    named = implanter_descriptions(store, cfg, heldout) if args.named else {}
 
     def scored(
         name: str, attacker: str
@@ -215,6 +291,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     dense, [it.image for it in its], [decode_image(r["image"]) for r in kept], its, len(held)
                 )
                 row.update({prefix + k: v for k, v in d.items()})
+                if args.grids and not prefix:
+                    save_grid(store, s["version"], Path(args.out) / f"{args.name}_{attacker}.png")
+        if args.named:
+            row.update(named_scores(store, cfg, attacker, held_items, named, defender, dense))
         return row
 
     rows = [implanter_scores(store, cfg, heldout, defender), scored("cold start", cold)]

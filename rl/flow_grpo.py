@@ -102,10 +102,19 @@ def ode_step(x: torch.Tensor, v: torch.Tensor, s, s_next) -> torch.Tensor:
     return (x.float() + v.float() * dt).to(x.dtype)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, clip: float = 5.0) -> torch.Tensor:
-    """Per-group normalized advantages, clipped to +/- clip (Flow-GRPO: std + 1e-4, clip 5)."""
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, eps: float = 1e-4, clip: float = 5.0, std: str = "group"
+) -> torch.Tensor:
+    """Advantages centred per group, divided by the group's reward std (``std="group"``) or by
+    the whole batch's (``"batch"``, flow_grpo's ``global_std``), clipped to +/- clip (Flow-GRPO:
+    std + 1e-4, clip 5). With the group's std a group whose edits differ only by noise gets
+    unit-scale advantages like one whose edits differ in what they do; the batch's keeps such a
+    group's advantages as small as its spread."""
+    if std not in ("group", "batch"):
+        raise ValueError(f"std must be 'group' or 'batch', not {std!r}")
     r = rewards.float().view(-1, group_size)
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
+    scale = r.std(1, keepdim=True) if std == "group" else r.std()
+    adv = (r - r.mean(1, keepdim=True)) / (scale + eps)
     return adv.clamp(-clip, clip).view(-1)
 
 

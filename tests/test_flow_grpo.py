@@ -88,6 +88,16 @@ def test_group_advantages_normalize_and_clip():
     one_hit = torch.zeros(40)
     one_hit[0] = 1.0  # unclipped it would be 0.975 / 0.156 = 6.2
     assert group_advantages(one_hit, 40)[0].item() == 5.0
+    # flow_grpo's global std: one scale for the batch, so the noise-only group [1, 1.01, ...] keeps
+    # advantages as small as its spread while the group's own std would blow it up to unit scale.
+    r = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 1.01, 1.0, 1.01])
+    batch = group_advantages(r, 4, std="batch")
+    assert batch.tolist() == pytest.approx(
+        [(v - m) / (float(r.std()) + 1e-4) for v, m in zip(r.tolist(), [0.5] * 4 + [1.005] * 4)], rel=1e-5
+    )
+    assert float(batch[4:].abs().max()) < 0.02 < 0.8 < float(group_advantages(r, 4)[4:].abs().min())
+    with pytest.raises(ValueError, match="std"):
+        group_advantages(r, 4, std="global")
 
 
 # ------------------------------------------------------------------ rewards

@@ -135,7 +135,9 @@ class AttackerTrainer:
                 pool.shutdown()
         t_reward = time.perf_counter() - t0 - t_sample
         rewards = torch.tensor([[r["reward"] for r in rows] for rows in scored], dtype=torch.float32)
-        adv = group_advantages(rewards.view(-1), G, fg.adv_eps, fg.adv_clip).view(len(items), G)  # advantages
+        adv = group_advantages(rewards.view(-1), G, fg.adv_eps, fg.adv_clip, fg.adv_std).view(
+            len(items), G
+        )  # advantages
         t1 = time.perf_counter()
         stats = []
         n_terms = sum(len(traj.sde_steps) for parts in groups for _, _, traj in parts)
