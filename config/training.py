@@ -127,6 +127,13 @@ class AttackerTrainConfig:
         "Both phases use the same split, so the first ratio stays exactly 1.",
     )
     sft_batch: Int = documented(8, "Pairs per cold-start step.")
+    edit_weight: float = documented(
+        0.0,
+        "Cold start: extra weight of the latent tokens the pair's edit changed, in proportion to the "
+        "change (token weight 1 + edit_weight x |edited - clean| / its max, the loss normalized by "
+        "the weights). 0 = plain flow matching. Ours: a distractor covers a few percent of the "
+        "tokens, so plain flow matching mostly learns to copy the scene (RESULTS.md).",
+    )
     lr: float = documented(3e-4, "AdamW learning rate of the LoRA (Qwen-Image-Edit Flow-GRPO reference: 3e-4).")
     weight_decay: float = documented(1e-4, "AdamW weight decay (Flow-GRPO reference 1e-4).")
     grad_clip: float = documented(1.0, "Max global gradient norm (Flow-GRPO reference 1.0).")

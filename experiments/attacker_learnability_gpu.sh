@@ -4,6 +4,9 @@
 # tries run; the JSON lands in OUT. Arguments after OUT go to attacker_learnability.py, e.g.
 #   experiments/attacker_learnability_gpu.sh OUT --set attacker.curriculum.max_items=96 --score-noise 1.0 \
 #       --try "attacker.rl.steps=32,attacker.rl.groups_per_step=4" --try "attacker.cold_start.steps=200"
+# Every step is a version in $WORK/store and the fits are cached in $WORK/cache: on a machine that
+# is still warm, run this script again (same WORK) to pick up where a call's limit cut it. Calling
+# attacker_learnability.py directly without AOT_CACHE=$WORK/cache refits the editor (~4 min).
 set -u
 out=${1:?output folder}; shift
 work=${WORK:-/tmp/aot-attacker-learnability}

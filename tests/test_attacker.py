@@ -189,6 +189,37 @@ def test_cold_start_micro_batches_do_not_change_the_step():
     assert max(float((a - b).abs().max()) for a, b in zip(ga, gb)) < 1e-5 * scale
 
 
+def test_cold_start_edit_weight_weights_the_changed_tokens():
+    """edit_weight: token weight 1 + w x change / max change, loss normalized by the weights; 0 is
+    plain flow matching, and a pair the edit did not change has uniform weights."""
+    from training.attacker import _weighted_mse, edit_weights
+
+    clean = torch.zeros(1, 4, 2)
+    edited = clean.clone()
+    edited[0, 2] = torch.tensor([1.0, 3.0])  # token 2 changed by 2 on average
+    edited[0, 0] = torch.tensor([0.5, 0.5])  # token 0 by 0.5
+    w = edit_weights(edited, clean, 4.0)
+    assert w[0].tolist() == pytest.approx([1 + 4 * 0.25, 1.0, 5.0, 1.0])
+    assert edit_weights(edited, clean, 0.0) is None
+    v, target = torch.zeros(1, 4, 2), torch.tensor([[[1.0, 1.0], [2.0, 2.0], [0.0, 2.0], [0.0, 0.0]]])
+    per_token = [1.0, 4.0, 2.0, 0.0]
+    assert float(_weighted_mse(v, target, None)) == pytest.approx(sum(per_token) / 4)
+    assert float(_weighted_mse(v, target, w)) == pytest.approx((2 * 1 + 4 + 5 * 2 + 0) / 9)
+    with pytest.raises(ValueError, match="edit_weight"):
+        edit_weights(edited, torch.zeros(1, 8, 2), 1.0)
+    # In the trainer: an unchanged pair's loss is the plain one; a changed pair's is not.
+    items = _items(2)
+    same = [EditPair(it.image, it.image, "keep it") for it in items]
+    changed = [EditPair(it.image, Image.fromarray(255 - np.asarray(it.image)), "invert") for it in items]
+    losses = {}
+    for name, pairs in (("same", same), ("changed", changed)):
+        for ew in (0.0, 8.0):
+            tr = AttackerTrainer(_editor(), _cfg(mode="sft", steps=1, sft_batch=2, edit_weight=ew), pairs=pairs)
+            losses[name, ew] = tr.sft_step()["loss"]
+    assert losses["same", 8.0] == pytest.approx(losses["same", 0.0], rel=1e-6)
+    assert abs(losses["changed", 8.0] - losses["changed", 0.0]) > 1e-4 * losses["changed", 0.0]
+
+
 class ScriptedDefender:
     """Answers from a script, per query index (the K queries of efficacy)."""
 

@@ -52,6 +52,27 @@ def at_edit_size(editor, item: AttackItem) -> AttackItem:
     )
 
 
+def edit_weights(edited: torch.Tensor, clean: torch.Tensor, weight: float) -> torch.Tensor | None:
+    """Per-token loss weights (B, L) of a cold-start batch: 1 + weight x the token's change
+    |edited - clean| (mean over channels) over the pair's largest change. None when weight is 0
+    (plain flow matching). The change is read in latent space, where the velocity is learned."""
+    if not weight:
+        return None
+    if edited.shape != clean.shape:
+        raise ValueError(
+            f"cold_start.edit_weight needs condition latents shaped like the target's ({tuple(clean.shape)} vs "
+            f"{tuple(edited.shape)}): this editor conditions differently; set edit_weight to 0"
+        )
+    d = (edited.float() - clean.float()).abs().mean(-1)
+    return 1 + weight * d / d.amax(dim=1, keepdim=True).clamp_min(1e-8)
+
+
+def _weighted_mse(v: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """Each pair's squared error averaged over tokens and channels, tokens weighted by ``w``."""
+    per_token = ((v - target) ** 2).mean(-1)
+    return per_token.mean(1) if w is None else (per_token * w).sum(1) / w.sum(1)
+
+
 class AttackerTrainer:
     def __init__(
         self,
@@ -210,7 +231,7 @@ class AttackerTrainer:
             t = torch.cat([s[j] for j in chunk]).to(x.device, x.dtype)
             xs = (1 - t.view(-1, 1, 1)) * x + t.view(-1, 1, 1) * e
             v = ed.velocity(xs, t * 1000, cond, guidance=False)
-            per_pair = ((v.float() - (e - x).float()) ** 2).mean(dim=(1, 2))
+            per_pair = _weighted_mse(v.float(), (e - x).float(), edit_weights(x, cond.image_latents, cfg.edit_weight))
             loss = per_pair.sum() / len(batch)
             loss.backward()
             total += float(loss.detach())
