@@ -104,6 +104,9 @@ def write_run(
                     tracker.log({"defender_clean_accuracy": base_clean}, step=0)
                 for r in rows:  # the per-iteration table, one step per iteration
                     tracker.log(r, step=r["iteration"])
+                    grid = _png(store, store.manifest(r["curriculum"]), "grid.png")
+                    if grid:  # what the attacker of this iteration did, clean over edited
+                        tracker.image("clean_vs_edited", grid, r["iteration"])
                 # MLflow: coevolution -> iteration -> the phases' own training runs
                 nest_runs(
                     tracker,

@@ -3,10 +3,13 @@ a rerun recomputes nothing, and the report lands."""
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import shutil
 
 import pytest
+from PIL import Image
 
 from config import load_config
 from conftest import prefect_home
@@ -89,6 +92,13 @@ def test_two_iterations_chain_their_checkpoints(run, tmp_path):
     assert [e.value for e in acc.Scalars("attack_success_before")] == pytest.approx(
         df["attack_success_before"].to_list()
     )
+    # each iteration's clean-over-edited grid as an image panel, the curriculum's own picture
+    grids = acc.Images("clean_vs_edited")
+    assert [e.step for e in grids] == [1, 2]
+    for e, n in zip(grids, (1, 2)):
+        curriculum = store.manifest(lin[f"iteration_{n}"]["curriculum"])
+        grid = store.fs.cat_file(store.part_path(curriculum, next(f for f in curriculum.files if f.path == "grid.png")))
+        assert (e.width, e.height) == Image.open(io.BytesIO(grid)).size
     # held-out scenes are another world: no scene id in common with the training items
     held = set(store.read(store.manifest(lin["heldout"]))["scene"].to_list())
     train = set(store.read(store.manifest(lin["items"]))["scene"].to_list())
@@ -131,6 +141,12 @@ def test_mlflow_holds_the_loop_nested_with_its_metrics_params_and_versions(run, 
     steps = client.get_metric_history(attacker.info.run_id, "reward")
     assert [h.step for h in steps] == list(range(1, cfg.attacker.rl.steps + 1))
     assert attacker.data.params["attacker.train.flow_grpo.group_size"] == "4"  # the version's resolved config
+    # the image panel: one clean-over-edited grid per iteration, at its step
+    images = [a.path for a in client.list_artifacts(top.info.run_id, "images")]
+    steps = {
+        int(m[1]) for p in images if p.endswith(".png") and (m := re.search(r"clean_vs_edited\W+step\W+(\d+)\W", p))
+    }
+    assert steps == {1, 2}, images
 
 
 def test_a_rerun_finds_every_step_done(run):

@@ -95,6 +95,10 @@ class _Mlflow:
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
+    def image(self, key: str, image, step: int) -> None:
+        # MLflow's image panel: the run page's "Images" section, one slider over the steps
+        self.client.log_image(self.run_id, image, key=key, step=step)
+
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
 
@@ -147,6 +151,19 @@ class RunTracker:
                 self.tensorboard.add_scalar(prefix + key, value, step)
         if self.mlflow is not None and values:
             self.mlflow.log({prefix + k: v for k, v in values.items()}, step)
+
+    def image(self, key: str, png: bytes, step: int) -> None:
+        """One picture at ``step`` (PNG bytes): TensorBoard's Images tab, MLflow's image panel."""
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        if self.tensorboard is not None:
+            self.tensorboard.add_image(key, pixels, step, dataformats="HWC")
+        if self.mlflow is not None:
+            self.mlflow.image(key, pixels, step)
 
     def close(self, failed: bool = False) -> None:
         if self.tensorboard is not None:
