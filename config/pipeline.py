@@ -250,7 +250,8 @@ TRACKERS = ("tensorboard", "mlflow", "none")  # tracking.report_to's choices (tr
 class TrackingConfig:
     report_to: list[str] = documented(
         ["tensorboard"],
-        "Where every trainer's per-step rows go besides its version (as TRL's report_to): "
+        "Where every trainer's per-step rows (and every data stage's counts and reject reasons) go "
+        "besides its version (as TRL's report_to): "
         "tensorboard (event files in the version's folder, under _work/tensorboard while it "
         "trains on a local root: `tensorboard --logdir ROOT`), mlflow (the server MLFLOW_TRACKING_URI "
         "names, experiment MLFLOW_EXPERIMENT_NAME or 'aot'; the co-evolution run nests its iterations "

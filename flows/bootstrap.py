@@ -139,7 +139,7 @@ def run_stage(
             cached += int(hit)
             recomputed += int(result["recomputed"] and not hit)
             bar.update(1)
-    m = commit(store, p, records)
+    m = commit(store, p, records, cfg.tracking.report_to)
     summary = summarize(m, len(p.shards), recomputed, time.perf_counter() - t0, False, cached)
     logger.info(
         "%s: version %s, %d in, %d kept, %d rejected, %d/%d shards recomputed",

@@ -196,7 +196,29 @@ def run_shard(store: ShardStore, p: StagePlan, shard: Shard, cfg: PipelineConfig
     return record, True
 
 
-def commit(store: ShardStore, p: StagePlan, records: list[ShardRecord]) -> Manifest:
+def stage_counts(records: list[ShardRecord]) -> dict[str, int]:
+    """A data stage's rows in, kept and rejected, and each reject reason (``reject/<reason>``):
+    the numbers a tracker shows for it."""
+    counts = {
+        "rows_in": sum(r.rows_in for r in records),
+        "rows": sum(r.data.rows for r in records),
+        "rejects": sum(r.rejects.rows for r in records),
+    }
+    for r in records:
+        for reason, n in r.reasons.items():
+            counts[f"reject/{reason}"] = counts.get(f"reject/{reason}", 0) + n
+    return counts
+
+
+def commit(store: ShardStore, p: StagePlan, records: list[ShardRecord], report_to: list[str] = ()) -> Manifest:
+    """Make the stage's version visible. With ``report_to`` (``tracking.report_to``) its counts and
+    reject reasons also go to the trackers, one run per version with its config and ids; the
+    TensorBoard events become the version's files (under ``tensorboard/``)."""
+    import os
+    import tempfile
+
+    from training.tracking import RunTracker
+
     stage = get_stage(p.stage)
     existing = store.manifest_at(p.dataset, p.stage, p.version)
     if existing is not None:
@@ -211,16 +233,22 @@ def commit(store: ShardStore, p: StagePlan, records: list[ShardRecord]) -> Manif
         "code_version": p.code_version,
     }
     readme = stage.card(summary)
-    return store.commit(
-        p.dataset,
-        p.stage,
-        p.version,
-        records,
-        config=p.config,
-        parents=p.parents,
-        code_version=p.code_version,
-        readme=readme,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tags = {"stage": p.stage, "version": p.version, "parents": p.parents}
+        with RunTracker(list(report_to), os.path.join(tmp, "tensorboard"), p.config, tags) as tracker:
+            tracker.log(stage_counts(records), step=0)
+        files = store.put_folder(p.dataset, p.stage, p.version, tmp) if os.listdir(tmp) else None
+        return store.commit(
+            p.dataset,
+            p.stage,
+            p.version,
+            records,
+            config=p.config,
+            parents=p.parents,
+            code_version=p.code_version,
+            readme=readme,
+            files=files,
+        )
 
 
 def summarize(m: Manifest, shards: int, recomputed: int, seconds: float, reused: bool, cached: int = 0) -> StageSummary:
@@ -259,7 +287,7 @@ def run_stage(
         recomputed += int(fresh)
         if on_shard:
             on_shard(rec, fresh)
-    m = commit(store, p, records)
+    m = commit(store, p, records, cfg.tracking.report_to)
     return summarize(m, len(p.shards), recomputed, time.perf_counter() - t0, False)
 
 

@@ -201,6 +201,21 @@ def test_pure_pipeline_counts_lineage_and_ground_truth(tmp_path, small_config):
         assert s.rows_in == s.rows + s.rejected, s  # nothing silently dropped
         assert sum(s.reasons.values()) == s.rejected
     assert summaries[0].rows_in == 24 and summaries[0].shards == 3
+    # tracking.report_to's default (tensorboard): each stage's counts and reject reasons, read back
+    # from the version's own event files with TensorBoard's reader
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for s in summaries:
+        m = store.manifest(s.version)
+        folder = tmp_path / "events" / s.stage
+        store.fetch_files(m, str(folder))
+        acc = EventAccumulator(str(folder / "tensorboard"))
+        acc.Reload()
+        got = {tag: acc.Scalars(tag)[0].value for tag in acc.Tags()["scalars"]}
+        want = {"rows_in": s.rows_in, "rows": s.rows, "rejects": s.rejected}
+        want |= {f"reject/{k}": v for k, v in s.reasons.items()}
+        assert got == want, s.stage
+    assert any(s.reasons for s in summaries)  # some stage rejected something, and said why
     for prev, cur in zip(summaries, summaries[1:]):
         assert cur.rows_in == prev.rows
         assert store.manifest(cur.version).parents == [prev.version]
