@@ -173,8 +173,30 @@ def small_config():
     return load_config("synthetic", {"source": {"num_scenes": 24, "shard_size": 8}})
 
 
+# The longest test files, longest first (worker-seconds under `make test`). `--dist loadfile`
+# hands whole files to the workers in collection order, so a long file collected last (say
+# test_real_backends, alphabetically late) runs alone at the end while the other workers idle;
+# longest-first keeps the tail short. A file missing here only runs later, never wrongly.
+LONGEST_FIRST = (
+    "test_real_backends.py",
+    "test_attacker.py",
+    "test_faults.py",
+    "test_flows_recovery.py",
+    "test_coevolution.py",
+    "test_flows.py",
+    "test_ui.py",
+    "test_defender.py",
+    "test_evidence.py",
+    "test_import_cli.py",
+    "test_distributed.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
-    """GPU tests are skipped, with the reason shown, where no CUDA device exists (CI, laptops)."""
+    """Files longest first (LONGEST_FIRST; stable, so each file keeps its own order). GPU tests are
+    skipped, with the reason shown, where no CUDA device exists (CI, laptops)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     try:
         import torch
 
