@@ -23,6 +23,7 @@ import numpy as np
 from evaluation.answers import ask
 from evaluation.readers import Item
 from models.mcq import YES_NO_PROMPT, YES_NO_WORD, extract_choice, extract_yes_no, format_prompt, letters
+from models.progress import StepProgress
 from storage import content_hash
 
 _FIRST_ABCD = re.compile(r"[ABCD]")
@@ -122,10 +123,14 @@ def evaluate(
     cache: AnswerCache | None = None,
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
+    label: str | None = None,
 ) -> list[dict]:
     """Per-item results. ``model`` implements ``generate(images, prompts, temperature=, seed=)``
     (and ``seeds=``, one per prompt, where it can seed each request: an endpoint). The cache key
-    is (model, benchmark, item, prompt, the full image, protocol, trial, sampling settings)."""
+    is (model, benchmark, item, prompt, the full image, protocol, trial, sampling settings).
+    ``label``: say a progress line about every tenth of the answers still to get (stderr and the
+    Prefect run log, models/progress.py), ``LABEL: answer N/T, E s, ~R s left``: a benchmark of
+    8K images times 3 trials runs for a long while."""
     cache = cache or AnswerCache(None)
     sampling = {"temperature": protocol.temperature, "protocol": protocol_dict(protocol)}
     jobs = []
@@ -139,6 +144,15 @@ def evaluate(
             )
             jobs.append((item, prompt, t, key))
     todo = [j for j in jobs if cache.get(j[3]) is None]
+    if label and todo:
+        progress, done, inner = StepProgress(label, len(todo), unit="answer"), [0], on_batch
+
+        def on_batch(n: int) -> None:
+            done[0] += n
+            progress(done[0])
+            if inner:
+                inner(n)
+
     # One trial per generate call, so a model that takes one seed per call still gives every
     # trial its own; an endpoint gets each request's own seed.
     for t in sorted({j[2] for j in todo}):

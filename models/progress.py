@@ -24,23 +24,25 @@ def say(line: str) -> None:
 
 class StepProgress:
     """``progress(step, loss)`` after each of ``total`` steps; says a line when ``step`` reaches
-    the next tenth (and at the end): ``NAME: step S/T, loss L, E s, ~R s left``, L the mean loss
-    since the last line. Returns the line it said, or None."""
+    or passes the next tenth (and at the end): ``NAME: step S/T, loss L, E s, ~R s left``, L the
+    mean loss since the last line. ``step`` may jump (a batch of answers at a time). Returns the
+    line it said, or None."""
 
-    def __init__(self, name: str, total: int, lines: int = 10, clock=time.perf_counter):
-        self.name, self.total, self.clock = name, total, clock
+    def __init__(self, name: str, total: int, lines: int = 10, clock=time.perf_counter, unit: str = "step"):
+        self.name, self.total, self.clock, self.unit = name, total, clock, unit
         self.every = max(1, total // lines)
-        self.t0, self.losses = clock(), []
+        self.t0, self.losses, self.said = clock(), [], 0
 
     def __call__(self, step: int, loss: float | None = None) -> str | None:
         if loss is not None:
             self.losses.append(float(loss))
-        if step % self.every and step != self.total:
+        if step // self.every <= self.said and step < self.total:
             return None
+        self.said = step // self.every
         elapsed = self.clock() - self.t0
         left = elapsed / max(1, step) * (self.total - step)
         mean = f", loss {sum(self.losses) / len(self.losses):.4f}" if self.losses else ""
-        line = f"{self.name}: step {step}/{self.total}{mean}, {elapsed:.0f} s, ~{left:.0f} s left"
+        line = f"{self.name}: {self.unit} {step}/{self.total}{mean}, {elapsed:.0f} s, ~{left:.0f} s left"
         self.losses = []
         say(line)
         return line

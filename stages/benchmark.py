@@ -63,7 +63,7 @@ def evaluate_benchmarks(
 
     def compute(version: str) -> VersionPart:
         items, rejects = load_benchmarks(specs, images)
-        rows = evaluate(model, model_id, items, p, AnswerCache(cache_path))
+        rows = evaluate(model, model_id, items, p, AnswerCache(cache_path), label=f"evaluate {', '.join(specs)}")
         summary = metrics(rows)
         for name, m in summary.items():
             m["rejected"] = sum(r["stage"] == f"read-{name}" for r in rejects)

@@ -43,7 +43,8 @@ def robustness_suite(
             f"the synthetic suite has no items: Stage 2 kept no edit on {scenes} held-out scenes against "
             f"the base defender {cfg.models['defender']!r} (export version {export}); ask for more scenes"
         )
-    m = metrics(evaluate(model, model_id, suite_items(store, export), STRICT, AnswerCache(cache_path)))
+    items = suite_items(store, export)
+    m = metrics(evaluate(model, model_id, items, STRICT, AnswerCache(cache_path), label="evaluate synthetic suite"))
     clean, attacked = m["synthetic-clean"]["accuracy"], m["synthetic-attacked"]["accuracy"]
     return {
         "export_version": export,

@@ -376,3 +376,5 @@ def test_step_progress_says_a_line_per_tenth_with_the_mean_loss_and_time_left():
     assert lines[-1] == "fit: step 20/20, loss 19.5000, 60 s, ~0 s left"
     odd = StepProgress("x", 7, clock=lambda: 0.0)
     assert [s for s in range(1, 8) if odd(s)] == list(range(1, 8))  # fewer steps than lines: every step
+    jumps = StepProgress("x", 40, clock=lambda: 0.0, unit="answer")  # a batch at a time: once per tenth crossed
+    assert [n for n in (3, 7, 8, 9, 15, 16, 40) if jumps(n)] == [7, 8, 15, 16, 40]

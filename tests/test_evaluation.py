@@ -175,6 +175,30 @@ def test_interrupted_evaluation_resumes_without_asking_again(fixtures, tmp_path)
     assert again.calls == 0
 
 
+def test_evaluation_says_progress_about_every_tenth_of_the_answers_to_get(fixtures, tmp_path):
+    """label: one line per tenth of the answers still to get (jumps of a batch at a time cross a
+    tenth at most once each), ending at T/T; answers from the cache are not counted."""
+    from models import progress
+
+    items, _ = read_hrbench(fixtures[2], "hrbench4k")
+    lines: list[str] = []
+    progress.SINKS.append(lines.append)
+    try:
+        cache = AnswerCache(tmp_path / "a.jsonl")
+        evaluate(Always("\\boxed{C}"), "m", items[:3], PAPER, cache, batch_size=2, label="evaluate hr")
+        # 3 items x 3 trials, one call per trial in batches of 2 and 1; a tenth of 9 is 1 answer
+        assert [ln.split(",")[0] for ln in lines] == [f"evaluate hr: answer {n}/9" for n in (2, 3, 5, 6, 8, 9)]
+        lines.clear()
+        evaluate(Always("\\boxed{C}"), "m", items, PAPER, cache, batch_size=5, label="evaluate hr")
+        # 8 items x 3 trials, 9 cached: 15 to get, 5 per call, a tenth is 1 answer
+        assert [ln.split(",")[0] for ln in lines] == [f"evaluate hr: answer {n}/15" for n in (5, 10, 15)]
+        lines.clear()
+        evaluate(Always("\\boxed{C}"), "m", items, PAPER, cache, label="evaluate hr")
+        assert lines == []  # all cached: nothing to wait for
+    finally:
+        progress.SINKS.remove(lines.append)
+
+
 def test_tiny_defender_runs_on_every_format(fixtures):
     from models.qwen_vl import QwenVLPolicy, TinyDefenderSpec
 
