@@ -28,8 +28,10 @@ class StepProgress:
     mean loss since the last line. ``step`` may jump (a batch of answers at a time). Returns the
     line it said, or None."""
 
-    def __init__(self, name: str, total: int, lines: int = 10, clock=time.perf_counter, unit: str = "step"):
-        self.name, self.total, self.clock, self.unit = name, total, clock, unit
+    def __init__(
+        self, name: str, total: int, lines: int = 10, clock=time.perf_counter, unit: str = "step", metric: str = "loss"
+    ):
+        self.name, self.total, self.clock, self.unit, self.metric = name, total, clock, unit, metric
         self.every = max(1, total // lines)
         self.t0, self.losses, self.said = clock(), [], 0
 
@@ -41,7 +43,7 @@ class StepProgress:
         self.said = step // self.every
         elapsed = self.clock() - self.t0
         left = elapsed / max(1, step) * (self.total - step)
-        mean = f", loss {sum(self.losses) / len(self.losses):.4f}" if self.losses else ""
+        mean = f", {self.metric} {sum(self.losses) / len(self.losses):.4f}" if self.losses else ""
         line = f"{self.name}: {self.unit} {step}/{self.total}{mean}, {elapsed:.0f} s, ~{left:.0f} s left"
         self.losses = []
         say(line)

@@ -13,6 +13,16 @@ from storage import ShardStore, content_hash
 from tasks.shards import retry_transient
 
 
+def trainer_progress(name: str, total: int, metric: str = "loss"):
+    """An ``on_step`` saying a line about every tenth of a trainer's steps (the mean of ``metric``
+    since the last line, and the time left) on stderr and in the Prefect run log
+    (tasks/run_log.py), so a training task started from the UI shows how far it is."""
+    from models.progress import StepProgress
+
+    progress = StepProgress(name, total, metric=metric)
+    return lambda row: progress(row["step"], row.get(metric))
+
+
 def _train_key(context, p: dict) -> str:
     return "defender-" + content_hash({k: p[k] for k in ("data_version", "init_version", "mode", "config")}, 32)
 
@@ -30,8 +40,11 @@ def _train_key(context, p: dict) -> str:
 def train_defender_task(
     data_version: str, init_version: str | None, mode: str, config: dict, root: str, storage_options: dict | None = None
 ) -> dict:
-    store = ShardStore(root, storage_options)
-    m, trained = train_defender_version(store, config_from_dict(config), data_version, init_version, mode)
+    from stages.defender import defender_train_config
+
+    store, cfg = ShardStore(root, storage_options), config_from_dict(config)
+    on_step = trainer_progress(f"train defender {mode}", defender_train_config(cfg, mode).steps)
+    m, trained = train_defender_version(store, cfg, data_version, init_version, mode, on_step=on_step)
     return {"version": m.version, "trained": trained, "steps": m.extra.get("steps"), "final": m.extra.get("final", {})}
 
 
@@ -109,9 +122,16 @@ def train_attacker_task(
 ) -> dict:
     from stages.attacker import train_attacker_version
 
-    store = ShardStore(root, storage_options)
+    store, cfg = ShardStore(root, storage_options), config_from_dict(config)
+    steps = (cfg.attacker.cold_start if mode == "sft" else cfg.attacker.rl).steps
     m, trained = train_attacker_version(
-        store, config_from_dict(config), data_version, defender_version, init_version, mode
+        store,
+        cfg,
+        data_version,
+        defender_version,
+        init_version,
+        mode,
+        on_step=trainer_progress(f"train attacker {mode}", steps, "loss" if mode == "sft" else "reward"),
     )
     return {"version": m.version, "trained": trained, "steps": m.extra.get("steps"), "final": m.extra.get("final", {})}
 

@@ -271,3 +271,31 @@ def test_progress_of_model_work_reaches_the_run_log_and_stderr(capsys):
     assert "task_run_id" in logged[0].__dict__  # a run's record, which the API handler ships
     err = capsys.readouterr().err
     assert "tiny fit: step 2/4, loss 0.5000" in err and "tiny fit: step 4/4, loss 0.5000" in err
+
+
+def test_training_tasks_say_progress_per_tenth_of_their_steps():
+    """The train tasks' on_step: a line per tenth of the steps, the loss (Flow-GRPO: the reward)
+    averaged since the last line, through models.progress (stderr and the run-log sink)."""
+    from models import progress
+    from tasks.training import trainer_progress
+
+    lines: list[str] = []
+    progress.SINKS.append(lines.append)
+    try:
+        sft = trainer_progress("train defender sft", 20)
+        for step in range(1, 21):
+            sft({"step": step, "loss": float(step), "grad_norm": 1.0})
+        grpo = trainer_progress("train attacker grpo", 4, "reward")
+        for step in range(1, 5):
+            grpo({"step": step, "reward": 0.25 * step})
+    finally:
+        progress.SINKS.remove(lines.append)
+    heads = [ln.split(", ")[:2] for ln in lines]
+    assert heads[:2] == [
+        ["train defender sft: step 2/20", "loss 1.5000"],
+        ["train defender sft: step 4/20", "loss 3.5000"],
+    ]
+    assert len([h for h in heads if h[0].startswith("train defender")]) == 10
+    assert [h for h in heads if h[0].startswith("train attacker")] == [
+        [f"train attacker grpo: step {s}/4", f"reward {0.25 * s:.4f}"] for s in range(1, 5)
+    ]
