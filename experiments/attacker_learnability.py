@@ -63,14 +63,12 @@ def training_signal(store, attacker: str) -> dict:
     valid edits' dense efficacy in the first and last quarter of steps, and how much of a group's
     reward spread the valid edits' efficacy carries. GRPO can only sharpen variation the sampler
     produces: a group whose valid edits all fool the defender alike gives it nothing to rank."""
-    import os
-    import tempfile
+    import io
 
     import polars as pl
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(store.fetch_files(store.manifest(attacker), tmp), "samples.parquet")
-        df = pl.read_parquet(path) if os.path.exists(path) else None
+    raw = store.read_file(store.manifest(attacker), "samples.parquet")
+    df = pl.read_parquet(io.BytesIO(raw)) if raw else None
     if df is None or "aot/integrity" not in df.columns:
         return {}
     last = df["step"].max()
@@ -106,22 +104,35 @@ def implanter_descriptions(store, cfg, heldout: str) -> dict[str, str]:
     }
 
 
-def named_scores(store, cfg, attacker: str, items: list, named: dict[str, str], defender: str, dense) -> dict:
-    """An attacker on the held-out items whose instruction names the implanter's distractor for
-    that item (items without one keep theirs), scored as the curriculum scores it (ODE edits, the
-    curriculum's seeds, the gate, K sampled answers against the unedited images) plus the dense
-    drop. Against the plain instruction's row it separates "cannot draw an effective distractor"
-    from "does not choose one": asked for nothing in particular, a flow model trained on pairs
-    whose distractor colour is random can average the colours into a harmless one."""
+def score_edits(sampled, dense, items: list, edits: list, n: int) -> dict:
+    """Edits of ``items`` scored as the curriculum scores an attacker's (one edit per call: the
+    gate, K sampled answers, those items' unedited images as the baseline), plus the dense drop;
+    rates over ``n`` items attacked."""
+    from stages.curriculum import attack_summary
+
+    scores = [sampled([it.image], [e], [it])[0] for it, e in zip(items, edits)]
+    kept = [(it, e, sc) for it, e, sc in zip(items, edits, scores) if sc["integrity"]]
+    clean = sampled.unedited_efficacy([it.image for it, _, _ in kept], [it for it, _, _ in kept])
+    summary = attack_summary([{**sc, "clean_efficacy": ce} for (_, _, sc), ce in zip(kept, clean)], n)
+    return {k: summary[v] for k, v in SCORES.items() if v in summary} | dense_drop(
+        dense, [it.image for it, _, _ in kept], [e for _, e, _ in kept], [it for it, _, _ in kept], n
+    )
+
+
+def named_scores(cfg, editor, items: list, named: dict[str, str], sampled, dense) -> dict:
+    """An attacker (``editor``) on the held-out items whose instruction names the implanter's
+    distractor for that item (items without one keep theirs): ODE edits with the curriculum's
+    seeds, scored by ``score_edits``. Against the plain instruction's row it separates "cannot
+    draw an effective distractor" from "does not choose one": asked for nothing in particular, a
+    flow model trained on pairs whose distractor colour is random can average the colours into a
+    harmless one."""
     import dataclasses
 
     from models.editor import attack_instruction
-    from stages.attacker import frozen_reward, load_attacker
-    from stages.curriculum import attack_summary, edit_items
+    from stages.curriculum import edit_items
     from training.attacker import at_edit_size
 
     c = cfg.attacker.curriculum
-    editor = load_attacker(store, attacker, cfg.attacker.model)
     its = [
         at_edit_size(
             editor,
@@ -133,37 +144,23 @@ def named_scores(store, cfg, attacker: str, items: list, named: dict[str, str], 
     ]
     seeds = [c.seed * 1_000_003 + n for n in range(len(its))]
     edits = edit_items(editor, its, seeds, c.sampling_steps, c.batch, None, 0.0, cfg.attacker.rl.flow_grpo.sigma_cap)
-    reward = frozen_reward(store, cfg, defender, "sampled")
-    scores = [reward([it.image], [e], [it])[0] for it, e in zip(its, edits)]
-    kept = [(it, e, sc) for it, e, sc in zip(its, edits, scores) if sc["integrity"]]
-    clean = reward.unedited_efficacy([it.image for it, _, _ in kept], [it for it, _, _ in kept])
-    summary = attack_summary([{**sc, "clean_efficacy": ce} for (_, _, sc), ce in zip(kept, clean)], len(its))
-    d = dense_drop(dense, [it.image for it, _, _ in kept], [e for _, e, _ in kept], [it for it, _, _ in kept], len(its))
-    return {"named_" + k: summary[v] for k, v in SCORES.items() if v in summary} | {
-        "named_" + k: v for k, v in d.items()
-    }
+    return {"named_" + k: v for k, v in score_edits(sampled, dense, its, edits, len(its)).items()}
 
 
-def save_grid(store, curriculum: str, path) -> None:
+def save_grid(store, curriculum: str, path: Path) -> None:
     """The curriculum's clean-over-edited grid (its first 8 kept edits) as ``path``."""
-    import shutil
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        grid = Path(store.fetch_files(store.manifest(curriculum), tmp)) / "grid.png"
-        if grid.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(grid, path)
+    grid = store.read_file(store.manifest(curriculum), "grid.png")
+    if grid:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(grid)
 
 
-def implanter_scores(store, cfg, heldout: str, defender: str) -> dict:
+def implanter_scores(store, cfg, heldout: str, sampled, dense) -> dict:
     """The oracle implanter (Stage 2's verified distractor, no defender in the loop) on the same
-    held-out items, scored as the curriculum scores an attacker: the same gate (tau), the same
-    defender, K queries and seeds, its edits against the items' unedited images. The row an
+    held-out items, scored as the curriculum scores an attacker (``score_edits``). The row an
     attacker's lift is read against."""
     from stages.attack import attack_version
-    from stages.attacker import frozen_reward, item_from_row, items_from_version
-    from stages.curriculum import attack_summary
+    from stages.attacker import item_from_row, items_from_version
     from storage import decode_image
 
     items = items_from_version(store, store.manifest(heldout), cfg.attacker.curriculum.max_items)
@@ -173,24 +170,10 @@ def implanter_scores(store, cfg, heldout: str, defender: str) -> dict:
         for r in store.read(attack_version(store, cfg, heldout, "implanter")).iter_rows(named=True)
         if r["id"] in wanted
     ]
-    reward = frozen_reward(store, cfg, defender, "sampled")
     mine = [item_from_row(r, "clean_image") for r in attacked]
-    scores = reward([it.image for it in mine], [decode_image(r["adversarial_image"]) for r in attacked], mine)
-    kept = [(it, s) for it, s in zip(mine, scores) if s["integrity"]]
-    clean = reward.unedited_efficacy([it.image for it, _ in kept], [it for it, _ in kept])
-    summary = attack_summary([{**s, "clean_efficacy": c} for (_, s), c in zip(kept, clean)], len(items))
-    edited = [decode_image(r["adversarial_image"]) for r, s in zip(attacked, scores) if s["integrity"]]
-    dense = dense_drop(
-        frozen_reward(store, cfg, defender, "dense"),
-        [it.image for it, _ in kept],
-        edited,
-        [it for it, _ in kept],
-        len(items),
-    )
-    return (
-        {"try": "oracle implanter", "attacker": "implanter", "items": len(items)}
-        | {k: summary[v] for k, v in SCORES.items() if v in summary}
-        | dense
+    edits = [decode_image(r["adversarial_image"]) for r in attacked]
+    return {"try": "oracle implanter", "attacker": "implanter", "items": len(items)} | score_edits(
+        sampled, dense, mine, edits, len(items)
     )
 
 
@@ -267,7 +250,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from storage import decode_image
     from training.attacker import at_edit_size
 
-    dense = frozen_reward(store, cfg, defender, "dense")
+    sampled, dense = frozen_reward(store, cfg, defender, "sampled"), frozen_reward(store, cfg, defender, "dense")
     held_items = items_from_version(store, store.manifest(heldout), cfg.attacker.curriculum.max_items)
     held = {it.id: it for it in held_items}
     named = implanter_descriptions(store, cfg, heldout) if args.named else {}
@@ -276,6 +259,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         name: str, attacker: str
     ) -> dict:  # the held-out items, edited and scored by the base config's curriculum
         row = {"try": name, "attacker": attacker}
+        editor = load_attacker(store, attacker, cfg.attacker.model)
         for prefix, st in (("", steps), ("sde_", sde_steps)):
             if st is not None:
                 s = st.curriculum(attacker, heldout, defender)
@@ -285,7 +269,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     for r in store.read(store.manifest(s["version"])).iter_rows(named=True)
                     if r["kind"] == "adversarial"
                 ]
-                editor = load_attacker(store, attacker, cfg.attacker.model)
                 its = [at_edit_size(editor, held[r["id"].removesuffix(":attack")]) for r in kept]
                 d = dense_drop(
                     dense, [it.image for it in its], [decode_image(r["image"]) for r in kept], its, len(held)
@@ -294,10 +277,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if args.grids and not prefix:
                     save_grid(store, s["version"], Path(args.out) / f"{args.name}_{attacker}.png")
         if args.named:
-            row.update(named_scores(store, cfg, attacker, held_items, named, defender, dense))
+            row.update(named_scores(cfg, editor, held_items, named, sampled, dense))
         return row
 
-    rows = [implanter_scores(store, cfg, heldout, defender), scored("cold start", cold)]
+    rows = [implanter_scores(store, cfg, heldout, sampled, dense), scored("cold start", cold)]
     write_results(args.out, args.name, info | {"wall_seconds": round(time.perf_counter() - t0, 1)}, rows)
     for t in tries:
         started = time.perf_counter()

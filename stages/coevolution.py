@@ -104,7 +104,7 @@ def write_run(
                     tracker.log({"defender_clean_accuracy": base_clean}, step=0)
                 for r in rows:  # the per-iteration table, one step per iteration
                     tracker.log(r, step=r["iteration"])
-                    grid = _png(store, store.manifest(r["curriculum"]), "grid.png")
+                    grid = store.read_file(store.manifest(r["curriculum"]), "grid.png")
                     if grid:  # what the attacker of this iteration did, clean over edited
                         tracker.image("clean_vs_edited", grid, r["iteration"])
                 # MLflow: coevolution -> iteration -> the phases' own training runs
@@ -160,11 +160,6 @@ def accuracy_panel(ax, iterations: list, clean: list, attacked: list, base_clean
     ax.set_title("defender accuracy (held out)")
     ax.set_xlabel("iteration")
     ax.legend(fontsize=7)
-
-
-def _png(store: ShardStore, m: Manifest, name: str) -> bytes | None:
-    ref = next((f for f in m.files if f.path == name), None)
-    return store.fs.cat_file(store.part_path(m, ref)) if ref else None
 
 
 def _figure_png(draw) -> bytes:
@@ -249,11 +244,11 @@ def render_report(store: ShardStore, version: str, fmt: str = "md") -> str:
             "attacker n against defender n).",
         ),
         ("Per iteration", None),
-        ("Co-evolution curve", img(_png(store, m, "iterations.png"), "co-evolution curve")),
+        ("Co-evolution curve", img(store.read_file(m, "iterations.png"), "co-evolution curve")),
         ("Attacker reward", img(_figure_png(draw_rewards), "attacker reward curves")),
         ("Strategy mix of kept edits", img(_figure_png(draw_mix), "strategy mix")),
     ]
-    grids = [(r["iteration"], _png(store, store.manifest(r["curriculum"]), "grid.png")) for r in rows]
+    grids = [(r["iteration"], store.read_file(store.manifest(r["curriculum"]), "grid.png")) for r in rows]
     if fmt == "html":
         table = (
             "<table><tr>"

@@ -8,6 +8,8 @@ it; ``commit`` writes the manifest. ``run_stage`` chains them serially for tests
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -17,6 +19,7 @@ from stages.base import BOOTSTRAP, STAGES, ShardContext, Stage, StageError
 from stages.faults import maybe_inject
 from stages.version import code_version, kernel_family, version_id
 from storage import Manifest, ShardRecord, ShardStore, StorageError, content_hash
+from training.tracking import RunTracker
 
 
 @dataclass(frozen=True)
@@ -214,11 +217,6 @@ def commit(store: ShardStore, p: StagePlan, records: list[ShardRecord], report_t
     """Make the stage's version visible. With ``report_to`` (``tracking.report_to``) its counts and
     reject reasons also go to the trackers, one run per version with its config and ids; the
     TensorBoard events become the version's files (under ``tensorboard/``)."""
-    import os
-    import tempfile
-
-    from training.tracking import RunTracker
-
     stage = get_stage(p.stage)
     existing = store.manifest_at(p.dataset, p.stage, p.version)
     if existing is not None:

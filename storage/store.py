@@ -511,18 +511,28 @@ class ShardStore:
                 f.write(self.fs.cat_file(path))
         return True
 
+    def _file_bytes(self, manifest: Manifest, ref: PartRef) -> bytes:
+        try:
+            raw = self.fs.cat_file(self.part_path(manifest, ref))
+        except FileNotFoundError:
+            raise DamagedVersion(manifest.uri, f"file {ref.path} is missing", manifest.version) from None
+        problem = ref.check(raw)
+        if problem:
+            raise DamagedVersion(manifest.uri, problem, manifest.version)
+        return raw
+
+    def read_file(self, manifest: Manifest, path: str) -> bytes | None:
+        """One of a committed version's files (verified against its sha256), or None if it has no
+        file at ``path``: a plot or a table without downloading the checkpoint beside it."""
+        ref = next((f for f in manifest.files if f.path == path), None)
+        return None if ref is None else self._file_bytes(manifest, ref)
+
     def fetch_files(self, manifest: Manifest, local: str) -> str:
         """Download a committed version's files (verified against their sha256) into a local folder."""
         import os
 
         for ref in manifest.files:
-            try:
-                raw = self.fs.cat_file(self.part_path(manifest, ref))
-            except FileNotFoundError:
-                raise DamagedVersion(manifest.uri, f"file {ref.path} is missing", manifest.version) from None
-            problem = ref.check(raw)
-            if problem:
-                raise DamagedVersion(manifest.uri, problem, manifest.version)
+            raw = self._file_bytes(manifest, ref)
             dest = os.path.join(local, *ref.path.split("/"))
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             with open(dest, "wb") as f:

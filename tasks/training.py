@@ -58,10 +58,9 @@ def evaluate_defender_task(
 
 
 def _inline_png(store: ShardStore, m, name: str) -> str:
-    ref = next((f for f in m.files if f.path == name), None)
-    if ref is None:
+    raw = store.read_file(m, name)
+    if raw is None:
         return ""
-    raw = store.fs.cat_file(store.part_path(m, ref))
     return f"![{name}](data:image/png;base64,{base64.b64encode(raw).decode()})"
 
 

@@ -97,7 +97,7 @@ def test_two_iterations_chain_their_checkpoints(run, tmp_path):
     assert [e.step for e in grids] == [1, 2]
     for e, n in zip(grids, (1, 2)):
         curriculum = store.manifest(lin[f"iteration_{n}"]["curriculum"])
-        grid = store.fs.cat_file(store.part_path(curriculum, next(f for f in curriculum.files if f.path == "grid.png")))
+        grid = store.read_file(curriculum, "grid.png")
         assert (e.width, e.height) == Image.open(io.BytesIO(grid)).size
     # held-out scenes are another world: no scene id in common with the training items
     held = set(store.read(store.manifest(lin["heldout"]))["scene"].to_list())

@@ -214,17 +214,16 @@ class AttackerTrainer:
         for j, pair in enumerate(batch):
             by_size.setdefault(ed.resize(pair.clean).size, []).append(j)
         mb = cfg.micro_batch or len(batch)
-        chunks = [idx[i : i + mb] for idx in by_size.values() for i in range(0, len(idx), mb)]
+        chunks = [(size, idx[i : i + mb]) for size, idx in by_size.items() for i in range(0, len(idx), mb)]
         with torch.no_grad():  # the frozen VAE's latents of the targets, then each pair's draws in order
             x0 = {}
-            for chunk in chunks:
-                size = ed.resize(batch[chunk[0]].clean).size
+            for size, chunk in chunks:
                 lat = ed.latents_of([batch[j].edited.convert("RGB").resize(size, Image.BICUBIC) for j in chunk])
                 x0.update(zip(chunk, lat.split(1)))
             eps = {j: torch.randn(x0[j].shape, generator=g) for j in range(len(batch))}
             s = {j: torch.rand(1, generator=g) for j in range(len(batch))}
         total = 0.0
-        for chunk in chunks:
+        for _, chunk in chunks:
             cond = ed.condition([batch[j].clean for j in chunk], [batch[j].instruction for j in chunk])
             x = torch.cat([x0[j] for j in chunk])
             e = torch.cat([eps[j] for j in chunk]).to(x.device, x.dtype)
