@@ -71,6 +71,7 @@ class DefenderTrainConfig:
 
 
 EFFICACY_KINDS = ("sampled", "dense")  # attacker.rl.reward.efficacy; training/attacker_rewards.py
+INVALID_SCORES = ("fixed", "group", "skip", "dual")  # attacker.rl.reward.invalid_score
 
 
 @settings
@@ -93,14 +94,32 @@ class AttackerRewardConfig:
         "valid reward: with efficacy 'dense' (down to -1) at most -1, else a broken edit outscores a "
         "valid one that helps the defender and Flow-GRPO learns to break the gate (RESULTS.md).",
     )
-    invalid_score: Literal["fixed", "group"] = documented(
+    invalid_score: Literal["fixed", "group", "skip", "dual"] = documented(
         "fixed",
         "How an edit that fails integrity is scored: 'fixed', invalid_penalty (METHOD.md); 'group', just "
         "below the lowest valid edit of the same group (its reward minus the valid rewards' standard "
         "deviation, at least 0.05 below). Ours: with a fixed -1 under dense efficacy (valid edits "
         "spread over ~0.1-0.3), one broken edit in a group of 8 takes most of the group's reward "
         "variance, so the normalized advantages mostly say 'do not break the gate' and barely rank "
-        "the valid edits by how much they fool the defender (RESULTS.md).",
+        "the valid edits by how much they fool the defender (RESULTS.md). 'skip': no reward and no "
+        "advantage (the group's mean and std come from its valid edits only): under 'group' the phase "
+        "learned integrity at efficacy's cost (training integrity 0.38 -> 0.71, valid efficacy "
+        "0.19 -> 0.09 in 96 steps), since smaller edits break the target less and fool less. 'skip' "
+        "did the opposite (training integrity 0.42 -> 0.09, valid efficacy 0.14 -> 0.32). 'dual': the "
+        "valid edits' mean minus a price that dual ascent sets so the integrity rate holds at "
+        "integrity_target (constrained RL, Tessler et al. 2019).",
+    )
+    integrity_target: float = documented(
+        0.5,
+        "invalid_score 'dual': the share of a group's edits that must keep the targets intact; the "
+        "price of a broken edit rises while fewer do and falls (to 0) while more do. Ours: the "
+        "tiny cold start keeps 0.4-0.45 of its SDE samples intact.",
+    )
+    dual_lr: float = documented(
+        0.05,
+        "invalid_score 'dual': how far the price moves per group and unit of integrity shortfall "
+        "(reward units; dense efficacies spread over ~0.1-0.3, so a shortfall of 0.2 reaches a "
+        "price of 0.3 in ~30 groups).",
     )
     efficacy: str = documented(
         "sampled",

@@ -75,7 +75,7 @@ def training_signal(store, attacker: str) -> dict:
     q = max(1, last // 4)
     quarter = {"first": df.filter(pl.col("step") <= q), "last": df.filter(pl.col("step") > last - q)}
     groups = df.group_by("step", "item").agg(
-        pl.col("reward").std().alias("reward_sd"),
+        pl.col("reward").fill_nan(None).std().alias("reward_sd"),
         pl.col("aot/efficacy").filter(pl.col("aot/integrity") > 0).std().alias("valid_sd"),
         (pl.col("aot/integrity") == 0).mean().alias("broken"),
     )

@@ -109,12 +109,24 @@ def group_advantages(
     the whole batch's (``"batch"``, flow_grpo's ``global_std``), clipped to +/- clip (Flow-GRPO:
     std + 1e-4, clip 5). With the group's std a group whose edits differ only by noise gets
     unit-scale advantages like one whose edits differ in what they do; the batch's keeps such a
-    group's advantages as small as its spread."""
+    group's advantages as small as its spread.
+
+    A NaN reward means "not scored" (a broken edit under ``invalid_score: skip``): it gets advantage
+    0, and the mean and std are those of the group's (batch's) scored rewards only."""
     if std not in ("group", "batch"):
         raise ValueError(f"std must be 'group' or 'batch', not {std!r}")
     r = rewards.float().view(-1, group_size)
-    scale = r.std(1, keepdim=True) if std == "group" else r.std()
-    adv = (r - r.mean(1, keepdim=True)) / (scale + eps)
+    scored = ~torch.isnan(r)
+    n = scored.sum(1, keepdim=True)
+    r0 = torch.where(scored, r, torch.zeros_like(r))
+    mean = r0.sum(1, keepdim=True) / n.clamp(min=1)
+    dev = torch.where(scored, r - mean, torch.zeros_like(r))
+    if std == "group":  # unbiased, as torch.std
+        scale = (dev.pow(2).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+    else:
+        flat = r[scored]
+        scale = flat.std() if flat.numel() > 1 else torch.zeros(())
+    adv = dev / (scale + eps)
     return adv.clamp(-clip, clip).view(-1)
 
 

@@ -141,6 +141,8 @@ def frozen_reward(
         r.invalid_penalty,
         efficacy or r.efficacy,
         r.invalid_score,
+        r.integrity_target,
+        r.dual_lr,
     )
 
 

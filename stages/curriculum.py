@@ -24,6 +24,8 @@ from training.attacker import at_edit_size
 from training.attacker_rewards import AttackItem
 
 MODULES = (__name__,)
+# reward fields only attacker training reads: the curriculum scores with the paper's sampled E
+TRAINING_ONLY = ("efficacy", "invalid_score", "integrity_target", "dual_lr")
 
 
 @torch.no_grad()
@@ -110,8 +112,8 @@ def generate_curriculum_version(
     parents = [attacker_version, data.version, defender_version]
     vcfg = {
         "curriculum": dataclasses.asdict(c),
-        # what scores the curriculum; the training-only efficacy kind and invalid scoring do not
-        "reward": {k: v for k, v in dataclasses.asdict(a.rl.reward).items() if k not in ("efficacy", "invalid_score")},
+        # what scores the curriculum (not the TRAINING_ONLY fields)
+        "reward": {k: v for k, v in dataclasses.asdict(a.rl.reward).items() if k not in TRAINING_ONLY},
         "model": a.model,
         **({"judge": cfg.models["judge"]} if c.describe else {}),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -135,14 +136,61 @@ def test_lora_parameters_all_change_and_the_reference_stays():
     assert len(tr.samples) == 2 * 2 * 4 and {"reward", "contrast/brightness_in"} <= set(tr.samples[0])
 
 
+def test_unscored_edits_give_no_gradient():
+    """invalid_score 'skip' marks a broken edit's reward NaN: every edit unscored leaves the LoRA
+    exactly as it was (advantage 0, no NaN in the weights); half unscored still trains, and the
+    logged reward is the mean of the scored ones."""
+
+    def none_scored(cleans, editeds, items):
+        return [{**r, "reward": float("nan")} for r in box_contrast(cleans, editeds, items)]
+
+    def every_other(cleans, editeds, items):
+        return [
+            {**r, "reward": float("nan")} if j % 2 else r for j, r in enumerate(box_contrast(cleans, editeds, items))
+        ]
+
+    ed = _editor()
+    tr = AttackerTrainer(ed, _cfg(steps=2), items=_items(), rewards={"contrast": none_scored})
+    before = {k: v.clone() for k, v in ed.lora_state().items()}
+    tr.train()
+    assert all(torch.equal(before[k], v) for k, v in ed.lora_state().items())
+    ed = _editor()
+    tr = AttackerTrainer(ed, _cfg(steps=2), items=_items(), rewards={"contrast": every_other})
+    before = {k: v.clone() for k, v in ed.lora_state().items()}
+    tr.train()
+    after = ed.lora_state()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert [k for k in before if not torch.equal(before[k], after[k])]
+    first = [r["reward"] for r in tr.samples if r["step"] == 1]
+    assert sum(math.isnan(v) for v in first) == len(first) // 2
+    assert tr.metrics[0]["reward"] == pytest.approx(float(np.nanmean(first)), rel=1e-5)
+
+
 def test_resume_reproduces_the_next_step(tmp_path):
+    class Priced:  # a reward with state (as invalid_score 'dual'): its price moves on every call
+        def __init__(self):
+            self.price = 0.0
+
+        def __call__(self, cleans, editeds, items):
+            self.price += 0.1
+            return [
+                {**r, "reward": r["reward"] + self.price * j}
+                for j, r in enumerate(box_contrast(cleans, editeds, items))
+            ]
+
+        def state_dict(self):
+            return {"price": self.price}
+
+        def load_state_dict(self, st):
+            self.price = st["price"]
+
     cfg = _cfg(steps=3)
-    a = AttackerTrainer(_editor(), cfg, items=_items(), rewards={"contrast": box_contrast})
+    a = AttackerTrainer(_editor(), cfg, items=_items(), rewards={"contrast": Priced()})
     a.train(steps=2)
     a.save(tmp_path / "ck")
     a.train()
-    b = AttackerTrainer(_editor(), cfg, items=_items(), rewards={"contrast": box_contrast}, resume_from=tmp_path / "ck")
-    assert b.step == 2
+    b = AttackerTrainer(_editor(), cfg, items=_items(), rewards={"contrast": Priced()}, resume_from=tmp_path / "ck")
+    assert b.step == 2 and b.rewards["contrast"].price == pytest.approx(0.4)  # 2 steps x 2 groups
     b.train()
     drop = ("seconds", "sample_seconds", "reward_seconds", "update_seconds")
     assert {k: v for k, v in b.metrics[-1].items() if k not in drop} == {
@@ -328,8 +376,36 @@ def test_group_invalid_score_ranks_broken_edits_just_below_the_lowest_valid_one(
     assert rank_invalid_last(allbad) == allbad
     one = rank_invalid_last([{"integrity": 1.0, "reward": 0.2}, {"integrity": 0.0, "reward": -1.0}])
     assert one[1]["reward"] == pytest.approx(0.15)
+    # 'skip': a broken edit gets no reward (NaN) and so no advantage; the valid ones keep theirs.
+    skip = IntegrityEfficacy(BrightnessDefender(), tau=0.9, efficacy="dense", invalid_score="skip")(
+        [item.image] * 4, images, [item] * 4
+    )
+    assert [r["reward"] for r in skip[:3]] == valid and math.isnan(skip[3]["reward"])
+    adv = group_advantages(torch.tensor([r["reward"] for r in skip]), 4)
+    assert adv[3] == 0.0 and adv[2] > adv[1] > adv[0]  # darker corners fool the brightness defender more
     with pytest.raises(ValueError, match="invalid_score"):
         IntegrityEfficacy(BrightnessDefender(), invalid_score="lowest")
+    # 'dual': a broken edit scores the valid mean minus the price; the price moves by
+    # dual_lr * (target - integrity rate) after each group, never below 0, and resumes from its state.
+    dual = IntegrityEfficacy(
+        BrightnessDefender(), tau=0.9, efficacy="dense", invalid_score="dual", integrity_target=0.9, dual_lr=0.5
+    )
+    first = dual([item.image] * 4, images, [item] * 4)
+    assert [r["reward"] for r in first[:3]] == valid and first[3]["reward"] == pytest.approx(float(np.mean(valid)))
+    assert dual.integrity_price == pytest.approx(0.5 * (0.9 - 0.75))
+    second = dual([item.image] * 4, images, [item] * 4)
+    assert second[3]["reward"] == pytest.approx(float(np.mean(valid)) - 0.075) and second[3][
+        "integrity_price"
+    ] == pytest.approx(0.075)
+    assert dual.integrity_price == pytest.approx(0.15)
+    dual([item.image] * 3, images[:3], [item] * 3)  # all intact: the price falls by 0.5 * 0.1
+    assert dual.integrity_price == pytest.approx(0.1)
+    resumed = IntegrityEfficacy(BrightnessDefender(), tau=0.9, efficacy="dense", invalid_score="dual")
+    resumed.load_state_dict(dual.state_dict())
+    assert resumed.integrity_price == pytest.approx(0.1)
+    low = IntegrityEfficacy(BrightnessDefender(), tau=0.9, efficacy="dense", invalid_score="dual", integrity_target=0.0)
+    low([item.image] * 4, images, [item] * 4)
+    assert low.integrity_price == 0.0  # more intact than asked: no price, not a negative one
 
 
 def test_attack_summary_reads_success_against_the_unedited_baseline():

@@ -100,6 +100,26 @@ def test_group_advantages_normalize_and_clip():
         group_advantages(r, 4, std="global")
 
 
+def test_group_advantages_skip_unscored_rewards():
+    """NaN = not scored (invalid_score 'skip'): advantage 0, and the group's mean/std (or the
+    batch's) come from the scored rewards only, by hand."""
+    nan = float("nan")
+    r = torch.tensor([0.3, nan, 0.1, 0.2, nan, nan, nan, 0.4, nan, nan, nan, nan])
+    adv = group_advantages(r, 4)
+    sd = math.sqrt((0.1**2 + 0.1**2) / 2)  # unbiased over 0.3, 0.1, 0.2 (mean 0.2)
+    assert adv[:4].tolist() == pytest.approx([0.1 / (sd + 1e-4), 0.0, -0.1 / (sd + 1e-4), 0.0], rel=1e-5)
+    assert adv[4:].tolist() == [0.0] * 8  # one scored edit, or none: nothing to rank
+    assert not adv.isnan().any()
+    batch = group_advantages(r, 4, std="batch")
+    bsd = float(torch.tensor([0.3, 0.1, 0.2, 0.4]).std())
+    assert batch[:4].tolist() == pytest.approx([0.1 / (bsd + 1e-4), 0.0, -0.1 / (bsd + 1e-4), 0.0], rel=1e-5)
+    # With every reward scored the masked path is the plain one.
+    full = torch.tensor([0.3, 0.7, 0.1, 0.2, 1.0, 0.0, 0.5, 0.4])
+    g = full.view(2, 4)
+    plain = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).view(-1)
+    assert group_advantages(full, 4).tolist() == pytest.approx(plain.tolist(), rel=1e-6)
+
+
 # ------------------------------------------------------------------ rewards
 def _images():
     rng = np.random.default_rng(0)

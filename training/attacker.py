@@ -181,9 +181,10 @@ class AttackerTrainer:
         self.opt.zero_grad(set_to_none=True)
         for item, rows in zip(items, scored):  # every component, per sample
             self.samples += [{"step": self.step + 1, "item": item.id, **r} for r in rows]
+        scored_rewards = rewards[~rewards.isnan()]
         row = {
-            "reward": float(rewards.mean()),
-            "reward_std": float(rewards.std()),
+            "reward": float(rewards.nanmean()),  # NaN: a broken edit under invalid_score 'skip'
+            "reward_std": float(scored_rewards.std()) if scored_rewards.numel() > 1 else 0.0,
             "sample_seconds": t_sample,
             "reward_seconds": t_reward,
             "update_seconds": time.perf_counter() - t1,
@@ -196,8 +197,8 @@ class AttackerTrainer:
             k for rows in scored for r in rows for k, v in r.items() if k != "reward" and isinstance(v, (int, float))
         }
         for k in sorted(parts):
-            vals = [r[k] for rows in scored for r in rows if isinstance(r.get(k), (int, float))]
-            row[k] = sum(vals) / len(vals)
+            vals = [r[k] for rows in scored for r in rows if isinstance(r.get(k), (int, float)) and r[k] == r[k]]
+            row[k] = sum(vals) / len(vals) if vals else float("nan")
         return row
 
     # ------------------------------------------------------------------ cold start
@@ -262,6 +263,8 @@ class AttackerTrainer:
                 "data_position": self.stream.position(),
                 "metrics": self.metrics,
                 "config": dataclasses.asdict(self.cfg),
+                # a reward with state (the integrity price of invalid_score 'dual') resumes with it
+                "rewards": {k: fn.state_dict() for k, fn in self.rewards.items() if hasattr(fn, "state_dict")},
             },
         )
 
@@ -269,4 +272,6 @@ class AttackerTrainer:
         self.editor.load_lora(folder)
         state = load_trainer_state(folder, self.opt)
         self.step, self.metrics = state["step"], state["metrics"]
+        for k, st in state.get("rewards", {}).items():
+            self.rewards[k].load_state_dict(st)
         self.stream = DataStream(self.stream.n, self.cfg.seed, **state["data_position"])

@@ -8,7 +8,9 @@
 - R = I * E; an invalid edit scores ``invalid_penalty`` (0 by default) instead, never more than
   the lowest valid reward (dense efficacy goes down to -1, so there the penalty is at most -1);
   or, with ``invalid_score="group"``, just below the lowest valid edit of the same call (one
-  Flow-GRPO group), so a broken edit ranks last without taking the group's reward spread.
+  Flow-GRPO group), so a broken edit ranks last without taking the group's reward spread; or, with
+  ``"skip"``, NaN: no advantage at all, the valid edits ranked among themselves; or, with ``"dual"``,
+  the valid edits' mean minus a price that dual ascent sets to hold integrity at a target rate.
 - Dense efficacy (``efficacy="dense"``, ours): E = P(right letter | clean) - P(right letter |
   edited) from the defender's scoring forwards. K sampled answers of a defender that errs on a
   third of clean images mostly measure its own noise; the probability drop measures what the edit
@@ -28,7 +30,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from config.training import EFFICACY_KINDS
+from config.training import EFFICACY_KINDS, INVALID_SCORES
 from metrics import localized_ssim, region_ssim
 
 
@@ -109,11 +111,13 @@ class IntegrityEfficacy:
         invalid_penalty: float = 0.0,
         efficacy: str = "sampled",
         invalid_score: str = "fixed",
+        integrity_target: float = 0.5,
+        dual_lr: float = 0.05,
     ):
         if efficacy not in EFFICACY_KINDS:
             raise ValueError(f"efficacy must be one of {EFFICACY_KINDS}, not {efficacy!r}")
-        if invalid_score not in ("fixed", "group"):
-            raise ValueError(f"invalid_score must be 'fixed' or 'group', not {invalid_score!r}")
+        if invalid_score not in INVALID_SCORES:
+            raise ValueError(f"invalid_score must be one of {INVALID_SCORES}, not {invalid_score!r}")
         if efficacy == "dense" and not hasattr(defender, "answer_probability"):
             raise ValueError(
                 f"dense efficacy needs a defender that scores answers ({type(defender).__name__} does not): "
@@ -122,6 +126,15 @@ class IntegrityEfficacy:
         self.defender, self.tau, self.queries, self.temperature = defender, tau, queries, temperature
         self.global_floor = global_floor or None
         self.invalid_penalty, self.efficacy, self.invalid_score = invalid_penalty, efficacy, invalid_score
+        self.integrity_target, self.dual_lr = integrity_target, dual_lr
+        self.integrity_price = 0.0  # lambda of invalid_score 'dual', in reward units (state_dict)
+
+    def state_dict(self) -> dict:
+        """What a resumed phase needs to score as the interrupted one would (the trainer saves it)."""
+        return {"integrity_price": self.integrity_price}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.integrity_price = float(state["integrity_price"])
 
     def answers(self, editeds: list[Image.Image], items: list[AttackItem]) -> list[list[bool]]:
         from models.mcq import extract_choice
@@ -156,7 +169,30 @@ class IntegrityEfficacy:
 
     def __call__(self, cleans, editeds, items) -> list[dict]:
         out = self._score(cleans, editeds, items)
-        return rank_invalid_last(out) if self.invalid_score == "group" else out
+        if self.invalid_score == "group":
+            return rank_invalid_last(out)
+        if self.invalid_score == "skip":  # NaN: no advantage (rl/flow_grpo.group_advantages)
+            return [r if r["integrity"] else {**r, "reward": float("nan")} for r in out]
+        if self.invalid_score == "dual":
+            return self._price_invalid(out)
+        return out
+
+    def _price_invalid(self, rows: list[dict]) -> list[dict]:
+        """invalid_score 'dual': a broken edit scores the mean of the group's valid rewards minus
+        the integrity price lambda, which dual ascent moves after every group towards the level that
+        holds the integrity rate at its target: lambda <- max(0, lambda + dual_lr * (target - rate))
+        (a Lagrangian relaxation of "maximize efficacy subject to integrity >= target", as in
+        reward-constrained policy optimization, Tessler et al. 2019). At lambda = 0 breaking is
+        neutral; 'group' (a fixed price just below the worst valid edit) traded efficacy for
+        integrity, 'skip' (no price) integrity for efficacy (RESULTS.md)."""
+        price = self.integrity_price
+        valid = [r["reward"] for r in rows if r["integrity"]]
+        rate = len(valid) / len(rows) if rows else 1.0
+        self.integrity_price = max(0.0, price + self.dual_lr * (self.integrity_target - rate))
+        if not valid or len(valid) == len(rows):
+            return [{**r, "integrity_price": price} for r in rows]
+        floor = float(np.mean(valid)) - price
+        return [{**r, "integrity_price": price, **({} if r["integrity"] else {"reward": floor})} for r in rows]
 
     def _score(self, cleans, editeds, items) -> list[dict]:
         if self.efficacy == "dense":
