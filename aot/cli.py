@@ -69,7 +69,8 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
             metavar="LIST",
             help="where trainers' per-step rows go besides the versions, comma-separated: tensorboard "
             "(default: event files in each version's folder; `tensorboard --logdir ROOT`), mlflow "
-            "(the server MLFLOW_TRACKING_URI names) or none (shortcut for --set tracking.report_to=[...])",
+            "(the server MLFLOW_TRACKING_URI names), wandb (offline runs under WANDB_DIR, default ./wandb) "
+            "or none (shortcut for --set tracking.report_to=[...])",
         )
 
 

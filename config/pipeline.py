@@ -243,7 +243,7 @@ class CoevolutionConfig:
     )
 
 
-TRACKERS = ("tensorboard", "mlflow", "none")  # tracking.report_to's choices (training/tracking.py)
+TRACKERS = ("tensorboard", "mlflow", "wandb", "none")  # tracking.report_to's choices (training/tracking.py)
 
 
 @settings
@@ -255,7 +255,8 @@ class TrackingConfig:
         "tensorboard (event files in the version's folder, under _work/tensorboard while it "
         "trains on a local root: `tensorboard --logdir ROOT`), mlflow (the server MLFLOW_TRACKING_URI "
         "names, experiment MLFLOW_EXPERIMENT_NAME or 'aot'; the co-evolution run nests its iterations "
-        "and their phases), or none. wandb: not built yet.",
+        "and their phases), wandb (an offline run under WANDB_DIR, default ./wandb, project "
+        "WANDB_PROJECT or 'aot'; WANDB_MODE=online logs live, `wandb sync` uploads later), or none.",
     )
 
 

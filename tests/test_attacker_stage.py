@@ -373,3 +373,26 @@ def test_trainers_report_every_step_to_tensorboard(chain, tmp_path):
     assert quiet.tracking.report_to == ["none"]
     silent, _ = train_attacker_version(store, quiet, v["export"], mode="sft")
     assert not [f for f in silent.files if f.path.startswith("tensorboard/")]
+
+
+def test_trainers_report_every_step_to_wandb(chain, tmp_path, monkeypatch):
+    """tracking.report_to [wandb]: one offline W&B run per trained version under WANDB_DIR, read
+    back from W&B's own run log (tests/wandb_log.py): every step's row at its step, the resolved
+    config, the version id as tag and config, a clean exit."""
+    from wandb_log import runs
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    store, _, v = chain
+    other = {**SMALL["attacker"], "cold_start": {"steps": 3, "sft_batch": 2}}  # a version not trained yet
+    cfg = load_config("synthetic", {**SMALL, "attacker": other, "tracking": {"report_to": ["wandb"]}})
+    m, _ = train_attacker_version(store, cfg, v["export"], mode="sft")
+    (run,) = runs(tmp_path)
+    metrics = store.read(m)
+    assert [r["_step"] for r in run["history"]] == metrics["step"].to_list() == [1, 2, 3]
+    for key in ("loss", "grad_norm", "lr"):
+        assert [r[key] for r in run["history"]] == pytest.approx(metrics[key].to_list(), rel=1e-6), key
+    assert f"version:{m.version}" in run["tags"] and run["config"]["aot"]["version"] == m.version
+    assert run["config"]["attacker"]["train"]["steps"] == 3 and run["name"] == f"attacker {m.version}"
+    assert run["exit_code"] == 0
+    assert not [f for f in m.files if f.path.startswith("tensorboard/")]  # wandb only: no event files

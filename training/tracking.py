@@ -4,7 +4,8 @@ run RL already watch, behind one setting (``tracking.report_to``, as TRL's ``rep
 A thin adapter over each tracker's own client, nothing more: ``tensorboard`` writes event files
 with torch's ``SummaryWriter`` (TensorBoard's own format, read back by its ``EventAccumulator``);
 ``mlflow`` logs through ``MlflowClient`` to the server MLflow's own ``MLFLOW_TRACKING_URI`` names
-(experiment ``MLFLOW_EXPERIMENT_NAME``, default ``aot``); ``none`` writes nothing. The trainer
+(experiment ``MLFLOW_EXPERIMENT_NAME``, default ``aot``); ``wandb`` writes an offline W&B run
+(``WANDB_MODE``, ``WANDB_DIR``, ``WANDB_PROJECT`` as W&B reads them); ``none`` writes nothing. The trainer
 stages put the event files in the version's folder (stages/checkpoints.py), so
 ``tensorboard --logdir ROOT`` shows every run of a store. In MLflow every run is tagged
 ``aot.version`` with the version it wrote, which is how the co-evolution run nests the phases it
@@ -103,6 +104,40 @@ class _Mlflow:
         self.client.set_terminated(self.run_id, status)
 
 
+class _Wandb:
+    """One W&B run through ``wandb.init(reinit="create_new")`` (a run object of its own, no global
+    run: stages may run in threads). Offline unless ``WANDB_MODE`` says otherwise (no network
+    here; ``wandb sync`` uploads an offline run later); files under ``WANDB_DIR`` (W&B's default:
+    ./wandb), project ``WANDB_PROJECT`` or 'aot', grouped by ``WANDB_RUN_GROUP`` as W&B reads it.
+    W&B has no nested runs; the version ids are tags and config (``aot``), as in MLflow."""
+
+    def __init__(self, name: str, params: dict | None, tags: dict | None):
+        import wandb
+
+        text = {k: (v if isinstance(v, str) else json.dumps(v, default=str)) for k, v in (tags or {}).items()}
+        self.run = wandb.init(
+            mode=os.environ.get("WANDB_MODE", "offline"),
+            project=os.environ.get("WANDB_PROJECT", "aot"),
+            dir=os.environ.get("WANDB_DIR") or None,
+            name=name,
+            config={**(params or {}), "aot": text},
+            tags=[f"{k}:{text[k]}"[:64] for k in ("stage", "version") if k in text],  # W&B: 64 chars a tag
+            reinit="create_new",
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def image(self, key: str, image, step: int) -> None:
+        import wandb
+
+        self.run.log({key: wandb.Image(image)}, step=step)
+
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+
+
 class RunTracker:
     """One run's tracker: ``log(row)`` after each step (every numeric value of the row as a
     scalar at ``row["step"]``), the resolved config (``params``) and the version ids (``tags``),
@@ -121,7 +156,7 @@ class RunTracker:
         unknown = sorted(set(report_to) - set(TRACKERS))
         if unknown:
             raise ValueError(f"tracking.report_to: unknown {unknown}; choose from {list(TRACKERS)}")
-        self.logdir, self.tensorboard, self.mlflow = logdir, None, None
+        self.logdir, self.tensorboard, self.mlflow, self.wandb = logdir, None, None, None
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -139,6 +174,14 @@ class RunTracker:
                 name or f"{tags.get('stage', 'run')} {tags.get('version', '')}".strip(), params, tags, parent
             )
 
+        if "wandb" in report_to:
+            try:
+                import wandb  # noqa: F401
+            except ImportError as e:
+                raise ImportError("tracking.report_to has wandb: pip install wandb (requirements.txt)") from e
+            tags = tags or {}
+            self.wandb = _Wandb(name or f"{tags.get('stage', 'run')} {tags.get('version', '')}".strip(), params, tags)
+
     @property
     def mlflow_run_id(self) -> str | None:
         return self.mlflow.run_id if self.mlflow else None
@@ -151,6 +194,8 @@ class RunTracker:
                 self.tensorboard.add_scalar(prefix + key, value, step)
         if self.mlflow is not None and values:
             self.mlflow.log({prefix + k: v for k, v in values.items()}, step)
+        if self.wandb is not None and values:
+            self.wandb.log({prefix + k: v for k, v in values.items()}, step)
 
     def image(self, key: str, png: bytes, step: int) -> None:
         """One picture at ``step`` (PNG bytes): TensorBoard's Images tab, MLflow's image panel."""
@@ -164,6 +209,8 @@ class RunTracker:
             self.tensorboard.add_image(key, pixels, step, dataformats="HWC")
         if self.mlflow is not None:
             self.mlflow.image(key, pixels, step)
+        if self.wandb is not None:
+            self.wandb.image(key, pixels, step)
 
     def close(self, failed: bool = False) -> None:
         if self.tensorboard is not None:
@@ -171,6 +218,8 @@ class RunTracker:
             self.tensorboard.close()
         if self.mlflow is not None:
             self.mlflow.close("FAILED" if failed else "FINISHED")
+        if self.wandb is not None:
+            self.wandb.close(failed)
 
     def __enter__(self) -> "RunTracker":
         return self
