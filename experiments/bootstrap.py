@@ -153,6 +153,8 @@ def main() -> None:
             "seconds": fresh["seconds"],
             "peak_rss_gib": fresh["peak_rss_gib"],
             "stages": stage_seconds(fresh["output"]),
+            # issue 23: the one-time warm-up must say where it is (step, loss, time left) in the CLI
+            "warmup_progress": [ln for ln in fresh["output"].splitlines() if "warm-up: step" in ln],
         },
         "cold_cli": {"seconds": cold["seconds"], "peak_rss_gib": cold["peak_rss_gib"], "stages": cold_stages},
         "warm_cli": {"seconds": warm["seconds"], "peak_rss_gib": warm["peak_rss_gib"], "stages": warm_stages},
@@ -169,6 +171,8 @@ def main() -> None:
     )
     print(f"{'run':<22}{'wall s':>9}{'peak RSS GiB':>14}")
     print(f"{'fresh machine':<22}{fresh['seconds']:>9.1f}{fresh['peak_rss_gib']:>14.2f}")
+    lines = result["fresh_machine_cli"]["warmup_progress"]
+    print(f"  warm-up progress lines on a fresh machine: {len(lines)}" + (f", last: {lines[-1]}" if lines else ""))
     print(f"{'cold (fresh server)':<22}{cold['seconds']:>9.1f}{cold['peak_rss_gib']:>14.2f}")
     print(f"{'warm (all cached)':<22}{warm['seconds']:>9.1f}{warm['peak_rss_gib']:>14.2f}")
     print(f"\n{'stage':<10}{'shards':>7}{'pure s':>9}{'prefect s':>11}{'overhead/shard s':>18}")
