@@ -153,6 +153,8 @@ class RunTracker:
         name: str | None = None,
         parent: str | None = None,
     ):
+        tags = tags or {}
+        name = name or f"{tags.get('stage', 'run')} {tags.get('version', '')}".strip()  # "attacker <id>"
         unknown = sorted(set(report_to) - set(TRACKERS))
         if unknown:
             raise ValueError(f"tracking.report_to: unknown {unknown}; choose from {list(TRACKERS)}")
@@ -169,18 +171,13 @@ class RunTracker:
                 import mlflow  # noqa: F401
             except ImportError as e:
                 raise ImportError("tracking.report_to has mlflow: pip install mlflow (requirements.txt)") from e
-            tags = tags or {}
-            self.mlflow = _Mlflow(
-                name or f"{tags.get('stage', 'run')} {tags.get('version', '')}".strip(), params, tags, parent
-            )
-
+            self.mlflow = _Mlflow(name, params, tags, parent)
         if "wandb" in report_to:
             try:
                 import wandb  # noqa: F401
             except ImportError as e:
                 raise ImportError("tracking.report_to has wandb: pip install wandb (requirements.txt)") from e
-            tags = tags or {}
-            self.wandb = _Wandb(name or f"{tags.get('stage', 'run')} {tags.get('version', '')}".strip(), params, tags)
+            self.wandb = _Wandb(name, params, tags)
 
     @property
     def mlflow_run_id(self) -> str | None:
