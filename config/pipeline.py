@@ -219,6 +219,14 @@ class AttackerConfig:
         "Flow-GRPO against a frozen defender (config/training.py; Flow-GRPO's reference values, METHOD.md).",
     )
     curriculum: CurriculumConfig = documented(CurriculumConfig(), "The frozen attacker's curriculum (above).")
+    keep_targets: bool = documented(
+        False,
+        "Give every target box back from the clean image after each edit (Flow-GRPO's rollouts, the "
+        "curriculum, the aot-attacker attack), as inpainting pastes back its unmasked region: the "
+        "attacker can then only change the scene around the targets, which keeps the ground truth by "
+        "construction. Off is the paper's attacker, which edits the whole image and is gated by target "
+        "SSIM; on the tiny editor Flow-GRPO then traded integrity against efficacy (experiments/RESULTS.md).",
+    )
 
 
 @settings

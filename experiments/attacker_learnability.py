@@ -143,7 +143,8 @@ def named_scores(cfg, editor, items: list, named: dict[str, str], sampled, dense
         for it in items
     ]
     seeds = [c.seed * 1_000_003 + n for n in range(len(its))]
-    edits = edit_items(editor, its, seeds, c.sampling_steps, c.batch, None, 0.0, cfg.attacker.rl.flow_grpo.sigma_cap)
+    sigma_cap, keep = cfg.attacker.rl.flow_grpo.sigma_cap, cfg.attacker.keep_targets
+    edits = edit_items(editor, its, seeds, c.sampling_steps, c.batch, None, 0.0, sigma_cap, keep_targets=keep)
     return {"named_" + k: v for k, v in score_edits(sampled, dense, its, edits, len(its)).items()}
 
 

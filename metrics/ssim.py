@@ -13,11 +13,15 @@ import numpy as np
 from PIL import Image
 
 
+def pixel_box(box: list[float], width: int, height: int) -> tuple[int, int, int, int]:
+    """The pixels a box covers: (x0, y0, x1, y1), rounded outwards and clipped to the image."""
+    x0, y0 = max(0, int(math.floor(box[0]))), max(0, int(math.floor(box[1])))
+    return x0, y0, min(width, int(math.ceil(box[2]))), min(height, int(math.ceil(box[3])))
+
+
 def _crop(img: Image.Image | np.ndarray, box: list[float]) -> np.ndarray:
     arr = np.asarray(img)
-    h, w = arr.shape[:2]
-    x0, y0 = max(0, int(math.floor(box[0]))), max(0, int(math.floor(box[1])))
-    x1, y1 = min(w, int(math.ceil(box[2]))), min(h, int(math.ceil(box[3])))
+    x0, y0, x1, y1 = pixel_box(box, arr.shape[1], arr.shape[0])
     return arr[y0:y1, x0:x1]
 
 

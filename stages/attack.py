@@ -55,7 +55,8 @@ def aot_attacker(cfg, store=None, version: str | None = None, seed: int = 0, **_
 
     def attack(row: dict):
         item = at_edit_size(editor, item_from_row(row))
-        edited = edit_items(editor, [item], [seed * 1_000_003 + int(content_hash(row["id"], 8), 16)], steps)[0]
+        seeds = [seed * 1_000_003 + int(content_hash(row["id"], 8), 16)]
+        edited = edit_items(editor, [item], seeds, steps, keep_targets=cfg.attacker.keep_targets)[0]
         ssim = min((localized_ssim(item.image, edited, b) for b in item.target_boxes), default=1.0)
         if ssim < tau:
             return f"integrity: target SSIM {ssim:.3f} < tau {tau}"

@@ -167,6 +167,8 @@ def train_attacker_version(
     }
     if mode == "sft" and a.cold_start_named != 1.0:  # (1.0: the ids versions had before the option)
         vcfg["attacker"]["named"] = a.cold_start_named
+    if mode == "grpo" and a.keep_targets:  # (off: the ids versions had before the option)
+        vcfg["attacker"]["keep_targets"] = True
 
     def compute(version: str) -> VersionPart:
         editor = load_attacker(store, init_version, a.model)
@@ -184,7 +186,7 @@ def train_attacker_version(
             }
         with tempfile.TemporaryDirectory() as tmp:
             resume = resume_folder(store, data.dataset, "attacker", version, tmp)
-            trainer = AttackerTrainer(editor, train_cfg, resume_from=resume, **kw)
+            trainer = AttackerTrainer(editor, train_cfg, resume_from=resume, keep_targets=a.keep_targets, **kw)
             train_resumably(
                 trainer,
                 store,

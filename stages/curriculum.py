@@ -20,7 +20,7 @@ from stages.attacker import frozen_reward, items_from_version, load_attacker
 from stages.rows import ITEM_REJECTS, frame
 from stages.version import code_version, kernel_family, version_id
 from storage import IMAGE_DTYPE, Manifest, ShardStore, content_hash, decode_image, image_cells
-from training.attacker import at_edit_size
+from training.attacker import at_edit_size, restore_targets
 from training.attacker_rewards import AttackItem
 
 MODULES = (__name__,)
@@ -39,13 +39,16 @@ def edit_items(
     noise_level: float = 0.0,
     sigma_cap: float = 0.0,
     first: int = 0,
+    keep_targets: bool = False,
 ) -> list:
     """The frozen attacker's edit of every item: the deterministic ODE sampler, up to ``batch``
     items of one edit size per sampler call; with ``noise_level`` > 0 the SDE sampler, one item per
     call. Item i's noise (initial, and each SDE step's) is seeded by ``seeds[i]`` alone, and a
     sampler call never spans a multiple of ``batch`` in the item's position ``first + i``: a shard
     of a run (``first`` its first item) makes the calls the whole run would, so its edits are
-    bit-identical to the unsharded run's (batched matrix products round differently per batch)."""
+    bit-identical to the unsharded run's (batched matrix products round differently per batch).
+    ``keep_targets``: every item's target boxes given back from its clean image
+    (``attacker.keep_targets``)."""
     from rl.flow_sampler import sample
 
     if noise_level > 0:
@@ -59,9 +62,10 @@ def edit_items(
         cond = editor.condition([it.image for it in chunk], [it.instruction for it in chunk])
         gens = [torch.Generator().manual_seed(seeds[i + k]) for k in range(len(chunk))]
         x = torch.cat([editor.noise(cond.select(k), g) for k, g in enumerate(gens)])
-        out += editor.decode(
+        edits = editor.decode(
             sample(editor, cond, steps, noise_level, sigma_cap=sigma_cap, generator=gens[0], x=x).final, cond
         )
+        out += [restore_targets(it.image, e, it.target_boxes) for it, e in zip(chunk, edits)] if keep_targets else edits
         i = j
         if on_item:
             on_item(i, len(items))
@@ -115,6 +119,7 @@ def generate_curriculum_version(
         # what scores the curriculum (not the TRAINING_ONLY fields)
         "reward": {k: v for k, v in dataclasses.asdict(a.rl.reward).items() if k not in TRAINING_ONLY},
         "model": a.model,
+        **({"keep_targets": True} if a.keep_targets else {}),  # (off: the ids versions had before the option)
         **({"judge": cfg.models["judge"]} if c.describe else {}),
     }
     code = code_version(MODULES)
@@ -243,6 +248,7 @@ def _curriculum_shard(
         c.noise_level,
         a.rl.flow_grpo.sigma_cap,
         first=chunk.start,
+        keep_targets=a.keep_targets,
     )
     kept, kept_items, rejects, edits = [], [], [], []
     for item, edited in zip(shard, outputs):

@@ -663,3 +663,44 @@ def test_deterministic_kernels_hold_inside_and_restore_the_settings_after():
             assert settings() == (True, False, False, False, True)
             raise RuntimeError("inside")
     assert settings() == before
+
+
+def test_restore_targets_gives_back_every_target_pixel_and_nothing_else():
+    from metrics import localized_ssim
+    from training.attacker import restore_targets
+
+    rng = np.random.RandomState(1)
+    clean = Image.fromarray(rng.randint(0, 256, (20, 30, 3), dtype=np.uint8))
+    edited = Image.fromarray(rng.randint(0, 256, (20, 30, 3), dtype=np.uint8))
+    boxes = [[2.5, 3.2, 9.1, 11.0], [25.4, 15.0, 40.0, 25.0]]  # fractional, the second past the edge
+    out = np.asarray(restore_targets(clean, edited, boxes))
+    kept = np.zeros((20, 30), dtype=bool)
+    kept[3:11, 2:10] = True  # rounded outwards: x 2..10, y 3..11
+    kept[15:20, 25:30] = True  # clipped to the image
+    assert np.array_equal(out[kept], np.asarray(clean)[kept])
+    assert np.array_equal(out[~kept], np.asarray(edited)[~kept])
+    assert [localized_ssim(clean, Image.fromarray(out), b) for b in boxes] == [1.0, 1.0]
+    assert restore_targets(clean, edited, []) is edited  # nothing to protect (no target box)
+    with pytest.raises(ValueError, match="differ in size"):
+        restore_targets(clean, edited.resize((10, 10)), boxes)
+
+
+def test_keep_targets_scores_rollouts_with_their_targets_given_back():
+    """With keep_targets the reward sees every rollout with its target box exactly as in the clean
+    image, so box_contrast (brighten the box) can only be raised by darkening the rest; without it
+    the box is the editor's."""
+    seen = {}
+
+    def recorder(cleans, editeds, items):
+        for c, e, it in zip(cleans, editeds, items):
+            x0, y0, x1, y1 = (int(v) for v in it.target_boxes[0])
+            seen.setdefault(bool(tr.keep_targets), []).append(
+                np.array_equal(np.asarray(c)[y0:y1, x0:x1], np.asarray(e)[y0:y1, x0:x1])
+            )
+        return box_contrast(cleans, editeds, items)
+
+    for keep in (True, False):
+        tr = AttackerTrainer(_editor(), _cfg(steps=1), items=_items(), rewards={"c": recorder}, keep_targets=keep)
+        tr.train()
+    assert len(seen[True]) == 8 and all(seen[True])  # 2 groups x 4 edits
+    assert not any(seen[False])

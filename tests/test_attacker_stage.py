@@ -268,6 +268,8 @@ def _local(store, m, name):
 def test_batched_edits_equal_one_by_one_edits():
     """Each edit's noise is seeded by its item alone: batching items (and splitting where the edit
     size changes) gives the one-by-one edits up to float rounding."""
+    import dataclasses
+
     import numpy as np
     from PIL import Image
 
@@ -305,6 +307,15 @@ def test_batched_edits_equal_one_by_one_edits():
         np.asarray(a).tobytes() for a in edit_items(editor, items, seeds, steps=3, batch=4, noise_level=1.0)
     ]
     assert all(np.asarray(a).tobytes() != np.asarray(b).tobytes() for a, b in zip(sde, one))
+    # attacker.keep_targets: each item's target box comes back from its own clean image, the rest
+    # is the edit (the same ODE edit as without it)
+    boxed = [dataclasses.replace(it, target_boxes=[[4, 6, 20, 14]]) for it in items]
+    kept = edit_items(editor, boxed, seeds, steps=3, batch=4, keep_targets=True)
+    for it, k, b in zip(boxed, kept, batched):
+        k, c, b = np.array(k), np.asarray(it.image), np.asarray(b)
+        assert np.array_equal(k[6:14, 4:20], c[6:14, 4:20]) and not np.array_equal(b[6:14, 4:20], c[6:14, 4:20])
+        k[6:14, 4:20] = b[6:14, 4:20]
+        assert np.array_equal(k, b)
 
 
 def test_cold_start_pairs_name_the_distractor_in_the_configured_share(chain):

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from config import AttackerTrainConfig
+from metrics.ssim import pixel_box
 from rl.flow_grpo import flow_grpo_loss, gaussian_kl, group_advantages
 from rl.flow_sampler import sample, step_log_prob
 from training.attacker_rewards import AttackItem, BatchReward, combine
@@ -50,6 +51,26 @@ def at_edit_size(editor, item: AttackItem) -> AttackItem:
     return dataclasses.replace(
         item, image=image, target_boxes=scale_boxes(item.target_boxes, item.image.size, image.size)
     )
+
+
+def restore_targets(clean: Image.Image, edited: Image.Image, boxes: list[list[float]]) -> Image.Image:
+    """The edit with every target box given back from the clean image, pixel for pixel (the box
+    rounded outwards, as localized SSIM crops it, so each target's SSIM is exactly 1). An attacker
+    whose output passes through this can only change what lies around the targets — where the
+    implanter's distractors work (RESULTS.md: beside the target) — and never the ground truth the
+    integrity gate guards, so Flow-GRPO no longer trades integrity against efficacy. The same
+    composite as diffusers' inpainting overlay (``VaeImageProcessor.apply_overlay``), with the
+    targets as the kept region."""
+    if not boxes:
+        return edited
+    if clean.size != edited.size:
+        raise ValueError(f"clean and edited images differ in size: {clean.size} vs {edited.size}")
+    out = edited.copy()
+    for b in boxes:
+        x0, y0, x1, y1 = pixel_box(b, clean.width, clean.height)
+        if x1 > x0 and y1 > y0:
+            out.paste(clean.crop((x0, y0, x1, y1)).convert(out.mode), (x0, y0))
+    return out
 
 
 def edit_weights(edited: torch.Tensor, clean: torch.Tensor, weight: float) -> torch.Tensor | None:
@@ -83,8 +104,9 @@ class AttackerTrainer:
         rewards: dict[str, BatchReward] | None = None,
         weights: dict[str, float] | None = None,
         resume_from: str | Path | None = None,
+        keep_targets: bool = False,
     ):
-        self.editor, self.cfg = editor, cfg
+        self.editor, self.cfg, self.keep_targets = editor, cfg, keep_targets
         if cfg.mode == "grpo" and not (items and rewards):
             raise ValueError("Flow-GRPO needs items to attack and at least one reward callable")
         if cfg.mode == "sft" and not pairs:
@@ -142,6 +164,8 @@ class AttackerTrainer:
                         generator=self._generator(k, j),
                     )
                     edited += ed.decode(traj.final, c)
+                if self.keep_targets:  # what the reward sees is what the curriculum would keep
+                    edited = [restore_targets(item.image, e, item.target_boxes) for e in edited]
                     parts.append((sl, c, traj))
                 groups.append(parts)
                 pending.append(
