@@ -700,7 +700,9 @@ def test_keep_targets_scores_rollouts_with_their_targets_given_back():
         return box_contrast(cleans, editeds, items)
 
     for keep in (True, False):
-        tr = AttackerTrainer(_editor(), _cfg(steps=1), items=_items(), rewards={"c": recorder}, keep_targets=keep)
+        tr = AttackerTrainer(_editor(), _cfg(steps=2), items=_items(), rewards={"c": recorder}, keep_targets=keep)
+        before = {k: v.clone() for k, v in tr.editor.lora_state().items()}
         tr.train()
-    assert len(seen[True]) == 8 and all(seen[True])  # 2 groups x 4 edits
+        assert all(not torch.equal(before[k], v) for k, v in tr.editor.lora_state().items())  # it trains
+    assert len(seen[True]) == 16 and all(seen[True])  # 2 steps x 2 groups x 4 edits
     assert not any(seen[False])

@@ -164,9 +164,9 @@ class AttackerTrainer:
                         generator=self._generator(k, j),
                     )
                     edited += ed.decode(traj.final, c)
+                    parts.append((sl, c, traj))
                 if self.keep_targets:  # what the reward sees is what the curriculum would keep
                     edited = [restore_targets(item.image, e, item.target_boxes) for e in edited]
-                    parts.append((sl, c, traj))
                 groups.append(parts)
                 pending.append(
                     pool.submit(self._score, item.image, edited, item)
