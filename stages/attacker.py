@@ -167,8 +167,8 @@ def train_attacker_version(
     }
     if mode == "sft" and a.cold_start_named != 1.0:  # (1.0: the ids versions had before the option)
         vcfg["attacker"]["named"] = a.cold_start_named
-    if mode == "grpo" and a.keep_targets:  # (off: the ids versions had before the option)
-        vcfg["attacker"]["keep_targets"] = True
+    if mode == "grpo":  # the cold start never edits through it: one cold start serves both settings
+        vcfg["attacker"]["keep_targets"] = a.keep_targets
 
     def compute(version: str) -> VersionPart:
         editor = load_attacker(store, init_version, a.model)

@@ -119,7 +119,7 @@ def generate_curriculum_version(
         # what scores the curriculum (not the TRAINING_ONLY fields)
         "reward": {k: v for k, v in dataclasses.asdict(a.rl.reward).items() if k not in TRAINING_ONLY},
         "model": a.model,
-        **({"keep_targets": True} if a.keep_targets else {}),  # (off: the ids versions had before the option)
+        "keep_targets": a.keep_targets,
         **({"judge": cfg.models["judge"]} if c.describe else {}),
     }
     code = code_version(MODULES)
