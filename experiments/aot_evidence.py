@@ -40,6 +40,7 @@ TOY = [
     "defender.rl.steps=1",
     "defender.rl.batch_prompts=2",
     "attacker.model={backend: tiny, seed: 0, resolution: 32, cfg_scale: 1.0}",
+    "attacker.cold_start_scenes=0",  # the AOT-SFT rows: a fresh pool is minutes of implanting on a CPU
     "attacker.cold_start.steps=1",
     "attacker.cold_start.sft_batch=2",
     "attacker.rl.steps=2",
