@@ -125,7 +125,9 @@ class DefenderConfig:
         "The defender to start from: {backend: tiny, seed, min_pixels, max_pixels} (random init, "
         "tiny Qwen2.5-VL) or {backend: qwen-vl, model: ID_OR_PATH, dtype, device}; either takes "
         "vision_attention: grouped (default: the vision tower's windows batched into a few attention "
-        "calls instead of one per window; same results, models/vision_attention.py) | stock.",
+        "calls instead of one per window; same results, models/vision_attention.py) | stock, and "
+        "image_device: where the image processor resizes and patchifies (default the CPU; cuda moves "
+        "that work of large benchmark images onto the card).",
     )
     images: str = documented(
         "both", "Which images of an AOT-SFT version to train and evaluate on: clean, adversarial or both."

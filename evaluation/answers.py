@@ -5,6 +5,7 @@ that imports it does not hash the readers into its versions."""
 from __future__ import annotations
 
 import inspect
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from models.mcq import extract_choice
@@ -21,28 +22,47 @@ def ask(
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
     on_answer: Callable[[int, str], None] | None = None,
+    prefetch: bool = True,
 ) -> list[str]:
     """The model's answer to every (image, prompt), ``batch_size`` per ``generate`` call: the
     one loop through which every evaluation here asks a model. ``seeds`` (one per prompt) go to a
     model that seeds each request (``generate(..., seeds=)``, an endpoint); any other model gets
     the batch's first seed. ``on_answer(i, text)`` hears each answer as its batch finishes (an
-    answer cache: an interrupted evaluation keeps what it got)."""
-    per_request = seeds is not None and "seeds" in inspect.signature(model.generate).parameters
+    answer cache: an interrupted evaluation keeps what it got). ``prefetch``: a model with
+    ``prepare(images, prompts)`` and ``generate(..., encoded=)`` gets the next batch prepared in a
+    worker thread while it answers this one (the answers are the same: only when the inputs are
+    made changes)."""
+    params = inspect.signature(model.generate).parameters
+    per_request = seeds is not None and "seeds" in params
+    prepare = getattr(model, "prepare", None) if prefetch and "encoded" in params else None
+    starts = list(range(0, len(prompts), batch_size))
     out: list[str] = []
-    for k in range(0, len(prompts), batch_size):
-        kw = {"temperature": temperature}
-        if seeds is not None:
-            batch_seeds = seeds[k : k + batch_size]
-            kw.update({"seeds": batch_seeds, "seed": batch_seeds[0]} if per_request else {"seed": batch_seeds[0]})
-        else:
-            kw["seed"] = seed
-        texts = model.generate(images[k : k + batch_size], prompts[k : k + batch_size], **kw)
-        for i, text in enumerate(texts, start=k):
-            if on_answer:
-                on_answer(i, text)
-        out += texts
-        if on_batch:
-            on_batch(len(texts))
+    with ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
+
+        def ahead(j: int):  # the j-th batch's inputs, made in the worker
+            if prepare is None or j >= len(starts):
+                return None
+            k = starts[j]
+            return pool.submit(prepare, images[k : k + batch_size], prompts[k : k + batch_size])
+
+        pending = ahead(0)
+        for j, k in enumerate(starts):
+            kw = {"temperature": temperature}
+            if seeds is not None:
+                batch_seeds = seeds[k : k + batch_size]
+                kw.update({"seeds": batch_seeds, "seed": batch_seeds[0]} if per_request else {"seed": batch_seeds[0]})
+            else:
+                kw["seed"] = seed
+            if pending is not None:
+                kw["encoded"] = pending.result()  # a failed prepare raises here, as generate would
+                pending = ahead(j + 1)
+            texts = model.generate(images[k : k + batch_size], prompts[k : k + batch_size], **kw)
+            for i, text in enumerate(texts, start=k):
+                if on_answer:
+                    on_answer(i, text)
+            out += texts
+            if on_batch:
+                on_batch(len(texts))
     return out
 
 

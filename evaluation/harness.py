@@ -124,13 +124,14 @@ def evaluate(
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
     label: str | None = None,
+    prefetch: bool = True,
 ) -> list[dict]:
     """Per-item results. ``model`` implements ``generate(images, prompts, temperature=, seed=)``
     (and ``seeds=``, one per prompt, where it can seed each request: an endpoint). The cache key
     is (model, benchmark, item, prompt, the full image, protocol, trial, sampling settings).
     ``label``: say a progress line about every tenth of the answers still to get (stderr and the
     Prefect run log, models/progress.py), ``LABEL: answer N/T, E s, ~R s left``: a benchmark of
-    8K images times 3 trials runs for a long while."""
+    8K images times 3 trials runs for a long while. ``prefetch``: see evaluation.answers.ask."""
     cache = cache or AnswerCache(None)
     sampling = {"temperature": protocol.temperature, "protocol": protocol_dict(protocol)}
     jobs = []
@@ -166,6 +167,7 @@ def evaluate(
             batch_size=batch_size,
             on_batch=on_batch,
             on_answer=lambda i, text, trial=trial: cache.put(trial[i][3], text),
+            prefetch=prefetch,
         )
     rows = []
     by_item: dict[str, list] = {}

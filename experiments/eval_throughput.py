@@ -1,9 +1,13 @@
 """Evaluation throughput: Qwen2.5-VL-7B architecture (random weights) on HRBench-size images,
-in-process through our evaluator, unbatched (batch 1) vs batched, in one run.
+in-process through our evaluator, per input path and batch size, in one run.
 
 Images are 3840x2160 (HRBench-4K size) and are resized by the processor to at most 2048x2048
-pixels (METHOD.md: defender images between 512^2 and 2048^2); 16 new tokens per answer.
-``--tiny`` is a CPU smoke run. Writes ``$OUT/eval_throughput.json``.
+pixels (METHOD.md: defender images between 512^2 and 2048^2); 16 new tokens per answer. Paths
+(``--modes``): ``inline`` (the processor on the CPU, then the model: the path before prefetching),
+``prefetch`` (the next batch's inputs made in a worker thread while this one is answered,
+evaluation/answers.ask), ``gpu-images`` (prefetch, and the image processor on the model's device:
+``defender.model.image_device``). Each row's answers are compared with the first row's (they must
+be identical). ``--tiny`` is a CPU smoke run. Writes ``$OUT/eval_throughput.json``.
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ from evaluation.readers import Item  # noqa: E402
 from experiments.common import device as current_device  # noqa: E402
 from experiments.common import environment, parser, write_results  # noqa: E402
 
+MODES = ("inline", "prefetch", "gpu-images")
+
 
 def main():
     ap = parser(__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=16)
-    ap.add_argument("--batches", default="1,4,8")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--modes", default="inline,prefetch,gpu-images")
     a = ap.parse_args()
     device = current_device()
     from experiments.defender_dapo import build
@@ -57,33 +64,48 @@ def main():
     info = environment(arch=arch, image=[w, h], max_pixels=px, items=a.items)
     print(json.dumps(info), flush=True)
     evaluate(policy, "warm", items[:2], STRICT, batch_size=2)  # warm-up: kernels, allocator
-    rows = []
-    for b in [int(x) for x in a.batches.split(",")]:
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        evaluate(policy, f"b{b}", items, STRICT, batch_size=b)  # fresh model id: nothing cached
-        if device == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        rows.append(
-            {
-                "batch": b,
-                "seconds": dt,
-                "items_per_s": a.items / dt,
-                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
+    rows, first = [], None
+    for mode in a.modes.split(","):
+        if mode not in MODES:
+            raise SystemExit(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
+        policy.image_device = device if mode == "gpu-images" else None
+        for b in [int(x) for x in a.batches.split(",")]:
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            # a fresh model id per row: nothing comes from the answer cache
+            got = evaluate(policy, f"{mode}-b{b}", items, STRICT, batch_size=b, prefetch=mode != "inline")
+            if device == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            answers = [r["responses"] for r in got]
+            first = first if first is not None else answers
+            rows.append(
+                {
+                    "mode": mode,
+                    "batch": b,
+                    "seconds": dt,
+                    "items_per_s": a.items / dt,
+                    "answers_identical": answers == first,
+                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
     base = rows[0]["items_per_s"]
+    best_inline = max((r["items_per_s"] for r in rows if r["mode"] == "inline"), default=base)
     for r in rows:
-        r["speedup_vs_unbatched"] = r["items_per_s"] / base
+        r["speedup_vs_first"] = r["items_per_s"] / base
+        r["speedup_vs_best_inline"] = r["items_per_s"] / best_inline
     write_results(a.out, "eval_throughput", info, rows)
-    print(f"\n{'batch':>6}{'seconds':>9}{'items/s':>9}{'speedup':>9}{'peak GiB':>10}")
+    print(
+        f"\n{'mode':>11}{'batch':>6}{'seconds':>9}{'items/s':>9}{'vs 1st':>8}{'vs inline':>10}"
+        f"{'same':>6}{'peak GiB':>10}"
+    )
     for r in rows:
         print(
-            f"{r['batch']:>6}{r['seconds']:>9.1f}{r['items_per_s']:>9.2f}{r['speedup_vs_unbatched']:>9.2f}{r['peak_gib']:>10.1f}"
+            f"{r['mode']:>11}{r['batch']:>6}{r['seconds']:>9.1f}{r['items_per_s']:>9.2f}{r['speedup_vs_first']:>8.2f}"
+            f"{r['speedup_vs_best_inline']:>10.2f}{str(r['answers_identical']):>6}{r['peak_gib']:>10.1f}"
         )
 
 

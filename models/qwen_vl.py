@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from models.mcq import letters
-from models.roles import serialized
+from models.roles import lock_of, serialized
 from models.shared_images import distinct_rows, expand_rows, repeated_images
 from models.vision_attention import DEFAULT as DEFAULT_VISION_ATTENTION
 from models.vision_attention import set_vision_attention
@@ -227,6 +227,7 @@ class QwenVLPolicy:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         vision_attention: str = DEFAULT_VISION_ATTENTION,
+        image_device: str | None = None,
     ):
         self.model = model.to(device=device, dtype=dtype)
         # "grouped": the vision tower's windows in a few batched calls (models/vision_attention.py)
@@ -236,6 +237,10 @@ class QwenVLPolicy:
         self.tokenizer.padding_side = "left"
         self.device = device
         self.dtype = dtype
+        # Where the image processor resizes, normalizes and patchifies (its torchvision backend's
+        # ``device``): None, the CPU. An HRBench 8-megapixel image costs ~0.2-0.5 s of CPU there, more
+        # than the model's prefill of it on a GPU; "cuda" moves that work onto the card.
+        self.image_device = image_device
         # Rows repeating an image go through the processor and vision tower once (encode); off only
         # to measure what that saves (experiments/defender_dapo.py, variant "unshared").
         self.share_images = True
@@ -254,6 +259,7 @@ class QwenVLPolicy:
         spec: TinyDefenderSpec | None = None,
         device: str = "cpu",
         vision_attention: str = DEFAULT_VISION_ATTENTION,
+        image_device: str | None = None,
     ) -> "QwenVLPolicy":
         spec = spec or TinyDefenderSpec()
         tok = build_tiny_tokenizer()
@@ -262,6 +268,7 @@ class QwenVLPolicy:
             build_tiny_processor(tok, spec),
             device=device,
             vision_attention=vision_attention,
+            image_device=image_device,
         )
 
     @classmethod
@@ -274,6 +281,7 @@ class QwenVLPolicy:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         vision_attention: str = DEFAULT_VISION_ATTENTION,
+        image_device: str | None = None,
     ) -> "QwenVLPolicy":
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -282,7 +290,10 @@ class QwenVLPolicy:
         model = AutoModelForImageTextToText.from_pretrained(
             path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True
         )
-        return cls(model, processor, device=device, dtype=getattr(torch, dtype), vision_attention=vision_attention)
+        dt = getattr(torch, dtype)
+        return cls(
+            model, processor, device=device, dtype=dt, vision_attention=vision_attention, image_device=image_device
+        )
 
     def save(self, folder: str | Path) -> None:
         """Weights as safetensors, plus config, tokenizer and processor: loadable by from_pretrained."""
@@ -301,13 +312,24 @@ class QwenVLPolicy:
         the same when they are the same object (the trainer repeats its examples' images)."""
         keys = [(id(im), p) for im, p in zip(images, prompts)] if self.share_images else list(range(len(images)))
         first, inverse = distinct_rows(keys)
-        batch = self.processor(
-            text=[self.chat(prompts[i]) for i in first],
-            images=[images[i] for i in first],
-            return_tensors="pt",
-            padding=True,
-        )
+        on = {"device": self.image_device} if self.image_device else {}
+        # A fast tokenizer refuses a call while another thread holds it ("Already borrowed"): one
+        # batch may be encoded (prepare, in a worker) while the last one's answers are decoded.
+        with lock_of(self.tokenizer):
+            batch = self.processor(
+                text=[self.chat(prompts[i]) for i in first],
+                images=[images[i] for i in first],
+                return_tensors="pt",
+                padding=True,
+                **on,
+            )
         return {k: v.to(self.device) for k, v in expand_rows(batch, inverse).items()}, inverse
+
+    def prepare(self, images: list[Image.Image], prompts: list[str]) -> tuple[dict, list[int]]:
+        """The model inputs of one ``generate`` call (``encoded=``), made ahead: evaluation
+        (evaluation/answers.ask) prepares the next batch in a worker thread while this one is
+        answered, so the image processor's CPU time hides behind the GPU's."""
+        return self.encode(images, prompts)
 
     # ------------------------------------------------------------ sampling
     @serialized  # seeds the global torch RNG and patches the vision tower's forward (repeated_images)
@@ -321,10 +343,12 @@ class QwenVLPolicy:
         max_new_tokens: int = 16,
         seed: int = 0,
         cache: str = "dynamic",
+        encoded: tuple[dict, list[int]] | None = None,
     ) -> Rollout:
         """Sample responses. ``cache="static"``: a preallocated KV cache, with which transformers
-        compiles the decoding step on CUDA (CUDA graphs: far less per-token launch overhead)."""
-        enc, inverse = self.encode(images, prompts)
+        compiles the decoding step on CUDA (CUDA graphs: far less per-token launch overhead).
+        ``encoded``: ``prepare(images, prompts)``, made ahead."""
+        enc, inverse = encoded if encoded is not None else self.encode(images, prompts)
         torch.manual_seed(seed)
         sample = temperature > 0
         gen_kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
@@ -343,7 +367,8 @@ class QwenVLPolicy:
         pos = torch.arange(resp.shape[1]).unsqueeze(0)
         mask = pos <= first.unsqueeze(1)  # up to and including the first EOS
         resp = torch.where(mask, resp, torch.full_like(resp, self.tokenizer.pad_token_id))
-        texts = [self.tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, mask)]
+        with lock_of(self.tokenizer):
+            texts = [self.tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, mask)]
         return Rollout(list(prompts), list(images), resp, mask.long(), ~has_eos, texts)
 
     def generate(
@@ -354,8 +379,10 @@ class QwenVLPolicy:
         temperature: float = 0.0,
         seed: int = 0,
         max_new_tokens: int = 16,
+        encoded: tuple[dict, list[int]] | None = None,
     ) -> list[str]:
-        return self.rollout(images, prompts, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed).texts
+        kw = dict(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, encoded=encoded)
+        return self.rollout(images, prompts, **kw).texts
 
     # --------------------------------------------------------- log-probs
     @serialized
@@ -467,12 +494,8 @@ def load_policy(spec: dict | str) -> QwenVLPolicy:
         checkpoint = spec.pop("checkpoint", None)
         if checkpoint:
             return QwenVLPolicy.from_pretrained(checkpoint, **spec)
-        seed, device, vision = (
-            spec.pop("seed", 0),
-            spec.pop("device", "cpu"),
-            spec.pop("vision_attention", DEFAULT_VISION_ATTENTION),
-        )
-        return QwenVLPolicy.tiny(seed=seed, spec=TinyDefenderSpec(**spec), device=device, vision_attention=vision)
+        run = {k: spec.pop(k) for k in ("device", "vision_attention", "image_device") if k in spec}
+        return QwenVLPolicy.tiny(seed=spec.pop("seed", 0), spec=TinyDefenderSpec(**spec), **run)
     if backend == "qwen-vl":
         return QwenVLPolicy.from_pretrained(spec.pop("model"), **spec)
     raise ValueError(f"unknown defender backend {backend!r}")

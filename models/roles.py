@@ -25,18 +25,22 @@ _LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model objec
 _LOCKS_GUARD = threading.Lock()
 
 
+def lock_of(obj) -> threading.RLock:
+    """The one lock of ``obj`` (any weak-referenceable object): it lives beside the object, not in
+    it, so models still copy and pickle."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(obj, threading.RLock())
+
+
 def serialized(method):
     """One call at a time per model object: for a method that touches state shared by every
     caller (a diffusers scheduler's step index, a patched forward, the global torch RNG a seeded
     sampler relies on). Stage shards run in threads and share each loaded model (the registry
-    loads it once per process), so without this two shards can corrupt each other's call. The
-    lock lives beside the object, not in it, so models still copy and pickle."""
+    loads it once per process), so without this two shards can corrupt each other's call."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with _LOCKS_GUARD:
-            lock = _LOCKS.setdefault(self, threading.RLock())
-        with lock:
+        with lock_of(self):
             return method(self, *args, **kwargs)
 
     return wrapper

@@ -32,9 +32,10 @@ def evaluated_model(
         ident = {"endpoint": client.url, "model": client.model, "max_tokens": client.max_tokens}
         return client, "endpoint:" + json.dumps(ident, sort_keys=True)
     if checkpoint:
-        from stages.defender import load_defender
+        from stages.defender import defender_runtime, load_defender
 
-        return load_defender(store, checkpoint), f"defender:{checkpoint}"
+        # the config's device and processor placement: a checkpoint evaluated on the card it names
+        return load_defender(store, checkpoint, **defender_runtime(cfg)), f"defender:{checkpoint}"
     from stages.registry import load
 
     spec = cfg.model_spec("defender")

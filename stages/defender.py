@@ -73,13 +73,22 @@ def defender_train_config(cfg: PipelineConfig, mode: str):
 
 def defender_runtime(cfg: PipelineConfig) -> dict:
     """How the config's defender runs, whatever checkpoint it loads: ``defender.model.device``
-    (default cpu) and ``vision_attention`` (default grouped: models/vision_attention.py)."""
+    (default cpu), ``vision_attention`` (default grouped: models/vision_attention.py) and
+    ``image_device`` (where the image processor runs; default the CPU)."""
     m = cfg.defender.model
-    return {"device": m.get("device", "cpu"), "vision_attention": m.get("vision_attention", DEFAULT_VISION_ATTENTION)}
+    return {
+        "device": m.get("device", "cpu"),
+        "vision_attention": m.get("vision_attention", DEFAULT_VISION_ATTENTION),
+        "image_device": m.get("image_device"),
+    }
 
 
 def load_defender(
-    store: ShardStore, version: str, device: str = "cpu", vision_attention: str = DEFAULT_VISION_ATTENTION
+    store: ShardStore,
+    version: str,
+    device: str = "cpu",
+    vision_attention: str = DEFAULT_VISION_ATTENTION,
+    image_device: str | None = None,
 ):
     """A trained defender version as a policy (its files cached locally by version id)."""
     from models.qwen_vl import QwenVLPolicy
@@ -87,7 +96,8 @@ def load_defender(
     m = store.manifest(version)
     if m.stage != "defender":
         raise ValueError(f"{version} is a {m.stage} version, not a defender checkpoint")
-    return QwenVLPolicy.from_pretrained(str(fetch_version(store, m)), device=device, vision_attention=vision_attention)
+    run = dict(device=device, vision_attention=vision_attention, image_device=image_device)
+    return QwenVLPolicy.from_pretrained(str(fetch_version(store, m)), **run)
 
 
 def defender_from_version(version: str, root: str, storage_options: dict | None = None, **runtime):

@@ -4,6 +4,7 @@ metrics by hand, and resuming an interrupted evaluation."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -592,3 +593,74 @@ def test_hrbench_answers_are_one_option_letter(tmp_path):
         ("3", "bad_answer"),
         ("5", "bad_answer"),
     ]
+
+
+class _Prefetching:
+    """A model that prepares its inputs apart (as QwenVLPolicy does): records which batch was
+    prepared when, in which thread, and what generate was handed."""
+
+    def __init__(self, fail_at: int | None = None):
+        import threading
+
+        self.log, self.main, self.fail_at = [], threading.get_ident(), fail_at
+
+    def prepare(self, images, prompts):
+        import threading
+
+        if self.fail_at is not None and prompts[0] == f"p{self.fail_at}":
+            raise ValueError("unreadable image")
+        self.log.append(("prepare", prompts[0], threading.get_ident() != self.main))
+        return [p.upper() for p in prompts]
+
+    def generate(self, images, prompts, *, temperature=0.0, seed=0, encoded=None):
+        self.log.append(("generate", prompts[0], encoded))
+        return list(encoded) if encoded is not None else [p + "!" for p in prompts]
+
+
+def test_ask_prepares_the_next_batch_in_a_worker_and_answers_alike():
+    from evaluation.answers import ask
+
+    prompts = [f"p{i}" for i in range(7)]
+    model = _Prefetching()
+    got = ask(model, [None] * 7, prompts, batch_size=3)
+    assert got == [p.upper() for p in prompts]  # every batch answered from its own prepared inputs
+    gens = [e for e in model.log if e[0] == "generate"]
+    assert [g[1] for g in gens] == ["p0", "p3", "p6"] and [g[2] for g in gens] == [
+        ["P0", "P1", "P2"],
+        ["P3", "P4", "P5"],
+        ["P6"],
+    ]
+    preps = [e for e in model.log if e[0] == "prepare"]
+    assert [p[1] for p in preps] == ["p0", "p3", "p6"] and all(p[2] for p in preps)  # off the main thread
+    # batch n+1 is prepared before batch n is answered: the worker stays one batch ahead
+    order = [e[:2] for e in model.log]
+    assert order.index(("prepare", "p3")) < order.index(("generate", "p3"))
+    # prefetch off: the model makes its own inputs, as before
+    plain = _Prefetching()
+    assert ask(plain, [None] * 7, prompts, batch_size=3, prefetch=False) == [p + "!" for p in prompts]
+    assert all(e[0] == "generate" and e[2] is None for e in plain.log)
+    # a batch whose inputs cannot be made fails the call with its own error, after the answers before it
+    seen = []
+    with pytest.raises(ValueError, match="unreadable image"):
+        ask(_Prefetching(fail_at=3), [None] * 7, prompts, batch_size=3, on_answer=lambda i, t: seen.append(i))
+    assert seen == [0, 1, 2]
+
+
+def test_tiny_defender_answers_the_same_with_inputs_prepared_ahead(fixtures):
+    import torch
+
+    from models.qwen_vl import QwenVLPolicy, TinyDefenderSpec
+
+    d, vstar, hr, pope, hb, hb_dir = fixtures
+    policy = QwenVLPolicy.tiny(spec=TinyDefenderSpec(min_pixels=1024, max_pixels=4096))
+    items = read_vstar(vstar)[0][:4] + read_hrbench(hr, "hrbench4k")[0][:4] + read_pope(pope)[0][:4]
+    sampled = dataclasses.replace(PAPER, temperature=1.0, trials=2)
+    for protocol in (STRICT, sampled):  # greedy and seeded sampling alike
+        ahead = evaluate(policy, "a", items, protocol, batch_size=3)
+        inline = evaluate(policy, "b", items, protocol, batch_size=3, prefetch=False)
+        assert [r["responses"] for r in ahead] == [r["responses"] for r in inline]
+    # the image processor placed explicitly on the CPU gives the very same model inputs
+    images, prompts = [it.image for it in items[:3]], ["q"] * 3
+    placed = QwenVLPolicy.tiny(spec=TinyDefenderSpec(min_pixels=1024, max_pixels=4096), image_device="cpu")
+    a, b = policy.prepare(images, prompts)[0], placed.prepare(images, prompts)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
