@@ -238,8 +238,8 @@ class QwenVLPolicy:
         self.device = device
         self.dtype = dtype
         # Where the image processor resizes, normalizes and patchifies (its torchvision backend's
-        # ``device``): None, the CPU. An HRBench 8-megapixel image costs ~0.2-0.5 s of CPU there, more
-        # than the model's prefill of it on a GPU; "cuda" moves that work onto the card.
+        # ``device``): None, the CPU. An HRBench 8-megapixel image costs more CPU time there than the
+        # model's prefill of it takes on a GPU (experiments/RESULTS.md); "cuda" moves that work onto the card.
         self.image_device = image_device
         # Rows repeating an image go through the processor and vision tower once (encode); off only
         # to measure what that saves (experiments/defender_dapo.py, variant "unshared").

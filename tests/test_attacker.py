@@ -272,9 +272,10 @@ class ScriptedDefender:
     """Answers from a script, per query index (the K queries of efficacy)."""
 
     def __init__(self, script: list[list[str]]):
-        self.script = script
+        self.script, self.batches = script, []
 
     def generate(self, images, prompts, *, temperature=0.0, seed=0):
+        self.batches.append(len(images))
         return [f"\\boxed{{{self.script[seed][j]}}}" for j in range(len(images))]
 
 
@@ -295,8 +296,11 @@ def test_integrity_efficacy_with_a_scripted_defender():
         and rows[0]["reward"] == pytest.approx(2 / 3)
     )
     assert rows[1]["integrity"] == 0.0 and rows[1]["efficacy"] == 1.0 and rows[1]["reward"] == 0.0
-    # The unedited baseline asks the same K queries with the same seeds: B, C, A -> 2/3; B, B, B -> 1.
-    assert reward.unedited_efficacy([item.image] * 2, [item, item]) == [pytest.approx(2 / 3), 1.0]
+    # The unedited baseline asks the same K queries with the same seeds, each image alone (as each
+    # edit is asked about in the curriculum): both are the script's first row, B, C, A -> 2/3.
+    reward.defender.batches.clear()
+    assert reward.unedited_efficacy([item.image] * 2, [item, item]) == [pytest.approx(2 / 3)] * 2
+    assert reward.defender.batches == [1] * 6  # 2 images x K = 3 queries, one image per call
     assert reward.unedited_efficacy([], []) == []
 
 

@@ -148,8 +148,11 @@ class IntegrityEfficacy:
 
     def unedited_efficacy(self, images: list[Image.Image], items: list[AttackItem]) -> list[float]:
         """E of the images as they are (the same K queries and seeds): what an attack gets for free
-        on the items this defender already fails — the baseline an attack's efficacy is read against."""
-        return [efficacy(AttackSample([], r))["efficacy"] for r in self.answers(images, items)] if images else []
+        on the items this defender already fails — the baseline an attack's efficacy is read against.
+        Each image is asked alone, as the curriculum asks about each edit: in a batch, a row's
+        sampled answers depend on the rows beside it (their padding, their draws from the seeded
+        generator), so an item's baseline would change with the shard or the kept set it sits in."""
+        return [efficacy(AttackSample([], self.answers([im], [it])[0]))["efficacy"] for im, it in zip(images, items)]
 
     def right_probability(self, images: list[Image.Image], items: list[AttackItem]) -> list[float]:
         """P(right letter) per image; an image object repeated in the batch (a group's clean
