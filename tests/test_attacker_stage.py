@@ -19,6 +19,9 @@ SMALL = {
         "model": {"backend": "tiny", "seed": 0, "min_pixels": 1024, "max_pixels": 4096},
     },
     "attacker": {
+        # the paper's attacker, whose edits the integrity gate judges (the embedded default keeps
+        # the targets: its unfitted editor keeps none)
+        "keep_targets": False,
         "model": {"backend": "tiny", "seed": 0, "resolution": 32, "cfg_scale": 1.0},
         "cold_start": {"steps": 2, "sft_batch": 2},
         "rl": {
