@@ -50,9 +50,8 @@ def served(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it: apt-get install chromium)")
 def test_the_ui_lists_the_deployments_and_runs_bootstrap(served, tmp_path):
-    sync_playwright = pytest.importorskip(
-        "playwright.sync_api", reason="needs playwright (requirements.txt)"
-    ).sync_playwright
+    playwright = pytest.importorskip("playwright.sync_api", reason="needs playwright (requirements.txt)")
+    sync_playwright, PlaywrightTimeout = playwright.sync_playwright, playwright.TimeoutError
     shots = tmp_path / "screenshots"
     shots.mkdir()
     root = tmp_path / "data"
@@ -61,9 +60,16 @@ def test_the_ui_lists_the_deployments_and_runs_bootstrap(served, tmp_path):
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.goto(f"{served}/deployments", wait_until="networkidle")
         page.get_by_text("Deployments", exact=True).first.wait_for()
-        body = page.inner_text("body")
         deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
-        assert f"{len(deployments)} Deployments" in body, body[:800]  # every deployment prefect.yaml declares
+        # every deployment prefect.yaml declares; the count arrives after the page's first paint (on a
+        # loaded machine the page read "0 Deployments" for a moment), so wait for it
+        try:
+            page.get_by_text(f"{len(deployments)} Deployments", exact=True).wait_for(timeout=60_000)
+        except PlaywrightTimeout:
+            pytest.fail(
+                f"the UI did not list {len(deployments)} deployments in 60 s; it reads:\n"
+                + page.inner_text("body")[:800]
+            )
         for name in ("bootstrap", "bootstrap-nightly", "coevolution", "generate-curriculum"):
             assert page.get_by_role("link", name=name, exact=True).count() >= 1, name
         page.screenshot(path=str(shots / "1-deployments.png"))
