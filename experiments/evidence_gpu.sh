@@ -10,10 +10,13 @@ out=${1:?output folder}; work=${2:-/tmp/aot-evidence}; limit=${3:-0}
 mkdir -p "$out" "$work"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} AOT_CACHE=${AOT_CACHE:-$work/cache}
 args=(${EVIDENCE_ARGS:-})
+. experiments/gpu_fits.sh
+mkdir -p "$AOT_CACHE"
+unpack_fits  # FITS=DIR: an earlier call's fits-*.tar.xz (same GPU kind: found; else refitted)
 t0=$(date +%s)
 # One VAE and editor fit for every seed (their cache keys ignore the seed); the seeds start
 # meanwhile, and one that reaches its attacker first waits on the fit's lock, then loads it.
-python experiments/fit_preset_editor.py evidence > "$work/vae_fit.log" 2>&1 &
+timeout "$limit" python experiments/fit_preset_editor.py evidence > "$work/vae_fit.log" 2>&1 &
 for s in 0 1 2; do
   timeout "$limit" python experiments/aot_evidence.py --seeds $s --name aot_evidence_s$s --root "$work/s$s" \
       --out "$work/out" "${args[@]}" > "$out/seed$s.log" 2>&1 &
