@@ -111,6 +111,30 @@ def load_bench_config(args, tiny_overrides: list[str] | tuple = ()) -> tuple[str
     return preset, overrides, load_config(preset, overrides)
 
 
+def loop_start(args, tiny_overrides: list[str] | tuple, root: str):
+    """What the co-evolution loop starts from (run_coevolution), in a store under ``--root`` (default
+    ``root``, ``-tiny`` appended with ``--tiny``): returns (preset, overrides, cfg, steps, say,
+    items, heldout, defender 0) — ``say`` prints progress lines timed from this call."""
+    import time
+
+    from stages.steps import LocalSteps
+    from storage import ShardStore
+
+    preset, overrides, cfg = load_bench_config(args, tiny_overrides)
+    store = ShardStore(args.root or (root + ("-tiny" if args.tiny else "")))
+    t0 = time.perf_counter()
+
+    def say(m: str) -> None:
+        print(f"{time.perf_counter() - t0:7.1f}s {m}", flush=True)
+
+    steps = LocalSteps(store, cfg, say)
+    heldout = steps.heldout()
+    data = {s["stage"]: s["version"] for s in steps.bootstrap(None)}
+    warmup = steps.warmup_pool() if cfg.coevolution.warmup_scenes else data["export"]
+    defender = steps.train_defender(warmup, None, "warmup", "clean")
+    return preset, overrides, cfg, steps, say, data["filter"], heldout, defender
+
+
 def write_results(out_dir: str, name: str, info: dict, rows: list[dict]) -> None:
     """``OUT/<name>.json``: the environment and the result rows (rewritten after each row)."""
     import json
