@@ -112,11 +112,12 @@ def load_bench_config(args, tiny_overrides: list[str] | tuple = ()) -> tuple[str
 
 
 def loop_start(args, tiny_overrides: list[str] | tuple, root: str):
-    """What the co-evolution loop starts from (run_coevolution), in a store under ``--root`` (default
-    ``root``, ``-tiny`` appended with ``--tiny``): returns (preset, overrides, cfg, steps, say,
-    items, heldout, defender 0) — ``say`` prints progress lines timed from this call."""
+    """The co-evolution loop's starting point (stages.coevolution.loop_start) in a store under
+    ``--root`` (default ``root``, ``-tiny`` appended with ``--tiny``): returns (preset, overrides,
+    cfg, steps, say, start) — ``say`` prints progress lines timed from this call."""
     import time
 
+    from stages.coevolution import loop_start as start_of_loop
     from stages.steps import LocalSteps
     from storage import ShardStore
 
@@ -128,11 +129,7 @@ def loop_start(args, tiny_overrides: list[str] | tuple, root: str):
         print(f"{time.perf_counter() - t0:7.1f}s {m}", flush=True)
 
     steps = LocalSteps(store, cfg, say)
-    heldout = steps.heldout()
-    data = {s["stage"]: s["version"] for s in steps.bootstrap(None)}
-    warmup = steps.warmup_pool() if cfg.coevolution.warmup_scenes else data["export"]
-    defender = steps.train_defender(warmup, None, "warmup", "clean")
-    return preset, overrides, cfg, steps, say, data["filter"], heldout, defender
+    return preset, overrides, cfg, steps, say, start_of_loop(steps, cfg)
 
 
 def write_results(out_dir: str, name: str, info: dict, rows: list[dict]) -> None:

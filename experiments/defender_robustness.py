@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from stages.steps import LocalSteps
 
     t0 = time.perf_counter()
-    preset, overrides, cfg, steps, say, items, heldout, defender0 = loop_start(args, TINY, "./aot-defender-robustness")
+    preset, overrides, cfg, steps, say, start = loop_start(args, TINY, "./aot-defender-robustness")
+    items, heldout, defender0 = start["items"], start["heldout"], start["defender_0"]
     store = steps.store
     train = attack_version(store, cfg, items, args.train_attack)
     say(f"training items attacked by {args.train_attack}: {train.rows} of {train.rows_in} (the rest: no such edit)")
@@ -93,8 +94,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for arm, data, images in (("clean-only", items, "clean"), ("attacked", train.version, "both")):
                 t = time.perf_counter()
                 d = run.train_defender(data, defender0, "dapo", images)
-                rows.append({"arm": arm, "steps": n, "lr": lr, "defender": d, "seconds": 0.0, **score(d)})
-                rows[-1]["seconds"] = round(time.perf_counter() - t, 1)
+                seconds = round(time.perf_counter() - t, 1)  # training only (0 when found in the store)
+                rows.append({"arm": arm, "steps": n, "lr": lr, "defender": d, "seconds": seconds, **score(d)})
                 say(f"{arm} {n} steps lr {lr:g}: " + ", ".join(f"{f} {rows[-1][f]:.3f}" for f in ["clean", *families]))
                 write_results(args.out, args.name, info | {"seconds": round(time.perf_counter() - t0, 1)}, rows)
     cols = ["clean", *families]

@@ -36,17 +36,29 @@ from storage import Manifest, ShardStore
 from training.tracking import RunTracker, nest_runs
 
 
+def loop_start(steps: Steps, cfg: PipelineConfig, source: str | None = None) -> dict:
+    """What the loop starts from, as versions: ``export``, the training ``items`` (the filter's),
+    the ``heldout`` items, the ``warmup`` data and ``defender_0`` (defender.warmup, its own mode)."""
+    data = {s["stage"]: s["version"] for s in steps.bootstrap(source)}
+    heldout = steps.heldout()
+    warmup = steps.warmup_pool() if cfg.coevolution.warmup_scenes else data["export"]
+    defender = steps.train_defender(warmup, None, "warmup", "clean")
+    return {
+        "export": data["export"],
+        "items": data["filter"],
+        "heldout": heldout,
+        "warmup": warmup,
+        "defender_0": defender,
+    }
+
+
 def run_coevolution(store: ShardStore, cfg: PipelineConfig, steps: Steps, source: str | None = None) -> Manifest:
     """The whole loop (see the module docstring); returns the ``coevolution`` version."""
     n_iter = cfg.coevolution.iterations
-    data = {s["stage"]: s["version"] for s in steps.bootstrap(source)}
-    export, items = data["export"], data["filter"]
-    heldout = steps.heldout()
-    warmup = steps.warmup_pool() if cfg.coevolution.warmup_scenes else export
-    defender = steps.train_defender(warmup, None, "warmup", "clean")  # defender 0 (defender.warmup, its own mode)
+    lineage = loop_start(steps, cfg, source)
+    export, items, heldout, defender = (lineage[k] for k in ("export", "items", "heldout", "defender_0"))
     base_clean = steps.evaluate(defender, heldout).get("clean_accuracy")
     rows, attacker = [], None
-    lineage = {"export": export, "items": items, "heldout": heldout, "warmup": warmup, "defender_0": defender}
     for n in range(1, n_iter + 1):
         if attacker is None:
             pairs = steps.cold_start_pool() if cfg.attacker.cold_start_scenes else export
