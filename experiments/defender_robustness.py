@@ -2,6 +2,7 @@
 
     python experiments/defender_robustness.py                                   # evidence preset, on its device
     python experiments/defender_robustness.py --set defender.model.device=cpu --steps 15,60 --lrs 1e-4
+    python experiments/defender_robustness.py --sft-steps 400 --steps 60 --lrs 3e-4 --seed 1
     python experiments/defender_robustness.py --tiny                            # CPU smoke run
 
 The co-evolution loop's defender phase (15 DAPO steps on 48 attacked + 48 clean rows in the
@@ -13,7 +14,11 @@ steps and learning rate, DAPO on the training items with their clean and attacke
 curriculum's two kinds of row) against the same DAPO on the clean items only — the evidence
 experiment's two arms with the attacker replaced by an oracle. Every defender is scored held out:
 clean, and under every ``--eval-attacks`` family (the training family on unseen scenes, and the
-others: does robustness transfer?). Greedy answers, the product's evaluator. Writes
+others: does robustness transfer?). With ``--sft-steps``, an upper bound first: supervised
+training (defender.warmup's schedule, no early stop) from defender 0 on the warm-up pool's fresh
+scenes with their clean and attacked images against the same on the clean scenes only — if even
+labelled attacked images teach this defender nothing that carries to unseen scenes, no reward
+will. Greedy answers, the product's evaluator. Writes
 ``OUT/<name>.json``; every model and dataset is a version under ``--root``, so a rerun continues.
 """
 
@@ -41,6 +46,29 @@ def with_rl(cfg, steps: int, lr: float):
     return dataclasses.replace(cfg, defender=dataclasses.replace(d, rl=dataclasses.replace(d.rl, steps=steps, lr=lr)))
 
 
+def with_sft(cfg, steps: int, lr: float):
+    """``cfg`` with defender.warmup (SFT mode) run for exactly ``steps`` at peak ``lr``: no held-back
+    early stop (defender 0 already passed that target)."""
+    d = cfg.defender
+    w = dataclasses.replace(d.warmup, steps=steps, lr=lr, target_accuracy=0.0)
+    return dataclasses.replace(cfg, defender=dataclasses.replace(d, warmup=w))
+
+
+def seed_overrides(seed: int) -> list[str]:
+    """The defender's model init, data order and sampling seeds (experiments/evidence.py's ``seeded``)."""
+    return [f"defender.model.seed={seed}", f"defender.warmup.seed={seed}", f"defender.rl.seed={seed}"]
+
+
+def accuracy_by_crowding(ids: list[str], correct: list[bool], crowded: dict[str, bool]) -> dict:
+    """Accuracy (and n) on the items whose scene holds one object (``clean_1obj``) and several
+    (``clean_multi``); ids not in ``crowded`` count in neither."""
+    out = {}
+    for key, several in (("clean_1obj", False), ("clean_multi", True)):
+        picked = [bool(c) for i, c in zip(ids, correct) if crowded.get(i) is several]
+        out[key], out[f"{key}_n"] = (sum(picked) / len(picked) if picked else None), len(picked)
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = parser(__doc__.splitlines()[0])
     add_config_args(ap)
@@ -55,9 +83,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     ap.add_argument("--steps", default="15,60,150", help="DAPO steps per setting (the evidence preset's phase: 15)")
     ap.add_argument("--lrs", default="1e-4,3e-4", help="DAPO learning rates (the evidence preset's: 1e-4)")
+    ap.add_argument(
+        "--sft-steps",
+        default="",
+        help="comma-separated supervised steps on the warm-up pool, clean vs clean + attacked (default: none)",
+    )
+    ap.add_argument("--sft-lr", type=float, default=1e-3, help="their peak rate (defender.warmup's in the preset)")
+    ap.add_argument("--seed", type=int, default=0, help="defender seed (init, data order, sampling); data fixed")
     args = ap.parse_args(argv)
+    if args.seed:
+        args.overrides = [*seed_overrides(args.seed), *args.overrides]
 
     from stages.attack import attack_version
+    from stages.defender import evaluate_defender_version
     from stages.steps import LocalSteps
 
     t0 = time.perf_counter()
@@ -71,8 +109,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     attacked = {f: attack_version(store, cfg, heldout, f).version for f in families}
 
+    # Held-out clean accuracy split by how many objects the scene holds: with one object the
+    # question needs no binding of the named shape to its colour; with several it does, and a
+    # decoy beside the target asks exactly that.
+    crowded = {
+        r["id"]: len(json.loads(r["scene"])["objects"]) > 1
+        for r in store.read(store.manifest(heldout)).select("id", "scene").iter_rows(named=True)
+    }
+
     def score(defender: str) -> dict:
         row = {"clean": steps.evaluate(defender, heldout).get("clean_accuracy")}
+        answers = store.read(evaluate_defender_version(store, cfg, defender, heldout))
+        row |= accuracy_by_crowding(answers["id"].to_list(), answers["correct"].to_list(), crowded)
         for f, version in attacked.items():
             s = steps.evaluate(defender, version)
             row[f], row[f"{f}_n"] = s.get("adversarial_accuracy"), s.get("adversarial_n", 0)
@@ -88,23 +136,38 @@ def main(argv: list[str] | None = None) -> list[dict]:
         defender_0=defender0,
     )
     rows = [{"arm": "base", "steps": 0, "lr": 0.0, "defender": defender0, **score(defender0)}]
+
+    def fit(arm: str, n: int, lr: float, run: LocalSteps, data: str, init: str, mode: str, images: str) -> None:
+        t = time.perf_counter()
+        d = run.train_defender(data, init, mode, images)
+        seconds = round(time.perf_counter() - t, 1)  # training only (0 when found in the store)
+        rows.append({"arm": arm, "steps": n, "lr": lr, "defender": d, "seconds": seconds, **score(d)})
+        say(f"{arm} {n} steps lr {lr:g}: " + ", ".join(f"{f} {rows[-1][f]:.3f}" for f in ["clean", *families]))
+        write_results(
+            args.out, args.name, info | {"seed": args.seed, "seconds": round(time.perf_counter() - t0, 1)}, rows
+        )
+
+    sft_steps = [int(x) for x in args.sft_steps.split(",") if x]
+    if sft_steps:
+        pool = attack_version(store, cfg, start["warmup"], args.train_attack)
+        say(f"warm-up scenes attacked by {args.train_attack}: {pool.rows} of {pool.rows_in}")
+        info["sft_rows"] = pool.rows
+    for n in sft_steps:
+        run = LocalSteps(store, with_sft(cfg, n, args.sft_lr), say)
+        fit("sft-clean", n, args.sft_lr, run, start["warmup"], defender0, "sft", "clean")
+        fit("sft-attacked", n, args.sft_lr, run, pool.version, defender0, "sft", "both")
     for lr in [float(x) for x in args.lrs.split(",")]:
-        for n in [int(x) for x in args.steps.split(",")]:
+        for n in [int(x) for x in args.steps.split(",") if x]:
             run = LocalSteps(store, with_rl(cfg, n, lr), say)
-            for arm, data, images in (("clean-only", items, "clean"), ("attacked", train.version, "both")):
-                t = time.perf_counter()
-                d = run.train_defender(data, defender0, "dapo", images)
-                seconds = round(time.perf_counter() - t, 1)  # training only (0 when found in the store)
-                rows.append({"arm": arm, "steps": n, "lr": lr, "defender": d, "seconds": seconds, **score(d)})
-                say(f"{arm} {n} steps lr {lr:g}: " + ", ".join(f"{f} {rows[-1][f]:.3f}" for f in ["clean", *families]))
-                write_results(args.out, args.name, info | {"seconds": round(time.perf_counter() - t0, 1)}, rows)
-    cols = ["clean", *families]
-    print(f"\n{'arm':<11} {'steps':>5} {'lr':>7} " + " ".join(f"{c[:13]:>13}" for c in cols))
+            fit("clean-only", n, lr, run, items, defender0, "dapo", "clean")
+            fit("attacked", n, lr, run, train.version, defender0, "dapo", "both")
+    cols = ["clean", "clean_1obj", "clean_multi", *families]
+    print(f"\n{'arm':<12} {'steps':>5} {'lr':>7} " + " ".join(f"{c[:13]:>13}" for c in cols))
     for r in rows:
         print(
-            f"{r['arm']:<11} {r['steps']:>5} {r['lr']:>7.0e} " + " ".join(f"{100 * (r[c] or 0):>13.1f}" for c in cols)
+            f"{r['arm']:<12} {r['steps']:>5} {r['lr']:>7.0e} " + " ".join(f"{100 * (r[c] or 0):>13.1f}" for c in cols)
         )
-    print(json.dumps({c: rows[0][f"{c}_n"] for c in families}))
+    print(json.dumps({c: rows[0][f"{c}_n"] for c in cols[1:]}))
     return rows
 
 

@@ -267,3 +267,14 @@ def test_attacker_learnability_scores_every_try_on_the_same_items(tmp_path):
     assert (frozen["attack_success"], frozen["integrity"]) == (cold["attack_success"], cold["integrity"])
     saved = json.loads((tmp_path / "attacker_learnability.json").read_text())
     assert [r["try"] for r in saved["results"]] == [r["try"] for r in rows] and saved["info"]["score_noise"] == 1.0
+
+
+def test_defender_robustness_splits_clean_accuracy_by_crowding():
+    from experiments.defender_robustness import accuracy_by_crowding
+
+    ids = ["a", "b", "c", "d", "e", "f"]
+    correct = [True, False, True, True, False, True]
+    crowded = {"a": False, "b": False, "c": True, "d": True, "e": True}  # f: not a held-out scene
+    got = accuracy_by_crowding(ids, correct, crowded)
+    assert got == {"clean_1obj": 0.5, "clean_1obj_n": 2, "clean_multi": 2 / 3, "clean_multi_n": 3}
+    assert accuracy_by_crowding([], [], {})["clean_multi"] is None
