@@ -18,7 +18,10 @@ others: does robustness transfer?). With ``--sft-steps``, an upper bound first: 
 training (defender.warmup's schedule, no early stop) from defender 0 on the warm-up pool's fresh
 scenes with their clean and attacked images against the same on the clean scenes only — if even
 labelled attacked images teach this defender nothing that carries to unseen scenes, no reward
-will. Greedy answers, the product's evaluator. Writes
+will. Every table starts with the ``no-binding`` reference: what a defender that sees colours but
+ties no shape name to them scores by answering a colour in view at random (exact, from the scenes),
+and splits clean accuracy by one or several objects in view. Greedy answers, the product's
+evaluator. Writes
 ``OUT/<name>.json``; every model and dataset is a version under ``--root``, so a rerun continues.
 """
 
@@ -60,13 +63,21 @@ def seed_overrides(seed: int) -> list[str]:
 
 
 def accuracy_by_crowding(ids: list[str], correct: list[bool], crowded: dict[str, bool]) -> dict:
-    """Accuracy (and n) on the items whose scene holds one object (``clean_1obj``) and several
-    (``clean_multi``); ids not in ``crowded`` count in neither."""
+    """Accuracy (and n) on the items whose image shows one object (``clean_1obj``) and several
+    (``clean_multi``); ``correct`` may be a probability per item; ids not in ``crowded`` count in
+    neither."""
     out = {}
     for key, several in (("clean_1obj", False), ("clean_multi", True)):
-        picked = [bool(c) for i, c in zip(ids, correct) if crowded.get(i) is several]
+        picked = [float(c) for i, c in zip(ids, correct) if crowded.get(i) is several]
         out[key], out[f"{key}_n"] = (sum(picked) / len(picked) if picked else None), len(picked)
     return out
+
+
+def no_binding_accuracy(colours_in_view) -> float | None:
+    """Expected accuracy of answering a colour in view uniformly at random (each item: the list of
+    its objects' colours; the right one is always among them): mean of 1 / #distinct colours."""
+    shares = [1 / len(set(c)) for c in colours_in_view if c]
+    return sum(shares) / len(shares) if shares else None
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -97,6 +108,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from stages.attack import attack_version
     from stages.defender import evaluate_defender_version
     from stages.steps import LocalSteps
+    from world import COLOURS, Scene
 
     t0 = time.perf_counter()
     preset, overrides, cfg, steps, say, start = loop_start(args, TINY, "./aot-defender-robustness")
@@ -109,13 +121,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     attacked = {f: attack_version(store, cfg, heldout, f).version for f in families}
 
-    # Held-out clean accuracy split by how many objects the scene holds: with one object the
-    # question needs no binding of the named shape to its colour; with several it does, and a
-    # decoy beside the target asks exactly that.
-    crowded = {
-        r["id"]: len(json.loads(r["scene"])["objects"]) > 1
+    # Held-out clean accuracy split by how many objects the image shows (a scene also holds those
+    # outside the frame): with one, the question needs no binding of the named shape to its
+    # colour; with several it does, and a decoy beside the target asks exactly that.
+    in_view = {
+        r["id"]: [o.colour for o in Scene.from_dict(json.loads(r["scene"])).visible()]
         for r in store.read(store.manifest(heldout)).select("id", "scene").iter_rows(named=True)
     }
+    crowded = {i: len(colours) > 1 for i, colours in in_view.items()}
 
     def score(defender: str) -> dict:
         row = {"clean": steps.evaluate(defender, heldout).get("clean_accuracy")}
@@ -135,7 +148,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
         heldout=heldout,
         defender_0=defender0,
     )
-    rows = [{"arm": "base", "steps": 0, "lr": 0.0, "defender": defender0, **score(defender0)}]
+    # The reference a defender that sees colours but binds no name to a shape would score: it
+    # answers one of the colours in view at random, the decoys' included — those an attack names in
+    # its rows' meta ("<colour> <shape>"; exact for the oracle families, not for a learned editor
+    # that repaints the scene).
+    reference = {"clean": no_binding_accuracy(in_view.values())}
+    reference |= accuracy_by_crowding(list(in_view), [no_binding_accuracy([c]) for c in in_view.values()], crowded)
+    for f, version in attacked.items():
+        decoys = {
+            r["id"]: json.loads(r["meta"]).get("distractors", [])
+            for r in store.read(store.manifest(version)).iter_rows(named=True)
+        }
+        named = {
+            i: [w for d in ds if isinstance(d, str) for w in d.split()[:1] if w in COLOURS] for i, ds in decoys.items()
+        }
+        reference[f] = no_binding_accuracy(in_view[i] + named[i] for i in named)
+        reference[f"{f}_n"] = len(decoys)
+    rows = [
+        {"arm": "no-binding", "steps": 0, "lr": 0.0, "defender": None, **reference},
+        {"arm": "base", "steps": 0, "lr": 0.0, "defender": defender0, **score(defender0)},
+    ]
 
     def fit(arm: str, n: int, lr: float, run: LocalSteps, data: str, init: str, mode: str, images: str) -> None:
         t = time.perf_counter()
@@ -167,7 +199,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(
             f"{r['arm']:<12} {r['steps']:>5} {r['lr']:>7.0e} " + " ".join(f"{100 * (r[c] or 0):>13.1f}" for c in cols)
         )
-    print(json.dumps({c: rows[0][f"{c}_n"] for c in cols[1:]}))
+    print(json.dumps({c: rows[1][f"{c}_n"] for c in cols[1:]}))
     return rows
 
 

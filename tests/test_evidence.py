@@ -278,3 +278,12 @@ def test_defender_robustness_splits_clean_accuracy_by_crowding():
     got = accuracy_by_crowding(ids, correct, crowded)
     assert got == {"clean_1obj": 0.5, "clean_1obj_n": 2, "clean_multi": 2 / 3, "clean_multi_n": 3}
     assert accuracy_by_crowding([], [], {})["clean_multi"] is None
+
+
+def test_no_binding_reference_picks_uniformly_among_colours_in_view():
+    from experiments.defender_robustness import no_binding_accuracy
+
+    # one object: always right; red + blue: 1/2; a decoy of a colour already in view adds nothing
+    items = [["red"], ["red", "blue"], ["red", "blue", "blue"], []]
+    assert no_binding_accuracy(items) == (1 + 0.5 + 0.5) / 3
+    assert no_binding_accuracy([]) is None
