@@ -2,7 +2,8 @@
 # experiments/defender_robustness.py on one card, one process per seed (each its own store under
 # WORK), then every seed's table. Usage: experiments/defender_robustness_gpu.sh OUT [WORK]
 # [SECONDS_PER_SEED] [SEEDS]; arguments for defender_robustness.py go in ROBUSTNESS_ARGS (e.g.
-# "--sft-steps 400 --steps 60 --lrs 3e-4"). A seed stopped by SECONDS_PER_SEED keeps its finished
+# "--sft-steps 400 --steps 60 --lrs 3e-4"; split on spaces, no quoting: an empty value is written
+# "--steps="). A seed stopped by SECONDS_PER_SEED keeps its finished
 # rows in OUT and its finished models in WORK: a rerun continues there.
 set -u
 out=${1:?output folder}; work=${2:-/tmp/aot-defender-robustness}; limit=${3:-0}; seeds=${4:-"0 1 2"}
@@ -16,4 +17,4 @@ for s in $seeds; do
 done
 wait
 echo "seeds done after $(( $(date +%s) - t0 )) s"
-for s in $seeds; do echo "== seed $s"; grep -v -i "warn\|deprecat\|Loading\|Writing" "$out/seed$s.log" | tail -n 9; done
+for s in $seeds; do echo "== seed $s"; grep -v -i "warn\|deprecat\|Loading\|Writing" "$out/seed$s.log" | tail -n 12; done
