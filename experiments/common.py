@@ -140,3 +140,32 @@ def write_results(out_dir: str, name: str, info: dict, rows: list[dict]) -> None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps({"info": info, "results": rows}, indent=1))
+
+
+def colours_in_view(scene_json: str) -> list[str]:
+    """The colours of the objects a viewer would count in a source row's ``scene`` (one entry per
+    object: two red objects give two entries)."""
+    import json
+
+    from world import Scene
+
+    return [o.colour for o in Scene.from_dict(json.loads(scene_json)).visible()]
+
+
+def accuracy_by_crowding(ids: list[str], correct: list[bool], crowded: dict[str, bool]) -> dict:
+    """Accuracy (and n) on the items whose image shows one object (``clean_1obj``) and several
+    (``clean_multi``); ``correct`` may be a probability per item; ids not in ``crowded`` count in
+    neither."""
+    out = {}
+    for key, several in (("clean_1obj", False), ("clean_multi", True)):
+        picked = [float(c) for i, c in zip(ids, correct) if crowded.get(i) is several]
+        out[key], out[f"{key}_n"] = (sum(picked) / len(picked) if picked else None), len(picked)
+    return out
+
+
+def no_binding_accuracy(items) -> float | None:
+    """Expected accuracy of answering a colour in view uniformly at random (each item: the list of
+    its objects' colours; the right one is always among them): mean of 1 / #distinct colours. The
+    score of a defender that sees colours but ties no shape name to them."""
+    shares = [1 / len(set(c)) for c in items if c]
+    return sum(shares) / len(shares) if shares else None

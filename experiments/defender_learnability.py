@@ -20,7 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import add_config_args, environment, load_bench_config, parser, write_results  # noqa: E402
+from experiments.common import (  # noqa: E402
+    accuracy_by_crowding,
+    add_config_args,
+    colours_in_view,
+    environment,
+    load_bench_config,
+    no_binding_accuracy,
+    parser,
+    write_results,
+)
 
 TINY = [
     "coevolution.warmup_scenes=32",
@@ -44,17 +53,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from evaluation.answers import answer_items
     from models.qwen_vl import load_policy
-    from stages.source import heldout_config, warmup_config
-    from stages.warm_defender import world_examples
+    from stages.source import heldout_config, warmup_config, world_rows
+    from stages.warm_defender import example_of_row, world_examples
     from training.defender import DefenderTrainer
 
     preset, overrides, cfg = load_bench_config(args, TINY)
     t0 = time.perf_counter()
     say = lambda m: print(f"{time.perf_counter() - t0:7.1f}s {args.name}: {m}", flush=True)  # noqa: E731
     train = world_examples(cfg.coevolution.warmup_scenes, warmup_config(cfg).source.seed, cfg)
-    test = world_examples(cfg.coevolution.heldout_scenes, heldout_config(cfg).source.seed, cfg)
+    test_rows = world_rows(cfg.coevolution.heldout_scenes, heldout_config(cfg).source.seed, cfg)
+    test = [example_of_row(r) for r in test_rows]
     chance = sum(1.0 / e.num_options for e in test) / len(test)
-    say(f"{len(train)} training and {len(test)} held-out scenes, chance {chance:.3f}")
+    # Binding, not colour perception, is what the loop needs: with several objects in view the
+    # question's shape has to be tied to its colour. The no-binding score (a colour in view at
+    # random) is the bar that held-out accuracy must clear before a decoy can cost anything.
+    in_view = {r["id"]: colours_in_view(r["scene"]) for r in test_rows}
+    crowded = {i: len(c) > 1 for i, c in in_view.items()}
+    no_binding = {"clean": no_binding_accuracy(in_view.values())}
+    no_binding |= accuracy_by_crowding(list(in_view), [no_binding_accuracy([c]) for c in in_view.values()], crowded)
+    say(
+        f"{len(train)} training and {len(test)} held-out scenes ({no_binding['clean_multi_n']} with several "
+        f"objects), chance {chance:.3f}, no-binding {no_binding['clean']:.3f} (several objects "
+        f"{no_binding['clean_multi']:.3f})"
+    )
     policy = load_policy(cfg.defender.model)
     params = sum(p.numel() for p in policy.model.parameters())
     # The whole curve: no early stop at the preset's target_accuracy (the held-out set is scored here).
@@ -65,14 +86,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         overrides=overrides,
         parameters=params,
         chance=chance,
+        no_binding=no_binding,
         model=cfg.defender.model,
         warmup=dataclasses.asdict(wcfg),
         source=dataclasses.asdict(cfg.source),
     )
     rows: list[dict] = []
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
 
     def evaluate() -> None:
         answers = answer_items(policy, test)
+        split = accuracy_by_crowding([a["id"] for a in answers], [a["correct"] for a in answers], crowded)
         train_answers = answer_items(policy, train[: len(test)])
         losses = [m["loss"] for m in trainer.metrics[-args.eval_every :]] or [float("nan")]
         rows.append(
@@ -80,6 +104,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "step": trainer.step,
                 "seconds": round(time.perf_counter() - t0, 1),
                 "heldout_accuracy": sum(a["correct"] for a in answers) / len(answers),
+                "heldout_1obj": split["clean_1obj"],
+                "heldout_multi": split["clean_multi"],
                 "train_accuracy": sum(a["correct"] for a in train_answers) / len(train_answers),
                 "strict_format": sum(a["strict_format"] for a in answers) / len(answers),
                 "train_loss": sum(losses) / len(losses),
@@ -88,7 +114,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         r = rows[-1]
         say(
-            f"step {r['step']:5d}  held-out {r['heldout_accuracy']:.3f} (chance {chance:.3f})  train "
+            f"step {r['step']:5d}  held-out {r['heldout_accuracy']:.3f} (chance {chance:.3f}), several objects "
+            f"{fmt(r['heldout_multi'])} (no-binding {fmt(no_binding['clean_multi'])})  train "
             f"{r['train_accuracy']:.3f}  loss {r['train_loss']:.3f}  lr {r['lr']:.2e}"
         )
         write_results(args.out, args.name, info | {"wall_seconds": r["seconds"]}, rows)
@@ -101,11 +128,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.seconds and time.perf_counter() - t0 > args.seconds:
             say(f"time budget of {args.seconds:.0f} s reached at step {trainer.step}")
             break
-    print("\n| step | s | held-out acc | train acc | loss |\n|---|---|---|---|---|")
+    print("\n| step | s | held-out acc | one object | several | train acc | loss |\n|---|---|---|---|---|---|---|")
+    print(
+        f"| no-binding | | {no_binding['clean']:.3f} | {fmt(no_binding['clean_1obj'])} | "
+        f"{fmt(no_binding['clean_multi'])} | | |"
+    )
     for r in rows:
         print(
-            f"| {r['step']} | {r['seconds']} | {r['heldout_accuracy']:.3f} | {r['train_accuracy']:.3f} | "
-            f"{r['train_loss']:.3f} |"
+            f"| {r['step']} | {r['seconds']} | {r['heldout_accuracy']:.3f} | {fmt(r['heldout_1obj'])} | "
+            f"{fmt(r['heldout_multi'])} | {r['train_accuracy']:.3f} | {r['train_loss']:.3f} |"
         )
     return rows
 

@@ -35,7 +35,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import add_config_args, environment, loop_start, parser, write_results  # noqa: E402
+from experiments.common import (  # noqa: E402
+    accuracy_by_crowding,
+    add_config_args,
+    colours_in_view,
+    environment,
+    loop_start,
+    no_binding_accuracy,
+    parser,
+    write_results,
+)
 
 # importing it registers the probe families; its toy size, with DAPO batches to match
 from experiments.defender_vulnerability import TINY as PROBE_TINY  # noqa: E402
@@ -60,24 +69,6 @@ def with_sft(cfg, steps: int, lr: float):
 def seed_overrides(seed: int) -> list[str]:
     """The defender's model init, data order and sampling seeds (experiments/evidence.py's ``seeded``)."""
     return [f"defender.model.seed={seed}", f"defender.warmup.seed={seed}", f"defender.rl.seed={seed}"]
-
-
-def accuracy_by_crowding(ids: list[str], correct: list[bool], crowded: dict[str, bool]) -> dict:
-    """Accuracy (and n) on the items whose image shows one object (``clean_1obj``) and several
-    (``clean_multi``); ``correct`` may be a probability per item; ids not in ``crowded`` count in
-    neither."""
-    out = {}
-    for key, several in (("clean_1obj", False), ("clean_multi", True)):
-        picked = [float(c) for i, c in zip(ids, correct) if crowded.get(i) is several]
-        out[key], out[f"{key}_n"] = (sum(picked) / len(picked) if picked else None), len(picked)
-    return out
-
-
-def no_binding_accuracy(colours_in_view) -> float | None:
-    """Expected accuracy of answering a colour in view uniformly at random (each item: the list of
-    its objects' colours; the right one is always among them): mean of 1 / #distinct colours."""
-    shares = [1 / len(set(c)) for c in colours_in_view if c]
-    return sum(shares) / len(shares) if shares else None
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -108,7 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from stages.attack import attack_version
     from stages.defender import evaluate_defender_version
     from stages.steps import LocalSteps
-    from world import COLOURS, Scene
+    from world import COLOURS
 
     t0 = time.perf_counter()
     preset, overrides, cfg, steps, say, start = loop_start(args, TINY, "./aot-defender-robustness")
@@ -125,7 +116,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # outside the frame): with one, the question needs no binding of the named shape to its
     # colour; with several it does, and a decoy beside the target asks exactly that.
     in_view = {
-        r["id"]: [o.colour for o in Scene.from_dict(json.loads(r["scene"])).visible()]
+        r["id"]: colours_in_view(r["scene"])
         for r in store.read(store.manifest(heldout)).select("id", "scene").iter_rows(named=True)
     }
     crowded = {i: len(colours) > 1 for i, colours in in_view.items()}

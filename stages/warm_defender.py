@@ -13,18 +13,16 @@ from storage import content_hash, decode_image
 from training.defender import DefenderTrainer, Example
 
 
+def example_of_row(r: dict) -> Example:
+    """A source row (``world_rows``) as the defender sees it: image, prompt, answer."""
+    return Example(
+        r["id"], decode_image(r["image"]), format_prompt(r["question"], r["options"]), r["answer"], len(r["options"])
+    )
+
+
 def world_examples(n: int, seed: int, cfg=None) -> list[Example]:
     """``world_rows`` as training examples."""
-    return [
-        Example(
-            r["id"],
-            decode_image(r["image"]),
-            format_prompt(r["question"], r["options"]),
-            r["answer"],
-            len(r["options"]),
-        )
-        for r in world_rows(n, seed, cfg)
-    ]
+    return [example_of_row(r) for r in world_rows(n, seed, cfg)]
 
 
 def tiny_defender(warmup: dict | None = None, **spec) -> QwenVLPolicy:

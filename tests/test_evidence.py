@@ -270,7 +270,7 @@ def test_attacker_learnability_scores_every_try_on_the_same_items(tmp_path):
 
 
 def test_defender_robustness_splits_clean_accuracy_by_crowding():
-    from experiments.defender_robustness import accuracy_by_crowding
+    from experiments.common import accuracy_by_crowding
 
     ids = ["a", "b", "c", "d", "e", "f"]
     correct = [True, False, True, True, False, True]
@@ -281,9 +281,33 @@ def test_defender_robustness_splits_clean_accuracy_by_crowding():
 
 
 def test_no_binding_reference_picks_uniformly_among_colours_in_view():
-    from experiments.defender_robustness import no_binding_accuracy
+    from experiments.common import no_binding_accuracy
 
     # one object: always right; red + blue: 1/2; a decoy of a colour already in view adds nothing
     items = [["red"], ["red", "blue"], ["red", "blue", "blue"], []]
     assert no_binding_accuracy(items) == (1 + 0.5 + 0.5) / 3
     assert no_binding_accuracy([]) is None
+
+
+def test_defender_learnability_splits_heldout_accuracy_and_states_the_no_binding_bar(tmp_path):
+    from experiments.defender_learnability import TINY, main
+    from stages.source import heldout_config, world_rows
+
+    rows = main(["--tiny", "--out", str(tmp_path), "--eval-every", "2"])
+    info = json.loads((tmp_path / "defender_learnability.json").read_text())["info"]
+    # the bar, recomputed from the held-out scenes: 1 / distinct colours of the objects in view
+    cfg = load_config("synthetic", TINY)
+    scenes = [
+        Scene.from_dict(json.loads(r["scene"]))
+        for r in world_rows(cfg.coevolution.heldout_scenes, heldout_config(cfg).source.seed, cfg)
+    ]
+    shares = [1 / len({o.colour for o in s.visible()}) for s in scenes]
+    several = [len(s.visible()) > 1 for s in scenes]
+    nb = info["no_binding"]
+    assert nb["clean"] == pytest.approx(sum(shares) / len(shares))
+    assert nb["clean_multi_n"] == sum(several) and nb["clean_1obj_n"] == len(scenes) - sum(several)
+    assert nb["clean_1obj"] == 1.0 and 0 < nb["clean_multi"] < 1
+    # every held-out scene falls in one side of the split, so the two sides average to the whole
+    for r in [row for row in rows if row["step"] > 0]:
+        whole = r["heldout_1obj"] * nb["clean_1obj_n"] + r["heldout_multi"] * nb["clean_multi_n"]
+        assert whole == pytest.approx(r["heldout_accuracy"] * len(scenes))
