@@ -2,6 +2,8 @@
 
     python experiments/defender_learnability.py                          # the evidence preset's defender
     python experiments/defender_learnability.py --set defender.model.hidden=512 --seconds 240 --name h512
+    python experiments/defender_learnability.py --train-set "source.question_types=[colour, count]" \
+        --train-set "source.question_weights=[0.5, 0.5]"                 # an auxiliary question
     python experiments/defender_learnability.py --tiny                   # CPU smoke run
 
 Trains the preset's ``defender.model`` with its ``defender.warmup`` (supervised, the co-evolution
@@ -9,7 +11,8 @@ run's defender 0) on ``coevolution.warmup_scenes`` fresh scenes of the preset's 
 greedy answers on ``coevolution.heldout_scenes`` held-out scenes every ``--eval-every`` steps,
 until the steps or ``--seconds`` run out. Prints accuracy against chance per evaluation and
 writes ``OUT/<name>.json``. Several processes with different ``--set`` share one card for a
-sweep. Chance is the mean of 1 / options over the held-out questions.
+sweep. Chance is the mean of 1 / options over the held-out questions. ``--train-set`` changes
+the training pool alone (e.g. colour and count questions, scored on colour questions).
 """
 
 from __future__ import annotations
@@ -47,6 +50,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--eval-every", type=int, default=250, help="optimizer steps between evaluations")
     ap.add_argument("--seconds", type=float, default=0, help="stop after the first evaluation past this wall time")
     ap.add_argument("--name", default="defender_learnability")
+    ap.add_argument(
+        "--train-set",
+        dest="train_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for the training pool only (after --set), e.g. another question mix: "
+        "does an auxiliary question teach what the held-out one needs?",
+    )
     args = ap.parse_args(argv)
 
     import dataclasses
@@ -60,7 +72,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     preset, overrides, cfg = load_bench_config(args, TINY)
     t0 = time.perf_counter()
     say = lambda m: print(f"{time.perf_counter() - t0:7.1f}s {args.name}: {m}", flush=True)  # noqa: E731
-    train = world_examples(cfg.coevolution.warmup_scenes, warmup_config(cfg).source.seed, cfg)
+    from config import load_config
+
+    tcfg = load_config(preset, [*overrides, *args.train_overrides]) if args.train_overrides else cfg
+    train = world_examples(tcfg.coevolution.warmup_scenes, warmup_config(tcfg).source.seed, tcfg)
     test_rows = world_rows(cfg.coevolution.heldout_scenes, heldout_config(cfg).source.seed, cfg)
     test = [example_of_row(r) for r in test_rows]
     chance = sum(1.0 / e.num_options for e in test) / len(test)
@@ -84,6 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     info = environment(
         preset=preset,
         overrides=overrides,
+        train_overrides=args.train_overrides,
         parameters=params,
         chance=chance,
         no_binding=no_binding,
