@@ -169,3 +169,12 @@ def no_binding_accuracy(items) -> float | None:
     score of a defender that sees colours but ties no shape name to them."""
     shares = [1 / len(set(c)) for c in items if c]
     return sum(shares) / len(shares) if shares else None
+
+
+def no_binding_reference(in_view: dict[str, list[str]]) -> tuple[dict[str, bool], dict]:
+    """From each item's colours in view: which items show several objects, and the no-binding
+    score overall and split by one / several objects (``accuracy_by_crowding``'s keys)."""
+    crowded = {i: len(c) > 1 for i, c in in_view.items()}
+    reference = {"clean": no_binding_accuracy(in_view.values())}
+    reference |= accuracy_by_crowding(list(in_view), [no_binding_accuracy([c]) for c in in_view.values()], crowded)
+    return crowded, reference

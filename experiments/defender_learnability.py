@@ -29,7 +29,7 @@ from experiments.common import (  # noqa: E402
     colours_in_view,
     environment,
     load_bench_config,
-    no_binding_accuracy,
+    no_binding_reference,
     parser,
     write_results,
 )
@@ -83,9 +83,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # question's shape has to be tied to its colour. The no-binding score (a colour in view at
     # random) is the bar that held-out accuracy must clear before a decoy can cost anything.
     in_view = {r["id"]: colours_in_view(r["scene"]) for r in test_rows}
-    crowded = {i: len(c) > 1 for i, c in in_view.items()}
-    no_binding = {"clean": no_binding_accuracy(in_view.values())}
-    no_binding |= accuracy_by_crowding(list(in_view), [no_binding_accuracy([c]) for c in in_view.values()], crowded)
+    crowded, no_binding = no_binding_reference(in_view)
     say(
         f"{len(train)} training and {len(test)} held-out scenes ({no_binding['clean_multi_n']} with several "
         f"objects), chance {chance:.3f}, no-binding {no_binding['clean']:.3f} (several objects "

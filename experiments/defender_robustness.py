@@ -42,6 +42,7 @@ from experiments.common import (  # noqa: E402
     environment,
     loop_start,
     no_binding_accuracy,
+    no_binding_reference,
     parser,
     write_results,
 )
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         r["id"]: colours_in_view(r["scene"])
         for r in store.read(store.manifest(heldout)).select("id", "scene").iter_rows(named=True)
     }
-    crowded = {i: len(colours) > 1 for i, colours in in_view.items()}
+    crowded, reference = no_binding_reference(in_view)
 
     def score(defender: str) -> dict:
         row = {"clean": steps.evaluate(defender, heldout).get("clean_accuracy")}
@@ -143,8 +144,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # answers one of the colours in view at random, the decoys' included — those an attack names in
     # its rows' meta ("<colour> <shape>"; exact for the oracle families, not for a learned editor
     # that repaints the scene).
-    reference = {"clean": no_binding_accuracy(in_view.values())}
-    reference |= accuracy_by_crowding(list(in_view), [no_binding_accuracy([c]) for c in in_view.values()], crowded)
     for f, version in attacked.items():
         decoys = {
             r["id"]: json.loads(r["meta"]).get("distractors", [])
