@@ -246,6 +246,12 @@ class CoevolutionConfig:
         "N = N fresh scenes of the same world (a small defender memorizes a few hundred "
         "images instead of learning the task: experiments/RESULTS.md).",
     )
+    warmup_objects_min: Int = documented(
+        0,
+        "Fewest objects in a warm-up scene (0 = source.objects_min). With single objects in the pool "
+        "a small defender settles on 'answer a colour in view' and never ties the question's shape "
+        "to its colour; with at least 2 it does (experiments/RESULTS.md, 'the warm-up binds').",
+    )
     warmup_seed_offset: Int = documented(
         20_000,
         "source.seed + this = the warm-up pool's seed (no scene in common "
@@ -406,6 +412,11 @@ class PipelineConfig:
             and self.coevolution.warmup_scenes >= 0,
             "coevolution",
             "needs iterations >= 1, heldout_scenes >= 1 and warmup_scenes >= 0",
+        )
+        _check(
+            self.coevolution.warmup_objects_min == 0 or 1 <= self.coevolution.warmup_objects_min <= s.objects_max,
+            "coevolution.warmup_objects_min",
+            f"must be 0 (source.objects_min) or within 1..source.objects_max ({s.objects_max})",
         )
         _check(
             a.cold_start_scenes >= 0 and 0 <= a.cold_start_named <= 1,

@@ -128,6 +128,9 @@ class TinyDefenderSpec:
     hidden: int = 64
     layers: int = 2
     heads: int = 2
+    kv_heads: int = 1  # key-value heads (grouped-query attention, as Qwen2.5-VL). With one, every head of a layer
+    # attends with the same keys: a layer cannot look for the question's shape and for a colour at once.
+    vision_heads: int = 2
     vision_depth: int = 2
     vision_hidden: int = 64
     patch_size: int = 8
@@ -170,7 +173,7 @@ def build_tiny_model(tok, spec: TinyDefenderSpec, seed: int = 0):
         intermediate_size=spec.hidden * 2,
         num_hidden_layers=spec.layers,
         num_attention_heads=spec.heads,
-        num_key_value_heads=1,
+        num_key_value_heads=spec.kv_heads,
         max_position_embeddings=1024,
         rope_theta=spec.rope_theta,
         tie_word_embeddings=True,
@@ -183,7 +186,7 @@ def build_tiny_model(tok, spec: TinyDefenderSpec, seed: int = 0):
         depth=spec.vision_depth,
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_hidden * 2,
-        num_heads=2,
+        num_heads=spec.vision_heads,
         out_hidden_size=spec.hidden,
         patch_size=spec.patch_size,
         spatial_merge_size=2,

@@ -95,9 +95,13 @@ def heldout_config(cfg, scenes: int | None = None):
 
 
 def warmup_config(cfg):
-    """Defender 0's warm-up pool (``coevolution.warmup_scenes`` > 0): fresh scenes of the same world."""
+    """Defender 0's warm-up pool (``coevolution.warmup_scenes`` > 0): fresh scenes of the same world,
+    with at least ``coevolution.warmup_objects_min`` objects each where that is set."""
     c = cfg.coevolution
-    return world_config(cfg, c.warmup_seed_offset, c.warmup_scenes)
+    pool = world_config(cfg, c.warmup_seed_offset, c.warmup_scenes)
+    if not c.warmup_objects_min:
+        return pool
+    return dataclasses.replace(pool, source=dataclasses.replace(pool.source, objects_min=c.warmup_objects_min))
 
 
 def cold_start_config(cfg):

@@ -150,6 +150,12 @@ def test_tiny_spec_sets_the_rotary_base_and_vision_window():
     assert float(width_freqs(blind).max()) < 0.002
     assert float(width_freqs(seeing).min()) > 0.1
     assert seeing.config.vision_config.window_size == 64 and blind.config.vision_config.window_size == 32
+    # key-value heads (1 by default: the cached warm-ups' weights) and vision heads reach the model
+    assert blind.config.text_config.num_key_value_heads == 1 and blind.config.vision_config.num_heads == 2
+    mha = QwenVLPolicy.tiny(spec=TinyDefenderSpec(heads=4, kv_heads=4, vision_heads=4)).model
+    attn = mha.model.language_model.layers[0].self_attn
+    assert attn.k_proj.out_features == attn.q_proj.out_features == 64
+    assert mha.config.vision_config.num_heads == 4
 
 
 def test_warmed_tiny_defender_is_trained_once_and_answers_in_format(tmp_path, monkeypatch, capsys):

@@ -360,3 +360,27 @@ def test_category_only_targets_get_valid_distractor_proposals():
                 descriptions.append(p.description)
         assert len(descriptions) >= 200, qtype
         assert lo <= borrowed / len(descriptions) <= hi, (qtype, borrowed / len(descriptions))
+
+
+def test_warmup_pool_keeps_its_own_fewest_objects_and_only_that():
+    """coevolution.warmup_objects_min: defender 0's pool has >= that many objects in every scene; the
+    run's own items and the held-out world keep source.objects_min (1 here)."""
+    from stages.source import heldout_config, warmup_config, world_rows
+
+    base = ["source.objects_min=1", "source.objects_max=3", "coevolution.warmup_scenes=40"]
+    preset = str(REPO / "experiments/evidence.yaml")
+    cfg = load_config(preset, [*base, "coevolution.warmup_objects_min=2"])
+
+    def object_counts(c) -> list[int]:
+        rows = world_rows(40, c.source.seed, c)
+        return [len(Scene.from_dict(json.loads(r["scene"])).visible()) for r in rows]
+
+    pool = warmup_config(cfg)
+    assert pool.source.objects_min == 2 and pool.source.num_scenes == 40
+    assert min(object_counts(pool)) == 2 and max(object_counts(pool)) == 3
+    assert cfg.source.objects_min == 1 and min(object_counts(heldout_config(cfg, 40))) == 1
+    # 0 (the default) is the run's own world, under the pool's seed
+    same = warmup_config(load_config(preset, base))
+    assert same.source.objects_min == 1 and same.source.seed == pool.source.seed
+    with pytest.raises(ValueError, match=r"coevolution.warmup_objects_min.*within 1..source.objects_max \(3\)"):
+        load_config(preset, [*base, "coevolution.warmup_objects_min=4"])
