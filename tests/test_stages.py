@@ -379,8 +379,8 @@ def test_warmup_pool_keeps_its_own_fewest_objects_and_only_that():
     assert pool.source.objects_min == 2 and pool.source.num_scenes == 40
     assert min(object_counts(pool)) == 2 and max(object_counts(pool)) == 3
     assert cfg.source.objects_min == 1 and min(object_counts(heldout_config(cfg, 40))) == 1
-    # 0 (the default) is the run's own world, under the pool's seed
-    same = warmup_config(load_config(preset, base))
+    # 0 (the field's default; the preset sets 2) is the run's own world, under the pool's seed
+    same = warmup_config(load_config(preset, [*base, "coevolution.warmup_objects_min=0"]))
     assert same.source.objects_min == 1 and same.source.seed == pool.source.seed
     with pytest.raises(ValueError, match=r"coevolution.warmup_objects_min.*within 1..source.objects_max \(3\)"):
         load_config(preset, [*base, "coevolution.warmup_objects_min=4"])
