@@ -123,7 +123,9 @@ class DefenderConfig:
     model: dict = documented(
         {"backend": "tiny", "seed": 0, "min_pixels": 4096, "max_pixels": 16384},
         "The defender to start from: {backend: tiny, seed, min_pixels, max_pixels} (random init, "
-        "tiny Qwen2.5-VL) or {backend: qwen-vl, model: ID_OR_PATH, dtype, device}; either takes "
+        "tiny Qwen2.5-VL), {backend: qwen-vl, model: ID_OR_PATH, dtype, device}, or {backend: base}: "
+        "Stage 2's base defender (models.defender, warm-up included), the model the data was "
+        "filtered against, as AOT's defender starts from its base MLLM; the first two take "
         "vision_attention: grouped (default: the vision tower's windows batched into a few attention "
         "calls instead of one per window; same results, models/vision_attention.py) | stock, and "
         "image_device: where the image processor resizes and patchifies (default the CPU; cuda moves "

@@ -76,6 +76,22 @@ def _fit_module(
     return losses
 
 
+@contextlib.contextmanager
+def _quiet(*loggers: str):
+    """Warnings of ``loggers`` (libraries' module loggers) off for the block."""
+    import logging
+
+    logs = [logging.getLogger(name) for name in loggers]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
+
+
 @dataclass
 class EditCondition:
     """What the velocity of one batch needs and what stays fixed through its rollout."""
@@ -232,31 +248,65 @@ def build_tiny_qwen_image_edit(seed: int = 0, layers: int = 2, heads: int = 4, h
     )
 
 
-def build_tiny_flux_kontext(seed: int = 0):
+def build_tiny_flux_kontext(
+    seed: int = 0,
+    layers: int = 1,
+    single_layers: int = 1,
+    heads: int = 2,
+    head_dim: int = 16,
+    vae_channels: tuple[int, ...] = (4,),
+    latent_channels: int = 2,
+):
     """FluxKontextPipeline from the tiny FLUX components (notes §4.6: the fill recipe with an
-    in_channels=8 transformer, i.e. 2 latent channels x 2x2 packing x (noise + condition))."""
-    from diffusers import FluxKontextPipeline, FluxTransformer2DModel
+    in_channels=8 transformer, i.e. 2 latent channels x 2x2 packing).
+
+    ``vae_channels`` (one entry per VAE level; a stride of 2 per level after the first) and
+    ``latent_channels`` replace the fill recipe's one-level VAE by an AutoencoderKL of that shape,
+    e.g. (16, 32, 32) and 4: stride 4 as the tiny Qwen-Image VAE, but plain 2-D convolutions,
+    which fit world images on a CPU in minutes where the Qwen-Image VAE's causal 3-D ones take
+    hours (experiments/RESULTS.md, "an editor the CPU can fit")."""
+    from diffusers import AutoencoderKL, FluxKontextPipeline, FluxTransformer2DModel
 
     from models.diffusion_fill import build_tiny_flux_fill
 
     fill = build_tiny_flux_fill(seed)
+    vae = fill.vae
+    if tuple(vae_channels) != (4,) or latent_channels != 2:
+        torch.manual_seed(seed)
+        levels = len(vae_channels)
+        vae = AutoencoderKL(
+            block_out_channels=tuple(vae_channels),
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=min(8, min(vae_channels)),
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            mid_block_add_attention=False,
+            shift_factor=0.0,
+            scaling_factor=1.0,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+        )
     torch.manual_seed(seed)
+    # rotary axes (id, height, width) sum to head_dim; the fill recipe's (4, 4, 8) at 16
+    q = head_dim * 3 // 8 // 2 * 2
+    axes = [4, 4, 8] if head_dim == 16 else [head_dim - 2 * q, q, q]
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=8,
-        out_channels=8,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
+        in_channels=4 * latent_channels,
+        out_channels=4 * latent_channels,
+        num_layers=layers,
+        num_single_layers=single_layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
         joint_attention_dim=32,
         pooled_projection_dim=32,
-        axes_dims_rope=[4, 4, 8],
+        axes_dims_rope=axes,
         guidance_embeds=True,
     )
     return FluxKontextPipeline(
         scheduler=fill.scheduler,
-        vae=fill.vae,
+        vae=vae,
         text_encoder=fill.text_encoder,
         tokenizer=fill.tokenizer,
         text_encoder_2=fill.text_encoder_2,
@@ -310,7 +360,21 @@ class FlowEditor:
             x = self._pixels([images[i] for i in idx], images[0].size)
             return torch.nn.functional.mse_loss(vae.decode(vae.encode(x).latent_dist.mode()).sample, x)
 
-        return _fit_module("tiny VAE", vae, loss, steps, lr, seed)
+        losses = _fit_module("tiny VAE", vae, loss, steps, lr, seed)
+        if "scaling_factor" in vae.config and "shift_factor" in vae.config:
+            # A VAE with a latent shift and scale (AutoencoderKL; the pipelines normalize its latents
+            # with them): set them from the fitted latents, as the real checkpoints' were from their
+            # data, so the editor's flow starts from unit-variance noise over unit-variance latents.
+            # (The Qwen-Image VAE's per-channel mean/std stay 0/1: its GPU fits were made so.)
+            with torch.no_grad():
+                lat = torch.cat(
+                    [
+                        vae.encode(self._pixels(images[i : i + 64], images[0].size)).latent_dist.mode().float()
+                        for i in range(0, len(images), 64)
+                    ]
+                )
+            vae.register_to_config(shift_factor=float(lat.mean()), scaling_factor=float(1 / lat.std()))
+        return losses
 
     def fit_editor(
         self,
@@ -337,6 +401,48 @@ class FlowEditor:
 
         return _fit_module("tiny editor", self.transformer, loss, steps, lr, seed)
 
+    def apply_fits(
+        self, resolution: int, vae_arch: dict, arch: dict, vae_fit: dict | None, editor_fit: dict | None
+    ) -> None:
+        """The tiny editors' fits, each cached: ``vae_fit`` ({steps, scenes, batch, lr, seed}) fits
+        a fresh VAE (from the fit's seed) to world images, ``editor_fit`` (same keys) then trains
+        the transformer on world edits (``world_edit_pairs``). ``vae_arch`` is what the VAE's fit
+        depends on (its shape, not the transformer's); ``arch`` the whole architecture."""
+        vae_key = None
+        if vae_fit:
+            from world import WorldConfig, generate_world, render
+
+            fit = {"steps": 500, "scenes": 256, "batch": 8, "lr": 1e-3, "seed": 0, **vae_fit}
+            n = fit.pop("scenes")
+            # The fitted VAE starts from the fit's seed, not the editor's: editors of every seed (the
+            # evidence experiment's arms) share one fit, and it is the same whoever fits it first.
+            vae = self.pipe.vae
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(fit["seed"])
+                self.pipe.vae = type(vae).from_config(vae.config).to(self.device).requires_grad_(False).eval()
+            vae_key = {"resolution": resolution, **vae_arch, "scenes": n, "revision": VAE_FIT_REVISION, **fit}
+            self.fit_autoencoder_cached(
+                vae_key,
+                lambda: [render(generate_world(10_000_000 + i, WorldConfig(resolution=resolution))) for i in range(n)],
+                **fit,
+            )
+        if editor_fit:
+            fit = {"steps": 500, "scenes": 512, "batch": 16, "lr": 1e-3, "seed": 0, **editor_fit}
+            n = fit.pop("scenes")
+            self.fit_editor_cached(
+                {"resolution": resolution, "tiny": arch, "vae": vae_key, "scenes": n, "revision": VAE_FIT_REVISION},
+                lambda: world_edit_pairs(n, resolution, fit["seed"]),
+                **fit,
+            )
+
+    def cast(self, dtype: str | torch.dtype) -> "FlowEditor":
+        """The editor's weights and latents in ``dtype`` (after any fit: fits run in float32)."""
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if dtype != torch.float32:
+            self.pipe.to(dtype=dtype)
+            self.dtype = dtype
+        return self
+
     def fit_autoencoder_cached(self, key: dict, images: Callable[[], list[Image.Image]], **fit) -> Path:
         """``fit_autoencoder`` once per ``key`` (spec + fit settings); the VAE's weights are cached
         as safetensors under ``$AOT_CACHE/tiny-vae`` and later builds load them."""
@@ -353,6 +459,7 @@ class FlowEditor:
     def _fit_cached(self, kind: str, module: torch.nn.Module, key: dict, fit: Callable[[], object]) -> Path:
         """Run ``fit`` (which trains ``module``) once per ``key``; its weights are cached as
         safetensors under ``$AOT_CACHE/<kind>`` and later builds load them."""
+        from safetensors import safe_open
         from safetensors.torch import load_file, save_file
 
         from models.cache import build_once, cache_root, kernel_family
@@ -362,17 +469,24 @@ class FlowEditor:
         # cache folder shared by machines never hands one another's fit.
         key = {**key, "kernels": kernel_family([str(self.device)])}
 
+        # Config values a fit sets (a VAE's latent shift and scale) travel with its weights.
+        fitted_config = [k for k in ("shift_factor", "scaling_factor") if k in getattr(module, "config", {})]
+
         def build(tmp: Path) -> None:
             fit()
             # The key rides along as metadata, so a cached file says which fit it is.
+            meta = {"aot_fit_key": json.dumps(key, sort_keys=True, default=str)}
+            if fitted_config:
+                meta["aot_fit_config"] = json.dumps({k: module.config[k] for k in fitted_config})
             save_file(
-                {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
-                str(tmp),
-                metadata={"aot_fit_key": json.dumps(key, sort_keys=True, default=str)},
+                {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp), metadata=meta
             )
 
         path = build_once(cache_root() / kind / f"{content_hash(key)}.safetensors", build, folder=False)
         module.load_state_dict(load_file(str(path), device=str(self.device)))
+        if fitted_config:
+            with safe_open(str(path), "pt") as f:
+                module.register_to_config(**json.loads((f.metadata() or {}).get("aot_fit_config", "{}")))
         return path
 
     # ------------------------------------------------------------------ sizes and conditions
@@ -587,43 +701,8 @@ class QwenImageEditor(FlowEditor):
         editor = cls(
             build_tiny_qwen_image_edit(base_seed, **kw), resolution=resolution, cfg_scale=cfg_scale, device=device
         )
-        vae_key = None
-        if vae_fit:
-            from world import WorldConfig, generate_world, render
-
-            fit = {"steps": 500, "scenes": 256, "batch": 8, "lr": 1e-3, "seed": 0, **vae_fit}
-            n = fit.pop("scenes")
-            # The fitted VAE starts from the fit's seed, not the editor's: editors of every seed (the
-            # evidence experiment's arms) share one fit, and it is the same whoever fits it first.
-            vae = editor.pipe.vae
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(fit["seed"])
-                editor.pipe.vae = type(vae).from_config(vae.config).to(editor.device).requires_grad_(False).eval()
-            vae_key = {
-                "resolution": resolution,
-                "z_dim": kw["z_dim"],
-                "scenes": n,
-                "revision": VAE_FIT_REVISION,
-                **fit,
-            }  # the VAE depends only on its latent width (not the transformer's size)
-            editor.fit_autoencoder_cached(
-                vae_key,
-                lambda: [render(generate_world(10_000_000 + i, WorldConfig(resolution=resolution))) for i in range(n)],
-                **fit,
-            )
-        if editor_fit:
-            fit = {"steps": 500, "scenes": 512, "batch": 16, "lr": 1e-3, "seed": 0, **editor_fit}
-            n = fit.pop("scenes")
-            editor.fit_editor_cached(
-                {"resolution": resolution, "tiny": kw, "vae": vae_key, "scenes": n, "revision": VAE_FIT_REVISION},
-                lambda: world_edit_pairs(n, resolution, fit["seed"]),
-                **fit,
-            )
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        if dtype != torch.float32:
-            editor.pipe.to(dtype=dtype)
-            editor.dtype = dtype
-        return editor
+        editor.apply_fits(resolution, {"z_dim": kw["z_dim"]}, kw, vae_fit, editor_fit)
+        return editor.cast(dtype)
 
     @classmethod
     def from_pretrained(
@@ -696,10 +775,43 @@ class FluxKontextEditor(FlowEditor):
         self.guidance, self.max_sequence_length = guidance, max_sequence_length
 
     @classmethod
-    def tiny(cls, seed: int = 0, resolution: int = 32, cfg_scale: float = 1.0, **kw) -> "FluxKontextEditor":
-        return cls(
-            build_tiny_flux_kontext(seed), resolution=resolution, cfg_scale=cfg_scale, max_sequence_length=32, **kw
+    def tiny(
+        cls,
+        seed: int = 0,
+        resolution: int = 32,
+        cfg_scale: float = 1.0,
+        device: str = "cpu",
+        vae_fit: dict | None = None,
+        editor_fit: dict | None = None,
+        dtype: str | torch.dtype = "float32",
+        max_sequence_length: int = 256,
+        **arch,
+    ) -> "FluxKontextEditor":
+        """The tiny FLUX.1-Kontext editor; ``arch``: ``build_tiny_flux_kontext``'s sizes. ``vae_fit``
+        and ``editor_fit`` as ``QwenImageEditor.tiny``'s (each cached; with ``editor_fit`` every
+        part comes from the fit's seed, the attacker's seed sets its LoRA and its noise)."""
+        base_seed = editor_fit.get("seed", 0) if editor_fit else seed
+        arch = {
+            **{k: p.default for k, p in inspect.signature(build_tiny_flux_kontext).parameters.items() if k != "seed"},
+            **arch,
+        }
+        arch["vae_channels"] = list(arch["vae_channels"])
+        pipe = build_tiny_flux_kontext(base_seed, **{**arch, "vae_channels": tuple(arch["vae_channels"])})
+        # 256 T5 tokens: the tiny T5 tokenizer spends about one per character, and an attacker's
+        # instruction (attack_instruction) runs to ~160; cut at 32 it loses the question.
+        editor = cls(
+            pipe, resolution=resolution, cfg_scale=cfg_scale, max_sequence_length=max_sequence_length, device=device
         )
+        vae_arch = {
+            "backend": "tiny-kontext",
+            "vae_channels": arch["vae_channels"],
+            "latent_channels": arch["latent_channels"],
+        }
+        # the prompt encodings the transformer learns to read depend on where T5's input is cut
+        editor.apply_fits(
+            resolution, vae_arch, {**arch, "max_sequence_length": max_sequence_length}, vae_fit, editor_fit
+        )
+        return editor.cast(dtype)
 
     @classmethod
     def from_pretrained(
@@ -727,9 +839,13 @@ class FluxKontextEditor(FlowEditor):
         return self.pipe._encode_vae_image(pixels, generator=None)
 
     def _encode_prompts(self, prompts, images) -> tuple[dict, dict]:
-        emb, pooled, text_ids = self.pipe.encode_prompt(
-            prompts, device=self.device, max_sequence_length=self.max_sequence_length
-        )
+        # CLIP's pooled vector sees the first 77 tokens only (FLUX's design; T5 reads the whole
+        # instruction): the pipeline's and the tokenizer's warnings about the cut, repeated for
+        # every prompt of every rollout, say nothing new.
+        with _quiet("diffusers.pipelines.flux.pipeline_flux_kontext", "transformers.tokenization_utils_base"):
+            emb, pooled, text_ids = self.pipe.encode_prompt(
+                prompts, device=self.device, max_sequence_length=self.max_sequence_length
+            )
         return {"encoder_hidden_states": emb, "pooled_projections": pooled}, {"txt_ids": text_ids}
 
     def _positions(self, size: tuple[int, int]) -> dict:

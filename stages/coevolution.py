@@ -141,7 +141,7 @@ def write_run(
 
 
 def plot_iterations(rows: list[dict], base_clean: float | None, path: str) -> None:
-    """The co-evolution curve: attack success before/after each defender phase, defender
+    """The co-evolution curve: attack success through each attacker and defender phase, defender
     accuracy on clean and attacked held-out scenes, per iteration."""
     import matplotlib
 
@@ -150,8 +150,17 @@ def plot_iterations(rows: list[dict], base_clean: float | None, path: str) -> No
 
     it = [r["iteration"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3))
-    a.plot(it, [r["attack_success_before"] for r in rows], "o-", label="vs defender n-1")
-    a.plot(it, [r["attack_success_after"] for r in rows], "s--", label="vs defender n")
+    # Phase by phase on the same held-out items: iteration n's attacker phase takes success from
+    # x = n - 1 (attacker n-1 vs defender n-1) to n - 1/2 (attacker n vs defender n-1), its
+    # defender phase from there to n (attacker n vs defender n). A rising solid segment is an
+    # attacker that learned to attack; a falling dashed one a defender that learned to resist.
+    for k, r in enumerate(rows):
+        n = r["iteration"]
+        start, before, after = r["attack_success_start"], r["attack_success_before"], r["attack_success_after"]
+        if start is not None and before is not None:
+            a.plot([n - 1, n - 0.5], [start, before], "o-", color="C3", label="attacker phase" if k == 0 else None)
+        if before is not None and after is not None:
+            a.plot([n - 0.5, n], [before, after], "s--", color="C0", label="defender phase" if k == 0 else None)
     a.set_title("attack success (held out)")
     a.set_xlabel("iteration")
     a.legend(fontsize=7)

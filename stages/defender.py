@@ -105,12 +105,41 @@ def defender_from_version(version: str, root: str, storage_options: dict | None 
     return load_defender(ShardStore(root, storage_options), version, **runtime)
 
 
+TRAINABLE_BASES = ("tiny", "qwen-vl")  # Stage 2 defenders that are policies (perception-baseline is not)
+
+
+def initial_model_spec(cfg: PipelineConfig) -> dict:
+    """``defender.model`` as the loop starts from it. ``{backend: base}``: Stage 2's base defender
+    (``models.defender``, with a tiny one's warm-up on the run's world), as AOT starts its defender
+    from the model its data was filtered against; its resolved spec goes into the version id."""
+    spec = cfg.defender.model
+    if spec.get("backend") != "base":
+        return spec
+    base = cfg.model_spec("defender")
+    base = {"backend": base} if isinstance(base, str) else dict(base)
+    if base["backend"] not in TRAINABLE_BASES:
+        raise ValueError(
+            f"defender.model {{backend: base}} starts from models.defender, which is {base['backend']!r}: "
+            f"not a trainable policy; set models.defender to one of {', '.join(TRAINABLE_BASES)}, or "
+            "defender.model to {backend: tiny, ...}"
+        )
+    return {**spec, "base": base}
+
+
 def _initial_policy(store: ShardStore, cfg: PipelineConfig, init_version: str | None):
     from models.qwen_vl import load_policy
 
-    return (
-        load_defender(store, init_version, **defender_runtime(cfg)) if init_version else load_policy(cfg.defender.model)
-    )
+    if init_version:
+        return load_defender(store, init_version, **defender_runtime(cfg))
+    spec = initial_model_spec(cfg)
+    if spec.get("backend") != "base":
+        return load_policy(spec)
+    from stages.registry import BACKENDS
+
+    base = dict(spec["base"])
+    run = {k: v for k, v in spec.items() if k not in ("backend", "base")}  # e.g. device: where it trains
+    # A fresh instance, never the registry's shared one: training changes its weights in place.
+    return BACKENDS["defender"][base.pop("backend")].make(**{**base, **run})
 
 
 MODULES = (__name__,)  # the code of a defender version: this module and what it imports
@@ -131,7 +160,7 @@ def train_defender_version(
     d, train_cfg = cfg.defender, defender_train_config(cfg, mode)
     vcfg = {
         "defender": {
-            "model": d.model,
+            "model": initial_model_spec(cfg),
             "images": d.images,
             "max_examples": d.max_examples,
             "mode": mode,

@@ -119,8 +119,13 @@ def check_specs(cfg: PipelineConfig) -> PipelineConfig:
         except ModelConfigError as exc:
             raise ConfigError(str(exc)) from None
     try:
-        normalize_spec("defender", cfg.defender.model)
-    except ModelConfigError as exc:
+        if cfg.defender.model.get("backend") == "base":  # Stage 2's base defender (stages/defender.py)
+            from stages.defender import initial_model_spec
+
+            initial_model_spec(cfg)
+        else:
+            normalize_spec("defender", cfg.defender.model)
+    except (ModelConfigError, ValueError) as exc:
         raise ConfigError(f"defender.model: {exc}") from None
     editor = cfg.attacker.model.get("backend", "tiny")
     if editor not in EDITORS:

@@ -88,7 +88,7 @@ def test_kontext_a_zero_sampler_is_the_pipeline_sampler_and_its_lora_trains():
         width=w,
         max_area=w * h,
         _auto_resize=False,
-        max_sequence_length=32,
+        max_sequence_length=ed.max_sequence_length,
         output_type="latent",
     ).images
     assert torch.equal(ours, ref)
@@ -710,3 +710,56 @@ def test_keep_targets_scores_rollouts_with_their_targets_given_back():
         assert all(not torch.equal(before[k], v) for k, v in tr.editor.lora_state().items())  # it trains
     assert len(seen[True]) == 16 and all(seen[True])  # 2 steps x 2 groups x 4 edits
     assert not any(seen[False])
+
+
+def test_kontext_vae_fit_sets_the_latent_scale_and_the_cache_keeps_it(tmp_path, monkeypatch):
+    """The tiny FLUX.1-Kontext editor with a stride-4 2-D VAE (the CPU-fittable editor): its fit
+    reconstructs world images better than the random VAE, sets shift/scale so that the fit
+    images' latents have mean 0 and std 1, and a second build loads weights *and* scale from
+    the cache."""
+    from models.editor import FluxKontextEditor
+    from world import WorldConfig, generate_world, render
+
+    monkeypatch.setenv("AOT_CACHE", str(tmp_path))
+    arch = {"resolution": 32, "vae_channels": [8, 16, 16], "latent_channels": 4}
+    fit = {"steps": 60, "scenes": 32, "batch": 8, "lr": 2e-3}
+    test = [render(generate_world(777 + i, WorldConfig(resolution=32))) for i in range(6)]
+
+    def fidelity(ed):
+        ims = [ed.resize(im) for im in test]
+        lat = ed.latents_of(ims)
+        out = ed.pipe.image_processor.postprocess(
+            ed._decode(ed.pipe._unpack_latents(lat, 32, 32, ed.pipe.vae_scale_factor)), output_type="pil"
+        )
+        return float(np.mean([region_ssim(np.asarray(a), np.asarray(b)) for a, b in zip(ims, out)]))
+
+    random_vae = FluxKontextEditor.tiny(**arch)
+    assert random_vae.multiple == 8  # stride 4 x 2x2 packing
+    fitted = FluxKontextEditor.tiny(**arch, vae_fit=fit)
+    before, after = fidelity(random_vae), fidelity(fitted)
+    assert after >= before + 0.15, (before, after)
+    fit_images = [
+        fitted.resize(render(generate_world(10_000_000 + i, WorldConfig(resolution=32)))) for i in range(fit["scenes"])
+    ]
+    lat = fitted.latents_of(fit_images)
+    assert abs(float(lat.mean())) < 1e-4 and abs(float(lat.std()) - 1) < 1e-3
+    scale = fitted.pipe.vae.config.scaling_factor
+    assert scale != 1.0  # not the random VAE's
+    again = FluxKontextEditor.tiny(**arch, vae_fit=fit)
+    assert len(list((tmp_path / "tiny-vae").glob("*.safetensors"))) == 1
+    assert again.pipe.vae.config.scaling_factor == scale
+    assert again.pipe.vae.config.shift_factor == fitted.pipe.vae.config.shift_factor
+    assert torch.equal(again.latents_of(fit_images[:4]), lat[:4])
+
+
+def test_kontext_instruction_reaches_t5_whole():
+    """The tiny T5 tokenizer spends about one token per character: the editor's instruction must
+    not be cut before the question (at the old 32 tokens it kept "Change the scene so that answ")."""
+    from models.editor import FluxKontextEditor, attack_instruction
+
+    ed = FluxKontextEditor.tiny(resolution=32)
+    text = attack_instruction("What is the colour of the circle?", ["circle"])
+    assert len(ed.pipe.tokenizer_2(text).input_ids) <= ed.max_sequence_length
+    a = ed._encode_prompts([text], None)[0]["encoder_hidden_states"]
+    b = ed._encode_prompts([text.replace("circle?", "square?")], None)[0]["encoder_hidden_states"]
+    assert not torch.equal(a, b)

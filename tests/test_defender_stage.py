@@ -180,3 +180,41 @@ def test_the_full_preset_trains_the_defender_at_aots_values():
     assert (
         over.defender.rl.lora_rank == 64 and over.defender.warmup.lora_rank == 0
     )  # one stage's override stays its own
+
+
+def test_the_loop_can_start_from_stage_2s_base_defender(tmp_path, monkeypatch):
+    """``defender.model: {backend: base}``: defender 0 starts from Stage 2's base defender (its
+    warm-up included), as a fresh copy of the same weights, never the registry's shared instance;
+    its resolved spec (so its warm-up) is part of the spec the version id hashes. A base that is
+    no policy is refused with the fix named."""
+    import torch
+
+    from config import ConfigError
+    from stages.defender import _initial_policy, initial_model_spec
+    from stages.registry import load, resolve_config
+
+    monkeypatch.setenv("AOT_CACHE", str(tmp_path))
+    tiny = {"backend": "tiny", "seed": 0, "min_pixels": 1024, "max_pixels": 4096}
+    over = {"models": {"defender": {**tiny, "warmup": {"steps": 2, "scenes": 8, "batch": 4}}}}
+    cfg = resolve_config("synthetic", {**over, "defender": {"model": {"backend": "base"}}})
+    spec = initial_model_spec(cfg)
+    assert spec["backend"] == "base" and spec["base"] == cfg.model_spec("defender")
+    assert spec["base"]["warmup"]["source"]["question_types"] == ["colour"]  # the run's world rides along
+    other = resolve_config(
+        "synthetic",
+        {
+            "models": {"defender": {**tiny, "warmup": {"steps": 3, "scenes": 8, "batch": 4}}},
+            "defender": {"model": cfg.defender.model},
+        },
+    )
+    assert initial_model_spec(other) != spec
+    shared = load("defender", cfg.model_spec("defender"))
+    policy = _initial_policy(None, cfg, None)
+    assert policy is not shared and policy.model is not shared.model
+    theirs = shared.model.state_dict()
+    for name, value in policy.model.state_dict().items():
+        assert torch.equal(value, theirs[name]), name
+    with pytest.raises(ConfigError, match=r"defender.model.*perception-baseline.*set models.defender"):
+        resolve_config(
+            "synthetic", {"models": {"defender": "perception-baseline"}, "defender": {"model": cfg.defender.model}}
+        )
