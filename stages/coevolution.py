@@ -39,6 +39,9 @@ from training.tracking import RunTracker, nest_runs
 def loop_start(steps: Steps, cfg: PipelineConfig, source: str | None = None) -> dict:
     """What the loop starts from, as versions: ``export``, the training ``items`` (the filter's),
     the ``heldout`` items, the ``warmup`` data and ``defender_0`` (defender.warmup, its own mode)."""
+    from stages.defender import initial_model_spec
+
+    initial_model_spec(cfg)  # a defender.model that cannot start the loop fails before the bootstrap runs
     data = {s["stage"]: s["version"] for s in steps.bootstrap(source)}
     heldout = steps.heldout()
     warmup = steps.warmup_pool() if cfg.coevolution.warmup_scenes else data["export"]

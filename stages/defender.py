@@ -15,7 +15,7 @@ from typing import Callable
 
 import polars as pl
 
-from config import PipelineConfig
+from config import ConfigError, PipelineConfig
 from evaluation.answers import answer_items
 from models.mcq import format_prompt
 from models.vision_attention import DEFAULT as DEFAULT_VISION_ATTENTION
@@ -118,7 +118,7 @@ def initial_model_spec(cfg: PipelineConfig) -> dict:
     base = cfg.model_spec("defender")
     base = {"backend": base} if isinstance(base, str) else dict(base)
     if base["backend"] not in TRAINABLE_BASES:
-        raise ValueError(
+        raise ConfigError(  # a ValueError the CLI prints in one line
             f"defender.model {{backend: base}} starts from models.defender, which is {base['backend']!r}: "
             f"not a trainable policy; set models.defender to one of {', '.join(TRAINABLE_BASES)}, or "
             "defender.model to {backend: tiny, ...}"

@@ -119,13 +119,11 @@ def check_specs(cfg: PipelineConfig) -> PipelineConfig:
         except ModelConfigError as exc:
             raise ConfigError(str(exc)) from None
     try:
-        if cfg.defender.model.get("backend") == "base":  # Stage 2's base defender (stages/defender.py)
-            from stages.defender import initial_model_spec
-
-            initial_model_spec(cfg)
-        else:
+        # {backend: base} is Stage 2's base defender: checked where the loop starts
+        # (stages.defender.initial_model_spec), since a data-only run may use any models.defender
+        if cfg.defender.model.get("backend") != "base":
             normalize_spec("defender", cfg.defender.model)
-    except (ModelConfigError, ValueError) as exc:
+    except ModelConfigError as exc:
         raise ConfigError(f"defender.model: {exc}") from None
     editor = cfg.attacker.model.get("backend", "tiny")
     if editor not in EDITORS:

@@ -26,6 +26,7 @@ TOY = {
     },
     "attacker": {
         "model": {"backend": "tiny", "seed": 0, "resolution": 32, "cfg_scale": 1.0},
+        "cold_start_scenes": 0,
         "cold_start": {"steps": 1, "sft_batch": 2},
         "rl": {
             "steps": 1,

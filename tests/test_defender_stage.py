@@ -189,9 +189,10 @@ def test_the_loop_can_start_from_stage_2s_base_defender(tmp_path, monkeypatch):
     no policy is refused with the fix named."""
     import torch
 
-    from config import ConfigError
+    from stages.coevolution import run_coevolution
     from stages.defender import _initial_policy, initial_model_spec
     from stages.registry import load, resolve_config
+    from stages.steps import LocalSteps
 
     monkeypatch.setenv("AOT_CACHE", str(tmp_path))
     tiny = {"backend": "tiny", "seed": 0, "min_pixels": 1024, "max_pixels": 4096}
@@ -214,7 +215,12 @@ def test_the_loop_can_start_from_stage_2s_base_defender(tmp_path, monkeypatch):
     theirs = shared.model.state_dict()
     for name, value in policy.model.state_dict().items():
         assert torch.equal(value, theirs[name]), name
-    with pytest.raises(ConfigError, match=r"defender.model.*perception-baseline.*set models.defender"):
-        resolve_config(
-            "synthetic", {"models": {"defender": "perception-baseline"}, "defender": {"model": cfg.defender.model}}
-        )
+    # A data-only run may use any base defender; the loop refuses one that is no policy, before
+    # its bootstrap runs, naming the fix.
+    plain = resolve_config(
+        "synthetic", {"models": {"defender": "perception-baseline"}, "defender": {"model": cfg.defender.model}}
+    )
+    store = ShardStore(str(tmp_path / "store"))
+    with pytest.raises(ValueError, match=r"perception-baseline.*set models.defender"):
+        run_coevolution(store, plain, LocalSteps(store, plain))
+    assert not list((tmp_path / "store").rglob("manifest.json"))
