@@ -315,6 +315,17 @@ def build_tiny_flux_kontext(
     )
 
 
+def _tiny_pipeline(builder: Callable, seed: int, editor_fit: dict | None, given: dict) -> tuple[object, dict]:
+    """A tiny editor's pipeline from ``builder`` and its whole architecture, the builder's defaults
+    filled in: the fits' cache keys name it, so {layers: 4} and {layers: 4, z_dim: 4} are one
+    model and share one fit. With ``editor_fit`` every part comes from the fit's seed: one fitted
+    editor for every seed (the transformer learns to read that text encoder's embeddings and that
+    VAE's latents); the attacker's seed still sets its LoRA's init and the sampling noise."""
+    defaults = {k: p.default for k, p in inspect.signature(builder).parameters.items() if k != "seed"}
+    arch = {**defaults, **given}
+    return builder(editor_fit.get("seed", 0) if editor_fit else seed, **arch), arch
+
+
 class FlowEditor:
     """A flow-matching editor as a policy: condition, velocity, schedule, decode; LoRA on the
     transformer. Subclasses give ``_encode_prompts``, ``_vae_encode``, ``_transformer``,
@@ -686,21 +697,8 @@ class QwenImageEditor(FlowEditor):
         ``editor_fit`` (same keys; after ``vae_fit``): then train the transformer on world edits —
         an object drawn into a free place of a scene, with the attacker's instruction — so that it
         copies its input and adds objects (cached; the attacker's LoRA trains on top)."""
-        # With editor_fit every part comes from the fit's seed: one fitted editor for every seed (the
-        # transformer learns to read that text encoder's embeddings and that VAE's latents); the
-        # attacker's seed still sets its LoRA's init and the sampling noise.
-        base_seed = editor_fit.get("seed", 0) if editor_fit else seed
-        # The whole architecture (defaults filled in) keys the fits: {layers: 4} and {layers: 4, z_dim: 4}
-        # are one model and share one cached fit.
-        kw = {
-            **{
-                k: p.default for k, p in inspect.signature(build_tiny_qwen_image_edit).parameters.items() if k != "seed"
-            },
-            **kw,
-        }
-        editor = cls(
-            build_tiny_qwen_image_edit(base_seed, **kw), resolution=resolution, cfg_scale=cfg_scale, device=device
-        )
+        pipe, kw = _tiny_pipeline(build_tiny_qwen_image_edit, seed, editor_fit, kw)
+        editor = cls(pipe, resolution=resolution, cfg_scale=cfg_scale, device=device)
         editor.apply_fits(resolution, {"z_dim": kw["z_dim"]}, kw, vae_fit, editor_fit)
         return editor.cast(dtype)
 
@@ -790,13 +788,7 @@ class FluxKontextEditor(FlowEditor):
         """The tiny FLUX.1-Kontext editor; ``arch``: ``build_tiny_flux_kontext``'s sizes. ``vae_fit``
         and ``editor_fit`` as ``QwenImageEditor.tiny``'s (each cached; with ``editor_fit`` every
         part comes from the fit's seed, the attacker's seed sets its LoRA and its noise)."""
-        base_seed = editor_fit.get("seed", 0) if editor_fit else seed
-        arch = {
-            **{k: p.default for k, p in inspect.signature(build_tiny_flux_kontext).parameters.items() if k != "seed"},
-            **arch,
-        }
-        arch["vae_channels"] = list(arch["vae_channels"])
-        pipe = build_tiny_flux_kontext(base_seed, **{**arch, "vae_channels": tuple(arch["vae_channels"])})
+        pipe, arch = _tiny_pipeline(build_tiny_flux_kontext, seed, editor_fit, arch)
         # 256 T5 tokens: the tiny T5 tokenizer spends about one per character, and an attacker's
         # instruction (attack_instruction) runs to ~160; cut at 32 it loses the question.
         editor = cls(

@@ -115,8 +115,9 @@ def initial_model_spec(cfg: PipelineConfig) -> dict:
     spec = cfg.defender.model
     if spec.get("backend") != "base":
         return spec
-    base = cfg.model_spec("defender")
-    base = {"backend": base} if isinstance(base, str) else dict(base)
+    from stages.registry import normalize_spec
+
+    base = normalize_spec("defender", cfg.model_spec("defender"))
     if base["backend"] not in TRAINABLE_BASES:
         raise ConfigError(  # a ValueError the CLI prints in one line
             f"defender.model {{backend: base}} starts from models.defender, which is {base['backend']!r}: "
@@ -134,12 +135,12 @@ def _initial_policy(store: ShardStore, cfg: PipelineConfig, init_version: str | 
     spec = initial_model_spec(cfg)
     if spec.get("backend") != "base":
         return load_policy(spec)
-    from stages.registry import BACKENDS
+    from stages.registry import backend
 
-    base = dict(spec["base"])
+    base = {k: v for k, v in spec["base"].items() if k != "backend"}
     run = {k: v for k, v in spec.items() if k not in ("backend", "base")}  # e.g. device: where it trains
-    # A fresh instance, never the registry's shared one: training changes its weights in place.
-    return BACKENDS["defender"][base.pop("backend")].make(**{**base, **run})
+    # A fresh instance, never the registry's shared (cached) one: training changes its weights in place.
+    return backend("defender", spec["base"]).make(**{**base, **run})
 
 
 MODULES = (__name__,)  # the code of a defender version: this module and what it imports
