@@ -5,7 +5,7 @@
     python experiments/defender_robustness.py --sft-steps 400 --steps 60 --lrs 3e-4 --seed 1
     python experiments/defender_robustness.py --tiny                            # CPU smoke run
 
-The co-evolution loop's defender phase (15 DAPO steps on 48 attacked + 48 clean rows in the
+The co-evolution loop's defender phase (then 15 DAPO steps on 48 attacked + 48 clean rows in the
 `evidence` preset) leaves the defender as open to its attacker as before (RESULTS.md, evidence run
 3). Before that phase is lengthened, this measures what DAPO alone can do against one *fixed*,
 exactly drawn attack family (``--train-attack``, a registered attack: the Stage 2 implanter, a
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="comma-separated families scored held out (default: the training family, implanter, option-decoys, "
         "backdrop-tint)",
     )
-    ap.add_argument("--steps", default="15,60,150", help="DAPO steps per setting (the evidence preset's phase: 15)")
+    ap.add_argument("--steps", default="15,60,150", help="DAPO steps per setting (the evidence preset's phase: 60)")
     ap.add_argument("--lrs", default="1e-4,3e-4", help="DAPO learning rates (the evidence preset's: 1e-4)")
     ap.add_argument(
         "--sft-steps",
