@@ -53,6 +53,14 @@ _PREWARM: list = []
 _WARM = "from stages.registry import load, resolve_config; load('defender', resolve_config().model_spec('defender'))"
 
 
+def warm_default_defender() -> None:
+    """The embedded default's warmed Stage 2 defender in the run's cache, in a process of its own:
+    loads it if present, waits on the prewarm's build lock if it is being built, else builds it.
+    For tests that time a run and should not time the one-time warm-up inside it."""
+    out = subprocess.run([sys.executable, "-c", _WARM], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 def pytest_configure(config):
     """On a whole-suite run (`make test`: no paths given), start warming the embedded default's
     Stage 2 defender at once, in a process of its own: the tests that need it wait on its build
