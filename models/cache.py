@@ -55,6 +55,19 @@ def build_once(path: Path, build: Callable[[Path], None], folder: bool = True) -
     return path
 
 
+# Fits that ship with the code, as ``<kind>/<hash of the fit's key without kernels>.safetensors``:
+# the embedded default's editor fits (minutes on a 2-core CPU, once per machine otherwise), made by
+# experiments/ship_fits.py. Every machine then edits with the same bytes, whatever its kernels.
+SHIPPED_FITS = Path(__file__).resolve().parent / "fitted"
+
+
+def shipped_fit(kind: str, key_hash: str) -> Path | None:
+    """The shipped fit of ``kind`` whose key hashes to ``key_hash``, if there is one and
+    ``$AOT_NO_SHIPPED_FITS`` is unset (set it to fit afresh, as experiments/ship_fits.py does)."""
+    path = SHIPPED_FITS / kind / f"{key_hash}.safetensors"
+    return path if path.exists() and not os.environ.get("AOT_NO_SHIPPED_FITS") else None
+
+
 def kernel_family(devices: Iterable[str] = ("cpu",)) -> dict:
     """Which floating-point kernels a learned model's outputs come from: the torch version, the
     CPU vendor and the instruction set torch dispatches to (AVX2 and AVX-512 round differently),

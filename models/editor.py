@@ -473,9 +473,12 @@ class FlowEditor:
         from safetensors import safe_open
         from safetensors.torch import load_file, save_file
 
-        from models.cache import build_once, cache_root, kernel_family
+        from models.cache import build_once, cache_root, kernel_family, shipped_fit
         from storage import content_hash
 
+        # A fit that ships with the code (models/fitted: the embedded default's) is the same file on
+        # every machine, so it is found by the key without the kernels it was fitted on.
+        shipped = shipped_fit(kind, content_hash(key))
         # The fit's bytes depend on the kernels it ran on (deterministic within one family): a
         # cache folder shared by machines never hands one another's fit.
         key = {**key, "kernels": kernel_family([str(self.device)])}
@@ -493,7 +496,7 @@ class FlowEditor:
                 {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp), metadata=meta
             )
 
-        path = build_once(cache_root() / kind / f"{content_hash(key)}.safetensors", build, folder=False)
+        path = shipped or build_once(cache_root() / kind / f"{content_hash(key)}.safetensors", build, folder=False)
         module.load_state_dict(load_file(str(path), device=str(self.device)))
         if fitted_config:
             with safe_open(str(path), "pt") as f:

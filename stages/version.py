@@ -31,6 +31,9 @@ TOP = Path(__file__).resolve().parent.parent
 RELEASE = "0.2.0"
 NOT_HASHED = ("config",)  # values, not code: hashed as the stage's config
 EMPTY_REJECTS = {"id": pl.String, "reason": pl.String}
+# Data a module loads as its weights, hashed with its code: the editor's shipped fits
+# (models/cache.SHIPPED_FITS) are what an attacker edits with when its fit key matches one.
+MODULE_DATA = {"models.editor": ("models/fitted", "*.safetensors")}
 
 
 def _module_file(name: str) -> Path | None:
@@ -74,7 +77,10 @@ def closure(modules: Iterable[str]) -> list[str]:
 @functools.lru_cache(maxsize=None)
 def _code_version(modules: tuple[str, ...]) -> str:
     h = hashlib.sha256()
-    files = {_module_file(m) for m in closure(modules)}
+    found = closure(modules)
+    files = {_module_file(m) for m in found}
+    for folder, pattern in (MODULE_DATA[m] for m in found if m in MODULE_DATA):
+        files.update(TOP.joinpath(folder).rglob(pattern))
     # data files beside the code of a package in the closure (e.g. models/configs/*.json)
     for package in {f.parent for f in files if f.name == "__init__.py"}:
         files.update(p for p in package.rglob("*.json") if "__pycache__" not in p.parts)

@@ -560,6 +560,52 @@ def test_tiny_editor_fit_learns_to_copy_its_input_and_is_cached(tmp_path, monkey
     assert distance(other) == pytest.approx(after)  # the same editor, whoever fitted it
 
 
+def test_the_embedded_defaults_fits_ship_with_the_code(tmp_path, monkeypatch):
+    """The synthetic preset's editor fits ship in models/fitted (experiments/ship_fits.py), each
+    named by its fit key without kernels: a fresh cache builds the preset's attacker without
+    fitting (nothing written to the cache) and with the shipped tensors, whatever this machine's
+    kernels. The shipped VAE round-trips held-out world images (SSIM 0.906 when fitted); with
+    ``AOT_NO_SHIPPED_FITS`` set, the lookup finds nothing (ship_fits.py then fits afresh)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from models.cache import SHIPPED_FITS, shipped_fit
+    from models.editor import load_editor
+    from stages.registry import resolve_config
+    from storage import content_hash
+    from world import WorldConfig, generate_world, render
+
+    shipped = {kind: sorted((SHIPPED_FITS / kind).glob("*.safetensors")) for kind in ("tiny-vae", "tiny-editor")}
+    for kind, files in shipped.items():
+        assert files, f"no shipped {kind} fit: run experiments/ship_fits.py"
+        for f in files:  # the name is the key's: a file cannot answer for another fit
+            with safe_open(str(f), "pt") as sf:
+                key = json.loads(sf.metadata()["aot_fit_key"])
+            key.pop("kernels")
+            assert f.stem == content_hash(key), f
+
+    monkeypatch.setenv("AOT_CACHE", str(tmp_path))
+    monkeypatch.delenv("AOT_NO_SHIPPED_FITS", raising=False)
+    spec = resolve_config("synthetic").attacker.model
+    ed = load_editor(spec)
+    assert not list(tmp_path.rglob("*.safetensors"))  # nothing fitted
+    for kind, module in (("tiny-vae", ed.pipe.vae), ("tiny-editor", ed.transformer)):
+        state = module.state_dict()
+        assert any(all(torch.equal(state[n], t) for n, t in load_file(str(f)).items()) for f in shipped[kind]), (
+            f"{kind}: the preset's attacker does not carry a shipped fit (its key changed? rerun ship_fits.py)"
+        )
+    assert ed.pipe.vae.config.scaling_factor != 1.0  # the fit's latent scale travels with it
+
+    test = [ed.resize(render(generate_world(900_000 + i, WorldConfig(resolution=64)))) for i in range(6)]
+    with torch.no_grad():
+        out = ed.decode(ed.latents_of(test), ed.condition(test, ["x"] * len(test)))
+    fidelity = np.mean([region_ssim(np.asarray(a), np.asarray(b)) for a, b in zip(test, out)])
+    assert fidelity >= 0.85, fidelity
+
+    monkeypatch.setenv("AOT_NO_SHIPPED_FITS", "1")
+    assert shipped_fit("tiny-vae", shipped["tiny-vae"][0].stem) is None
+
+
 def test_concurrent_builders_fit_once_and_load_the_same_weights(tmp_path, monkeypatch):
     """Two builders of one cached fit at the same time (the evidence run's seed processes): one
     fits, the other waits on the lock and loads the result."""

@@ -21,9 +21,10 @@ print(json.dumps(planned_versions(load_config("synthetic"))))
 """
 
 
-def _ids(tree) -> dict:
+def _run(tree, code: str) -> str:
+    """The last line ``code`` prints, run on the project copy ``tree`` alone."""
     out = subprocess.run(
-        [sys.executable, "-c", IDS],
+        [sys.executable, "-c", code],
         cwd=tree,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tree)},
         capture_output=True,
@@ -31,7 +32,15 @@ def _ids(tree) -> dict:
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _ids(tree) -> dict:
+    return json.loads(_run(tree, IDS))
+
+
+def _attacker_code(tree) -> str:
+    return _run(tree, "from stages.version import code_version; print(code_version(['stages.attacker']))")
 
 
 def _edit(path) -> None:
@@ -61,6 +70,11 @@ def test_version_ids_cover_exactly_the_code_of_their_stage(tree):
     ):
         _edit(tree / path)
     assert _ids(tree) == before
+    # the editor's shipped fits are the attacker's weights: its code, and nothing of the bootstrap's
+    attacker = _attacker_code(tree)
+    fit = next((tree / "models" / "fitted" / "tiny-editor").glob("*.safetensors"))
+    fit.write_bytes(fit.read_bytes() + b"\0")
+    assert _ids(tree) == before and _attacker_code(tree) != attacker
     _edit(tree / "stages" / "implant.py")
     after = _ids(tree)
     assert {k for k in before if after[k] != before[k]} == {"implant", "export"}
