@@ -67,6 +67,16 @@ class DefenderTrainConfig:
         "preset turns it on (GPU gain: experiments/RESULTS.md).",
     )
     checkpoint_every: Int = documented(0, "Save a checkpoint every N steps (0: only at the end).")
+    sft_weight: float = documented(
+        0.0,
+        "DAPO only: weight of a supervised term added to every DAPO step, the answer's negative "
+        "log-likelihood per answer token on the next batch_prompts examples (after the step's "
+        "rollouts are drawn). 0: DAPO alone, as AOT trains its defender (METHOD.md); anything "
+        "else departs from the paper. Why offer it: dynamic sampling drops the groups a defender "
+        "gets all wrong, which on attacked images are the ones to learn from, and on the "
+        "synthetic world labelled attacked images taught robustness that DAPO did not "
+        "(experiments/RESULTS.md, 'A binding defender 0').",
+    )
     dapo: DapoConfig = documented(DapoConfig(), "DAPO settings (rl/dapo.py).")
 
 

@@ -13,7 +13,7 @@ from evaluation.answers import chance
 from evaluation.answers import mcq_accuracy as evaluate
 from models.qwen_vl import QwenVLPolicy, TinyDefenderSpec
 from rl.dapo import DapoConfig, dapo_loss, group_advantages
-from training.defender import DefenderTrainer
+from training.defender import DataStream, DefenderTrainer
 from training.toy import colour_examples
 
 SPEC = TinyDefenderSpec(min_pixels=32 * 32, max_pixels=64 * 64)
@@ -84,6 +84,40 @@ def test_first_update_is_on_policy_and_equals_policy_gradient(warm_policy, data)
             assert a is None and b is None
             continue
         assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)
+
+
+def test_sft_weight_adds_the_supervised_gradient_to_the_dapo_step(warm_policy, data):
+    """``sft_weight`` w: a DAPO step's gradient is DAPO's own (the same rollouts: the supervised
+    batch is drawn after them) plus w x the gradient of the answers' mean token NLL on the next
+    batch_prompts examples, and the row reports that NLL. w = 0 is DAPO alone."""
+    grads, rows = {}, {}
+    for w in (0.0, 0.5):
+        policy = copy.deepcopy(warm_policy)
+        # clipping off: the optimizer sees the raw sum of the two gradients
+        tr = DefenderTrainer(policy, data[0], _dapo_cfg(steps=1, sft_weight=w, grad_clip=1e9))
+        taken = []
+        tr.opt.step = lambda: taken.append(
+            {n: q.grad.clone() for n, q in policy.model.named_parameters() if q.grad is not None}
+        )
+        rows[w] = tr.dapo_step()
+        grads[w] = taken[0]
+        position = tr.stream.position()
+    assert "sft_loss" not in rows[0.0]
+    assert rows[0.0]["reward"] == rows[0.5]["reward"] and rows[0.0]["loss"] == pytest.approx(rows[0.5]["loss"], abs=0)
+
+    # The supervised batch by hand: the batch_prompts examples after the DAPO draws.
+    assert position["epoch"] == 0 and position["index"] > 8  # rollouts drew first; no epoch ended
+    batch = [data[0][i] for i in DataStream(len(data[0]), 0).take(position["index"])[-8:]]
+    policy = copy.deepcopy(warm_policy)
+    policy.model.train()
+    ids, mask = policy.target_ids([f"\\boxed{{{e.answer}}}" for e in batch])
+    logp = policy.response_logprobs([e.image for e in batch], [e.prompt for e in batch], ids, mask)
+    nll = -(logp * mask).sum() / mask.sum()
+    nll.backward()
+    assert rows[0.5]["sft_loss"] == pytest.approx(float(nll.detach()), rel=1e-5)
+    for n, q in policy.model.named_parameters():
+        if q.grad is not None:
+            torch.testing.assert_close(grads[0.5][n] - grads[0.0][n], 0.5 * q.grad, rtol=1e-3, atol=1e-6)
 
 
 def test_resume_reproduces_the_next_steps_exactly(warm_policy, data, tmp_path):

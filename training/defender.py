@@ -136,26 +136,32 @@ class DefenderTrainer:
     # ------------------------------------------------------------------ SFT
     def sft_step(self) -> dict:
         p, cfg = self.policy, self.cfg
-        batch = [self.examples[i] for i in self.stream.take(cfg.batch_prompts)]
-        ids, mask = p.target_ids([f"\\boxed{{{e.answer}}}" for e in batch])
-        total = int(mask.sum())  # the global batch's tokens: every rank knows them
-        mine = slice(self.rank * len(batch) // self.world, (self.rank + 1) * len(batch) // self.world)
-        batch, ids, mask = batch[mine], ids[mine], mask[mine]
         p.model.train()
-        loss_sum = 0.0
         with compiled_layers(p.model, cfg.compile_update):  # forwards *and* backwards: see dapo_step
-            for sl in _chunks(len(batch), cfg.micro_batch):
-                logp = p.response_logprobs(
-                    [e.image for e in batch[sl]], [e.prompt for e in batch[sl]], ids[sl], mask[sl]
-                )
-                loss = -(logp * mask[sl].to(logp.device)).sum() / total
-                loss.backward()
-                loss_sum += float(loss.detach())
+            loss_sum, total = self._supervised_backward(1.0)
         dist.sum_gradients(p.trainable_parameters())
         gnorm = torch.nn.utils.clip_grad_norm_(p.trainable_parameters(), cfg.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return {"loss": dist.all_sum(loss_sum), "grad_norm": float(gnorm), "tokens": total}
+
+    def _supervised_backward(self, weight: float) -> tuple[float, int]:
+        """Backward of ``weight`` x the answers' negative log-likelihood per answer token over the
+        next batch_prompts examples (split over the ranks); returns (this rank's unweighted loss,
+        the global batch's answer tokens). The SFT step, and DAPO's ``sft_weight`` term."""
+        p, cfg = self.policy, self.cfg
+        batch = [self.examples[i] for i in self.stream.take(cfg.batch_prompts)]
+        ids, mask = p.target_ids([f"\\boxed{{{e.answer}}}" for e in batch])
+        total = int(mask.sum())  # the global batch's tokens: every rank knows them
+        mine = slice(self.rank * len(batch) // self.world, (self.rank + 1) * len(batch) // self.world)
+        batch, ids, mask = batch[mine], ids[mine], mask[mine]
+        loss_sum = 0.0
+        for sl in _chunks(len(batch), cfg.micro_batch):
+            logp = p.response_logprobs([e.image for e in batch[sl]], [e.prompt for e in batch[sl]], ids[sl], mask[sl])
+            loss = -(logp * mask[sl].to(logp.device)).sum() / total
+            (weight * loss).backward()
+            loss_sum += float(loss.detach())
+        return loss_sum, total
 
     # ----------------------------------------------------------------- DAPO
     def _draw(self, draw_index: int) -> list[Group]:
@@ -235,8 +241,8 @@ class DefenderTrainer:
                 with torch.no_grad():
                     old = [p.response_logprobs(images[s], prompts[s], ids[s], mask[s], cfg.temperature) for s in slices]
             t_logp = time.perf_counter() - t1
-            stats, ents = [], []
-            for _ in range(cfg.dapo.epochs_per_batch):
+            stats, ents, sft_loss = [], [], 0.0
+            for epoch in range(cfg.dapo.epochs_per_batch):
                 for s, old_lp in zip(slices, old):
                     logp, ent = p.response_logprobs(
                         images[s], prompts[s], ids[s], mask[s], cfg.temperature, with_entropy=True
@@ -247,6 +253,8 @@ class DefenderTrainer:
                     loss.backward()
                     stats.append(st)
                     ents.append(float((ent.detach() * mask[s].to(ent.device)).sum()))
+                if cfg.sft_weight and epoch == 0:  # once per batch, into the first update
+                    sft_loss = self._supervised_backward(cfg.sft_weight)[0]
                 dist.sum_gradients(p.trainable_parameters())
                 gnorm = torch.nn.utils.clip_grad_norm_(p.trainable_parameters(), cfg.grad_clip)
                 self.opt.step()
@@ -264,6 +272,7 @@ class DefenderTrainer:
             "ratio_max": max(s.ratio_max for s in stats),
             "grad_norm": float(gnorm),
             "tokens": total,
+            **({"sft_loss": dist.all_sum(sft_loss)} if cfg.sft_weight else {}),
             "sample_seconds": t_sample,
             "logprob_seconds": t_logp,
             "update_seconds": time.perf_counter() - t1 - t_logp,
