@@ -55,7 +55,7 @@ def build_once(path: Path, build: Callable[[Path], None], folder: bool = True) -
     return path
 
 
-# Fits that ship with the code, as ``<kind>/<hash of the fit's key without kernels>.safetensors``:
+# Fits that ship with the code, as ``<kind>/<hash of the fit key without kernels, threads>.safetensors``:
 # the embedded default's editor fits (minutes on a 2-core CPU, once per machine otherwise), made by
 # experiments/ship_fits.py. Every machine then edits with the same bytes, whatever its kernels.
 SHIPPED_FITS = Path(__file__).resolve().parent / "fitted"

@@ -477,11 +477,14 @@ class FlowEditor:
         from storage import content_hash
 
         # A fit that ships with the code (models/fitted: the embedded default's) is the same file on
-        # every machine, so it is found by the key without the kernels it was fitted on.
+        # every machine, so it is found by the key without the kernels and threads it was fitted on.
         shipped = shipped_fit(kind, content_hash(key))
-        # The fit's bytes depend on the kernels it ran on (deterministic within one family): a
-        # cache folder shared by machines never hands one another's fit.
+        # The fit's bytes depend on the kernels it ran on (deterministic within one family) and, on
+        # a CPU, on the intra-op thread count (convolutions split their sums by it): a cache folder
+        # shared by machines never hands one another's fit.
         key = {**key, "kernels": kernel_family([str(self.device)])}
+        if torch.device(self.device).type == "cpu":
+            key["threads"] = torch.get_num_threads()
 
         # Config values a fit sets (a VAE's latent shift and scale) travel with its weights.
         fitted_config = [k for k in ("shift_factor", "scaling_factor") if k in getattr(module, "config", {})]

@@ -512,6 +512,7 @@ def test_tiny_vae_fit_makes_reconstruction_faithful_and_is_cached(tmp_path, monk
     from models.cache import kernel_family
 
     assert key["kernels"] == kernel_family(["cpu"])  # another machine's fit is another cache entry
+    assert key["threads"] == torch.get_num_threads()  # and so is a fit on another thread count
     again = QwenImageEditor.tiny(resolution=32, vae_fit=fit)
     assert cached.stat().st_mtime_ns == stamp
     for (n, a), (_, b) in zip(fitted.pipe.vae.state_dict().items(), again.pipe.vae.state_dict().items()):
@@ -581,7 +582,7 @@ def test_the_embedded_defaults_fits_ship_with_the_code(tmp_path, monkeypatch):
         for f in files:  # the name is the key's: a file cannot answer for another fit
             with safe_open(str(f), "pt") as sf:
                 key = json.loads(sf.metadata()["aot_fit_key"])
-            key.pop("kernels")
+            key.pop("kernels"), key.pop("threads", None)
             assert f.stem == content_hash(key), f
 
     monkeypatch.setenv("AOT_CACHE", str(tmp_path))
