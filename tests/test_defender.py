@@ -118,6 +118,9 @@ def test_sft_weight_adds_the_supervised_gradient_to_the_dapo_step(warm_policy, d
     for n, q in policy.model.named_parameters():
         if q.grad is not None:
             torch.testing.assert_close(grads[0.5][n] - grads[0.0][n], 0.5 * q.grad, rtol=1e-3, atol=1e-6)
+    for bad in (_dapo_cfg(sft_weight=-1.0), DefenderTrainConfig(mode="sft", sft_weight=0.5)):
+        with pytest.raises(ValueError, match="defender.rl.sft_weight"):
+            DefenderTrainer(copy.deepcopy(warm_policy), data[0], bad)
 
 
 def test_resume_reproduces_the_next_steps_exactly(warm_policy, data, tmp_path):

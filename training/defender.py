@@ -95,6 +95,11 @@ class DefenderTrainer:
                 )
             self.examples, self.held_back = examples[: -cfg.eval_examples], examples[-cfg.eval_examples :]
         cfg.dapo.validate()
+        if cfg.sft_weight < 0 or (cfg.sft_weight and cfg.mode != "dapo"):
+            raise ValueError(
+                f"sft_weight {cfg.sft_weight} with mode {cfg.mode!r}: it weights a supervised term "
+                "added to DAPO steps, so set it >= 0 and on a DAPO config (defender.rl.sft_weight)"
+            )
         if cfg.lora_rank > 0:
             from peft import LoraConfig, get_peft_model
 
