@@ -8,7 +8,7 @@ images and a transformer fitted to world edits: minutes on a 2-core CPU, once pe
 bytes that differ with the machine's kernels and thread count. Shipped, they cost nothing and are
 the same file everywhere. This script runs both fits in an empty model cache with shipped fits
 ignored (``AOT_NO_SHIPPED_FITS``), then copies each into models/fitted/<kind>/ under the hash of
-its key without kernels and threads (the name `FlowEditor._fit_cached` looks up). The file's metadata
+its key without its machine fields (`models.cache.shipped_fit_path`, what `FlowEditor._fit_cached` looks up). The file's metadata
 keeps the whole key, kernels included: which machine made it. Run it again after changing a
 fit's settings or code (``VAE_FIT_REVISION``); otherwise a changed key just fits locally, as before.
 """
@@ -36,10 +36,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     from safetensors import safe_open
 
-    from models.cache import SHIPPED_FITS
+    from models.cache import SHIPPED_FITS, shipped_fit_path
     from models.editor import load_editor
     from stages.registry import resolve_config
-    from storage import content_hash
 
     cfg = resolve_config(args.preset, args.overrides)
     rows = []
@@ -57,8 +56,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for fitted in sorted((Path(cache) / kind).glob("*.safetensors")):
                 with safe_open(str(fitted), "pt") as f:
                     key = json.loads(f.metadata()["aot_fit_key"])
-                key.pop("kernels"), key.pop("threads", None)
-                dest = SHIPPED_FITS / kind / f"{content_hash(key)}.safetensors"
+                dest = shipped_fit_path(kind, key)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(fitted, dest)
                 sha = hashlib.sha256(dest.read_bytes()).hexdigest()[:16]

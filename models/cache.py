@@ -55,16 +55,26 @@ def build_once(path: Path, build: Callable[[Path], None], folder: bool = True) -
     return path
 
 
-# Fits that ship with the code, as ``<kind>/<hash of the fit key without kernels, threads>.safetensors``:
+# Fits that ship with the code, as ``<kind>/<hash of the fit key without its machine fields>.safetensors``:
 # the embedded default's editor fits (minutes on a 2-core CPU, once per machine otherwise), made by
 # experiments/ship_fits.py. Every machine then edits with the same bytes, whatever its kernels.
 SHIPPED_FITS = Path(__file__).resolve().parent / "fitted"
+MACHINE_FIELDS = ("kernels", "threads")  # what a fit key says of the machine that fitted, not of the fit
 
 
-def shipped_fit(kind: str, key_hash: str) -> Path | None:
-    """The shipped fit of ``kind`` whose key hashes to ``key_hash``, if there is one and
-    ``$AOT_NO_SHIPPED_FITS`` is unset (set it to fit afresh, as experiments/ship_fits.py does)."""
-    path = SHIPPED_FITS / kind / f"{key_hash}.safetensors"
+def shipped_fit_path(kind: str, key: dict) -> Path:
+    """Where the fit of ``kind`` with ``key`` ships: named by the key without its machine fields,
+    since a shipped file is the same on every machine."""
+    from storage import content_hash
+
+    portable = {k: v for k, v in key.items() if k not in MACHINE_FIELDS}
+    return SHIPPED_FITS / kind / f"{content_hash(portable)}.safetensors"
+
+
+def shipped_fit(kind: str, key: dict) -> Path | None:
+    """The shipped fit of ``kind`` for ``key``, if there is one and ``$AOT_NO_SHIPPED_FITS`` is
+    unset (set it to fit afresh, as experiments/ship_fits.py does)."""
+    path = shipped_fit_path(kind, key)
     return path if path.exists() and not os.environ.get("AOT_NO_SHIPPED_FITS") else None
 
 

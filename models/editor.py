@@ -478,7 +478,7 @@ class FlowEditor:
 
         # A fit that ships with the code (models/fitted: the embedded default's) is the same file on
         # every machine, so it is found by the key without the kernels and threads it was fitted on.
-        shipped = shipped_fit(kind, content_hash(key))
+        shipped = shipped_fit(kind, key)
         # The fit's bytes depend on the kernels it ran on (deterministic within one family) and, on
         # a CPU, on the intra-op thread count (convolutions split their sums by it): a cache folder
         # shared by machines never hands one another's fit.

@@ -570,10 +570,9 @@ def test_the_embedded_defaults_fits_ship_with_the_code(tmp_path, monkeypatch):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from models.cache import SHIPPED_FITS, shipped_fit
+    from models.cache import SHIPPED_FITS, shipped_fit, shipped_fit_path
     from models.editor import load_editor
     from stages.registry import resolve_config
-    from storage import content_hash
     from world import WorldConfig, generate_world, render
 
     shipped = {kind: sorted((SHIPPED_FITS / kind).glob("*.safetensors")) for kind in ("tiny-vae", "tiny-editor")}
@@ -582,8 +581,7 @@ def test_the_embedded_defaults_fits_ship_with_the_code(tmp_path, monkeypatch):
         for f in files:  # the name is the key's: a file cannot answer for another fit
             with safe_open(str(f), "pt") as sf:
                 key = json.loads(sf.metadata()["aot_fit_key"])
-            key.pop("kernels"), key.pop("threads", None)
-            assert f.stem == content_hash(key), f
+            assert f == shipped_fit_path(kind, key), f
 
     monkeypatch.setenv("AOT_CACHE", str(tmp_path))
     monkeypatch.delenv("AOT_NO_SHIPPED_FITS", raising=False)
@@ -604,7 +602,8 @@ def test_the_embedded_defaults_fits_ship_with_the_code(tmp_path, monkeypatch):
     assert fidelity >= 0.85, fidelity
 
     monkeypatch.setenv("AOT_NO_SHIPPED_FITS", "1")
-    assert shipped_fit("tiny-vae", shipped["tiny-vae"][0].stem) is None
+    with safe_open(str(shipped["tiny-vae"][0]), "pt") as sf:
+        assert shipped_fit("tiny-vae", json.loads(sf.metadata()["aot_fit_key"])) is None
 
 
 def test_concurrent_builders_fit_once_and_load_the_same_weights(tmp_path, monkeypatch):
