@@ -8,8 +8,8 @@ images and a transformer fitted to world edits: minutes on a 2-core CPU, once pe
 bytes that differ with the machine's kernels and thread count. Shipped, they cost nothing and are
 the same file everywhere. This script runs both fits in an empty model cache with shipped fits
 ignored (``AOT_NO_SHIPPED_FITS``), then copies each into models/fitted/<kind>/ under the hash of
-its key without its machine fields (`models.cache.shipped_fit_path`, what `FlowEditor._fit_cached` looks up). The file's metadata
-keeps the whole key, kernels included: which machine made it. Run it again after changing a
+its key without its machine fields (`models.cache.shipped_fit_path`, what the editor looks up).
+The file's metadata keeps the whole key, kernels included: which machine made it. Run it again after changing a
 fit's settings or code (``VAE_FIT_REVISION``); otherwise a changed key just fits locally, as before.
 """
 
