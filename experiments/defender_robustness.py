@@ -3,6 +3,7 @@
     python experiments/defender_robustness.py                                   # evidence preset, on its device
     python experiments/defender_robustness.py --set defender.model.device=cpu --steps 15,60 --lrs 1e-4
     python experiments/defender_robustness.py --sft-steps 400 --steps 60 --lrs 3e-4 --seed 1
+    python experiments/defender_robustness.py --steps 60 --lrs 1e-4 --sft-weights 0,0.5     # DAPO with/without SFT term
     python experiments/defender_robustness.py --tiny                            # CPU smoke run
 
 The co-evolution loop's defender phase (then 15 DAPO steps on 48 attacked + 48 clean rows in the
@@ -53,10 +54,14 @@ from experiments.defender_vulnerability import TINY as PROBE_TINY  # noqa: E402
 TINY = [*PROBE_TINY, "defender.rl.batch_prompts=4"]
 
 
-def with_rl(cfg, steps: int, lr: float):
-    """``cfg`` with the defender's DAPO phase set to ``steps`` at ``lr`` (its version ids follow)."""
+def with_rl(cfg, steps: int, lr: float, sft_weight: float | None = None):
+    """``cfg`` with the defender's DAPO phase set to ``steps`` at ``lr`` and, when given, its
+    supervised term's weight (defender.rl.sft_weight); its version ids follow."""
     d = cfg.defender
-    return dataclasses.replace(cfg, defender=dataclasses.replace(d, rl=dataclasses.replace(d.rl, steps=steps, lr=lr)))
+    rl = dataclasses.replace(d.rl, steps=steps, lr=lr)
+    if sft_weight is not None:
+        rl = dataclasses.replace(rl, sft_weight=sft_weight)
+    return dataclasses.replace(cfg, defender=dataclasses.replace(d, rl=rl))
 
 
 def with_sft(cfg, steps: int, lr: float):
@@ -90,6 +95,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--sft-steps",
         default="",
         help="comma-separated supervised steps on the warm-up pool, clean vs clean + attacked (default: none)",
+    )
+    ap.add_argument(
+        "--sft-weights",
+        default="",
+        help="comma-separated defender.rl.sft_weight values for the DAPO arms, each a pair of arms (default: the "
+        "config's alone); a weight w > 0 labels its arms clean-only+sft<w> and attacked+sft<w>",
     )
     ap.add_argument("--sft-lr", type=float, default=1e-3, help="their peak rate (defender.warmup's in the preset)")
     ap.add_argument("--seed", type=int, default=0, help="defender seed (init, data order, sampling); data fixed")
@@ -178,16 +189,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         run = LocalSteps(store, with_sft(cfg, n, args.sft_lr), say)
         fit("sft-clean", n, args.sft_lr, run, start["warmup"], defender0, "sft", "clean")
         fit("sft-attacked", n, args.sft_lr, run, pool.version, defender0, "sft", "both")
-    for lr in [float(x) for x in args.lrs.split(",")]:
-        for n in [int(x) for x in args.steps.split(",") if x]:
-            run = LocalSteps(store, with_rl(cfg, n, lr), say)
-            fit("clean-only", n, lr, run, items, defender0, "dapo", "clean")
-            fit("attacked", n, lr, run, train.version, defender0, "dapo", "both")
+    weights = [float(x) for x in args.sft_weights.split(",") if x] or [None]
+    for w in weights:
+        tag = f"+sft{w:g}" if w else ""
+        for lr in [float(x) for x in args.lrs.split(",")]:
+            for n in [int(x) for x in args.steps.split(",") if x]:
+                run = LocalSteps(store, with_rl(cfg, n, lr, w), say)
+                fit(f"clean-only{tag}", n, lr, run, items, defender0, "dapo", "clean")
+                fit(f"attacked{tag}", n, lr, run, train.version, defender0, "dapo", "both")
     cols = ["clean", "clean_1obj", "clean_multi", *families]
-    print(f"\n{'arm':<12} {'steps':>5} {'lr':>7} " + " ".join(f"{c[:13]:>13}" for c in cols))
+    print(f"\n{'arm':<17} {'steps':>5} {'lr':>7} " + " ".join(f"{c[:13]:>13}" for c in cols))
     for r in rows:
         print(
-            f"{r['arm']:<12} {r['steps']:>5} {r['lr']:>7.0e} " + " ".join(f"{100 * (r[c] or 0):>13.1f}" for c in cols)
+            f"{r['arm']:<17} {r['steps']:>5} {r['lr']:>7.0e} " + " ".join(f"{100 * (r[c] or 0):>13.1f}" for c in cols)
         )
     print(json.dumps({c: rows[1][f"{c}_n"] for c in cols[1:]}))
     return rows
