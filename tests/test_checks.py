@@ -145,12 +145,21 @@ def test_extract_and_reward(text, letter, strict, reward):
 )
 def test_a_degenerate_4096_token_rollout_is_scored_in_milliseconds(text):
     """Rewards are scored on every rollout: a degenerate one (spaces around a letter, no closing
-    bracket) must not stall the trainer. 10 ms is over 100x what the linear pattern needs here."""
+    bracket) must not stall the trainer. 10 ms is 25-80x what the linear pattern needs here; the
+    test passes on the first of five tries under it, so a test worker preempted on a loaded machine
+    does not fail it, while a backtracking pattern is slow on every try."""
     import time
 
-    t0 = time.perf_counter()
-    ext, reward = extract_choice(text, 4), mcq_reward(text, "B", 4)
-    assert time.perf_counter() - t0 < 0.01
+    def timed():
+        t0 = time.perf_counter()
+        out = extract_choice(text, 4), mcq_reward(text, "B", 4)
+        return time.perf_counter() - t0, out
+
+    for _ in range(5):  # a try over a second is no preemption: stop there, not after five of them
+        seconds, (ext, reward) = timed()
+        if seconds < 0.01 or seconds > 1.0:
+            break
+    assert seconds < 0.01
     assert (ext.letter, reward) == (None, 0.0)
     assert extract_choice(" " * 9 + "\\boxed{ ( b ) }" + " " * 9, 4).letter == "B"  # still lenient
 
