@@ -55,26 +55,33 @@ def build_once(path: Path, build: Callable[[Path], None], folder: bool = True) -
     return path
 
 
-# Fits that ship with the code, as ``<kind>/<hash of the fit key without its machine fields>.safetensors``:
-# the embedded default's editor fits (minutes on a 2-core CPU, once per machine otherwise), made by
-# experiments/ship_fits.py. Every machine then edits with the same bytes, whatever its kernels.
+# Fits that ship with the code, as ``<kind>/<hash of the fit key without its machine fields>.safetensors``
+# (or a folder of that name): the embedded default's editor fits and its warmed Stage 2 defender
+# (minutes on a 2-core CPU, once per machine otherwise), made by experiments/ship_fits.py. Every
+# machine then computes with the same bytes, whatever its kernels.
 SHIPPED_FITS = Path(__file__).resolve().parent / "fitted"
 MACHINE_FIELDS = ("kernels", "threads")  # what a fit key says of the machine that fitted, not of the fit
+# A key's code version is left out of a shipped name too: a shipped fit is an artifact of the code
+# that made it (its metadata says which), used until it is shipped again, as a downloaded
+# checkpoint is; its bytes are hashed into the versions of the stages that use it
+# (stages/version.MODULE_DATA).
+SHIPPED_NAME_IGNORES = (*MACHINE_FIELDS, "code")
 
 
-def shipped_fit_path(kind: str, key: dict) -> Path:
-    """Where the fit of ``kind`` with ``key`` ships: named by the key without its machine fields,
-    since a shipped file is the same on every machine."""
+def shipped_fit_path(kind: str, key: dict, suffix: str = ".safetensors") -> Path:
+    """Where the fit of ``kind`` with ``key`` ships: named by the key without the machine and code
+    fields (SHIPPED_NAME_IGNORES), since a shipped file is the same on every machine. ``suffix``
+    "" names a folder (a saved model)."""
     from storage import content_hash
 
-    portable = {k: v for k, v in key.items() if k not in MACHINE_FIELDS}
-    return SHIPPED_FITS / kind / f"{content_hash(portable)}.safetensors"
+    portable = {k: v for k, v in key.items() if k not in SHIPPED_NAME_IGNORES}
+    return SHIPPED_FITS / kind / f"{content_hash(portable)}{suffix}"
 
 
-def shipped_fit(kind: str, key: dict) -> Path | None:
+def shipped_fit(kind: str, key: dict, suffix: str = ".safetensors") -> Path | None:
     """The shipped fit of ``kind`` for ``key``, if there is one and ``$AOT_NO_SHIPPED_FITS`` is
     unset (set it to fit afresh, as experiments/ship_fits.py does)."""
-    path = shipped_fit_path(kind, key)
+    path = shipped_fit_path(kind, key, suffix)
     return path if path.exists() and not os.environ.get("AOT_NO_SHIPPED_FITS") else None
 
 

@@ -31,9 +31,13 @@ TOP = Path(__file__).resolve().parent.parent
 RELEASE = "0.2.0"
 NOT_HASHED = ("config",)  # values, not code: hashed as the stage's config
 EMPTY_REJECTS = {"id": pl.String, "reason": pl.String}
-# Data a module loads as its weights, hashed with its code: the editor's shipped fits
-# (models/cache.SHIPPED_FITS) are what an attacker edits with when its fit key matches one.
-MODULE_DATA = {"models.editor": ("models/fitted", "*.safetensors")}
+# Data a module loads as its weights, hashed with its code (and only with it): the shipped fits
+# (models/cache.SHIPPED_FITS) are what an attacker edits with, and the embedded default's Stage 2
+# defender answers with, when a fit key matches one.
+MODULE_DATA = {
+    "models.editor": ("models/fitted", "tiny-*/*.safetensors"),
+    "stages.warm_defender": ("models/fitted", "warm-defender/*/*"),
+}
 
 
 def _module_file(name: str) -> Path | None:
@@ -80,10 +84,16 @@ def _code_version(modules: tuple[str, ...]) -> str:
     found = closure(modules)
     files = {_module_file(m) for m in found}
     for folder, pattern in (MODULE_DATA[m] for m in found if m in MODULE_DATA):
-        files.update(TOP.joinpath(folder).rglob(pattern))
-    # data files beside the code of a package in the closure (e.g. models/configs/*.json)
+        files.update(p for p in TOP.joinpath(folder).glob(pattern) if p.is_file())
+    # data files beside the code of a package in the closure (e.g. models/configs/*.json), not
+    # the shipped fits' (hashed above, with the module that loads them)
+    data = {TOP.joinpath(folder) for folder, _ in MODULE_DATA.values()}
     for package in {f.parent for f in files if f.name == "__init__.py"}:
-        files.update(p for p in package.rglob("*.json") if "__pycache__" not in p.parts)
+        files.update(
+            p
+            for p in package.rglob("*.json")
+            if "__pycache__" not in p.parts and not any(p.is_relative_to(d) for d in data)
+        )
     for path in sorted(files):
         h.update(str(path.relative_to(TOP)).encode() + b"\0" + path.read_bytes() + b"\0")
     return f"{RELEASE}+{h.hexdigest()[:12]}"

@@ -4,6 +4,9 @@ is not pure noise (the ``tiny`` defender backend with a ``warmup`` option)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from models.cache import build_once, cache_root
 from models.mcq import format_prompt
 from models.progress import StepProgress
@@ -11,6 +14,9 @@ from models.qwen_vl import QwenVLPolicy, load_policy
 from stages.source import world_rows
 from storage import content_hash, decode_image
 from training.defender import DefenderTrainer, Example
+
+SHIPPED_KIND = "warm-defender"  # models/fitted/<this>/: warm-ups that ship with the code
+KEY_FILE = "aot_fit_key.json"  # in a warm-up's folder: the key it was built under
 
 
 def example_of_row(r: dict) -> Example:
@@ -38,8 +44,13 @@ def warmed_tiny_defender(spec: dict, warmup: dict) -> QwenVLPolicy:
     (``warmup``: steps, scenes, seed, lr, batch, and ``source``: the world's ``source`` config,
     default the default world; a stage passes its run's). Trained once per (spec, warm-up, code,
     kernel family) and cached as safetensors under ``$AOT_CACHE/warm-defenders``: the same
-    warm-up on another CPU's kernels gives other weights (docs/reproducibility.md)."""
+    warm-up on another CPU's kernels gives other weights (docs/reproducibility.md). A warm-up that
+    ships with the code (models/fitted/warm-defender: the embedded default's, made by
+    experiments/ship_fits.py) is loaded instead, on every machine the same bytes."""
+    import torch
+
     from config import DefenderTrainConfig, config_from_dict
+    from models.cache import shipped_fit
     from stages.version import code_version, kernel_family
 
     w = {"steps": 100, "scenes": 256, "seed": 1, "lr": 1e-3, "batch": 32, **warmup}
@@ -50,6 +61,11 @@ def warmed_tiny_defender(spec: dict, warmup: dict) -> QwenVLPolicy:
         "code": code_version(["stages.warm_defender"]),
         "kernels": kernel_family([device]),
     }
+    if torch.device(device).type == "cpu":  # a CPU's sums split by the intra-op thread count
+        key["threads"] = torch.get_num_threads()
+    shipped = shipped_fit(SHIPPED_KIND, key, suffix="")
+    if shipped is not None:
+        return QwenVLPolicy.from_pretrained(str(shipped), device=device)
 
     def build(folder) -> None:
         policy = load_policy(spec)
@@ -70,6 +86,8 @@ def warmed_tiny_defender(spec: dict, warmup: dict) -> QwenVLPolicy:
         )
         trainer.train(on_step=lambda row: progress(row["step"], row["loss"]))
         policy.save(str(folder))
+        # The key rides along, so a cached warm-up says which it is (and ship_fits.py names it).
+        (Path(folder) / KEY_FILE).write_text(json.dumps(key, sort_keys=True, default=str))
 
     folder = build_once(cache_root() / "warm-defenders" / content_hash(key), build)
     return QwenVLPolicy.from_pretrained(str(folder), device=device)

@@ -421,3 +421,43 @@ def test_step_progress_says_a_line_per_tenth_with_the_mean_loss_and_time_left():
     assert [s for s in range(1, 8) if odd(s)] == list(range(1, 8))  # fewer steps than lines: every step
     jumps = StepProgress("x", 40, clock=lambda: 0.0, unit="answer")  # a batch at a time: once per tenth crossed
     assert [n for n in (3, 7, 8, 9, 15, 16, 40) if jumps(n)] == [7, 8, 15, 16, 40]
+
+
+def test_the_embedded_defaults_stage2_defender_ships_with_the_code(tmp_path, monkeypatch):
+    """The synthetic preset's warmed Stage 2 defender ships in models/fitted/warm-defender
+    (experiments/ship_fits.py), named by its warm-up key without machine and code: a fresh cache
+    loads it without training (nothing written), with the shipped weights, and it answers fresh
+    world scenes in the format well above chance. With ``AOT_NO_SHIPPED_FITS`` it is not found."""
+    import json
+
+    from models.cache import SHIPPED_FITS, shipped_fit, shipped_fit_path
+    from stages.registry import load, resolve_config
+    from stages.warm_defender import KEY_FILE, SHIPPED_KIND, world_examples
+
+    shipped = sorted((SHIPPED_FITS / SHIPPED_KIND).glob(f"*/{KEY_FILE}"))
+    assert shipped, "no shipped warm defender: run experiments/ship_fits.py --parts defender"
+    for f in shipped:  # the name is the key's: a folder cannot answer for another warm-up
+        assert f.parent == shipped_fit_path(SHIPPED_KIND, json.loads(f.read_text()), ""), f
+
+    monkeypatch.setenv("AOT_CACHE", str(tmp_path))
+    monkeypatch.delenv("AOT_NO_SHIPPED_FITS", raising=False)
+    cfg = resolve_config("synthetic")
+    policy = load("defender", cfg.model_spec("defender"))
+    assert not list(tmp_path.rglob("*"))  # nothing trained or cached
+    state = policy.model.state_dict()
+
+    def same(folder) -> bool:
+        other = QwenVLPolicy.from_pretrained(str(folder)).model.state_dict()
+        return other.keys() == state.keys() and all(torch.equal(state[n], t) for n, t in other.items())
+
+    assert any(same(f.parent) for f in shipped), (
+        "the preset's Stage 2 defender is no shipped warm-up (its spec or warm-up changed? rerun ship_fits.py)"
+    )
+
+    test = world_examples(60, seed=123_456, cfg=cfg)
+    scores = evaluate(policy, test)
+    assert scores["strict_format"] == 1.0
+    assert scores["accuracy"] >= 2 * chance(test), scores
+
+    monkeypatch.setenv("AOT_NO_SHIPPED_FITS", "1")
+    assert shipped_fit(SHIPPED_KIND, json.loads(shipped[0].read_text()), "") is None

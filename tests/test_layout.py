@@ -80,6 +80,12 @@ def test_version_ids_cover_exactly_the_code_of_their_stage(tree):
     assert {k for k in before if after[k] != before[k]} == {"implant", "export"}
     _edit(tree / "training" / "defender.py")  # the warm-up of the default's Stage 2 defender: implant's code
     assert {k for k, v in _ids(tree).items() if v != after[k]} == {"implant", "export"}
+    # the shipped warm-up is that defender's weights: implant's data, and nothing of the attacker's
+    after, attacker = _ids(tree), _attacker_code(tree)
+    warm = next((tree / "models" / "fitted" / "warm-defender").glob("*/model.safetensors"))
+    warm.write_bytes(warm.read_bytes() + b"\0")
+    assert {k for k, v in _ids(tree).items() if v != after[k]} == {"implant", "export"}
+    assert _attacker_code(tree) == attacker
 
 
 def test_import_contracts_hold():
