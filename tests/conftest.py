@@ -49,13 +49,14 @@ os.environ["AOT_CACHE"] = os.environ["AOT_TEST_CACHE"]
 
 
 _PREWARM: list = []
-# Builds the embedded default's warmed Stage 2 defender into the run's cache (stages/warm_defender.py).
+# The embedded default's warmed Stage 2 defender: the shipped one (models/fitted), else built into
+# the run's cache (stages/warm_defender.py) — minutes, when the preset's warm-up changed unshipped.
 _WARM = "from stages.registry import load, resolve_config; load('defender', resolve_config().model_spec('defender'))"
 
 
 def warm_default_defender() -> None:
-    """The embedded default's warmed Stage 2 defender in the run's cache, in a process of its own:
-    loads it if present, waits on the prewarm's build lock if it is being built, else builds it.
+    """The embedded default's warmed Stage 2 defender, in a process of its own: loads the shipped
+    or cached one, waits on the prewarm's build lock if it is being built, else builds it.
     For tests that time a run and should not time the one-time warm-up inside it."""
     out = subprocess.run([sys.executable, "-c", _WARM], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
