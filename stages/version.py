@@ -36,7 +36,9 @@ EMPTY_REJECTS = {"id": pl.String, "reason": pl.String}
 # defender answers with, when a fit key matches one.
 MODULE_DATA = {
     "models.editor": ("models/fitted", "tiny-*/*.safetensors"),
-    "stages.warm_defender": ("models/fitted", "warm-defender/*/*"),
+    # the weights alone: the folder's config and tokenizer follow from the spec in its name, and
+    # its aot_fit_key.json records the code version, which this hash is part of
+    "stages.warm_defender": ("models/fitted", "warm-defender/*/model.safetensors"),
 }
 
 
