@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Issue 8's whole GPU experiment on one card: the tiny VAE fitted once, then one process per seed
 # sharing the card (each its own store under WORK), then the merged table, curve and JSON in OUT.
-# Usage: experiments/evidence_gpu.sh OUT [WORK] [SECONDS_PER_SEED]; extra arguments for
+# Usage: experiments/evidence_gpu.sh OUT [WORK] [SECONDS_PER_SEED] [SEEDS]; extra arguments for
 # aot_evidence.py go in EVIDENCE_ARGS (e.g. "--set defender.warmup.steps=800").
 set -u
 # SECONDS_PER_SEED stops a seed's process after that long (default 0: never), for machines lent
 # with a per-command limit; a stopped seed's finished steps stay in WORK and a rerun continues there.
-out=${1:?output folder}; work=${2:-/tmp/aot-evidence}; limit=${3:-0}
+# SEEDS (default "0 1 2") runs fewer seeds in one call; --merge of every seed's JSON later makes one table.
+out=${1:?output folder}; work=${2:-/tmp/aot-evidence}; limit=${3:-0}; seeds=${4:-"0 1 2"}
 mkdir -p "$out" "$work"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} AOT_CACHE=${AOT_CACHE:-$work/cache}
 args=(${EVIDENCE_ARGS:-})
@@ -17,7 +18,7 @@ t0=$(date +%s)
 # One VAE and editor fit for every seed (their cache keys ignore the seed); the seeds start
 # meanwhile, and one that reaches its attacker first waits on the fit's lock, then loads it.
 timeout "$limit" python experiments/fit_preset_editor.py evidence > "$work/vae_fit.log" 2>&1 &
-for s in 0 1 2; do
+for s in $seeds; do
   timeout "$limit" python experiments/aot_evidence.py --seeds $s --name aot_evidence_s$s --root "$work/s$s" \
       --out "$work/out" "${args[@]}" > "$out/seed$s.log" 2>&1 &
 done
