@@ -148,6 +148,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset version (source, filter or AOT-SFT export)")
     p.add_argument("--init", help="defender version to start from (default: defender.model, e.g. tiny random init)")
     p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="VERSION",
+        help="a further dataset version trained on beside --data (repeatable; the loop's earlier "
+        "curricula under coevolution.curriculum_replay)",
+    )
+    p.add_argument(
         "--mode",
         choices=["sft", "dapo", "warmup"],
         default="sft",
@@ -529,7 +537,7 @@ def cmd_defender(args) -> int:
     _, store, steps = _setup(args)
     t0 = time.perf_counter()
     if args.command == "train-defender":
-        m = store.manifest(steps.train_defender(args.data, args.init, args.mode))
+        m = store.manifest(steps.train_defender(args.data, args.init, args.mode, also=args.also))
         final = {k: round(v, 4) for k, v in m.extra.get("final", {}).items() if k in ("loss", "reward", "accuracy")}
         print(f"defender version: {m.version}  (last step: {final})")
         print(f"evaluate it: aot eval-defender --checkpoint {m.version} --data VERSION --root {args.root}")

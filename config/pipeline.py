@@ -254,6 +254,14 @@ class CoevolutionConfig:
         "a small defender settles on 'answer a colour in view' and never ties the question's shape "
         "to its colour; with at least 2 it does (experiments/RESULTS.md, 'the warm-up binds').",
     )
+    curriculum_replay: Int = documented(
+        0,
+        "The defender phase of iteration n also trains on the training curricula of up to this many "
+        "earlier iterations (0: its own only; its number of steps is unchanged, so replay changes "
+        "the mix, not the amount of training). METHOD.md does not say what a phase trains on beyond "
+        "its own curriculum; an attacker that settles on one strategy gives a phase one attack to "
+        "learn, which held out did not transfer to other attacks (experiments/RESULTS.md, evidence run 4).",
+    )
     warmup_seed_offset: Int = documented(
         20_000,
         "source.seed + this = the warm-up pool's seed (no scene in common "
@@ -434,6 +442,7 @@ class PipelineConfig:
             "makes the sampler calls of the whole run, and its edits are bit-identical to an unsharded run's",
         )
         _check(a.curriculum.noise_level >= 0, "attacker.curriculum.noise_level", "must be >= 0 (0: the ODE sampler)")
+        _check(self.coevolution.curriculum_replay >= 0, "coevolution.curriculum_replay", "must be >= 0 (0: no replay)")
         _check(
             set(self.tracking.report_to) <= set(TRACKERS),
             "tracking.report_to",

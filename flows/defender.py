@@ -1,6 +1,6 @@
 """Defender flows: train it (SFT warm-up or DAPO) on a dataset version, evaluate it on one.
 
-Each returns a version id with lineage: a defender version's parents are its dataset version
+Each returns a version id with lineage: a defender version's parents are its dataset version(s)
 and its starting checkpoint; an evaluation version's parents are the checkpoint and the data.
 """
 
@@ -33,9 +33,12 @@ def train_defender(
     preset: str = "synthetic",
     overrides: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
+    also_versions: list[str] | None = None,
 ) -> dict:
+    """``also_versions``: further dataset versions trained on beside ``data_version`` (the
+    co-evolution loop's earlier curricula, ``coevolution.curriculum_replay``)."""
     cfg = resolve_config(preset, overrides)
-    out = train_defender_task(data_version, init_version, mode, cfg.to_dict(), root, storage_options)
+    out = train_defender_task(data_version, init_version, mode, cfg.to_dict(), root, storage_options, also_versions)
     publish_training_artifacts(ShardStore(root, storage_options), out["version"])
     return out
 

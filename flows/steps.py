@@ -113,11 +113,12 @@ class PrefectSteps:
             version = STAGE_FLOWS[name](input_version=version, **self._flow_args(over))["version"]
         return version
 
-    def train_defender(self, data, init, mode, images=None):
+    def train_defender(self, data, init, mode, images=None, also=()):
         extra = {"defender.images": images} if images else {}
-        return train_defender(data_version=data, init_version=init, mode=mode, **self._training_args(**extra))[
-            "version"
-        ]
+        replay = {"also_versions": list(also)} if also else {}  # a run without it keeps its parameters
+        return train_defender(
+            data_version=data, init_version=init, mode=mode, **replay, **self._training_args(**extra)
+        )["version"]
 
     def evaluate(self, defender, data):
         out = evaluate_defender(checkpoint_version=defender, data_version=data, **self._training_args())

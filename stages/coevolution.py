@@ -6,7 +6,8 @@
     -> for n = 1..N:
          attacker n: cold start (round 1) then Flow-GRPO against the frozen defender n-1
          curriculum n: the frozen attacker n edits the training items, scored by defender n-1
-         defender n: DAPO from defender n-1 on curriculum n
+         defender n: DAPO from defender n-1 on curriculum n (with coevolution.curriculum_replay
+                     = k, on curricula n-k..n-1 as well)
          evaluation: defender n on held-out clean scenes and on held-out scenes attacked by
                      attacker n. Attack success on the same held-out items: attacker n-1 (the
                      cold start for n = 1) and attacker n against defender n-1 (did the attacker
@@ -72,7 +73,10 @@ def run_coevolution(store: ShardStore, cfg: PipelineConfig, steps: Steps, source
         attacker = steps.train_attacker(items, defender, attacker, "grpo")
         cur = steps.curriculum(attacker, items, defender)
         attack_before = steps.curriculum(attacker, heldout, defender)  # vs defender n-1, held out
-        new_defender = steps.train_defender(cur["version"], defender, "dapo", "both")
+        # this iteration's curriculum, and the replayed ones of the iterations before it (oldest first)
+        k = cfg.coevolution.curriculum_replay
+        replayed = [r["curriculum"] for r in rows[-k:]] if k else []
+        new_defender = steps.train_defender(cur["version"], defender, "dapo", "both", also=replayed)
         attack_after = steps.curriculum(attacker, heldout, new_defender)  # vs defender n
         clean = steps.evaluate(new_defender, heldout)
         attacked = steps.evaluate(new_defender, attack_after["version"])

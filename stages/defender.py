@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from typing import Callable
+from typing import Callable, Sequence
 
 import polars as pl
 
@@ -153,11 +153,16 @@ def train_defender_version(
     init_version: str | None = None,
     mode: str = "sft",
     on_step: Callable[[dict], None] | None = None,
+    also: Sequence[str] = (),
 ) -> tuple[Manifest, bool]:
     """Train (or find) the defender version for these inputs. Returns (manifest, trained_now).
-    Under torchrun every rank trains (data parallel) and rank 0 writes the version."""
+    ``also``: further dataset versions whose examples join ``data_version``'s (the co-evolution
+    loop's earlier curricula, ``coevolution.curriculum_replay``); the version is written under
+    ``data_version``'s dataset. Under torchrun every rank trains (data parallel) and rank 0
+    writes the version."""
     data = store.manifest(data_version)
-    parents = [data.version] + ([init_version] if init_version else [])
+    extra_data = [store.manifest(v) for v in also]
+    parents = [data.version] + [m.version for m in extra_data] + ([init_version] if init_version else [])
     d, train_cfg = cfg.defender, defender_train_config(cfg, mode)
     vcfg = {
         "defender": {
@@ -166,6 +171,9 @@ def train_defender_version(
             "max_examples": d.max_examples,
             "mode": mode,
             "train": dataclasses.asdict(train_cfg),
+            # named, not only in the parents: an init version and a replayed one would otherwise
+            # give the same parent list
+            **({"also": [m.version for m in extra_data]} if extra_data else {}),
         }
     }
     runtime = defender_runtime(cfg)
@@ -173,7 +181,7 @@ def train_defender_version(
     def compute(version: str) -> VersionPart | None:
         from models.qwen_vl import QwenVLPolicy
 
-        examples = examples_from_version(store, data, d.images, d.max_examples)
+        examples = [ex for m in [data, *extra_data] for ex in examples_from_version(store, m, d.images, d.max_examples)]
         with tempfile.TemporaryDirectory() as tmp:
             resume = resume_folder(store, data.dataset, "defender", version, tmp)
             policy = (

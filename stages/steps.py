@@ -8,7 +8,7 @@ inputs and returns version ids (and summaries where noted), so a caller never kn
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 from config import PipelineConfig
 from storage import ShardStore
@@ -20,7 +20,9 @@ class Steps(Protocol):
     def heldout(self) -> str: ...  # held-out filter version
     def warmup_pool(self) -> str: ...  # source version of coevolution.warmup_scenes fresh scenes
     def cold_start_pool(self) -> str: ...  # implanter pairs (attack version) of attacker.cold_start_scenes fresh scenes
-    def train_defender(self, data: str, init: str | None, mode: str, images: str | None = None) -> str: ...
+    def train_defender(
+        self, data: str, init: str | None, mode: str, images: str | None = None, also: Sequence[str] = ()
+    ) -> str: ...  # also: further data versions trained on beside data
     def evaluate(self, defender: str, data: str) -> dict: ...  # summary
     def train_attacker(self, data: str, defender: str | None, init: str | None, mode: str) -> str: ...
     def curriculum(self, attacker: str, data: str, defender: str) -> dict: ...  # {"version", summary...}
@@ -69,7 +71,7 @@ class LocalSteps:
         self.say(f"cold-start pool: {m.version} ({m.rows} implanted pairs of {m.rows_in} fresh scenes)")
         return m.version
 
-    def train_defender(self, data, init, mode, images=None):
+    def train_defender(self, data, init, mode, images=None, also=()):
         from stages.defender import train_defender_version
 
         cfg = (
@@ -77,7 +79,7 @@ class LocalSteps:
             if images is None
             else dataclasses.replace(self.cfg, defender=dataclasses.replace(self.cfg.defender, images=images))
         )
-        m, trained = train_defender_version(self.store, cfg, data, init, mode, on_step=self.on_step)
+        m, trained = train_defender_version(self.store, cfg, data, init, mode, on_step=self.on_step, also=also)
         ex = m.extra or {}
         target = (
             ""

@@ -24,7 +24,10 @@ def trainer_progress(name: str, total: int, metric: str = "loss"):
 
 
 def _train_key(context, p: dict) -> str:
-    return "defender-" + content_hash({k: p[k] for k in ("data_version", "init_version", "mode", "config")}, 32)
+    key = {k: p[k] for k in ("data_version", "init_version", "mode", "config")}
+    if p.get("also_versions"):  # named only when given: the keys of runs without it stay as they were
+        key["also_versions"] = list(p["also_versions"])
+    return "defender-" + content_hash(key, 32)
 
 
 @task(
@@ -38,13 +41,21 @@ def _train_key(context, p: dict) -> str:
     result_serializer="json",
 )
 def train_defender_task(
-    data_version: str, init_version: str | None, mode: str, config: dict, root: str, storage_options: dict | None = None
+    data_version: str,
+    init_version: str | None,
+    mode: str,
+    config: dict,
+    root: str,
+    storage_options: dict | None = None,
+    also_versions: list[str] | None = None,
 ) -> dict:
     from stages.defender import defender_train_config
 
     store, cfg = ShardStore(root, storage_options), config_from_dict(config)
     on_step = trainer_progress(f"train defender {mode}", defender_train_config(cfg, mode).steps)
-    m, trained = train_defender_version(store, cfg, data_version, init_version, mode, on_step=on_step)
+    m, trained = train_defender_version(
+        store, cfg, data_version, init_version, mode, on_step=on_step, also=also_versions or ()
+    )
     return {"version": m.version, "trained": trained, "steps": m.extra.get("steps"), "final": m.extra.get("final", {})}
 
 

@@ -3,6 +3,7 @@ a rerun recomputes nothing, and the report lands."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
@@ -148,6 +149,44 @@ def test_mlflow_holds_the_loop_nested_with_its_metrics_params_and_versions(run, 
         int(m[1]) for p in images if p.endswith(".png") and (m := re.search(r"clean_vs_edited\W+step\W+(\d+)\W", p))
     }
     assert steps == {1, 2}, images
+
+
+def test_curriculum_replay_trains_defender_n_on_earlier_curricula_too(run, capsys):
+    """coevolution.curriculum_replay = 1: defender 2 trains on curricula 2 and 1; everything before
+    it is the run's own versions (found, not recomputed), and the Prefect seam gives the same id."""
+    store, cfg, m, _ = run
+    lin = m.extra["lineage"]
+    it1, it2 = lin["iteration_1"], lin["iteration_2"]
+    replay = dataclasses.replace(cfg, coevolution=dataclasses.replace(cfg.coevolution, curriculum_replay=1))
+    events = []
+    lin2 = run_coevolution(store, replay, LocalSteps(store, replay, events.append)).extra["lineage"]
+    assert lin2["iteration_1"] == it1  # nothing to replay in iteration 1
+    assert lin2["iteration_2"]["attacker"] == it2["attacker"] and lin2["iteration_2"]["curriculum"] == it2["curriculum"]
+    assert [e for e in events if " trained" in e] == [
+        f"defender dapo trained: {lin2['iteration_2']['defender']} (1 steps)"
+    ]
+    d2 = store.manifest(lin2["iteration_2"]["defender"])
+    assert d2.version != it2["defender"]
+    assert d2.parents == [it2["curriculum"], it1["curriculum"], it1["defender"]]
+    assert d2.config["defender"]["also"] == [it1["curriculum"]]
+    # its examples are both curricula's (one image per curriculum row)
+    cur1, cur2 = store.manifest(it1["curriculum"]), store.manifest(it2["curriculum"])
+    assert d2.rows_in == cur1.rows + cur2.rows and store.manifest(it2["defender"]).rows_in == cur2.rows
+    # the same call through Prefect (the flow's also_versions) finds that very version
+    from flows.steps import PrefectSteps
+
+    over = {**TOY, "coevolution": {**TOY["coevolution"], "curriculum_replay": 1}}
+    prefect = PrefectSteps(store.root, "synthetic", over, None, progress=False)
+    assert prefect.train_defender(it2["curriculum"], it1["defender"], "dapo", "both", also=[it1["curriculum"]]) == (
+        d2.version
+    )
+    # and so does the one-stage command (`aot train-defender --also`)
+    from aot.cli import main
+
+    sets = [a for k, v in _dotted(over).items() for a in ("--set", f"{k}={v}")]  # defender.images: both by default
+    argv = ["train-defender", "--data", it2["curriculum"], "--init", it1["defender"], "--mode", "dapo"]
+    assert main([*argv, "--also", it1["curriculum"], "--root", store.root, "--no-prefect", *sets]) == 0
+    assert f"defender version: {d2.version}" in capsys.readouterr().out
 
 
 def test_a_rerun_finds_every_step_done(run):
