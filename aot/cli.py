@@ -222,6 +222,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="strict protocol: answers per item (accuracy averaged; default 1)")
     p.add_argument("--temperature", type=float, help="strict protocol: sampling temperature (default 0, greedy)")
     p.add_argument("--cache", help="answer cache file (JSONL): an interrupted evaluation resumes from it")
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        default=1,
+        metavar="N",
+        help="batches whose inputs (image resizing, patches, tokens) are made ahead in N worker threads "
+        "while the model answers; more than 1 pays for large images on a fast card (same answers)",
+    )
     p = sub.add_parser("models", help="model checkpoints: `aot models check --preset full`")
     p.add_argument("action", choices=["check"])
     p.add_argument("--preset", default="synthetic")
@@ -666,6 +674,9 @@ def cmd_eval(args) -> int:
     if args.endpoint and not args.endpoint_model:
         print("error: --endpoint needs --endpoint-model NAME", file=sys.stderr)
         return 2
+    if args.prefetch < 0:
+        print("error: --prefetch N needs N >= 0 (0: no inputs made ahead, 1: the default)", file=sys.stderr)
+        return 2
     protocol = args.protocol
     if args.trials or args.temperature is not None:
         import dataclasses
@@ -687,7 +698,9 @@ def cmd_eval(args) -> int:
     cfg = load_config(args.preset, _nested(_dotted(args.overrides, "--set")))
     model, model_id = evaluated_model(store, cfg, args.checkpoint, args.endpoint, args.endpoint_model, args.concurrency)
     if specs:
-        m = evaluate_benchmarks(store, specs, model, model_id, protocol, args.cache, images=images)
+        m = evaluate_benchmarks(
+            store, specs, model, model_id, protocol, args.cache, images=images, prefetch=args.prefetch
+        )
         summary = m.extra["summary"]
         cols = [c for c in PAPER_COLUMNS if c in summary]
         _print_table(

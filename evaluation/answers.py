@@ -22,30 +22,33 @@ def ask(
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
     on_answer: Callable[[int, str], None] | None = None,
-    prefetch: bool = True,
+    prefetch: int = 1,
 ) -> list[str]:
     """The model's answer to every (image, prompt), ``batch_size`` per ``generate`` call: the
     one loop through which every evaluation here asks a model. ``seeds`` (one per prompt) go to a
     model that seeds each request (``generate(..., seeds=)``, an endpoint); any other model gets
     the batch's first seed. ``on_answer(i, text)`` hears each answer as its batch finishes (an
-    answer cache: an interrupted evaluation keeps what it got). ``prefetch``: a model with
-    ``prepare(images, prompts)`` and ``generate(..., encoded=)`` gets the next batch prepared in a
-    worker thread while it answers this one (the answers are the same: only when the inputs are
-    made changes)."""
+    answer cache: an interrupted evaluation keeps what it got). ``prefetch`` (0 or False: off): a
+    model with ``prepare(images, prompts)`` and ``generate(..., encoded=)`` gets its next
+    ``prefetch`` batches prepared in as many worker threads while it answers this one (the answers
+    are the same: only when the inputs are made changes). More than one pays where preparing a
+    batch takes longer than answering it (large images on a fast card): the image processor's
+    resizing and array work release the GIL, so the workers run on separate cores."""
     params = inspect.signature(model.generate).parameters
     per_request = seeds is not None and "seeds" in params
     prepare = getattr(model, "prepare", None) if prefetch and "encoded" in params else None
     starts = list(range(0, len(prompts), batch_size))
     out: list[str] = []
-    with ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
+    with ThreadPoolExecutor(max(1, int(prefetch)), thread_name_prefix="prepare") as pool:
 
-        def ahead(j: int):  # the j-th batch's inputs, made in the worker
+        def ahead(j: int):  # the j-th batch's inputs, made in a worker
             if prepare is None or j >= len(starts):
                 return None
             k = starts[j]
             return pool.submit(prepare, images[k : k + batch_size], prompts[k : k + batch_size])
 
-        pending = ahead(0)
+        # batches 0..prefetch-1 start at once; each answered batch starts the next one
+        queued = [f for f in (ahead(j) for j in range(max(1, int(prefetch)))) if f is not None]
         for j, k in enumerate(starts):
             kw = {"temperature": temperature}
             if seeds is not None:
@@ -53,9 +56,11 @@ def ask(
                 kw.update({"seeds": batch_seeds, "seed": batch_seeds[0]} if per_request else {"seed": batch_seeds[0]})
             else:
                 kw["seed"] = seed
-            if pending is not None:
-                kw["encoded"] = pending.result()  # a failed prepare raises here, as generate would
-                pending = ahead(j + 1)
+            if queued:
+                kw["encoded"] = queued.pop(0).result()  # a failed prepare raises here, as generate would
+                nxt = ahead(j + max(1, int(prefetch)))
+                if nxt is not None:
+                    queued.append(nxt)
             texts = model.generate(images[k : k + batch_size], prompts[k : k + batch_size], **kw)
             for i, text in enumerate(texts, start=k):
                 if on_answer:

@@ -124,7 +124,7 @@ def evaluate(
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
     label: str | None = None,
-    prefetch: bool = True,
+    prefetch: int = 1,
 ) -> list[dict]:
     """Per-item results. ``model`` implements ``generate(images, prompts, temperature=, seed=)``
     (and ``seeds=``, one per prompt, where it can seed each request: an endpoint). The cache key

@@ -5,9 +5,10 @@ Images are 3840x2160 (HRBench-4K size) and are resized by the processor to at mo
 pixels (METHOD.md: defender images between 512^2 and 2048^2); 16 new tokens per answer. Paths
 (``--modes``): ``inline`` (the processor on the CPU, then the model: the path before prefetching),
 ``prefetch`` (the next batch's inputs made in a worker thread while this one is answered,
-evaluation/answers.ask), ``gpu-images`` (prefetch, and the image processor on the model's device:
-``defender.model.image_device``). Each row's answers are compared with the first row's (they must
-be identical). ``--tiny`` is a CPU smoke run. Writes ``$OUT/eval_throughput.json``.
+evaluation/answers.ask), ``prefetchN`` (the next N batches' inputs, in N worker threads, each with
+its own processor), ``gpu-images`` / ``gpu-imagesN`` (prefetch, and the image processor on the
+model's device: ``defender.model.image_device``). Each row's answers are compared with the first
+row's (they must be identical). ``--tiny`` is a CPU smoke run. Writes ``$OUT/eval_throughput.json``.
 """
 
 from __future__ import annotations
@@ -31,11 +32,19 @@ from experiments.common import environment, parser, write_results  # noqa: E402
 MODES = ("inline", "prefetch", "gpu-images")
 
 
+def parse_mode(mode: str) -> tuple[str, int]:
+    """``prefetch4`` -> ("prefetch", 4): the path and its number of prefetch workers (0 inline)."""
+    path = mode.rstrip("0123456789")
+    if path not in MODES or (path == "inline" and path != mode):
+        raise SystemExit(f"--modes: {mode!r} is not one of {', '.join(MODES)} (prefetch and gpu-images take a count)")
+    return path, 0 if path == "inline" else int(mode[len(path) :] or 1)
+
+
 def main():
     ap = parser(__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=16)
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--modes", default="inline,prefetch,gpu-images")
+    ap.add_argument("--modes", default="inline,prefetch,prefetch4,gpu-images,gpu-images4")
     a = ap.parse_args()
     device = current_device()
     from experiments.defender_dapo import build
@@ -66,16 +75,15 @@ def main():
     evaluate(policy, "warm", items[:2], STRICT, batch_size=2)  # warm-up: kernels, allocator
     rows, first = [], None
     for mode in a.modes.split(","):
-        if mode not in MODES:
-            raise SystemExit(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
-        policy.image_device = device if mode == "gpu-images" else None
+        path, workers = parse_mode(mode)
+        policy.image_device = device if path == "gpu-images" else None
         for b in [int(x) for x in a.batches.split(",")]:
             if device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             # a fresh model id per row: nothing comes from the answer cache
-            got = evaluate(policy, f"{mode}-b{b}", items, STRICT, batch_size=b, prefetch=mode != "inline")
+            got = evaluate(policy, f"{mode}-b{b}", items, STRICT, batch_size=b, prefetch=workers)
             if device == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0

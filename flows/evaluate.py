@@ -45,6 +45,7 @@ def evaluate_task(
     cache: str | None,
     synthetic_scenes: int,
     config: dict,
+    prefetch: int = 1,
 ) -> dict:
     from config import config_from_dict
     from evaluation.readers import PAPER_COLUMNS
@@ -56,7 +57,7 @@ def evaluate_task(
     model, model_id = evaluated_model(store, cfg, checkpoint, endpoint, endpoint_model)
     out: dict[str, Any] = {"model": model_id, "protocol": protocol}
     if benchmarks:
-        m = evaluate_benchmarks(store, benchmarks, model, model_id, protocol, cache)
+        m = evaluate_benchmarks(store, benchmarks, model, model_id, protocol, cache, prefetch=prefetch)
         out["version"] = m.version
         out["summary"] = {c: m.extra["summary"][c] for c in PAPER_COLUMNS if c in m.extra["summary"]}
     if synthetic_scenes:
@@ -81,7 +82,10 @@ def evaluate_flow(
     preset: str = "synthetic",
     overrides: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
+    prefetch: int = 1,
 ) -> dict:
+    """``prefetch``: benchmark batches whose inputs are made ahead in worker threads, each with its
+    own processor (large images on a fast card: experiments/prepare_throughput.py)."""
     cfg = resolve_config(preset, overrides)
     out = evaluate_task(
         root,
@@ -94,6 +98,7 @@ def evaluate_flow(
         cache,
         synthetic_scenes,
         cfg.to_dict(),
+        prefetch,
     )
     acc = {k: v["accuracy"] for k, v in out.get("summary", {}).items()}
     if "synthetic" in out:

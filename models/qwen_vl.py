@@ -14,6 +14,7 @@ function for both the old and the new policy (so the first on-policy ratio is ex
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 
 from models.mcq import letters
-from models.roles import lock_of, serialized
+from models.roles import lock_of, private_copy, serialized
 from models.shared_images import distinct_rows, expand_rows, repeated_images
 from models.vision_attention import DEFAULT as DEFAULT_VISION_ATTENTION
 from models.vision_attention import set_vision_attention
@@ -308,18 +309,19 @@ class QwenVLPolicy:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def encode(self, images: list[Image.Image], prompts: list[str]) -> tuple[dict, list[int]]:
+    def encode(self, images: list[Image.Image], prompts: list[str], processor=None) -> tuple[dict, list[int]]:
         """The processor batch of the *distinct* (image, prompt) rows, expanded to every row, and
         each row's distinct image (``inverse``): a GRPO group repeats its row G times, and the
         processor and vision tower then see it once (models/shared_images.py). Images count as
-        the same when they are the same object (the trainer repeats its examples' images)."""
+        the same when they are the same object (the trainer repeats its examples' images).
+        ``processor``: a private copy of ``self.processor`` (``prepare``), used without the lock."""
         keys = [(id(im), p) for im, p in zip(images, prompts)] if self.share_images else list(range(len(images)))
         first, inverse = distinct_rows(keys)
         on = {"device": self.image_device} if self.image_device else {}
         # A fast tokenizer refuses a call while another thread holds it ("Already borrowed"): one
         # batch may be encoded (prepare, in a worker) while the last one's answers are decoded.
-        with lock_of(self.tokenizer):
-            batch = self.processor(
+        with lock_of(self.tokenizer) if processor is None else contextlib.nullcontext():
+            batch = (processor or self.processor)(
                 text=[self.chat(prompts[i]) for i in first],
                 images=[images[i] for i in first],
                 return_tensors="pt",
@@ -330,9 +332,12 @@ class QwenVLPolicy:
 
     def prepare(self, images: list[Image.Image], prompts: list[str]) -> tuple[dict, list[int]]:
         """The model inputs of one ``generate`` call (``encoded=``), made ahead: evaluation
-        (evaluation/answers.ask) prepares the next batch in a worker thread while this one is
-        answered, so the image processor's CPU time hides behind the GPU's."""
-        return self.encode(images, prompts)
+        (evaluation/answers.ask) prepares the next batches in worker threads while this one is
+        answered, so the image processor's CPU time hides behind the GPU's. Each worker encodes
+        with a private copy of the processor (models.roles.private_copy): under the tokenizer's one
+        lock the workers would take turns, and resizing large images is most of their time."""
+        with private_copy(self.processor, guard=lock_of(self.tokenizer)) as processor:
+            return self.encode(images, prompts, processor)
 
     # ------------------------------------------------------------ sampling
     @serialized  # seeds the global torch RNG and patches the vision tower's forward (repeated_images)

@@ -8,6 +8,8 @@ oracle backends require it.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import threading
 import weakref
@@ -30,6 +32,29 @@ def lock_of(obj) -> threading.RLock:
     it, so models still copy and pickle."""
     with _LOCKS_GUARD:
         return _LOCKS.setdefault(obj, threading.RLock())
+
+
+_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # object -> its idle private copies
+
+
+@contextlib.contextmanager
+def private_copy(obj, guard=None):
+    """A deep copy of ``obj`` that no other thread uses while the block runs: for an object whose
+    calls cannot overlap (a fast tokenizer refuses a call while another thread holds it, "Already
+    borrowed") where one lock would serialize the callers. Copies are kept beside ``obj`` for the
+    next block, so each is made once per concurrent caller, not once per call. ``guard``: the lock
+    the callers of ``obj`` hold (default ``lock_of(obj)``), held while the copy is made."""
+    with _LOCKS_GUARD:
+        idle = _COPIES.setdefault(obj, [])
+        mine = idle.pop() if idle else None
+    if mine is None:
+        with guard or lock_of(obj):  # copying reads obj's state: not while another thread calls it
+            mine = copy.deepcopy(obj)
+    try:
+        yield mine
+    finally:
+        with _LOCKS_GUARD:
+            _COPIES.setdefault(obj, []).append(mine)
 
 
 def serialized(method):

@@ -51,9 +51,12 @@ def evaluate_benchmarks(
     cache_path: str | None = None,
     dataset: str = "benchmarks",
     images: dict[str, str] | None = None,
+    prefetch: int = 1,
 ) -> Manifest:
     """``protocol``: "strict", "paper" or a ``Protocol`` (e.g. strict with n sampled trials);
-    ``images``: a benchmark's images folder where its file names images by path (HallusionBench)."""
+    ``images``: a benchmark's images folder where its file names images by path (HallusionBench);
+    ``prefetch``: batches whose inputs are made ahead in worker threads (evaluation.answers.ask;
+    the answers, and so the version, do not depend on it)."""
     p = PROTOCOLS[protocol] if isinstance(protocol, str) else protocol
     images = images or {}
     inputs = {
@@ -64,7 +67,9 @@ def evaluate_benchmarks(
 
     def compute(version: str) -> VersionPart:
         items, rejects = load_benchmarks(specs, images)
-        rows = evaluate(model, model_id, items, p, AnswerCache(cache_path), label=f"evaluate {', '.join(specs)}")
+        rows = evaluate(
+            model, model_id, items, p, AnswerCache(cache_path), label=f"evaluate {', '.join(specs)}", prefetch=prefetch
+        )
         summary = metrics(rows)
         for name, m in summary.items():
             m["rejected"] = sum(r["stage"] == f"read-{name}" for r in rejects)

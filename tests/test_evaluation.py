@@ -216,11 +216,16 @@ def test_tiny_defender_runs_on_every_format(fixtures):
     assert all(0.0 <= v["accuracy"] <= 1.0 and 0.0 <= v["unparsed"] <= 1.0 for v in m.values())
 
 
-def test_aot_eval_cli_writes_a_results_version(fixtures, tmp_path, capsys):
+def test_aot_eval_cli_writes_a_results_version(fixtures, tmp_path, capsys, monkeypatch):
+    import stages.benchmark
     from aot.cli import main
     from storage import ShardStore
 
     d, vstar, hr, pope, hb, hb_dir = fixtures
+    asked, evaluate = [], stages.benchmark.evaluate
+    monkeypatch.setattr(  # the command's --prefetch reaches the evaluator
+        stages.benchmark, "evaluate", lambda *a, **kw: asked.append(kw["prefetch"]) or evaluate(*a, **kw)
+    )
     rc = main(
         [
             "eval",
@@ -236,10 +241,13 @@ def test_aot_eval_cli_writes_a_results_version(fixtures, tmp_path, capsys):
             str(tmp_path / "c.jsonl"),
             "--set",  # any defender will do: the results version is under test
             "models.defender=perception-baseline",
+            "--prefetch",
+            "3",
         ]
     )
     out = capsys.readouterr().out
     assert rc == 0, out
+    assert asked == [3]
     version = out.split("results version: ")[1].split()[0]
     m = ShardStore(str(tmp_path)).manifest(version)
     assert m.rows == 48 and m.reject_rows == 3 and m.extra["columns"] == ["vstar", "pope"]
@@ -248,6 +256,8 @@ def test_aot_eval_cli_writes_a_results_version(fixtures, tmp_path, capsys):
     assert main(["eval", "--root", str(tmp_path), "--benchmark", f"pope={bad}"]) == 2  # wrong format: one line
     err = capsys.readouterr().err
     assert err.startswith("error: POPE") and "lacks column" in err and "Traceback" not in err
+    assert main(["eval", "--root", str(tmp_path), "--benchmark", f"pope={pope}", "--prefetch", "-1"]) == 2
+    assert capsys.readouterr().err.startswith("error: --prefetch N needs N >= 0")
 
 
 def test_chat_endpoint_concurrency_retries_and_errors(fixtures, monkeypatch):
@@ -646,6 +656,61 @@ def test_ask_prepares_the_next_batch_in_a_worker_and_answers_alike():
     assert seen == [0, 1, 2]
 
 
+def test_ask_prepares_several_batches_at_once_and_answers_in_order():
+    import threading
+
+    from evaluation.answers import ask
+
+    started = threading.Barrier(3, timeout=30)  # the first three prepares must run at the same time
+
+    class Concurrent(_Prefetching):
+        def prepare(self, images, prompts):
+            if prompts[0] in ("p0", "p1", "p2"):
+                started.wait()  # raises BrokenBarrierError if the workers took turns
+            return super().prepare(images, prompts)
+
+    prompts = [f"p{i}" for i in range(7)]
+    model = Concurrent()
+    assert ask(model, [None] * 7, prompts, batch_size=1, prefetch=3) == [p.upper() for p in prompts]
+    assert [e[1] for e in model.log if e[0] == "generate"] == prompts  # answered in order
+    assert sorted(e[1] for e in model.log if e[0] == "prepare") == prompts  # each batch prepared once
+    # never more than three batches ahead: batch n+3 is prepared only after batch n is answered
+    order = [e[:2] for e in model.log]
+    for n in range(4):
+        assert order.index(("generate", f"p{n}")) < order.index(("prepare", f"p{n + 3}"))
+
+
+def test_private_copies_are_one_per_concurrent_caller_and_reused():
+    import threading
+
+    from models.roles import private_copy
+
+    class Thing:
+        copies = 0
+
+        def __deepcopy__(self, memo):
+            Thing.copies += 1
+            return Thing()
+
+    obj, both_inside, held = Thing(), threading.Barrier(2, timeout=30), []
+
+    def use():
+        with private_copy(obj) as mine:
+            held.append(mine)
+            both_inside.wait()  # two callers at once: each has its own copy
+
+    threads = [threading.Thread(target=use) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(h) for h in held}) == 2 and obj not in held and Thing.copies == 2
+    for _ in range(3):  # later callers, one at a time, reuse an idle copy
+        with private_copy(obj) as mine:
+            assert mine in held
+    assert Thing.copies == 2
+
+
 def test_tiny_defender_answers_the_same_with_inputs_prepared_ahead(fixtures):
     import torch
 
@@ -659,8 +724,19 @@ def test_tiny_defender_answers_the_same_with_inputs_prepared_ahead(fixtures):
         ahead = evaluate(policy, "a", items, protocol, batch_size=3)
         inline = evaluate(policy, "b", items, protocol, batch_size=3, prefetch=False)
         assert [r["responses"] for r in ahead] == [r["responses"] for r in inline]
+        several = evaluate(policy, "c", items, protocol, batch_size=3, prefetch=3)  # three workers, own processors
+        assert [r["responses"] for r in several] == [r["responses"] for r in inline]
     # the image processor placed explicitly on the CPU gives the very same model inputs
     images, prompts = [it.image for it in items[:3]], ["q"] * 3
     placed = QwenVLPolicy.tiny(spec=TinyDefenderSpec(min_pixels=1024, max_pixels=4096), image_device="cpu")
     a, b = policy.prepare(images, prompts)[0], placed.prepare(images, prompts)[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # workers preparing at once (each with a private processor) while the main thread encodes
+    # with the shared one: no "Already borrowed", and every batch the shared processor's inputs
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        made = [pool.submit(policy.prepare, images, prompts) for _ in range(8)]
+        inline = [policy.encode(images, prompts)[0] for _ in range(4)]
+        made = [f.result()[0] for f in made]
+    assert all(m.keys() == a.keys() and all(torch.equal(m[k], a[k]) for k in a) for m in made + inline)
