@@ -38,8 +38,9 @@ def ask(
     per_request = seeds is not None and "seeds" in params
     prepare = getattr(model, "prepare", None) if prefetch and "encoded" in params else None
     starts = list(range(0, len(prompts), batch_size))
+    depth = max(1, int(prefetch))  # batches in preparation at once
     out: list[str] = []
-    with ThreadPoolExecutor(max(1, int(prefetch)), thread_name_prefix="prepare") as pool:
+    with ThreadPoolExecutor(depth, thread_name_prefix="prepare") as pool:
 
         def ahead(j: int):  # the j-th batch's inputs, made in a worker
             if prepare is None or j >= len(starts):
@@ -48,7 +49,7 @@ def ask(
             return pool.submit(prepare, images[k : k + batch_size], prompts[k : k + batch_size])
 
         # batches 0..prefetch-1 start at once; each answered batch starts the next one
-        queued = [f for f in (ahead(j) for j in range(max(1, int(prefetch)))) if f is not None]
+        queued = [f for f in (ahead(j) for j in range(depth)) if f is not None]
         for j, k in enumerate(starts):
             kw = {"temperature": temperature}
             if seeds is not None:
@@ -58,7 +59,7 @@ def ask(
                 kw["seed"] = seed
             if queued:
                 kw["encoded"] = queued.pop(0).result()  # a failed prepare raises here, as generate would
-                nxt = ahead(j + max(1, int(prefetch)))
+                nxt = ahead(j + depth)
                 if nxt is not None:
                     queued.append(nxt)
             texts = model.generate(images[k : k + batch_size], prompts[k : k + batch_size], **kw)

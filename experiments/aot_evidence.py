@@ -101,7 +101,7 @@ def report(result: dict, info: dict, out: str, name: str) -> None:
     plot_curve(result["curve"], os.path.join(out, name.replace("aot_evidence", "aot_evidence_curve") + ".png"))
 
 
-def merge(paths: list[str], out: str) -> dict:
+def merge(paths: list[str], out: str, name: str = "aot_evidence") -> dict:
     """Combine the JSONs of runs that each did some seeds of one config (e.g. one process per
     seed sharing a GPU) into one table."""
     import json
@@ -116,7 +116,7 @@ def merge(paths: list[str], out: str) -> dict:
     ecfg = EvidenceConfig(**{**first["evidence"], "seeds": [s["arms"][0]["seed"] for s in seeds]})
     result = combine(seeds, ecfg, first["pipeline"]) | {"seeds": seeds}
     info = runs[0]["info"] | {"merged": paths, "wall_seconds": [r["info"]["wall_seconds"] for r in runs]}
-    report(result, info, out, "aot_evidence")
+    report(result, info, out, name)
     return result
 
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = ap.parse_args(argv)
     if args.merge:
-        return merge(args.merge, args.out)
+        return merge(args.merge, args.out, args.name or "aot_evidence")
 
     from experiments.evidence import EvidenceConfig, resolve_attacks, run_evidence
     from storage import ShardStore

@@ -42,8 +42,9 @@ def private_copy(obj, guard=None):
     """A deep copy of ``obj`` that no other thread uses while the block runs: for an object whose
     calls cannot overlap (a fast tokenizer refuses a call while another thread holds it, "Already
     borrowed") where one lock would serialize the callers. Copies are kept beside ``obj`` for the
-    next block, so each is made once per concurrent caller, not once per call. ``guard``: the lock
-    the callers of ``obj`` hold (default ``lock_of(obj)``), held while the copy is made."""
+    next block, so each is made once per concurrent caller, not once per call (so a setting
+    changed on ``obj`` later does not reach the copies made before). ``guard``: the lock the
+    callers of ``obj`` hold (default ``lock_of(obj)``), held while the copy is made."""
     with _LOCKS_GUARD:
         idle = _COPIES.setdefault(obj, [])
         mine = idle.pop() if idle else None

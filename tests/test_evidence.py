@@ -213,6 +213,10 @@ def test_toy_evidence_run_gives_every_number(tmp_path):
     saved = json.loads((tmp_path / "aot_evidence_tiny.json").read_text())
     assert saved["results"][0]["table"] == result["summary"]
     assert (tmp_path / "aot_evidence_curve_tiny.png").stat().st_size > 1000
+    # --merge (one process per seed on a card, then one table) under its own --name
+    merged = main(["--merge", str(tmp_path / "aot_evidence_tiny.json"), "--out", str(tmp_path), "--name", "replay"])
+    assert merged["summary"] == result["summary"] and merged["goals"] == result["goals"]
+    assert json.loads((tmp_path / "replay.json").read_text())["results"][0]["table"] == result["summary"]
 
 
 def test_attacker_learnability_scores_every_try_on_the_same_items(tmp_path):
