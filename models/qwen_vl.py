@@ -305,9 +305,9 @@ class QwenVLPolicy:
         self.processor.save_pretrained(folder)
 
     # ------------------------------------------------------------ encoding
-    def chat(self, prompt: str) -> str:
+    def chat(self, prompt: str, processor=None) -> str:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return (processor or self.processor).apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def encode(self, images: list[Image.Image], prompts: list[str], processor=None) -> tuple[dict, list[int]]:
         """The processor batch of the *distinct* (image, prompt) rows, expanded to every row, and
@@ -322,7 +322,7 @@ class QwenVLPolicy:
         # batch may be encoded (prepare, in a worker) while the last one's answers are decoded.
         with lock_of(self.tokenizer) if processor is None else contextlib.nullcontext():
             batch = (processor or self.processor)(
-                text=[self.chat(prompts[i]) for i in first],
+                text=[self.chat(prompts[i], processor) for i in first],
                 images=[images[i] for i in first],
                 return_tensors="pt",
                 padding=True,
