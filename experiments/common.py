@@ -50,6 +50,26 @@ def matmul_tflops(device: str) -> float:
     return 2 * 8192**3 * 10 / (time.perf_counter() - t0) / 1e12
 
 
+def memory_gbs(device: str, mib: int = 1024) -> float:
+    """The device's measured memory bandwidth, GB/s: a ``mib`` MiB tensor copied 10 times (each
+    copy reads and writes it). The denominator of a weight-reading floor: a decoding step that
+    reads every weight once cannot take less than weight bytes / this."""
+    import time
+
+    n = mib * 2**20 // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch, allocator
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * src.numel() * 4 * 10 / (time.perf_counter() - t0) / 1e9
+
+
 def step_timing(seconds: list[float], compiled: list[int] | None = None, slow: float = 1.5) -> dict:
     """The timing protocol of every step-timed benchmark. A step in which the compiler captured a
     graph (``compiled[i]``: graphs its own counter gained during step i, ``compiled_graphs``) paid

@@ -4,7 +4,9 @@ Qwen2.5-VL architecture (3B by default) with random weights (no weights can be d
 448x448 image and ~300 prompt tokens per row, 256 completion tokens, 8 generations per prompt,
 bf16 weights, gradient checkpointing, HF generate in both. Per step: generation, log-prob and
 update time, completion and total tokens/s, update-phase MFU (6 N tokens against the card's
-bf16 matmul rate measured in the same run), peak GPU memory. With ``--lora-7b`` it also takes
+bf16 matmul rate measured in the same run), generation against its weight-reading floor (every
+decoding step reads the text weights once, at the memory bandwidth measured in the same run),
+peak GPU memory. With ``--lora-7b`` it also takes
 DAPO steps of the 7B architecture with LoRA (rank 64), grouped vision attention and compiled
 decoder layers (the full preset's update; one warm-up step, one timed), and reports the peak memory. With
 ``--profile`` the update phase of one extra step of each of our variants runs under torch.profiler
@@ -395,14 +397,33 @@ def run_trl(model, proc, device, batch, G, completion, steps, prompt_chars, outd
     return out[warmup:], peak
 
 
+def generation_floor(completion: int, n_text: int, weight_bytes: int, memory_gbs: float) -> float:
+    """Seconds a rollout of ``completion`` decoding steps cannot beat: each step reads the text
+    model's weights once (shared by the whole batch), at the measured bandwidth. Prefill, the
+    vision tower and the KV cache's reads come on top, so the real floor is a little higher."""
+    return completion * n_text * weight_bytes / (memory_gbs * 1e9)
+
+
 def summarize(
-    name, rows_, batch, prompt_tokens, completion, n_text, n_vis, patches, peak_tflops, peak_gib, images=None
+    name,
+    rows_,
+    batch,
+    prompt_tokens,
+    completion,
+    n_text,
+    n_vis,
+    patches,
+    peak_tflops,
+    peak_gib,
+    images=None,
+    floor_s=float("nan"),
 ):
     """Per-step times under the timing protocol (``step_timing``): medians over the timed steps
     that compiled nothing, every step kept, steps over 1.5x the median flagged (``slow_steps``:
     on the H200 one update of 1.94 s between 0.90 and 0.78 s once pulled the mean, and the MFU,
     down a third). ``images``: images the vision tower runs on per update (default one per row;
-    ours with shared images: one per prompt). MFU counts the FLOPs an implementation needs, 6 N per token."""
+    ours with shared images: one per prompt). MFU counts the FLOPs an implementation needs, 6 N per token.
+    ``floor_s``: the generation's weight-reading floor (``generation_floor``), printed beside it."""
     compiled = [int(r.get("compiled") or 0) for r in rows_]
     parts = ("step_s", "generation_s", "logprob_s", "update_s")
     timing = {k: step_timing([r[k] for r in rows_], compiled) for k in parts}
@@ -419,6 +440,8 @@ def summarize(
         "batch": batch,
         "step_s": step,
         "generation_s": gen,
+        "generation_floor_s": floor_s,
+        "generation_vs_floor": gen / floor_s if floor_s > 0 else float("nan"),
         "logprob_s": lp,
         "update_s": upd,
         "completion_tok_s": comp / step,
@@ -480,9 +503,11 @@ def main():
         a.batches, a.completion, a.steps, a.warmup, a.prompt_chars, a.generations = "4", 8, 1, 1, 60, 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    from experiments.common import environment, matmul_tflops
+    from experiments.common import environment, matmul_tflops, memory_gbs
 
-    info = environment(arch=arch, bf16_matmul_tflops=matmul_tflops(device))
+    info = environment(
+        arch=arch, bf16_matmul_tflops=matmul_tflops(device), memory_gbs=memory_gbs(device, 64 if a.tiny else 1024)
+    )
     print(json.dumps(info), flush=True)
     results = []
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -559,6 +584,7 @@ def main():
                 info["bf16_matmul_tflops"],
                 peak,
                 images=batch // a.generations if shared else None,
+                floor_s=generation_floor(a.completion, n_text, torch.finfo(dtype).bits // 8, info["memory_gbs"]),
             )
             s.update(
                 prompt_tokens=prompt_tokens, params_text=n_text, params_vision=n_vis, wall_s=time.perf_counter() - t0
@@ -610,12 +636,14 @@ def main():
         print(json.dumps(lo), flush=True)
         (out / f"defender_dapo_{arch}.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
     print(
-        f"\n{'impl':<16}{'batch':>6}{'step s':>8}{'gen s':>8}{'logp s':>8}{'upd s':>8}{'compl tok/s':>12}"
-        f"{'total tok/s':>12}{'upd MFU':>9}{'peak GiB':>10}"
+        f"\n{'impl':<16}{'batch':>6}{'step s':>8}{'gen s':>8}{'floor s':>8}{'x floor':>8}{'logp s':>8}{'upd s':>8}"
+        f"{'compl tok/s':>12}{'total tok/s':>12}{'upd MFU':>9}{'peak GiB':>10}"
     )
     for s in results:
         print(
-            f"{s['impl']:<16}{s['batch']:>6}{s['step_s']:>8.1f}{s['generation_s']:>8.1f}{s.get('logprob_s', 0):>8.1f}"
+            f"{s['impl']:<16}{s['batch']:>6}{s['step_s']:>8.1f}{s['generation_s']:>8.1f}"
+            f"{s.get('generation_floor_s', float('nan')):>8.2f}{s.get('generation_vs_floor', float('nan')):>8.1f}"
+            f"{s.get('logprob_s', 0):>8.1f}"
             f"{s['update_s']:>8.1f}{s.get('completion_tok_s', float('nan')):>12.0f}"
             f"{s.get('total_tok_s', float('nan')):>12.0f}"
             f"{s.get('update_mfu', float('nan')):>9.1%}{s['peak_gib']:>10.1f}"
