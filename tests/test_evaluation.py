@@ -674,10 +674,11 @@ def test_ask_prepares_several_batches_at_once_and_answers_in_order():
     assert ask(model, [None] * 7, prompts, batch_size=1, prefetch=3) == [p.upper() for p in prompts]
     assert [e[1] for e in model.log if e[0] == "generate"] == prompts  # answered in order
     assert sorted(e[1] for e in model.log if e[0] == "prepare") == prompts  # each batch prepared once
-    # never more than three batches ahead: batch n+3 is prepared only after batch n is answered
+    # never more than three batches ahead: batch n+3 starts when batch n's inputs are taken, so
+    # only after batch n-1 was answered
     order = [e[:2] for e in model.log]
-    for n in range(4):
-        assert order.index(("generate", f"p{n}")) < order.index(("prepare", f"p{n + 3}"))
+    for n in range(1, 4):
+        assert order.index(("generate", f"p{n - 1}")) < order.index(("prepare", f"p{n + 3}"))
 
 
 def test_private_copies_are_one_per_concurrent_caller_and_reused():
