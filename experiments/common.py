@@ -32,42 +32,39 @@ def environment(**extra) -> dict:
     return env
 
 
-def matmul_tflops(device: str) -> float:
-    """The card's measured bf16 matmul rate (8192^3 GEMMs): the MFU denominator."""
+def _seconds(device: str, work, reps: int = 10, warm: int = 3) -> float:
+    """Wall seconds of ``reps`` calls of ``work`` after ``warm`` untimed ones, the device idle at
+    both ends (kernels are asynchronous on CUDA)."""
     import time
 
+    for _ in range(warm):
+        work()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        work()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def matmul_tflops(device: str) -> float:
+    """The card's measured bf16 matmul rate (8192^3 GEMMs): the MFU denominator."""
     if device != "cuda":
         return float("nan")
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * 8192**3 * 10 / (time.perf_counter() - t0) / 1e12
+    return 2 * 8192**3 * 10 / _seconds(device, lambda: a @ b) / 1e12
 
 
 def memory_gbs(device: str, mib: int = 1024) -> float:
     """The device's measured memory bandwidth, GB/s: a ``mib`` MiB tensor copied 10 times (each
     copy reads and writes it). The denominator of a weight-reading floor: a decoding step that
     reads every weight once cannot take less than weight bytes / this."""
-    import time
-
-    n = mib * 2**20 // 4
-    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    src = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)  # first touch, allocator
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        dst.copy_(src)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return 2 * src.numel() * 4 * 10 / (time.perf_counter() - t0) / 1e9
+    return 2 * src.numel() * 4 * 10 / _seconds(device, lambda: dst.copy_(src), warm=1) / 1e9
 
 
 def step_timing(seconds: list[float], compiled: list[int] | None = None, slow: float = 1.5) -> dict:

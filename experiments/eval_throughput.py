@@ -40,6 +40,32 @@ def parse_mode(mode: str) -> tuple[str, int]:
     return path, 0 if path == "inline" else int(mode[len(path) :] or 1)
 
 
+QUESTION = "What is written on the sign in the top left corner?"
+
+
+def benchmark_policy(device: str, tiny: bool, arch: str | None = None):
+    """(policy, (w, h), max_pixels): the Qwen2.5-VL policy whose processor resizes HRBench-4K-size
+    images (3840x2160) to at most 2048x2048 pixels, as METHOD.md's defender does (``tiny``: 384x216
+    at most 64x64, a CPU smoke run). The processor is the same for every ``arch``."""
+    from experiments.defender_dapo import build
+    from models.qwen_vl import QwenVLPolicy
+
+    arch = arch or ("tiny" if tiny else "7b")
+    (w, h), px = ((384, 216), 64 * 64) if tiny else ((3840, 2160), 2048 * 2048)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, proc = build(arch, device, dtype)
+    ip = proc.image_processor
+    ip.min_pixels, ip.max_pixels = 32 * 32 if tiny else 512 * 512, px
+    ip.size = {"shortest_edge": ip.min_pixels, "longest_edge": px}
+    return QwenVLPolicy(model, proc, device=device, dtype=dtype), (w, h), px
+
+
+def random_images(n: int, w: int, h: int) -> list:
+    """``n`` seeded noise images of w x h: every pixel differs, as a photo's do, for the resize."""
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(n)]
+
+
 def main():
     ap = parser(__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=16)
@@ -47,28 +73,12 @@ def main():
     ap.add_argument("--modes", default="inline,prefetch,prefetch4,gpu-images,gpu-images4")
     a = ap.parse_args()
     device = current_device()
-    from experiments.defender_dapo import build
-    from models.qwen_vl import QwenVLPolicy
-
-    arch, (w, h), px = ("tiny", (384, 216), 64 * 64) if a.tiny else ("7b", (3840, 2160), 2048 * 2048)
-    model, proc = build(arch, device, torch.bfloat16 if device == "cuda" else torch.float32)
-    ip = proc.image_processor
-    ip.min_pixels, ip.max_pixels = 512 * 512 if not a.tiny else 32 * 32, px
-    ip.size = {"shortest_edge": ip.min_pixels, "longest_edge": px}
-    policy = QwenVLPolicy(model, proc, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    arch = "tiny" if a.tiny else "7b"
+    policy, (w, h), px = benchmark_policy(device, a.tiny, arch)
     policy.model.generation_config.min_new_tokens = 16  # random weights: same answer length every time
-    rng = np.random.default_rng(0)
     items = [
-        Item(
-            f"i{i}",
-            "hrbench4k",
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)),
-            "What is written on the sign in the top left corner?",
-            "A",
-            ["cat", "dog", "bird", "fish"],
-            ["single"],
-        )
-        for i in range(a.items)
+        Item(f"i{i}", "hrbench4k", im, QUESTION, "A", ["cat", "dog", "bird", "fish"], ["single"])
+        for i, im in enumerate(random_images(a.items, w, h))
     ]
     info = environment(arch=arch, image=[w, h], max_pixels=px, items=a.items)
     print(json.dumps(info), flush=True)

@@ -18,14 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evaluation.answers import ask  # noqa: E402
 from experiments.common import environment, parser, write_results  # noqa: E402
+from experiments.eval_throughput import QUESTION, benchmark_policy, random_images  # noqa: E402
 
 
 def main():
@@ -35,19 +34,10 @@ def main():
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--repeats", type=int, default=2, help="timed passes per row; the fastest counts")
     a = ap.parse_args()
-    from experiments.defender_dapo import build
-    from models.qwen_vl import QwenVLPolicy
-
     torch.set_num_threads(1)  # the workers are the parallelism measured
-    (w, h), px = ((384, 216), 64 * 64) if a.tiny else ((3840, 2160), 2048 * 2048)
-    model, proc = build("tiny", "cpu", torch.float32)  # the processor is the 7B's; the model never runs
-    ip = proc.image_processor
-    ip.min_pixels, ip.max_pixels = min(512 * 512, px), px
-    ip.size = {"shortest_edge": ip.min_pixels, "longest_edge": px}
-    policy = QwenVLPolicy(model, proc, device="cpu", dtype=torch.float32)
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(a.items)]
-    prompts = ["What is written on the sign in the top left corner?"] * a.items
+    # eval_throughput's processor and images; a tiny model, which never runs
+    policy, (w, h), px = benchmark_policy("cpu", a.tiny, arch="tiny")
+    images, prompts = random_images(a.items, w, h), [QUESTION] * a.items
 
     class PrepareOnly:
         def __init__(self, prepare):
