@@ -472,7 +472,8 @@ def main():
     ap.add_argument(
         "--impls",
         default="ours,trl",
-        help="comma-separated: ours, ours-static (static KV cache, compiled decoding), ours-grouped "
+        help="comma-separated: ours, ours-static (static KV cache, compiled decoding), ours-loop (the same "
+        "cache and compiled step in our own decoding loop: models/decoding.py), ours-grouped "
         "(vision windows batched: models/vision_attention.py), ours-nockpt (no gradient "
         "checkpointing: no recomputed forward, more memory), ours-unshared (every row through "
         "the processor and vision tower, as before models/shared_images.py), ours-mbN (update "
@@ -491,7 +492,7 @@ def main():
     for impl in a.impls.split(","):  # before any model is built
         unknown = (
             {v for v in impl.split("-")[1:] if not (v[:2] == "mb" and v[2:].isdigit())}
-            - {"static", "grouped", "nockpt", "unshared", "compiled"}
+            - {"static", "loop", "grouped", "nockpt", "unshared", "compiled"}
             if impl.startswith("ours")
             else ({impl} - {"trl", "trl-static"})
         )
@@ -549,7 +550,7 @@ def main():
                     a.steps,
                     a.prompt_chars,
                     warmup=a.warmup,
-                    cache="static" if "static" in impl else "dynamic",
+                    cache=next((c for c in ("static", "loop") if c in impl.split("-")), "dynamic"),
                     vision_attention="grouped" if "grouped" in impl else "stock",
                     profile=a.profile,
                     grad_ckpt="nockpt" not in impl,

@@ -21,11 +21,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from models.decoding import decode
 from models.mcq import letters
 from models.roles import lock_of, private_copy, serialized
 from models.shared_images import distinct_rows, expand_rows, repeated_images
 from models.vision_attention import DEFAULT as DEFAULT_VISION_ATTENTION
 from models.vision_attention import set_vision_attention
+
+# KV cache and loop of rollouts (defender.*.decode_cache): transformers' generate with a dynamic or
+# a static cache, or our own loop over a static cache (models/decoding.py)
+DECODE_CACHES = ("dynamic", "static", "loop")
 
 SPECIAL = [
     "<|endoftext|>",
@@ -354,18 +359,36 @@ class QwenVLPolicy:
         encoded: tuple[dict, list[int]] | None = None,
     ) -> Rollout:
         """Sample responses. ``cache="static"``: a preallocated KV cache, with which transformers
-        compiles the decoding step on CUDA (CUDA graphs: far less per-token launch overhead).
-        ``encoded``: ``prepare(images, prompts)``, made ahead."""
+        compiles the decoding step on CUDA (CUDA graphs: far less per-token launch overhead);
+        ``cache="loop"``: the same cache and compiled step in our own decoding loop, which never
+        waits on the GPU between tokens (models/decoding.py). ``encoded``: ``prepare(images,
+        prompts)``, made ahead."""
+        if cache not in DECODE_CACHES:
+            raise ValueError(f"decode cache {cache!r}: choose one of {', '.join(DECODE_CACHES)}")
         enc, inverse = encoded if encoded is not None else self.encode(images, prompts)
         torch.manual_seed(seed)
         sample = temperature > 0
         gen_kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
         self.model.eval()
-        if cache != "dynamic":
+        if cache == "static":
             gen_kw["cache_implementation"] = cache
         with repeated_images(self.model, inverse):
-            out = self.model.generate(**enc, max_new_tokens=max_new_tokens, suppress_tokens=self.suppressed, **gen_kw)
-        resp = out[:, enc["input_ids"].shape[1] :].cpu()
+            if cache == "loop":
+                resp = decode(
+                    self.model,
+                    enc,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    suppressed=self.suppressed,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    seed=seed,
+                ).cpu()
+            else:
+                out = self.model.generate(
+                    **enc, max_new_tokens=max_new_tokens, suppress_tokens=self.suppressed, **gen_kw
+                )
+                resp = out[:, enc["input_ids"].shape[1] :].cpu()
         eos = self.tokenizer.eos_token_id
         is_eos = resp == eos
         has_eos = is_eos.any(dim=1)

@@ -4,6 +4,7 @@ exact, it learns, and our DAPO loss equals TRL's on identical inputs."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from config import DefenderTrainConfig
 from evaluation.answers import chance
 from evaluation.answers import mcq_accuracy as evaluate
 from models.qwen_vl import QwenVLPolicy, TinyDefenderSpec
+from models.shared_images import repeated_images
 from rl.dapo import DapoConfig, dapo_loss, group_advantages
 from training.defender import DataStream, DefenderTrainer
 from training.toy import colour_examples
@@ -461,3 +463,65 @@ def test_the_embedded_defaults_stage2_defender_ships_with_the_code(tmp_path, mon
 
     monkeypatch.setenv("AOT_NO_SHIPPED_FITS", "1")
     assert shipped_fit(SHIPPED_KIND, json.loads(shipped[0].read_text()), "") is None
+
+
+def _decoding_batch(data):
+    """Left-padded prompts of six lengths, one image used twice: every place a position can go wrong."""
+    exs = data[1][:6]
+    images = [e.image for e in exs] + [exs[0].image]
+    prompts = [e.prompt + " Look closely." * i for i, e in enumerate(exs)] + [exs[0].prompt]
+    return images, prompts
+
+
+def _same_rollouts(policy, images, prompts, temperature):
+    kw = dict(temperature=temperature, max_new_tokens=10, seed=5)
+    ref = policy.rollout(images, prompts, cache="dynamic", **kw)
+    got = policy.rollout(images, prompts, cache="loop", **kw)
+    n = ref.response_ids.shape[1]  # generate stops when every row has ended; the loop looks every 16 tokens
+    assert got.texts == ref.texts and torch.equal(got.truncated, ref.truncated)
+    assert torch.equal(got.response_mask[:, :n], ref.response_mask) and not got.response_mask[:, n:].any()
+    assert torch.equal(got.response_ids[:, :n], ref.response_ids)
+    return ref
+
+
+def test_our_decoding_loop_samples_what_generate_samples(data):
+    """models/decoding.py against transformers' generate, sampled at temperature 1: the same tokens
+    (on the CPU both draw torch.multinomial from a generator seeded alike), which holds only if every
+    step's logits match. The model's attention is made sharp (queries and keys scaled up, rotary base
+    10): a random tiny model attends almost uniformly, and its logits move by 0.005 when every
+    position is off by 1000, so it would pass with positions that ignore the left padding."""
+    policy = QwenVLPolicy.tiny(seed=0, spec=dataclasses.replace(SPEC, rope_theta=10.0))
+    with torch.no_grad():
+        for name, w in policy.model.named_parameters():
+            if "language_model" in name and name.endswith(("q_proj.weight", "k_proj.weight")):
+                w.mul_(12.0)
+    images, prompts = _decoding_batch(data)
+    _same_rollouts(policy, images, prompts, 1.0)
+    with pytest.raises(ValueError, match="dynamic, static, loop"):
+        policy.rollout(images, prompts, cache="paged")
+
+
+def test_our_decoding_loop_answers_and_ends_as_generate_does(warm_policy, data):
+    """Greedy, from the warmed defender: answers that differ by row and end in EOS, the same as
+    generate's (texts, masks, truncation)."""
+    ref = _same_rollouts(warm_policy, *_decoding_batch(data), 0.0)
+    assert len(set(ref.texts)) > 1 and not ref.truncated.any()
+
+
+def test_our_decoding_loop_stops_once_every_row_has_ended(warm_policy, data):
+    from models.decoding import decode
+
+    images, prompts = _decoding_batch(data)
+    policy = warm_policy
+    enc, inverse = policy.encode(images, prompts)
+    kw = dict(temperature=0.0, suppressed=policy.suppressed, seed=0)
+    kw |= dict(eos_token_id=policy.tokenizer.eos_token_id, pad_token_id=policy.tokenizer.pad_token_id)
+    policy.model.eval()
+    with repeated_images(policy.model, inverse):
+        full = decode(policy.model, enc, max_new_tokens=24, check_every=100, **kw)
+        early = decode(policy.model, enc, max_new_tokens=24, check_every=1, **kw)
+    ends = (full == policy.tokenizer.eos_token_id).int().argmax(1)  # every row ends (greedy, warmed)
+    assert full.shape[1] == 24 and early.shape[1] == int(ends.max()) + 1
+    assert torch.equal(early, full[:, : early.shape[1]])
+    after = torch.arange(24).unsqueeze(0) > ends.unsqueeze(1)
+    assert (full[after] == policy.tokenizer.pad_token_id).all()  # finished rows are fed and given pads

@@ -1,0 +1,132 @@
+"""Rollout decoding in our own loop: one prefill, then one model call and a few sampling kernels
+per token, with nothing in the loop that waits for the GPU.
+
+transformers' ``generate`` with a static cache already replays the model's decoding step as a CUDA
+graph, yet measured at ~11 ms per token for 16 sequences of the 3B defender on an H100, about 5x
+the time to read its weights once (experiments/RESULTS.md, issue 23). What it adds per token runs
+on the CPU between two graph replays: input preparation, logits processors, stopping criteria,
+and a check "are all sequences finished?" that copies a flag to the host, so the CPU can never
+run ahead of the GPU and every token pays both. Here the loop keeps every per-token tensor on the
+device (next token, positions, cache slot, finished flags), samples with device-side kernels, and
+looks at the finished flags only every ``check_every`` tokens.
+
+Positions follow the scorer (``QwenVLPolicy.response_logprobs``, a full forward over prompt and
+response): a response token at cache slot ``s`` of a row with ``p`` left pads sits at text
+position ``s - p + rope_delta`` (transformers' mRoPE delta from the prefill), so the sampler and
+the scorer see the same sequence. Finished rows are fed the pad token, as ``generate`` does; their
+tokens after EOS are never scored (the rollout masks them).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+CHECK_EVERY = 16  # tokens between looks at the finished flags (each look waits for the GPU)
+# The cache's length is rounded up to a multiple of this: a compiled step is recorded per shape,
+# and prompts of every length would otherwise each record their own (slots past the response
+# are never written, and the mask keeps them out of attention).
+CACHE_BUCKET = 128
+
+
+def _base(model):
+    """The transformers model under a peft wrapper (LoRA layers live inside its modules)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _cache_keyword(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.24; the GPU image runs 5.17)."""
+    return "cache" if "cache" in inspect.signature(type(_base(model)).forward).parameters else "past_key_values"
+
+
+def _rope_deltas(model) -> torch.Tensor:
+    """The prefill's mRoPE deltas, (B, 1): text position = token index among the row's real tokens + delta."""
+    for m in _base(model).modules():
+        deltas = getattr(m, "rope_deltas", None)
+        if isinstance(deltas, torch.Tensor):
+            return deltas
+    raise TypeError(f"{type(model).__name__}: no rope_deltas after the prefill (a Qwen2.5-VL model is expected)")
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, suppressed: torch.Tensor, generator) -> torch.Tensor:
+    """One token per row from the last position's logits: argmax at temperature 0, else a sample of
+    softmax(logits / temperature) (float32), the ``suppressed`` ids (a device tensor: a Python list
+    would be copied to the GPU every token) never drawn."""
+    logits = logits.float()
+    if suppressed.numel():
+        logits.index_fill_(1, suppressed, float("-inf"))
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def decode(
+    model,
+    enc: dict,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    suppressed: list[int],
+    eos_token_id: int,
+    pad_token_id: int,
+    seed: int,
+    compiled: bool | None = None,
+    check_every: int = CHECK_EVERY,
+) -> torch.Tensor:
+    """Response ids (B, <= max_new_tokens), pad after a row's EOS; stops early once every row has
+    ended. ``enc``: the processor's batch (left-padded prompts, on the model's device).
+    ``compiled``: the decoding step through transformers' compiled call (CUDA graphs); default on
+    CUDA only."""
+    from transformers import StaticCache
+
+    base = _base(model)
+    ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
+    (B, L), T, device = ids.shape, max_new_tokens, ids.device
+    compiled = device.type == "cuda" if compiled is None else compiled
+    generator = torch.Generator(device=device).manual_seed(seed)
+    banned = torch.tensor(suppressed, dtype=torch.long, device=device)
+    length = -(-(L + T) // CACHE_BUCKET) * CACHE_BUCKET
+    cache = StaticCache(config=base.config, max_cache_len=length)
+    key = _cache_keyword(model)
+    # one mask for every step: the prompt's, the response's slots, then the bucket's unused ones
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, T), prompt_mask.new_zeros(B, length - L - T)], dim=1)
+    out = model(**enc, use_cache=True, cache_position=torch.arange(L, device=device), logits_to_keep=1, **{key: cache})
+    # text position of slot s: s - pads + delta (the pads' slots hold no position of their own)
+    offset = _rope_deltas(model).to(device).view(B, 1) - (L - prompt_mask.sum(1, keepdim=True))
+    step = base.get_compiled_call(_compile_config()) if compiled else base.__call__
+    tokens = torch.full((B, T), pad_token_id, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    tok = next_tokens(out.logits[:, -1], temperature, banned, generator)
+    slot = torch.full((1,), L, dtype=torch.long, device=device)
+    n = T
+    for t in range(T):
+        tok = torch.where(done, pad_token_id, tok)
+        tokens[:, t] = tok
+        done |= tok == eos_token_id
+        if t == T - 1:
+            break
+        if (t + 1) % check_every == 0 and bool(done.all()):
+            n = t + 1
+            break
+        pos = (offset + slot).view(1, B, 1).expand(3, B, 1)
+        logits = step(
+            input_ids=tok.view(B, 1),
+            attention_mask=mask,
+            position_ids=pos,
+            cache_position=slot,
+            use_cache=True,
+            **{key: cache},
+        ).logits[:, -1]
+        tok = next_tokens(logits, temperature, banned, generator)
+        slot = slot + 1
+    return tokens[:, :n]
+
+
+def _compile_config():
+    """transformers' own settings for a compiled decoding step (CUDA graphs, static shapes)."""
+    from transformers import CompileConfig
+
+    return CompileConfig()
