@@ -52,13 +52,15 @@ class DefenderTrainConfig:
         "trains everything, vision tower included).",
     )
     lora_alpha: Int = documented(16, "LoRA alpha.")
-    decode_cache: Literal["dynamic", "static", "loop"] = documented(
+    decode_cache: Literal["dynamic", "static", "loop", "graph"] = documented(
         "dynamic",
         "How rollouts decode: transformers' generate with a 'dynamic' or a 'static' KV cache "
         "(preallocated; on CUDA transformers then compiles the decoding step, "
         "experiments/RESULTS.md), or 'loop': the static cache and compiled step in our own "
         "loop, which keeps the tokens on the device and waits on the GPU only every 16 tokens "
-        "(models/decoding.py; generate stops to check for EOS after every token, issue 23).",
+        "(models/decoding.py; generate stops to check for EOS after every token, issue 23); "
+        "'graph': that loop with the whole step captured as one CUDA graph, one launch per token "
+        "(CUDA only; not yet timed on a card).",
     )
     gradient_checkpointing: bool = documented(False, "Recompute activations in the backward pass to save memory.")
     compile_update: bool = documented(

@@ -473,7 +473,8 @@ def main():
         "--impls",
         default="ours,trl",
         help="comma-separated: ours, ours-static (static KV cache, compiled decoding), ours-loop (the same "
-        "cache and compiled step in our own decoding loop: models/decoding.py), ours-grouped "
+        "cache and compiled step in our own decoding loop: models/decoding.py), ours-graph (that loop "
+        "with the whole step captured as one CUDA graph), ours-grouped "
         "(vision windows batched: models/vision_attention.py), ours-nockpt (no gradient "
         "checkpointing: no recomputed forward, more memory), ours-unshared (every row through "
         "the processor and vision tower, as before models/shared_images.py), ours-mbN (update "
@@ -492,7 +493,7 @@ def main():
     for impl in a.impls.split(","):  # before any model is built
         unknown = (
             {v for v in impl.split("-")[1:] if not (v[:2] == "mb" and v[2:].isdigit())}
-            - {"static", "loop", "grouped", "nockpt", "unshared", "compiled"}
+            - {"static", "loop", "graph", "grouped", "nockpt", "unshared", "compiled"}
             if impl.startswith("ours")
             else ({impl} - {"trl", "trl-static"})
         )
@@ -550,7 +551,7 @@ def main():
                     a.steps,
                     a.prompt_chars,
                     warmup=a.warmup,
-                    cache=next((c for c in ("static", "loop") if c in impl.split("-")), "dynamic"),
+                    cache=next((c for c in ("static", "loop", "graph") if c in impl.split("-")), "dynamic"),
                     vision_attention="grouped" if "grouped" in impl else "stock",
                     profile=a.profile,
                     grad_ckpt="nockpt" not in impl,

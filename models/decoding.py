@@ -20,6 +20,7 @@ tokens after EOS are never scored (the rollout masks them).
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 
@@ -62,6 +63,9 @@ def next_tokens(logits: torch.Tensor, temperature: float, suppressed: torch.Tens
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+STEPS = ("eager", "compiled", "graph")
+
+
 @torch.no_grad()
 def decode(
     model,
@@ -73,35 +77,59 @@ def decode(
     eos_token_id: int,
     pad_token_id: int,
     seed: int,
-    compiled: bool | None = None,
+    step: str | None = None,
     check_every: int = CHECK_EVERY,
 ) -> torch.Tensor:
     """Response ids (B, <= max_new_tokens), pad after a row's EOS; stops early once every row has
     ended. ``enc``: the processor's batch (left-padded prompts, on the model's device).
-    ``compiled``: the decoding step through transformers' compiled call (CUDA graphs); default on
-    CUDA only."""
+    ``step``: how a decoding step runs — "eager"; "compiled", transformers' compiled call (CUDA
+    graphs by torch.compile); "graph", the whole step (model and cache update) captured by us as
+    one CUDA graph after the first step, replayed with one launch per token. Default: "compiled"
+    on CUDA, else "eager"."""
     from transformers import StaticCache
 
     base = _base(model)
     ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
     (B, L), T, device = ids.shape, max_new_tokens, ids.device
-    compiled = device.type == "cuda" if compiled is None else compiled
+    step = step or ("compiled" if device.type == "cuda" else "eager")
+    if step not in STEPS or (step == "graph" and device.type != "cuda"):
+        raise ValueError(f"decoding step {step!r}: choose one of {', '.join(STEPS)} ('graph' on CUDA only)")
     generator = torch.Generator(device=device).manual_seed(seed)
     banned = torch.tensor(suppressed, dtype=torch.long, device=device)
     length = -(-(L + T) // CACHE_BUCKET) * CACHE_BUCKET
     cache = StaticCache(config=base.config, max_cache_len=length)
     key = _cache_keyword(model)
-    # one mask for every step: the prompt's, the response's slots, then the bucket's unused ones
-    mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, T), prompt_mask.new_zeros(B, length - L - T)], dim=1)
     out = model(**enc, use_cache=True, cache_position=torch.arange(L, device=device), logits_to_keep=1, **{key: cache})
-    # text position of slot s: s - pads + delta (the pads' slots hold no position of their own)
+    # The step reads and advances only these buffers, in place, so that a captured graph replays
+    # it: the token fed, its text position (slot - pads + delta), its cache slot, and which slots
+    # each row attends to (its prompt's real tokens and every slot written so far). A prepared
+    # mask (a dict, as generate passes) also spares transformers building one every token.
+    fed = torch.zeros(B, 1, dtype=torch.long, device=device)
+    slot = torch.full((1,), L, dtype=torch.long, device=device)
     offset = _rope_deltas(model).to(device).view(B, 1) - (L - prompt_mask.sum(1, keepdim=True))
-    step = base.get_compiled_call(_compile_config()) if compiled else base.__call__
+    position = (offset + L).view(1, B, 1).expand(3, B, 1).contiguous()
+    attend = torch.zeros(B, 1, 1, length, dtype=torch.bool, device=device)
+    attend[:, 0, 0, :L] = prompt_mask.bool()
+    call = base.get_compiled_call(_compile_config()) if step == "compiled" else base.__call__
+
+    def advance() -> torch.Tensor:
+        attend.index_fill_(3, slot, True)
+        logits = call(
+            input_ids=fed,
+            attention_mask={"full_attention": attend},
+            position_ids=position,
+            cache_position=slot,
+            use_cache=True,
+            **{key: cache},
+        ).logits[:, -1]
+        position.add_(1)
+        slot.add_(1)
+        return logits
+
     tokens = torch.full((B, T), pad_token_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     tok = next_tokens(out.logits[:, -1], temperature, banned, generator)
-    slot = torch.full((1,), L, dtype=torch.long, device=device)
-    n = T
+    graph, n = None, T
     for t in range(T):
         tok = torch.where(done, pad_token_id, tok)
         tokens[:, t] = tok
@@ -111,18 +139,42 @@ def decode(
         if (t + 1) % check_every == 0 and bool(done.all()):
             n = t + 1
             break
-        pos = (offset + slot).view(1, B, 1).expand(3, B, 1)
-        logits = step(
-            input_ids=tok.view(B, 1),
-            attention_mask=mask,
-            position_ids=pos,
-            cache_position=slot,
-            use_cache=True,
-            **{key: cache},
-        ).logits[:, -1]
+        fed.copy_(tok.view(B, 1))
+        if step == "graph" and t >= 1:  # the first step ran eagerly: kernels loaded, workspaces made
+            if graph is None:
+                graph, logits = _capture(advance)
+            if graph is False:
+                logits = advance()
+            else:
+                graph.replay()
+        else:
+            logits = advance()
         tok = next_tokens(logits, temperature, banned, generator)
-        slot = slot + 1
     return tokens[:, :n]
+
+
+def _capture(advance):
+    """(graph, its logits buffer): ``advance`` recorded as one CUDA graph (on torch's capture stream).
+    Recording runs nothing, so the buffers and the cache stay where the last real step left them;
+    a step that cannot be captured (something in it waits on the GPU) gives (False, None), said
+    once, and the call goes on stepping eagerly."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            logits = advance()
+    except RuntimeError as e:
+        _warn_once(f"decode: the step could not be captured as a CUDA graph ({e}); stepping eagerly")
+        return False, None
+    return graph, logits
+
+
+_said: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _compile_config():

@@ -30,7 +30,7 @@ from models.vision_attention import set_vision_attention
 
 # KV cache and loop of rollouts (defender.*.decode_cache): transformers' generate with a dynamic or
 # a static cache, or our own loop over a static cache (models/decoding.py)
-DECODE_CACHES = ("dynamic", "static", "loop")
+DECODE_CACHES = ("dynamic", "static", "loop", "graph")
 
 SPECIAL = [
     "<|endoftext|>",
@@ -361,7 +361,8 @@ class QwenVLPolicy:
         """Sample responses. ``cache="static"``: a preallocated KV cache, with which transformers
         compiles the decoding step on CUDA (CUDA graphs: far less per-token launch overhead);
         ``cache="loop"``: the same cache and compiled step in our own decoding loop, which never
-        waits on the GPU between tokens (models/decoding.py). ``encoded``: ``prepare(images,
+        waits on the GPU between tokens (models/decoding.py); ``cache="graph"``: that loop with the
+        whole step captured as one CUDA graph (CUDA only). ``encoded``: ``prepare(images,
         prompts)``, made ahead."""
         if cache not in DECODE_CACHES:
             raise ValueError(f"decode cache {cache!r}: choose one of {', '.join(DECODE_CACHES)}")
@@ -373,7 +374,7 @@ class QwenVLPolicy:
         if cache == "static":
             gen_kw["cache_implementation"] = cache
         with repeated_images(self.model, inverse):
-            if cache == "loop":
+            if cache in ("loop", "graph"):
                 resp = decode(
                     self.model,
                     enc,
@@ -383,6 +384,7 @@ class QwenVLPolicy:
                     eos_token_id=self.tokenizer.eos_token_id,
                     pad_token_id=self.tokenizer.pad_token_id,
                     seed=seed,
+                    step="graph" if cache == "graph" else None,
                 ).cpu()
             else:
                 out = self.model.generate(
@@ -435,6 +437,13 @@ class QwenVLPolicy:
         resp = response_ids.to(self.device)
         input_ids = torch.cat([enc["input_ids"], resp], dim=1)
         attn = torch.cat([enc["attention_mask"], response_mask.to(self.device).long()], dim=1)
+        # The tokens' kinds (image or text; the response is text): without them transformers (5.x)
+        # cannot place the image on mRoPE's (t, h, w) grid and numbers every token 0, 1, 2, ...,
+        # padding included — positions unlike generate's, so a scorer that trained and a sampler
+        # that answered with different positional encodings (tests/test_defender.py checks the
+        # scorer against the sampler token by token).
+        kinds = enc.get("mm_token_type_ids")
+        extra = {} if kinds is None else {"mm_token_type_ids": torch.cat([kinds, torch.zeros_like(resp)], dim=1)}
         # use_cache=False: a scoring forward has no next token to decode, and a KV cache would copy
         # every layer's keys and values of the whole batch into it (unless gradient checkpointing
         # happens to drop it), costing memory and time and specializing compiled layers per index.
@@ -446,6 +455,7 @@ class QwenVLPolicy:
                 image_grid_thw=enc["image_grid_thw"],
                 logits_to_keep=resp.shape[1] + 1,
                 use_cache=False,
+                **extra,
             )
         # Row by row, in the model's dtype (as TRL does): a float32 (B, T, vocab) tensor would be
         # ~10 GB at batch 64 for a 150k vocabulary. Entropy is a metric: computed without a graph.
