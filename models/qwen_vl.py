@@ -439,9 +439,9 @@ class QwenVLPolicy:
         attn = torch.cat([enc["attention_mask"], response_mask.to(self.device).long()], dim=1)
         # The tokens' kinds (image or text; the response is text): without them transformers (5.x)
         # cannot place the image on mRoPE's (t, h, w) grid and numbers every token 0, 1, 2, ...,
-        # padding included — positions unlike generate's, so a scorer that trained and a sampler
-        # that answered with different positional encodings (tests/test_defender.py checks the
-        # scorer against the sampler token by token).
+        # padding included: positions unlike generate's, so training would move a distribution
+        # other than the one that answers (tests/test_defender.py checks the scorer against the
+        # sampler token by token).
         kinds = enc.get("mm_token_type_ids")
         extra = {} if kinds is None else {"mm_token_type_ids": torch.cat([kinds, torch.zeros_like(resp)], dim=1)}
         # use_cache=False: a scoring forward has no next token to decode, and a KV cache would copy
