@@ -163,18 +163,10 @@ def _capture(advance):
         with torch.cuda.graph(graph):
             logits = advance()
     except RuntimeError as e:
-        _warn_once(f"decode: the step could not be captured as a CUDA graph ({e}); stepping eagerly")
+        # said once per message: Python's default warning filter keeps the first of each
+        warnings.warn(f"decode: the step could not be captured as a CUDA graph ({e}); stepping eagerly", RuntimeWarning)
         return False, None
     return graph, logits
-
-
-_said: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _said:
-        _said.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _compile_config():

@@ -443,7 +443,7 @@ class QwenVLPolicy:
         # other than the one that answers (tests/test_defender.py checks the scorer against the
         # sampler token by token).
         kinds = enc.get("mm_token_type_ids")
-        extra = {} if kinds is None else {"mm_token_type_ids": torch.cat([kinds, torch.zeros_like(resp)], dim=1)}
+        extra = {} if kinds is None else {"mm_token_type_ids": torch.cat([kinds, kinds.new_zeros(resp.shape)], dim=1)}
         # use_cache=False: a scoring forward has no next token to decode, and a KV cache would copy
         # every layer's keys and values of the whole batch into it (unless gradient checkpointing
         # happens to drop it), costing memory and time and specializing compiled layers per index.
