@@ -41,13 +41,23 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(type(_base(model)).forward).parameters else "past_key_values"
 
 
-def _rope_deltas(model) -> torch.Tensor:
-    """The prefill's mRoPE deltas, (B, 1): text position = token index among the row's real tokens + delta."""
-    for m in _base(model).modules():
-        deltas = getattr(m, "rope_deltas", None)
-        if isinstance(deltas, torch.Tensor):
-            return deltas
-    raise TypeError(f"{type(model).__name__}: no rope_deltas after the prefill (a Qwen2.5-VL model is expected)")
+def mrope_positions(model, input_ids, mm_token_type_ids, image_grid_thw, attention_mask):
+    """(position ids (3, B, L), deltas (B, 1)) of mRoPE for a left-padded batch, on the ids' device:
+    each image on its (t, h, w) grid, text after it continuing past the grid; text position =
+    index among the row's real tokens + delta. transformers' own ``get_rope_index``, run on CPU
+    copies: on a GPU tensor it waits on the device several times per row (masking, ``tolist``,
+    reading the grid), hundreds of waits for a batch of rollouts, where a copy waits once."""
+    base = _base(model)
+    owner = next((m for m in base.modules() if hasattr(m, "get_rope_index") and hasattr(m, "rope_deltas")), None)
+    if owner is None:
+        raise TypeError(f"{type(base).__name__}: no get_rope_index (a Qwen2.5-VL model is expected)")
+    position, deltas = owner.get_rope_index(
+        input_ids.cpu(),
+        mm_token_type_ids=mm_token_type_ids.cpu(),
+        image_grid_thw=image_grid_thw.cpu(),
+        attention_mask=attention_mask.cpu(),
+    )
+    return position.to(input_ids.device), deltas.to(input_ids.device).view(-1, 1)
 
 
 def next_tokens(logits: torch.Tensor, temperature: float, suppressed: torch.Tensor, generator) -> torch.Tensor:
@@ -99,14 +109,22 @@ def decode(
     length = -(-(L + T) // CACHE_BUCKET) * CACHE_BUCKET
     cache = StaticCache(config=base.config, max_cache_len=length)
     key = _cache_keyword(model)
-    out = model(**enc, use_cache=True, cache_position=torch.arange(L, device=device), logits_to_keep=1, **{key: cache})
+    prefill, deltas = mrope_positions(model, ids, enc["mm_token_type_ids"], enc["image_grid_thw"], prompt_mask)
+    out = model(
+        **enc,
+        position_ids=prefill,
+        use_cache=True,
+        cache_position=torch.arange(L, device=device),
+        logits_to_keep=1,
+        **{key: cache},
+    )
     # The step reads and advances only these buffers, in place, so that a captured graph replays
     # it: the token fed, its text position (slot - pads + delta), its cache slot, and which slots
     # each row attends to (its prompt's real tokens and every slot written so far). A prepared
     # mask (a dict, as generate passes) also spares transformers building one every token.
     fed = torch.zeros(B, 1, dtype=torch.long, device=device)
     slot = torch.full((1,), L, dtype=torch.long, device=device)
-    offset = _rope_deltas(model).to(device).view(B, 1) - (L - prompt_mask.sum(1, keepdim=True))
+    offset = deltas - (L - prompt_mask.sum(1, keepdim=True))
     position = (offset + L).view(1, B, 1).expand(3, B, 1).contiguous()
     attend = torch.zeros(B, 1, 1, length, dtype=torch.bool, device=device)
     attend[:, 0, 0, :L] = prompt_mask.bool()

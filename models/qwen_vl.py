@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from models.decoding import decode
+from models.decoding import decode, mrope_positions
 from models.mcq import letters
 from models.roles import lock_of, private_copy, serialized
 from models.shared_images import distinct_rows, expand_rows, repeated_images
@@ -437,13 +437,13 @@ class QwenVLPolicy:
         resp = response_ids.to(self.device)
         input_ids = torch.cat([enc["input_ids"], resp], dim=1)
         attn = torch.cat([enc["attention_mask"], response_mask.to(self.device).long()], dim=1)
-        # The tokens' kinds (image or text; the response is text): without them transformers (5.x)
-        # cannot place the image on mRoPE's (t, h, w) grid and numbers every token 0, 1, 2, ...,
-        # padding included: positions unlike generate's, so training would move a distribution
-        # other than the one that answers (tests/test_defender.py checks the scorer against the
-        # sampler token by token).
-        kinds = enc.get("mm_token_type_ids")
-        extra = {} if kinds is None else {"mm_token_type_ids": torch.cat([kinds, kinds.new_zeros(resp.shape)], dim=1)}
+        # Positions from the tokens' kinds (image or text; the response is text), as the sampler
+        # places them: without the kinds transformers (5.x) cannot lay the image on mRoPE's
+        # (t, h, w) grid and numbers every token 0, 1, 2, ..., padding included, so training would
+        # move a distribution other than the one that answers (tests/test_defender.py checks the
+        # scorer against the sampler token by token). Computed on the CPU (mrope_positions).
+        kinds = torch.cat([enc["mm_token_type_ids"], enc["mm_token_type_ids"].new_zeros(resp.shape)], dim=1)
+        position, _ = mrope_positions(self.model, input_ids, kinds, enc["image_grid_thw"], attn)
         # use_cache=False: a scoring forward has no next token to decode, and a KV cache would copy
         # every layer's keys and values of the whole batch into it (unless gradient checkpointing
         # happens to drop it), costing memory and time and specializing compiled layers per index.
@@ -453,9 +453,10 @@ class QwenVLPolicy:
                 attention_mask=attn,
                 pixel_values=enc["pixel_values"],
                 image_grid_thw=enc["image_grid_thw"],
+                position_ids=position,
+                mm_token_type_ids=kinds,
                 logits_to_keep=resp.shape[1] + 1,
                 use_cache=False,
-                **extra,
             )
         # Row by row, in the model's dtype (as TRL does): a float32 (B, T, vocab) tensor would be
         # ~10 GB at batch 64 for a 150k vocabulary. Entropy is a metric: computed without a graph.

@@ -11,7 +11,7 @@ from models.cache import build_once, cache_root
 from models.mcq import format_prompt
 from models.progress import StepProgress
 from models.qwen_vl import QwenVLPolicy, load_policy
-from stages.source import world_rows
+from stages.source import NoQuestion, scene_row, world_rows
 from storage import content_hash, decode_image
 from training.defender import DefenderTrainer, Example
 
@@ -26,9 +26,48 @@ def example_of_row(r: dict) -> Example:
     )
 
 
-def world_examples(n: int, seed: int, cfg=None) -> list[Example]:
-    """``world_rows`` as training examples."""
+def world_examples(n: int, seed: int, cfg=None, canvas_scale=None) -> list[Example]:
+    """``world_rows`` as training examples; with ``canvas_scale`` (a number or [min, max]) each
+    scene is first extended as Stage 1 would (``extended_examples``)."""
+    if canvas_scale is not None:
+        return extended_examples(n, seed, cfg, canvas_scale)
     return [example_of_row(r) for r in world_rows(n, seed, cfg)]
+
+
+def extended_examples(n: int, seed: int, cfg, canvas_scale) -> list[Example]:
+    """``n`` warm-up examples at the sizes Stage 2 sees: each scene painted by the world itself
+    onto a canvas ``canvas_scale`` times larger per side (drawn per scene, seeded), as Stage 1's
+    synthetic outpainter does, less its seams. Why: under mRoPE an image's tokens sit on its
+    (h, w) grid and the text after it starts past the grid, so a defender warmed only on
+    source-size scenes answers far worse on the larger canvases it judges (mean P(right)
+    0.64 -> 0.32: RESULTS.md). A scene whose border shows another object of its target's name
+    is skipped, as Stage 1's duplication check would reject it: its answer is ambiguous."""
+    import numpy as np
+
+    from config import PipelineConfig, canvas_scale_range
+    from models.synthetic import SceneJudge, SceneOutpainter
+    from stages.extend import canvas_geometry
+
+    lo, hi = canvas_scale_range(canvas_scale)
+    cfg = cfg or PipelineConfig()
+    painter, judge = SceneOutpainter(seam_rate=0.0), SceneJudge()
+    out, i = [], -1
+    while len(out) < n:
+        i += 1
+        try:
+            row = scene_row(seed, i, cfg)
+        except NoQuestion:
+            continue
+        image = decode_image(row["image"]).convert("RGB")
+        scale = float(np.random.default_rng([seed, i, 17]).uniform(lo, hi))  # per scene: the first n never depend on n
+        canvas, offset, _ = canvas_geometry(image.width, image.height, scale, max_pixels=1 << 62)
+        painted = painter.outpaint(image, canvas, offset, json.loads(row["scene"]))
+        source_box = [offset[0], offset[1], offset[0] + image.width, offset[1] + image.height]
+        if not judge.check_duplication(painted.image, row["target_names"], source_box, painted.context).passed:
+            continue
+        prompt = format_prompt(row["question"], row["options"])
+        out.append(Example(row["id"], painted.image, prompt, row["answer"], len(row["options"])))
+    return out
 
 
 def tiny_defender(warmup: dict | None = None, **spec) -> QwenVLPolicy:
@@ -41,8 +80,9 @@ def tiny_defender(warmup: dict | None = None, **spec) -> QwenVLPolicy:
 
 def warmed_tiny_defender(spec: dict, warmup: dict) -> QwenVLPolicy:
     """The tiny defender of ``spec`` after a short supervised warm-up on fresh synthetic scenes
-    (``warmup``: steps, scenes, seed, lr, batch, and ``source``: the world's ``source`` config,
-    default the default world; a stage passes its run's). Trained once per (spec, warm-up, code,
+    (``warmup``: steps, scenes, seed, lr, batch, canvas_scale (``extended_examples``; default:
+    none, source-size scenes), and ``source``: the world's ``source`` config, default the default
+    world; a stage passes its run's). Trained once per (spec, warm-up, code,
     kernel family) and cached as safetensors under ``$AOT_CACHE/warm-defenders``: the same
     warm-up on another CPU's kernels gives other weights (docs/reproducibility.md). A warm-up that
     ships with the code (models/fitted/warm-defender: the embedded default's, made by
@@ -74,7 +114,7 @@ def warmed_tiny_defender(spec: dict, warmup: dict) -> QwenVLPolicy:
         progress = StepProgress("defender warm-up", w["steps"])
         trainer = DefenderTrainer(
             policy,
-            world_examples(w["scenes"], w["seed"], world),
+            world_examples(w["scenes"], w["seed"], world, w.get("canvas_scale")),
             DefenderTrainConfig(
                 mode="sft",
                 steps=w["steps"],

@@ -357,6 +357,49 @@ def test_a_warmed_stage2_defender_learns_the_runs_world(monkeypatch):
     assert not all("colour" in e.prompt for e in world_examples(12, 0))  # the default world asks more than colour
 
 
+def test_extended_warmup_examples_are_the_scenes_on_canvases_stage_1_would_paint():
+    """warmup.canvas_scale: each warm-up scene on a canvas 1-2x its side with the source pixels
+    unchanged at its centre; a scene is skipped exactly when the border shows a second object of
+    a target's name (Stage 1's duplication check: its answer would be ambiguous); and a scene's
+    canvas does not depend on how many scenes are drawn."""
+    import json
+
+    import numpy as np
+
+    from models.synthetic import SceneJudge, SceneOutpainter
+    from stages.extend import canvas_geometry
+    from stages.registry import resolve_config
+    from stages.source import NoQuestion, scene_row
+    from stages.warm_defender import extended_examples, world_examples
+    from storage import decode_image
+
+    cfg = resolve_config("synthetic", [])
+    few, many = extended_examples(6, 3, cfg, [1.0, 2.0]), world_examples(40, 3, cfg, [1.0, 2.0])
+    assert [(e.id, e.image.tobytes()) for e in few] == [(e.id, e.image.tobytes()) for e in many[:6]]
+    sides = [e.image.width for e in many]
+    assert min(sides) >= 128 and max(sides) <= 256 and len(set(sides)) > 15, sides
+    kept = {int(e.id.rsplit("-", 1)[1]): e for e in many}
+    skipped = 0
+    for i in range(max(kept) + 1):
+        try:
+            row = scene_row(3, i, cfg)
+        except NoQuestion:
+            continue
+        src = decode_image(row["image"]).convert("RGB")
+        scale = np.random.default_rng([3, i, 17]).uniform(1.0, 2.0)  # drawn per scene, as documented
+        canvas, (x, y), _ = canvas_geometry(src.width, src.height, scale, max_pixels=1 << 62)
+        painted = SceneOutpainter(seam_rate=0.0).outpaint(src, canvas, (x, y), json.loads(row["scene"]))
+        box = [x, y, x + src.width, y + src.height]
+        unique = SceneJudge().check_duplication(painted.image, row["target_names"], box, painted.context).passed
+        assert (i in kept) == unique, i
+        skipped += not unique
+        if i in kept:
+            e = kept[i]
+            assert e.image.size == canvas and e.answer == row["answer"] and row["question"] in e.prompt
+            assert np.array_equal(np.asarray(e.image)[y : y + src.height, x : x + src.width], np.asarray(src))
+    assert skipped >= 1  # the duplication check had something to skip here
+
+
 def test_answer_probability_is_a_distribution_over_the_options_led_by_the_greedy_letter(warm_policy, data):
     """Summed over every letter as the answer, the probabilities are 1 and a letter outside the
     options gets 0; after SFT the most probable letter is the greedy answer's wherever that answer
