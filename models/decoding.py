@@ -63,14 +63,36 @@ def mrope_positions(model, input_ids, mm_token_type_ids, image_grid_thw, attenti
 def next_tokens(logits: torch.Tensor, temperature: float, suppressed: torch.Tensor, generator) -> torch.Tensor:
     """One token per row from the last position's logits: argmax at temperature 0, else a sample of
     softmax(logits / temperature) (float32), the ``suppressed`` ids (a device tensor: a Python list
-    would be copied to the GPU every token) never drawn."""
+    would be copied to the GPU every token) never drawn. ``generator``: a torch.Generator that the
+    batch draws from, or a (B,) tensor of each row's own uniform in [0, 1) (``row_uniforms``)."""
     logits = logits.float()
     if suppressed.numel():
         logits.index_fill_(1, suppressed, float("-inf"))
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
+    if isinstance(generator, torch.Tensor):
+        return inverse_cdf(probs, generator)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Per row, the token whose slice of the cumulative distribution holds ``uniform`` (scaled by
+    the row's total mass, so rounding cannot run past the end). float64 sums: the last slices of
+    a 150k vocabulary are thinner than float32's steps near 1. Never a token of probability 0."""
+    cdf = probs.double().cumsum(-1)
+    pick = torch.searchsorted(cdf, (uniform.double() * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    last = probs.shape[1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)  # the last token with mass
+    return torch.minimum(pick, last)
+
+
+def row_uniforms(row_seeds: list[int], steps: int, device) -> torch.Tensor:
+    """(steps, B): row b's uniforms, from its own generator seeded ``row_seeds[b]``. A row then
+    samples what it would sample alone under that seed, whatever rows share its batch (up to the
+    float rounding of batched forwards): the attacker's reward asks about many images per call,
+    yet each image's sampled answers must not depend on which images sit beside it."""
+    draws = [torch.rand(steps, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64) for s in row_seeds]
+    return torch.stack(draws, dim=1).to(device)
 
 
 STEPS = ("eager", "compiled", "graph")
@@ -89,13 +111,15 @@ def decode(
     seed: int,
     step: str | None = None,
     check_every: int = CHECK_EVERY,
+    row_seeds: list[int] | None = None,
 ) -> torch.Tensor:
     """Response ids (B, <= max_new_tokens), pad after a row's EOS; stops early once every row has
     ended. ``enc``: the processor's batch (left-padded prompts, on the model's device).
     ``step``: how a decoding step runs — "eager"; "compiled", transformers' compiled call (CUDA
     graphs by torch.compile); "graph", the whole step (model and cache update) captured by us as
     one CUDA graph after the first step, replayed with one launch per token. Default: "compiled"
-    on CUDA, else "eager"."""
+    on CUDA, else "eager". ``row_seeds``: each row samples from its own seed (``row_uniforms``),
+    not the batch from ``seed``."""
     from transformers import StaticCache
 
     base = _base(model)
@@ -104,6 +128,9 @@ def decode(
     step = step or ("compiled" if device.type == "cuda" else "eager")
     if step not in STEPS or (step == "graph" and device.type != "cuda"):
         raise ValueError(f"decoding step {step!r}: choose one of {', '.join(STEPS)} ('graph' on CUDA only)")
+    if row_seeds is not None and len(row_seeds) != B:
+        raise ValueError(f"row_seeds: {len(row_seeds)} seeds for a batch of {B} rows")
+    own = row_uniforms(row_seeds, T, device) if row_seeds is not None and temperature > 0 else None
     generator = torch.Generator(device=device).manual_seed(seed)
     banned = torch.tensor(suppressed, dtype=torch.long, device=device)
     length = -(-(L + T) // CACHE_BUCKET) * CACHE_BUCKET
@@ -146,7 +173,7 @@ def decode(
 
     tokens = torch.full((B, T), pad_token_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    tok = next_tokens(out.logits[:, -1], temperature, banned, generator)
+    tok = next_tokens(out.logits[:, -1], temperature, banned, generator if own is None else own[0])
     graph, n = None, T
     for t in range(T):
         tok = torch.where(done, pad_token_id, tok)
@@ -167,7 +194,7 @@ def decode(
                 graph.replay()
         else:
             logits = advance()
-        tok = next_tokens(logits, temperature, banned, generator)
+        tok = next_tokens(logits, temperature, banned, generator if own is None else own[t + 1])
     return tokens[:, :n]
 
 

@@ -357,15 +357,22 @@ class QwenVLPolicy:
         seed: int = 0,
         cache: str = "dynamic",
         encoded: tuple[dict, list[int]] | None = None,
+        seeds: list[int] | None = None,
     ) -> Rollout:
         """Sample responses. ``cache="static"``: a preallocated KV cache, with which transformers
         compiles the decoding step on CUDA (CUDA graphs: far less per-token launch overhead);
         ``cache="loop"``: the same cache and compiled step in our own decoding loop, which never
         waits on the GPU between tokens (models/decoding.py); ``cache="graph"``: that loop with the
         whole step captured as one CUDA graph (CUDA only). ``encoded``: ``prepare(images,
-        prompts)``, made ahead."""
+        prompts)``, made ahead. ``seeds`` (one per row): each row samples from its own seed, as it
+        would alone (models.decoding.row_uniforms; our loop, whatever ``cache`` says)."""
         if cache not in DECODE_CACHES:
             raise ValueError(f"decode cache {cache!r}: choose one of {', '.join(DECODE_CACHES)}")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"seeds: {len(seeds)} for {len(prompts)} prompts (one per row)")
+        row_seeds = list(seeds) if seeds is not None and temperature > 0 else None
+        if row_seeds is not None and cache not in ("loop", "graph"):
+            cache = "loop"
         enc, inverse = encoded if encoded is not None else self.encode(images, prompts)
         torch.manual_seed(seed)
         sample = temperature > 0
@@ -385,6 +392,7 @@ class QwenVLPolicy:
                     pad_token_id=self.tokenizer.pad_token_id,
                     seed=seed,
                     step="graph" if cache == "graph" else None,
+                    row_seeds=row_seeds,
                 ).cpu()
             else:
                 out = self.model.generate(
@@ -413,8 +421,12 @@ class QwenVLPolicy:
         seed: int = 0,
         max_new_tokens: int = 16,
         encoded: tuple[dict, list[int]] | None = None,
+        seeds: list[int] | None = None,
     ) -> list[str]:
-        kw = dict(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, encoded=encoded)
+        """Answers (greedy at temperature 0). ``seeds``: one per prompt, each row sampled as it
+        would be alone under its seed (an evaluation's per-item trial seeds, the attacker reward's
+        K queries); else the batch samples from ``seed``."""
+        kw = dict(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, encoded=encoded, seeds=seeds)
         return self.rollout(images, prompts, **kw).texts
 
     # --------------------------------------------------------- log-probs

@@ -251,8 +251,12 @@ def _curriculum_shard(
         keep_targets=a.keep_targets,
     )
     kept, kept_items, rejects, edits = [], [], [], []
-    for item, edited in zip(shard, outputs):
-        score = reward([item.image], [edited], [item])[0]
+    # Scored c.batch at a time: each image's sampled answers are its own (IntegrityEfficacy.answers).
+    scores = []
+    for i in range(0, len(shard), c.batch):
+        part = shard[i : i + c.batch]
+        scores += reward([it.image for it in part], outputs[i : i + c.batch], part)
+    for item, edited, score in zip(shard, outputs, scores):
         strat = classify_edit(item.image, edited)
         row = {
             "id": f"{item.id}:attack",
@@ -283,7 +287,11 @@ def _curriculum_shard(
             )
     # The defender on the kept items' clean images: an edit that "fools" it on an item it already
     # fails is no attack, so the summary reads success against this baseline (attack_lift).
-    for row, e in zip(kept, reward.unedited_efficacy([it.image for it in kept_items], kept_items)):
+    clean = []
+    for i in range(0, len(kept_items), c.batch):
+        part = kept_items[i : i + c.batch]
+        clean += reward.unedited_efficacy([it.image for it in part], part)
+    for row, e in zip(kept, clean):
         row["clean_efficacy"] = e
     if c.describe and kept:  # a real judge's description of each kept edit refines its label
         from metrics.strategies import refine_with_description

@@ -269,14 +269,23 @@ def test_cold_start_edit_weight_weights_the_changed_tokens():
 
 
 class ScriptedDefender:
-    """Answers from a script, per query index (the K queries of efficacy)."""
+    """Answers from a script, per query seed (the K queries of efficacy) and image: the image's
+    colour picks the script's column, so an answer is the image's own wherever it sits in a batch."""
 
-    def __init__(self, script: list[list[str]]):
-        self.script, self.batches = script, []
+    def __init__(self, script: list[list[str]], columns: dict):
+        self.script, self.columns, self.batches = script, columns, []
 
     def generate(self, images, prompts, *, temperature=0.0, seed=0):
         self.batches.append(len(images))
-        return [f"\\boxed{{{self.script[seed][j]}}}" for j in range(len(images))]
+        return [f"\\boxed{{{self.script[seed][self.columns[im.getpixel((30, 30))]]}}}" for im in images]
+
+
+class SeededScriptedDefender(ScriptedDefender):
+    """The same, seeding each row (``generate(..., seeds=)``, as QwenVLPolicy and an endpoint do)."""
+
+    def generate(self, images, prompts, *, temperature=0.0, seed=0, seeds=None):
+        assert seeds == [seed] * len(images)  # query k asks every image under seed k, as if alone
+        return super().generate(images, prompts, temperature=temperature, seed=seed)
 
 
 def test_integrity_efficacy_with_a_scripted_defender():
@@ -286,21 +295,32 @@ def test_integrity_efficacy_with_a_scripted_defender():
     edited[25:38, 25:38] = 30  # distractor away from the target
     broken = clean.copy()
     broken[5:20, 5:20] = 0  # target destroyed
+    broken[25:38, 25:38] = 60
     item = AttackItem("a", Image.fromarray(clean), "x", [[5, 5, 20, 20]], prompt="q", answer="A", num_options=4)
-    # K = 3 queries; image 0 answered B, C, A (2 failures), image 1 B, B, B (3 failures, but broken)
-    reward = IntegrityEfficacy(ScriptedDefender([["B", "B"], ["C", "B"], ["A", "B"]]), tau=0.9, queries=3)
-    rows = reward([item.image] * 2, [Image.fromarray(edited), Image.fromarray(broken)], [item, item])
-    assert (
-        rows[0]["integrity"] == 1.0
-        and rows[0]["efficacy"] == pytest.approx(2 / 3)
-        and rows[0]["reward"] == pytest.approx(2 / 3)
-    )
-    assert rows[1]["integrity"] == 0.0 and rows[1]["efficacy"] == 1.0 and rows[1]["reward"] == 0.0
-    # The unedited baseline asks the same K queries with the same seeds, each image alone (as each
-    # edit is asked about in the curriculum): both are the script's first row, B, C, A -> 2/3.
-    reward.defender.batches.clear()
-    assert reward.unedited_efficacy([item.image] * 2, [item, item]) == [pytest.approx(2 / 3)] * 2
-    assert reward.defender.batches == [1] * 6  # 2 images x K = 3 queries, one image per call
+    # K = 3 queries; the clean image answered B, C, A (2 failures), the edited one C, C, A (2), the
+    # broken one B, B, B (3 failures, but broken)
+    script = [["B", "C", "B"], ["C", "C", "B"], ["A", "A", "B"]]
+    columns = {(100, 100, 100): 0, (30, 30, 30): 1, (60, 60, 60): 2}
+    for defender, calls in (
+        (SeededScriptedDefender(script, columns), [2] * 3),
+        (ScriptedDefender(script, columns), [1] * 6),
+    ):
+        reward = IntegrityEfficacy(defender, tau=0.9, queries=3)
+        rows = reward([item.image] * 2, [Image.fromarray(edited), Image.fromarray(broken)], [item, item])
+        assert (
+            rows[0]["integrity"] == 1.0
+            and rows[0]["efficacy"] == pytest.approx(2 / 3)
+            and rows[0]["reward"] == pytest.approx(2 / 3)
+        )
+        assert rows[1]["integrity"] == 0.0 and rows[1]["efficacy"] == 1.0 and rows[1]["reward"] == 0.0
+        # A defender that seeds rows answers the batch in one call per query; any other, one image
+        # per call, so that each image's answers are its own whoever sits beside it.
+        assert defender.batches == calls
+        # The unedited baseline asks the same K queries under the same seeds: B, C, A -> 2/3.
+        assert reward.unedited_efficacy([item.image, Image.fromarray(edited)], [item, item]) == [
+            pytest.approx(2 / 3),
+            pytest.approx(2 / 3),
+        ]
     assert reward.unedited_efficacy([], []) == []
 
 
@@ -343,7 +363,7 @@ def test_dense_efficacy_is_the_drop_in_the_right_letters_probability():
     harsher = IntegrityEfficacy(defender, tau=0.9, invalid_penalty=-2.0, efficacy="dense")
     assert harsher([item.image], [Image.fromarray(broken)], [item])[0]["reward"] == -2.0  # below the floor: kept
     with pytest.raises(ValueError, match="efficacy=sampled"):
-        IntegrityEfficacy(ScriptedDefender([["A"]]), efficacy="dense")
+        IntegrityEfficacy(ScriptedDefender([["A"]], {}), efficacy="dense")
 
 
 def test_group_invalid_score_ranks_broken_edits_just_below_the_lowest_valid_one():

@@ -584,6 +584,46 @@ def test_our_decoding_loop_samples_what_generate_samples(data):
             policy.rollout(images, prompts, cache="graph")
 
 
+def test_inverse_cdf_sampling_follows_the_distribution_and_never_draws_a_token_of_no_mass():
+    """Uniforms spread evenly over [0, 1) land on each token in proportion to its probability;
+    a zero-probability token (a suppressed one) is never drawn, not at u = 0 nor near 1."""
+    from models.decoding import inverse_cdf
+
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0]]).expand(1000, 6)
+    u = (torch.arange(1000) + 0.5) / 1000
+    counts = torch.bincount(inverse_cdf(probs, u), minlength=6)
+    assert counts.tolist() == [0, 200, 0, 500, 300, 0]
+    edges = torch.tensor([0.0, 1 - 2**-53, 0.2000001, 0.9999], dtype=torch.float64)
+    assert inverse_cdf(probs[:4], edges).tolist() == [1, 4, 3, 4]
+    assert inverse_cdf(probs[:1], torch.ones(1)).tolist() == [4]  # u = 1 (float32 rounding): the last token with mass
+
+
+def test_each_row_samples_from_its_own_seed_as_it_would_alone(data):
+    """generate(..., seeds=): a row's sampled answer is the one it gets alone under its seed, whoever
+    shares its batch (the attacker reward's K queries and the curriculum score many images per
+    call); different seeds give different samples; greedy ignores seeds."""
+    policy = _sharp_policy()
+    images, prompts = _decoding_batch(data)
+    kw = dict(temperature=1.0, max_new_tokens=6)
+    for k in (0, 1):
+        alone = [policy.rollout([im], [p], seeds=[k], **kw).response_ids[0] for im, p in zip(images, prompts)]
+        batch = policy.rollout(images, prompts, seeds=[k] * len(images), **kw).response_ids
+        for row, ids in zip(batch, alone):
+            assert torch.equal(row[: len(ids)], ids) and not row[len(ids) :].ne(policy.tokenizer.pad_token_id).any()
+        swapped = policy.rollout(images[::-1], prompts[::-1], seeds=[k] * len(images), **kw).response_ids
+        assert torch.equal(swapped.flip(0)[:, : batch.shape[1]], batch[:, : swapped.shape[1]])
+    one = policy.rollout(images, prompts, seeds=[0] * len(images), **kw).texts
+    other = policy.rollout(images, prompts, seeds=[7] * len(images), **kw).texts
+    assert one != other
+    greedy = dict(temperature=0.0, max_new_tokens=6)
+    assert (
+        policy.rollout(images, prompts, seeds=[3] * 7, **greedy).texts
+        == policy.rollout(images, prompts, **greedy).texts
+    )
+    with pytest.raises(ValueError, match="one per row"):
+        policy.rollout(images, prompts, seeds=[0], **kw)
+
+
 def test_our_decoding_loop_answers_and_ends_as_generate_does(warm_policy, data):
     """Greedy, from the warmed defender: answers that differ by row and end in EOS, the same as
     generate's (texts, masks, truncation)."""

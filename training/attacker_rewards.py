@@ -24,6 +24,7 @@ defender answer a whole group at once.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -137,22 +138,35 @@ class IntegrityEfficacy:
         self.integrity_price = float(state["integrity_price"])
 
     def answers(self, editeds: list[Image.Image], items: list[AttackItem]) -> list[list[bool]]:
+        """Per image, whether each of the K sampled answers (query k under seed k) is right. Each
+        image is answered as it would be alone: a defender that seeds each row
+        (``generate(..., seeds=)``) answers the whole batch in one call per query, any other one
+        image at a time. In a batch drawing from one generator a row's answers would depend on the
+        rows beside it, so an item's efficacy, and its baseline (``unedited_efficacy``), would
+        change with the shard or the kept set it sits in."""
         from models.mcq import extract_choice
 
+        per_row = "seeds" in inspect.signature(self.defender.generate).parameters
         right = [[] for _ in items]
         for k in range(self.queries):
-            texts = self.defender.generate(editeds, [it.prompt for it in items], temperature=self.temperature, seed=k)
+            if per_row:
+                texts = self.defender.generate(
+                    editeds, [it.prompt for it in items], temperature=self.temperature, seed=k, seeds=[k] * len(items)
+                )
+            else:
+                texts = [
+                    self.defender.generate([im], [it.prompt], temperature=self.temperature, seed=k)[0]
+                    for im, it in zip(editeds, items)
+                ]
             for j, (t, it) in enumerate(zip(texts, items)):
                 right[j].append(extract_choice(t, it.num_options).letter == it.answer)
         return right
 
     def unedited_efficacy(self, images: list[Image.Image], items: list[AttackItem]) -> list[float]:
-        """E of the images as they are (the same K queries and seeds): what an attack gets for free
-        on the items this defender already fails — the baseline an attack's efficacy is read against.
-        Each image is asked alone, as the curriculum asks about each edit: in a batch, a row's
-        sampled answers depend on the rows beside it (their padding, their draws from the seeded
-        generator), so an item's baseline would change with the shard or the kept set it sits in."""
-        return [efficacy(AttackSample([], self.answers([im], [it])[0]))["efficacy"] for im, it in zip(images, items)]
+        """E of the images as they are (the same K queries and seeds, each image as if alone): what
+        an attack gets for free on the items this defender already fails — the baseline an
+        attack's efficacy is read against."""
+        return [efficacy(AttackSample([], r))["efficacy"] for r in self.answers(images, items)]
 
     def right_probability(self, images: list[Image.Image], items: list[AttackItem]) -> list[float]:
         """P(right letter) per image; an image object repeated in the batch (a group's clean
