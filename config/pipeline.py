@@ -172,8 +172,9 @@ class CurriculumConfig:
     )
     batch: Int = documented(
         16,
-        "Items edited per sampler call (throughput; each edit's noise is seeded by its item "
-        "alone, so results match one-by-one edits up to float rounding).",
+        "Items edited per sampler call and scored per defender call (throughput; each edit's "
+        "noise is seeded by its item alone and each sampled answer by its query's seed alone, "
+        "so results match one-by-one edits and answers up to float rounding).",
     )
     max_items: Int = documented(0, "Attack at most this many items of the input version (0: all).")
     shard_size: Int = documented(
