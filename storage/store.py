@@ -255,7 +255,13 @@ def parquet_bytes(df: pl.DataFrame) -> bytes:
         )
     table = table.replace_schema_metadata(metadata)
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    if table.num_rows:
+        pq.write_table(table, buf, compression="zstd")
+    else:
+        # An empty shard's part: the schema and no row group. pyarrow would write one row group of
+        # 0 rows, and datasets' Parquet reader then fails the whole load ("BatchSize must be
+        # greater than 0"): a version with one empty shard could not be loaded by a glob.
+        pq.ParquetWriter(buf, table.schema, compression="zstd").close()
     return buf.getvalue()
 
 

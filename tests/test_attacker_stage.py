@@ -250,11 +250,14 @@ def test_a_crashed_attacker_training_resumes_from_the_store(chain):
     seen = []
     m, trained = train_attacker_version(store, cfg, v["export"], mode="sft", on_step=lambda r: seen.append(r["step"]))
     assert trained and seen == [2, 3]  # resumed after step 1
-    # The same training without a crash, in one process: identical LoRA weights.
+    # The same training without a crash, in one process, on the pairs the stage builds (the
+    # preset's share of named instructions, its item cap): identical LoRA weights.
+    a = cfg.attacker
     ref = AttackerTrainer(
-        load_attacker(store, None, cfg.attacker.model),
-        cfg.attacker.cold_start,
-        pairs=pairs_from_version(store, store.manifest(v["export"])),
+        load_attacker(store, None, a.model),
+        a.cold_start,
+        pairs=pairs_from_version(store, store.manifest(v["export"]), a.max_items, a.cold_start_named),
+        keep_targets=a.keep_targets,
     )
     ref.train()
     got = load_file(str(_local(store, m, "lora.safetensors")))

@@ -126,7 +126,7 @@ def test_overrides_and_config_errors():
     # ... but a spec naming another backend replaces it whole: the tiny defender's options are not a version's
     syn = load_config("synthetic", ["models.defender.warmup.steps=5"])
     assert (
-        syn.models["defender"]["warmup"] == {"steps": 5, "scenes": 4096}
+        syn.models["defender"]["warmup"] == {"steps": 5, "scenes": 4096, "canvas_scale": [1.0, 2.0]}
         and syn.models["defender"]["max_pixels"] == 65536
     )
     swap = load_config("synthetic", ["models.defender={backend: version, version: v1, root: ./aot-data}"])

@@ -147,3 +147,27 @@ def test_decode_image_guards(tmp_path):
         decode_image(big, max_pixels=9_999)
     rgba = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
     assert np.asarray(decode_image(image_cell(rgba))).tolist() == [[[255, 255, 255]] * 2] * 2
+
+
+def test_an_empty_shards_part_loads_beside_the_others_with_datasets(tmp_path):
+    """A shard that kept no row writes a part with the schema and no row group: pyarrow's default
+    (one row group of 0 rows) makes datasets fail a whole glob load ("BatchSize must be greater
+    than 0"). Read back, it is an empty frame with the same columns."""
+    import io
+
+    import datasets
+    import pyarrow.parquet as pq
+
+    from storage.store import parquet_bytes
+
+    full = pl.DataFrame({"id": ["a", "b", "c"], "n": [1, 2, 3]})
+    empty = full.head(0)
+    assert pq.ParquetFile(io.BytesIO(parquet_bytes(empty))).num_row_groups == 0
+    (tmp_path / "part-00000.parquet").write_bytes(parquet_bytes(full))
+    (tmp_path / "part-00001.parquet").write_bytes(parquet_bytes(empty))
+    back = pl.read_parquet(io.BytesIO(parquet_bytes(empty)))
+    assert back.height == 0 and back.columns == ["id", "n"]
+    ds = datasets.load_dataset(
+        "parquet", data_files=str(tmp_path / "part-*.parquet"), split="train", cache_dir=str(tmp_path / "hf")
+    )
+    assert ds["id"] == ["a", "b", "c"]
