@@ -60,7 +60,8 @@ class DefenderTrainConfig:
         "loop, which keeps the tokens on the device and waits on the GPU only every 16 tokens "
         "(models/decoding.py; generate stops to check for EOS after every token, issue 23); "
         "'graph': that loop with the whole step captured as one CUDA graph, one launch per token "
-        "(CUDA only; not yet timed on a card).",
+        "(CUDA only; on an H100 it gave the loop's tokens but generated 58% slower than 'loop', "
+        "experiments/RESULTS.md).",
     )
     gradient_checkpointing: bool = documented(False, "Recompute activations in the backward pass to save memory.")
     compile_update: bool = documented(

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from models.mcq import extract_choice
+from models.roles import seeds_each_row
 
 
 def ask(
@@ -35,7 +36,7 @@ def ask(
     batch takes longer than answering it (large images on a fast card): the image processor's
     resizing and array work release the GIL, so the workers run on separate cores."""
     params = inspect.signature(model.generate).parameters
-    per_request = seeds is not None and "seeds" in params
+    per_request = seeds is not None and seeds_each_row(model)
     prepare = getattr(model, "prepare", None) if prefetch and "encoded" in params else None
     starts = list(range(0, len(prompts), batch_size))
     depth = max(1, int(prefetch))  # batches in preparation at once

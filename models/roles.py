@@ -214,3 +214,11 @@ class MLLM(Protocol):
     def generate(
         self, images: list[Image.Image], prompts: list[str], *, temperature: float = 0.0, seed: int = 0
     ) -> list[str]: ...
+
+
+def seeds_each_row(model) -> bool:
+    """Whether ``model.generate`` takes ``seeds=`` (one per prompt, each row sampled as it would be
+    alone under its seed: QwenVLPolicy, an endpoint). Any other MLLM seeds a whole call."""
+    import inspect
+
+    return "seeds" in inspect.signature(model.generate).parameters

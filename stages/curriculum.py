@@ -252,10 +252,7 @@ def _curriculum_shard(
     )
     kept, kept_items, rejects, edits = [], [], [], []
     # Scored c.batch at a time: each image's sampled answers are its own (IntegrityEfficacy.answers).
-    scores = []
-    for i in range(0, len(shard), c.batch):
-        part = shard[i : i + c.batch]
-        scores += reward([it.image for it in part], outputs[i : i + c.batch], part)
+    scores = _in_batches(c.batch, lambda s: reward([it.image for it in shard[s]], outputs[s], shard[s]), len(shard))
     for item, edited, score in zip(shard, outputs, scores):
         strat = classify_edit(item.image, edited)
         row = {
@@ -287,10 +284,9 @@ def _curriculum_shard(
             )
     # The defender on the kept items' clean images: an edit that "fools" it on an item it already
     # fails is no attack, so the summary reads success against this baseline (attack_lift).
-    clean = []
-    for i in range(0, len(kept_items), c.batch):
-        part = kept_items[i : i + c.batch]
-        clean += reward.unedited_efficacy([it.image for it in part], part)
+    clean = _in_batches(
+        c.batch, lambda s: reward.unedited_efficacy([it.image for it in kept_items[s]], kept_items[s]), len(kept_items)
+    )
     for row, e in zip(kept, clean):
         row["clean_efficacy"] = e
     if c.describe and kept:  # a real judge's description of each kept edit refines its label
@@ -309,6 +305,11 @@ def _curriculum_shard(
     for row, cell in zip(kept, image_cells([e for _, e in edits])):
         row["image"] = cell
     return frame(kept, CURRICULUM), frame(rejects, ITEM_REJECTS)
+
+
+def _in_batches(size: int, score: Callable[[slice], list], n: int) -> list:
+    """``score`` over slices of ``size`` of n rows, concatenated: one defender call per batch."""
+    return [r for i in range(0, n, size) for r in score(slice(i, min(n, i + size)))]
 
 
 def attack_summary(kept: list[dict], items: int) -> dict:

@@ -24,7 +24,6 @@ defender answer a whole group at once.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -33,6 +32,7 @@ from PIL import Image
 
 from config.training import EFFICACY_KINDS, INVALID_SCORES
 from metrics import localized_ssim, region_ssim
+from models.roles import seeds_each_row
 
 
 def consecutive_failures(correct: list[bool]) -> int:
@@ -146,7 +146,7 @@ class IntegrityEfficacy:
         change with the shard or the kept set it sits in."""
         from models.mcq import extract_choice
 
-        per_row = "seeds" in inspect.signature(self.defender.generate).parameters
+        per_row = seeds_each_row(self.defender)
         right = [[] for _ in items]
         for k in range(self.queries):
             if per_row:
