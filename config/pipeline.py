@@ -232,6 +232,16 @@ class AttackerConfig:
         "construction. Off is the paper's attacker, which edits the whole image and is gated by target "
         "SSIM; on the tiny editor Flow-GRPO then traded integrity against efficacy (experiments/RESULTS.md).",
     )
+    edits_at_source_size: bool = documented(
+        False,
+        "Apply each edit to the image at its own size (the clean image plus the edit's change, "
+        "upsampled) instead of scoring and keeping the editor-sized image, wherever the editor's "
+        "resolution is below the image's (Flow-GRPO's rewards, the curriculum's rows, the aot-attacker "
+        "attack). A defender judged on the downscaled image fails it for the downscale, so an "
+        "attacker's success there is mostly the resize's (the embedded default: 78% of clean 64-px "
+        "canvases failed against 48% at their own size, experiments/RESULTS.md); a photo editor at "
+        "1024 px meets 4K HR-Bench images the same way. Off keeps every image at the editor's size.",
+    )
 
 
 @settings

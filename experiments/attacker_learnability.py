@@ -130,21 +130,32 @@ def named_scores(cfg, editor, items: list, named: dict[str, str], sampled, dense
 
     from models.editor import attack_instruction
     from stages.curriculum import edit_items
-    from training.attacker import at_edit_size
+    from training.attacker import scored_item
 
-    c = cfg.attacker.curriculum
+    a, c = cfg.attacker, cfg.attacker.curriculum
     its = [
-        at_edit_size(
+        scored_item(
             editor,
             dataclasses.replace(it, instruction=attack_instruction(it.question, it.target_names, named[it.id]))
             if it.id in named
             else it,
+            a.edits_at_source_size,
         )
         for it in items
     ]
     seeds = [c.seed * 1_000_003 + n for n in range(len(its))]
-    sigma_cap, keep = cfg.attacker.rl.flow_grpo.sigma_cap, cfg.attacker.keep_targets
-    edits = edit_items(editor, its, seeds, c.sampling_steps, c.batch, None, 0.0, sigma_cap, keep_targets=keep)
+    edits = edit_items(
+        editor,
+        its,
+        seeds,
+        c.sampling_steps,
+        c.batch,
+        None,
+        0.0,
+        a.rl.flow_grpo.sigma_cap,
+        keep_targets=a.keep_targets,
+        at_source_size=a.edits_at_source_size,
+    )
     return {"named_" + k: v for k, v in score_edits(sampled, dense, its, edits, len(its)).items()}
 
 
@@ -249,7 +260,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from stages.attacker import frozen_reward, items_from_version, load_attacker
     from storage import decode_image
-    from training.attacker import at_edit_size
+    from training.attacker import scored_item
 
     sampled, dense = frozen_reward(store, cfg, defender, "sampled"), frozen_reward(store, cfg, defender, "dense")
     held_items = items_from_version(store, store.manifest(heldout), cfg.attacker.curriculum.max_items)
@@ -270,7 +281,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     for r in store.read(store.manifest(s["version"])).iter_rows(named=True)
                     if r["kind"] == "adversarial"
                 ]
-                its = [at_edit_size(editor, held[r["id"].removesuffix(":attack")]) for r in kept]
+                its = [
+                    scored_item(editor, held[r["id"].removesuffix(":attack")], cfg.attacker.edits_at_source_size)
+                    for r in kept
+                ]
                 d = dense_drop(
                     dense, [it.image for it in its], [decode_image(r["image"]) for r in kept], its, len(held)
                 )

@@ -46,7 +46,7 @@ def aot_attacker(cfg, store=None, version: str | None = None, seed: int = 0, **_
     from metrics import localized_ssim
     from stages.attacker import item_from_row, load_attacker
     from stages.curriculum import edit_items
-    from training.attacker import at_edit_size
+    from training.attacker import scored_item
 
     if store is None or not version:
         raise ValueError("the aot-attacker attack needs a store and version=<attacker version>")
@@ -54,9 +54,12 @@ def aot_attacker(cfg, store=None, version: str | None = None, seed: int = 0, **_
     tau, steps = cfg.attacker.rl.reward.tau, cfg.attacker.curriculum.sampling_steps
 
     def attack(row: dict):
-        item = at_edit_size(editor, item_from_row(row))
+        a = cfg.attacker
+        item = scored_item(editor, item_from_row(row), a.edits_at_source_size)
         seeds = [seed * 1_000_003 + int(content_hash(row["id"], 8), 16)]
-        edited = edit_items(editor, [item], seeds, steps, keep_targets=cfg.attacker.keep_targets)[0]
+        edited = edit_items(
+            editor, [item], seeds, steps, keep_targets=a.keep_targets, at_source_size=a.edits_at_source_size
+        )[0]
         ssim = min((localized_ssim(item.image, edited, b) for b in item.target_boxes), default=1.0)
         if ssim < tau:
             return f"integrity: target SSIM {ssim:.3f} < tau {tau}"

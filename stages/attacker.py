@@ -169,6 +169,8 @@ def train_attacker_version(
         vcfg["attacker"]["named"] = a.cold_start_named
     if mode == "grpo":  # the cold start never edits through it: one cold start serves both settings
         vcfg["attacker"]["keep_targets"] = a.keep_targets
+        if a.edits_at_source_size:  # (off: the ids versions had before the option)
+            vcfg["attacker"]["edits_at_source_size"] = True
 
     def compute(version: str) -> VersionPart:
         editor = load_attacker(store, init_version, a.model)
@@ -186,7 +188,14 @@ def train_attacker_version(
             }
         with tempfile.TemporaryDirectory() as tmp:
             resume = resume_folder(store, data.dataset, "attacker", version, tmp)
-            trainer = AttackerTrainer(editor, train_cfg, resume_from=resume, keep_targets=a.keep_targets, **kw)
+            trainer = AttackerTrainer(
+                editor,
+                train_cfg,
+                resume_from=resume,
+                keep_targets=a.keep_targets,
+                at_source_size=a.edits_at_source_size,
+                **kw,
+            )
             train_resumably(
                 trainer,
                 store,

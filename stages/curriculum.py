@@ -20,7 +20,7 @@ from stages.attacker import frozen_reward, items_from_version, load_attacker
 from stages.rows import ITEM_REJECTS, frame
 from stages.version import code_version, kernel_family, version_id
 from storage import IMAGE_DTYPE, Manifest, ShardStore, content_hash, decode_image, image_cells
-from training.attacker import at_edit_size, restore_targets
+from training.attacker import at_edit_size, place_edit, scored_item
 from training.attacker_rewards import AttackItem
 
 MODULES = (__name__,)
@@ -40,6 +40,7 @@ def edit_items(
     sigma_cap: float = 0.0,
     first: int = 0,
     keep_targets: bool = False,
+    at_source_size: bool = False,
 ) -> list:
     """The frozen attacker's edit of every item: the deterministic ODE sampler, up to ``batch``
     items of one edit size per sampler call; with ``noise_level`` > 0 the SDE sampler, one item per
@@ -48,24 +49,29 @@ def edit_items(
     of a run (``first`` its first item) makes the calls the whole run would, so its edits are
     bit-identical to the unsharded run's (batched matrix products round differently per batch).
     ``keep_targets``: every item's target boxes given back from its clean image
-    (``attacker.keep_targets``)."""
+    (``attacker.keep_targets``); ``at_source_size``: each edit applied to its item at the item's own
+    size (``attacker.edits_at_source_size``), else returned at the editor's size."""
     from rl.flow_sampler import sample
 
     if noise_level > 0:
         batch = 1  # the SDE steps draw from one generator per call: one item each keeps them per item
+    seen = [at_edit_size(editor, it) for it in items]
     out, i = [], 0
     while i < len(items):
         j = i + 1
-        while j < len(items) and (first + j) % batch and items[j].image.size == items[i].image.size:
+        while j < len(items) and (first + j) % batch and seen[j].image.size == seen[i].image.size:
             j += 1
-        chunk = items[i:j]
+        chunk = seen[i:j]
         cond = editor.condition([it.image for it in chunk], [it.instruction for it in chunk])
         gens = [torch.Generator().manual_seed(seeds[i + k]) for k in range(len(chunk))]
         x = torch.cat([editor.noise(cond.select(k), g) for k, g in enumerate(gens)])
         edits = editor.decode(
             sample(editor, cond, steps, noise_level, sigma_cap=sigma_cap, generator=gens[0], x=x).final, cond
         )
-        out += [restore_targets(it.image, e, it.target_boxes) for it, e in zip(chunk, edits)] if keep_targets else edits
+        out += [
+            place_edit(scored_item(editor, it, at_source_size), s.image, e, keep_targets)
+            for it, s, e in zip(items[i:j], chunk, edits)
+        ]
         i = j
         if on_item:
             on_item(i, len(items))
@@ -120,6 +126,7 @@ def generate_curriculum_version(
         "reward": {k: v for k, v in dataclasses.asdict(a.rl.reward).items() if k not in TRAINING_ONLY},
         "model": a.model,
         "keep_targets": a.keep_targets,
+        **({"edits_at_source_size": True} if a.edits_at_source_size else {}),  # (off: the ids before the option)
         **({"judge": cfg.models["judge"]} if c.describe else {}),
     }
     code = code_version(MODULES)
@@ -147,9 +154,9 @@ def generate_curriculum_version(
     n_clean = max(round(len(kept) * c.clean_fraction / (1 - c.clean_fraction)), c.min_rows - len(kept))
     attacked = {k["id"] for k in kept}
     order = sorted(range(len(items)), key=lambda i: (f"{items[i].id}:attack" not in attacked, i))
-    # at the edits' size, like the adversarial rows (a size that told them apart would be a shortcut)
+    # at the size of the adversarial rows (a size that told them apart would be a shortcut)
     editor = models.get("editor") or load_attacker(store, attacker_version, a.model)
-    clean = [at_edit_size(editor, items[i]) for i in order[:n_clean]]
+    clean = [scored_item(editor, items[i], a.edits_at_source_size) for i in order[:n_clean]]
     rows = [
         {
             "id": f"{it.id}:clean",
@@ -236,7 +243,7 @@ def _curriculum_shard(
         models["editor"] = load_attacker(store, attacker_version, a.model)
         models["reward"] = frozen_reward(store, cfg, defender_version, "sampled")  # success as held-out scores read it
     editor, reward = models["editor"], models["reward"]
-    shard = [at_edit_size(editor, items[n]) for n in chunk]
+    shard = [scored_item(editor, items[n], a.edits_at_source_size) for n in chunk]
     progress = (lambda i, n: on_item(chunk.start + i, len(items))) if on_item else None
     outputs = edit_items(
         editor,
@@ -249,6 +256,7 @@ def _curriculum_shard(
         a.rl.flow_grpo.sigma_cap,
         first=chunk.start,
         keep_targets=a.keep_targets,
+        at_source_size=a.edits_at_source_size,
     )
     kept, kept_items, rejects, edits = [], [], [], []
     # Scored c.batch at a time: each image's sampled answers are its own (IntegrityEfficacy.answers).

@@ -778,6 +778,56 @@ def test_keep_targets_scores_rollouts_with_their_targets_given_back():
     assert not any(seen[False])
 
 
+def test_carry_edit_applies_the_editors_change_at_the_images_own_size():
+    """attacker.edits_at_source_size: clean + the change upsampled. No change gives the clean
+    image back byte for byte; a uniform change shifts every pixel by it (clipped to 8 bits); a
+    change in the left half never reaches the right quarter; same sizes return the edit."""
+    from training.attacker import carry_edit, place_edit
+
+    rng = np.random.RandomState(2)
+    clean = Image.fromarray(rng.randint(0, 200, (24, 40, 3), dtype=np.uint8))  # 40 x 24, the editor's 20 x 12
+    seen = Image.fromarray(rng.randint(0, 200, (12, 20, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(carry_edit(clean, seen, seen)), np.asarray(clean))
+    plus = Image.fromarray((np.asarray(seen).astype(int) + 30).astype(np.uint8))
+    shifted = np.asarray(carry_edit(clean, seen, plus)).astype(int)
+    assert np.array_equal(shifted, np.minimum(np.asarray(clean).astype(int) + 30, 255))
+    left = np.asarray(seen).copy()
+    left[:, :10] = 255  # the left half of the editor's image turned white
+    out = np.asarray(carry_edit(clean, seen, Image.fromarray(left))).astype(int)
+    c = np.asarray(clean).astype(int)
+    assert np.array_equal(out[:, 30:], c[:, 30:])  # bilinear reaches at most one source pixel across
+    assert (out[:, :18] >= c[:, :18]).all() and (out[:, :18] > c[:, :18]).mean() > 0.9
+    assert carry_edit(seen, seen, plus) is plus
+    with pytest.raises(ValueError, match="differ in size"):
+        carry_edit(clean, seen, plus.resize((10, 6)))
+    # place_edit: carried, then the target given back at the clean image's size
+    item = AttackItem("i", clean, "x", [[4, 2, 16, 12]])
+    placed = np.asarray(place_edit(item, seen, plus, keep_targets=True)).astype(int)
+    assert np.array_equal(placed[2:12, 4:16], c[2:12, 4:16])
+    assert np.array_equal(placed[12:], np.minimum(c[12:] + 30, 255))
+
+
+def test_flow_grpo_scores_edits_at_the_items_own_size_when_asked():
+    """With at_source_size the reward gets each item's own clean image and the edit carried to its
+    size (64 px items, a 32 px editor); without it both at the editor's 32 px."""
+    seen = {}
+    items = _items(size=64)
+    by_id = {it.id: it for it in items}
+
+    def recorder(cleans, editeds, its):
+        for c, e, it in zip(cleans, editeds, its):
+            seen.setdefault(at_source, []).append(
+                (c.size, e.size, np.array_equal(np.asarray(c), np.asarray(by_id[it.id].image)))
+            )
+        return box_contrast(cleans, editeds, its)
+
+    for at_source in (True, False):
+        tr = AttackerTrainer(_editor(), _cfg(steps=1), items=items, rewards={"c": recorder}, at_source_size=at_source)
+        tr.train()
+    assert len(seen[True]) == 8 and set(seen[True]) == {((64, 64), (64, 64), True)}  # 2 groups x 4 edits
+    assert len(seen[False]) == 8 and set(seen[False]) == {((32, 32), (32, 32), False)}
+
+
 def test_kontext_vae_fit_sets_the_latent_scale_and_the_cache_keeps_it(tmp_path, monkeypatch):
     """The tiny FLUX.1-Kontext editor with a stride-4 2-D VAE (the CPU-fittable editor): its fit
     reconstructs world images better than the random VAE, sets shift/scale so that the fit

@@ -322,6 +322,18 @@ def test_batched_edits_equal_one_by_one_edits():
         assert np.array_equal(k[6:14, 4:20], c[6:14, 4:20]) and not np.array_equal(b[6:14, 4:20], c[6:14, 4:20])
         k[6:14, 4:20] = b[6:14, 4:20]
         assert np.array_equal(k, b)
+    # attacker.edits_at_source_size: items at twice the edit size come back at their own size, the
+    # clean image plus the change of the same edit; items already at the edit size are unchanged
+    from training.attacker import carry_edit
+
+    big = [dataclasses.replace(it, image=it.image.resize((2 * it.image.width, 2 * it.image.height))) for it in items]
+    carried = edit_items(editor, big, seeds, steps=3, batch=4, at_source_size=True)
+    small = [editor.resize(it.image) for it in big]
+    assert [c.size for c in carried] == [it.image.size for it in big]
+    for it, s, c, e in zip(big, small, carried, edit_items(editor, big, seeds, steps=3, batch=4)):
+        assert e.size == s.size and np.array_equal(np.asarray(c), np.asarray(carry_edit(it.image, s, e)))
+    same = edit_items(editor, items, seeds, steps=3, batch=4, at_source_size=True)
+    assert [np.asarray(a).tobytes() for a in same] == [np.asarray(b).tobytes() for b in batched]
 
 
 def test_cold_start_pairs_name_the_distractor_in_the_configured_share(chain):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -51,6 +52,41 @@ def at_edit_size(editor, item: AttackItem) -> AttackItem:
     return dataclasses.replace(
         item, image=image, target_boxes=scale_boxes(item.target_boxes, item.image.size, image.size)
     )
+
+
+def scored_item(editor, item: AttackItem, at_source_size: bool) -> AttackItem:
+    """The item whose image the defender compares an edit against: the item itself when edits are
+    applied at the image's own size (``attacker.edits_at_source_size``), else as the editor sees it."""
+    return item if at_source_size else at_edit_size(editor, item)
+
+
+def carry_edit(clean: Image.Image, seen: Image.Image, edited: Image.Image) -> Image.Image:
+    """An edit made at the editor's size applied to ``clean`` at its own size: clean plus the
+    edit's change (edited - seen, in float) upsampled bilinearly, rounded and clipped to 8 bits.
+    Where the editor changed nothing the clean pixels come back (up to the editor's own
+    reconstruction error, upsampled), so the image keeps its detail and only what the edit drew is
+    new; upsampling the edited image itself would instead blur the whole image to the editor's
+    resolution, an attack by resizing that any downscale already makes."""
+    if seen.size != edited.size:
+        raise ValueError(f"the editor's input and output differ in size: {seen.size} vs {edited.size}")
+    if clean.size == seen.size:
+        return edited
+    delta = torch.from_numpy(
+        np.asarray(edited.convert("RGB"), dtype=np.float32) - np.asarray(seen.convert("RGB"), dtype=np.float32)
+    )
+    up = torch.nn.functional.interpolate(
+        delta.permute(2, 0, 1)[None], size=(clean.height, clean.width), mode="bilinear", align_corners=False
+    )[0].permute(1, 2, 0)
+    out = torch.from_numpy(np.asarray(clean.convert("RGB"), dtype=np.float32)) + up
+    return Image.fromarray(out.round().clamp(0, 255).to(torch.uint8).numpy())
+
+
+def place_edit(scored: AttackItem, seen: Image.Image, edited: Image.Image, keep_targets: bool) -> Image.Image:
+    """The edited image the defender is asked about and the curriculum keeps: the editor's output
+    (made from ``seen``) carried to the scored item's size (`carry_edit`; nothing to carry when the
+    scored item is the one the editor saw), with the targets given back when ``keep_targets``."""
+    out = carry_edit(scored.image, seen, edited)
+    return restore_targets(scored.image, out, scored.target_boxes) if keep_targets else out
 
 
 def restore_targets(clean: Image.Image, edited: Image.Image, boxes: list[list[float]]) -> Image.Image:
@@ -105,6 +141,7 @@ class AttackerTrainer:
         weights: dict[str, float] | None = None,
         resume_from: str | Path | None = None,
         keep_targets: bool = False,
+        at_source_size: bool = False,
     ):
         self.editor, self.cfg, self.keep_targets = editor, cfg, keep_targets
         if cfg.mode == "grpo" and not (items and rewards):
@@ -114,6 +151,8 @@ class AttackerTrainer:
                 "the cold start needs AOT-SFT pairs (clean, adversarial, instruction); the dataset has none"
             )
         self.items = [at_edit_size(editor, it) for it in items or []]
+        # what each edit is scored against: the item at its own size or as the editor sees it
+        self.scored = [scored_item(editor, it, at_source_size) for it in items or []]
         self.pairs = pairs or []
         self.rewards, self.weights = rewards or {}, weights or {}
         if not editor.lora_parameters():
@@ -142,14 +181,17 @@ class AttackerTrainer:
     def grpo_step(self) -> dict:
         ed, cfg, fg = self.editor, self.cfg, self.cfg.flow_grpo
         G = fg.group_size
-        items = [self.items[i] for i in self.stream.take(cfg.groups_per_step)]
+        picked = self.stream.take(cfg.groups_per_step)
+        items, scored_items = [self.items[i] for i in picked], [self.scored[i] for i in picked]
         t0 = time.perf_counter()
         groups, pending = [], []
         pool = ThreadPoolExecutor(1) if cfg.async_rewards else None
         mb = cfg.micro_batch or G
         chunks = [slice(i, min(G, i + mb)) for i in range(0, G, mb)]
         try:
-            for k, item in enumerate(items):  # sampling (rewards of group k run while group k + 1 samples)
+            for k, (item, target) in enumerate(
+                zip(items, scored_items)
+            ):  # sampling (rewards of group k run while group k + 1 samples)
                 cond = ed.condition([item.image], [item.instruction])
                 parts, edited = [], []
                 for j, sl in enumerate(chunks):
@@ -165,13 +207,13 @@ class AttackerTrainer:
                     )
                     edited += ed.decode(traj.final, c)
                     parts.append((sl, c, traj))
-                if self.keep_targets:  # what the reward sees is what the curriculum would keep
-                    edited = [restore_targets(item.image, e, item.target_boxes) for e in edited]
+                # what the reward sees is what the curriculum would keep
+                edited = [place_edit(target, item.image, e, self.keep_targets) for e in edited]
                 groups.append(parts)
                 pending.append(
-                    pool.submit(self._score, item.image, edited, item)
+                    pool.submit(self._score, target.image, edited, target)
                     if pool
-                    else self._score(item.image, edited, item)
+                    else self._score(target.image, edited, target)
                 )
             t_sample = time.perf_counter() - t0
             scored = [p.result() if pool else p for p in pending]  # reward
