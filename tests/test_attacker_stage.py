@@ -82,7 +82,18 @@ def test_cold_start_then_flow_grpo_then_curriculum(chain):
     assert s["attack_lift"] == pytest.approx(s["attack_success_rate"] - s["clean_failure_rate"])
     # The defender stage consumes a curriculum version like any dataset version.
     ex = examples_from_version(store, cur)
-    assert len(ex) == 12 and {e.image.size for e in ex} == {(32, 32)}  # clean rows at the edits' size too
+    # attacker.edits_at_source_size (on in the preset): both rows of an item at the item's own size
+    from stages.attacker import items_from_version
+
+    own = {it.id: it.image.size for it in items_from_version(store, store.manifest(v["filter"]), 0)}
+    assert cfg.attacker.edits_at_source_size and len(ex) == 12
+    assert all(e.image.size == own[e.id.split(":")[0]] for e in ex) and len({e.image.size for e in ex}) > 1
+    # off: every row at the editor's 32 px, the clean rows too (a size would tell them apart)
+    at_edit = load_config("synthetic", {**SMALL, "attacker": {**SMALL["attacker"], "edits_at_source_size": False}})
+    small = examples_from_version(
+        store, generate_curriculum_version(store, at_edit, rl.version, v["filter"], v["defender"])
+    )
+    assert len(small) == 12 and {e.image.size for e in small} == {(32, 32)}
 
 
 def test_curriculum_with_a_judge_description(chain):
