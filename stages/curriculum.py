@@ -68,8 +68,8 @@ def edit_items(
         edits = editor.decode(
             sample(editor, cond, steps, noise_level, sigma_cap=sigma_cap, generator=gens[0], x=x).final, cond
         )
-        out += [
-            place_edit(scored_item(editor, it, at_source_size), s.image, e, keep_targets)
+        out += [  # scored against the item itself, or the editor-size copy it was edited from
+            place_edit(it if at_source_size else s, s.image, e, keep_targets)
             for it, s, e in zip(items[i:j], chunk, edits)
         ]
         i = j

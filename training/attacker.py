@@ -152,7 +152,7 @@ class AttackerTrainer:
             )
         self.items = [at_edit_size(editor, it) for it in items or []]
         # what each edit is scored against: the item at its own size or as the editor sees it
-        self.scored = [scored_item(editor, it, at_source_size) for it in items or []]
+        self.scored = list(items or []) if at_source_size else self.items
         self.pairs = pairs or []
         self.rewards, self.weights = rewards or {}, weights or {}
         if not editor.lora_parameters():
