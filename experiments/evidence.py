@@ -147,28 +147,52 @@ def summarize(arms: list[dict], columns: list[str]) -> list[dict]:
     return out
 
 
+# Issue 21's thresholds (AOT minus clean-only, accuracy as a fraction): what co-evolution must buy
+# under the implanter and under its own final attacker, under every family no arm trains on, and
+# what it may cost clean; and per seed, the share of phases in which the curve must move.
+GAIN_GOALS = {"implanter": 0.10, "aot-attacker": 0.10}
+UNSEEN_GAIN_GOAL = 0.05
+CLEAN_TOLERANCE = 0.02
+PHASE_SHARE = 2 / 3
+
+
 def goals(summary: list[dict], curve: list[dict], ecfg: EvidenceConfig) -> dict:
-    """Issue 8's goals, each as measured: True/False (None where a number is missing)."""
+    """Issue 21's goals, each as measured: True/False (None where a number is missing)."""
     by = {s["arm"]: s for s in summary}
     aot, clean = by["aot"], by["clean-only"]
 
     def gap(col):
         return None if aot.get(col) is None or clean.get(col) is None else aot[col] - clean[col]
 
+    def at_least(col, bar):
+        return None if gap(col) is None else gap(col) >= bar - 1e-12
+
     out = {f"{name}_gain": gap(name) for name in ["clean", *ecfg.attacks, "aot-attacker"]}
-    out["implanter_goal"] = None if gap("implanter") is None else gap("implanter") >= 0.10
+    for name, bar in GAIN_GOALS.items():
+        out[f"{name}_goal"] = at_least(name, bar)
     for name in ecfg.unseen:
-        out[f"{name}_goal"] = None if gap(name) is None else gap(name) >= 0.10
-    out["clean_goal"] = None if gap("clean") is None else abs(gap("clean")) <= 0.01
+        out[f"{name}_goal"] = at_least(name, UNSEEN_GAIN_GOAL)
+    out["clean_goal"] = None if gap("clean") is None else abs(gap("clean")) <= CLEAN_TOLERANCE + 1e-12
     # on the same held-out items against the same frozen defender (the training batches' rewards
     # differ in items from step to step, so their first and last steps are not comparable)
-    out["attacker_rises_within_phase"] = sum(
-        r["attack_success_before"] > r["attack_success_start"]
-        for r in curve
-        if r.get("attack_success_start") is not None
-    )
+    rises = [r for r in curve if r.get("attack_success_start") is not None]
+    out["attacker_rises_within_phase"] = sum(r["attack_success_before"] > r["attack_success_start"] for r in rises)
     out["attack_falls_after_defender"] = sum(r["attack_success_after"] < r["attack_success_before"] for r in curve)
     out["phases"] = len(curve)
+    per_seed = []
+    for seed in sorted({r.get("seed", 0) for r in curve}):
+        mine = [r for r in curve if r.get("seed", 0) == seed]
+        up = [
+            r["attack_success_before"] > r["attack_success_start"]
+            for r in mine
+            if r.get("attack_success_start") is not None
+        ]
+        down = [r["attack_success_after"] < r["attack_success_before"] for r in mine]
+        per_seed.append(
+            bool(up) and sum(up) >= PHASE_SHARE * len(up) - 1e-9 and sum(down) >= PHASE_SHARE * len(down) - 1e-9
+        )
+    out["curve_goal_per_seed"] = per_seed
+    out["curve_goal"] = bool(per_seed) and all(per_seed)
     return out
 
 

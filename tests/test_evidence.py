@@ -179,6 +179,50 @@ def test_attacks_are_pluggable_and_versioned(items):
         ATTACKS.pop("test-invert")
 
 
+def test_goals_apply_issue_21s_thresholds_per_arm_and_per_seed():
+    from experiments.evidence import EvidenceConfig, goals
+
+    ecfg = EvidenceConfig(
+        attacks=["implanter", "option-decoys", "backdrop-tint"], unseen=["option-decoys", "backdrop-tint"]
+    )
+    clean_only = {
+        "arm": "clean-only",
+        "clean": 0.80,
+        "implanter": 0.70,
+        "option-decoys": 0.60,
+        "backdrop-tint": 0.40,
+        "aot-attacker": 0.40,
+    }
+    aot = {
+        "arm": "aot",
+        "clean": 0.785,
+        "implanter": 0.80,
+        "option-decoys": 0.64,
+        "backdrop-tint": 0.45,
+        "aot-attacker": 0.75,
+    }
+
+    def phase(seed, start, before, after):
+        return {
+            "seed": seed,
+            "attack_success_start": start,
+            "attack_success_before": before,
+            "attack_success_after": after,
+        }
+
+    curve = [phase(0, 0.3, 0.6, 0.4), phase(0, 0.4, 0.5, 0.3), phase(0, 0.3, 0.2, 0.25)]  # 2 of 3 rise, 2 of 3 fall
+    curve += [phase(1, 0.3, 0.6, 0.7), phase(1, 0.7, 0.6, 0.5), phase(1, 0.5, 0.6, 0.65)]  # 2 of 3 rise, 1 of 3 falls
+    g = goals([clean_only, aot], curve, ecfg)
+    assert g["implanter_gain"] == pytest.approx(0.10) and g["implanter_goal"] is True  # +10 exactly: met
+    assert g["aot-attacker_goal"] is True
+    assert g["option-decoys_gain"] == pytest.approx(0.04) and g["option-decoys_goal"] is False  # +5 asked
+    assert g["backdrop-tint_goal"] is True
+    assert g["clean_gain"] == pytest.approx(-0.015) and g["clean_goal"] is True  # within 2 points
+    assert goals([clean_only, {**aot, "clean": 0.775}], curve, ecfg)["clean_goal"] is False
+    assert g["attacker_rises_within_phase"] == 4 and g["attack_falls_after_defender"] == 3 and g["phases"] == 6
+    assert g["curve_goal_per_seed"] == [True, False] and g["curve_goal"] is False
+
+
 def test_toy_evidence_run_gives_every_number(tmp_path):
     from experiments.aot_evidence import main
 
