@@ -17,7 +17,8 @@ Registered here:
   beside the target: the held-out family for colour questions.
 - ``backdrop-tint``: for a colour question, the background around the target tinted towards a
   wrong option's colour (a change of lighting, no object added): a second held-out family for
-  colour questions, since every training arm edits by adding objects.
+  colour questions, since every training arm edits by adding objects. ``backdrop-tint-outline``:
+  the same tint up to the objects' outlines, without the untinted rectangle of their boxes.
 
 The attacks that need the pipeline's own stages (Stage 2's ``implanter``, a trained
 ``aot-attacker`` version) register themselves in stages/attack.py, which also turns any attack
@@ -165,13 +166,20 @@ def option_decoys(cfg, store=None, gap: float = 2.0, margin: float = 1.0, **_) -
 
 
 @register_attack("backdrop-tint")
-def backdrop_tint(cfg, store=None, reach: float = 0.75, alpha: float = 0.6, gap: int = 1, **_) -> AttackFn:
+def backdrop_tint(
+    cfg, store=None, reach: float = 0.75, alpha: float = 0.6, gap: int = 1, keep: str = "boxes", **_
+) -> AttackFn:
     """For a colour question "What is the colour of the K?": the background pixels within ``reach``
     x the target's size around its box (``gap`` px away from every object's box, so no object pixel
     changes) blended towards a wrong option's colour with weight ``alpha``. The scene's objects,
     and so the answer, are unchanged; a reader that takes the colour around the named object rather
-    than the object's own picks the tint."""
-    from world import COLOURS
+    than the object's own picks the tint. ``keep="shapes"`` (``backdrop-tint-outline``): only the
+    objects' own pixels (and ``gap`` px around their outlines) are kept, so the tint reaches into
+    their boxes' corners and leaves no untinted rectangle around the target."""
+    from world import COLOURS, object_mask
+
+    if keep not in ("boxes", "shapes"):
+        raise ValueError(f"backdrop-tint keep={keep!r}: choose 'boxes' or 'shapes'")
 
     def attack(row: dict):
         if row.get("question_type") != "colour" or len(row["target_boxes"]) != 1:
@@ -194,16 +202,33 @@ def backdrop_tint(cfg, store=None, reach: float = 0.75, alpha: float = 0.6, gap:
         h, w = arr.shape[:2]
         ys, xs = np.mgrid[0:h, 0:w]
         region = (xs >= x0 - r) & (xs < x1 + r) & (ys >= y0 - r) & (ys < y1 + r)
-        for b in [scene.image_box(o) for o in scene.visible(1e-9)] + [row["target_boxes"][0]]:
-            region &= ~((xs >= b[0] - gap) & (xs < b[2] + gap) & (ys >= b[1] - gap) & (ys < b[3] + gap))
+        if keep == "shapes":
+            from scipy import ndimage
+
+            objects = object_mask(scene)
+            if objects.shape != region.shape:
+                return f"the scene renders at {objects.shape[::-1]}, the image is {(w, h)}"
+            region &= ~(ndimage.binary_dilation(objects, iterations=gap) if gap else objects)
+        else:
+            for b in [scene.image_box(o) for o in scene.visible(1e-9)] + [row["target_boxes"][0]]:
+                region &= ~((xs >= b[0] - gap) & (xs < b[2] + gap) & (ys >= b[1] - gap) & (ys < b[3] + gap))
         if region.sum() == 0:
             return "no background around the target"
         arr[region] = (1 - alpha) * arr[region] + alpha * np.asarray(COLOURS[tint], dtype=np.float64)
         image = Image.fromarray(np.round(arr).clip(0, 255).astype(np.uint8))
         ssim = min(localized_ssim(clean, image, b) for b in row["target_boxes"])
-        return Attacked(image, scene.to_dict(), {"tint": tint, "alpha": alpha, "target_ssim_min": ssim})
+        return Attacked(image, scene.to_dict(), {"tint": tint, "alpha": alpha, "keep": keep, "target_ssim_min": ssim})
 
     return attack
+
+
+@register_attack("backdrop-tint-outline")
+def backdrop_tint_outline(cfg, store=None, **params) -> AttackFn:
+    """``backdrop-tint`` up to the objects' outlines (``keep="shapes"``). Beside ``backdrop-tint``,
+    whose kept object boxes leave an untinted rectangle around the target, it tells a defender that
+    reads the object's colour from one that reads the rectangle: an attacker trained with
+    ``attacker.keep_targets`` pastes the clean target box back into every edit, the same rectangle."""
+    return backdrop_tint(cfg, store, **{**params, "keep": "shapes"})
 
 
 def _row_seed(row_id: str) -> int:

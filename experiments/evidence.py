@@ -50,8 +50,14 @@ class EvidenceConfig:
 
 # The attack families no training arm uses, per question type: swap-pair mirrors a relation's
 # targets' attributes; option-decoys paints a colour question's wrong options beside its target, and
-# backdrop-tint tints the background around it (no object added, as every training arm adds one).
-UNSEEN_FAMILY = {"relative_position": ["swap-pair"], "colour": ["option-decoys", "backdrop-tint"]}
+# backdrop-tint tints the background around it (no object added, as every training arm adds one),
+# sparing the objects' boxes, or (backdrop-tint-outline) only their shapes: an attacker that keeps
+# its targets (attacker.keep_targets) leaves their clean boxes in every edit, and a defender that
+# learned to read that rectangle gains under backdrop-tint, not under its outline variant.
+UNSEEN_FAMILY = {
+    "relative_position": ["swap-pair"],
+    "colour": ["option-decoys", "backdrop-tint", "backdrop-tint-outline"],
+}
 
 
 def resolve_attacks(ecfg: EvidenceConfig, cfg: PipelineConfig) -> EvidenceConfig:

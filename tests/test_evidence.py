@@ -147,6 +147,57 @@ def test_backdrop_tint_changes_only_background_pixels_near_the_target(tmp_path):
     assert done >= len(rows) // 2, f"backdrop-tint attacked only {done} of {len(rows)} colour questions"
 
 
+def test_object_mask_is_what_render_paints():
+    """The mask is the objects' exact pixels: where the render differs from the bare background
+    (no world colour is a background tone), seeds 0-7, every object in view."""
+    from world import WorldConfig, generate_world, object_mask, render
+    from world.render import background_pixels
+
+    for seed in range(8):
+        scene = generate_world(seed, WorldConfig(resolution=64))
+        bare = background_pixels(scene.background, scene.origin, scene.size, scene.scale)
+        painted = np.any(np.asarray(render(scene), dtype=np.int16) != bare, axis=-1)
+        mask = object_mask(scene)
+        assert mask.shape == painted.shape and mask.sum() > 0
+        assert (mask == painted).all(), seed
+        one = object_mask(scene, scene.visible(1.0)[:1])  # a subset: only its pixels
+        assert one.sum() > 0 and not (one & ~mask).any() and one.sum() < mask.sum()
+
+
+def test_backdrop_tint_outline_tints_up_to_the_shapes_without_a_rectangle(tmp_path):
+    """The outline variant keeps exactly the objects' pixels (their outlines, ``gap`` px wide) and
+    tints the background inside the target's box corners too: no untinted rectangle is left."""
+    from world import object_mask
+
+    store = ShardStore(str(tmp_path))
+    cfg = load_config(
+        "synthetic",
+        {"source": {"num_scenes": 16, "shard_size": 16, "question_types": ["colour"], "question_weights": [1.0]}},
+    )
+    rows = store.read(store.manifest(run_bootstrap(store, cfg, until="filter")[-1].version)).to_dicts()
+    boxes, shapes = build_attack("backdrop-tint", cfg), build_attack("backdrop-tint-outline", cfg)
+    corners = done = 0
+    for row in rows:
+        out, ref = shapes(row), boxes(row)
+        if isinstance(out, str):
+            continue
+        done += 1
+        assert out.meta["keep"] == "shapes" and not isinstance(ref, str) and ref.meta["keep"] == "boxes"
+        assert out.meta["tint"] == ref.meta["tint"]  # the same wrong option: only the kept region differs
+        clean = np.asarray(decode_image(row["image"]).convert("RGB"), dtype=np.int16)
+        changed = np.abs(np.asarray(out.image, dtype=np.int16) - clean).sum(-1) > 0
+        scene = Scene.from_dict(json.loads(row["scene"]))
+        assert not (changed & object_mask(scene)).any()  # no object pixel changes
+        # every pixel the box variant tints, the outline variant tints too (it keeps less)
+        boxed = np.abs(np.asarray(ref.image, dtype=np.int16) - clean).sum(-1) > 0
+        assert not (boxed & ~changed).any() and changed.sum() > boxed.sum()
+        x0, y0, x1, y1 = (int(round(v)) for v in row["target_boxes"][0])
+        corners += int(changed[y0:y1, x0:x1].any())
+    assert done >= len(rows) // 2
+    # circles, triangles and diamonds leave background in their boxes' corners (7 of 14 here)
+    assert corners >= done // 4, f"{corners} of {done} target boxes tinted inside: the rectangle is left"
+
+
 def test_attacks_are_pluggable_and_versioned(items):
     store, cfg, filt = items
     with pytest.raises(ValueError, match="registered attacks are"):

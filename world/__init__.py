@@ -16,7 +16,7 @@ from world.questions import (
     question_type_of,
     relation,
 )
-from world.render import add_object, background_pixels, draw_object_into, draw_shape, render, square_in_box
+from world.render import add_object, background_pixels, draw_object_into, draw_shape, object_mask, render, square_in_box
 from world.scene import CATEGORIES, COLOURS, Background, Scene, SceneObject, WorldConfig, generate_world
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "parse_expression",
     "question_type_of",
     "relation",
+    "object_mask",
     "render",
     "square_in_box",
 ]

@@ -31,14 +31,15 @@ def background_pixels(bg: Background, origin: list[float], size: list[int], scal
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, category: str, colour: str, box: list[float]) -> None:
-    """Draw a shape inscribed in the integer pixel box [x0, y0, x1, y1) (x1, y1 exclusive)."""
+def draw_shape(draw: ImageDraw.ImageDraw, category: str, colour: str, box: list[float], fill=None) -> None:
+    """Draw a shape inscribed in the integer pixel box [x0, y0, x1, y1) (x1, y1 exclusive), in
+    ``colour`` or, when given, ``fill`` (a mask's value: the shape's exact pixels, ``object_mask``)."""
     x0, y0, x1, y1 = (int(round(v)) for v in box)
     x1 -= 1
     y1 -= 1
     if x1 < x0 or y1 < y0:
         return
-    fill = COLOURS[colour]
+    fill = COLOURS[colour] if fill is None else fill
     cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
     if category == "circle":
         draw.ellipse([x0, y0, x1, y1], fill=fill)
@@ -60,6 +61,17 @@ def render(scene: Scene, background_shift: int = 0) -> Image.Image:
         if scene.visible_fraction(obj) > 0:
             draw_shape(draw, obj.category, obj.colour, scene.image_box(obj))
     return img
+
+
+def object_mask(scene: Scene, objects: list[SceneObject] | None = None) -> np.ndarray:
+    """(H, W) bool: the pixels ``render`` paints for ``objects`` (default: every object in view),
+    drawn by the same code, so the mask is the objects' exact outline rather than their boxes."""
+    mask = Image.new("L", tuple(scene.size), 0)
+    draw = ImageDraw.Draw(mask)
+    for obj in scene.objects if objects is None else objects:
+        if scene.visible_fraction(obj) > 0:
+            draw_shape(draw, obj.category, obj.colour, scene.image_box(obj), fill=255)
+    return np.asarray(mask) > 0
 
 
 def square_in_box(box: list[float]) -> list[int]:
