@@ -232,6 +232,15 @@ class AttackerConfig:
         "construction. Off is the paper's attacker, which edits the whole image and is gated by target "
         "SSIM; on the tiny editor Flow-GRPO then traded integrity against efficacy (experiments/RESULTS.md).",
     )
+    keep_target_shapes: bool = documented(
+        False,
+        "With keep_targets: give back the target objects' own pixels (their outlines, from the row's "
+        "scene: synthetic rows) instead of their whole boxes; a target the scene does not place keeps "
+        "its box. A pasted box leaves a clean rectangle around the target in every edit whose change "
+        "reaches it, a cue a defender trained on the curriculum can learn to read instead of the object "
+        "(the backdrop-tint / backdrop-tint-outline columns tell which, experiments/RESULTS.md). The "
+        "box's background then counts in the target SSIM gate again.",
+    )
     edits_at_source_size: bool = documented(
         False,
         "Apply each edit to the image at its own size (the clean image plus the edit's change, "
@@ -443,6 +452,11 @@ class PipelineConfig:
             a.cold_start_scenes >= 0 and 0 <= a.cold_start_named <= 1,
             "attacker.cold_start_scenes",
             "needs cold_start_scenes >= 0 and 0 <= attacker.cold_start_named <= 1",
+        )
+        _check(
+            a.keep_targets or not a.keep_target_shapes,
+            "attacker.keep_target_shapes",
+            "gives back the targets' shapes instead of their boxes: it needs attacker.keep_targets on",
         )
         _check(0 <= a.curriculum.clean_fraction < 1, "attacker.curriculum.clean_fraction", "must be within [0, 1)")
         _check(a.curriculum.shard_size >= 0, "attacker.curriculum.shard_size", "must be >= 0 (0: one shard)")

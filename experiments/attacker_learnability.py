@@ -175,7 +175,9 @@ def implanter_scores(store, cfg, heldout: str, sampled, dense) -> dict:
     from stages.attacker import item_from_row, items_from_version
     from storage import decode_image
 
-    items = items_from_version(store, store.manifest(heldout), cfg.attacker.curriculum.max_items)
+    items = items_from_version(
+        store, store.manifest(heldout), cfg.attacker.curriculum.max_items, cfg.attacker.keep_target_shapes
+    )
     wanted = {it.id for it in items}
     attacked = [
         r
@@ -263,7 +265,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from training.attacker import scored_item
 
     sampled, dense = frozen_reward(store, cfg, defender, "sampled"), frozen_reward(store, cfg, defender, "dense")
-    held_items = items_from_version(store, store.manifest(heldout), cfg.attacker.curriculum.max_items)
+    held_items = items_from_version(
+        store, store.manifest(heldout), cfg.attacker.curriculum.max_items, cfg.attacker.keep_target_shapes
+    )
     held = {it.id: it for it in held_items}
     named = implanter_descriptions(store, cfg, heldout) if args.named else {}
 

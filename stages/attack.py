@@ -55,7 +55,7 @@ def aot_attacker(cfg, store=None, version: str | None = None, seed: int = 0, **_
 
     def attack(row: dict):
         a = cfg.attacker
-        item = scored_item(editor, item_from_row(row), a.edits_at_source_size)
+        item = scored_item(editor, item_from_row(row, shapes=a.keep_target_shapes), a.edits_at_source_size)
         seeds = [seed * 1_000_003 + int(content_hash(row["id"], 8), 16)]
         edited = edit_items(
             editor, [item], seeds, steps, keep_targets=a.keep_targets, at_source_size=a.edits_at_source_size

@@ -17,7 +17,9 @@ import os
 import tempfile
 from typing import Callable
 
+import numpy as np
 import polars as pl
+from PIL import Image
 
 from config import PipelineConfig
 from models.editor import attack_instruction
@@ -30,8 +32,11 @@ from training.attacker import AttackerTrainer, EditPair
 from training.attacker_rewards import AttackItem, IntegrityEfficacy
 
 
-def items_from_version(store: ShardStore, manifest: Manifest, max_items: int = 0) -> list[AttackItem]:
-    """Attackable items of any dataset version: (clean image, question, answer, target boxes)."""
+def items_from_version(
+    store: ShardStore, manifest: Manifest, max_items: int = 0, shapes: bool = False
+) -> list[AttackItem]:
+    """Attackable items of any dataset version: (clean image, question, answer, target boxes);
+    ``shapes``: each with its targets' mask (``item_from_row``)."""
     df = store.read(manifest)
     if max_items:
         df = df.head(max_items)
@@ -42,15 +47,36 @@ def items_from_version(store: ShardStore, manifest: Manifest, max_items: int = 0
             f"version {manifest.version} ({manifest.stage}) has no {missing} columns: give a source, "
             "extend, filter, implant or export version"
         )
-    return [item_from_row(row, col) for row in df.iter_rows(named=True)]
+    return [item_from_row(row, col, shapes) for row in df.iter_rows(named=True)]
 
 
-def item_from_row(row: dict, col: str = "image") -> AttackItem:
-    """One dataset row (its ``col`` image) as an item to attack, with the attacker's instruction."""
+def target_mask(row: dict, size: tuple[int, int]) -> Image.Image:
+    """'L' mask (255 = keep) at ``size`` of the row's targets' own pixels: each target box matched to
+    the scene object drawn there (``world.object_mask``, the pixels ``render`` paints); a box that no
+    object of the row's scene fills, or a row without a scene, keeps the whole box."""
+    from world import Scene, object_mask
+
+    boxes = [[int(round(v)) for v in b] for b in row["target_boxes"]]
+    scene = Scene.from_dict(json.loads(row["scene"])) if row.get("scene") else None
+    mask = np.zeros((size[1], size[0]), dtype=bool)
+    if scene is not None and tuple(scene.size) == tuple(size):
+        by_box = {tuple(int(round(v)) for v in scene.image_box(o)): o for o in scene.visible(1e-9)}
+        found = [by_box[tuple(b)] for b in boxes if tuple(b) in by_box]
+        mask |= object_mask(scene, found)
+        boxes = [b for b in boxes if tuple(b) not in by_box]
+    for x0, y0, x1, y1 in boxes:
+        mask[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)] = True
+    return Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+
+
+def item_from_row(row: dict, col: str = "image", shapes: bool = False) -> AttackItem:
+    """One dataset row (its ``col`` image) as an item to attack, with the attacker's instruction;
+    ``shapes`` (``attacker.keep_target_shapes``): with the mask of its targets' own pixels."""
     names = row.get("target_names") or []
+    image = decode_image(row[col])
     return AttackItem(
         row["id"],
-        decode_image(row[col]),
+        image,
         attack_instruction(row["question"], names),
         row["target_boxes"],
         format_prompt(row["question"], row["options"]),
@@ -59,6 +85,7 @@ def item_from_row(row: dict, col: str = "image") -> AttackItem:
         names,
         row["question"],
         row["options"],
+        target_mask(row, image.size) if shapes else None,
     )
 
 
@@ -169,6 +196,8 @@ def train_attacker_version(
         vcfg["attacker"]["named"] = a.cold_start_named
     if mode == "grpo":  # the cold start never edits through it: one cold start serves both settings
         vcfg["attacker"]["keep_targets"] = a.keep_targets
+        if a.keep_target_shapes:  # (off: the ids versions had before the option)
+            vcfg["attacker"]["keep_target_shapes"] = True
         if a.edits_at_source_size:  # (off: the ids versions had before the option)
             vcfg["attacker"]["edits_at_source_size"] = True
 
@@ -183,7 +212,7 @@ def train_attacker_version(
             kw = {"pairs": pairs_from_version(store, data, a.max_items, a.cold_start_named)}
         else:
             kw = {
-                "items": items_from_version(store, data, a.max_items),
+                "items": items_from_version(store, data, a.max_items, a.keep_target_shapes),
                 "rewards": {"aot": frozen_reward(store, cfg, defender_version)},
             }
         with tempfile.TemporaryDirectory() as tmp:

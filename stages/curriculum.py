@@ -126,6 +126,7 @@ def generate_curriculum_version(
         "reward": {k: v for k, v in dataclasses.asdict(a.rl.reward).items() if k not in TRAINING_ONLY},
         "model": a.model,
         "keep_targets": a.keep_targets,
+        **({"keep_target_shapes": True} if a.keep_target_shapes else {}),  # (off: the ids before the option)
         **({"edits_at_source_size": True} if a.edits_at_source_size else {}),  # (off: the ids before the option)
         **({"judge": cfg.models["judge"]} if c.describe else {}),
     }
@@ -135,7 +136,7 @@ def generate_curriculum_version(
     done = store.manifest_at(data.dataset, "curriculum", version)
     if done is not None:
         return done
-    items = items_from_version(store, data, c.max_items)
+    items = items_from_version(store, data, c.max_items, a.keep_target_shapes)
     size = c.shard_size or max(1, len(items))
     chunks = [range(i, min(i + size, len(items))) for i in range(0, len(items), size)]
     models: dict = {}  # editor, defender and reward: loaded on the first shard that needs computing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -753,6 +754,40 @@ def test_restore_targets_gives_back_every_target_pixel_and_nothing_else():
     assert restore_targets(clean, edited, []) is edited  # nothing to protect (no target box)
     with pytest.raises(ValueError, match="differ in size"):
         restore_targets(clean, edited.resize((10, 10)), boxes)
+
+
+def test_restore_targets_by_mask_gives_back_the_shape_one_pixel_wider():
+    """attacker.keep_target_shapes: the mask's pixels and their 1-px ring come back from the clean
+    image, the rest of the box (its corners) stays edited; the mask rides along at the edit size."""
+    from training.attacker import at_edit_size, restore_targets
+
+    rng = np.random.RandomState(2)
+    clean = Image.fromarray(rng.randint(0, 256, (20, 30, 3), dtype=np.uint8))
+    edited = Image.fromarray(rng.randint(0, 256, (20, 30, 3), dtype=np.uint8))
+    mask = np.zeros((20, 30), dtype=bool)
+    mask[8:11, 12:15] = True  # a 3x3 "shape" inside a box 10..18 x 6..14
+    out = np.asarray(restore_targets(clean, edited, [[10, 6, 18, 14]], Image.fromarray(mask.astype(np.uint8) * 255)))
+    ring = np.zeros_like(mask)
+    ring[7:12, 11:16] = True  # the shape dilated by one pixel (3x3 cross structure: corners excluded)
+    for y, x in [(7, 11), (7, 15), (11, 11), (11, 15)]:
+        ring[y, x] = False
+    assert np.array_equal(out[ring], np.asarray(clean)[ring])
+    assert np.array_equal(out[~ring], np.asarray(edited)[~ring])  # the box's corners included
+    with pytest.raises(ValueError, match="differ in size"):
+        restore_targets(clean, edited, [[10, 6, 18, 14]], Image.new("L", (10, 10)))
+
+    class Half:
+        def resize(self, im):
+            return im.resize((im.width // 2, im.height // 2))
+
+    item = AttackItem("m", clean, "x", [[10, 6, 18, 14]], target_mask=Image.fromarray(mask.astype(np.uint8) * 255))
+    small = at_edit_size(Half(), item)
+    assert small.image.size == small.target_mask.size == (15, 10)
+    half = np.asarray(small.target_mask)
+    assert set(np.unique(half)) == {0, 255}  # nearest sampling: a mask stays a mask, never blended
+    ys, xs = np.nonzero(half)
+    assert ys.min() >= 4 and ys.max() <= 5 and xs.min() >= 6 and xs.max() <= 7  # the square, halved
+    assert at_edit_size(Half(), dataclasses.replace(item, target_mask=None)).target_mask is None
 
 
 def test_keep_targets_scores_rollouts_with_their_targets_given_back():

@@ -96,6 +96,74 @@ def test_cold_start_then_flow_grpo_then_curriculum(chain):
     assert len(small) == 12 and {e.image.size for e in small} == {(32, 32)}
 
 
+def test_keep_target_shapes_gives_back_the_objects_not_their_boxes(chain):
+    """attacker.keep_target_shapes: each item's mask is its target objects' rendered pixels (the
+    scene's own), so a kept edit has every target pixel clean while its box's corners carry the
+    edit; without keep_targets the option is refused; its curriculum is its own version."""
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from config import ConfigError
+    from stages.attacker import items_from_version
+    from world import Scene, object_mask
+
+    store, cfg, v = chain
+    with pytest.raises(ConfigError, match="keep_targets"):
+        load_config("synthetic", {**SMALL, "attacker": {**SMALL["attacker"], "keep_target_shapes": True}})
+    shaped = load_config(
+        "synthetic", {**SMALL, "attacker": {**SMALL["attacker"], "keep_targets": True, "keep_target_shapes": True}}
+    )
+    rows = {r["id"]: r for r in store.read(store.manifest(v["filter"])).iter_rows(named=True)}
+    items = items_from_version(store, store.manifest(v["filter"]), 0, shapes=True)
+    assert items and all(it.target_mask is not None and it.target_mask.size == it.image.size for it in items)
+    for it in items:
+        scene = Scene.from_dict(json.loads(rows[it.id]["scene"]))
+        boxes = [[int(round(x)) for x in b] for b in it.target_boxes]
+        targets = [o for o in scene.visible(1e-9) if [int(round(x)) for x in scene.image_box(o)] in boxes]
+        assert len(targets) == len(boxes)  # every target box is a scene object's
+        assert np.array_equal(np.asarray(it.target_mask) > 0, object_mask(scene, targets))
+    plain = items_from_version(store, store.manifest(v["filter"]), 0)
+    assert all(it.target_mask is None for it in plain)
+
+    cold, _ = train_attacker_version(store, cfg, v["export"], mode="sft")
+    boxed_cfg = load_config("synthetic", {**SMALL, "attacker": {**SMALL["attacker"], "keep_targets": True}})
+    ids = {
+        generate_curriculum_version(store, c, cold.version, v["filter"], v["defender"]).version
+        for c in (boxed_cfg, shaped)
+    }
+    assert len(ids) == 2
+    from stages.curriculum import edit_items
+    from training.attacker import scored_item
+
+    editor = load_attacker(store, cold.version, cfg.attacker.model)
+    its = [scored_item(editor, it, True) for it in items[:4]]
+    seeds = list(range(len(its)))
+    kept = edit_items(editor, its, seeds, steps=3, batch=4, keep_targets=True, at_source_size=True)
+    free = edit_items(
+        editor, [dataclasses.replace(it, target_mask=None) for it in its], seeds, 3, 4, at_source_size=True
+    )
+    corners = 0
+    for it, k, f in zip(its, kept, free):
+        k, f, c = (np.asarray(x.convert("RGB"), dtype=np.int16) for x in (k, f, it.image))
+        m = np.asarray(it.target_mask) > 0
+        assert np.array_equal(k[m], c[m])  # every target pixel clean
+        x0, y0, x1, y1 = (int(round(x)) for x in it.target_boxes[0])
+        box = np.zeros_like(m)
+        box[y0:y1, x0:x1] = True
+        far = box & ~_dilate(m)
+        assert np.array_equal(k[far], f[far])  # the box's corners keep the edit
+        corners += int((k[far] != c[far]).any())
+    assert corners > 0  # and some edit changed a corner: no clean rectangle left there
+
+
+def _dilate(m):
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(m, iterations=1)
+
+
 def test_curriculum_with_a_judge_description(chain):
     store, cfg, v = chain
     described = load_config(

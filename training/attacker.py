@@ -49,8 +49,12 @@ def scale_boxes(boxes: list[list[float]], src: tuple[int, int], dst: tuple[int, 
 def at_edit_size(editor, item: AttackItem) -> AttackItem:
     """The item as the attacker sees it: image at the edit size, boxes scaled with it."""
     image = editor.resize(item.image)
+    mask = item.target_mask
     return dataclasses.replace(
-        item, image=image, target_boxes=scale_boxes(item.target_boxes, item.image.size, image.size)
+        item,
+        image=image,
+        target_boxes=scale_boxes(item.target_boxes, item.image.size, image.size),
+        target_mask=None if mask is None or mask.size == image.size else mask.resize(image.size, Image.NEAREST),
     )
 
 
@@ -86,10 +90,12 @@ def place_edit(scored: AttackItem, seen: Image.Image, edited: Image.Image, keep_
     (made from ``seen``) carried to the scored item's size (`carry_edit`; nothing to carry when the
     scored item is the one the editor saw), with the targets given back when ``keep_targets``."""
     out = carry_edit(scored.image, seen, edited)
-    return restore_targets(scored.image, out, scored.target_boxes) if keep_targets else out
+    return restore_targets(scored.image, out, scored.target_boxes, scored.target_mask) if keep_targets else out
 
 
-def restore_targets(clean: Image.Image, edited: Image.Image, boxes: list[list[float]]) -> Image.Image:
+def restore_targets(
+    clean: Image.Image, edited: Image.Image, boxes: list[list[float]], mask: Image.Image | None = None
+) -> Image.Image:
     """The edit with every target box given back from the clean image, pixel for pixel (the box
     rounded outwards, as localized SSIM crops it, so each target's SSIM is exactly 1). An attacker
     whose output passes through this can only change what lies around the targets — where the
@@ -101,6 +107,15 @@ def restore_targets(clean: Image.Image, edited: Image.Image, boxes: list[list[fl
         return edited
     if clean.size != edited.size:
         raise ValueError(f"clean and edited images differ in size: {clean.size} vs {edited.size}")
+    if mask is not None:  # the targets' own pixels (attacker.keep_target_shapes), 1 px wider: a
+        # resized image blends each outline with what is beside it, and that blend is the clean one's
+        if mask.size != clean.size:
+            raise ValueError(f"target mask {mask.size} and image {clean.size} differ in size")
+        from scipy import ndimage
+
+        keep = ndimage.binary_dilation(np.asarray(mask) > 0, iterations=1)[..., None]
+        a, b = np.asarray(clean.convert("RGB")), np.asarray(edited.convert("RGB"))
+        return Image.fromarray(np.where(keep, a, b)).convert(edited.mode)
     out = edited.copy()
     for b in boxes:
         x0, y0, x1, y1 = pixel_box(b, clean.width, clean.height)

@@ -94,6 +94,9 @@ class AttackItem:
     target_names: list[str] = field(default_factory=list)
     question: str = ""
     options: list[str] = field(default_factory=list)
+    # 'L' mask at the image's size of the pixels keep_targets gives back (attacker.keep_target_shapes:
+    # the targets' own shapes); None: their boxes
+    target_mask: Image.Image | None = None
 
 
 BatchReward = Callable[[list[Image.Image], list[Image.Image], list[AttackItem]], list[dict]]
