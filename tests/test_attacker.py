@@ -790,6 +790,34 @@ def test_restore_targets_by_mask_gives_back_the_shape_one_pixel_wider():
     assert at_edit_size(Half(), dataclasses.replace(item, target_mask=None)).target_mask is None
 
 
+def test_integrity_with_a_target_mask_gates_the_shape_not_its_box():
+    """keep_target_shapes: a change in the box's corners (background) passes the gate, a change on
+    the target's own pixels fails it; without a mask both change the box and both fail."""
+    from training.attacker_rewards import AttackSample, integrity, targets_view
+
+    rng = np.random.RandomState(3)
+    clean = rng.randint(0, 256, (24, 24, 3)).astype(np.uint8)
+    mask = np.zeros((24, 24), dtype=bool)
+    mask[9:15, 9:15] = True  # the object inside its box 6..18
+    box = [[6, 6, 18, 18]]
+    corner, on_object = clean.copy(), clean.copy()
+    corner[6:9, 6:18] = 255 - corner[6:9, 6:18]  # the box's top rows: background only
+    on_object[10:14, 10:14] = 255 - on_object[10:14, 10:14]
+    m = Image.fromarray(mask.astype(np.uint8) * 255)
+    c = Image.fromarray(clean)
+
+    def gate(edited, with_mask):
+        return integrity(c, Image.fromarray(edited), AttackSample(box, [], m if with_mask else None), tau=0.9)
+
+    assert gate(corner, True)["integrity"] == 1.0 and gate(corner, True)["target_ssim_min"] == pytest.approx(1.0)
+    assert gate(on_object, True)["integrity"] == 0.0
+    assert gate(corner, False)["integrity"] == 0.0 and gate(on_object, False)["integrity"] == 0.0
+    view = np.asarray(targets_view(c, Image.fromarray(corner), m))
+    assert np.array_equal(view, clean)  # the corner change is not the target's
+    e = Image.fromarray(corner)
+    assert targets_view(c, e, None) is e  # no mask: the gate sees the edit itself
+
+
 def test_keep_targets_scores_rollouts_with_their_targets_given_back():
     """With keep_targets the reward sees every rollout with its target box exactly as in the clean
     image, so box_contrast (brighten the box) can only be raised by darkening the rest; without it

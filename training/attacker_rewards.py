@@ -49,12 +49,27 @@ def consecutive_failures(correct: list[bool]) -> int:
 class AttackSample:
     target_boxes: list[list[float]]
     defender_correct: list[bool]  # the frozen defender's K answers on the edited image, right or wrong
+    target_mask: Image.Image | None = None  # the targets' own pixels (AttackItem.target_mask)
+
+
+def targets_view(clean: Image.Image, edited: Image.Image, mask: Image.Image | None) -> Image.Image:
+    """What the integrity gate compares with the clean image: the edit itself, or with a target
+    mask (``attacker.keep_target_shapes``) the edit's pixels on the targets' shapes and the clean
+    ones elsewhere — a target is its object, and the background in the corners of its box is scene
+    the attacker may change, as it may outside the box (gated on the box, that background would
+    make the attacker trade integrity against efficacy again)."""
+    if mask is None:
+        return edited
+    keep = (np.asarray(mask) > 0)[..., None]
+    view = np.where(keep, np.asarray(edited.convert("RGB")), np.asarray(clean.convert("RGB")))
+    return Image.fromarray(view)
 
 
 def integrity(
     clean: Image.Image, edited: Image.Image, sample: AttackSample, tau: float = 0.9, global_floor: float | None = None
 ) -> dict:
-    ssims = [localized_ssim(clean, edited, b) for b in sample.target_boxes]
+    view = targets_view(clean, edited, sample.target_mask)
+    ssims = [localized_ssim(clean, view, b) for b in sample.target_boxes]
     s_min = min(ssims) if ssims else 1.0
     glob = region_ssim(np.asarray(clean), np.asarray(edited)) if global_floor is not None else None
     ok = s_min >= tau and (glob is None or glob >= global_floor)
@@ -219,7 +234,7 @@ class IntegrityEfficacy:
             p_clean, p_edit = self.right_probability(cleans, items), self.right_probability(editeds, items)
             out = []
             for c, e, it, pc, pe in zip(cleans, editeds, items, p_clean, p_edit):
-                parts = integrity(c, e, AttackSample(it.target_boxes, []), self.tau, self.global_floor)
+                parts = integrity(c, e, AttackSample(it.target_boxes, [], it.target_mask), self.tau, self.global_floor)
                 parts.update(efficacy=pc - pe, p_right_clean=pc, p_right_edited=pe)
                 # E reaches -1 here, so a penalty of 0 would pay a broken edit more than a valid one
                 # that helps the defender, and the phase learns to break the gate (RESULTS.md).
@@ -228,7 +243,14 @@ class IntegrityEfficacy:
             return out
         right = self.answers(editeds, items)
         return [
-            attacker_reward(c, e, AttackSample(it.target_boxes, r), self.tau, self.global_floor, self.invalid_penalty)
+            attacker_reward(
+                c,
+                e,
+                AttackSample(it.target_boxes, r, it.target_mask),
+                self.tau,
+                self.global_floor,
+                self.invalid_penalty,
+            )
             for c, e, it, r in zip(cleans, editeds, items, right)
         ]
 
