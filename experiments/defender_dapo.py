@@ -10,7 +10,9 @@ peak GPU memory. With ``--lora-7b`` it also takes
 DAPO steps of the 7B architecture with LoRA (rank 64), grouped vision attention and compiled
 decoder layers (the full preset's update; one warm-up step, one timed), and reports the peak memory. With
 ``--profile`` the update phase of one extra step of each of our variants runs under torch.profiler
-and its top operators (self device time, call counts) go into the JSON: where the update's time goes.
+and its top operators (self device time, call counts) go into the JSON: where the update's time goes;
+``--profile generation`` traces that step's rollouts instead, with kernels, kernel launches and CUDA
+graph launches per decoding step (is the captured step one launch? what does a step run?).
 
 GPU: ``python experiments/defender_dapo.py --out DIR``. CPU smoke run: ``--tiny`` (small
 architecture, 1 step; checks that both code paths run).
@@ -173,7 +175,7 @@ def run_ours(
     lora=0,
     cache="dynamic",
     vision_attention="stock",
-    profile=False,
+    profile: str | None = None,  # "update" or "generation": one extra step with that phase traced
     grad_ckpt=True,
     share_images=True,
     micro_batch=0,
@@ -191,7 +193,7 @@ def run_ours(
         vision_attention=vision_attention,
     )
     policy.share_images = share_images
-    total = warmup + steps + int(profile)
+    total = warmup + steps + int(bool(profile))
     cfg = DefenderTrainConfig(
         mode="dapo",
         steps=total,
@@ -216,7 +218,7 @@ def run_ours(
         graphs = compiled_graphs()
         t0 = time.perf_counter()
         if profile and n == total - 1:  # the last step under the profiler (its timing is not counted)
-            r, ops = profiled(tr, device)
+            r, ops = profiled_generation(tr, device) if profile == "generation" else profiled(tr, device)
         else:
             r = tr.dapo_step()
         tr.step += 1
@@ -250,7 +252,7 @@ def profiled(trainer, device, top: int = 25):
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    policy, rollout = trainer.policy, trainer.policy.rollout
+    rollout = trainer.policy.rollout
     trace: dict = {}  # the profiler started after the latest rollout (more draws restart it)
 
     def rollout_then_trace(*a, **k):
@@ -262,15 +264,79 @@ def profiled(trainer, device, top: int = 25):
         trace["prof"].start()
         return out
 
-    policy.rollout = rollout_then_trace
+    try:
+        res = step_with_rollout(trainer, device, rollout_then_trace)
+    finally:
+        if trace:
+            trace["prof"].stop()
+    return res, summarize_profile(trace["prof"].key_averages(), device, top)
+
+
+def step_with_rollout(trainer, device, rollout):
+    """One ``trainer.dapo_step()`` whose policy samples through ``rollout`` (a wrapper of its own)."""
+    policy = trainer.policy
+    policy.rollout = rollout
     try:
         res = trainer.dapo_step()
         sync(device)
     finally:
         policy.__dict__.pop("rollout", None)
-        if trace:
-            trace["prof"].stop()
-    return res, summarize_profile(trace["prof"].key_averages(), device, top)
+    return res
+
+
+def profiled_generation(trainer, device, top: int = 25):
+    """One ``trainer.dapo_step()`` with its *rollouts* under torch.profiler (each rollout call
+    traced, the rest of the step not): the top operators as ``profiled`` gives them, plus what sets
+    a decoding step's cost when reading the weights does not — kernels run, and launch calls made
+    (one CUDA graph launch replays many kernels), per decoding step, counted from the trace."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    rollout = trainer.policy.rollout
+    profs, steps = [], []
+
+    def traced_rollout(*a, **k):
+        prof = profile(activities=acts)
+        prof.start()
+        try:
+            out = rollout(*a, **k)
+            sync(device)
+        finally:
+            prof.stop()
+        profs.append(prof)
+        steps.append(int(out.response_ids.shape[1]))  # decoding steps of this call
+        return out
+
+    res = step_with_rollout(trainer, device, traced_rollout)
+    merged: dict = {}
+    for prof in profs:
+        for e in prof.key_averages():
+            merged.setdefault(e.key, []).append(e)
+    events = [_Summed(k, v) for k, v in merged.items()]
+    summary = summarize_profile(events, device, top)
+    n = max(1, sum(steps))
+    kernels = sum(e.count for e in events if e.device_type == DeviceType.CUDA)
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    graphs = sum(e.count for e in events if e.key in ("cudaGraphLaunch", "cuGraphLaunch"))
+    summary.update(
+        decoding_steps=sum(steps),
+        kernels_per_step=kernels / n,
+        kernel_launches_per_step=launches / n,
+        graph_launches_per_step=graphs / n,
+        traced_ms_per_step=summary["total_ms"] / n,
+    )
+    return res, summary
+
+
+class _Summed:
+    """Several profiles' rows of one operator as one row (the fields summarize_profile reads)."""
+
+    def __init__(self, key, rows):
+        self.key, self.device_type = key, rows[0].device_type
+        self.count = sum(r.count for r in rows)
+        self.self_device_time_total = sum(getattr(r, "self_device_time_total", 0.0) for r in rows)
+        self.self_cpu_time_total = sum(r.self_cpu_time_total for r in rows)
 
 
 CATEGORIES = (  # kernel (GPU) or operator (CPU) names -> what the time is spent on; first match wins
@@ -484,8 +550,13 @@ def main():
     )
     ap.add_argument(
         "--profile",
-        action="store_true",
-        help="one extra step of each of ours with its update phase under torch.profiler; top operators into the JSON",
+        nargs="?",
+        const="update",
+        choices=["update", "generation"],
+        default=None,
+        help="one extra step of each of ours with one phase under torch.profiler (update, the default, or "
+        "generation: the rollouts, with kernel and CUDA-graph launches per decoded token); top operators "
+        "into the JSON",
     )
     ap.add_argument("--lora-7b", action="store_true")
     ap.add_argument("--out", default="experiments/results")
@@ -594,9 +665,16 @@ def main():
             if ops:
                 s["profile"] = ops
                 cats = ", ".join(f"{c} {v['share']:.0%}" for c, v in ops["categories"].items())
+                per_step = (
+                    f"; per decoding step {ops['kernels_per_step']:.0f} kernels, "
+                    f"{ops['kernel_launches_per_step']:.0f} kernel launches, {ops['graph_launches_per_step']:.1f} "
+                    f"graph launches, {ops['traced_ms_per_step']:.2f} ms of kernels"
+                    if "decoding_steps" in ops
+                    else ""
+                )
                 print(
-                    f"{impl} batch {batch}: one profiled update, {ops['total_ms']:.0f} ms traced ({cats}); "
-                    "top operators:"
+                    f"{impl} batch {batch}: one profiled {a.profile}, {ops['total_ms']:.0f} ms traced ({cats})"
+                    f"{per_step}; top operators:"
                 )
                 for o in ops["top"][:12]:
                     print(f"  {o['share']:6.1%} {o['self_ms']:9.1f} ms {o['calls']:>7} calls  {o['op'][:70]}")

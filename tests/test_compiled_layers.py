@@ -158,3 +158,23 @@ def test_generation_floor_is_the_weights_read_once_per_decoding_step():
     step = {"step_s": 3.0, "generation_s": 2.5, "logprob_s": 0.0, "update_s": 0.5, "completion_tokens": 4096}
     s = summarize("ours", [step], 16, 577, 256, 3_090_000_000, 0, 0, float("nan"), 0.0, floor_s=0.5)
     assert s["generation_floor_s"] == 0.5 and s["generation_vs_floor"] == pytest.approx(5.0)
+
+
+def test_generation_profile_counts_the_decoding_steps_it_traced(tmp_path, monkeypatch):
+    """``--profile generation`` traces the extra step's rollouts alone: 4 rows at completion 8 in one
+    rollout call (tiny) are at most 8 decoding steps, and the top operators and per-step counts land
+    in the JSON (kernel counts are 0 on a CPU: no device events)."""
+    import json
+    import sys
+
+    from experiments import defender_dapo
+
+    argv = ["defender_dapo.py", "--tiny", "--impls", "ours-loop", "--profile", "generation", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    defender_dapo.main()
+    (res,) = json.loads((tmp_path / "defender_dapo_tiny.json").read_text())["results"]
+    prof = res["profile"]
+    assert 1 <= prof["decoding_steps"] <= 8 and prof["top"] and prof["total_ms"] > 0
+    assert prof["kernels_per_step"] == 0 and prof["traced_ms_per_step"] == pytest.approx(
+        prof["total_ms"] / prof["decoding_steps"]
+    )
