@@ -8,7 +8,9 @@ pixels (METHOD.md: defender images between 512^2 and 2048^2); 16 new tokens per 
 evaluation/answers.ask), ``prefetchN`` (the next N batches' inputs, in N worker threads, each with
 its own processor), ``gpu-images`` / ``gpu-imagesN`` (prefetch, and the image processor on the
 model's device: ``defender.model.image_device``). Each row's answers are compared with the first
-row's (they must be identical). ``--tiny`` is a CPU smoke run. Writes ``$OUT/eval_throughput.json``.
+row's (they must be identical). ``--profile`` adds one pass with the vision tower timed apart and
+the model's operators traced (the ``profile`` row). ``--tiny`` is a CPU smoke run. Writes
+``$OUT/eval_throughput.json``.
 """
 
 from __future__ import annotations
@@ -66,11 +68,64 @@ def random_images(n: int, w: int, h: int) -> list:
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(n)]
 
 
+def profiled_pass(policy, items, batch: int, device: str) -> dict:
+    """One evaluation pass (one prefetch worker, ``batch`` items a call) with the vision tower's
+    forwards timed apart (synchronized around each call) and every operator under torch.profiler:
+    the seconds per item in the vision tower and in the rest of the model (the language model's
+    prefill and decoding), and the top operators (experiments/defender_dapo.summarize_profile)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from experiments.defender_dapo import summarize_profile, sync
+
+    visual = policy.model.model.visual
+    inner, spent, own = visual.forward, [], visual.__dict__.get("forward")
+
+    def timed(*args, **kw):
+        sync(device)
+        t0 = time.perf_counter()
+        out = inner(*args, **kw)
+        sync(device)
+        spent.append(time.perf_counter() - t0)
+        return out
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    visual.forward = timed
+    try:
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            evaluate(policy, f"profile-b{batch}", items, STRICT, batch_size=batch, prefetch=1)
+            sync(device)
+            total = time.perf_counter() - t0
+    finally:  # the forward it had: its own if it was patched, else the class's
+        if own is None:
+            del visual.forward
+        else:
+            visual.forward = own
+    ops = summarize_profile(prof.key_averages(), device)
+    n = len(items)
+    return {
+        "mode": "profile",
+        "batch": batch,
+        "seconds": total,
+        "vision_s_per_item": sum(spent) / n,
+        "vision_calls": len(spent),
+        "rest_s_per_item": (total - sum(spent)) / n,
+        **{f"{c}_share": v["share"] for c, v in ops["categories"].items()},
+        "top": ops["top"],
+    }
+
+
 def main():
     ap = parser(__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=16)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--modes", default="inline,prefetch,prefetch4,gpu-images,gpu-images4")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timed rows, one more pass (prefetch, the largest batch) with the vision tower timed "
+        "apart from the rest and the model's operators under torch.profiler: where an item's model time goes",
+    )
     a = ap.parse_args()
     device = current_device()
     arch = "tiny" if a.tiny else "7b"
@@ -110,12 +165,16 @@ def main():
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
+    if a.profile:
+        rows.append(profiled_pass(policy, items, max(int(x) for x in a.batches.split(",")), device))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "top"}), flush=True)
+    rows, prof = [r for r in rows if r["mode"] != "profile"], [r for r in rows if r["mode"] == "profile"]
     base = rows[0]["items_per_s"]
     best_inline = max((r["items_per_s"] for r in rows if r["mode"] == "inline"), default=base)
     for r in rows:
         r["speedup_vs_first"] = r["items_per_s"] / base
         r["speedup_vs_best_inline"] = r["items_per_s"] / best_inline
-    write_results(a.out, "eval_throughput", info, rows)
+    write_results(a.out, "eval_throughput", info, rows + prof)
     print(
         f"\n{'mode':>11}{'batch':>6}{'seconds':>9}{'items/s':>9}{'vs 1st':>8}{'vs inline':>10}"
         f"{'same':>6}{'peak GiB':>10}"

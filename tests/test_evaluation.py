@@ -741,3 +741,23 @@ def test_tiny_defender_answers_the_same_with_inputs_prepared_ahead(fixtures):
         inline = [policy.encode(images, prompts)[0] for _ in range(4)]
         made = [f.result()[0] for f in made]
     assert all(m.keys() == a.keys() and all(torch.equal(m[k], a[k]) for k in a) for m in made + inline)
+
+
+def test_eval_throughput_profile_times_the_vision_tower_apart(tmp_path, monkeypatch):
+    """``experiments/eval_throughput.py --profile``: one more pass whose vision-tower forwards are
+    timed apart — one per batch call (4 items in batches of 2: 2 calls), no more than the pass took —
+    and the traced operators' time split into shares that sum to 1; the timed rows are unchanged."""
+    import sys
+
+    from experiments import eval_throughput
+
+    argv = ["x", "--tiny", "--items", "4", "--batches", "2", "--modes", "inline", "--profile", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    eval_throughput.main()
+    rows = json.loads((tmp_path / "eval_throughput.json").read_text())["results"]
+    assert [r["mode"] for r in rows] == ["inline", "profile"] and rows[0]["answers_identical"]
+    prof = rows[1]
+    assert prof["vision_calls"] == 2 and prof["top"]
+    assert 0 < prof["vision_s_per_item"] * 4 <= prof["seconds"]
+    assert prof["rest_s_per_item"] == pytest.approx(prof["seconds"] / 4 - prof["vision_s_per_item"])
+    assert sum(prof[f"{c}_share"] for c in ("attention", "matmul", "other")) == pytest.approx(1.0)
