@@ -8,7 +8,8 @@
 #   experiments/defender_dapo_gpu.sh OUT "--impls ours-static-grouped-compiled,trl --batches 64"
 # Where the update's time goes, eager vs compiled layers:
 #   experiments/defender_dapo_gpu.sh OUT "--impls ours-static-grouped,ours-static-grouped-compiled --batches 16 --profile"
-# Carry the wheels with the run tool: carry [".whl"] (trl, datasets and their pure-Python deps).
+# Carry the wheels with the run tool: carry [".whl"] (trl, datasets and their pure-Python deps;
+# `bash experiments/gpu_site.sh trl` downloads them here).
 set -u
 out=${1:?output folder}; shift
 mkdir -p "$out"

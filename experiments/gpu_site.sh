@@ -5,11 +5,22 @@
 # themselves are 64 MB). Run here (it downloads from PyPI), then on the card:
 #   run(carry=[".whlx"], command="mkdir -p /tmp/s && tar -xJf .whlx/site.tar.xz -C /tmp/s &&
 #       export PYTHONPATH=/tmp/s/site:$PWD HF_HUB_OFFLINE=1 && ...")
+# `experiments/gpu_site.sh trl` instead fills .whl/ with the wheels experiments/defender_dapo_gpu.sh
+# installs for TRL's GRPOTrainer (trl, datasets and the pure-Python deps the image lacks; 2.3 MB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
+if [ "${1:-}" = trl ]; then
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo /.whl/ >> .git/info/exclude; }
+  for pkg in trl==1.16.0 datasets==5.2.0 dill multiprocess xxhash; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
+        -d .whl "$pkg" 2>&1 | grep -v "is ignored" || true
+  done
+  ls -la .whl
+  exit 0
+fi
 grep -qx '/.whlx/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo /.whlx/ >> .git/info/exclude; }
 tmp=$(mktemp -d)
-plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
 for pkg in polars==2.1.0 polars-runtime-32==2.1.0 diffusers==0.42.1 open-clip-torch==3.3.0 segment-anything==1.0 \
            pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings python-dotenv annotated-types typing-inspection \
            typing-extensions importlib-metadata ftfy wcwidth; do
