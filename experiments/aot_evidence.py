@@ -77,6 +77,13 @@ def report(result: dict, info: dict, out: str, name: str) -> None:
         print(
             "| " + " | ".join(f"{r.get(c):.3f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols) + " |"
         )
+    lured = [c for c in result["columns"] if any(r.get(f"{c}_lured") is not None for r in result["arms"])]
+    if lured:  # what the wrong answers read: the colour the attack added, or something else
+        print("\nanswers naming a colour the attack added (share of attacked rows):")
+        print("| seed | arm | " + " | ".join(lured) + " |\n|" + "---|" * (len(lured) + 2))
+        for r in result["arms"]:
+            cells = ["—" if r.get(f"{c}_lured") is None else f"{r[f'{c}_lured']:.3f}" for c in lured]
+            print(f"| {r['seed']} | {r['arm']} | " + " | ".join(cells) + " |")
     print("\ngoals:", result["goals"])
     print(f"wall {info['wall_seconds']} s on {info['card']}")
     os.makedirs(out, exist_ok=True)

@@ -85,6 +85,45 @@ def seeded(cfg: PipelineConfig, seed: int) -> PipelineConfig:
     )
 
 
+def lure_colours(meta: dict) -> set[str]:
+    """The colours an attack put in front of the defender (``meta`` of an attack row): a tint, and
+    every colour word of its distractors ("red cube" -> red)."""
+    from world import COLOURS
+
+    words = [meta.get("tint") or ""] + [w for d in meta.get("distractors") or [] for w in str(d).split()]
+    return {w for w in words if w in COLOURS}
+
+
+def lured_share(predictions: dict[str, str | None], attacked: list[dict]) -> float | None:
+    """Of the attacked rows a defender answered (``predictions``: row id -> its letter, None when
+    unparsed) whose attack added a colour (``lure_colours``), the share whose answer names one: what
+    a wrong answer under the attack reads — the lure, or something else. None: no such row (an
+    attack that adds no nameable colour, as a learned attacker's edits)."""
+    import json
+
+    hits = n = 0
+    for row in attacked:
+        lures = lure_colours(json.loads(row.get("meta") or "{}"))
+        if row["id"] not in predictions or not lures:
+            continue
+        n += 1
+        letter, options = predictions[row["id"]], row["options"]
+        k = ord(letter) - ord("A") if letter else -1
+        hits += 0 <= k < len(options) and options[k] in lures
+    return hits / n if n else None
+
+
+def arm_lured(store: ShardStore, cfg: PipelineConfig, defender: str, attack: str) -> float | None:
+    """``lured_share`` of ``defender`` on the attack version ``attack`` (its evaluation, as
+    ``steps.evaluate`` made it: found by version id, not recomputed)."""
+    from stages.defender import evaluate_defender_version
+
+    ev = store.read(evaluate_defender_version(store, cfg, defender, attack))
+    adv = ev.filter(ev["image_kind"] == "adversarial")
+    predictions = dict(zip(adv["id"].to_list(), adv["prediction"].to_list()))
+    return lured_share(predictions, store.read(store.manifest(attack)).to_dicts())
+
+
 def run_seed(
     store: ShardStore, cfg: PipelineConfig, ecfg: EvidenceConfig, seed: int, say: Callable[[str], None] = print
 ) -> dict:
@@ -119,6 +158,7 @@ def run_seed(
             row[name] = s.get("adversarial_accuracy")
             row[f"{name}_clean"] = s.get("clean_accuracy")  # the same rows, unattacked
             row[f"{name}_n"] = s.get("adversarial_n", 0)
+            row[f"{name}_lured"] = arm_lured(store, c, defenders[arm], version)  # answers naming the lure
         arms.append(row)
         say(
             f"[seed {seed}] {arm}: "

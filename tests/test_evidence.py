@@ -274,6 +274,25 @@ def test_goals_apply_issue_21s_thresholds_per_arm_and_per_seed():
     assert g["curve_goal_per_seed"] == [True, False] and g["curve_goal"] is False
 
 
+def test_lured_share_counts_answers_that_name_a_colour_the_attack_added():
+    from experiments.evidence import lure_colours, lured_share
+
+    opts = ["red", "green", "blue", "yellow"]
+    rows = [
+        {"id": "a", "options": opts, "meta": json.dumps({"tint": "blue", "alpha": 0.6})},
+        {"id": "b", "options": opts, "meta": json.dumps({"distractors": ["yellow circle", "red square"]})},
+        {"id": "c", "options": opts, "meta": json.dumps({"distractors": ["green triangle"]})},
+        {"id": "d", "options": opts, "meta": json.dumps({"target_ssim_min": 1.0})},  # no colour added
+        {"id": "e", "options": opts, "meta": json.dumps({"tint": "red"})},  # not answered: not counted
+    ]
+    assert lure_colours({"distractors": ["yellow circle", "red square"]}) == {"yellow", "red"}
+    # a: C = blue, the tint (lured); b: A = red, a decoy (lured); c: B = green... C = blue (not lured)
+    predictions = {"a": "C", "b": "A", "c": "C", "d": "B"}
+    assert lured_share(predictions, rows) == pytest.approx(2 / 3)
+    assert lured_share({"c": None}, rows) == 0.0  # unparsed: counted, never lured
+    assert lured_share({"d": "A"}, rows) is None  # only an attack that added no colour
+
+
 def test_toy_evidence_run_gives_every_number(tmp_path):
     from experiments.aot_evidence import main
 
@@ -288,6 +307,8 @@ def test_toy_evidence_run_gives_every_number(tmp_path):
     for r in result["arms"]:
         for c in cols[1:]:
             assert r[f"{c}_n"] > 0, (r["arm"], c)  # every attack edited some held-out scenes
+        # swap-pair's decoys carry colours; the learned attacker's edits name none
+        assert r["aot-attacker_lured"] is None and 0 <= r["swap-pair_lured"] <= 1
     # arms share the starting defender; clean-only and AOT each moved away from it
     by = {(r["seed"], r["arm"]): r["defender"] for r in result["arms"]}
     assert len({by[(0, a)] for a in ("base", "clean-only", "aot")}) == 3
