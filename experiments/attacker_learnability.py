@@ -175,9 +175,7 @@ def implanter_scores(store, cfg, heldout: str, sampled, dense) -> dict:
     from stages.attacker import item_from_row, items_from_version
     from storage import decode_image
 
-    items = items_from_version(
-        store, store.manifest(heldout), cfg.attacker.curriculum.max_items, cfg.attacker.keep_target_shapes
-    )
+    items = items_from_version(store, store.manifest(heldout), cfg.attacker.curriculum.max_items)
     wanted = {it.id for it in items}
     attacked = [
         r

@@ -165,10 +165,9 @@ def main():
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-    if a.profile:
-        rows.append(profiled_pass(policy, items, max(int(x) for x in a.batches.split(",")), device))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "top"}), flush=True)
-    rows, prof = [r for r in rows if r["mode"] != "profile"], [r for r in rows if r["mode"] == "profile"]
+    prof = [profiled_pass(policy, items, max(int(x) for x in a.batches.split(",")), device)] if a.profile else []
+    for p in prof:
+        print(json.dumps({k: v for k, v in p.items() if k != "top"}), flush=True)
     base = rows[0]["items_per_s"]
     best_inline = max((r["items_per_s"] for r in rows if r["mode"] == "inline"), default=base)
     for r in rows:

@@ -113,15 +113,14 @@ def lured_share(predictions: dict[str, str | None], attacked: list[dict]) -> flo
     return hits / n if n else None
 
 
-def arm_lured(store: ShardStore, cfg: PipelineConfig, defender: str, attack: str) -> float | None:
-    """``lured_share`` of ``defender`` on the attack version ``attack`` (its evaluation, as
-    ``steps.evaluate`` made it: found by version id, not recomputed)."""
+def arm_lured(store: ShardStore, cfg: PipelineConfig, defender: str, attack: str, attacked: list[dict]):
+    """``lured_share`` of ``defender`` on the attack version ``attack`` (its rows ``attacked``; its
+    evaluation as ``steps.evaluate`` made it: found by version id, not recomputed)."""
     from stages.defender import evaluate_defender_version
 
     ev = store.read(evaluate_defender_version(store, cfg, defender, attack))
     adv = ev.filter(ev["image_kind"] == "adversarial")
-    predictions = dict(zip(adv["id"].to_list(), adv["prediction"].to_list()))
-    return lured_share(predictions, store.read(store.manifest(attack)).to_dicts())
+    return lured_share(dict(zip(adv["id"].to_list(), adv["prediction"].to_list())), attacked)
 
 
 def run_seed(
@@ -145,6 +144,10 @@ def run_seed(
     attacks["aot-attacker"] = attack_version(
         store, c, lin["heldout"], "aot-attacker", version=iters[-1]["attacker"]
     ).version
+    # each attack's rows once for every arm (what lured_share reads, not the images)
+    attacked = {
+        name: store.read(version).select("id", "options", "meta").to_dicts() for name, version in attacks.items()
+    }
     arms = []
     for arm in ARMS:
         row = {
@@ -158,7 +161,7 @@ def run_seed(
             row[name] = s.get("adversarial_accuracy")
             row[f"{name}_clean"] = s.get("clean_accuracy")  # the same rows, unattacked
             row[f"{name}_n"] = s.get("adversarial_n", 0)
-            row[f"{name}_lured"] = arm_lured(store, c, defenders[arm], version)  # answers naming the lure
+            row[f"{name}_lured"] = arm_lured(store, c, defenders[arm], version, attacked[name])
         arms.append(row)
         say(
             f"[seed {seed}] {arm}: "
@@ -219,21 +222,23 @@ def goals(summary: list[dict], curve: list[dict], ecfg: EvidenceConfig) -> dict:
     for name in ecfg.unseen:
         out[f"{name}_goal"] = at_least(name, UNSEEN_GAIN_GOAL)
     out["clean_goal"] = None if gap("clean") is None else abs(gap("clean")) <= CLEAN_TOLERANCE + 1e-12
+
     # on the same held-out items against the same frozen defender (the training batches' rewards
     # differ in items from step to step, so their first and last steps are not comparable)
-    rises = [r for r in curve if r.get("attack_success_start") is not None]
-    out["attacker_rises_within_phase"] = sum(r["attack_success_before"] > r["attack_success_start"] for r in rises)
-    out["attack_falls_after_defender"] = sum(r["attack_success_after"] < r["attack_success_before"] for r in curve)
+    def moves(rows):  # (rises within each measurable attacker phase, falls after each defender phase)
+        up = [
+            r["attack_success_before"] > r["attack_success_start"]
+            for r in rows
+            if r.get("attack_success_start") is not None
+        ]
+        return up, [r["attack_success_after"] < r["attack_success_before"] for r in rows]
+
+    up, down = moves(curve)
+    out["attacker_rises_within_phase"], out["attack_falls_after_defender"] = sum(up), sum(down)
     out["phases"] = len(curve)
     per_seed = []
     for seed in sorted({r.get("seed", 0) for r in curve}):
-        mine = [r for r in curve if r.get("seed", 0) == seed]
-        up = [
-            r["attack_success_before"] > r["attack_success_start"]
-            for r in mine
-            if r.get("attack_success_start") is not None
-        ]
-        down = [r["attack_success_after"] < r["attack_success_before"] for r in mine]
+        up, down = moves([r for r in curve if r.get("seed", 0) == seed])
         per_seed.append(
             bool(up) and sum(up) >= PHASE_SHARE * len(up) - 1e-9 and sum(down) >= PHASE_SHARE * len(down) - 1e-9
         )

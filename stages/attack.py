@@ -43,11 +43,10 @@ IMPLANTER_ROLES = ("judge", "inpainter", "detector", "segmenter")
 
 @register_attack("aot-attacker")
 def aot_attacker(cfg, store=None, version: str | None = None, seed: int = 0, **_) -> AttackFn:
-    from metrics import localized_ssim
     from stages.attacker import item_from_row, load_attacker
     from stages.curriculum import edit_items
     from training.attacker import scored_item
-    from training.attacker_rewards import targets_view
+    from training.attacker_rewards import AttackSample, integrity
 
     if store is None or not version:
         raise ValueError("the aot-attacker attack needs a store and version=<attacker version>")
@@ -61,8 +60,10 @@ def aot_attacker(cfg, store=None, version: str | None = None, seed: int = 0, **_
         edited = edit_items(
             editor, [item], seeds, steps, keep_targets=a.keep_targets, at_source_size=a.edits_at_source_size
         )[0]
-        view = targets_view(item.image, edited, item.target_mask)  # the gate's view (keep_target_shapes)
-        ssim = min((localized_ssim(item.image, view, b) for b in item.target_boxes), default=1.0)
+        # the curriculum's gate (the targets' shapes with keep_target_shapes), without its global floor
+        ssim = integrity(item.image, edited, AttackSample(item.target_boxes, [], item.target_mask), tau)[
+            "target_ssim_min"
+        ]
         if ssim < tau:
             return f"integrity: target SSIM {ssim:.3f} < tau {tau}"
         return Attacked(

@@ -66,7 +66,7 @@ def target_mask(row: dict, size: tuple[int, int]) -> Image.Image:
         boxes = [b for b in boxes if tuple(b) not in by_box]
     for x0, y0, x1, y1 in boxes:
         mask[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)] = True
-    return Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+    return Image.fromarray(mask.astype(np.uint8) * 255)  # 2-D uint8: an 'L' image
 
 
 def item_from_row(row: dict, col: str = "image", shapes: bool = False) -> AttackItem:
