@@ -128,19 +128,27 @@ def run_seed(
 ) -> dict:
     """One seed: the AOT run, the clean-only arm, every evaluation. Returns its rows."""
     from stages.attack import attack_version
-    from stages.coevolution import run_coevolution
+    from stages.coevolution import loop_start, run_coevolution
     from stages.steps import LocalSteps
 
     c = seeded(cfg, seed)
     steps = LocalSteps(store, c, lambda m: say(f"[seed {seed}] {m}"))
-    run = run_coevolution(store, c, steps)
-    lin, iters = run.extra["lineage"], store.read(run).to_dicts()
-    defenders = {"base": lin["defender_0"], "aot": iters[-1]["defender"]}
+    # Everything that does not depend on the attacker first (run_coevolution finds it again): the
+    # reference arms, the fixed attacks and their evaluations. A second configuration of the same
+    # seed started once this one's cold start exists (experiments/evidence_variants_gpu.sh) then
+    # finds all of it instead of training the same versions beside it.
+    lin = loop_start(steps, c)
     d = lin["defender_0"]
     for _ in range(c.coevolution.iterations):  # the same number of DAPO rounds as AOT, on clean items only
         d = steps.train_defender(lin["items"], d, "dapo", "clean")
-    defenders["clean-only"] = d
+    defenders = {"base": lin["defender_0"], "clean-only": d}
     attacks = {name: attack_version(store, c, lin["heldout"], name).version for name in ecfg.attacks}
+    for arm in ("base", "clean-only"):
+        for data in (lin["heldout"], *attacks.values()):
+            steps.evaluate(defenders[arm], data)
+    run = run_coevolution(store, c, steps)
+    lin, iters = run.extra["lineage"], store.read(run).to_dicts()
+    defenders["aot"] = iters[-1]["defender"]
     attacks["aot-attacker"] = attack_version(
         store, c, lin["heldout"], "aot-attacker", version=iters[-1]["attacker"]
     ).version
