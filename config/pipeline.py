@@ -129,7 +129,10 @@ class DefenderConfig:
         "vision_attention: grouped (default: the vision tower's windows batched into a few attention "
         "calls instead of one per window; same results, models/vision_attention.py) | stock, and "
         "image_device: where the image processor resizes and patchifies (default the CPU; cuda moves "
-        "that work of large benchmark images onto the card).",
+        "that work of large benchmark images onto the card), and text_attention: packed (default: a "
+        "decoding step attends with the query heads that share a key-value head packed onto it, where "
+        "transformers' SDPA path copies every key-value head per query head; same results, "
+        "models/text_attention.py) | stock.",
     )
     images: str = documented(
         "both", "Which images of an AOT-SFT version to train and evaluate on: clean, adversarial or both."

@@ -180,6 +180,7 @@ def run_ours(
     share_images=True,
     micro_batch=0,
     compile_update=False,
+    text_attention="packed",
 ):
     from config import DefenderTrainConfig
     from rl.dapo import DapoConfig
@@ -191,6 +192,7 @@ def run_ours(
         device=device,
         dtype=torch.bfloat16 if device == "cuda" else torch.float32,
         vision_attention=vision_attention,
+        text_attention=text_attention,
     )
     policy.share_images = share_images
     total = warmup + steps + int(bool(profile))
@@ -545,7 +547,9 @@ def main():
         "checkpointing: no recomputed forward, more memory), ours-unshared (every row through "
         "the processor and vision tower, as before models/shared_images.py), ours-mbN (update "
         "in micro-batches of N rows), ours-compiled (decoder layers compiled for the update: "
-        "models/compiled_layers.py); variants combine, e.g. ours-static-grouped-compiled; trl, "
+        "models/compiled_layers.py), ours-unpacked (a decoding step's attention with the key-value "
+        "heads copied per query head, transformers' SDPA path, instead of models/text_attention.py); "
+        "variants combine, e.g. ours-static-grouped-compiled; trl, "
         "trl-static (TRL's generation with cache_implementation='static', as ours-static)",
     )
     ap.add_argument(
@@ -564,7 +568,7 @@ def main():
     for impl in a.impls.split(","):  # before any model is built
         unknown = (
             {v for v in impl.split("-")[1:] if not (v[:2] == "mb" and v[2:].isdigit())}
-            - {"static", "loop", "graph", "grouped", "nockpt", "unshared", "compiled"}
+            - {"static", "loop", "graph", "grouped", "nockpt", "unshared", "compiled", "unpacked"}
             if impl.startswith("ours")
             else ({impl} - {"trl", "trl-static"})
         )
@@ -629,6 +633,7 @@ def main():
                     share_images="unshared" not in impl,
                     micro_batch=next((int(v[2:]) for v in impl.split("-") if v[:2] == "mb"), 0),
                     compile_update="compiled" in impl,
+                    text_attention="stock" if "unpacked" in impl else "packed",
                 )
             else:
                 r, peak = run_trl(

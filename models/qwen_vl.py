@@ -25,6 +25,8 @@ from models.decoding import decode, mrope_positions
 from models.mcq import letters
 from models.roles import lock_of, private_copy, serialized
 from models.shared_images import distinct_rows, expand_rows, repeated_images
+from models.text_attention import DEFAULT as DEFAULT_TEXT_ATTENTION
+from models.text_attention import set_text_attention
 from models.vision_attention import DEFAULT as DEFAULT_VISION_ATTENTION
 from models.vision_attention import set_vision_attention
 
@@ -237,10 +239,13 @@ class QwenVLPolicy:
         dtype: torch.dtype = torch.float32,
         vision_attention: str = DEFAULT_VISION_ATTENTION,
         image_device: str | None = None,
+        text_attention: str = DEFAULT_TEXT_ATTENTION,
     ):
         self.model = model.to(device=device, dtype=dtype)
         # "grouped": the vision tower's windows in a few batched calls (models/vision_attention.py)
         set_vision_attention(self.model, vision_attention)
+        # "packed": a decoding step attends without copying the key-value heads (models/text_attention.py)
+        set_text_attention(self.model, text_attention)
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"
@@ -269,6 +274,7 @@ class QwenVLPolicy:
         device: str = "cpu",
         vision_attention: str = DEFAULT_VISION_ATTENTION,
         image_device: str | None = None,
+        text_attention: str = DEFAULT_TEXT_ATTENTION,
     ) -> "QwenVLPolicy":
         spec = spec or TinyDefenderSpec()
         tok = build_tiny_tokenizer()
@@ -278,6 +284,7 @@ class QwenVLPolicy:
             device=device,
             vision_attention=vision_attention,
             image_device=image_device,
+            text_attention=text_attention,
         )
 
     @classmethod
@@ -291,6 +298,7 @@ class QwenVLPolicy:
         max_pixels: int | None = None,
         vision_attention: str = DEFAULT_VISION_ATTENTION,
         image_device: str | None = None,
+        text_attention: str = DEFAULT_TEXT_ATTENTION,
     ) -> "QwenVLPolicy":
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -300,9 +308,8 @@ class QwenVLPolicy:
             path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True
         )
         dt = getattr(torch, dtype)
-        return cls(
-            model, processor, device=device, dtype=dt, vision_attention=vision_attention, image_device=image_device
-        )
+        run = dict(vision_attention=vision_attention, image_device=image_device, text_attention=text_attention)
+        return cls(model, processor, device=device, dtype=dt, **run)
 
     def save(self, folder: str | Path) -> None:
         """Weights as safetensors, plus config, tokenizer and processor: loadable by from_pretrained."""
@@ -548,7 +555,7 @@ def load_policy(spec: dict | str) -> QwenVLPolicy:
         checkpoint = spec.pop("checkpoint", None)
         if checkpoint:
             return QwenVLPolicy.from_pretrained(checkpoint, **spec)
-        run = {k: spec.pop(k) for k in ("device", "vision_attention", "image_device") if k in spec}
+        run = {k: spec.pop(k) for k in ("device", "vision_attention", "image_device", "text_attention") if k in spec}
         return QwenVLPolicy.tiny(seed=spec.pop("seed", 0), spec=TinyDefenderSpec(**spec), **run)
     if backend == "qwen-vl":
         return QwenVLPolicy.from_pretrained(spec.pop("model"), **spec)

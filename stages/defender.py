@@ -18,6 +18,7 @@ import polars as pl
 from config import ConfigError, PipelineConfig
 from evaluation.answers import answer_items
 from models.mcq import format_prompt
+from models.text_attention import DEFAULT as DEFAULT_TEXT_ATTENTION
 from models.vision_attention import DEFAULT as DEFAULT_VISION_ATTENTION
 from stages.checkpoints import fetch_version, resume_folder, train_resumably, trained_part
 from stages.version import VersionPart, kernel_family, single_part_version
@@ -73,13 +74,15 @@ def defender_train_config(cfg: PipelineConfig, mode: str):
 
 def defender_runtime(cfg: PipelineConfig) -> dict:
     """How the config's defender runs, whatever checkpoint it loads: ``defender.model.device``
-    (default cpu), ``vision_attention`` (default grouped: models/vision_attention.py) and
-    ``image_device`` (where the image processor runs; default the CPU)."""
+    (default cpu), ``vision_attention`` (default grouped: models/vision_attention.py),
+    ``image_device`` (where the image processor runs; default the CPU) and ``text_attention``
+    (default packed: models/text_attention.py)."""
     m = cfg.defender.model
     return {
         "device": m.get("device", "cpu"),
         "vision_attention": m.get("vision_attention", DEFAULT_VISION_ATTENTION),
         "image_device": m.get("image_device"),
+        "text_attention": m.get("text_attention", DEFAULT_TEXT_ATTENTION),
     }
 
 
@@ -89,6 +92,7 @@ def load_defender(
     device: str = "cpu",
     vision_attention: str = DEFAULT_VISION_ATTENTION,
     image_device: str | None = None,
+    text_attention: str = DEFAULT_TEXT_ATTENTION,
 ):
     """A trained defender version as a policy (its files cached locally by version id)."""
     from models.qwen_vl import QwenVLPolicy
@@ -96,7 +100,9 @@ def load_defender(
     m = store.manifest(version)
     if m.stage != "defender":
         raise ValueError(f"{version} is a {m.stage} version, not a defender checkpoint")
-    run = dict(device=device, vision_attention=vision_attention, image_device=image_device)
+    run = dict(
+        device=device, vision_attention=vision_attention, image_device=image_device, text_attention=text_attention
+    )
     return QwenVLPolicy.from_pretrained(str(fetch_version(store, m)), **run)
 
 
