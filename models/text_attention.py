@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "sdpa_packed_gqa"  # registered with transformers' attention and mask interfaces
 MODES = ("stock", "packed")
@@ -27,9 +28,8 @@ DEFAULT = "packed"
 
 
 def packed_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' attention-function signature; (output (B, q, heads, D), None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    """transformers' attention-function signature; (output (B, q, heads, D), None). Traced by
+    torch.compile inside the compiled decoding step: nothing here waits on the GPU."""
     groups = getattr(module, "num_key_value_groups", 1)
     b, heads, q_len, dim = query.shape
     packable = (
