@@ -60,10 +60,22 @@ def test_the_config_spec_selects_it_and_the_stage_keeps_it_for_loaded_versions()
     assert grouped(load_policy({"backend": "tiny"})) == [True, True]  # the default
     assert grouped(load_policy({"backend": "tiny", "vision_attention": "stock"})) == [False, False]
     cfg = load_config("synthetic", {"defender": {"model": {"backend": "tiny", "vision_attention": "stock"}}})
-    assert defender_runtime(cfg) == {"device": "cpu", "vision_attention": "stock", "image_device": None}
+    assert defender_runtime(cfg) == {
+        "device": "cpu",
+        "vision_attention": "stock",
+        "image_device": None,
+        "text_attention": "packed",  # the language model's decoding attention (models/text_attention.py)
+    }
     assert defender_runtime(load_config("synthetic", {}))["vision_attention"] == "grouped"
     # the image processor's placement travels the same way (a runtime option, like the device)
     cfg = load_config("synthetic", {"defender": {"model": {"backend": "tiny", "image_device": "cpu"}}})
     assert defender_runtime(cfg)["image_device"] == "cpu"
     assert load_policy({"backend": "tiny", "image_device": "cpu"}).image_device == "cpu"
     assert load_policy({"backend": "tiny"}).image_device is None
+    # and so does the language model's attention
+    cfg = load_config("synthetic", {"defender": {"model": {"backend": "tiny", "text_attention": "stock"}}})
+    assert defender_runtime(cfg)["text_attention"] == "stock"
+    assert (
+        load_policy({"backend": "tiny", "text_attention": "stock"}).model.config.text_config._attn_implementation
+        == "sdpa"
+    )
