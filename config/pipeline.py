@@ -131,7 +131,8 @@ class DefenderConfig:
         "image_device: where the image processor resizes and patchifies (default the CPU; cuda moves "
         "that work of large benchmark images onto the card), and text_attention: packed (default: a "
         "decoding step attends with the query heads that share a key-value head packed onto it, where "
-        "transformers' SDPA path copies every key-value head per query head; same results, "
+        "transformers' SDPA path copies every key-value head per query head; the same attention up to "
+        "float rounding, "
         "models/text_attention.py) | stock.",
     )
     images: str = documented(
