@@ -28,8 +28,12 @@ timeout "$(left)" python experiments/fit_preset_editor.py evidence > "$work/vae_
 first=$1; first_args=$2; shift 2
 for s in $seeds; do
   run "$s" "$first" "$first_args" &
+  pid=$!
   rest=("$@")
-  ( while ! grep -q "attacker sft" "$out/${first}_seed$s.log" 2>/dev/null; do
+  ( cold() { grep -q "attacker sft" "$out/${first}_seed$s.log" 2>/dev/null; }
+    until cold; do
+      # the first ended without a cold start (crashed, or stopped by the bound): nothing to share
+      kill -0 "$pid" 2>/dev/null || cold || { echo "seed $s: $first stopped before its cold start" >&2; exit 0; }
       sleep 3; [ "$(left)" -gt 5 ] || [ "$limit" -eq 0 ] || exit 0
     done
     for ((i = 0; i < ${#rest[@]}; i += 2)); do run "$s" "${rest[i]}" "${rest[i + 1]}" & done
