@@ -143,9 +143,16 @@ def run_seed(
         d = steps.train_defender(lin["items"], d, "dapo", "clean")
     defenders = {"base": lin["defender_0"], "clean-only": d}
     attacks = {name: attack_version(store, c, lin["heldout"], name).version for name in ecfg.attacks}
+    summaries: dict = {}
+
+    def evaluate(arm: str, data: str) -> dict:  # each (arm, data) evaluated, or found, once
+        if (arm, data) not in summaries:
+            summaries[arm, data] = steps.evaluate(defenders[arm], data)
+        return summaries[arm, data]
+
     for arm in ("base", "clean-only"):
         for data in (lin["heldout"], *attacks.values()):
-            steps.evaluate(defenders[arm], data)
+            evaluate(arm, data)
     run = run_coevolution(store, c, steps)
     lin, iters = run.extra["lineage"], store.read(run).to_dicts()
     defenders["aot"] = iters[-1]["defender"]
@@ -162,10 +169,10 @@ def run_seed(
             "seed": seed,
             "arm": arm,
             "defender": defenders[arm],
-            "clean": steps.evaluate(defenders[arm], lin["heldout"]).get("clean_accuracy"),
+            "clean": evaluate(arm, lin["heldout"]).get("clean_accuracy"),
         }
         for name, version in attacks.items():
-            s = steps.evaluate(defenders[arm], version)
+            s = evaluate(arm, version)
             row[name] = s.get("adversarial_accuracy")
             row[f"{name}_clean"] = s.get("clean_accuracy")  # the same rows, unattacked
             row[f"{name}_n"] = s.get("adversarial_n", 0)

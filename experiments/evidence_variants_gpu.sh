@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Two or more configurations of the evidence experiment on one card and one store, side by side:
+# One or more configurations of the evidence experiment on one card and one store, side by side:
 # what they share (the data, defender 0, the clean-only arm, the fixed attacks, the cold start) is
 # trained once, by the first configuration's process of each seed; every other configuration's
 # process of that seed starts when the first has its cold start (its log's "attacker sft" line:
@@ -9,7 +9,8 @@
 # e.g.   EVIDENCE_ARGS="--set coevolution.iterations=1" experiments/evidence_variants_gpu.sh OUT W 560 \
 #            "0 1 2" boxes "" shapes "--set attacker.keep_target_shapes=true"
 # SECONDS bounds the whole call (every process stops by then; 0: no bound). Arguments for every
-# configuration go in EVIDENCE_ARGS. Each configuration's merged table lands in OUT/NAME.json.
+# configuration go in EVIDENCE_ARGS. Each configuration's seeds' JSONs and, once every seed has finished,
+# its merged table (OUT/NAME.json, .png, .table) land in OUT.
 set -u
 out=${1:?output folder}; work=${2:?work folder}; limit=${3:?seconds}; seeds=${4:?seeds}; shift 4
 [ $# -ge 2 ] && [ $(($# % 2)) -eq 0 ] || { echo "give NAME ARGS pairs, the first trains what they share" >&2; exit 2; }
@@ -30,6 +31,7 @@ for s in $seeds; do
   run "$s" "$first" "$first_args" &
   pid=$!
   rest=("$@")
+  [ ${#rest[@]} -gt 0 ] || continue  # one configuration: nothing waits on its cold start
   ( cold() { grep -q "attacker sft" "$out/${first}_seed$s.log" 2>/dev/null; }
     until cold; do
       # the first ended without a cold start (crashed, or stopped by the bound): nothing to share
@@ -43,8 +45,9 @@ wait
 echo "processes done after $(( $(date +%s) - t0 )) s"
 for name in "$first" $(for ((i = 0; i < $#; i += 2)); do echo "${@:i+1:1}"; done); do
   files=$(for s in $seeds; do f="$work/out/${name}_s$s.json"; [ -e "$f" ] && echo "$f"; done)
+  [ -n "$files" ] && cp $files "$out"/  # each finished seed's own JSON, beside the call's logs
   if [ "$(echo "$files" | grep -c .)" -eq "$(echo $seeds | wc -w)" ]; then
-    python experiments/aot_evidence.py --merge $files --out "$out" --name "$name" > "$out/$name.table" 2>&1
+    python experiments/aot_evidence.py --merge $files --out "$out" --name "$name" 2>&1 | tee "$out/$name.table"
   else
     echo "$name: $(echo "$files" | grep -c .) of $(echo $seeds | wc -w) seeds finished (rerun to continue)"
   fi

@@ -51,12 +51,12 @@ def packed_gqa_attention(module, query, key, value, attention_mask, dropout=0.0,
 
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(NAME, packed_gqa_attention)
-    # masks as SDPA's (prompts and training forwards build theirs through this name)
-    if NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionMaskInterface.register(NAME, sdpa_mask)
+    # masks as SDPA's: prompts and training forwards build theirs through this name, and a name
+    # without a mask function gets no mask at all (transformers' masking_utils)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def set_text_attention(model: torch.nn.Module, mode: str) -> bool:
