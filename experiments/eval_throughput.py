@@ -8,9 +8,12 @@ pixels (METHOD.md: defender images between 512^2 and 2048^2); 16 new tokens per 
 evaluation/answers.ask), ``prefetchN`` (the next N batches' inputs, in N worker threads, each with
 its own processor), ``gpu-images`` / ``gpu-imagesN`` (prefetch, and the image processor on the
 model's device: ``defender.model.image_device``). Each row's answers are compared with the first
-row's (they must be identical). ``--profile`` adds one pass with the vision tower timed apart and
-the model's operators traced (the ``profile`` row). ``--tiny`` is a CPU smoke run. Writes
-``$OUT/eval_throughput.json``.
+row's (they must be identical). Beside them it prints the model's floor per item (``item_floor``:
+the FLOPs of the vision tower and the prefill at the matmul rate measured in the run, plus the
+decoding steps' weight reads at the measured bandwidth) and the items/s no path can beat: a goal
+above that ceiling is out of reach on this card at this size. ``--profile`` adds one pass with
+the vision tower timed apart and the model's operators traced (the ``profile`` row). ``--tiny`` is
+a CPU smoke run. Writes ``$OUT/eval_throughput.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from evaluation.harness import STRICT, evaluate  # noqa: E402
 from evaluation.readers import Item  # noqa: E402
 from experiments.common import device as current_device  # noqa: E402
-from experiments.common import environment, parser, write_results  # noqa: E402
+from experiments.common import environment, matmul_tflops, memory_gbs, parser, write_results  # noqa: E402
 
 MODES = ("inline", "prefetch", "gpu-images")
 
@@ -42,6 +45,7 @@ def parse_mode(mode: str) -> tuple[str, int]:
     return path, 0 if path == "inline" else int(mode[len(path) :] or 1)
 
 
+NEW_TOKENS = 16  # tokens per answer: QwenVLPolicy.generate's default, which the evaluator uses
 QUESTION = "What is written on the sign in the top left corner?"
 
 
@@ -66,6 +70,58 @@ def random_images(n: int, w: int, h: int) -> list:
     """``n`` seeded noise images of w x h: every pixel differs, as a photo's do, for the resize."""
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def item_flops(model, patches: int, prompt_tokens: int) -> dict:
+    """FLOPs of one item's forward that no path avoids (a lower bound: norms, rotary and the
+    vision tower's windowed attention, under 1% on the 7B, are left out). Vision tower: 2 FLOPs per
+    weight and patch (the merger's weights act once per ``spatial_merge_size``^2 patches), plus the
+    full-attention layers' scores and weighted sums, 4 P^2 d each (an image attends only to itself).
+    Prefill of ``prompt_tokens`` (image tokens included): 2 FLOPs per language-model weight and token
+    (the token embedding is a lookup) plus causal attention, 2 T^2 d per layer; the answer's first
+    token's head: 2 x vocab x hidden."""
+    vc, tc = model.config.vision_config, model.config.text_config
+    visual, lm = model.model.visual, model.model.language_model
+    merger = sum(p.numel() for p in visual.merger.parameters())
+    per_patch = sum(p.numel() for p in visual.parameters()) - merger
+    full_layers = len(getattr(vc, "fullatt_block_indexes", None) or [])
+    vision = 2 * per_patch * patches + 2 * merger * patches // vc.spatial_merge_size**2
+    vision += full_layers * 4 * patches**2 * vc.hidden_size
+    q_dim = tc.num_attention_heads * (getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
+    weights = sum(p.numel() for p in lm.parameters()) - lm.embed_tokens.weight.numel()
+    prefill = 2 * weights * prompt_tokens + tc.num_hidden_layers * 2 * prompt_tokens**2 * q_dim
+    prefill += 2 * model.lm_head.weight.numel()
+    return {"vision": vision, "prefill": prefill}
+
+
+def item_floor(model, policy, item: Item, new_tokens: int, batch: int, tflops: float, gbs: float) -> dict:
+    """Seconds per item the card cannot beat at ``batch`` items a call: ``item_flops`` at the
+    measured matmul rate, plus ``new_tokens`` - 1 decoding steps that each read the language model's
+    weights and head once for the whole batch (the first token comes with the prefill). The image
+    processor's CPU time is not in it: prefetching can hide it entirely."""
+    from evaluation.harness import present
+
+    prompt, _, _ = present(item, STRICT)
+    enc, _ = policy.encode([item.image], [prompt])
+    grid = enc["image_grid_thw"][0]
+    patches, tokens = int(grid.prod()), int(enc["input_ids"].shape[1])
+    flops = item_flops(model, patches, tokens)
+    lm = model.model.language_model
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.layers.parameters())
+    weight_bytes += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    compute_s = (flops["vision"] + flops["prefill"]) / (tflops * 1e12)
+    decode_s = (new_tokens - 1) * weight_bytes / (gbs * 1e9) / batch
+    floor = compute_s + decode_s
+    return {
+        "batch": batch,
+        "patches": patches,
+        "prompt_tokens": tokens,
+        **{f"{k}_tflop": v / 1e12 for k, v in flops.items()},
+        "compute_s": compute_s,
+        "decode_s": decode_s,
+        "floor_s_per_item": floor,
+        "ceiling_items_per_s": 1 / floor,
+    }
 
 
 def profiled_pass(policy, items, batch: int, device: str) -> dict:
@@ -130,19 +186,25 @@ def main():
     device = current_device()
     arch = "tiny" if a.tiny else "7b"
     policy, (w, h), px = benchmark_policy(device, a.tiny, arch)
-    policy.model.generation_config.min_new_tokens = 16  # random weights: same answer length every time
+    policy.model.generation_config.min_new_tokens = NEW_TOKENS  # random weights: same answer length every time
     items = [
         Item(f"i{i}", "hrbench4k", im, QUESTION, "A", ["cat", "dog", "bird", "fish"], ["single"])
         for i, im in enumerate(random_images(a.items, w, h))
     ]
-    info = environment(arch=arch, image=[w, h], max_pixels=px, items=a.items)
+    info = environment(arch=arch, image=[w, h], max_pixels=px, items=a.items, new_tokens=NEW_TOKENS)
+    info.update(bf16_matmul_tflops=matmul_tflops(device), memory_gbs=memory_gbs(device, 64 if a.tiny else 1024))
+    batches = [int(x) for x in a.batches.split(",")]
+    info["floors"] = [
+        item_floor(policy.model, policy, items[0], NEW_TOKENS, b, info["bf16_matmul_tflops"], info["memory_gbs"])
+        for b in batches
+    ]
     print(json.dumps(info), flush=True)
     evaluate(policy, "warm", items[:2], STRICT, batch_size=2)  # warm-up: kernels, allocator
     rows, first = [], None
     for mode in a.modes.split(","):
         path, workers = parse_mode(mode)
         policy.image_device = device if path == "gpu-images" else None
-        for b in [int(x) for x in a.batches.split(",")]:
+        for b in batches:
             if device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -165,23 +227,34 @@ def main():
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-    prof = [profiled_pass(policy, items, max(int(x) for x in a.batches.split(",")), device)] if a.profile else []
+    prof = [profiled_pass(policy, items, max(batches), device)] if a.profile else []
     for p in prof:
         print(json.dumps({k: v for k, v in p.items() if k != "top"}), flush=True)
     base = rows[0]["items_per_s"]
     best_inline = max((r["items_per_s"] for r in rows if r["mode"] == "inline"), default=base)
+    ceiling = {f["batch"]: f["ceiling_items_per_s"] for f in info["floors"]}
     for r in rows:
         r["speedup_vs_first"] = r["items_per_s"] / base
         r["speedup_vs_best_inline"] = r["items_per_s"] / best_inline
+        r["share_of_ceiling"] = r["items_per_s"] / ceiling[r["batch"]]
     write_results(a.out, "eval_throughput", info, rows + prof)
     print(
         f"\n{'mode':>11}{'batch':>6}{'seconds':>9}{'items/s':>9}{'vs 1st':>8}{'vs inline':>10}"
-        f"{'same':>6}{'peak GiB':>10}"
+        f"{'same':>6}{'peak GiB':>10}{'ceiling':>9}{'of it':>7}"
     )
     for r in rows:
         print(
             f"{r['mode']:>11}{r['batch']:>6}{r['seconds']:>9.1f}{r['items_per_s']:>9.2f}{r['speedup_vs_first']:>8.2f}"
             f"{r['speedup_vs_best_inline']:>10.2f}{str(r['answers_identical']):>6}{r['peak_gib']:>10.1f}"
+            f"{ceiling[r['batch']]:>9.2f}{r['share_of_ceiling']:>7.0%}"
+        )
+    for f in info["floors"]:
+        print(
+            f"floor at batch {f['batch']}: {f['floor_s_per_item']:.3f} s/item ({f['vision_tflop']:.1f} TFLOP vision + "
+            f"{f['prefill_tflop']:.1f} prefill over {f['patches']} patches and {f['prompt_tokens']} tokens at "
+            f"{info['bf16_matmul_tflops']:.0f} TFLOP/s, {f['decode_s']:.3f} s of decoding reads at "
+            f"{info['memory_gbs']:.0f} GB/s): no path beats {f['ceiling_items_per_s']:.2f} items/s; 4x the first "
+            f"row is {4 * base:.2f} items/s, {4 * base / f['ceiling_items_per_s']:.0%} of it"
         )
 
 

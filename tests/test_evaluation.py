@@ -761,3 +761,31 @@ def test_eval_throughput_profile_times_the_vision_tower_apart(tmp_path, monkeypa
     assert 0 < prof["vision_s_per_item"] * 4 <= prof["seconds"]
     assert prof["rest_s_per_item"] == pytest.approx(prof["seconds"] / 4 - prof["vision_s_per_item"])
     assert sum(prof[f"{c}_share"] for c in ("attention", "matmul", "other")) == pytest.approx(1.0)
+
+
+def test_eval_throughput_floor_counts_the_tiny_architecture_by_hand():
+    """``item_flops`` on the tiny Qwen2.5-VL architecture against its weights counted by hand, and
+    ``item_floor``'s seconds from those FLOPs and the decoding reads at given rates."""
+    from experiments import eval_throughput as et
+
+    policy, (w, h), _ = et.benchmark_policy("cpu", tiny=True)
+    model = policy.model
+    # vision (hidden 64, MLP 128, 2 blocks, full attention in block 1): patch embedding 3*2*14*14*64,
+    # per block 2 norms + qkv (64*192+192) + proj (64*64+64) + gate, up (64*128+128) + down (128*64+64)
+    per_patch = 3 * 2 * 14 * 14 * 64 + 2 * (64 + 64 + 12480 + 4160 + 8320 + 8320 + 8256)
+    merger = 64 + (256 * 256 + 256) + (256 * 64 + 64)  # norm, then 4 merged patches -> 256 -> 64
+    # text (hidden 64, 2 query heads and 1 key-value head of 32, MLP 128, 2 layers, head tied)
+    layer = (64 * 64 + 64) + 2 * (64 * 32 + 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64
+    weights = 2 * layer + 64
+    P, T = 100, 60
+    got = et.item_flops(model, P, T)
+    assert got["vision"] == 2 * per_patch * P + 2 * merger * P // 4 + 1 * 4 * P**2 * 64
+    assert got["prefill"] == 2 * weights * T + 2 * 2 * T**2 * 64 + 2 * 512 * 64
+
+    item = et.Item("i0", "hrbench4k", et.random_images(1, w, h)[0], et.QUESTION, "A", ["a", "b", "c", "d"], ["s"])
+    f = et.item_floor(model, policy, item, new_tokens=16, batch=4, tflops=1e-6, gbs=1.0)
+    flops = et.item_flops(model, f["patches"], f["prompt_tokens"])
+    assert f["patches"] % 4 == 0 and f["prompt_tokens"] > f["patches"] // 4  # image tokens and the text
+    assert f["compute_s"] == pytest.approx((flops["vision"] + flops["prefill"]) / 1e6)
+    assert f["decode_s"] == pytest.approx(15 * (2 * layer + 512 * 64) * 4 / 1e9 / 4)  # fp32 weights
+    assert f["ceiling_items_per_s"] == pytest.approx(1 / (f["compute_s"] + f["decode_s"]))
