@@ -257,6 +257,18 @@ class AttackerConfig:
         "canvases failed against 48% at their own size, experiments/RESULTS.md); a photo editor at "
         "1024 px meets 4K HR-Bench images the same way. Off keeps every image at the editor's size.",
     )
+    change_from_reconstruction: bool = documented(
+        False,
+        "Take each edit's change against the editor's own reconstruction of its input (the "
+        "autoencoder's round trip: what an edit that changes nothing comes out as) instead of the "
+        "input, and add it to the clean image, wherever an edit is applied (Flow-GRPO's rewards, the "
+        "curriculum, the aot-attacker attack). Off, what a small editor's autoencoder loses is part "
+        "of every edit (round-trip SSIM ~0.92 for the evidence preset's fit): every attacked image "
+        "is blurred except the targets given back (keep_targets), a crisp region a defender trained "
+        "on the curriculum can learn to look for instead of binding the question to its object "
+        "(experiments/RESULTS.md). On, the pixels the editor leaves as it would leave an unedited "
+        "image come back exactly clean, and only what it drew is new.",
+    )
 
 
 @settings

@@ -155,6 +155,7 @@ def named_scores(cfg, editor, items: list, named: dict[str, str], sampled, dense
         a.rl.flow_grpo.sigma_cap,
         keep_targets=a.keep_targets,
         at_source_size=a.edits_at_source_size,
+        from_reconstruction=a.change_from_reconstruction,
     )
     return {"named_" + k: v for k, v in score_edits(sampled, dense, its, edits, len(its)).items()}
 

@@ -58,7 +58,13 @@ def aot_attacker(cfg, store=None, version: str | None = None, seed: int = 0, **_
         item = scored_item(editor, item_from_row(row, shapes=a.keep_target_shapes), a.edits_at_source_size)
         seeds = [seed * 1_000_003 + int(content_hash(row["id"], 8), 16)]
         edited = edit_items(
-            editor, [item], seeds, steps, keep_targets=a.keep_targets, at_source_size=a.edits_at_source_size
+            editor,
+            [item],
+            seeds,
+            steps,
+            keep_targets=a.keep_targets,
+            at_source_size=a.edits_at_source_size,
+            from_reconstruction=a.change_from_reconstruction,
         )[0]
         # the curriculum's gate (the targets' shapes with keep_target_shapes), without its global floor
         ssim = integrity(item.image, edited, AttackSample(item.target_boxes, [], item.target_mask), tau)[

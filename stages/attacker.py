@@ -200,6 +200,8 @@ def train_attacker_version(
             vcfg["attacker"]["keep_target_shapes"] = True
         if a.edits_at_source_size:  # (off: the ids versions had before the option)
             vcfg["attacker"]["edits_at_source_size"] = True
+        if a.change_from_reconstruction:  # (off: the ids versions had before the option)
+            vcfg["attacker"]["change_from_reconstruction"] = True
 
     def compute(version: str) -> VersionPart:
         editor = load_attacker(store, init_version, a.model)
@@ -223,6 +225,7 @@ def train_attacker_version(
                 resume_from=resume,
                 keep_targets=a.keep_targets,
                 at_source_size=a.edits_at_source_size,
+                from_reconstruction=a.change_from_reconstruction,
                 **kw,
             )
             train_resumably(

@@ -20,7 +20,7 @@ from stages.attacker import frozen_reward, items_from_version, load_attacker
 from stages.rows import ITEM_REJECTS, frame
 from stages.version import code_version, kernel_family, version_id
 from storage import IMAGE_DTYPE, Manifest, ShardStore, content_hash, decode_image, image_cells
-from training.attacker import at_edit_size, place_edit, scored_item
+from training.attacker import at_edit_size, place_edit, reconstructions, scored_item
 from training.attacker_rewards import AttackItem
 
 MODULES = (__name__,)
@@ -41,6 +41,7 @@ def edit_items(
     first: int = 0,
     keep_targets: bool = False,
     at_source_size: bool = False,
+    from_reconstruction: bool = False,
 ) -> list:
     """The frozen attacker's edit of every item: the deterministic ODE sampler, up to ``batch``
     items of one edit size per sampler call; with ``noise_level`` > 0 the SDE sampler, one item per
@@ -50,7 +51,9 @@ def edit_items(
     bit-identical to the unsharded run's (batched matrix products round differently per batch).
     ``keep_targets``: every item's target boxes given back from its clean image
     (``attacker.keep_targets``); ``at_source_size``: each edit applied to its item at the item's own
-    size (``attacker.edits_at_source_size``), else returned at the editor's size."""
+    size (``attacker.edits_at_source_size``), else returned at the editor's size;
+    ``from_reconstruction``: each edit's change taken against the editor's reconstruction of the
+    item (``attacker.change_from_reconstruction``)."""
     from rl.flow_sampler import sample
 
     if noise_level > 0:
@@ -68,9 +71,10 @@ def edit_items(
         edits = editor.decode(
             sample(editor, cond, steps, noise_level, sigma_cap=sigma_cap, generator=gens[0], x=x).final, cond
         )
+        refs = reconstructions(editor, cond) if from_reconstruction else [None] * len(chunk)
         out += [  # scored against the item itself, or the editor-size copy it was edited from
-            place_edit(it if at_source_size else s, s.image, e, keep_targets)
-            for it, s, e in zip(items[i:j], chunk, edits)
+            place_edit(it if at_source_size else s, s.image, e, keep_targets, ref)
+            for it, s, e, ref in zip(items[i:j], chunk, edits, refs)
         ]
         i = j
         if on_item:
@@ -128,6 +132,7 @@ def generate_curriculum_version(
         "keep_targets": a.keep_targets,
         **({"keep_target_shapes": True} if a.keep_target_shapes else {}),  # (off: the ids before the option)
         **({"edits_at_source_size": True} if a.edits_at_source_size else {}),  # (off: the ids before the option)
+        **({"change_from_reconstruction": True} if a.change_from_reconstruction else {}),  # (likewise)
         **({"judge": cfg.models["judge"]} if c.describe else {}),
     }
     code = code_version(MODULES)
@@ -258,6 +263,7 @@ def _curriculum_shard(
         first=chunk.start,
         keep_targets=a.keep_targets,
         at_source_size=a.edits_at_source_size,
+        from_reconstruction=a.change_from_reconstruction,
     )
     kept, kept_items, rejects, edits = [], [], [], []
     # Scored c.batch at a time: each image's sampled answers are its own (IntegrityEfficacy.answers).

@@ -868,6 +868,17 @@ def test_carry_edit_applies_the_editors_change_at_the_images_own_size():
     placed = np.asarray(place_edit(item, seen, plus, keep_targets=True)).astype(int)
     assert np.array_equal(placed[2:12, 4:16], c[2:12, 4:16])
     assert np.array_equal(placed[12:], np.minimum(c[12:] + 30, 255))
+    # attacker.change_from_reconstruction: the change is taken against the editor's reconstruction
+    # of what it saw, at any size; an edit equal to it gives the clean image back byte for byte
+    recon = Image.fromarray((np.asarray(seen).astype(int) // 2 + 20).astype(np.uint8))  # a lossy round trip
+    for base in (clean, seen):
+        assert np.array_equal(np.asarray(carry_edit(base, seen, recon, recon)), np.asarray(base))
+    over = Image.fromarray((np.asarray(recon).astype(int) + 30).astype(np.uint8))
+    assert np.array_equal(
+        np.asarray(carry_edit(seen, seen, over, recon)), np.minimum(np.asarray(seen).astype(int) + 30, 255)
+    )
+    assert np.array_equal(np.asarray(carry_edit(clean, seen, over, recon)), np.minimum(c + 30, 255))
+    assert np.array_equal(np.asarray(place_edit(item, seen, recon, False, recon)), c)
 
 
 def test_flow_grpo_scores_edits_at_the_items_own_size_when_asked():
@@ -889,6 +900,32 @@ def test_flow_grpo_scores_edits_at_the_items_own_size_when_asked():
         tr.train()
     assert len(seen[True]) == 8 and set(seen[True]) == {((64, 64), (64, 64), True)}  # 2 groups x 4 edits
     assert len(seen[False]) == 8 and set(seen[False]) == {((32, 32), (32, 32), False)}
+
+
+def test_flow_grpo_scores_edits_from_the_reconstruction_when_asked():
+    """With from_reconstruction the reward sees clean + (the rollout's image - the editor's
+    reconstruction of the item), each group's reconstruction decoded from its condition latents."""
+    ed = _editor()
+    decoded, seen = [], []
+    inner = ed.decode
+
+    def recording(x, cond):
+        out = inner(x, cond)
+        decoded.append(out)
+        return out
+
+    ed.decode = recording
+
+    def recorder(cleans, editeds, its):
+        seen.append((cleans, editeds))
+        return box_contrast(cleans, editeds, its)
+
+    AttackerTrainer(ed, _cfg(steps=1), items=_items(), rewards={"c": recorder}, from_reconstruction=True).train()
+    assert len(seen) == 2 and len(decoded) == 4  # 2 groups: the 4 rollouts, then the reconstruction
+    for (cleans, editeds), raw, (recon,) in zip(seen, decoded[0::2], decoded[1::2]):
+        for c, e, r in zip(cleans, editeds, raw):
+            want = np.asarray(c, dtype=int) + np.asarray(r, dtype=int) - np.asarray(recon, dtype=int)
+            assert np.array_equal(np.asarray(e, dtype=int), np.clip(want, 0, 255))
 
 
 def test_kontext_vae_fit_sets_the_latent_scale_and_the_cache_keeps_it(tmp_path, monkeypatch):

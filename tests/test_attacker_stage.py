@@ -415,6 +415,51 @@ def test_batched_edits_equal_one_by_one_edits():
     assert [np.asarray(a).tobytes() for a in same] == [np.asarray(b).tobytes() for b in batched]
 
 
+def test_edits_from_the_reconstruction_leave_what_the_editor_left_clean(monkeypatch):
+    """attacker.change_from_reconstruction: an editor that outputs its input's latents unchanged
+    (what an edit that changes nothing denoises to) gives every item's clean image back exactly, at
+    the edit size and at twice it; without the option the same edits are its autoencoder's round
+    trip, which differs from the clean image. A real edit's change is its distance from that round
+    trip: the carried difference equals edit - reconstruction."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    import rl.flow_sampler
+    from models.editor import QwenImageEditor
+    from stages.curriculum import edit_items
+    from training.attacker import reconstructions
+    from training.attacker_rewards import AttackItem
+
+    editor = QwenImageEditor.tiny(seed=0, resolution=32)
+    rng = np.random.default_rng(1)
+    items = [
+        AttackItem(f"i{k}", Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)), "add", [[4, 4, 12, 12]])
+        for k in range(3)
+    ]
+    big = [dataclasses.replace(it, image=it.image.resize((64, 64))) for it in items]
+    seeds = [7, 8, 9]
+    real = edit_items(editor, items, seeds, steps=2, batch=2)
+    cond = editor.condition([it.image for it in items], [it.instruction for it in items])
+    recon = reconstructions(editor, cond)
+    got = edit_items(editor, items, seeds, steps=2, batch=2, from_reconstruction=True)
+    for it, r, e, g in zip(items, recon, real, got):  # clean + (edit - reconstruction), rounded
+        want = np.clip(np.asarray(it.image, dtype=int) + np.asarray(e, dtype=int) - np.asarray(r, dtype=int), 0, 255)
+        assert np.array_equal(np.asarray(g, dtype=int), want)
+
+    class NoEdit:  # the sampler's trajectory, ending on the condition latents
+        def __init__(self, x):
+            self.final = x
+
+    monkeypatch.setattr(rl.flow_sampler, "sample", lambda ed, cond, *a, **k: NoEdit(cond.image_latents))
+    for its, at_source in ((items, False), (big, True)):
+        lossy = edit_items(editor, its, seeds, steps=2, batch=2, at_source_size=at_source)
+        same = edit_items(editor, its, seeds, steps=2, batch=2, at_source_size=at_source, from_reconstruction=True)
+        assert [np.asarray(a).tobytes() for a in same] == [np.asarray(it.image).tobytes() for it in its]
+        assert all(np.asarray(a).tobytes() != np.asarray(it.image).tobytes() for a, it in zip(lossy, its))
+
+
 def test_cold_start_pairs_name_the_distractor_in_the_configured_share(chain):
     """attacker.cold_start_named: 1 names every pair's distractor (AOT-SFT's description), 0 none —
     the instruction fresh items get — and a share in between splits by row id, the same rows in

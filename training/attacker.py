@@ -64,33 +64,55 @@ def scored_item(editor, item: AttackItem, at_source_size: bool) -> AttackItem:
     return item if at_source_size else at_edit_size(editor, item)
 
 
-def carry_edit(clean: Image.Image, seen: Image.Image, edited: Image.Image) -> Image.Image:
+def carry_edit(
+    clean: Image.Image, seen: Image.Image, edited: Image.Image, reference: Image.Image | None = None
+) -> Image.Image:
     """An edit made at the editor's size applied to ``clean`` at its own size: clean plus the
     edit's change (edited - seen, in float) upsampled bilinearly, rounded and clipped to 8 bits.
     Where the editor changed nothing the clean pixels come back (up to the editor's own
     reconstruction error, upsampled), so the image keeps its detail and only what the edit drew is
     new; upsampling the edited image itself would instead blur the whole image to the editor's
-    resolution, an attack by resizing that any downscale already makes."""
-    if seen.size != edited.size:
+    resolution, an attack by resizing that any downscale already makes.
+
+    ``reference`` (``attacker.change_from_reconstruction``): the change is taken against it — the
+    editor's own reconstruction of ``seen`` — instead of ``seen``, at any size: what the editor's
+    autoencoder loses is then not part of the edit, and pixels the editor left as it would leave
+    an unedited image come back exactly clean."""
+    base = seen if reference is None else reference
+    if base.size != edited.size or seen.size != edited.size:
         raise ValueError(f"the editor's input and output differ in size: {seen.size} vs {edited.size}")
-    if clean.size == seen.size:
+    if clean.size == seen.size and reference is None:
         return edited
     delta = torch.from_numpy(
-        np.asarray(edited.convert("RGB"), dtype=np.float32) - np.asarray(seen.convert("RGB"), dtype=np.float32)
+        np.asarray(edited.convert("RGB"), dtype=np.float32) - np.asarray(base.convert("RGB"), dtype=np.float32)
     )
-    up = torch.nn.functional.interpolate(
-        delta.permute(2, 0, 1)[None], size=(clean.height, clean.width), mode="bilinear", align_corners=False
-    )[0].permute(1, 2, 0)
-    out = torch.from_numpy(np.asarray(clean.convert("RGB"), dtype=np.float32)) + up
+    if clean.size != seen.size:
+        delta = torch.nn.functional.interpolate(
+            delta.permute(2, 0, 1)[None], size=(clean.height, clean.width), mode="bilinear", align_corners=False
+        )[0].permute(1, 2, 0)
+    out = torch.from_numpy(np.asarray(clean.convert("RGB"), dtype=np.float32)) + delta
     return Image.fromarray(out.round().clamp(0, 255).to(torch.uint8).numpy())
 
 
-def place_edit(scored: AttackItem, seen: Image.Image, edited: Image.Image, keep_targets: bool) -> Image.Image:
+def place_edit(
+    scored: AttackItem,
+    seen: Image.Image,
+    edited: Image.Image,
+    keep_targets: bool,
+    reference: Image.Image | None = None,
+) -> Image.Image:
     """The edited image the defender is asked about and the curriculum keeps: the editor's output
     (made from ``seen``) carried to the scored item's size (`carry_edit`; nothing to carry when the
-    scored item is the one the editor saw), with the targets given back when ``keep_targets``."""
-    out = carry_edit(scored.image, seen, edited)
+    scored item is the one the editor saw and there is no ``reference``), with the targets given
+    back when ``keep_targets``."""
+    out = carry_edit(scored.image, seen, edited, reference)
     return restore_targets(scored.image, out, scored.target_boxes, scored.target_mask) if keep_targets else out
+
+
+def reconstructions(editor, cond) -> list[Image.Image]:
+    """The editor's reconstruction of each condition image (its autoencoder's round trip, as
+    ``decode`` turns latents into images): what an edit that changes nothing comes out as."""
+    return editor.decode(cond.image_latents, cond)
 
 
 def restore_targets(
@@ -157,8 +179,10 @@ class AttackerTrainer:
         resume_from: str | Path | None = None,
         keep_targets: bool = False,
         at_source_size: bool = False,
+        from_reconstruction: bool = False,
     ):
         self.editor, self.cfg, self.keep_targets = editor, cfg, keep_targets
+        self.from_reconstruction = from_reconstruction  # attacker.change_from_reconstruction
         if cfg.mode == "grpo" and not (items and rewards):
             raise ValueError("Flow-GRPO needs items to attack and at least one reward callable")
         if cfg.mode == "sft" and not pairs:
@@ -223,7 +247,8 @@ class AttackerTrainer:
                     edited += ed.decode(traj.final, c)
                     parts.append((sl, c, traj))
                 # what the reward sees is what the curriculum would keep
-                edited = [place_edit(target, item.image, e, self.keep_targets) for e in edited]
+                ref = reconstructions(ed, cond)[0] if self.from_reconstruction else None
+                edited = [place_edit(target, item.image, e, self.keep_targets, ref) for e in edited]
                 groups.append(parts)
                 pending.append(
                     pool.submit(self._score, target.image, edited, target)
