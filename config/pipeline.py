@@ -269,6 +269,15 @@ class AttackerConfig:
         "(experiments/RESULTS.md). On, the pixels the editor leaves as it would leave an unedited "
         "image come back exactly clean, and only what it drew is new.",
     )
+    change_floor: Int = documented(
+        0,
+        "Drop every pixel's change smaller than this many 8-bit levels in all three channels (at the "
+        "editor's size, before carrying; 0: keep every change), wherever an edit is applied. A small "
+        "editor copies the scene it does not edit only roughly: after change_from_reconstruction the "
+        "embedded default's trained attacker still moved the median pixel by 10 levels, a washed-out "
+        "scene around crisp targets given back; its colour strokes move pixels by 64-255 "
+        "(experiments/RESULTS.md). A photo editor leaves what it does not edit as it was.",
+    )
 
 
 @settings
@@ -485,6 +494,7 @@ class PipelineConfig:
             "makes the sampler calls of the whole run, and its edits are bit-identical to an unsharded run's",
         )
         _check(a.curriculum.noise_level >= 0, "attacker.curriculum.noise_level", "must be >= 0 (0: the ODE sampler)")
+        _check(0 <= self.attacker.change_floor <= 255, "attacker.change_floor", "must be within 0..255 (8-bit levels)")
         _check(self.coevolution.curriculum_replay >= 0, "coevolution.curriculum_replay", "must be >= 0 (0: no replay)")
         _check(
             set(self.tracking.report_to) <= set(TRACKERS),

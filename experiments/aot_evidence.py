@@ -71,6 +71,7 @@ def report(result: dict, info: dict, out: str, name: str) -> None:
         "defender_clean_accuracy",
         "defender_attacked_accuracy",
         "curriculum_kept",
+        "curriculum_moved",
     ]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in result["curve"]:

@@ -130,7 +130,7 @@ def named_scores(cfg, editor, items: list, named: dict[str, str], sampled, dense
 
     from models.editor import attack_instruction
     from stages.curriculum import edit_items
-    from training.attacker import scored_item
+    from training.attacker import Placement, scored_item
 
     a, c = cfg.attacker, cfg.attacker.curriculum
     its = [
@@ -153,9 +153,7 @@ def named_scores(cfg, editor, items: list, named: dict[str, str], sampled, dense
         None,
         0.0,
         a.rl.flow_grpo.sigma_cap,
-        keep_targets=a.keep_targets,
-        at_source_size=a.edits_at_source_size,
-        from_reconstruction=a.change_from_reconstruction,
+        placement=Placement.of(a),
     )
     return {"named_" + k: v for k, v in score_edits(sampled, dense, its, edits, len(its)).items()}
 

@@ -37,6 +37,7 @@ def classify_edit(
     weak: int = 2,
     structure_min: float = 12.0,
     min_area: int = 9,
+    moved: int = 16,
 ) -> dict:
     a = np.asarray(clean.convert("RGB")).astype(np.int16)
     b = np.asarray(edited.convert("RGB")).astype(np.int16)
@@ -77,6 +78,9 @@ def classify_edit(
         "strategy": label,
         "regions": kinds,
         "changed_fraction": weak_frac,
+        # pixels moved by more than ``moved`` levels: a small editor's rough copy of the scene moves
+        # most pixels a few levels (changed_fraction ~1), a scene washed out by the edit most by more
+        "moved_fraction": float((diff > moved).mean()),
         "strong_fraction": strong_frac,
         "max_diff": int(diff.max()),
     }

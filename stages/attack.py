@@ -45,7 +45,7 @@ IMPLANTER_ROLES = ("judge", "inpainter", "detector", "segmenter")
 def aot_attacker(cfg, store=None, version: str | None = None, seed: int = 0, **_) -> AttackFn:
     from stages.attacker import item_from_row, load_attacker
     from stages.curriculum import edit_items
-    from training.attacker import scored_item
+    from training.attacker import Placement, scored_item
     from training.attacker_rewards import AttackSample, integrity
 
     if store is None or not version:
@@ -62,9 +62,7 @@ def aot_attacker(cfg, store=None, version: str | None = None, seed: int = 0, **_
             [item],
             seeds,
             steps,
-            keep_targets=a.keep_targets,
-            at_source_size=a.edits_at_source_size,
-            from_reconstruction=a.change_from_reconstruction,
+            placement=Placement.of(a),
         )[0]
         # the curriculum's gate (the targets' shapes with keep_target_shapes), without its global floor
         ssim = integrity(item.image, edited, AttackSample(item.target_boxes, [], item.target_mask), tau)[

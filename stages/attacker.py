@@ -28,7 +28,7 @@ from stages.checkpoints import fetch_version, resume_folder, train_resumably, tr
 from stages.defender import defender_runtime, load_defender
 from stages.version import VersionPart, kernel_family, single_part_version
 from storage import Manifest, ShardStore, content_hash, decode_image
-from training.attacker import AttackerTrainer, EditPair
+from training.attacker import AttackerTrainer, EditPair, Placement
 from training.attacker_rewards import AttackItem, IntegrityEfficacy
 
 
@@ -202,6 +202,8 @@ def train_attacker_version(
             vcfg["attacker"]["edits_at_source_size"] = True
         if a.change_from_reconstruction:  # (off: the ids versions had before the option)
             vcfg["attacker"]["change_from_reconstruction"] = True
+        if a.change_floor:  # (0: the ids versions had before the option)
+            vcfg["attacker"]["change_floor"] = a.change_floor
 
     def compute(version: str) -> VersionPart:
         editor = load_attacker(store, init_version, a.model)
@@ -223,9 +225,7 @@ def train_attacker_version(
                 editor,
                 train_cfg,
                 resume_from=resume,
-                keep_targets=a.keep_targets,
-                at_source_size=a.edits_at_source_size,
-                from_reconstruction=a.change_from_reconstruction,
+                placement=Placement.of(a),
                 **kw,
             )
             train_resumably(

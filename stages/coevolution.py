@@ -99,6 +99,7 @@ def run_coevolution(store: ShardStore, cfg: PipelineConfig, steps: Steps, source
                 "defender_clean_accuracy": clean.get("clean_accuracy"),
                 "defender_attacked_accuracy": attacked.get("adversarial_accuracy"),
                 **{f"strategy_{k}": v for k, v in cur["strategy_mix"].items()},
+                "curriculum_moved": cur.get("moved_fraction"),
             }
         )
         lineage[f"iteration_{n}"] = {k: rows[-1][k] for k in ("attacker", "curriculum", "defender")}

@@ -20,7 +20,7 @@ from stages.attacker import frozen_reward, items_from_version, load_attacker
 from stages.rows import ITEM_REJECTS, frame
 from stages.version import code_version, kernel_family, version_id
 from storage import IMAGE_DTYPE, Manifest, ShardStore, content_hash, decode_image, image_cells
-from training.attacker import at_edit_size, place_edit, reconstructions, scored_item
+from training.attacker import Placement, at_edit_size, place_edit, reconstructions, scored_item
 from training.attacker_rewards import AttackItem
 
 MODULES = (__name__,)
@@ -39,9 +39,7 @@ def edit_items(
     noise_level: float = 0.0,
     sigma_cap: float = 0.0,
     first: int = 0,
-    keep_targets: bool = False,
-    at_source_size: bool = False,
-    from_reconstruction: bool = False,
+    placement: Placement = Placement(),
 ) -> list:
     """The frozen attacker's edit of every item: the deterministic ODE sampler, up to ``batch``
     items of one edit size per sampler call; with ``noise_level`` > 0 the SDE sampler, one item per
@@ -49,11 +47,10 @@ def edit_items(
     sampler call never spans a multiple of ``batch`` in the item's position ``first + i``: a shard
     of a run (``first`` its first item) makes the calls the whole run would, so its edits are
     bit-identical to the unsharded run's (batched matrix products round differently per batch).
-    ``keep_targets``: every item's target boxes given back from its clean image
-    (``attacker.keep_targets``); ``at_source_size``: each edit applied to its item at the item's own
-    size (``attacker.edits_at_source_size``), else returned at the editor's size;
-    ``from_reconstruction``: each edit's change taken against the editor's reconstruction of the
-    item (``attacker.change_from_reconstruction``)."""
+    ``placement`` (``training.attacker.Placement``): the targets given back, each edit applied to its
+    item at the item's own size or returned at the editor's, its change taken against the editor's
+    reconstruction, small changes dropped — as the attacker config says.
+    """
     from rl.flow_sampler import sample
 
     if noise_level > 0:
@@ -71,9 +68,9 @@ def edit_items(
         edits = editor.decode(
             sample(editor, cond, steps, noise_level, sigma_cap=sigma_cap, generator=gens[0], x=x).final, cond
         )
-        refs = reconstructions(editor, cond) if from_reconstruction else [None] * len(chunk)
+        refs = reconstructions(editor, cond) if placement.from_reconstruction else [None] * len(chunk)
         out += [  # scored against the item itself, or the editor-size copy it was edited from
-            place_edit(it if at_source_size else s, s.image, e, keep_targets, ref)
+            place_edit(it if placement.at_source_size else s, s.image, e, placement, ref)
             for it, s, e, ref in zip(items[i:j], chunk, edits, refs)
         ]
         i = j
@@ -98,6 +95,7 @@ CURRICULUM = {
     "consecutive_failures": pl.Int64,
     "strategy": pl.String,
     "changed_fraction": pl.Float64,
+    "moved_fraction": pl.Float64,  # pixels moved by more than 16 levels (metrics.strategies.classify_edit)
     "description": pl.String,  # the judge's words, when attacker.curriculum.describe is on
 }
 
@@ -133,6 +131,7 @@ def generate_curriculum_version(
         **({"keep_target_shapes": True} if a.keep_target_shapes else {}),  # (off: the ids before the option)
         **({"edits_at_source_size": True} if a.edits_at_source_size else {}),  # (off: the ids before the option)
         **({"change_from_reconstruction": True} if a.change_from_reconstruction else {}),  # (likewise)
+        **({"change_floor": a.change_floor} if a.change_floor else {}),  # (likewise)
         **({"judge": cfg.models["judge"]} if c.describe else {}),
     }
     code = code_version(MODULES)
@@ -203,6 +202,8 @@ def generate_curriculum_version(
         "shards": len(chunks),
         **attack_summary(kept, len(items)),
         "strategy_mix": mix,
+        # how much of the scene the kept edits move (> 16 levels): what a defender trained on them sees
+        "moved_fraction": sum(k["moved_fraction"] for k in kept) / max(1, len(kept)),
     }
     return store.commit(
         data.dataset,
@@ -261,9 +262,7 @@ def _curriculum_shard(
         c.noise_level,
         a.rl.flow_grpo.sigma_cap,
         first=chunk.start,
-        keep_targets=a.keep_targets,
-        at_source_size=a.edits_at_source_size,
-        from_reconstruction=a.change_from_reconstruction,
+        placement=Placement.of(a),
     )
     kept, kept_items, rejects, edits = [], [], [], []
     # Scored c.batch at a time: each image's sampled answers are its own (IntegrityEfficacy.answers).
@@ -284,6 +283,7 @@ def _curriculum_shard(
             "consecutive_failures": score["consecutive_failures"],
             "strategy": strat["strategy"],
             "changed_fraction": strat["changed_fraction"],
+            "moved_fraction": strat["moved_fraction"],
         }
         if score["integrity"]:
             kept.append(row)

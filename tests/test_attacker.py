@@ -15,7 +15,7 @@ from config import AttackerTrainConfig, FlowGrpoConfig
 from metrics import region_ssim
 from rl.flow_grpo import gaussian_kl
 from rl.flow_sampler import sample, sde_window, step_log_prob
-from training.attacker import AttackerTrainer, EditPair
+from training.attacker import AttackerTrainer, EditPair, Placement
 from training.attacker_rewards import AttackItem, IntegrityEfficacy, box_contrast
 
 
@@ -827,13 +827,15 @@ def test_keep_targets_scores_rollouts_with_their_targets_given_back():
     def recorder(cleans, editeds, items):
         for c, e, it in zip(cleans, editeds, items):
             x0, y0, x1, y1 = (int(v) for v in it.target_boxes[0])
-            seen.setdefault(bool(tr.keep_targets), []).append(
+            seen.setdefault(tr.placement.keep_targets, []).append(
                 np.array_equal(np.asarray(c)[y0:y1, x0:x1], np.asarray(e)[y0:y1, x0:x1])
             )
         return box_contrast(cleans, editeds, items)
 
     for keep in (True, False):
-        tr = AttackerTrainer(_editor(), _cfg(steps=2), items=_items(), rewards={"c": recorder}, keep_targets=keep)
+        tr = AttackerTrainer(
+            _editor(), _cfg(steps=2), items=_items(), rewards={"c": recorder}, placement=Placement(keep_targets=keep)
+        )
         before = {k: v.clone() for k, v in tr.editor.lora_state().items()}
         tr.train()
         assert all(not torch.equal(before[k], v) for k, v in tr.editor.lora_state().items())  # it trains
@@ -865,7 +867,7 @@ def test_carry_edit_applies_the_editors_change_at_the_images_own_size():
         carry_edit(clean, seen, plus.resize((10, 6)))
     # place_edit: carried, then the target given back at the clean image's size
     item = AttackItem("i", clean, "x", [[4, 2, 16, 12]])
-    placed = np.asarray(place_edit(item, seen, plus, keep_targets=True)).astype(int)
+    placed = np.asarray(place_edit(item, seen, plus, Placement(keep_targets=True))).astype(int)
     assert np.array_equal(placed[2:12, 4:16], c[2:12, 4:16])
     assert np.array_equal(placed[12:], np.minimum(c[12:] + 30, 255))
     # attacker.change_from_reconstruction: the change is taken against the editor's reconstruction
@@ -878,7 +880,20 @@ def test_carry_edit_applies_the_editors_change_at_the_images_own_size():
         np.asarray(carry_edit(seen, seen, over, recon)), np.minimum(np.asarray(seen).astype(int) + 30, 255)
     )
     assert np.array_equal(np.asarray(carry_edit(clean, seen, over, recon)), np.minimum(c + 30, 255))
-    assert np.array_equal(np.asarray(place_edit(item, seen, recon, False, recon)), c)
+    assert np.array_equal(np.asarray(place_edit(item, seen, recon, Placement(), recon)), c)
+    # attacker.change_floor: a pixel moved by less than the floor in every channel keeps its clean
+    # value; one channel at or above it carries the pixel's whole change (at the edit size: the
+    # right half moved by 10, the left half's red channel by 40)
+    moved = np.asarray(seen).astype(int) + np.array([0, 10, 10])
+    moved[:, :10, 0] += 40
+    moved = Image.fromarray(moved.clip(0, 255).astype(np.uint8))
+    d = np.asarray(moved).astype(int) - np.asarray(seen).astype(int)
+    got = np.asarray(carry_edit(seen, seen, moved, None, floor=16)).astype(int) - np.asarray(seen).astype(int)
+    assert np.array_equal(got[:, 10:], np.zeros_like(got[:, 10:])) and np.array_equal(got[:, :10], d[:, :10])
+    assert np.array_equal(np.asarray(carry_edit(seen, seen, moved, None, floor=0)), np.asarray(moved))
+    assert np.array_equal(
+        np.asarray(place_edit(item, seen, moved, Placement(change_floor=16))).astype(int)[:, 30:], c[:, 30:]
+    )
 
 
 def test_flow_grpo_scores_edits_at_the_items_own_size_when_asked():
@@ -896,7 +911,13 @@ def test_flow_grpo_scores_edits_at_the_items_own_size_when_asked():
         return box_contrast(cleans, editeds, its)
 
     for at_source in (True, False):
-        tr = AttackerTrainer(_editor(), _cfg(steps=1), items=items, rewards={"c": recorder}, at_source_size=at_source)
+        tr = AttackerTrainer(
+            _editor(),
+            _cfg(steps=1),
+            items=items,
+            rewards={"c": recorder},
+            placement=Placement(at_source_size=at_source),
+        )
         tr.train()
     assert len(seen[True]) == 8 and set(seen[True]) == {((64, 64), (64, 64), True)}  # 2 groups x 4 edits
     assert len(seen[False]) == 8 and set(seen[False]) == {((32, 32), (32, 32), False)}
@@ -920,7 +941,9 @@ def test_flow_grpo_scores_edits_from_the_reconstruction_when_asked():
         seen.append((cleans, editeds))
         return box_contrast(cleans, editeds, its)
 
-    AttackerTrainer(ed, _cfg(steps=1), items=_items(), rewards={"c": recorder}, from_reconstruction=True).train()
+    AttackerTrainer(
+        ed, _cfg(steps=1), items=_items(), rewards={"c": recorder}, placement=Placement(from_reconstruction=True)
+    ).train()
     assert len(seen) == 2 and len(decoded) == 4  # 2 groups: the 4 rollouts, then the reconstruction
     for (cleans, editeds), raw, (recon,) in zip(seen, decoded[0::2], decoded[1::2]):
         for c, e, r in zip(cleans, editeds, raw):

@@ -135,14 +135,19 @@ def test_keep_target_shapes_gives_back_the_objects_not_their_boxes(chain):
     }
     assert len(ids) == 2
     from stages.curriculum import edit_items
-    from training.attacker import scored_item
+    from training.attacker import Placement, scored_item
 
     editor = load_attacker(store, cold.version, cfg.attacker.model)
     its = [scored_item(editor, it, True) for it in items[:4]]
     seeds = list(range(len(its)))
-    kept = edit_items(editor, its, seeds, steps=3, batch=4, keep_targets=True, at_source_size=True)
+    kept = edit_items(editor, its, seeds, steps=3, batch=4, placement=Placement(keep_targets=True, at_source_size=True))
     free = edit_items(
-        editor, [dataclasses.replace(it, target_mask=None) for it in its], seeds, 3, 4, at_source_size=True
+        editor,
+        [dataclasses.replace(it, target_mask=None) for it in its],
+        seeds,
+        3,
+        4,
+        placement=Placement(at_source_size=True),
     )
     corners = 0
     for it, k, f in zip(its, kept, free):
@@ -306,7 +311,7 @@ def test_a_crashed_attacker_training_resumes_from_the_store(chain):
     from safetensors.torch import load_file
 
     from stages.attacker import pairs_from_version
-    from training.attacker import AttackerTrainer
+    from training.attacker import AttackerTrainer, Placement
 
     store, _, v = chain
     cfg = load_config(
@@ -336,7 +341,7 @@ def test_a_crashed_attacker_training_resumes_from_the_store(chain):
         load_attacker(store, None, a.model),
         a.cold_start,
         pairs=pairs_from_version(store, store.manifest(v["export"]), a.max_items, a.cold_start_named),
-        keep_targets=a.keep_targets,
+        placement=Placement.of(a),
     )
     ref.train()
     got = load_file(str(_local(store, m, "lora.safetensors")))
@@ -360,6 +365,7 @@ def test_batched_edits_equal_one_by_one_edits():
 
     from models.editor import QwenImageEditor
     from stages.curriculum import edit_items
+    from training.attacker import Placement
     from training.attacker_rewards import AttackItem
 
     editor = QwenImageEditor.tiny(seed=0, resolution=32)
@@ -395,7 +401,7 @@ def test_batched_edits_equal_one_by_one_edits():
     # attacker.keep_targets: each item's target box comes back from its own clean image, the rest
     # is the edit (the same ODE edit as without it)
     boxed = [dataclasses.replace(it, target_boxes=[[4, 6, 20, 14]]) for it in items]
-    kept = edit_items(editor, boxed, seeds, steps=3, batch=4, keep_targets=True)
+    kept = edit_items(editor, boxed, seeds, steps=3, batch=4, placement=Placement(keep_targets=True))
     for it, k, b in zip(boxed, kept, batched):
         k, c, b = np.array(k), np.asarray(it.image), np.asarray(b)
         assert np.array_equal(k[6:14, 4:20], c[6:14, 4:20]) and not np.array_equal(b[6:14, 4:20], c[6:14, 4:20])
@@ -406,12 +412,12 @@ def test_batched_edits_equal_one_by_one_edits():
     from training.attacker import carry_edit
 
     big = [dataclasses.replace(it, image=it.image.resize((2 * it.image.width, 2 * it.image.height))) for it in items]
-    carried = edit_items(editor, big, seeds, steps=3, batch=4, at_source_size=True)
+    carried = edit_items(editor, big, seeds, steps=3, batch=4, placement=Placement(at_source_size=True))
     small = [editor.resize(it.image) for it in big]
     assert [c.size for c in carried] == [it.image.size for it in big]
     for it, s, c, e in zip(big, small, carried, edit_items(editor, big, seeds, steps=3, batch=4)):
         assert e.size == s.size and np.array_equal(np.asarray(c), np.asarray(carry_edit(it.image, s, e)))
-    same = edit_items(editor, items, seeds, steps=3, batch=4, at_source_size=True)
+    same = edit_items(editor, items, seeds, steps=3, batch=4, placement=Placement(at_source_size=True))
     assert [np.asarray(a).tobytes() for a in same] == [np.asarray(b).tobytes() for b in batched]
 
 
@@ -429,7 +435,7 @@ def test_edits_from_the_reconstruction_leave_what_the_editor_left_clean(monkeypa
     import rl.flow_sampler
     from models.editor import QwenImageEditor
     from stages.curriculum import edit_items
-    from training.attacker import reconstructions
+    from training.attacker import Placement, reconstructions
     from training.attacker_rewards import AttackItem
 
     editor = QwenImageEditor.tiny(seed=0, resolution=32)
@@ -443,7 +449,7 @@ def test_edits_from_the_reconstruction_leave_what_the_editor_left_clean(monkeypa
     real = edit_items(editor, items, seeds, steps=2, batch=2)
     cond = editor.condition([it.image for it in items], [it.instruction for it in items])
     recon = reconstructions(editor, cond)
-    got = edit_items(editor, items, seeds, steps=2, batch=2, from_reconstruction=True)
+    got = edit_items(editor, items, seeds, steps=2, batch=2, placement=Placement(from_reconstruction=True))
     for it, r, e, g in zip(items, recon, real, got):  # clean + (edit - reconstruction), rounded
         want = np.clip(np.asarray(it.image, dtype=int) + np.asarray(e, dtype=int) - np.asarray(r, dtype=int), 0, 255)
         assert np.array_equal(np.asarray(g, dtype=int), want)
@@ -454,8 +460,15 @@ def test_edits_from_the_reconstruction_leave_what_the_editor_left_clean(monkeypa
 
     monkeypatch.setattr(rl.flow_sampler, "sample", lambda ed, cond, *a, **k: NoEdit(cond.image_latents))
     for its, at_source in ((items, False), (big, True)):
-        lossy = edit_items(editor, its, seeds, steps=2, batch=2, at_source_size=at_source)
-        same = edit_items(editor, its, seeds, steps=2, batch=2, at_source_size=at_source, from_reconstruction=True)
+        lossy = edit_items(editor, its, seeds, steps=2, batch=2, placement=Placement(at_source_size=at_source))
+        same = edit_items(
+            editor,
+            its,
+            seeds,
+            steps=2,
+            batch=2,
+            placement=Placement(at_source_size=at_source, from_reconstruction=True),
+        )
         assert [np.asarray(a).tobytes() for a in same] == [np.asarray(it.image).tobytes() for it in its]
         assert all(np.asarray(a).tobytes() != np.asarray(it.image).tobytes() for a, it in zip(lossy, its))
 

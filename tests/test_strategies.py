@@ -35,6 +35,11 @@ def test_each_strategy_on_hand_built_edits():
     assert classify_edit(clean, replaced)["strategy"] == "replacement"
     p = classify_edit(clean, perturbed)
     assert p["strategy"] == "perturbation" and p["max_diff"] <= 4 and p["changed_fraction"] > 0.5
+    assert p["moved_fraction"] == 0.0  # a rough copy moves nothing by more than 16 levels
+    washed = np.asarray(clean).astype(int)
+    washed[:, :64] += 30  # the left half washed out by 30 levels
+    w = classify_edit(clean, Image.fromarray(np.clip(washed, 0, 255).astype(np.uint8)))
+    assert w["moved_fraction"] == 0.5  # every left pixel moves >= 23 levels in some channel (255 clips)
     h = classify_edit(clean, both)
     assert h["strategy"] == "hybrid" and sorted(h["regions"]) == ["addition", "removal"]
     assert classify_edit(clean, clean.copy())["strategy"] == "none"

@@ -58,6 +58,23 @@ def at_edit_size(editor, item: AttackItem) -> AttackItem:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """How an edit made at the editor's size becomes the image the defender is asked about and
+    the curriculum keeps — the same in Flow-GRPO's rewards, the curriculum and the aot-attacker
+    attack (the attacker config's fields of the same meaning; ``of`` reads them)."""
+
+    keep_targets: bool = False  # attacker.keep_targets: the targets given back from the clean image
+    at_source_size: bool = False  # attacker.edits_at_source_size: applied at the image's own size
+    from_reconstruction: bool = False  # attacker.change_from_reconstruction
+    change_floor: int = 0  # attacker.change_floor: smaller changes (8-bit levels) dropped
+
+    @classmethod
+    def of(cls, attacker) -> "Placement":
+        a = attacker
+        return cls(a.keep_targets, a.edits_at_source_size, a.change_from_reconstruction, a.change_floor)
+
+
 def scored_item(editor, item: AttackItem, at_source_size: bool) -> AttackItem:
     """The item whose image the defender compares an edit against: the item itself when edits are
     applied at the image's own size (``attacker.edits_at_source_size``), else as the editor sees it."""
@@ -65,7 +82,11 @@ def scored_item(editor, item: AttackItem, at_source_size: bool) -> AttackItem:
 
 
 def carry_edit(
-    clean: Image.Image, seen: Image.Image, edited: Image.Image, reference: Image.Image | None = None
+    clean: Image.Image,
+    seen: Image.Image,
+    edited: Image.Image,
+    reference: Image.Image | None = None,
+    floor: int = 0,
 ) -> Image.Image:
     """An edit made at the editor's size applied to ``clean`` at its own size: clean plus the
     edit's change (edited - seen, in float) upsampled bilinearly, rounded and clipped to 8 bits.
@@ -77,15 +98,18 @@ def carry_edit(
     ``reference`` (``attacker.change_from_reconstruction``): the change is taken against it — the
     editor's own reconstruction of ``seen`` — instead of ``seen``, at any size: what the editor's
     autoencoder loses is then not part of the edit, and pixels the editor left as it would leave
-    an unedited image come back exactly clean."""
+    an unedited image come back exactly clean. ``floor`` (``attacker.change_floor``): a pixel whose
+    change is below ``floor`` levels in every channel (at the editor's size) is not changed."""
     base = seen if reference is None else reference
     if base.size != edited.size or seen.size != edited.size:
         raise ValueError(f"the editor's input and output differ in size: {seen.size} vs {edited.size}")
-    if clean.size == seen.size and reference is None:
+    if clean.size == seen.size and reference is None and not floor:
         return edited
     delta = torch.from_numpy(
         np.asarray(edited.convert("RGB"), dtype=np.float32) - np.asarray(base.convert("RGB"), dtype=np.float32)
     )
+    if floor:
+        delta = delta * (delta.abs().amax(-1, keepdim=True) >= floor)
     if clean.size != seen.size:
         delta = torch.nn.functional.interpolate(
             delta.permute(2, 0, 1)[None], size=(clean.height, clean.width), mode="bilinear", align_corners=False
@@ -98,15 +122,17 @@ def place_edit(
     scored: AttackItem,
     seen: Image.Image,
     edited: Image.Image,
-    keep_targets: bool,
+    placement: Placement = Placement(),
     reference: Image.Image | None = None,
 ) -> Image.Image:
     """The edited image the defender is asked about and the curriculum keeps: the editor's output
-    (made from ``seen``) carried to the scored item's size (`carry_edit`; nothing to carry when the
-    scored item is the one the editor saw and there is no ``reference``), with the targets given
-    back when ``keep_targets``."""
-    out = carry_edit(scored.image, seen, edited, reference)
-    return restore_targets(scored.image, out, scored.target_boxes, scored.target_mask) if keep_targets else out
+    (made from ``seen``) carried to the scored item's size (`carry_edit`, against ``reference``
+    when ``placement.from_reconstruction``), with the targets given back when
+    ``placement.keep_targets``."""
+    out = carry_edit(scored.image, seen, edited, reference, placement.change_floor)
+    if not placement.keep_targets:
+        return out
+    return restore_targets(scored.image, out, scored.target_boxes, scored.target_mask)
 
 
 def reconstructions(editor, cond) -> list[Image.Image]:
@@ -177,12 +203,9 @@ class AttackerTrainer:
         rewards: dict[str, BatchReward] | None = None,
         weights: dict[str, float] | None = None,
         resume_from: str | Path | None = None,
-        keep_targets: bool = False,
-        at_source_size: bool = False,
-        from_reconstruction: bool = False,
+        placement: Placement = Placement(),
     ):
-        self.editor, self.cfg, self.keep_targets = editor, cfg, keep_targets
-        self.from_reconstruction = from_reconstruction  # attacker.change_from_reconstruction
+        self.editor, self.cfg, self.placement = editor, cfg, placement
         if cfg.mode == "grpo" and not (items and rewards):
             raise ValueError("Flow-GRPO needs items to attack and at least one reward callable")
         if cfg.mode == "sft" and not pairs:
@@ -191,7 +214,7 @@ class AttackerTrainer:
             )
         self.items = [at_edit_size(editor, it) for it in items or []]
         # what each edit is scored against: the item at its own size or as the editor sees it
-        self.scored = list(items or []) if at_source_size else self.items
+        self.scored = list(items or []) if placement.at_source_size else self.items
         self.pairs = pairs or []
         self.rewards, self.weights = rewards or {}, weights or {}
         if not editor.lora_parameters():
@@ -247,8 +270,8 @@ class AttackerTrainer:
                     edited += ed.decode(traj.final, c)
                     parts.append((sl, c, traj))
                 # what the reward sees is what the curriculum would keep
-                ref = reconstructions(ed, cond)[0] if self.from_reconstruction else None
-                edited = [place_edit(target, item.image, e, self.keep_targets, ref) for e in edited]
+                ref = reconstructions(ed, cond)[0] if self.placement.from_reconstruction else None
+                edited = [place_edit(target, item.image, e, self.placement, ref) for e in edited]
                 groups.append(parts)
                 pending.append(
                     pool.submit(self._score, target.image, edited, target)
