@@ -72,6 +72,13 @@ class DefenderTrainConfig:
         "Off by default (inductor's compile time outweighs it on a CPU); the full "
         "preset turns it on (GPU gain: experiments/RESULTS.md).",
     )
+    share_prompts: bool = documented(
+        False,
+        "Score the rows that repeat a prompt (a group's G completions) as one packed row: the prompt "
+        "once, then each completion, which sees the prompt and its own tokens only "
+        "(models/shared_prompts.py; equal log-probs and gradients). At the 3B benchmark's sizes 69% of "
+        "an update's tokens are repeated prompts (issue 23); off until measured on a card.",
+    )
     checkpoint_every: Int = documented(0, "Save a checkpoint every N steps (0: only at the end).")
     sft_weight: float = documented(
         0.0,

@@ -181,6 +181,7 @@ def run_ours(
     micro_batch=0,
     compile_update=False,
     text_attention="packed",
+    share_prompts=False,
 ):
     from config import DefenderTrainConfig
     from rl.dapo import DapoConfig
@@ -209,6 +210,7 @@ def run_ours(
         lora_alpha=2 * lora,
         decode_cache=cache,
         compile_update=compile_update,
+        share_prompts=share_prompts,
         dapo=DapoConfig(group_size=G, dynamic_sampling=False, mask_truncated=False),
     )
     tr = DefenderTrainer(policy, rows(batch // G * total, prompt_chars), cfg)
@@ -485,12 +487,14 @@ def summarize(
     peak_gib,
     images=None,
     floor_s=float("nan"),
+    prompt_rows=None,
 ):
     """Per-step times under the timing protocol (``step_timing``): medians over the timed steps
     that compiled nothing, every step kept, steps over 1.5x the median flagged (``slow_steps``:
     on the H200 one update of 1.94 s between 0.90 and 0.78 s once pulled the mean, and the MFU,
     down a third). ``images``: images the vision tower runs on per update (default one per row;
-    ours with shared images: one per prompt). MFU counts the FLOPs an implementation needs, 6 N per token.
+    ours with shared images: one per prompt). MFU counts the FLOPs an implementation needs, 6 N per token
+    (``prompt_rows``: the prompts it forwards, one per group with shared prompts; default every row).
     ``floor_s``: the generation's weight-reading floor (``generation_floor``), printed beside it."""
     compiled = [int(r.get("compiled") or 0) for r in rows_]
     parts = ("step_s", "generation_s", "logprob_s", "update_s")
@@ -498,7 +502,7 @@ def summarize(
     step, gen, lp, upd = (timing[k]["median"] for k in parts)
     steady = [r for i, r in enumerate(rows_) if i not in timing["step_s"]["compile_steps"]] or rows_
     comp = sum(r["completion_tokens"] for r in steady) / len(steady)
-    seq_tokens = batch * prompt_tokens + comp
+    seq_tokens = (batch if prompt_rows is None else prompt_rows) * prompt_tokens + comp
     flops = 6 * (n_text * seq_tokens + n_vis * (batch if images is None else images) * patches)
     slow = sorted({i for t in timing.values() for i in t["slow_steps"]})
     if slow:
@@ -548,7 +552,9 @@ def main():
         "the processor and vision tower, as before models/shared_images.py), ours-mbN (update "
         "in micro-batches of N rows), ours-compiled (decoder layers compiled for the update: "
         "models/compiled_layers.py), ours-unpacked (a decoding step's attention with the key-value "
-        "heads copied per query head, transformers' SDPA path, instead of models/text_attention.py); "
+        "heads copied per query head, transformers' SDPA path, instead of models/text_attention.py), "
+        "ours-sharedprompts (each group's completions scored after one copy of its prompt: "
+        "models/shared_prompts.py); "
         "variants combine, e.g. ours-static-grouped-compiled; trl, "
         "trl-static (TRL's generation with cache_implementation='static', as ours-static)",
     )
@@ -568,7 +574,7 @@ def main():
     for impl in a.impls.split(","):  # before any model is built
         unknown = (
             {v for v in impl.split("-")[1:] if not (v[:2] == "mb" and v[2:].isdigit())}
-            - {"static", "loop", "graph", "grouped", "nockpt", "unshared", "compiled", "unpacked"}
+            - {"static", "loop", "graph", "grouped", "nockpt", "unshared", "compiled", "unpacked", "sharedprompts"}
             if impl.startswith("ours")
             else ({impl} - {"trl", "trl-static"})
         )
@@ -634,6 +640,7 @@ def main():
                     micro_batch=next((int(v[2:]) for v in impl.split("-") if v[:2] == "mb"), 0),
                     compile_update="compiled" in impl,
                     text_attention="stock" if "unpacked" in impl else "packed",
+                    share_prompts="sharedprompts" in impl.split("-"),
                 )
             else:
                 r, peak = run_trl(
@@ -662,6 +669,7 @@ def main():
                 info["bf16_matmul_tflops"],
                 peak,
                 images=batch // a.generations if shared else None,
+                prompt_rows=batch // a.generations if "sharedprompts" in impl.split("-") else batch,
                 floor_s=generation_floor(a.completion, n_text, torch.finfo(dtype).bits // 8, info["memory_gbs"]),
             )
             s.update(

@@ -25,6 +25,7 @@ from models.decoding import decode, mrope_positions
 from models.mcq import letters
 from models.roles import lock_of, private_copy, serialized
 from models.shared_images import distinct_rows, expand_rows, repeated_images
+from models.shared_prompts import additive_mask, pack_groups
 from models.text_attention import DEFAULT as DEFAULT_TEXT_ATTENTION
 from models.text_attention import set_text_attention
 from models.vision_attention import DEFAULT as DEFAULT_VISION_ATTENTION
@@ -258,6 +259,9 @@ class QwenVLPolicy:
         # Rows repeating an image go through the processor and vision tower once (encode); off only
         # to measure what that saves (experiments/defender_dapo.py, variant "unshared").
         self.share_images = True
+        # Rows repeating a prompt (a group's G completions) scored as one packed row, the prompt
+        # once (models/shared_prompts.py); set by the trainer from defender.*.share_prompts.
+        self.share_prompts = False
         # Vision placeholders can never be *outputs*: a sampled <|image_pad|> would desynchronize
         # image features and tokens on the next forward. Suppressed in sampling and masked in
         # log-probs alike, so the sampler and the scorer are one distribution.
@@ -466,20 +470,23 @@ class QwenVLPolicy:
         # use_cache=False: a scoring forward has no next token to decode, and a KV cache would copy
         # every layer's keys and values of the whole batch into it (unless gradient checkpointing
         # happens to drop it), costing memory and time and specializing compiled layers per index.
-        with repeated_images(self.model, inverse):
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attn,
-                pixel_values=enc["pixel_values"],
-                image_grid_thw=enc["image_grid_thw"],
-                position_ids=position,
-                mm_token_type_ids=kinds,
-                logits_to_keep=resp.shape[1] + 1,
-                use_cache=False,
-            )
+        if self.share_prompts and len(set(inverse)) < len(inverse):
+            logits = self._shared_prompt_logits(enc, inverse, input_ids, attn, kinds, position, resp.shape[1])
+        else:
+            with repeated_images(self.model, inverse):
+                out = self.model(
+                    input_ids=input_ids,
+                    attention_mask=attn,
+                    pixel_values=enc["pixel_values"],
+                    image_grid_thw=enc["image_grid_thw"],
+                    position_ids=position,
+                    mm_token_type_ids=kinds,
+                    logits_to_keep=resp.shape[1] + 1,
+                    use_cache=False,
+                )
+            logits = out.logits[:, :-1]
         # Row by row, in the model's dtype (as TRL does): a float32 (B, T, vocab) tensor would be
         # ~10 GB at batch 64 for a 150k vocabulary. Entropy is a metric: computed without a graph.
-        logits = out.logits[:, :-1]
         logps, ents = [], []
         for i in range(logits.shape[0]):
             row = logits[i] / max(temperature, 1e-6)
@@ -495,6 +502,26 @@ class QwenVLPolicy:
         if not with_entropy:
             return logp
         return logp, torch.stack(ents)
+
+    def _shared_prompt_logits(self, enc, inverse, input_ids, attn, kinds, position, response_len):
+        """(B, T, vocab) logits predicting each row's response tokens, from one packed row per
+        distinct (image, prompt): its prompt once, then its rows' completions
+        (models/shared_prompts.py). The vision tower sees each distinct image once, as with shared images."""
+        pk = pack_groups(
+            input_ids.cpu(), attn.cpu(), kinds.cpu(), position.cpu(), response_len, inverse, self.tokenizer.pad_token_id
+        )
+        first, _ = distinct_rows(inverse)
+        out = self.model(
+            input_ids=pk.ids.to(self.device),
+            attention_mask=additive_mask(pk.allowed, self.dtype).to(self.device),
+            pixel_values=enc["pixel_values"],
+            image_grid_thw=enc["image_grid_thw"][first],
+            position_ids=pk.position.to(self.device),
+            mm_token_type_ids=pk.kinds.to(self.device),
+            logits_to_keep=pk.keep.to(self.device),
+            use_cache=False,
+        )
+        return out.logits[pk.row_of.to(self.device)[:, None], pk.take.to(self.device)]
 
     @torch.no_grad()
     def answer_probability(

@@ -176,7 +176,8 @@ def train_defender_version(
             "images": d.images,
             "max_examples": d.max_examples,
             "mode": mode,
-            "train": dataclasses.asdict(train_cfg),
+            # share_prompts off: the ids versions had before the option (it changes float rounding only)
+            "train": {k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "share_prompts" or v},
             # named, not only in the parents: an init version and a replayed one would otherwise
             # give the same parent list
             **({"also": [m.version for m in extra_data]} if extra_data else {}),

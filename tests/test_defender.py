@@ -88,6 +88,26 @@ def test_first_update_is_on_policy_and_equals_policy_gradient(warm_policy, data)
         assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)
 
 
+def test_a_dapo_step_with_shared_prompts_is_the_unpacked_step(warm_policy, data):
+    """defender.rl.share_prompts: the trainer scores each group after one copy of its prompt
+    (models/shared_prompts.py); the same rollouts give the same loss and gradient norm, and every
+    trainable parameter moves as the unpacked step moves it (float32 rounding)."""
+    out, params = {}, {}
+    for share in (False, True):
+        policy = copy.deepcopy(warm_policy)
+        tr = DefenderTrainer(policy, data[0], _dapo_cfg(steps=1, share_prompts=share))
+        assert policy.share_prompts is share
+        out[share] = tr.dapo_step()
+        params[share] = {n: p.detach() for n, p in policy.model.named_parameters() if p.requires_grad}
+    assert out[True]["reward"] == out[False]["reward"] and out[True]["loss"] != 0
+    assert out[True]["loss"] == pytest.approx(out[False]["loss"], rel=1e-4, abs=1e-7)
+    assert out[True]["grad_norm"] == pytest.approx(out[False]["grad_norm"], rel=1e-4)
+    moved = [(params[True][n] - warm_policy.model.get_parameter(n)).abs().max() for n in params[True]]
+    assert all(m > 0 for m in moved)
+    for n in params[True]:
+        torch.testing.assert_close(params[True][n], params[False][n], rtol=1e-4, atol=1e-5, msg=n)
+
+
 def test_sft_weight_adds_the_supervised_gradient_to_the_dapo_step(warm_policy, data):
     """``sft_weight`` w: a DAPO step's gradient is DAPO's own (the same rollouts: the supervised
     batch is drawn after them) plus w x the gradient of the answers' mean token NLL on the next

@@ -86,6 +86,7 @@ class DefenderTrainer:
         if not examples:
             raise ValueError("no training examples: the dataset version is empty")
         self.policy, self.examples, self.cfg = policy, examples, cfg
+        policy.share_prompts = cfg.share_prompts  # a group's completions scored after one prompt copy
         self.held_back: list[Example] = []
         if cfg.mode == "sft" and cfg.target_accuracy > 0:
             if len(examples) < 2 * cfg.eval_examples:
