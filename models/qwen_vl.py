@@ -231,6 +231,11 @@ class Rollout:
     texts: list[str]
 
 
+# Scoring logits up to this many elements are normalized in one piece, larger ones row by row
+# (16 Mi: 64 MB in float32; the 3B benchmark's (16, 256, 151936) stay row by row).
+ONE_PIECE_LOGITS = 1 << 24
+
+
 class QwenVLPolicy:
     def __init__(
         self,
@@ -486,22 +491,25 @@ class QwenVLPolicy:
                 )
             logits = out.logits[:, :-1]
         # Row by row, in the model's dtype (as TRL does): a float32 (B, T, vocab) tensor would be
-        # ~10 GB at batch 64 for a 150k vocabulary. Entropy is a metric: computed without a graph.
+        # ~10 GB at batch 64 for a 150k vocabulary. A small one (the tiny defenders' vocabularies)
+        # goes in one piece: the same numbers, and a few kernels instead of several per row — on a
+        # GPU a tiny defender's step is its kernel launches. Entropy is a metric: without a graph.
+        whole = logits.numel() <= ONE_PIECE_LOGITS
         logps, ents = [], []
-        for i in range(logits.shape[0]):
-            row = logits[i] / max(temperature, 1e-6)
+        for part, ids in [(logits, resp)] if whole else zip(logits.unbind(0), resp.unbind(0)):
+            part = part / max(temperature, 1e-6)
             if self.suppressed:
-                row[:, self.suppressed] = float("-inf")
-            row_logp = torch.log_softmax(row, dim=-1)
-            logps.append(row_logp.gather(-1, resp[i].unsqueeze(-1)).squeeze(-1).float())
+                part[..., self.suppressed] = float("-inf")
+            part_logp = torch.log_softmax(part, dim=-1)
+            logps.append(part_logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1).float())
             if with_entropy:
                 with torch.no_grad():
-                    lp = torch.log_softmax(row.detach().float(), dim=-1)
+                    lp = torch.log_softmax(part.detach().float(), dim=-1)
                     ents.append(-(lp.exp() * lp.masked_fill(torch.isinf(lp), 0.0)).sum(-1))
-        logp = torch.stack(logps)
+        logp = logps[0] if whole else torch.stack(logps)
         if not with_entropy:
             return logp
-        return logp, torch.stack(ents)
+        return logp, ents[0] if whole else torch.stack(ents)
 
     def _shared_prompt_logits(self, enc, inverse, input_ids, attn, kinds, position, response_len):
         """(B, T, vocab) logits predicting each row's response tokens, from one packed row per

@@ -312,6 +312,28 @@ def test_rollouts_run_in_chunks_of_rollout_batch_and_the_update_in_micro_batches
     assert sizes == {"rollout": [15, 15, 10], "update": [15, 15, 10]}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scoring_in_one_piece_gives_the_row_by_row_numbers(data, monkeypatch, dtype):
+    """Small scoring logits are normalized in one piece, large ones row by row (ONE_PIECE_LOGITS):
+    the same log-probs, entropies and gradients, bit for bit, in float32 and bf16."""
+    import models.qwen_vl as qv
+
+    tiny = QwenVLPolicy.tiny(seed=0, spec=SPEC)
+    policy = QwenVLPolicy(tiny.model, tiny.processor, dtype=dtype)
+    ex = data[0][:6]
+    ids, mask = policy.target_ids(["\\boxed{A}", "\\boxed{B} x", "no", "\\boxed{C}", "y", "\\boxed{D}"])
+    got = {}
+    for limit in (qv.ONE_PIECE_LOGITS, 0):  # 0: every batch row by row
+        monkeypatch.setattr(qv, "ONE_PIECE_LOGITS", limit)
+        policy.model.zero_grad(set_to_none=True)
+        lp, ent = policy.response_logprobs([e.image for e in ex], [e.prompt for e in ex], ids, mask, 0.7, True)
+        (lp * mask).sum().backward()
+        got[limit] = (lp.detach(), ent, [p.grad.clone() for p in policy.model.parameters() if p.grad is not None])
+    (a_lp, a_ent, a_g), (b_lp, b_ent, b_g) = got.values()
+    assert a_lp.shape == (6, ids.shape[1]) and torch.equal(a_lp, b_lp) and torch.equal(a_ent, b_ent)
+    assert len(a_g) == len(b_g) > 50 and all(torch.equal(x, y) for x, y in zip(a_g, b_g))
+
+
 def test_scoring_builds_no_kv_cache(data):
     # A log-prob forward decodes nothing: a KV cache would copy every layer's keys and values
     # (without gradient checkpointing nothing else drops it).
