@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="the run's seed (experiments/evidence.seeded)")
     ap.add_argument("--sft-steps", type=int, default=60)
     ap.add_argument("--sft-lr", type=float, default=1e-4)
+    ap.add_argument("--sft-seed", type=int, default=None, help="the supervised arms' seed (default: --seed)")
     ap.add_argument("--name", default="curriculum_lesson")
     a = ap.parse_args()
 
@@ -65,10 +66,11 @@ def main():
             store, c, lin["heldout"], "aot-attacker", version=attacker
         ).version
     d = cfg.defender
+    sft_seed = a.seed if a.sft_seed is None else a.sft_seed  # init of the arms is defender 0's; order, sampling
     sft = dataclasses.replace(
         cfg,
         defender=dataclasses.replace(
-            d, warmup=dataclasses.replace(d.warmup, steps=a.sft_steps, lr=a.sft_lr, target_accuracy=0.0)
+            d, warmup=dataclasses.replace(d.warmup, steps=a.sft_steps, lr=a.sft_lr, target_accuracy=0.0, seed=sft_seed)
         ),
     )
     trainer = LocalSteps(store, sft, print)
@@ -97,6 +99,7 @@ def main():
         overrides=overrides,
         seed=a.seed,
         sft_steps=a.sft_steps,
+        sft_seed=sft_seed,
         sft_lr=a.sft_lr,
         curricula=a.curricula,
         heldout=lin["heldout"],

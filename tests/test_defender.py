@@ -90,22 +90,29 @@ def test_first_update_is_on_policy_and_equals_policy_gradient(warm_policy, data)
 
 def test_a_dapo_step_with_shared_prompts_is_the_unpacked_step(warm_policy, data):
     """defender.rl.share_prompts: the trainer scores each group after one copy of its prompt
-    (models/shared_prompts.py); the same rollouts give the same loss and gradient norm, and every
-    trainable parameter moves as the unpacked step moves it (float32 rounding)."""
-    out, params = {}, {}
+    (models/shared_prompts.py); the same rollouts give the same loss, gradient norm and gradient of
+    every trainable parameter (float32 rounding; compared before AdamW's first step, which moves a
+    weight by +-lr whatever the size of its gradient, so a near-zero gradient's rounding could flip it)."""
+    out, grads = {}, {}
     for share in (False, True):
         policy = copy.deepcopy(warm_policy)
         tr = DefenderTrainer(policy, data[0], _dapo_cfg(steps=1, share_prompts=share))
         assert policy.share_prompts is share
+        step = tr.opt.step
+
+        def recorded(*args, _share=share, _step=step, _policy=policy, **kw):
+            grads[_share] = {n: p.grad.clone() for n, p in _policy.model.named_parameters() if p.requires_grad}
+            return _step(*args, **kw)
+
+        tr.opt.step = recorded
         out[share] = tr.dapo_step()
-        params[share] = {n: p.detach() for n, p in policy.model.named_parameters() if p.requires_grad}
     assert out[True]["reward"] == out[False]["reward"] and out[True]["loss"] != 0
     assert out[True]["loss"] == pytest.approx(out[False]["loss"], rel=1e-4, abs=1e-7)
     assert out[True]["grad_norm"] == pytest.approx(out[False]["grad_norm"], rel=1e-4)
-    moved = [(params[True][n] - warm_policy.model.get_parameter(n)).abs().max() for n in params[True]]
-    assert all(m > 0 for m in moved)
-    for n in params[True]:
-        torch.testing.assert_close(params[True][n], params[False][n], rtol=1e-4, atol=1e-5, msg=n)
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 50
+    assert all(g.abs().max() > 0 for g in grads[True].values())  # every trainable parameter has a gradient
+    for n, g in grads[True].items():
+        torch.testing.assert_close(g, grads[False][n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_sft_weight_adds_the_supervised_gradient_to_the_dapo_step(warm_policy, data):
