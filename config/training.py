@@ -76,8 +76,9 @@ class DefenderTrainConfig:
         False,
         "Score the rows that repeat a prompt (a group's G completions) as one packed row: the prompt "
         "once, then each completion, which sees the prompt and its own tokens only "
-        "(models/shared_prompts.py; equal log-probs and gradients). At the 3B benchmark's sizes 69% of "
-        "an update's tokens are repeated prompts (issue 23); off until measured on a card.",
+        "(models/shared_prompts.py; equal log-probs and gradients). Most of a GRPO update's tokens are "
+        "repeated prompts, but the packed rows' arbitrary mask takes SDPA's memory-efficient kernel "
+        "and on a GPU the update gained far less than its tokens (experiments/RESULTS.md): off by default.",
     )
     checkpoint_every: Int = documented(0, "Save a checkpoint every N steps (0: only at the end).")
     sft_weight: float = documented(
