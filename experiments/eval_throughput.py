@@ -8,7 +8,7 @@ pixels (METHOD.md: defender images between 512^2 and 2048^2); 16 new tokens per 
 evaluation/answers.ask), ``prefetchN`` (the next N batches' inputs, in N worker threads, each with
 its own processor), ``gpu-images`` / ``gpu-imagesN`` (prefetch, and the image processor on the
 model's device: ``defender.model.image_device``). Each row's answers are compared with the first
-row's (they must be identical). Beside them it prints the model's floor per item (``item_floor``:
+row's (they must be identical). Beside them it prints the model's floor per item (``item_floors``:
 the FLOPs of the vision tower and the prefill at the matmul rate measured in the run, plus the
 decoding steps' weight reads at the measured bandwidth) and the items/s no path can beat: a goal
 above that ceiling is out of reach on this card at this size. ``--profile`` adds one pass with
@@ -94,34 +94,39 @@ def item_flops(model, patches: int, prompt_tokens: int) -> dict:
     return {"vision": vision, "prefill": prefill}
 
 
-def item_floor(model, policy, item: Item, new_tokens: int, batch: int, tflops: float, gbs: float) -> dict:
-    """Seconds per item the card cannot beat at ``batch`` items a call: ``item_flops`` at the
-    measured matmul rate, plus ``new_tokens`` - 1 decoding steps that each read the language model's
-    weights and head once for the whole batch (the first token comes with the prefill). The image
-    processor's CPU time is not in it: prefetching can hide it entirely."""
+def item_floors(policy, item: Item, new_tokens: int, batches: list[int], tflops: float, gbs: float) -> list[dict]:
+    """Seconds per item the card cannot beat at each of ``batches`` items a call: ``item_flops``
+    (the item encoded once, as the evaluator prompts it) at the measured matmul rate, plus
+    ``new_tokens`` - 1 decoding steps that each read the language model's weights and head once for
+    the whole batch (``defender_dapo.generation_floor``; the first token comes with the prefill).
+    The image processor's CPU time is not in it: prefetching can hide it entirely."""
     from evaluation.harness import present
+    from experiments.defender_dapo import generation_floor
 
+    model = policy.model
     prompt, _, _ = present(item, STRICT)
     enc, _ = policy.encode([item.image], [prompt])
-    grid = enc["image_grid_thw"][0]
-    patches, tokens = int(grid.prod()), int(enc["input_ids"].shape[1])
+    patches, tokens = int(enc["image_grid_thw"][0].prod()), int(enc["input_ids"].shape[1])
     flops = item_flops(model, patches, tokens)
-    lm = model.model.language_model
-    weight_bytes = sum(p.numel() * p.element_size() for p in lm.layers.parameters())
-    weight_bytes += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    decoded = [*model.model.language_model.layers.parameters(), model.lm_head.weight]
+    weights, size = sum(p.numel() for p in decoded), decoded[0].element_size()
     compute_s = (flops["vision"] + flops["prefill"]) / (tflops * 1e12)
-    decode_s = (new_tokens - 1) * weight_bytes / (gbs * 1e9) / batch
-    floor = compute_s + decode_s
-    return {
-        "batch": batch,
-        "patches": patches,
-        "prompt_tokens": tokens,
-        **{f"{k}_tflop": v / 1e12 for k, v in flops.items()},
-        "compute_s": compute_s,
-        "decode_s": decode_s,
-        "floor_s_per_item": floor,
-        "ceiling_items_per_s": 1 / floor,
-    }
+    out = []
+    for batch in batches:
+        decode_s = generation_floor(new_tokens - 1, weights, size, gbs) / batch
+        out.append(
+            {
+                "batch": batch,
+                "patches": patches,
+                "prompt_tokens": tokens,
+                **{f"{k}_tflop": v / 1e12 for k, v in flops.items()},
+                "compute_s": compute_s,
+                "decode_s": decode_s,
+                "floor_s_per_item": compute_s + decode_s,
+                "ceiling_items_per_s": 1 / (compute_s + decode_s),
+            }
+        )
+    return out
 
 
 def profiled_pass(policy, items, batch: int, device: str) -> dict:
@@ -194,10 +199,7 @@ def main():
     info = environment(arch=arch, image=[w, h], max_pixels=px, items=a.items, new_tokens=NEW_TOKENS)
     info.update(bf16_matmul_tflops=matmul_tflops(device), memory_gbs=memory_gbs(device, 64 if a.tiny else 1024))
     batches = [int(x) for x in a.batches.split(",")]
-    info["floors"] = [
-        item_floor(policy.model, policy, items[0], NEW_TOKENS, b, info["bf16_matmul_tflops"], info["memory_gbs"])
-        for b in batches
-    ]
+    info["floors"] = item_floors(policy, items[0], NEW_TOKENS, batches, info["bf16_matmul_tflops"], info["memory_gbs"])
     print(json.dumps(info), flush=True)
     evaluate(policy, "warm", items[:2], STRICT, batch_size=2)  # warm-up: kernels, allocator
     rows, first = [], None

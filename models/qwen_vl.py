@@ -518,12 +518,11 @@ class QwenVLPolicy:
         pk = pack_groups(
             input_ids.cpu(), attn.cpu(), kinds.cpu(), position.cpu(), response_len, inverse, self.tokenizer.pad_token_id
         )
-        first, _ = distinct_rows(inverse)
         out = self.model(
             input_ids=pk.ids.to(self.device),
             attention_mask=additive_mask(pk.allowed, self.dtype).to(self.device),
             pixel_values=enc["pixel_values"],
-            image_grid_thw=enc["image_grid_thw"][first],
+            image_grid_thw=enc["image_grid_thw"][pk.prompt_rows],
             position_ids=pk.position.to(self.device),
             mm_token_type_ids=pk.kinds.to(self.device),
             logits_to_keep=pk.keep.to(self.device),

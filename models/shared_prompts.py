@@ -26,6 +26,7 @@ class PackedGroups:
     position: torch.Tensor  # (3, D, L) each token's mRoPE position in its own unpacked row
     allowed: torch.Tensor  # (D, L, L) bool: query i may attend to key j
     keep: torch.Tensor  # (K,) the packed positions whose logits any row needs (logits_to_keep)
+    prompt_rows: list[int]  # the original row each packed row's prompt (and image) comes from
     row_of: torch.Tensor  # (B,) the packed row of each original row
     take: torch.Tensor  # (B, T) where, among ``keep``, the logits predicting each response token are
 
@@ -78,7 +79,7 @@ def pack_groups(
     columns = sorted({i for r in range(B) for i in needed[r]})
     index = {i: k for k, i in enumerate(columns)}
     take = torch.tensor([[index[i] for i in needed[r]] for r in range(B)])
-    return PackedGroups(out_ids, out_kinds, out_pos, allowed, torch.tensor(columns), torch.tensor(inverse), take)
+    return PackedGroups(out_ids, out_kinds, out_pos, allowed, torch.tensor(columns), first, torch.tensor(inverse), take)
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -765,7 +765,7 @@ def test_eval_throughput_profile_times_the_vision_tower_apart(tmp_path, monkeypa
 
 def test_eval_throughput_floor_counts_the_tiny_architecture_by_hand():
     """``item_flops`` on the tiny Qwen2.5-VL architecture against its weights counted by hand, and
-    ``item_floor``'s seconds from those FLOPs and the decoding reads at given rates."""
+    ``item_floors``' seconds from those FLOPs and the decoding reads at given rates."""
     from experiments import eval_throughput as et
 
     policy, (w, h), _ = et.benchmark_policy("cpu", tiny=True)
@@ -783,9 +783,12 @@ def test_eval_throughput_floor_counts_the_tiny_architecture_by_hand():
     assert got["prefill"] == 2 * weights * T + 2 * 2 * T**2 * 64 + 2 * 512 * 64
 
     item = et.Item("i0", "hrbench4k", et.random_images(1, w, h)[0], et.QUESTION, "A", ["a", "b", "c", "d"], ["s"])
-    f = et.item_floor(model, policy, item, new_tokens=16, batch=4, tflops=1e-6, gbs=1.0)
+    f, f8 = et.item_floors(policy, item, new_tokens=16, batches=[4, 8], tflops=1e-6, gbs=1.0)
     flops = et.item_flops(model, f["patches"], f["prompt_tokens"])
     assert f["patches"] % 4 == 0 and f["prompt_tokens"] > f["patches"] // 4  # image tokens and the text
     assert f["compute_s"] == pytest.approx((flops["vision"] + flops["prefill"]) / 1e6)
     assert f["decode_s"] == pytest.approx(15 * (2 * layer + 512 * 64) * 4 / 1e9 / 4)  # fp32 weights
     assert f["ceiling_items_per_s"] == pytest.approx(1 / (f["compute_s"] + f["decode_s"]))
+    assert f8["compute_s"] == f["compute_s"] and f8["decode_s"] == pytest.approx(
+        f["decode_s"] / 2
+    )  # shared by the batch

@@ -27,7 +27,7 @@ def test_pack_groups_lays_out_each_prompt_once_with_its_completions():
     assert a[3] == [1, 1, 1, 1, 0, 0, 0] and a[4] == [1, 1, 1, 1, 1, 0, 0]  # first completion
     assert a[5] == [1, 1, 1, 0, 0, 1, 0] and a[6] == [1, 1, 1, 0, 0, 1, 1]  # second: not the first's tokens
     assert pk.allowed[1, 6].int().tolist() == [0] * 6 + [1]  # padding sees itself only
-    assert pk.row_of.tolist() == [0, 1, 0]
+    assert pk.row_of.tolist() == [0, 1, 0] and pk.prompt_rows == [0, 1]
     # logits predicting each response token: the prompt's last token, then the completion's own
     cols = pk.keep.tolist()
     assert [[cols[k] for k in row] for row in pk.take.tolist()] == [[2, 3], [3, 4], [2, 5]]

@@ -70,8 +70,7 @@ class Placement:
     change_floor: int = 0  # attacker.change_floor: smaller changes (8-bit levels) dropped
 
     @classmethod
-    def of(cls, attacker) -> "Placement":
-        a = attacker
+    def of(cls, a) -> "Placement":  # a: the pipeline's attacker config
         return cls(a.keep_targets, a.edits_at_source_size, a.change_from_reconstruction, a.change_floor)
 
 
@@ -100,9 +99,11 @@ def carry_edit(
     autoencoder loses is then not part of the edit, and pixels the editor left as it would leave
     an unedited image come back exactly clean. ``floor`` (``attacker.change_floor``): a pixel whose
     change is below ``floor`` levels in every channel (at the editor's size) is not changed."""
-    base = seen if reference is None else reference
-    if base.size != edited.size or seen.size != edited.size:
+    if seen.size != edited.size:
         raise ValueError(f"the editor's input and output differ in size: {seen.size} vs {edited.size}")
+    if reference is not None and reference.size != edited.size:
+        raise ValueError(f"the editor's reconstruction and edit differ in size: {reference.size} vs {edited.size}")
+    base = seen if reference is None else reference
     if clean.size == seen.size and reference is None and not floor:
         return edited
     delta = torch.from_numpy(
